@@ -1,0 +1,29 @@
+//! patroxy: a PostgreSQL-aware TCP proxy that follows the Patroni leader in etcd.
+//!
+//! ```text
+//!   etcd ──watch──> discovery::EtcdWatcher ──Arc<Topology>──> watch channel
+//!                                                               │
+//!   client ──> listener::accept_loop ──> session::serve ────────┘
+//!                                         ├─ protocol::startup   first packet, SSL/GSS answer
+//!                                         ├─ session::cancel     cancel requests, key registry
+//!                                         ├─ session::connect    router::route, auth relay,
+//!                                         │                      in_hot_standby check
+//!                                         └─ session::relay      bytes both ways, frame headers
+//!                                                                followed in place; drain on
+//!                                                                leader change or shutdown
+//! ```
+//!
+//! Pure decisions (Patroni parsing, routing, drain policy, framing) have no I/O and are
+//! unit-tested. `app::serve` takes bound listeners, a topology receiver and a shutdown token,
+//! so tests run the proxy in-process on port 0.
+
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+pub mod app;
+pub mod config;
+pub mod discovery;
+pub mod listener;
+pub mod protocol;
+pub mod router;
+pub mod session;

@@ -1,0 +1,139 @@
+//! The `patroxy` command: parses the CLI, loads and checks the configuration, binds the
+//! listeners, and runs `app::run` until SIGTERM or SIGINT.
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use patroxy::config::{Config, Overrides};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "patroxy",
+    version,
+    about = "A PostgreSQL proxy that follows the Patroni leader in etcd"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run(RunArgs),
+    /// Check a configuration file, print every problem, exit non-zero if there is any.
+    CheckConfig {
+        /// The TOML file to check.
+        file: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// TOML configuration file; flags and PATROXY_* variables override it.
+    #[arg(long, short, env = "PATROXY_CONFIG")]
+    config: Option<PathBuf>,
+    /// etcd endpoint(s), e.g. http://127.0.0.1:2379 (repeat, or separate with commas).
+    #[arg(long, env = "PATROXY_ETCD", value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Patroni scope (the cluster name).
+    #[arg(long, env = "PATROXY_SCOPE")]
+    scope: Option<String>,
+    /// Patroni namespace [default: /service].
+    #[arg(long, env = "PATROXY_NAMESPACE")]
+    namespace: Option<String>,
+    /// Address of a listener that routes to the primary (repeatable); replaces the file's.
+    #[arg(long, env = "PATROXY_PRIMARY", value_delimiter = ',')]
+    primary: Vec<String>,
+    /// How long a new connection waits for a primary, e.g. 15s.
+    #[arg(long, env = "PATROXY_CONNECT_WAIT", value_parser = humantime::parse_duration)]
+    connect_wait: Option<Duration>,
+    /// How long sessions on a deposed primary get to reach a rest point, e.g. 500ms.
+    #[arg(long, env = "PATROXY_DRAIN_TIMEOUT", value_parser = humantime::parse_duration)]
+    drain_timeout: Option<Duration>,
+    /// Log filter, e.g. info or patroxy=debug.
+    #[arg(long, env = "PATROXY_LOG", default_value = "info")]
+    log: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::CheckConfig { file } => check_config(&file),
+        Command::Run(args) => run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("patroxy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
+    let config = Config::load(file)?;
+    config.validate()?;
+    println!("{}: ok", file.display());
+    Ok(())
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_new(&args.log).with_context(|| format!("--log {:?}", args.log))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
+
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    config.apply(Overrides {
+        etcd: args.etcd,
+        scope: args.scope,
+        namespace: args.namespace,
+        primary: args.primary,
+        connect_wait: args.connect_wait,
+        drain_timeout: args.drain_timeout,
+    });
+    config.validate()?;
+    let config = Arc::new(config);
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async move {
+        let listeners = patroxy::app::bind(&config).await?;
+        let shutdown = CancellationToken::new();
+        tokio::spawn(signals(shutdown.clone()));
+        patroxy::app::run(config, listeners, shutdown).await;
+        Ok(())
+    })
+}
+
+/// SIGTERM or SIGINT starts a graceful shutdown; a second one exits at once.
+async fn signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::info!("signal received: shutting down (again to exit at once)");
+    shutdown.cancel();
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    std::process::exit(130);
+}

@@ -1,0 +1,45 @@
+//! Named constants of the PostgreSQL wire protocol and the SQLSTATEs patroxy sends.
+
+/// First-packet codes (the int32 after the length in an untagged packet).
+pub const SSL_REQUEST_CODE: u32 = 80_877_103;
+pub const GSSENC_REQUEST_CODE: u32 = 80_877_104;
+pub const CANCEL_REQUEST_CODE: u32 = 80_877_102;
+pub const PROTOCOL_3_0: u32 = 196_608;
+pub const PROTOCOL_3_2: u32 = 196_610;
+
+/// PostgreSQL's own cap on a startup packet (`MAX_STARTUP_PACKET_LENGTH` in pqcomm.h).
+pub const MAX_STARTUP_PACKET_LEN: usize = 10_000;
+/// A CancelRequest is 16 bytes in protocol 3.0 and up to 12 + 256 in 3.2.
+pub const MAX_CANCEL_KEY_LEN: usize = 256;
+
+/// Backend message tags patroxy looks at.
+pub const AUTHENTICATION: u8 = b'R';
+pub const BACKEND_KEY_DATA: u8 = b'K';
+pub const ERROR_RESPONSE: u8 = b'E';
+pub const PARAMETER_STATUS: u8 = b'S';
+pub const READY_FOR_QUERY: u8 = b'Z';
+pub const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
+pub const EMPTY_QUERY_RESPONSE: u8 = b'I';
+pub const NOTICE_RESPONSE: u8 = b'N';
+
+/// Frontend message tags patroxy looks at.
+pub const QUERY: u8 = b'Q';
+pub const SYNC: u8 = b'S';
+pub const FUNCTION_CALL: u8 = b'F';
+pub const TERMINATE: u8 = b'X';
+
+/// `AuthenticationOk`'s code inside an `R` message.
+pub const AUTH_OK: u32 = 0;
+
+/// ReadyForQuery transaction status bytes.
+pub const TX_IDLE: u8 = b'I';
+pub const TX_IN_BLOCK: u8 = b'T';
+pub const TX_FAILED: u8 = b'E';
+
+/// SQLSTATEs.
+pub const ADMIN_SHUTDOWN: &str = "57P01";
+pub const CANNOT_CONNECT_NOW: &str = "57P03";
+pub const PROTOCOL_VIOLATION: &str = "08P01";
+pub const CONNECTION_FAILURE: &str = "08006";
+pub const SQLCLIENT_UNABLE_TO_ESTABLISH: &str = "08001";
+pub const FEATURE_NOT_SUPPORTED: &str = "0A000";

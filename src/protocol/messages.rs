@@ -1,0 +1,238 @@
+//! The control messages patroxy writes (ErrorResponse, CancelRequest, an empty Query) and
+//! reads (Authentication code, ParameterStatus, BackendKeyData, an ErrorResponse's fields).
+//!
+//! Each reader gets one exactly-cut frame body and checks its shape before pgwire sees it:
+//! pgwire 0.42 reads past a frame's end, and panics on some malformed bodies.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use pgwire::error::ErrorInfo;
+use pgwire::messages::cancel::CancelRequest;
+use pgwire::messages::response::ErrorResponse;
+use pgwire::messages::startup::{BackendKeyData, ParameterStatus, SecretKey};
+use pgwire::messages::{DecodeContext, Message, ProtocolVersion};
+
+use super::codes;
+use super::startup::CancelKey;
+
+/// Severity of an ErrorResponse that patroxy synthesizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Error,
+    Fatal,
+}
+
+impl Severity {
+    fn as_str(self) -> &'static str {
+        match self {
+            Severity::Error => "ERROR",
+            Severity::Fatal => "FATAL",
+        }
+    }
+}
+
+/// Encodes an ErrorResponse frame.
+pub fn error_response(severity: Severity, sqlstate: &str, message: &str) -> Bytes {
+    let mut info = ErrorInfo::new(
+        severity.as_str().to_owned(),
+        sqlstate.to_owned(),
+        message.to_owned(),
+    );
+    info.severity_nonlocalized = Some(severity.as_str().to_owned());
+    let mut buf = BytesMut::with_capacity(64 + message.len());
+    ErrorResponse::from(info)
+        .encode(&mut buf)
+        .expect("an ErrorResponse of a short message always encodes");
+    buf.freeze()
+}
+
+/// Encodes a CancelRequest packet for `key`.
+pub fn cancel_request(key: &CancelKey) -> Bytes {
+    let secret = if key.secret.len() == 4 {
+        SecretKey::I32(i32::from_be_bytes([
+            key.secret[0],
+            key.secret[1],
+            key.secret[2],
+            key.secret[3],
+        ]))
+    } else {
+        SecretKey::Bytes(key.secret.clone())
+    };
+    let mut buf = BytesMut::with_capacity(16 + key.secret.len());
+    CancelRequest::new(key.pid, secret)
+        .encode(&mut buf)
+        .expect("a parsed cancel key is 4 to 256 bytes and always encodes");
+    buf.freeze()
+}
+
+/// An empty simple Query. The server answers EmptyQueryResponse and ReadyForQuery, and before
+/// that a ParameterStatus for any reported setting that changed, such as `in_hot_standby`
+/// after a promotion.
+pub fn empty_query() -> Bytes {
+    let mut buf = BytesMut::with_capacity(6);
+    buf.put_u8(codes::QUERY);
+    buf.put_i32(5);
+    buf.put_u8(0);
+    buf.freeze()
+}
+
+/// The code inside an Authentication (`R`) message.
+pub fn auth_code(body: &[u8]) -> Option<u32> {
+    let b: [u8; 4] = body.get(..4)?.try_into().ok()?;
+    Some(u32::from_be_bytes(b))
+}
+
+/// Splits a body into NUL-terminated strings; `None` when one is not terminated.
+fn cstrings(body: &[u8]) -> Option<Vec<&[u8]>> {
+    if body.last() != Some(&0) {
+        return None;
+    }
+    Some(body[..body.len() - 1].split(|b| *b == 0).collect())
+}
+
+fn ctx() -> DecodeContext {
+    DecodeContext::new(ProtocolVersion::PROTOCOL3_2)
+}
+
+/// Rebuilds a whole frame around `body`, so that pgwire reads exactly that frame.
+fn framed(tag: u8, body: &[u8]) -> BytesMut {
+    let mut buf = BytesMut::with_capacity(5 + body.len());
+    buf.put_u8(tag);
+    buf.put_i32(body.len() as i32 + 4);
+    buf.put_slice(body);
+    buf
+}
+
+/// A ParameterStatus body: exactly a name and a value.
+pub fn parameter_status(body: &[u8]) -> Option<(String, String)> {
+    if cstrings(body)?.len() != 2 {
+        return None;
+    }
+    let ps = ParameterStatus::decode(&mut framed(codes::PARAMETER_STATUS, body), &ctx()).ok()??;
+    Some((ps.name, ps.value))
+}
+
+/// A BackendKeyData body: a pid and a secret of 4 to 256 bytes.
+pub fn backend_key(body: &[u8]) -> Option<CancelKey> {
+    if !(8..=8 + codes::MAX_CANCEL_KEY_LEN).contains(&body.len()) {
+        return None;
+    }
+    let k = BackendKeyData::decode(&mut framed(codes::BACKEND_KEY_DATA, body), &ctx()).ok()??;
+    Some(CancelKey {
+        pid: k.pid,
+        secret: k.secret_key.to_bytes(),
+    })
+}
+
+/// The fields of an ErrorResponse that patroxy acts on or logs.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ErrorFields {
+    pub severity: String,
+    pub sqlstate: String,
+    pub message: String,
+}
+
+/// An ErrorResponse body: fields of a type byte and a string, then a terminating NUL.
+pub fn error_fields(body: &[u8]) -> Option<ErrorFields> {
+    let strings = cstrings(body)?;
+    // After the fields' strings comes the empty terminator; each field is non-empty.
+    let (last, fields) = strings.split_last()?;
+    if !last.is_empty() || fields.iter().any(|f| f.is_empty()) {
+        return None;
+    }
+    let resp = ErrorResponse::decode(&mut framed(codes::ERROR_RESPONSE, body), &ctx()).ok()??;
+    let mut out = ErrorFields::default();
+    for (code, value) in resp.fields {
+        match code {
+            b'V' => out.severity = value,
+            b'S' if out.severity.is_empty() => out.severity = value,
+            b'C' => out.sqlstate = value,
+            b'M' => out.message = value,
+            _ => {}
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::frame::split_frame;
+
+    #[test]
+    fn synthesized_errors_read_back() {
+        let wire = error_response(Severity::Fatal, codes::ADMIN_SHUTDOWN, "primary changed");
+        let frame = split_frame(&mut BytesMut::from(&wire[..]), 4096)
+            .unwrap()
+            .unwrap();
+        assert_eq!(frame.tag, codes::ERROR_RESPONSE);
+        assert_eq!(
+            error_fields(frame.body()),
+            Some(ErrorFields {
+                severity: "FATAL".into(),
+                sqlstate: "57P01".into(),
+                message: "primary changed".into()
+            })
+        );
+    }
+
+    #[test]
+    fn malformed_error_bodies_are_refused_not_panicked_on() {
+        for body in [
+            &b""[..],
+            b"\0\0",
+            b"C57P03\0",
+            b"C57P03",
+            b"\0C57P03\0\0",
+            b"S",
+        ] {
+            assert_eq!(error_fields(body), None, "{body:?}");
+        }
+        assert!(
+            error_fields(b"\0").is_some(),
+            "no fields at all is well-formed"
+        );
+    }
+
+    #[test]
+    fn backend_keys_of_every_length() {
+        let mut body = 99i32.to_be_bytes().to_vec();
+        body.extend_from_slice(&[1, 2, 3, 4]);
+        let key = backend_key(&body).unwrap();
+        assert_eq!((key.pid, &key.secret[..]), (99, &[1u8, 2, 3, 4][..]));
+        body.extend_from_slice(&[5u8; 28]);
+        assert_eq!(backend_key(&body).unwrap().secret.len(), 32);
+        assert_eq!(backend_key(&[0, 0, 0, 1]), None, "a K with no secret");
+        assert_eq!(backend_key(&[0u8; 8 + 257]), None);
+    }
+
+    #[test]
+    fn cancel_requests_round_trip() {
+        use crate::protocol::startup::{parse_first_packet, FirstPacket};
+        for secret in [vec![1u8, 2, 3, 4], vec![7u8; 32]] {
+            let key = CancelKey {
+                pid: 1234,
+                secret: Bytes::from(secret),
+            };
+            let wire = cancel_request(&key);
+            let parsed = parse_first_packet(&mut BytesMut::from(&wire[..]));
+            assert_eq!(parsed, Ok(Some(FirstPacket::Cancel(key))));
+        }
+    }
+
+    #[test]
+    fn parameter_status_needs_exactly_two_strings() {
+        assert_eq!(
+            parameter_status(b"in_hot_standby\0on\0"),
+            Some(("in_hot_standby".into(), "on".into()))
+        );
+        assert_eq!(parameter_status(b"in_hot_standby\0on"), None);
+        assert_eq!(parameter_status(b"a\0b\0c\0"), None);
+    }
+
+    #[test]
+    fn auth_codes() {
+        assert_eq!(auth_code(&[0, 0, 0, 0]), Some(codes::AUTH_OK));
+        assert_eq!(auth_code(&[0, 0, 0, 10, b'S']), Some(10));
+        assert_eq!(auth_code(&[0, 0]), None);
+    }
+}

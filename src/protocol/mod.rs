@@ -1,0 +1,10 @@
+//! The PostgreSQL wire protocol as patroxy needs it: frame splitting by header, first-packet
+//! parsing, and the few control messages it reads or writes. Nothing here does I/O.
+
+pub mod codes;
+pub mod frame;
+pub mod messages;
+pub mod startup;
+
+pub use frame::{FrameError, Scanner};
+pub use startup::{FirstPacket, StartupError};

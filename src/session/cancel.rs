@@ -1,0 +1,148 @@
+//! Cancel routing. Clients see the server's own BackendKeyData, untouched. A CancelRequest goes
+//! to the server this instance knows issued the key. A key it does not know was issued
+//! through another patroxy instance, so it goes to every member of the cluster. A server
+//! ignores a key it did not issue, so the broadcast is correct with any number of instances.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
+use tokio::time::timeout;
+
+use crate::discovery::patroni::Endpoint;
+use crate::discovery::Topology;
+use crate::protocol::messages;
+use crate::protocol::startup::CancelKey;
+
+/// Which server issued each live session's cancel key.
+#[derive(Debug, Clone, Default)]
+pub struct CancelRegistry {
+    keys: Arc<Mutex<HashMap<CancelKey, Endpoint>>>,
+}
+
+/// Removes its key from the registry when the session ends, on every exit path.
+#[derive(Debug)]
+pub struct Registration {
+    registry: CancelRegistry,
+    key: CancelKey,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.registry.lock().remove(&self.key);
+    }
+}
+
+impl CancelRegistry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CancelKey, Endpoint>> {
+        // A panic elsewhere while holding the lock leaves a usable map.
+        self.keys.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn register(&self, key: CancelKey, server: Endpoint) -> Registration {
+        self.lock().insert(key.clone(), server);
+        Registration {
+            registry: self.clone(),
+            key,
+        }
+    }
+
+    pub fn lookup(&self, key: &CancelKey) -> Option<Endpoint> {
+        self.lock().get(key).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Where a cancel request is sent: the known issuer, or every member with an address.
+pub fn cancel_targets(known: Option<Endpoint>, t: &Topology) -> Vec<Endpoint> {
+    if let Some(ep) = known {
+        return vec![ep];
+    }
+    let mut all: Vec<Endpoint> = t
+        .members
+        .values()
+        .filter_map(|m| m.endpoint.clone())
+        .collect();
+    all.sort();
+    all.dedup();
+    all
+}
+
+/// Sends the cancel request to each target at once. Returns how many servers took it.
+pub async fn deliver(key: &CancelKey, targets: Vec<Endpoint>, connect_timeout: Duration) -> usize {
+    let packet = messages::cancel_request(key);
+    let mut sends = JoinSet::new();
+    for ep in targets {
+        sends.spawn(send_one(ep, packet.clone(), connect_timeout));
+    }
+    let mut delivered = 0;
+    while let Some(r) = sends.join_next().await {
+        if matches!(r, Ok(Ok(()))) {
+            delivered += 1;
+        }
+    }
+    delivered
+}
+
+async fn send_one(ep: Endpoint, packet: Bytes, connect_timeout: Duration) -> std::io::Result<()> {
+    let timed_out = || std::io::Error::from(std::io::ErrorKind::TimedOut);
+    let mut s = timeout(
+        connect_timeout,
+        TcpStream::connect((ep.host.as_str(), ep.port)),
+    )
+    .await
+    .map_err(|_| timed_out())??;
+    s.write_all(&packet).await?;
+    // The server closes once it has handled the request; wait for that, as libpq does.
+    let mut sink = [0u8; 64];
+    timeout(connect_timeout, async {
+        while s.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    })
+    .await
+    .map_err(|_| timed_out())?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::router::tests::topology;
+
+    fn key(pid: i32) -> CancelKey {
+        CancelKey {
+            pid,
+            secret: Bytes::from_static(&[1, 2, 3, 4]),
+        }
+    }
+
+    #[test]
+    fn registrations_end_with_their_guard() {
+        let reg = CancelRegistry::default();
+        let ep = Endpoint::parse("127.0.0.1:5001").unwrap();
+        let guard = reg.register(key(1), ep.clone());
+        assert_eq!(reg.lookup(&key(1)), Some(ep));
+        assert_eq!(reg.lookup(&key(2)), None);
+        drop(guard);
+        assert!(reg.is_empty());
+    }
+
+    #[test]
+    fn unknown_keys_go_to_every_member() {
+        let t = topology(Some("a"), &[("a", 5001, "running"), ("b", 5002, "stopped")]);
+        let ports: Vec<u16> = cancel_targets(None, &t).iter().map(|e| e.port).collect();
+        assert_eq!(ports, vec![5001, 5002]);
+        let known = Endpoint::parse("127.0.0.1:5002").unwrap();
+        assert_eq!(cancel_targets(Some(known.clone()), &t), vec![known]);
+    }
+}

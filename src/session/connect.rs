@@ -1,0 +1,560 @@
+//! Getting a client a server: wait for a routable target, connect, forward the untouched
+//! StartupMessage, and relay authentication end to end. Then hold the server's greeting until
+//! the server has shown that it is really a primary (`in_hot_standby` off).
+//!
+//! Until the client has seen a byte from a server, every failure is retried against the
+//! current topology within `connect_wait`. After that, the client is committed to this server,
+//! since credentials cannot be replayed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::{timeout, timeout_at, Instant};
+
+use super::{tune_socket, Shared};
+use crate::discovery::Topology;
+use crate::protocol::codes;
+use crate::protocol::frame::{split_frame, Frame, FrameError};
+use crate::protocol::messages::{self, ErrorFields};
+use crate::protocol::startup::{CancelKey, StartupInfo};
+use crate::router::{self, ListenerRole, Target};
+
+/// Server frames before the session is handed over are small: auth challenges, parameters.
+const SERVER_FRAME_LIMIT: usize = 1 << 20;
+/// Client frames during authentication: PostgreSQL caps auth tokens at 64 KiB.
+const CLIENT_AUTH_FRAME_LIMIT: usize = 65_536 + 5;
+/// How often a server that is still finishing its promotion is asked again.
+const PROMOTION_POLL: Duration = Duration::from_millis(20);
+/// Pause before retrying a target that failed, unless the topology changes first.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("no primary after waiting {waited:?}: {why}")]
+    NoPrimary { waited: Duration, why: String },
+    #[error("the client closed the connection while it was being connected")]
+    ClientGone,
+    #[error("client: {0}")]
+    ClientIo(std::io::Error),
+    #[error("client: {0}")]
+    ClientProtocol(FrameError),
+    #[error("server {server}: {source}")]
+    ServerIo {
+        server: String,
+        source: std::io::Error,
+    },
+    #[error("server {server}: {why}")]
+    ServerProtocol { server: String, why: String },
+    /// The server's own error went to the client as it was.
+    #[error("server {server} refused: {} {}", .fields.sqlstate, .fields.message)]
+    Refused { server: String, fields: ErrorFields },
+    #[error("the primary moved away from {from} while the client was authenticating")]
+    MovedDuringAuth { from: String },
+    #[error("authentication did not finish within {0:?}")]
+    AuthTimeout(Duration),
+}
+
+impl ConnectError {
+    /// The ErrorResponse the client should still receive, if any.
+    pub fn client_error(&self) -> Option<(&'static str, String)> {
+        match self {
+            ConnectError::NoPrimary { .. } => Some((
+                codes::CANNOT_CONNECT_NOW,
+                format!("patroxy: {self}; retry later"),
+            )),
+            ConnectError::MovedDuringAuth { .. } => {
+                Some((codes::ADMIN_SHUTDOWN, format!("patroxy: {self}; reconnect")))
+            }
+            ConnectError::ServerIo { .. } | ConnectError::ServerProtocol { .. } => {
+                Some((codes::CONNECTION_FAILURE, format!("patroxy: {self}")))
+            }
+            ConnectError::AuthTimeout(_) | ConnectError::ClientProtocol(_) => {
+                Some((codes::PROTOCOL_VIOLATION, format!("patroxy: {self}")))
+            }
+            ConnectError::ClientGone | ConnectError::ClientIo(_) | ConnectError::Refused { .. } => {
+                None
+            }
+        }
+    }
+}
+
+/// A server connection ready to relay, its greeting already passed to the client.
+#[derive(Debug)]
+pub struct Backend {
+    pub stream: TcpStream,
+    pub target: Target,
+    pub key: Option<CancelKey>,
+    /// Server bytes read past the first ReadyForQuery (asynchronous notices), for the relay.
+    pub leftover: BytesMut,
+}
+
+enum Attempt {
+    Done(Backend),
+    /// Nothing reached the client yet; another try may work.
+    Retry(String),
+    Fatal(ConnectError),
+}
+
+/// Connects the client to a server of `role`, authenticating end to end.
+/// `client_buf` holds client bytes already read and receives any more read during connect.
+pub async fn establish(
+    client: &mut TcpStream,
+    client_buf: &mut BytesMut,
+    startup: &StartupInfo,
+    role: ListenerRole,
+    shared: &Shared,
+    topology: &mut watch::Receiver<Arc<Topology>>,
+) -> Result<Backend, ConnectError> {
+    let started = Instant::now();
+    let deadline = started + shared.timeouts.connect_wait;
+    let no_primary = |why: String| ConnectError::NoPrimary {
+        waited: started.elapsed(),
+        why,
+    };
+    loop {
+        let target = wait_for_target(role, topology, client, client_buf, deadline)
+            .await
+            .map_err(|e| match e {
+                WaitError::Deadline(why) => no_primary(why),
+                WaitError::Client(e) => e,
+            })?;
+        let why = match attempt(
+            client, client_buf, startup, &target, role, shared, topology, deadline,
+        )
+        .await
+        {
+            Attempt::Done(backend) => return Ok(backend),
+            Attempt::Fatal(e) => return Err(e),
+            Attempt::Retry(why) => why,
+        };
+        tracing::debug!(server = %target.endpoint, %why, "connect attempt failed; retrying");
+        if Instant::now() >= deadline {
+            return Err(no_primary(why));
+        }
+        // Retry soon, or at once if the topology moves.
+        let pause = (Instant::now() + RETRY_PAUSE).min(deadline);
+        tokio::select! {
+            _ = tokio::time::sleep_until(pause) => {}
+            _ = topology.changed() => {}
+        }
+        if Instant::now() >= deadline {
+            return Err(no_primary(why));
+        }
+    }
+}
+
+enum WaitError {
+    Deadline(String),
+    Client(ConnectError),
+}
+
+/// Waits until the topology has a target for `role`, watching the client for a hang-up.
+async fn wait_for_target(
+    role: ListenerRole,
+    topology: &mut watch::Receiver<Arc<Topology>>,
+    client: &mut TcpStream,
+    client_buf: &mut BytesMut,
+    deadline: Instant,
+) -> Result<Target, WaitError> {
+    loop {
+        let why = match router::route(role, &topology.borrow_and_update()) {
+            Ok(t) => return Ok(t),
+            Err(why) => why.to_string(),
+        };
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => return Err(WaitError::Deadline(why)),
+            changed = topology.changed() => {
+                if changed.is_err() {
+                    // Discovery is gone (shutdown): nothing will change any more.
+                    return Err(WaitError::Deadline(why));
+                }
+            }
+            r = read_client(client, client_buf) => r.map_err(WaitError::Client)?,
+        }
+    }
+}
+
+/// Reads more client bytes, bounded: a client may pipeline a little, never a lot, before auth.
+async fn read_client(client: &mut TcpStream, buf: &mut BytesMut) -> Result<(), ConnectError> {
+    if buf.len() > CLIENT_AUTH_FRAME_LIMIT {
+        return Err(ConnectError::ClientProtocol(FrameError::TooLong {
+            tag: '?',
+            len: buf.len() as i64,
+            limit: CLIENT_AUTH_FRAME_LIMIT,
+        }));
+    }
+    match client.read_buf(buf).await {
+        Ok(0) => Err(ConnectError::ClientGone),
+        Ok(_) => Ok(()),
+        Err(e) => Err(ConnectError::ClientIo(e)),
+    }
+}
+
+#[derive(Debug)]
+enum ReadError {
+    Io(std::io::Error),
+    Closed,
+    Frame(FrameError),
+    Unexpected(u8),
+}
+
+/// Reads one whole frame from the server.
+async fn server_frame(server: &mut TcpStream, buf: &mut BytesMut) -> Result<Frame, ReadError> {
+    loop {
+        if let Some(f) = split_frame(buf, SERVER_FRAME_LIMIT).map_err(ReadError::Frame)? {
+            return Ok(f);
+        }
+        match server.read_buf(buf).await {
+            Ok(0) => return Err(ReadError::Closed),
+            Ok(_) => {}
+            Err(e) => return Err(ReadError::Io(e)),
+        }
+    }
+}
+
+/// One connection to one target.
+#[allow(clippy::too_many_arguments)]
+async fn attempt(
+    client: &mut TcpStream,
+    client_buf: &mut BytesMut,
+    startup: &StartupInfo,
+    target: &Target,
+    role: ListenerRole,
+    shared: &Shared,
+    topology: &mut watch::Receiver<Arc<Topology>>,
+    deadline: Instant,
+) -> Attempt {
+    let server_name = target.endpoint.to_string();
+    let connect_timeout = shared
+        .timeouts
+        .connect
+        .min(deadline.saturating_duration_since(Instant::now()))
+        .max(Duration::from_millis(1));
+    let ep = &target.endpoint;
+    let mut server = match timeout(
+        connect_timeout,
+        TcpStream::connect((ep.host.as_str(), ep.port)),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Attempt::Retry(format!("connect to {server_name}: {e}")),
+        Err(_) => {
+            return Attempt::Retry(format!(
+                "connect to {server_name}: timed out after {connect_timeout:?}"
+            ))
+        }
+    };
+    tune_socket(&server);
+    if let Err(e) = server.write_all(&startup.raw).await {
+        return Attempt::Retry(format!("{server_name}: {e}"));
+    }
+
+    let mut h = Handshake {
+        client,
+        client_buf,
+        server: &mut server,
+        server_buf: BytesMut::with_capacity(4096),
+        server_name: &server_name,
+        engaged: false,
+        held: Vec::new(),
+    };
+    let auth = timeout(shared.timeouts.startup, h.authenticate()).await;
+    match auth {
+        Ok(Ok(())) => {}
+        Ok(Err(a)) => return a,
+        Err(_) if h.engaged => {
+            return Attempt::Fatal(ConnectError::AuthTimeout(shared.timeouts.startup))
+        }
+        Err(_) => {
+            return Attempt::Retry(format!("{server_name}: no answer to the startup message"))
+        }
+    }
+    let greeting = match h.greeting().await {
+        Ok(g) => g,
+        Err(a) => return a,
+    };
+    if let Some(at) = greeting.hot_standby_at {
+        if let Err(a) = h
+            .await_promotion(at, target, role, topology, deadline)
+            .await
+        {
+            return a;
+        }
+    }
+    let held: Vec<Bytes> = std::mem::take(&mut h.held);
+    let leftover = std::mem::take(&mut h.server_buf);
+    let mut out = BytesMut::with_capacity(held.iter().map(Bytes::len).sum());
+    for f in held {
+        out.extend_from_slice(&f);
+    }
+    if let Err(e) = client.write_all(&out).await {
+        return Attempt::Fatal(ConnectError::ClientIo(e));
+    }
+    Attempt::Done(Backend {
+        stream: server,
+        target: target.clone(),
+        key: greeting.key,
+        leftover,
+    })
+}
+
+struct Greeting {
+    key: Option<CancelKey>,
+    /// The server said `in_hot_standby=on`: the index in `held` of that ParameterStatus.
+    hot_standby_at: Option<usize>,
+}
+
+/// The conversation with one server until the session is handed to the relay.
+struct Handshake<'a> {
+    client: &'a mut TcpStream,
+    client_buf: &'a mut BytesMut,
+    server: &'a mut TcpStream,
+    server_buf: BytesMut,
+    server_name: &'a str,
+    /// The client has seen bytes from this server: from now on, failures are final.
+    engaged: bool,
+    /// Server frames held back from the client until the server is known to be right.
+    held: Vec<Bytes>,
+}
+
+impl Handshake<'_> {
+    fn server_failure(&self, e: ReadError) -> Attempt {
+        let server = self.server_name.to_owned();
+        let err = match e {
+            ReadError::Io(source) => ConnectError::ServerIo { server, source },
+            ReadError::Closed => ConnectError::ServerIo {
+                server,
+                source: std::io::ErrorKind::UnexpectedEof.into(),
+            },
+            ReadError::Frame(f) => ConnectError::ServerProtocol {
+                server,
+                why: f.to_string(),
+            },
+            ReadError::Unexpected(tag) => ConnectError::ServerProtocol {
+                server,
+                why: format!("unexpected message {:?} during authentication", tag as char),
+            },
+        };
+        if self.engaged {
+            Attempt::Fatal(err)
+        } else {
+            Attempt::Retry(err.to_string())
+        }
+    }
+
+    /// A server ErrorResponse: retried if the client saw nothing and the server is only
+    /// not ready (starting up, shutting down, in recovery); otherwise passed on as it is.
+    async fn server_error(&mut self, frame: Frame) -> Attempt {
+        let fields = messages::error_fields(frame.body()).unwrap_or_default();
+        let transient = [codes::CANNOT_CONNECT_NOW, codes::ADMIN_SHUTDOWN];
+        if !self.engaged && transient.contains(&fields.sqlstate.as_str()) {
+            return Attempt::Retry(format!(
+                "{}: {} {}",
+                self.server_name, fields.sqlstate, fields.message
+            ));
+        }
+        self.held.push(frame.bytes);
+        let _ = self.flush_held().await;
+        Attempt::Fatal(ConnectError::Refused {
+            server: self.server_name.to_owned(),
+            fields,
+        })
+    }
+
+    async fn flush_held(&mut self) -> Result<(), ConnectError> {
+        for f in self.held.drain(..) {
+            self.client
+                .write_all(&f)
+                .await
+                .map_err(ConnectError::ClientIo)?;
+        }
+        self.engaged = true;
+        Ok(())
+    }
+
+    /// Relays the authentication exchange until AuthenticationOk.
+    async fn authenticate(&mut self) -> Result<(), Attempt> {
+        loop {
+            tokio::select! {
+                frame = server_frame(self.server, &mut self.server_buf) => {
+                    let frame = frame.map_err(|e| self.server_failure(e))?;
+                    match frame.tag {
+                        codes::AUTHENTICATION => {
+                            let code = messages::auth_code(frame.body());
+                            self.held.push(frame.bytes);
+                            if code == Some(codes::AUTH_OK) {
+                                return Ok(());
+                            }
+                            // A challenge: the client must answer, so it sees this server now.
+                            self.flush_held().await.map_err(Attempt::Fatal)?;
+                        }
+                        codes::ERROR_RESPONSE => return Err(self.server_error(frame).await),
+                        codes::NEGOTIATE_PROTOCOL_VERSION | codes::NOTICE_RESPONSE => {
+                            self.held.push(frame.bytes);
+                        }
+                        other => return Err(self.server_failure(ReadError::Unexpected(other))),
+                    }
+                }
+                r = read_client(self.client, self.client_buf), if self.engaged => {
+                    r.map_err(Attempt::Fatal)?;
+                    while let Some(f) = split_frame(self.client_buf, CLIENT_AUTH_FRAME_LIMIT)
+                        .map_err(|e| Attempt::Fatal(ConnectError::ClientProtocol(e)))?
+                    {
+                        self.server
+                            .write_all(&f.bytes)
+                            .await
+                            .map_err(|e| self.server_failure(ReadError::Io(e)))?;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Holds ParameterStatus, BackendKeyData and notices up to the first ReadyForQuery.
+    async fn greeting(&mut self) -> Result<Greeting, Attempt> {
+        let mut g = Greeting {
+            key: None,
+            hot_standby_at: None,
+        };
+        loop {
+            let frame = server_frame(self.server, &mut self.server_buf)
+                .await
+                .map_err(|e| self.server_failure(e))?;
+            match frame.tag {
+                codes::PARAMETER_STATUS => {
+                    if let Some((name, value)) = messages::parameter_status(frame.body()) {
+                        if name == "in_hot_standby" {
+                            g.hot_standby_at = (value == "on").then_some(self.held.len());
+                        }
+                    }
+                }
+                codes::BACKEND_KEY_DATA => g.key = messages::backend_key(frame.body()),
+                codes::ERROR_RESPONSE => return Err(self.server_error(frame).await),
+                codes::READY_FOR_QUERY => {
+                    self.held.push(frame.bytes);
+                    return Ok(g);
+                }
+                _ => {}
+            }
+            self.held.push(frame.bytes);
+        }
+    }
+
+    /// The server is still a standby, though the leader key names it: it is finishing its
+    /// promotion. Ask it again, on this same authenticated connection, until
+    /// `in_hot_standby` turns off, the leader moves elsewhere, or time runs out.
+    async fn await_promotion(
+        &mut self,
+        hot_standby_at: usize,
+        target: &Target,
+        role: ListenerRole,
+        topology: &mut watch::Receiver<Arc<Topology>>,
+        deadline: Instant,
+    ) -> Result<(), Attempt> {
+        let query = messages::empty_query();
+        loop {
+            let still_target = matches!(
+                router::route(role, &topology.borrow_and_update()),
+                Ok(t) if t.endpoint == target.endpoint
+            );
+            if !still_target {
+                let why = format!(
+                    "{} is no longer the target while it was still a standby",
+                    self.server_name
+                );
+                return Err(if self.engaged {
+                    Attempt::Fatal(ConnectError::MovedDuringAuth {
+                        from: target.member.clone(),
+                    })
+                } else {
+                    Attempt::Retry(why)
+                });
+            }
+            let why = format!(
+                "{} is still in recovery (in_hot_standby=on)",
+                self.server_name
+            );
+            if Instant::now() >= deadline {
+                return Err(if self.engaged {
+                    Attempt::Fatal(ConnectError::NoPrimary {
+                        waited: Duration::ZERO,
+                        why,
+                    })
+                } else {
+                    Attempt::Retry(why)
+                });
+            }
+            self.server
+                .write_all(&query)
+                .await
+                .map_err(|e| self.server_failure(ReadError::Io(e)))?;
+            let promoted = timeout_at(deadline, self.read_probe_reply(hot_standby_at))
+                .await
+                .unwrap_or(Ok(false))?;
+            if promoted {
+                return Ok(());
+            }
+            let next = (Instant::now() + PROMOTION_POLL).min(deadline);
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {}
+                _ = topology.changed() => {}
+            }
+        }
+    }
+
+    /// Reads the answer to the empty query; true once `in_hot_standby` reports off.
+    async fn read_probe_reply(&mut self, hot_standby_at: usize) -> Result<bool, Attempt> {
+        let mut promoted = false;
+        loop {
+            let frame = server_frame(self.server, &mut self.server_buf)
+                .await
+                .map_err(|e| self.server_failure(e))?;
+            match frame.tag {
+                codes::PARAMETER_STATUS => {
+                    if let Some((name, value)) = messages::parameter_status(frame.body()) {
+                        if name == "in_hot_standby" && value == "off" {
+                            promoted = true;
+                            // The client must see the value that holds now.
+                            self.held[hot_standby_at] = frame.bytes;
+                        }
+                    }
+                }
+                codes::READY_FOR_QUERY => return Ok(promoted),
+                codes::ERROR_RESPONSE => return Err(self.server_error(frame).await),
+                _ => {} // EmptyQueryResponse, notices
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_errors_carry_fitting_sqlstates() {
+        let e = ConnectError::NoPrimary {
+            waited: Duration::from_secs(1),
+            why: "the cluster has no leader".into(),
+        };
+        let (code, msg) = e.client_error().unwrap();
+        assert_eq!(code, "57P03");
+        assert!(msg.contains("no leader"), "{msg}");
+        let moved = ConnectError::MovedDuringAuth { from: "a".into() };
+        assert_eq!(moved.client_error().unwrap().0, "57P01");
+        assert!(ConnectError::ClientGone.client_error().is_none());
+        let refused = ConnectError::Refused {
+            server: "x".into(),
+            fields: ErrorFields::default(),
+        };
+        assert!(
+            refused.client_error().is_none(),
+            "the server's own error was passed on"
+        );
+    }
+}

@@ -1,0 +1,242 @@
+//! One client's life: the startup phase, a cancel request or a connection to a server, the
+//! relay, and one log line at the end.
+
+pub mod cancel;
+pub mod connect;
+pub mod drain;
+pub mod relay;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use socket2::{SockRef, TcpKeepalive};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::{timeout, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::Timeouts;
+use crate::discovery::Topology;
+use crate::protocol::codes;
+use crate::protocol::messages::{self, Severity};
+use crate::protocol::startup::{parse_first_packet, FirstPacket, StartupError, StartupInfo};
+use crate::router::ListenerRole;
+pub use cancel::CancelRegistry;
+
+/// What every session of every listener shares.
+pub struct Shared {
+    pub timeouts: Timeouts,
+    pub topology: watch::Receiver<Arc<Topology>>,
+    pub cancels: CancelRegistry,
+    pub shutdown: CancellationToken,
+}
+
+/// A listener's identity and its link to the shared state.
+pub struct ListenerContext {
+    pub name: String,
+    pub role: ListenerRole,
+    pub shared: Arc<Shared>,
+}
+
+/// TCP_NODELAY (every message is a round trip) and keepalive (a vanished peer is noticed).
+pub(crate) fn tune_socket(s: &TcpStream) {
+    let _ = s.set_nodelay(true);
+    let ka = TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(10));
+    let _ = SockRef::from(s).set_tcp_keepalive(&ka);
+}
+
+#[derive(Debug, thiserror::Error)]
+enum StartupFailure {
+    #[error("{0}")]
+    Bad(#[from] StartupError),
+    #[error("startup packet not received within {0:?}")]
+    Timeout(Duration),
+    #[error("client closed before its startup packet")]
+    Closed,
+    #[error("client: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("a second {0} during negotiation")]
+    Repeated(&'static str),
+}
+
+/// Serves one client connection from accept to close.
+pub async fn serve(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ListenerContext>) {
+    let started = Instant::now();
+    tune_socket(&client);
+    let shared = &ctx.shared;
+    let mut buf = BytesMut::with_capacity(1024);
+    let first = timeout(shared.timeouts.startup, read_first(&mut client, &mut buf)).await;
+    let first = match first {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => return refuse_startup(client, peer, &ctx, e).await,
+        Err(_) => {
+            let e = StartupFailure::Timeout(shared.timeouts.startup);
+            return refuse_startup(client, peer, &ctx, e).await;
+        }
+    };
+    match first {
+        FirstPacket::Cancel(key) => {
+            let known = shared.cancels.lookup(&key);
+            let local = known.is_some();
+            let targets = cancel::cancel_targets(known, &shared.topology.borrow());
+            let sent_to = targets.len();
+            let delivered = cancel::deliver(&key, targets, shared.timeouts.connect).await;
+            info!(client = %peer, listener = %ctx.name, pid = key.pid, local, sent_to, delivered, "cancel request forwarded");
+        }
+        FirstPacket::Startup(startup) => {
+            run_session(client, peer, buf, startup, &ctx, started).await
+        }
+        FirstPacket::SslRequest | FirstPacket::GssEncRequest => {
+            unreachable!("read_first answers negotiation requests itself")
+        }
+    }
+}
+
+/// Reads packets until a StartupMessage or CancelRequest, answering SSL and GSS encryption
+/// requests with `N`: TLS is not enabled here, so the client goes on in plaintext or leaves.
+async fn read_first(
+    client: &mut TcpStream,
+    buf: &mut BytesMut,
+) -> Result<FirstPacket, StartupFailure> {
+    let (mut ssl_seen, mut gss_seen) = (false, false);
+    loop {
+        match parse_first_packet(buf)? {
+            Some(FirstPacket::SslRequest) => {
+                if std::mem::replace(&mut ssl_seen, true) {
+                    return Err(StartupFailure::Repeated("SSLRequest"));
+                }
+                // The TLS seam: with TLS enabled, a buffered byte here would be refused
+                // (a man in the middle could have injected it) and the handshake would start.
+                client.write_all(b"N").await?;
+            }
+            Some(FirstPacket::GssEncRequest) => {
+                if std::mem::replace(&mut gss_seen, true) {
+                    return Err(StartupFailure::Repeated("GSSENCRequest"));
+                }
+                client.write_all(b"N").await?;
+            }
+            Some(p) => return Ok(p),
+            None => {
+                if client.read_buf(buf).await? == 0 {
+                    return Err(StartupFailure::Closed);
+                }
+            }
+        }
+    }
+}
+
+async fn refuse_startup(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    ctx: &ListenerContext,
+    e: StartupFailure,
+) {
+    match &e {
+        StartupFailure::Closed => {
+            tracing::debug!(client = %peer, listener = %ctx.name, "client closed before its startup packet");
+            return;
+        }
+        StartupFailure::Io(_) | StartupFailure::Bad(StartupError::DirectTls) => {}
+        StartupFailure::Bad(bad) => {
+            send_fatal(&mut client, bad.sqlstate(), &format!("patroxy: {bad}")).await
+        }
+        StartupFailure::Timeout(_) | StartupFailure::Repeated(_) => {
+            send_fatal(
+                &mut client,
+                codes::PROTOCOL_VIOLATION,
+                &format!("patroxy: {e}"),
+            )
+            .await
+        }
+    }
+    warn!(client = %peer, listener = %ctx.name, reason = %e, "startup refused");
+}
+
+async fn send_fatal(client: &mut TcpStream, sqlstate: &str, message: &str) {
+    let frame = messages::error_response(Severity::Fatal, sqlstate, message);
+    let _ = timeout(Duration::from_millis(500), async {
+        client.write_all(&frame).await?;
+        client.shutdown().await
+    })
+    .await;
+}
+
+async fn run_session(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    mut client_buf: BytesMut,
+    startup: StartupInfo,
+    ctx: &ListenerContext,
+    started: Instant,
+) {
+    let shared = &ctx.shared;
+    let mut topology = shared.topology.clone();
+    let user = startup.user.as_deref().unwrap_or("");
+    let database = startup.database.as_deref().unwrap_or(user);
+    let connected = tokio::select! {
+        r = connect::establish(&mut client, &mut client_buf, &startup, ctx.role, shared, &mut topology) => r,
+        _ = shared.shutdown.cancelled() => {
+            send_fatal(&mut client, codes::ADMIN_SHUTDOWN, "patroxy is shutting down").await;
+            info!(client = %peer, listener = %ctx.name, user, database, "session closed before connecting: shutdown");
+            return;
+        }
+    };
+    let mut backend = match connected {
+        Ok(b) => b,
+        Err(e) => {
+            if let Some((code, msg)) = e.client_error() {
+                send_fatal(&mut client, code, &msg).await;
+            }
+            warn!(
+                client = %peer, listener = %ctx.name, user, database,
+                duration_ms = started.elapsed().as_millis() as u64,
+                reason = %e,
+                "session failed to connect"
+            );
+            return;
+        }
+    };
+    let connected_ms = started.elapsed().as_millis() as u64;
+    let _registration = backend
+        .key
+        .clone()
+        .map(|k| shared.cancels.register(k, backend.target.endpoint.clone()));
+    let relay_ctx = relay::RelayContext {
+        role: ctx.role,
+        member: &backend.target.member,
+        server: &backend.target.endpoint,
+        drain_timeout: shared.timeouts.drain,
+        shutdown_timeout: shared.timeouts.shutdown,
+        shutdown: &shared.shutdown,
+    };
+    let leftover = std::mem::take(&mut backend.leftover);
+    let out = relay::relay(
+        &mut client,
+        &mut backend.stream,
+        client_buf,
+        leftover,
+        relay_ctx,
+        &mut topology,
+    )
+    .await;
+    info!(
+        client = %peer,
+        listener = %ctx.name,
+        server = %backend.target.endpoint,
+        member = %backend.target.member,
+        user,
+        database,
+        connect_ms = connected_ms,
+        duration_ms = started.elapsed().as_millis() as u64,
+        bytes_up = out.bytes_up,
+        bytes_down = out.bytes_down,
+        reason = %out.end,
+        "session closed"
+    );
+}

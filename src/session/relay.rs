@@ -1,0 +1,303 @@
+//! The relay: bytes both ways, untouched, while frame headers are followed in place to know
+//! the transaction status and whether a query is in flight. Around it runs the drain control.
+//! It ends a session on a deposed primary or at shutdown at its next rest point, or at the
+//! deadline, with FATAL 57P01.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::{sleep_until, timeout, Instant};
+use tokio_util::sync::CancellationToken;
+
+use super::drain::{self, DrainCause, Progress};
+use crate::discovery::patroni::Endpoint;
+use crate::discovery::Topology;
+use crate::protocol::codes;
+use crate::protocol::frame::{FrameError, Scanner, Seen, MAX_DECLARED_LEN};
+use crate::protocol::messages::{self, Severity};
+use crate::router::ListenerRole;
+
+/// Read buffer per direction.
+const BUF_SIZE: usize = 16 * 1024;
+/// How long the goodbye messages may take before the socket is simply closed.
+const GOODBYE_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// How a relayed session ended.
+#[derive(Debug)]
+pub enum End {
+    ClientClosed,
+    ServerClosed,
+    ClientIo(std::io::Error),
+    ServerIo(std::io::Error),
+    ClientProtocol(FrameError),
+    ServerProtocol(FrameError),
+    /// Drained: at a rest point, or forced at the deadline.
+    Drained {
+        cause: DrainCause,
+        forced: bool,
+    },
+}
+
+impl std::fmt::Display for End {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            End::ClientClosed => f.write_str("client closed"),
+            End::ServerClosed => f.write_str("server closed"),
+            End::ClientIo(e) => write!(f, "client error: {e}"),
+            End::ServerIo(e) => write!(f, "server error: {e}"),
+            End::ClientProtocol(e) => write!(f, "client protocol error: {e}"),
+            End::ServerProtocol(e) => write!(f, "server protocol error: {e}"),
+            End::Drained {
+                cause,
+                forced: false,
+            } => write!(f, "drained ({cause})"),
+            End::Drained {
+                cause,
+                forced: true,
+            } => write!(f, "drained at deadline ({cause})"),
+        }
+    }
+}
+
+/// What the relay needs to know about its session.
+pub struct RelayContext<'a> {
+    pub role: ListenerRole,
+    pub member: &'a str,
+    pub server: &'a Endpoint,
+    pub drain_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    pub shutdown: &'a CancellationToken,
+}
+
+/// Counters both pumps update; one task polls both, so relaxed atomics are plenty.
+#[derive(Default)]
+struct Shared {
+    tx_status: AtomicU8,
+    in_flight: AtomicU32,
+    /// The client has every server byte read so far, ending on a frame boundary.
+    down_clean: AtomicBool,
+    /// The server has every client byte read so far, ending on a frame boundary.
+    up_clean: AtomicBool,
+    bytes_up: AtomicU64,
+    bytes_down: AtomicU64,
+    /// 0: not draining; else the pump returns as soon as the session is at rest.
+    drain_mode: AtomicU8,
+}
+
+const DRAIN_AT_REST: u8 = 1;
+const DRAIN_AT_TX_END: u8 = 2;
+
+impl Shared {
+    fn progress(&self) -> Progress {
+        Progress {
+            tx_status: self.tx_status.load(Relaxed),
+            in_flight: self.in_flight.load(Relaxed),
+            client_at_boundary: self.down_clean.load(Relaxed),
+        }
+    }
+
+    fn drain_reached(&self) -> bool {
+        let p = self.progress();
+        match self.drain_mode.load(Relaxed) {
+            DRAIN_AT_REST => p.in_flight == 0 && p.client_at_boundary,
+            DRAIN_AT_TX_END => {
+                p.in_flight == 0 && p.client_at_boundary && p.tx_status == codes::TX_IDLE
+            }
+            _ => false,
+        }
+    }
+}
+
+pub struct Outcome {
+    pub end: End,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
+/// Relays until one side closes or a drain ends the session.
+/// `client_leftover` and `server_leftover` are bytes already read in the startup phase.
+pub async fn relay(
+    client: &mut TcpStream,
+    server: &mut TcpStream,
+    client_leftover: BytesMut,
+    server_leftover: BytesMut,
+    ctx: RelayContext<'_>,
+    topology: &mut watch::Receiver<Arc<Topology>>,
+) -> Outcome {
+    let st = Shared {
+        tx_status: AtomicU8::new(codes::TX_IDLE),
+        down_clean: AtomicBool::new(true),
+        up_clean: AtomicBool::new(true),
+        ..Shared::default()
+    };
+    let (mut cr, mut cw) = client.split();
+    let (mut sr, mut sw) = server.split();
+
+    let end = {
+        let up = pump_up(&mut cr, &mut sw, client_leftover, &st);
+        let down = pump_down(&mut sr, &mut cw, server_leftover, &st);
+        tokio::pin!(up, down);
+        let mut draining: Option<(DrainCause, Instant)> = None;
+        let mut topology_open = true;
+        // The topology may have moved while this session was connecting.
+        topology.mark_changed();
+        loop {
+            let deadline = draining.as_ref().map(|(_, d)| *d);
+            tokio::select! {
+                biased;
+                end = &mut down => match end {
+                    Pumped::AtRest => {
+                        let (cause, _) = draining.take().expect("the pump rests only while draining");
+                        break End::Drained { cause, forced: false };
+                    }
+                    Pumped::End(end) => break end,
+                },
+                end = &mut up => break end,
+                changed = topology.changed(), if topology_open && draining.is_none() => {
+                    if changed.is_err() {
+                        topology_open = false;
+                        continue;
+                    }
+                    let cause = drain::drain_cause(ctx.role, ctx.member, ctx.server, &topology.borrow_and_update());
+                    if let Some(cause) = cause {
+                        tracing::debug!(server = %ctx.server, %cause, "draining session");
+                        st.drain_mode.store(DRAIN_AT_REST, Relaxed);
+                        draining = Some((cause, Instant::now() + ctx.drain_timeout));
+                    }
+                }
+                _ = ctx.shutdown.cancelled(), if draining.is_none() => {
+                    st.drain_mode.store(DRAIN_AT_TX_END, Relaxed);
+                    draining = Some((DrainCause::Shutdown, Instant::now() + ctx.shutdown_timeout));
+                }
+                _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    let (cause, _) = draining.take().expect("deadline implies draining");
+                    break End::Drained { cause, forced: true };
+                }
+            }
+            // A drain that began while the session was already at rest ends it now.
+            if st.drain_reached() {
+                if let Some((cause, _)) = draining.take() {
+                    break End::Drained {
+                        cause,
+                        forced: false,
+                    };
+                }
+            }
+        }
+    };
+    // Goodbyes: the client's FATAL only on a frame boundary, Terminate to the server likewise.
+    let goodbye = match &end {
+        End::Drained { cause, .. } => Some((codes::ADMIN_SHUTDOWN, cause.client_message())),
+        End::ClientProtocol(e) => Some((codes::PROTOCOL_VIOLATION, format!("patroxy: {e}"))),
+        End::ServerProtocol(e) => Some((
+            codes::CONNECTION_FAILURE,
+            format!("patroxy: server sent {e}"),
+        )),
+        _ => None,
+    };
+    if let Some((code, msg)) = goodbye {
+        if drain::can_send_error(st.progress()) {
+            let frame = messages::error_response(Severity::Fatal, code, &msg);
+            let _ = timeout(GOODBYE_TIMEOUT, cw.write_all(&frame)).await;
+        }
+        if st.up_clean.load(Relaxed) {
+            let _ = timeout(GOODBYE_TIMEOUT, sw.write_all(&TERMINATE)).await;
+        }
+    }
+    let _ = timeout(GOODBYE_TIMEOUT, cw.shutdown()).await;
+    Outcome {
+        end,
+        bytes_up: st.bytes_up.load(Relaxed),
+        bytes_down: st.bytes_down.load(Relaxed),
+    }
+}
+
+const TERMINATE: [u8; 5] = [codes::TERMINATE, 0, 0, 0, 4];
+
+/// Client to server: counts the requests that will each be answered by a ReadyForQuery.
+async fn pump_up<R, W>(rd: &mut R, wr: &mut W, mut buf: BytesMut, st: &Shared) -> End
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut scanner = Scanner::new(MAX_DECLARED_LEN);
+    buf.reserve(BUF_SIZE);
+    loop {
+        if buf.is_empty() {
+            match rd.read_buf(&mut buf).await {
+                Ok(0) => return End::ClientClosed,
+                Ok(_) => {}
+                Err(e) => return End::ClientIo(e),
+            }
+        }
+        let scanned = scanner.scan(&buf, |seen| {
+            if let Seen::Header { tag, .. } = seen {
+                if matches!(tag, codes::QUERY | codes::SYNC | codes::FUNCTION_CALL) {
+                    st.in_flight.fetch_add(1, Relaxed);
+                }
+            }
+        });
+        if let Err(e) = scanned {
+            return End::ClientProtocol(e);
+        }
+        st.up_clean.store(false, Relaxed);
+        if let Err(e) = wr.write_all(&buf).await {
+            return End::ServerIo(e);
+        }
+        st.up_clean.store(scanner.at_boundary(), Relaxed);
+        st.bytes_up.fetch_add(buf.len() as u64, Relaxed);
+        buf.clear();
+    }
+}
+
+enum Pumped {
+    End(End),
+    /// Draining, and the session just came to rest.
+    AtRest,
+}
+
+/// Server to client: follows ReadyForQuery, and stops at a rest point once draining.
+async fn pump_down<R, W>(rd: &mut R, wr: &mut W, mut buf: BytesMut, st: &Shared) -> Pumped
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut scanner = Scanner::new(MAX_DECLARED_LEN);
+    buf.reserve(BUF_SIZE);
+    loop {
+        if buf.is_empty() {
+            match rd.read_buf(&mut buf).await {
+                Ok(0) => return Pumped::End(End::ServerClosed),
+                Ok(_) => {}
+                Err(e) => return Pumped::End(End::ServerIo(e)),
+            }
+        }
+        let scanned = scanner.scan(&buf, |seen| {
+            if let Seen::ReadyForQuery(status) = seen {
+                st.tx_status.store(status, Relaxed);
+                // Saturating: a ReadyForQuery patroxy did not count (the greeting's) is harmless.
+                let _ = st
+                    .in_flight
+                    .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(1)));
+            }
+        });
+        if let Err(e) = scanned {
+            return Pumped::End(End::ServerProtocol(e));
+        }
+        st.down_clean.store(false, Relaxed);
+        if let Err(e) = wr.write_all(&buf).await {
+            return Pumped::End(End::ClientIo(e));
+        }
+        st.down_clean.store(scanner.at_boundary(), Relaxed);
+        st.bytes_down.fetch_add(buf.len() as u64, Relaxed);
+        buf.clear();
+        if st.drain_reached() {
+            return Pumped::AtRest;
+        }
+    }
+}
