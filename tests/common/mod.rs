@@ -1,0 +1,570 @@
+//! The test harness: real etcd, real PostgreSQL (primaries and streaming replicas), real
+//! Patroni and patroxy in-process, all on free loopback ports under one temporary directory,
+//! stopped and removed on drop. Every wait has a deadline; nothing sleeps a fixed time to
+//! let something happen.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::Client as EtcdClient;
+use patroxy::config::{Config, ListenerConfig};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// Installs a log subscriber once; `RUST_LOG=patroxy=debug` shows the proxy's logs.
+pub fn init_logs() {
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_test_writer()
+        .try_init();
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.trim_ascii() == b"0")
+        .unwrap_or(false)
+}
+
+/// PostgreSQL and Patroni refuse to run as root: run them as `postgres` with a clean env.
+pub fn as_postgres(program: &str) -> Command {
+    if is_root() {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid=postgres",
+            "--regid=postgres",
+            "--init-groups",
+            "--",
+        ])
+        .arg(program)
+        .env_clear()
+        .env("PATH", format!("{PG_BIN}:/usr/bin:/bin"))
+        .env("HOME", "/var/lib/postgresql")
+        .env("LANG", "C.UTF-8");
+        c
+    } else {
+        let mut c = Command::new(program);
+        c.env_remove("PGPASSWORD")
+            .env("PATH", format!("{PG_BIN}:/usr/bin:/bin"));
+        c
+    }
+}
+
+fn run_ok(mut cmd: Command, what: &str) {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Sends a signal by name (`STOP`, `CONT`, `KILL`, `QUIT`, `TERM`) to a process.
+pub fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .args([format!("-{sig}"), pid.to_string()])
+        .status();
+}
+
+/// A temporary directory that the `postgres` user may write in.
+pub struct TempRoot {
+    dir: tempfile::TempDir,
+}
+
+impl TempRoot {
+    pub fn new() -> TempRoot {
+        let dir = tempfile::Builder::new()
+            .prefix("patroxy-test-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        if is_root() {
+            run_ok(
+                {
+                    let mut c = Command::new("chown");
+                    c.arg("postgres:postgres").arg(dir.path());
+                    c
+                },
+                "chown",
+            );
+        }
+        TempRoot { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A subdirectory owned by `postgres`.
+    pub fn subdir(&self, name: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        run_ok(
+            {
+                let mut c = as_postgres("mkdir");
+                c.arg("-p").arg(&p);
+                c
+            },
+            "mkdir",
+        );
+        p
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` at the deadline.
+pub async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// etcd
+
+pub struct Etcd {
+    child: Option<Child>,
+    pub port: u16,
+    peer_port: u16,
+    dir: PathBuf,
+}
+
+impl Etcd {
+    pub fn start(root: &TempRoot) -> Etcd {
+        let mut e = Etcd {
+            child: None,
+            port: free_port(),
+            peer_port: free_port(),
+            dir: root.path().join("etcd"),
+        };
+        e.spawn();
+        e
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let client = self.url();
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::File::create(self.dir.with_extension("log")).unwrap();
+        let child = Command::new("etcd")
+            .args(["--name", "test"])
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("test={peer}")])
+            .args(["--log-level", "error"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("etcd (install etcd-server)");
+        self.child = Some(child);
+        wait_port_blocking(self.port, Duration::from_secs(20), "etcd");
+    }
+
+    /// Stops etcd abruptly, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts etcd again on the same ports and data.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub async fn client(&self) -> EtcdClient {
+        let url = self.url();
+        wait_for("an etcd client", Duration::from_secs(20), || {
+            let url = url.clone();
+            async move {
+                let mut c = EtcdClient::connect([url], None).await.ok()?;
+                c.status().await.ok()?;
+                Some(c)
+            }
+        })
+        .await
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn wait_port_blocking(port: u16, limit: Duration, what: &str) {
+    let deadline = std::time::Instant::now() + limit;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} did not open port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Writes Patroni-shaped keys for scope `scope` under the default namespace.
+pub struct Keys {
+    pub client: EtcdClient,
+    pub prefix: String,
+}
+
+impl Keys {
+    pub async fn new(etcd: &Etcd, scope: &str) -> Keys {
+        Keys {
+            client: etcd.client().await,
+            prefix: format!("/service/{scope}/"),
+        }
+    }
+
+    pub async fn put(&mut self, key: &str, value: &str) {
+        self.client
+            .put(format!("{}{key}", self.prefix), value, None)
+            .await
+            .unwrap();
+    }
+
+    pub async fn delete(&mut self, key: &str) {
+        self.client
+            .delete(format!("{}{key}", self.prefix), None)
+            .await
+            .unwrap();
+    }
+
+    /// A Patroni 4.x member key for a server on `port`.
+    pub async fn member(&mut self, name: &str, port: u16, role: &str, state: &str) {
+        let v = format!(
+            r#"{{"conn_url":"postgres://127.0.0.1:{port}/postgres","api_url":"http://127.0.0.1:1/patroni","state":"{state}","role":"{role}","version":"4.1.4","xlog_location":50331648,"timeline":1}}"#
+        );
+        self.put(&format!("members/{name}"), &v).await;
+    }
+
+    pub async fn leader(&mut self, name: &str) {
+        self.put("leader", name).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// PostgreSQL
+
+pub struct Postgres {
+    pub name: String,
+    pub port: u16,
+    pub data: PathBuf,
+    child: Option<Child>,
+}
+
+impl Postgres {
+    /// A fresh primary, initialised with trust auth on loopback.
+    pub fn primary(root: &TempRoot, name: &str) -> Postgres {
+        let data = root.path().join(name);
+        let mut init = as_postgres(&format!("{PG_BIN}/initdb"));
+        init.arg("-D").arg(&data).args([
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+        ]);
+        run_ok(init, "initdb");
+        // alice authenticates with SCRAM and bob with md5, to show auth passes end to end.
+        let hba = "local all all trust\n\
+                   host all alice 127.0.0.1/32 scram-sha-256\n\
+                   host all bob 127.0.0.1/32 md5\n\
+                   host all all 127.0.0.1/32 trust\n\
+                   host replication all 127.0.0.1/32 trust\n";
+        write_as_postgres(&data.join("pg_hba.conf"), hba);
+        let mut pg = Postgres {
+            name: name.into(),
+            port: free_port(),
+            data,
+            child: None,
+        };
+        pg.write_conf();
+        pg.start();
+        pg
+    }
+
+    /// A streaming replica of `primary`, cloned with pg_basebackup.
+    pub fn replica_of(root: &TempRoot, name: &str, primary: &Postgres) -> Postgres {
+        let data = root.path().join(name);
+        let mut bb = as_postgres(&format!("{PG_BIN}/pg_basebackup"));
+        bb.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &primary.port.to_string(),
+            "-U",
+            "postgres",
+        ])
+        .arg("-D")
+        .arg(&data)
+        .args(["-R", "-X", "stream", "--no-sync"]);
+        run_ok(bb, "pg_basebackup");
+        let mut pg = Postgres {
+            name: name.into(),
+            port: free_port(),
+            data,
+            child: None,
+        };
+        pg.write_conf();
+        pg.start();
+        pg
+    }
+
+    fn write_conf(&self) {
+        let conf = format!(
+            "port = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
+             fsync = off\nwal_level = replica\nmax_wal_senders = 5\nhot_standby = on\n\
+             max_connections = 100\nshared_buffers = 16MB\nlog_min_messages = warning\n",
+            self.port,
+            self.data.display()
+        );
+        write_as_postgres(&self.data.join("postgresql.auto.conf"), &{
+            // Keep what pg_basebackup -R wrote (primary_conninfo), replace the rest.
+            let old =
+                std::fs::read_to_string(self.data.join("postgresql.auto.conf")).unwrap_or_default();
+            let keep: String = old
+                .lines()
+                .filter(|l| l.starts_with("primary_conninfo"))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            format!("{conf}{keep}")
+        });
+    }
+
+    pub fn start(&mut self) {
+        let log = self.data.with_extension("log");
+        let mut cmd = as_postgres(&format!("{PG_BIN}/postgres"));
+        cmd.arg("-D").arg(&self.data);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("postgres");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = Command::new(format!("{PG_BIN}/pg_isready"))
+                .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string()])
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "postgres {} did not start",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(30));
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Fast shutdown: sessions are terminated, the server exits cleanly.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(c.id(), "INT");
+            let _ = c.wait();
+        }
+    }
+
+    pub fn promote(&self) {
+        let mut c = as_postgres(&format!("{PG_BIN}/pg_ctl"));
+        c.arg("promote").arg("-D").arg(&self.data).arg("-w");
+        run_ok(c, "pg_ctl promote");
+    }
+
+    pub fn url(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            self.port
+        )
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(c.id(), "CONT");
+            signal(c.id(), "QUIT");
+            let _ = c.wait();
+        }
+    }
+}
+
+fn write_as_postgres(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+    if is_root() {
+        let _ = Command::new("chown")
+            .arg("postgres:postgres")
+            .arg(path)
+            .status();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Clients
+
+pub async fn connect(port: u16) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    connect_with(port, "").await.map(|(c, _)| c)
+}
+
+/// Connects with tokio-postgres; the second value resolves when the connection ends, with the
+/// error that ended it (for example an unsolicited FATAL on an idle session).
+pub async fn connect_with(
+    port: u16,
+    extra: &str,
+) -> Result<
+    (
+        tokio_postgres::Client,
+        tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+    ),
+    tokio_postgres::Error,
+> {
+    let conn_str = format!(
+        "host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=30 {extra}"
+    );
+    let (client, conn) = tokio_postgres::connect(&conn_str, tokio_postgres::NoTls).await?;
+    let handle = tokio::spawn(conn);
+    Ok((client, handle))
+}
+
+/// The port of the server a fresh connection through `port` reaches.
+pub async fn server_port(port: u16) -> Result<i32, tokio_postgres::Error> {
+    let c = connect(port).await?;
+    let row = c.query_one("SELECT inet_server_port()", &[]).await?;
+    Ok(row.get(0))
+}
+
+/// The SQLSTATE of an error, if the server (or patroxy) sent one.
+pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
+    e.as_db_error().map(|d| d.code().code().to_owned())
+}
+
+// ---------------------------------------------------------------------------------------
+// patroxy, in-process
+
+pub struct Proxy {
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// Starts patroxy on a free port, watching `etcd` for `scope`. `tune` adjusts the config.
+    pub async fn start(etcd: &Etcd, scope: &str, tune: impl FnOnce(&mut Config)) -> Proxy {
+        init_logs();
+        let mut config = Config::default();
+        config.etcd.endpoints = vec![etcd.url()];
+        config.etcd.watch_idle_timeout = Duration::from_secs(3);
+        config.cluster.scope = scope.into();
+        config.listeners = vec![ListenerConfig {
+            listen: "127.0.0.1:0".into(),
+            ..ListenerConfig::default()
+        }];
+        config.timeouts.connect_wait = Duration::from_secs(5);
+        tune(&mut config);
+        config.validate().expect("test config");
+        let listeners = patroxy::app::bind(&config).await.unwrap();
+        let addr = listeners[0].listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(patroxy::app::run(
+            Arc::new(config),
+            listeners,
+            shutdown.clone(),
+        ));
+        Proxy {
+            addr,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Graceful shutdown, as on SIGTERM; waits until patroxy has finished.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// The message of an error the server (or patroxy) sent, or the error's own text.
+pub fn message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_else(|| e.to_string())
+}
