@@ -17,6 +17,8 @@ use patroxy::config::{Config, ListenerConfig};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+pub mod patroni;
+
 pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
 /// Installs a log subscriber once; `RUST_LOG=patroxy=debug` shows the proxy's logs.
@@ -86,6 +88,7 @@ fn run_ok(mut cmd: Command, what: &str) {
 pub fn signal(pid: u32, sig: &str) {
     let _ = Command::new("kill")
         .args([format!("-{sig}"), pid.to_string()])
+        .stderr(Stdio::null())
         .status();
 }
 

@@ -1,0 +1,353 @@
+//! A real Patroni cluster for end-to-end tests: etcd plus N members (Debian's Patroni with
+//! the etcd3 DCS), running as `postgres` on loopback, in synchronous mode so that no
+//! acknowledged write can be lost in a failover.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::*;
+
+pub struct Member {
+    pub name: String,
+    pub pg_port: u16,
+    pub api_port: u16,
+    dir: PathBuf,
+    patroni: Option<Child>,
+}
+
+impl Member {
+    fn config_path(&self) -> PathBuf {
+        self.dir.join("patroni.yml")
+    }
+
+    /// The postmaster's pid, from its pid file.
+    pub fn postmaster_pid(&self) -> Option<u32> {
+        let text = std::fs::read_to_string(self.dir.join("data/postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
+    }
+
+    pub fn patroni_pid(&self) -> Option<u32> {
+        self.patroni.as_ref().map(Child::id)
+    }
+
+    /// Patroni and the postmaster with every process below them.
+    fn all_pids(&self) -> Vec<u32> {
+        let roots: Vec<u32> = [self.patroni_pid(), self.postmaster_pid()]
+            .into_iter()
+            .flatten()
+            .collect();
+        descendants(&roots)
+    }
+
+    /// `kill -9` of Patroni and the postmaster: a crashed node.
+    pub fn crash(&mut self) {
+        for pid in [self.patroni_pid(), self.postmaster_pid()]
+            .into_iter()
+            .flatten()
+        {
+            signal(pid, "KILL");
+        }
+        if let Some(mut c) = self.patroni.take() {
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGSTOP of every process of the node: it stays reachable but answers nothing.
+    pub fn freeze(&self) {
+        for pid in self.all_pids() {
+            signal(pid, "STOP");
+        }
+    }
+
+    pub fn thaw(&self) {
+        for pid in self.all_pids() {
+            signal(pid, "CONT");
+        }
+    }
+
+    fn stop_everything(&mut self) {
+        let pids = self.all_pids();
+        for pid in &pids {
+            signal(*pid, "CONT");
+        }
+        for pid in [self.patroni_pid(), self.postmaster_pid()]
+            .into_iter()
+            .flatten()
+        {
+            signal(pid, "KILL");
+        }
+        if let Some(mut c) = self.patroni.take() {
+            let _ = c.wait();
+        }
+        // The postmaster's children exit when they see it gone; make sure.
+        for pid in pids {
+            signal(pid, "KILL");
+        }
+    }
+}
+
+/// `roots` and all their descendants, from `ps`.
+fn descendants(roots: &[u32]) -> Vec<u32> {
+    let out = Command::new("ps")
+        .args(["-eo", "pid=,ppid="])
+        .output()
+        .unwrap();
+    let pairs: Vec<(u32, u32)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace().map(|x| x.parse::<u32>());
+            Some((it.next()?.ok()?, it.next()?.ok()?))
+        })
+        .collect();
+    let mut found: BTreeSet<u32> = roots.iter().copied().collect();
+    loop {
+        let before = found.len();
+        for (pid, ppid) in &pairs {
+            if found.contains(ppid) {
+                found.insert(*pid);
+            }
+        }
+        if found.len() == before {
+            return found.into_iter().collect();
+        }
+    }
+}
+
+pub struct Cluster {
+    pub scope: String,
+    pub etcd: Etcd,
+    pub members: Vec<Member>,
+    ctl: PathBuf,
+    _root: TempRoot,
+}
+
+impl Cluster {
+    /// Starts etcd and `n` members; returns once there is a leader and every member runs.
+    pub async fn start(scope: &str, n: usize) -> Cluster {
+        let root = TempRoot::new();
+        let etcd = Etcd::start(&root);
+        let ctl = root.path().join("patronictl.yml");
+        write_as_postgres(
+            &ctl,
+            &format!(
+                "scope: {scope}\nnamespace: /service/\netcd3:\n  hosts: 127.0.0.1:{}\n",
+                etcd.port
+            ),
+        );
+        let mut members = Vec::new();
+        for i in 1..=n {
+            let name = format!("node{i}");
+            let dir = root.subdir(&name);
+            let m = Member {
+                name,
+                pg_port: free_port(),
+                api_port: free_port(),
+                dir,
+                patroni: None,
+            };
+            write_as_postgres(&m.config_path(), &member_yaml(scope, etcd.port, &m));
+            members.push(m);
+        }
+        let mut cluster = Cluster {
+            scope: scope.into(),
+            etcd,
+            members,
+            ctl,
+            _root: root,
+        };
+        // The first member bootstraps alone, so it is the leader; the others clone from it.
+        cluster.spawn(0);
+        cluster.wait_healthy(1, Duration::from_secs(90)).await;
+        for i in 1..n {
+            cluster.spawn(i);
+        }
+        cluster.wait_healthy(n, Duration::from_secs(120)).await;
+        cluster
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let m = &mut self.members[i];
+        let log = std::fs::File::create(m.dir.join("patroni.log")).unwrap();
+        let mut cmd = as_postgres("/usr/bin/patroni");
+        cmd.arg(m.config_path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        m.patroni = Some(cmd.spawn().expect("patroni (install patroni)"));
+    }
+
+    /// Restarts a crashed member's Patroni; it rejoins as a replica.
+    pub fn restart(&mut self, name: &str) {
+        let i = self.index(name);
+        self.spawn(i);
+    }
+
+    fn index(&self, name: &str) -> usize {
+        self.members.iter().position(|m| m.name == name).unwrap()
+    }
+
+    pub fn member(&self, name: &str) -> &Member {
+        &self.members[self.index(name)]
+    }
+
+    pub fn member_mut(&mut self, name: &str) -> &mut Member {
+        let i = self.index(name);
+        &mut self.members[i]
+    }
+
+    /// The member names in etcd with their JSON, plus the leader and the sync standbys.
+    pub async fn state(&self) -> Option<ClusterState> {
+        let mut c = etcd_client::Client::connect([self.etcd.url()], None)
+            .await
+            .ok()?;
+        let prefix = format!("/service/{}/", self.scope);
+        let resp = c
+            .get(
+                prefix.as_str(),
+                Some(etcd_client::GetOptions::new().with_prefix()),
+            )
+            .await
+            .ok()?;
+        let mut s = ClusterState::default();
+        for kv in resp.kvs() {
+            let key = kv.key_str().ok()?.strip_prefix(prefix.as_str())?.to_owned();
+            let value = String::from_utf8_lossy(kv.value()).into_owned();
+            if key == "leader" {
+                s.leader = Some(value);
+            } else if key == "sync" {
+                let v: serde_json::Value = serde_json::from_str(&value).ok()?;
+                s.sync_standby = v["sync_standby"].as_str().map(str::to_owned);
+            } else if let Some(name) = key.strip_prefix("members/") {
+                let v: serde_json::Value = serde_json::from_str(&value).ok()?;
+                s.running.insert(name.to_owned(), v["state"] == "running");
+            }
+        }
+        Some(s)
+    }
+
+    /// Waits until there is a leader, `n` running members and (with n > 1) a sync standby.
+    pub async fn wait_healthy(&self, n: usize, limit: Duration) -> ClusterState {
+        wait_for(
+            &format!("a healthy {n}-member cluster"),
+            limit,
+            || async move {
+                let s = self.state().await?;
+                let running = s.running.values().filter(|r| **r).count();
+                let ok = s.leader.is_some() && running >= n && (n == 1 || s.sync_standby.is_some());
+                ok.then_some(s)
+            },
+        )
+        .await
+    }
+
+    /// `patronictl switchover` to `candidate`.
+    pub fn switchover(&self, leader: &str, candidate: &str) {
+        let mut cmd = as_postgres("/usr/bin/patronictl");
+        cmd.arg("-c")
+            .arg(&self.ctl)
+            .args([
+                "switchover",
+                "--leader",
+                leader,
+                "--candidate",
+                candidate,
+                "--force",
+            ])
+            .arg(&self.scope);
+        let out = cmd.stdin(Stdio::null()).output().unwrap();
+        assert!(
+            out.status.success(),
+            "patronictl switchover: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn port_of(&self, name: &str) -> u16 {
+        self.member(name).pg_port
+    }
+
+    pub fn name_of_port(&self, port: u16) -> &str {
+        &self
+            .members
+            .iter()
+            .find(|m| m.pg_port == port)
+            .unwrap()
+            .name
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for m in &mut self.members {
+            m.stop_everything();
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct ClusterState {
+    pub leader: Option<String>,
+    pub sync_standby: Option<String>,
+    pub running: std::collections::BTreeMap<String, bool>,
+}
+
+fn member_yaml(scope: &str, etcd_port: u16, m: &Member) -> String {
+    let dir = m.dir.display();
+    format!(
+        r#"scope: {scope}
+namespace: /service/
+name: {name}
+log:
+  level: WARNING
+restapi:
+  listen: 127.0.0.1:{api}
+  connect_address: 127.0.0.1:{api}
+etcd3:
+  hosts: 127.0.0.1:{etcd_port}
+bootstrap:
+  dcs:
+    ttl: 10
+    loop_wait: 2
+    retry_timeout: 4
+    maximum_lag_on_failover: 1048576
+    synchronous_mode: true
+    postgresql:
+      use_pg_rewind: true
+      use_slots: true
+      parameters:
+        wal_log_hints: 'on'
+        max_connections: 100
+        max_wal_senders: 10
+  initdb:
+  - encoding: UTF8
+  - auth-local: trust
+  pg_hba:
+  - local all all trust
+  - host all all 127.0.0.1/32 trust
+  - host replication replicator 127.0.0.1/32 trust
+postgresql:
+  listen: 127.0.0.1:{pg}
+  connect_address: 127.0.0.1:{pg}
+  data_dir: {dir}/data
+  bin_dir: {PG_BIN}
+  pgpass: {dir}/pgpass
+  authentication:
+    replication:
+      username: replicator
+      password: rep-pass
+    superuser:
+      username: postgres
+      password: postgres
+  parameters:
+    unix_socket_directories: '{dir}'
+    fsync: 'off'
+    shared_buffers: 16MB
+"#,
+        name = m.name,
+        api = m.api_port,
+        pg = m.pg_port,
+    )
+}

@@ -1,0 +1,277 @@
+//! End to end with real Patroni: 3 members on the etcd3 DCS, patroxy in front, and a client
+//! writing numbered rows in a loop through a planned switchover, a silent node loss (SIGSTOP)
+//! and a crash (`kill -9` of Patroni and the postmaster). Every acknowledged write must be on
+//! the last primary.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::patroni::Cluster;
+use common::*;
+use tokio::time::Instant;
+
+const EVENT: Duration = Duration::from_secs(90);
+
+#[derive(Debug, Clone)]
+struct Attempt {
+    /// When the answer (or the error) came back.
+    done: Instant,
+    id: i64,
+    /// The port of the server that acknowledged it, or the error.
+    result: Result<u16, String>,
+}
+
+/// Commits a numbered row every 10 ms through patroxy, reconnecting on any error.
+struct Writer {
+    log: Arc<Mutex<Vec<Attempt>>>,
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Writer {
+    fn spawn(port: u16) -> Writer {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(Self::run(port, log.clone(), stop.clone()));
+        Writer { log, stop, task }
+    }
+
+    async fn run(
+        port: u16,
+        log: Arc<Mutex<Vec<Attempt>>>,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        let mut client: Option<tokio_postgres::Client> = None;
+        let mut id = 0i64;
+        while !stop.is_cancelled() {
+            id += 1;
+            let result = async {
+                if client.is_none() {
+                    client = Some(
+                        connect(port)
+                            .await
+                            .map_err(|e| format!("connect: {}", message(&e)))?,
+                    );
+                }
+                let c = client.as_ref().unwrap();
+                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
+                let insert = c.query_one(
+                    "INSERT INTO writes (id, port) VALUES ($1, inet_server_port()) RETURNING port",
+                    &params,
+                );
+                match tokio::time::timeout(Duration::from_secs(60), insert).await {
+                    Ok(Ok(row)) => Ok(row.get::<_, i32>(0) as u16),
+                    Ok(Err(e)) => Err(format!(
+                        "{} {}",
+                        sqlstate(&e).unwrap_or_default(),
+                        message(&e)
+                    )),
+                    Err(_) => Err("insert hung for 60 s".to_owned()),
+                }
+            }
+            .await;
+            if result.is_err() {
+                client = None;
+            }
+            let done = Instant::now();
+            log.lock().unwrap().push(Attempt { done, id, result });
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits until a write made after `since` is acknowledged by the server on `port`.
+    async fn wait_acked_on(&self, port: u16, since: Instant) {
+        wait_for(
+            &format!("a write acknowledged on port {port}"),
+            EVENT,
+            || async move {
+                let log = self.log.lock().unwrap();
+                log.iter()
+                    .any(|a| a.done >= since && a.result == Ok(port))
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+
+    /// Failed attempts and the longest time without a completed write, since `since`.
+    fn window(&self, since: Instant) -> (usize, Duration) {
+        let log = self.log.lock().unwrap();
+        let mut failed = 0;
+        let mut last_ok = since;
+        let mut gap = Duration::ZERO;
+        for a in log.iter().filter(|a| a.done >= since) {
+            match a.result {
+                Ok(_) => {
+                    gap = gap.max(a.done - last_ok);
+                    last_ok = a.done;
+                }
+                Err(_) => failed += 1,
+            }
+        }
+        (failed, gap)
+    }
+
+    async fn stop(self) -> Vec<Attempt> {
+        self.stop.cancel();
+        self.task.await.unwrap();
+        Arc::try_unwrap(self.log).unwrap().into_inner().unwrap()
+    }
+}
+
+async fn leader(cluster: &Cluster) -> String {
+    cluster.state().await.unwrap().leader.unwrap()
+}
+
+/// Waits for the leader key to name someone other than `old`.
+async fn new_leader(cluster: &Cluster, old: &str) -> String {
+    wait_for(
+        &format!("a leader other than {old}"),
+        EVENT,
+        || async move { cluster.state().await?.leader.filter(|l| l != old) },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_survive_switchover_silent_loss_and_crash() {
+    let mut cluster = Cluster::start("e2e", 3).await;
+    let proxy = Proxy::start(&cluster.etcd, "e2e", |cfg| {
+        cfg.timeouts.connect_wait = Duration::from_secs(40);
+    })
+    .await;
+    let first = leader(&cluster).await;
+    let setup = wait_for("the first leader through patroxy", EVENT, || async {
+        connect(proxy.port()).await.ok()
+    })
+    .await;
+    setup
+        .batch_execute("CREATE TABLE writes (id bigint PRIMARY KEY, port int NOT NULL)")
+        .await
+        .unwrap();
+    drop(setup);
+    let writer = Writer::spawn(proxy.port());
+    writer
+        .wait_acked_on(cluster.port_of(&first), Instant::now())
+        .await;
+
+    // 1. A planned switchover to the synchronous standby.
+    let state = cluster.wait_healthy(3, EVENT).await;
+    let candidate = state.sync_standby.clone().unwrap();
+    let t = Instant::now();
+    cluster.switchover(&first, &candidate);
+    writer.wait_acked_on(cluster.port_of(&candidate), t).await;
+    let (failed, gap) = writer.window(t);
+    eprintln!("switchover {first} -> {candidate}: {failed} failed attempts, longest gap {gap:?}");
+
+    // 2. Silent loss: the leader freezes. Its idle and busy sessions must not hang.
+    cluster.wait_healthy(3, EVENT).await;
+    let frozen = leader(&cluster).await;
+    let (idle, idle_conn) = connect_with(proxy.port(), "").await.unwrap();
+    let port: i32 = idle
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(port, cluster.port_of(&frozen) as i32);
+    let (busy, _busy_conn) = connect_with(proxy.port(), "").await.unwrap();
+    let busy_query = tokio::spawn(async move { busy.simple_query("SELECT pg_sleep(600)").await });
+    let frozen_port = cluster.port_of(&frozen);
+    wait_for("pg_sleep to run on the leader", EVENT, || async move {
+        let direct = connect(frozen_port).await.ok()?;
+        let row = direct
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(600)'",
+                &[],
+            )
+            .await
+            .ok()?;
+        (row.get::<_, i64>(0) == 1).then_some(())
+    })
+    .await;
+    let t = Instant::now();
+    cluster.member(&frozen).freeze();
+    let promoted = new_leader(&cluster, &frozen).await;
+    let leader_seen = Instant::now();
+    let idle_end = tokio::time::timeout(EVENT, idle_conn)
+        .await
+        .expect("idle session hung")
+        .unwrap();
+    assert_eq!(
+        idle_end.err().and_then(|e| sqlstate(&e)).as_deref(),
+        Some("57P01")
+    );
+    let busy_err = tokio::time::timeout(EVENT, busy_query)
+        .await
+        .expect("busy session hung")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(
+        sqlstate(&busy_err).as_deref(),
+        Some("57P01"),
+        "{busy_err:?}"
+    );
+    writer.wait_acked_on(cluster.port_of(&promoted), t).await;
+    let (failed, gap) = writer.window(t);
+    eprintln!(
+        "silent loss of {frozen} -> {promoted}: {failed} failed attempts, longest gap {gap:?}, \
+         first write on the new leader {:?} after its key was seen",
+        writer_first_ok_after(&writer, cluster.port_of(&promoted), leader_seen)
+    );
+
+    // 3. Crash: kill -9 of the new leader's Patroni and postmaster. The frozen node stays
+    // frozen (so it cannot take the key back); the remaining member takes over.
+    cluster.wait_healthy(2, EVENT).await;
+    let crashed = leader(&cluster).await;
+    let t = Instant::now();
+    cluster.member_mut(&crashed).crash();
+    let last = new_leader(&cluster, &crashed).await;
+    writer.wait_acked_on(cluster.port_of(&last), t).await;
+    let (failed, gap) = writer.window(t);
+    eprintln!("crash of {crashed} -> {last}: {failed} failed attempts, longest gap {gap:?}");
+
+    let log = writer.stop().await;
+    let acked: Vec<i64> = log
+        .iter()
+        .filter(|a| a.result.is_ok())
+        .map(|a| a.id)
+        .collect();
+    let direct = connect(cluster.port_of(&last)).await.unwrap();
+    let present: std::collections::BTreeSet<i64> = direct
+        .query("SELECT id FROM writes", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let lost: Vec<i64> = acked
+        .iter()
+        .copied()
+        .filter(|id| !present.contains(id))
+        .collect();
+    eprintln!(
+        "{} attempts, {} acknowledged, {} lost",
+        log.len(),
+        acked.len(),
+        lost.len()
+    );
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    // Every phase wrote something through patroxy on each primary in turn.
+    for name in [&first, &candidate, &last] {
+        let port = cluster.port_of(name);
+        assert!(
+            log.iter().any(|a| a.result == Ok(port)),
+            "no write on {name}"
+        );
+    }
+    proxy.stop().await;
+}
+
+fn writer_first_ok_after(writer: &Writer, port: u16, since: Instant) -> Option<Duration> {
+    let log = writer.log.lock().unwrap();
+    log.iter()
+        .find(|a| a.done >= since && a.result == Ok(port))
+        .map(|a| a.done - since)
+}
