@@ -1,0 +1,172 @@
+//! The `patroxy` binary itself: check-config, flags and PATROXY_* variables, readable errors,
+//! and a graceful shutdown on SIGTERM.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+fn patroxy() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_patroxy"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("PATROXY_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+#[test]
+fn check_config_accepts_the_example() {
+    let out = patroxy()
+        .args([
+            "check-config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/patroxy.toml"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).ends_with(": ok\n"));
+}
+
+#[test]
+fn check_config_prints_every_problem_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(
+        &file,
+        "[etcd]\nendpoints = [\"localhost\"]\n[[listener]]\nlisten = \"x\"\n[timeouts]\ndrain = \"0ms\"\n",
+    )
+    .unwrap();
+    let out = patroxy().arg("check-config").arg(&file).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "4 problem(s)",
+        "etcd.endpoints",
+        "cluster.scope",
+        "listener[0].listen",
+        "timeouts.drain",
+    ] {
+        assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+    }
+    let out = patroxy()
+        .args(["check-config", "/nonexistent.toml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "one readable line: {err}");
+    assert!(
+        err.starts_with("patroxy: cannot read /nonexistent.toml"),
+        "{err}"
+    );
+}
+
+#[test]
+fn run_refuses_bad_flags_in_one_line() {
+    let out = patroxy()
+        .args([
+            "run",
+            "--etcd",
+            "127.0.0.1:2379",
+            "--primary",
+            "127.0.0.1:1",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("must start with http://"), "{err}");
+    assert!(err.contains("cluster.scope"), "{err}");
+}
+
+#[test]
+fn run_reports_a_busy_port_in_one_line() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = patroxy()
+        .args(["run", "--scope", "x", "--primary", &addr])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("listener primary on {addr}")),
+        "{err}"
+    );
+    assert!(err.to_lowercase().contains("in use"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_routes_from_flags_and_env_and_drains_on_sigterm() {
+    let root = TempRoot::new();
+    let etcd = Etcd::start(&root);
+    let pg = Postgres::primary(&root, "a");
+    let mut keys = Keys::new(&etcd, "clidemo").await;
+    keys.member("a", pg.port, "primary", "running").await;
+    keys.leader("a").await;
+
+    let port = free_port();
+    let mut child = patroxy()
+        .args([
+            "run",
+            "--etcd",
+            &etcd.url(),
+            "--primary",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .env("PATROXY_SCOPE", "clidemo")
+        .env("PATROXY_NAMESPACE", "/service")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (client, conn) = wait_for("patroxy to serve", Duration::from_secs(30), || async {
+        let (c, conn) = connect_with(port, "").await.ok()?;
+        Some((c, conn))
+    })
+    .await;
+    let reached: i32 = client
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(reached, pg.port as i32);
+
+    signal(child.id(), "TERM");
+    let ended = tokio::time::timeout(Duration::from_secs(30), conn)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        ended.err().and_then(|e| sqlstate(&e)).as_deref(),
+        Some("57P01")
+    );
+    let status = tokio::task::spawn_blocking(move || {
+        let status = child.wait().unwrap();
+        let mut log = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut log).unwrap();
+        (status, log)
+    })
+    .await
+    .unwrap();
+    let (status, log) = status;
+    assert!(status.success(), "exit: {status:?}\n{log}");
+    assert!(
+        log.contains("leader (none) -> a"),
+        "log of {} bytes: {log}",
+        log.len()
+    );
+    assert!(log.contains("session closed"), "{log}");
+    assert!(log.contains("shutdown complete"), "{log}");
+}
