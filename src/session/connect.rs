@@ -90,6 +90,9 @@ pub struct Backend {
     pub key: Option<CancelKey>,
     /// Server bytes read past the first ReadyForQuery (asynchronous notices), for the relay.
     pub leftover: BytesMut,
+    /// Bytes relayed during startup and authentication: client to server, server to client.
+    pub bytes_up: u64,
+    pub bytes_down: u64,
 }
 
 enum Attempt {
@@ -262,6 +265,8 @@ async fn attempt(
         server_name: &server_name,
         engaged: false,
         held: Vec::new(),
+        bytes_up: startup.raw.len() as u64,
+        bytes_down: 0,
     };
     let auth = timeout(shared.timeouts.startup, h.authenticate()).await;
     match auth {
@@ -286,20 +291,22 @@ async fn attempt(
             return a;
         }
     }
-    let held: Vec<Bytes> = std::mem::take(&mut h.held);
-    let leftover = std::mem::take(&mut h.server_buf);
-    let mut out = BytesMut::with_capacity(held.iter().map(Bytes::len).sum());
-    for f in held {
+    let mut out = BytesMut::with_capacity(h.held.iter().map(Bytes::len).sum());
+    for f in h.held.drain(..) {
         out.extend_from_slice(&f);
     }
-    if let Err(e) = client.write_all(&out).await {
+    if let Err(e) = h.client.write_all(&out).await {
         return Attempt::Fatal(ConnectError::ClientIo(e));
     }
+    let (bytes_up, bytes_down) = (h.bytes_up, h.bytes_down + out.len() as u64);
+    let leftover = std::mem::take(&mut h.server_buf);
     Attempt::Done(Backend {
         stream: server,
         target: target.clone(),
         key: greeting.key,
         leftover,
+        bytes_up,
+        bytes_down,
     })
 }
 
@@ -320,6 +327,8 @@ struct Handshake<'a> {
     engaged: bool,
     /// Server frames held back from the client until the server is known to be right.
     held: Vec<Bytes>,
+    bytes_up: u64,
+    bytes_down: u64,
 }
 
 impl Handshake<'_> {
@@ -372,6 +381,7 @@ impl Handshake<'_> {
                 .write_all(&f)
                 .await
                 .map_err(ConnectError::ClientIo)?;
+            self.bytes_down += f.len() as u64;
         }
         self.engaged = true;
         Ok(())
@@ -409,6 +419,7 @@ impl Handshake<'_> {
                             .write_all(&f.bytes)
                             .await
                             .map_err(|e| self.server_failure(ReadError::Io(e)))?;
+                        self.bytes_up += f.bytes.len() as u64;
                     }
                 }
             }

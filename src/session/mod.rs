@@ -234,8 +234,8 @@ async fn run_session(
         database,
         connect_ms = connected_ms,
         duration_ms = started.elapsed().as_millis() as u64,
-        bytes_up = out.bytes_up,
-        bytes_down = out.bytes_down,
+        bytes_up = backend.bytes_up + out.bytes_up,
+        bytes_down = backend.bytes_down + out.bytes_down,
         reason = %out.end,
         "session closed"
     );
