@@ -78,7 +78,7 @@ async fn queries_reach_the_leader_and_sessions_drain_when_it_moves() {
         .unwrap();
     let (busy, busy_conn) = connect_with(proxy.port(), "").await.unwrap();
     let busy_query = tokio::spawn(async move {
-        let r = busy.simple_query("SELECT pg_sleep(2)").await;
+        let r = busy.simple_query("SELECT pg_sleep(3)").await;
         (busy, r)
     });
     // The sleep must be running on the server before the leader moves.
@@ -86,7 +86,7 @@ async fn queries_reach_the_leader_and_sessions_drain_when_it_moves() {
     wait_for("pg_sleep to run on a", LONG, || async move {
         let direct = connect(a_port).await.ok()?;
         let row = direct
-            .query_one("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(2)' AND state = 'active'", &[])
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(3)' AND state = 'active'", &[])
             .await
             .ok()?;
         (row.get::<_, i64>(0) == 1).then_some(())

@@ -138,7 +138,10 @@ impl EtcdWatcher {
         let opts = WatchOptions::new()
             .with_prefix()
             .with_start_revision(revision + 1);
-        let mut stream = client.watch(self.prefix.as_str(), Some(opts)).await?;
+        let watch = client.watch(self.prefix.as_str(), Some(opts));
+        let mut stream = timeout(request_timeout, watch)
+            .await
+            .map_err(|_| DiscoveryError::Timeout(request_timeout))??;
         let idle = self.etcd.watch_idle_timeout;
         // Ask for progress a few times per idle period: a healthy etcd always answers.
         let mut progress = tokio::time::interval(idle / 3);

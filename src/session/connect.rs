@@ -29,8 +29,10 @@ const SERVER_FRAME_LIMIT: usize = 1 << 20;
 const CLIENT_AUTH_FRAME_LIMIT: usize = 65_536 + 5;
 /// How often a server that is still finishing its promotion is asked again.
 const PROMOTION_POLL: Duration = Duration::from_millis(20);
-/// Pause before retrying a target that failed, unless the topology changes first.
-const RETRY_PAUSE: Duration = Duration::from_millis(50);
+/// Pause before retrying a target that failed, doubling up to the max, unless the topology
+/// changes first: many waiting clients must not hammer a dead server.
+const RETRY_PAUSE_MIN: Duration = Duration::from_millis(50);
+const RETRY_PAUSE_MAX: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -118,6 +120,7 @@ pub async fn establish(
         waited: started.elapsed(),
         why,
     };
+    let mut pause = RETRY_PAUSE_MIN;
     loop {
         let target = wait_for_target(role, topology, client, client_buf, deadline)
             .await
@@ -138,10 +141,11 @@ pub async fn establish(
         if Instant::now() >= deadline {
             return Err(no_primary(why));
         }
-        // Retry soon, or at once if the topology moves.
-        let pause = (Instant::now() + RETRY_PAUSE).min(deadline);
+        // Retry after a pause, or at once if the topology moves.
+        let wake = (Instant::now() + pause).min(deadline);
+        pause = (pause * 2).min(RETRY_PAUSE_MAX);
         tokio::select! {
-            _ = tokio::time::sleep_until(pause) => {}
+            _ = tokio::time::sleep_until(wake) => {}
             _ = topology.changed() => {}
         }
         if Instant::now() >= deadline {
