@@ -1,5 +1,7 @@
-//! Wiring: discovery, listeners and sessions, and the order of shutdown.
+//! Wiring: one discovery watcher per cluster, the listeners, the sessions, and the order of
+//! shutdown.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,13 +14,16 @@ use tracing::{info, warn};
 use crate::config::{Config, ListenerConfig};
 use crate::discovery::{EtcdWatcher, Topology};
 use crate::listener::accept_loop;
-use crate::session::{CancelRegistry, ListenerContext, Shared};
+use crate::session::{CancelRegistry, ListenerContext, ServerLoad, Shared};
 
 /// A listener's settings with its already-bound socket.
 pub struct BoundListener {
     pub config: ListenerConfig,
     pub listener: TcpListener,
 }
+
+/// Each cluster's topology, by cluster name.
+pub type Topologies = HashMap<String, watch::Receiver<Arc<Topology>>>;
 
 /// Binds every configured listener.
 pub async fn bind(config: &Config) -> Result<Vec<BoundListener>, std::io::Error> {
@@ -38,41 +43,57 @@ pub async fn bind(config: &Config) -> Result<Vec<BoundListener>, std::io::Error>
     Ok(out)
 }
 
-/// Runs patroxy: etcd discovery plus `serve`, until `shutdown`.
+/// Runs patroxy: etcd discovery for every cluster plus `serve`, until `shutdown`.
 pub async fn run(config: Arc<Config>, listeners: Vec<BoundListener>, shutdown: CancellationToken) {
-    let (tx, rx) = watch::channel(Arc::new(Topology::default()));
     // Discovery outlives the listeners: the topology may still move while sessions drain.
     let stop_discovery = CancellationToken::new();
-    let watcher = EtcdWatcher::new(config.etcd.clone(), &config.cluster);
-    let discovery = tokio::spawn(watcher.run(tx, stop_discovery.clone()));
-    serve(config, listeners, rx, shutdown).await;
+    let watchers = TaskTracker::new();
+    let mut topologies = Topologies::new();
+    for cluster in &config.clusters {
+        let (tx, rx) = watch::channel(Arc::new(Topology::default()));
+        let watcher = EtcdWatcher::new(config.etcd.clone(), cluster);
+        watchers.spawn(watcher.run(tx, stop_discovery.clone()));
+        topologies.insert(cluster.name(), rx);
+    }
+    watchers.close();
+    serve(config, listeners, topologies, shutdown).await;
     stop_discovery.cancel();
-    let _ = discovery.await;
+    watchers.wait().await;
 }
 
-/// Serves the listeners with topology from `topology`, until `shutdown`. Then it stops
+/// Serves the listeners, each with its cluster's topology, until `shutdown`. Then it stops
 /// accepting and drains the sessions, idle ones at once and open transactions within
 /// `timeouts.shutdown`.
 pub async fn serve(
     config: Arc<Config>,
     listeners: Vec<BoundListener>,
-    topology: watch::Receiver<Arc<Topology>>,
+    topologies: Topologies,
     shutdown: CancellationToken,
 ) {
     let shared = Arc::new(Shared {
         timeouts: config.timeouts.clone(),
-        topology,
         cancels: CancelRegistry::default(),
+        load: ServerLoad::default(),
         shutdown: shutdown.clone(),
     });
     let sessions = TaskTracker::new();
     let accepting = TaskTracker::new();
     for b in listeners {
-        let ctx = Arc::new(ListenerContext {
-            name: b.config.name.clone(),
-            role: b.config.role,
-            shared: shared.clone(),
-        });
+        let cluster = config
+            .cluster_of(&b.config)
+            .map(|c| c.name())
+            .unwrap_or_default();
+        let Some(topology) = topologies.get(&cluster) else {
+            warn!(listener = %b.config.name, cluster, "no topology for this listener's cluster; not serving it");
+            continue;
+        };
+        let ctx = Arc::new(ListenerContext::new(
+            b.config.name.clone(),
+            cluster,
+            b.config.policy(),
+            topology.clone(),
+            shared.clone(),
+        ));
         accepting.spawn(accept_loop(
             b.listener,
             ctx,

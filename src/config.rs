@@ -1,14 +1,18 @@
 //! Configuration: the TOML file's shape, its defaults, `validate()` reporting every problem
 //! at once, and command-line overrides.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
-use crate::router::ListenerRole;
+use crate::router::{Balance, ListenerRole, Policy};
+
+/// The default `max_lag` of read listeners: 16 MiB.
+pub const DEFAULT_MAX_LAG: u64 = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -47,7 +51,9 @@ impl fmt::Debug for Secret {
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub etcd: EtcdConfig,
-    pub cluster: ClusterConfig,
+    /// `[cluster]` for one cluster, or `[[cluster]]` tables for several.
+    #[serde(rename = "cluster", deserialize_with = "one_or_many")]
+    pub clusters: Vec<ClusterConfig>,
     #[serde(rename = "listener")]
     pub listeners: Vec<ListenerConfig>,
     pub timeouts: Timeouts,
@@ -57,12 +63,24 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             etcd: EtcdConfig::default(),
-            cluster: ClusterConfig::default(),
+            clusters: vec![ClusterConfig::default()],
             listeners: vec![ListenerConfig::default()],
             timeouts: Timeouts::default(),
         }
     }
 }
+
+/// `[cluster]` or `[[cluster]]`. Not an untagged enum: that would hide the real error
+/// (an unknown field, a wrong type) behind "did not match any variant".
+fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ClusterConfig>, D::Error> {
+    use serde::de::Error;
+    match toml::Value::deserialize(d)? {
+        v @ toml::Value::Array(_) => Vec::<ClusterConfig>::deserialize(v),
+        v => ClusterConfig::deserialize(v).map(|c| vec![c]),
+    }
+    .map_err(|e| D::Error::custom(format!("cluster: {}", e.message())))
+}
+
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -105,23 +123,30 @@ impl Default for EtcdConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {
+    /// What listeners call this cluster; defaults to the scope (and `/group`).
+    pub name: Option<String>,
     /// Patroni's `namespace` (default `/service`).
     pub namespace: String,
     /// Patroni's `scope`: the cluster name.
     pub scope: String,
+    /// A Citus group: its keys live under `/<namespace>/<scope>/<group>/`; 0 is the coordinator.
+    pub group: Option<u32>,
 }
 
 impl Default for ClusterConfig {
     fn default() -> Self {
         ClusterConfig {
+            name: None,
             namespace: "/service".into(),
             scope: String::new(),
+            group: None,
         }
     }
 }
 
 impl ClusterConfig {
-    /// The key prefix Patroni uses, `/<namespace>/<scope>/`, with slashes folded as Patroni does.
+    /// The key prefix Patroni uses, `/<namespace>/<scope>/[<group>/]`, with slashes folded
+    /// as Patroni does.
     pub fn prefix(&self) -> String {
         let ns = self.namespace.trim_matches('/');
         let mut p = String::from("/");
@@ -131,7 +156,19 @@ impl ClusterConfig {
         }
         p.push_str(self.scope.trim_matches('/'));
         p.push('/');
+        if let Some(g) = self.group {
+            p.push_str(&format!("{g}/"));
+        }
         p
+    }
+
+    /// The name listeners use for this cluster.
+    pub fn name(&self) -> String {
+        match (&self.name, self.group) {
+            (Some(n), _) => n.clone(),
+            (None, Some(g)) => format!("{}/{g}", self.scope.trim_matches('/')),
+            (None, None) => self.scope.trim_matches('/').to_owned(),
+        }
     }
 }
 
@@ -141,7 +178,16 @@ pub struct ListenerConfig {
     pub name: String,
     /// `host:port` to listen on.
     pub listen: String,
+    /// The cluster's name; may be left out when there is one cluster.
+    pub cluster: Option<String>,
     pub role: ListenerRole,
+    pub balance: Balance,
+    /// Read roles: replicas further behind than this many bytes take no sessions.
+    pub max_lag: Option<u64>,
+    /// Read roles: replicas must carry these Patroni tags (`{ analytics = true }`).
+    pub require_tags: BTreeMap<String, serde_json::Value>,
+    /// Read roles: replicas carrying any of these tags are left out.
+    pub exclude_tags: BTreeMap<String, serde_json::Value>,
 }
 
 impl Default for ListenerConfig {
@@ -149,7 +195,12 @@ impl Default for ListenerConfig {
         ListenerConfig {
             name: "primary".into(),
             listen: "127.0.0.1:6432".into(),
+            cluster: None,
             role: ListenerRole::Primary,
+            balance: Balance::default(),
+            max_lag: None,
+            require_tags: BTreeMap::new(),
+            exclude_tags: BTreeMap::new(),
         }
     }
 }
@@ -160,6 +211,18 @@ impl ListenerConfig {
         self.listen
             .parse()
             .map_err(|_| format!("{:?} is not an address (expected ip:port)", self.listen))
+    }
+
+    /// The routing rules of this listener.
+    pub fn policy(&self) -> Policy {
+        let read = self.role != ListenerRole::Primary;
+        Policy {
+            role: self.role,
+            balance: self.balance,
+            max_lag: read.then(|| self.max_lag.unwrap_or(DEFAULT_MAX_LAG)),
+            require_tags: self.require_tags.clone(),
+            exclude_tags: self.exclude_tags.clone(),
+        }
     }
 }
 
@@ -172,12 +235,19 @@ pub struct Timeouts {
     /// One TCP connect to a server.
     #[serde(with = "humantime_serde")]
     pub connect: Duration,
-    /// How long a new session waits for a routable, writable primary before it gets an error.
+    /// How long a new session waits for a routable server before it gets an error.
     #[serde(with = "humantime_serde")]
     pub connect_wait: Duration,
     /// Sessions on a deposed primary end at their next rest point, or at this deadline.
     #[serde(with = "humantime_serde")]
     pub drain: Duration,
+    /// Read sessions on a member that left the pool end when their transaction ends, or at
+    /// this deadline.
+    #[serde(with = "humantime_serde")]
+    pub replica_drain: Duration,
+    /// A server that failed a connection is skipped by new sessions for this long.
+    #[serde(with = "humantime_serde")]
+    pub eject: Duration,
     /// On shutdown, open transactions get this long to finish.
     #[serde(with = "humantime_serde")]
     pub shutdown: Duration,
@@ -190,6 +260,8 @@ impl Default for Timeouts {
             connect: Duration::from_secs(3),
             connect_wait: Duration::from_secs(15),
             drain: Duration::from_millis(500),
+            replica_drain: Duration::from_secs(10),
+            eject: Duration::from_secs(3),
             shutdown: Duration::from_secs(10),
         }
     }
@@ -203,6 +275,8 @@ pub struct Overrides {
     pub namespace: Option<String>,
     /// Replaces the file's primary listeners.
     pub primary: Vec<String>,
+    /// Replaces the file's replica listeners.
+    pub replica: Vec<String>,
     pub connect_wait: Option<Duration>,
     pub drain_timeout: Option<Duration>,
 }
@@ -227,27 +301,18 @@ impl Config {
         if !o.etcd.is_empty() {
             self.etcd.endpoints = o.etcd;
         }
+        // --scope and --namespace set the first (usually the only) cluster.
+        if self.clusters.is_empty() && (o.scope.is_some() || o.namespace.is_some()) {
+            self.clusters.push(ClusterConfig::default());
+        }
         if let Some(s) = o.scope {
-            self.cluster.scope = s;
+            self.clusters[0].scope = s;
         }
         if let Some(n) = o.namespace {
-            self.cluster.namespace = n;
+            self.clusters[0].namespace = n;
         }
-        if !o.primary.is_empty() {
-            self.listeners.retain(|l| l.role != ListenerRole::Primary);
-            let many = o.primary.len() > 1;
-            for (i, listen) in o.primary.into_iter().enumerate() {
-                self.listeners.push(ListenerConfig {
-                    name: if many {
-                        format!("primary{}", i + 1)
-                    } else {
-                        "primary".into()
-                    },
-                    listen,
-                    role: ListenerRole::Primary,
-                });
-            }
-        }
+        self.replace_listeners(ListenerRole::Primary, o.primary);
+        self.replace_listeners(ListenerRole::Replica, o.replica);
         if let Some(d) = o.connect_wait {
             self.timeouts.connect_wait = d;
         }
@@ -256,9 +321,66 @@ impl Config {
         }
     }
 
+    fn replace_listeners(&mut self, role: ListenerRole, addrs: Vec<String>) {
+        if addrs.is_empty() {
+            return;
+        }
+        self.listeners.retain(|l| l.role != role);
+        let many = addrs.len() > 1;
+        for (i, listen) in addrs.into_iter().enumerate() {
+            let name = match many {
+                true => format!("{role}{}", i + 1),
+                false => role.to_string(),
+            };
+            self.listeners.push(ListenerConfig {
+                name,
+                listen,
+                role,
+                ..ListenerConfig::default()
+            });
+        }
+    }
+
+    /// The cluster a listener serves: the one it names, or the only one.
+    pub fn cluster_of(&self, l: &ListenerConfig) -> Option<&ClusterConfig> {
+        match &l.cluster {
+            Some(name) => self.clusters.iter().find(|c| &c.name() == name),
+            None if self.clusters.len() == 1 => self.clusters.first(),
+            None => None,
+        }
+    }
+
     /// Every problem at once, so one run of `check-config` shows them all.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut bad = Vec::new();
+        self.validate_etcd(&mut bad);
+        let names = self.validate_clusters(&mut bad);
+        self.validate_listeners(&names, &mut bad);
+        let t = &self.timeouts;
+        for (name, d) in [
+            ("timeouts.startup", t.startup),
+            ("timeouts.connect", t.connect),
+            ("timeouts.connect_wait", t.connect_wait),
+            ("timeouts.drain", t.drain),
+            ("timeouts.replica_drain", t.replica_drain),
+            ("timeouts.eject", t.eject),
+            ("timeouts.shutdown", t.shutdown),
+            ("etcd.dial_timeout", self.etcd.dial_timeout),
+            ("etcd.request_timeout", self.etcd.request_timeout),
+            ("etcd.watch_idle_timeout", self.etcd.watch_idle_timeout),
+        ] {
+            if d.is_zero() {
+                bad.push(format!("{name}: must be greater than zero"));
+            }
+        }
+        if bad.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(bad))
+        }
+    }
+
+    fn validate_etcd(&self, bad: &mut Vec<String>) {
         if self.etcd.endpoints.is_empty() {
             bad.push("etcd.endpoints: at least one endpoint is needed".to_owned());
         }
@@ -282,12 +404,39 @@ impl Config {
                 bad.push(format!("{name}: {} is not a readable file", f.display()));
             }
         }
-        let scope = self.cluster.scope.trim_matches('/');
-        if scope.is_empty() {
-            bad.push("cluster.scope: the Patroni scope (cluster name) is required".into());
-        } else if scope.contains('/') {
-            bad.push(format!("cluster.scope: {scope:?} must not contain '/'"));
+    }
+
+    /// Checks the clusters and returns their names.
+    fn validate_clusters(&self, bad: &mut Vec<String>) -> Vec<String> {
+        if self.clusters.is_empty() {
+            bad.push("cluster: at least one cluster is needed".into());
         }
+        let mut names = Vec::new();
+        for (i, c) in self.clusters.iter().enumerate() {
+            let at = match self.clusters.len() {
+                1 => "cluster".to_owned(),
+                _ => format!("cluster[{i}]"),
+            };
+            let scope = c.scope.trim_matches('/');
+            if scope.is_empty() {
+                bad.push(format!(
+                    "{at}.scope: the Patroni scope (cluster name) is required"
+                ));
+            } else if scope.contains('/') {
+                bad.push(format!("{at}.scope: {scope:?} must not contain '/'"));
+            }
+            let name = c.name();
+            if names.contains(&name) {
+                bad.push(format!(
+                    "{at}: the name {name:?} is used twice (set `name`)"
+                ));
+            }
+            names.push(name);
+        }
+        names
+    }
+
+    fn validate_listeners(&self, clusters: &[String], bad: &mut Vec<String>) {
         if self.listeners.is_empty() {
             bad.push("listener: at least one listener is needed".into());
         }
@@ -303,26 +452,24 @@ impl Config {
             if l.name.trim().is_empty() {
                 bad.push(format!("listener[{i}].name: must not be empty"));
             }
-        }
-        let t = &self.timeouts;
-        for (name, d) in [
-            ("timeouts.startup", t.startup),
-            ("timeouts.connect", t.connect),
-            ("timeouts.connect_wait", t.connect_wait),
-            ("timeouts.drain", t.drain),
-            ("timeouts.shutdown", t.shutdown),
-            ("etcd.dial_timeout", self.etcd.dial_timeout),
-            ("etcd.request_timeout", self.etcd.request_timeout),
-            ("etcd.watch_idle_timeout", self.etcd.watch_idle_timeout),
-        ] {
-            if d.is_zero() {
-                bad.push(format!("{name}: must be greater than zero"));
+            if self.cluster_of(l).is_none() && !self.clusters.is_empty() {
+                bad.push(match &l.cluster {
+                    Some(c) => format!(
+                        "listener[{i}].cluster: no cluster is named {c:?} (known: {})",
+                        clusters.join(", ")
+                    ),
+                    None => {
+                        format!("listener[{i}].cluster: required when there are several clusters")
+                    }
+                });
             }
-        }
-        if bad.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError::Invalid(bad))
+            let filters =
+                l.max_lag.is_some() || !l.require_tags.is_empty() || !l.exclude_tags.is_empty();
+            if l.role == ListenerRole::Primary && filters {
+                bad.push(format!(
+                    "listener[{i}]: max_lag and tag filters apply to read roles, not to primary"
+                ));
+            }
         }
     }
 }
@@ -353,7 +500,7 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.listeners[0].listen, "127.0.0.1:6432");
         assert_eq!(c.timeouts.drain, Duration::from_millis(500));
-        assert_eq!(c.cluster.prefix(), "/service/demo/");
+        assert_eq!(c.clusters[0].prefix(), "/service/demo/");
         let err = parse("").unwrap().validate().unwrap_err().to_string();
         assert!(err.contains("cluster.scope"), "{err}");
     }
@@ -382,7 +529,7 @@ mod tests {
         .unwrap();
         c.validate().unwrap();
         assert_eq!(c.etcd.endpoints.len(), 2);
-        assert_eq!(c.cluster.prefix(), "/service/pg/");
+        assert_eq!(c.clusters[0].prefix(), "/service/pg/");
         assert_eq!(c.listeners.len(), 1);
         assert_eq!(c.timeouts.connect_wait, Duration::from_secs(30));
         assert!(
@@ -448,14 +595,88 @@ mod tests {
             scope: Some("b".into()),
             namespace: Some("/other".into()),
             primary: vec!["127.0.0.1:7001".into()],
+            replica: vec!["127.0.0.1:7002".into()],
             connect_wait: Some(Duration::from_secs(2)),
             drain_timeout: None,
         });
         c.validate().unwrap();
-        assert_eq!(c.cluster.prefix(), "/other/b/");
-        assert_eq!(c.listeners.len(), 1);
+        assert_eq!(c.clusters[0].prefix(), "/other/b/");
+        assert_eq!(c.listeners.len(), 2);
         assert_eq!(c.listeners[0].listen, "127.0.0.1:7001");
+        assert_eq!(c.listeners[1].name, "replica");
+        assert_eq!(c.listeners[1].role, ListenerRole::Replica);
         assert_eq!(c.timeouts.connect_wait, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn several_clusters_with_read_listeners() {
+        let c = parse(
+            r#"
+            [[cluster]]
+            scope = "orders"
+            [[cluster]]
+            name = "coord"
+            scope = "citus"
+            group = 0
+            [[listener]]
+            name = "orders-rw"
+            listen = "127.0.0.1:7001"
+            cluster = "orders"
+            [[listener]]
+            name = "orders-ro"
+            listen = "127.0.0.1:7002"
+            cluster = "orders"
+            role = "replica"
+            balance = "round-robin"
+            max_lag = 1048576
+            require_tags = { analytics = true }
+            [[listener]]
+            name = "coord-ro"
+            listen = "127.0.0.1:7003"
+            cluster = "coord"
+            role = "prefer-replica"
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.clusters[1].prefix(), "/service/citus/0/");
+        assert_eq!(c.cluster_of(&c.listeners[2]).unwrap().scope, "citus");
+        let p = c.listeners[1].policy();
+        assert_eq!(p.role, ListenerRole::Replica);
+        assert_eq!(p.balance, Balance::RoundRobin);
+        assert_eq!(p.max_lag, Some(1 << 20));
+        assert_eq!(p.require_tags["analytics"], serde_json::Value::Bool(true));
+        assert_eq!(c.listeners[2].policy().max_lag, Some(DEFAULT_MAX_LAG));
+        assert_eq!(c.listeners[0].policy().max_lag, None);
+    }
+
+    #[test]
+    fn listeners_must_name_a_known_cluster() {
+        let c = parse(
+            r#"
+            [[cluster]]
+            scope = "a"
+            [[cluster]]
+            scope = "a"
+            [[listener]]
+            listen = "127.0.0.1:7001"
+            [[listener]]
+            name = "x"
+            listen = "127.0.0.1:7002"
+            cluster = "nope"
+            max_lag = 5
+            "#,
+        )
+        .unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        for needle in [
+            "used twice",
+            "required when there are several clusters",
+            "no cluster is named \"nope\"",
+            "apply to read roles",
+        ] {
+            assert!(err.contains(needle), "missing {needle:?} in {err}");
+        }
     }
 
     #[test]

@@ -22,7 +22,7 @@ pub async fn accept_loop(
     stop: CancellationToken,
 ) {
     let addr = listener.local_addr().ok();
-    info!(listener = %ctx.name, role = %ctx.role, addr = ?addr, "listening");
+    info!(listener = %ctx.name, cluster = %ctx.cluster, role = %ctx.policy.role, addr = ?addr, "listening");
     let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
         let accepted = tokio::select! {

@@ -53,6 +53,9 @@ struct RunArgs {
     /// Address of a listener that routes to the primary (repeatable); replaces the file's.
     #[arg(long, env = "PATROXY_PRIMARY", value_delimiter = ',')]
     primary: Vec<String>,
+    /// Address of a listener that balances over replicas (repeatable); replaces the file's.
+    #[arg(long, env = "PATROXY_REPLICA", value_delimiter = ',')]
+    replica: Vec<String>,
     /// How long a new connection waits for a primary, e.g. 15s.
     #[arg(long, env = "PATROXY_CONNECT_WAIT", value_parser = humantime::parse_duration)]
     connect_wait: Option<Duration>,
@@ -104,6 +107,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         scope: args.scope,
         namespace: args.namespace,
         primary: args.primary,
+        replica: args.replica,
         connect_wait: args.connect_wait,
         drain_timeout: args.drain_timeout,
     });

@@ -1,26 +1,81 @@
-//! Routing decisions: which server a new session of a listener's role goes to. Pure, no I/O.
+//! Routing decisions: which members a listener's new sessions may go to, in which order,
+//! and whether a live session's member is still eligible. Pure, no I/O.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::Deserialize;
+use serde_json::Value;
 
 use crate::discovery::patroni::{Endpoint, Member};
 use crate::discovery::Topology;
 
-/// What a listener serves. Read roles come with read routing; the enum is the seam.
+/// What a listener serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ListenerRole {
+    /// The member named by the leader key.
     #[default]
     Primary,
+    /// Running, eligible replicas only.
+    Replica,
+    /// Eligible replicas; the primary when none is left.
+    PreferReplica,
+    /// Every running member: the primary and eligible replicas.
+    Any,
+    /// Only the synchronous standbys named in the `sync` key.
+    Sync,
+}
+
+impl ListenerRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListenerRole::Primary => "primary",
+            ListenerRole::Replica => "replica",
+            ListenerRole::PreferReplica => "prefer-replica",
+            ListenerRole::Any => "any",
+            ListenerRole::Sync => "sync",
+        }
+    }
+
+    /// What the server's `in_hot_standby` must say at connect: `Some(false)` for a primary,
+    /// `Some(true)` for a replica, `None` when either will do.
+    pub fn wants_standby(self) -> Option<bool> {
+        match self {
+            ListenerRole::Primary => Some(false),
+            ListenerRole::Replica | ListenerRole::Sync => Some(true),
+            ListenerRole::PreferReplica | ListenerRole::Any => None,
+        }
+    }
 }
 
 impl fmt::Display for ListenerRole {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ListenerRole::Primary => f.write_str("primary"),
-        }
+        f.write_str(self.as_str())
     }
+}
+
+/// How a listener spreads sessions over its candidates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balance {
+    /// Fewest sessions through this patroxy first; ties take turns.
+    #[default]
+    LeastConnections,
+    RoundRobin,
+}
+
+/// A listener's routing rules.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Policy {
+    pub role: ListenerRole,
+    pub balance: Balance,
+    /// Replicas further behind the leader than this many bytes take no sessions.
+    pub max_lag: Option<u64>,
+    /// Replicas must carry each of these Patroni tags with this value.
+    pub require_tags: BTreeMap<String, Value>,
+    /// Replicas carrying any of these tags with this value are left out.
+    pub exclude_tags: BTreeMap<String, Value>,
 }
 
 /// A routing target.
@@ -28,6 +83,8 @@ impl fmt::Display for ListenerRole {
 pub struct Target {
     pub member: String,
     pub endpoint: Endpoint,
+    /// The member the leader key names.
+    pub is_leader: bool,
 }
 
 /// Why no server can take a new session right now.
@@ -42,6 +99,11 @@ pub enum Unroutable {
         state: String,
     },
     LeaderWithoutAddress(String),
+    /// No member is eligible for a read role; the reasons, member by member.
+    NoEligible {
+        role: ListenerRole,
+        why: String,
+    },
 }
 
 impl fmt::Display for Unroutable {
@@ -56,6 +118,49 @@ impl fmt::Display for Unroutable {
                 write!(f, "leader {name} is not running (state {state:?})")
             }
             Unroutable::LeaderWithoutAddress(n) => write!(f, "leader {n} has no usable conn_url"),
+            Unroutable::NoEligible { role, why } if why.is_empty() => {
+                write!(
+                    f,
+                    "no member is eligible for role {role}: the cluster has no replicas"
+                )
+            }
+            Unroutable::NoEligible { role, why } => {
+                write!(f, "no member is eligible for role {role}: {why}")
+            }
+        }
+    }
+}
+
+/// Why a member takes no sessions of a listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ineligible {
+    Removed,
+    NotRunning(String),
+    NoAddress,
+    IsPrimary,
+    NotPrimary,
+    NoLoadBalance,
+    Lagging { lag: u64, max: u64 },
+    LagUnknown,
+    MissingTag(String),
+    ExcludedTag(String),
+    NotSync,
+}
+
+impl fmt::Display for Ineligible {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Ineligible::Removed => f.write_str("its member key is gone"),
+            Ineligible::NotRunning(s) => write!(f, "it is not running (state {s:?})"),
+            Ineligible::NoAddress => f.write_str("it has no usable conn_url"),
+            Ineligible::IsPrimary => f.write_str("it is the primary"),
+            Ineligible::NotPrimary => f.write_str("it is not the primary"),
+            Ineligible::NoLoadBalance => f.write_str("it is tagged noloadbalance"),
+            Ineligible::Lagging { lag, max } => write!(f, "it lags {lag} bytes (max_lag {max})"),
+            Ineligible::LagUnknown => f.write_str("its replay position is unknown"),
+            Ineligible::MissingTag(t) => write!(f, "it lacks the required tag {t}"),
+            Ineligible::ExcludedTag(t) => write!(f, "it carries the excluded tag {t}"),
+            Ineligible::NotSync => f.write_str("it is not a synchronous standby"),
         }
     }
 }
@@ -83,14 +188,147 @@ pub fn primary(t: &Topology) -> Result<Target, Unroutable> {
     Ok(Target {
         member: name.to_owned(),
         endpoint,
+        is_leader: true,
     })
 }
 
-/// Where a new session of `role` goes.
-pub fn route(role: ListenerRole, t: &Topology) -> Result<Target, Unroutable> {
-    match role {
-        ListenerRole::Primary => primary(t),
+/// How far a replica's replay position is behind the leader's, in bytes, if both are known.
+/// The leader's position comes from `status` (or its member key), refreshed once per
+/// `loop_wait`, so this is as coarse as Patroni's own view.
+pub fn lag(t: &Topology, m: &Member) -> Option<u64> {
+    let reference = t
+        .optime
+        .or_else(|| t.leader_member().and_then(|l| l.xlog_location))?;
+    let position = m.replay_lsn.or(m.xlog_location)?;
+    Some(reference.saturating_sub(position))
+}
+
+/// The checks a non-leader member must pass to take read sessions.
+fn replica_checks(p: &Policy, t: &Topology, m: &Member) -> Result<(), Ineligible> {
+    if !m.is_running() {
+        return Err(Ineligible::NotRunning(m.state.clone()));
     }
+    if m.endpoint.is_none() {
+        return Err(Ineligible::NoAddress);
+    }
+    if m.tags.noloadbalance {
+        return Err(Ineligible::NoLoadBalance);
+    }
+    for (k, v) in &p.require_tags {
+        if !m.tags.matches(k, v) {
+            return Err(Ineligible::MissingTag(format!("{k}={v}")));
+        }
+    }
+    for (k, v) in &p.exclude_tags {
+        if m.tags.matches(k, v) {
+            return Err(Ineligible::ExcludedTag(format!("{k}={v}")));
+        }
+    }
+    if let Some(max) = p.max_lag {
+        // Without a leader position there is nothing to compare with: no verdict.
+        let has_reference =
+            t.optime.is_some() || t.leader_member().is_some_and(|l| l.xlog_location.is_some());
+        if has_reference {
+            match lag(t, m) {
+                Some(lag) if lag > max => return Err(Ineligible::Lagging { lag, max }),
+                Some(_) => {}
+                None => return Err(Ineligible::LagUnknown),
+            }
+        }
+    }
+    if p.role == ListenerRole::Sync
+        && !t
+            .sync
+            .as_ref()
+            .is_some_and(|s| s.standbys.contains(&m.name))
+    {
+        return Err(Ineligible::NotSync);
+    }
+    Ok(())
+}
+
+/// May member `name` take (or keep) sessions of a listener with policy `p`?
+pub fn eligibility(p: &Policy, t: &Topology, name: &str) -> Result<(), Ineligible> {
+    let m = t.members.get(name).ok_or(Ineligible::Removed)?;
+    let is_primary = primary(t).is_ok_and(|target| target.member == name);
+    match p.role {
+        ListenerRole::Primary if is_primary => Ok(()),
+        ListenerRole::Primary => Err(Ineligible::NotPrimary),
+        ListenerRole::Replica | ListenerRole::Sync
+            if is_primary || t.leader.as_deref() == Some(name) =>
+        {
+            Err(Ineligible::IsPrimary)
+        }
+        ListenerRole::PreferReplica | ListenerRole::Any if is_primary => Ok(()),
+        _ => replica_checks(p, t, m),
+    }
+}
+
+/// The members a new session may go to, before balancing. For `prefer-replica` the primary
+/// comes last, as the fallback.
+pub fn candidates(p: &Policy, t: &Topology) -> Result<Vec<Target>, Unroutable> {
+    if p.role == ListenerRole::Primary {
+        return primary(t).map(|target| vec![target]);
+    }
+    if t.epoch == 0 {
+        return Err(Unroutable::NotSynced);
+    }
+    let leader = primary(t).ok();
+    let mut out = Vec::new();
+    let mut why = Vec::new();
+    for (name, m) in &t.members {
+        if leader.as_ref().is_some_and(|l| &l.member == name) || t.leader.as_deref() == Some(name) {
+            continue;
+        }
+        match replica_checks(p, t, m) {
+            Ok(()) => out.push(Target {
+                member: name.clone(),
+                endpoint: m.endpoint.clone().expect("checked"),
+                is_leader: false,
+            }),
+            Err(e) => why.push(format!("{name}: {e}")),
+        }
+    }
+    match p.role {
+        ListenerRole::PreferReplica | ListenerRole::Any => out.extend(leader),
+        _ => {}
+    }
+    if out.is_empty() {
+        return Err(Unroutable::NoEligible {
+            role: p.role,
+            why: why.join("; "),
+        });
+    }
+    Ok(out)
+}
+
+/// Orders candidates for one new session: the first is the choice, the rest are fallbacks.
+/// `sessions` counts a server's sessions; `turn` advances by one per new session.
+pub fn order(
+    mut cands: Vec<Target>,
+    p: &Policy,
+    sessions: impl Fn(&Endpoint) -> usize,
+    turn: usize,
+) -> Vec<Target> {
+    // prefer-replica keeps its primary fallback last, whatever the balance says.
+    let fallback = match p.role {
+        ListenerRole::PreferReplica
+            if cands.len() > 1 && cands.last().is_some_and(|c| c.is_leader) =>
+        {
+            cands.pop()
+        }
+        _ => None,
+    };
+    if !cands.is_empty() {
+        let n = cands.len();
+        cands.rotate_left(turn % n);
+    }
+    if p.balance == Balance::LeastConnections {
+        // Stable: among equals, the rotation above decides, so ties take turns.
+        cands.sort_by_key(|c| sessions(&c.endpoint));
+    }
+    cands.extend(fallback);
+    cands
 }
 
 #[cfg(test)]
@@ -116,16 +354,38 @@ pub(crate) mod tests {
         t
     }
 
-    #[test]
-    fn the_leader_key_decides_even_while_the_role_says_replica() {
-        let t = topology(Some("b"), &[("a", 5001, "running"), ("b", 5002, "running")]);
-        let target = route(ListenerRole::Primary, &t).unwrap();
-        assert_eq!(target.member, "b");
-        assert_eq!(target.endpoint.port, 5002);
+    fn policy(role: ListenerRole) -> Policy {
+        Policy {
+            role,
+            ..Policy::default()
+        }
+    }
+
+    fn names(c: &[Target]) -> Vec<&str> {
+        c.iter().map(|t| t.member.as_str()).collect()
+    }
+
+    fn three() -> Topology {
+        topology(
+            Some("a"),
+            &[
+                ("a", 5001, "running"),
+                ("b", 5002, "running"),
+                ("c", 5003, "running"),
+            ],
+        )
     }
 
     #[test]
-    fn unroutable_cases() {
+    fn the_leader_key_decides_even_while_the_role_says_replica() {
+        let t = topology(Some("b"), &[("a", 5001, "running"), ("b", 5002, "running")]);
+        let c = candidates(&policy(ListenerRole::Primary), &t).unwrap();
+        assert_eq!(names(&c), ["b"]);
+        assert_eq!(c[0].endpoint.port, 5002);
+    }
+
+    #[test]
+    fn unroutable_primaries() {
         let running = [("a", 5001, "running")];
         assert_eq!(primary(&Topology::default()), Err(Unroutable::NotSynced));
         assert_eq!(
@@ -149,5 +409,160 @@ pub(crate) mod tests {
             primary(&t),
             Err(Unroutable::LeaderWithoutAddress("a".into()))
         );
+    }
+
+    #[test]
+    fn each_role_has_its_candidates() {
+        let t = three();
+        let of = |r| names(&candidates(&policy(r), &t).unwrap()).join(",");
+        assert_eq!(of(ListenerRole::Primary), "a");
+        assert_eq!(of(ListenerRole::Replica), "b,c");
+        assert_eq!(of(ListenerRole::PreferReplica), "b,c,a");
+        assert_eq!(of(ListenerRole::Any), "b,c,a");
+        // No sync key: nobody is a synchronous standby.
+        assert!(matches!(
+            candidates(&policy(ListenerRole::Sync), &t),
+            Err(Unroutable::NoEligible { .. })
+        ));
+        let mut t = t;
+        t.sync = Some(crate::discovery::patroni::SyncState {
+            leader: Some("a".into()),
+            standbys: vec!["c".into()],
+            quorum: None,
+        });
+        assert_eq!(
+            names(&candidates(&policy(ListenerRole::Sync), &t).unwrap()),
+            ["c"]
+        );
+    }
+
+    #[test]
+    fn without_replicas_prefer_replica_falls_back_and_replica_explains() {
+        let t = topology(Some("a"), &[("a", 5001, "running"), ("b", 5002, "stopped")]);
+        assert_eq!(
+            names(&candidates(&policy(ListenerRole::PreferReplica), &t).unwrap()),
+            ["a"]
+        );
+        let err = candidates(&policy(ListenerRole::Replica), &t).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "no member is eligible for role replica: b: it is not running (state \"stopped\")"
+        );
+        let alone = topology(Some("a"), &[("a", 5001, "running")]);
+        let err = candidates(&policy(ListenerRole::Replica), &alone).unwrap_err();
+        assert!(
+            err.to_string().ends_with("the cluster has no replicas"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn lag_tags_and_noloadbalance_exclude_replicas() {
+        let mut t = three();
+        t.optime = Some(10_000_000);
+        for (name, lsn) in [("b", 9_999_000u64), ("c", 1_000)] {
+            t.members.get_mut(name).unwrap().replay_lsn = Some(lsn);
+        }
+        let mut p = policy(ListenerRole::Replica);
+        p.max_lag = Some(1 << 20);
+        assert_eq!(names(&candidates(&p, &t).unwrap()), ["b"]);
+        assert_eq!(
+            eligibility(&p, &t, "c"),
+            Err(Ineligible::Lagging {
+                lag: 9_999_000,
+                max: 1 << 20
+            })
+        );
+        t.members.get_mut("c").unwrap().replay_lsn = None;
+        assert_eq!(eligibility(&p, &t, "c"), Err(Ineligible::LagUnknown));
+
+        let mut t = three();
+        t.members.get_mut("b").unwrap().tags.noloadbalance = true;
+        t.members
+            .get_mut("c")
+            .unwrap()
+            .tags
+            .all
+            .insert("analytics".into(), Value::Bool(true));
+        let p = policy(ListenerRole::Replica);
+        assert_eq!(names(&candidates(&p, &t).unwrap()), ["c"]);
+        assert_eq!(eligibility(&p, &t, "b"), Err(Ineligible::NoLoadBalance));
+        let mut only = policy(ListenerRole::Any);
+        only.require_tags
+            .insert("analytics".into(), Value::Bool(true));
+        // The primary stays a candidate of `any`; replicas must carry the tag.
+        assert_eq!(names(&candidates(&only, &t).unwrap()), ["c", "a"]);
+        let mut not = policy(ListenerRole::Replica);
+        not.exclude_tags
+            .insert("analytics".into(), Value::from("true"));
+        assert!(candidates(&not, &t).is_err());
+    }
+
+    #[test]
+    fn a_promoted_replica_leaves_pools_that_exclude_the_primary() {
+        let mut t = three();
+        let p = policy(ListenerRole::Replica);
+        assert_eq!(eligibility(&p, &t, "b"), Ok(()));
+        t.leader = Some("b".into());
+        assert_eq!(eligibility(&p, &t, "b"), Err(Ineligible::IsPrimary));
+        assert_eq!(eligibility(&policy(ListenerRole::Any), &t, "b"), Ok(()));
+        assert_eq!(
+            eligibility(&policy(ListenerRole::Primary), &t, "a"),
+            Err(Ineligible::NotPrimary)
+        );
+        assert_eq!(
+            eligibility(&p, &t, "a"),
+            Ok(()),
+            "the old primary now serves reads"
+        );
+        t.members.remove("c");
+        assert_eq!(eligibility(&p, &t, "c"), Err(Ineligible::Removed));
+    }
+
+    #[test]
+    fn round_robin_takes_turns() {
+        let t = three();
+        let p = Policy {
+            role: ListenerRole::Replica,
+            balance: Balance::RoundRobin,
+            ..Policy::default()
+        };
+        let firsts: Vec<String> = (0..4)
+            .map(|turn| {
+                order(candidates(&p, &t).unwrap(), &p, |_| 0, turn)[0]
+                    .member
+                    .clone()
+            })
+            .collect();
+        assert_eq!(firsts, ["b", "c", "b", "c"]);
+    }
+
+    #[test]
+    fn least_connections_prefers_the_idle_and_ties_take_turns() {
+        let t = three();
+        let p = policy(ListenerRole::Replica);
+        let busy = |ep: &Endpoint| if ep.port == 5002 { 10 } else { 1 };
+        for turn in 0..3 {
+            let o = order(candidates(&p, &t).unwrap(), &p, busy, turn);
+            assert_eq!(names(&o), ["c", "b"]);
+        }
+        let firsts: Vec<String> = (0..2)
+            .map(|turn| {
+                order(candidates(&p, &t).unwrap(), &p, |_| 3, turn)[0]
+                    .member
+                    .clone()
+            })
+            .collect();
+        assert_eq!(firsts, ["b", "c"]);
+    }
+
+    #[test]
+    fn prefer_replica_keeps_the_primary_last() {
+        let t = three();
+        let p = policy(ListenerRole::PreferReplica);
+        for turn in 0..3 {
+            let o = order(candidates(&p, &t).unwrap(), &p, |_| 0, turn);
+            assert_eq!(o.last().unwrap().member, "a");
+        }
     }
 }

@@ -107,7 +107,8 @@ pub struct Tags {
     pub nostream: bool,
     pub clonefrom: bool,
     pub failover_priority: Option<i64>,
-    pub other: BTreeMap<String, Value>,
+    /// Every tag as Patroni wrote it, known ones included, for listeners that select on tags.
+    pub all: BTreeMap<String, Value>,
 }
 
 impl Tags {
@@ -124,12 +125,28 @@ impl Tags {
                 "nostream" => tags.nostream = truthy(v),
                 "clonefrom" => tags.clonefrom = truthy(v),
                 "failover_priority" => tags.failover_priority = int(Some(v)).map(|p| p as i64),
-                _ => {
-                    tags.other.insert(k.clone(), v.clone());
-                }
+                _ => {}
             }
+            tags.all.insert(k.clone(), v.clone());
         }
         tags
+    }
+
+    /// Does tag `key` hold `want`? Booleans, numbers and strings compare by their text, so
+    /// `analytics: true` in a listener matches Patroni's `true` and a hand-written `"true"`.
+    pub fn matches(&self, key: &str, want: &Value) -> bool {
+        self.all
+            .get(key)
+            .is_some_and(|have| have == want || scalar_text(have) == scalar_text(want))
+    }
+}
+
+fn scalar_text(v: &Value) -> Option<String> {
+    match v {
+        Value::Bool(b) => Some(b.to_string()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::String(s) => Some(s.to_ascii_lowercase()),
+        _ => None,
     }
 }
 
@@ -303,7 +320,11 @@ mod tests {
         assert_eq!(m.xlog_location, Some(67395656));
         assert_eq!(m.replay_lsn, Some(67395650));
         assert!(m.tags.noloadbalance && !m.tags.nofailover);
-        assert_eq!(m.tags.other.get("analytics"), Some(&Value::from("yes")));
+        assert_eq!(m.tags.all.get("analytics"), Some(&Value::from("yes")));
+        assert!(m.tags.matches("analytics", &Value::from("YES")));
+        assert!(m.tags.matches("noloadbalance", &Value::from("true")));
+        assert!(!m.tags.matches("analytics", &Value::from(true)));
+        assert!(!m.tags.matches("missing", &Value::from(true)));
     }
 
     #[test]

@@ -1,10 +1,11 @@
-//! Getting a client a server: wait for a routable target, connect, forward the untouched
-//! StartupMessage, and relay authentication end to end. Then hold the server's greeting until
-//! the server has shown that it is really a primary (`in_hot_standby` off).
+//! Getting a client a server: wait for candidates, connect to them in balanced order, forward
+//! the untouched StartupMessage, and relay authentication end to end. Then hold the server's
+//! greeting until the server has shown it is what the listener wants: a primary
+//! (`in_hot_standby` off) or a standby (on).
 //!
-//! Until the client has seen a byte from a server, every failure is retried against the
-//! current topology within `connect_wait`. After that, the client is committed to this server,
-//! since credentials cannot be replayed.
+//! Until the client has seen a byte from a server, every failure moves on to the next
+//! candidate, then retries against the current topology within `connect_wait`. After that,
+//! the client is committed to this server, since credentials cannot be replayed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,13 +16,14 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{timeout, timeout_at, Instant};
 
-use super::{tune_socket, Shared};
+use super::load::LoadGuard;
+use super::{tune_socket, ListenerContext};
 use crate::discovery::Topology;
 use crate::protocol::codes;
 use crate::protocol::frame::{split_frame, Frame, FrameError};
 use crate::protocol::messages::{self, ErrorFields};
 use crate::protocol::startup::{CancelKey, StartupInfo};
-use crate::router::{self, ListenerRole, Target};
+use crate::router::{self, ListenerRole, Policy, Target};
 
 /// Server frames before the session is handed over are small: auth challenges, parameters.
 const SERVER_FRAME_LIMIT: usize = 1 << 20;
@@ -36,8 +38,12 @@ const RETRY_PAUSE_MAX: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("no primary after waiting {waited:?}: {why}")]
-    NoPrimary { waited: Duration, why: String },
+    #[error("no {role} server after waiting {waited:?}: {why}")]
+    NoServer {
+        role: ListenerRole,
+        waited: Duration,
+        why: String,
+    },
     #[error("the client closed the connection while it was being connected")]
     ClientGone,
     #[error("client: {0}")]
@@ -54,8 +60,8 @@ pub enum ConnectError {
     /// The server's own error went to the client as it was.
     #[error("server {server} refused: {} {}", .fields.sqlstate, .fields.message)]
     Refused { server: String, fields: ErrorFields },
-    #[error("the primary moved away from {from} while the client was authenticating")]
-    MovedDuringAuth { from: String },
+    #[error("{member} stopped being a {role} server while the client was authenticating")]
+    ChangedDuringAuth { member: String, role: ListenerRole },
     #[error("authentication did not finish within {0:?}")]
     AuthTimeout(Duration),
 }
@@ -64,11 +70,11 @@ impl ConnectError {
     /// The ErrorResponse the client should still receive, if any.
     pub fn client_error(&self) -> Option<(&'static str, String)> {
         match self {
-            ConnectError::NoPrimary { .. } => Some((
+            ConnectError::NoServer { .. } => Some((
                 codes::CANNOT_CONNECT_NOW,
                 format!("patroxy: {self}; retry later"),
             )),
-            ConnectError::MovedDuringAuth { .. } => {
+            ConnectError::ChangedDuringAuth { .. } => {
                 Some((codes::ADMIN_SHUTDOWN, format!("patroxy: {self}; reconnect")))
             }
             ConnectError::ServerIo { .. } | ConnectError::ServerProtocol { .. } => {
@@ -104,42 +110,68 @@ enum Attempt {
     Fatal(ConnectError),
 }
 
-/// Connects the client to a server of `role`, authenticating end to end.
+/// Connects the client to a server for the listener, authenticating end to end.
 /// `client_buf` holds client bytes already read and receives any more read during connect.
+/// The returned guard counts the session against its server's load.
 pub async fn establish(
     client: &mut TcpStream,
     client_buf: &mut BytesMut,
     startup: &StartupInfo,
-    role: ListenerRole,
-    shared: &Shared,
+    listener: &ListenerContext,
     topology: &mut watch::Receiver<Arc<Topology>>,
-) -> Result<Backend, ConnectError> {
+) -> Result<(Backend, LoadGuard), ConnectError> {
+    let shared = &listener.shared;
+    let policy = &listener.policy;
     let started = Instant::now();
     let deadline = started + shared.timeouts.connect_wait;
-    let no_primary = |why: String| ConnectError::NoPrimary {
+    let no_server = |why: String| ConnectError::NoServer {
+        role: policy.role,
         waited: started.elapsed(),
         why,
     };
+    let turn = listener
+        .turn
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut pause = RETRY_PAUSE_MIN;
     loop {
-        let target = wait_for_target(role, topology, client, client_buf, deadline)
+        let candidates = wait_for_candidates(policy, topology, client, client_buf, deadline)
             .await
             .map_err(|e| match e {
-                WaitError::Deadline(why) => no_primary(why),
+                WaitError::Deadline(why) => no_server(why),
                 WaitError::Client(e) => e,
             })?;
-        let why = match attempt(
-            client, client_buf, startup, &target, role, shared, topology, deadline,
-        )
-        .await
-        {
-            Attempt::Done(backend) => return Ok(backend),
-            Attempt::Fatal(e) => return Err(e),
-            Attempt::Retry(why) => why,
-        };
-        tracing::debug!(server = %target.endpoint, %why, "connect attempt failed; retrying");
+        let now = Instant::now();
+        let load = &shared.load;
+        let mut ordered = router::order(candidates, policy, |ep| load.sessions(ep), turn);
+        // Servers that just failed go last: tried only when nothing else works.
+        ordered.sort_by_key(|t| load.is_ejected(&t.endpoint, now));
+        let mut why = String::new();
+        for target in ordered {
+            let claim = load.claim(&target.endpoint);
+            let ctx = AttemptContext {
+                target: &target,
+                role: policy.role,
+                listener,
+                deadline,
+            };
+            match attempt(client, client_buf, startup, ctx, topology).await {
+                Attempt::Done(backend) => return Ok((backend, claim)),
+                Attempt::Fatal(e) => return Err(e),
+                Attempt::Retry(w) => {
+                    tracing::debug!(server = %target.endpoint, why = %w, "connect attempt failed");
+                    // A primary is the only target of its role: ejecting it would only delay.
+                    if policy.role != ListenerRole::Primary {
+                        load.eject(&target.endpoint, Instant::now() + shared.timeouts.eject);
+                    }
+                    why = w;
+                }
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+        }
         if Instant::now() >= deadline {
-            return Err(no_primary(why));
+            return Err(no_server(why));
         }
         // Retry after a pause, or at once if the topology moves.
         let wake = (Instant::now() + pause).min(deadline);
@@ -149,7 +181,7 @@ pub async fn establish(
             _ = topology.changed() => {}
         }
         if Instant::now() >= deadline {
-            return Err(no_primary(why));
+            return Err(no_server(why));
         }
     }
 }
@@ -159,17 +191,17 @@ enum WaitError {
     Client(ConnectError),
 }
 
-/// Waits until the topology has a target for `role`, watching the client for a hang-up.
-async fn wait_for_target(
-    role: ListenerRole,
+/// Waits until the topology has candidates for the policy, watching the client for a hang-up.
+async fn wait_for_candidates(
+    policy: &Policy,
     topology: &mut watch::Receiver<Arc<Topology>>,
     client: &mut TcpStream,
     client_buf: &mut BytesMut,
     deadline: Instant,
-) -> Result<Target, WaitError> {
+) -> Result<Vec<Target>, WaitError> {
     loop {
-        let why = match router::route(role, &topology.borrow_and_update()) {
-            Ok(t) => return Ok(t),
+        let why = match router::candidates(policy, &topology.borrow_and_update()) {
+            Ok(c) => return Ok(c),
             Err(why) => why.to_string(),
         };
         tokio::select! {
@@ -223,18 +255,29 @@ async fn server_frame(server: &mut TcpStream, buf: &mut BytesMut) -> Result<Fram
     }
 }
 
+/// What one attempt needs to know besides the streams.
+struct AttemptContext<'a> {
+    target: &'a Target,
+    role: ListenerRole,
+    listener: &'a ListenerContext,
+    deadline: Instant,
+}
+
 /// One connection to one target.
-#[allow(clippy::too_many_arguments)]
 async fn attempt(
     client: &mut TcpStream,
     client_buf: &mut BytesMut,
     startup: &StartupInfo,
-    target: &Target,
-    role: ListenerRole,
-    shared: &Shared,
+    ctx: AttemptContext<'_>,
     topology: &mut watch::Receiver<Arc<Topology>>,
-    deadline: Instant,
 ) -> Attempt {
+    let AttemptContext {
+        target,
+        role,
+        listener,
+        deadline,
+    } = ctx;
+    let shared = &listener.shared;
     let server_name = target.endpoint.to_string();
     let connect_timeout = shared
         .timeouts
@@ -287,13 +330,26 @@ async fn attempt(
         Ok(g) => g,
         Err(a) => return a,
     };
-    if let Some(at) = greeting.hot_standby_at {
-        if let Err(a) = h
-            .await_promotion(at, target, role, topology, deadline)
-            .await
-        {
-            return a;
+    match (role.wants_standby(), greeting.hot_standby) {
+        (Some(false), Some((at, true))) => {
+            if let Err(a) = h.await_promotion(at, target, topology, deadline).await {
+                return a;
+            }
         }
+        (Some(true), Some((_, false))) => {
+            // Promoted, though the topology does not say so yet: not a replica any more.
+            return if h.engaged {
+                Attempt::Fatal(ConnectError::ChangedDuringAuth {
+                    member: target.member.clone(),
+                    role,
+                })
+            } else {
+                Attempt::Retry(format!(
+                    "{server_name} is not in recovery (in_hot_standby=off)"
+                ))
+            };
+        }
+        _ => {}
     }
     let mut out = BytesMut::with_capacity(h.held.iter().map(Bytes::len).sum());
     for f in h.held.drain(..) {
@@ -316,8 +372,9 @@ async fn attempt(
 
 struct Greeting {
     key: Option<CancelKey>,
-    /// The server said `in_hot_standby=on`: the index in `held` of that ParameterStatus.
-    hot_standby_at: Option<usize>,
+    /// `in_hot_standby` (PostgreSQL 14+): the index in `held` of that ParameterStatus, and
+    /// whether it said on.
+    hot_standby: Option<(usize, bool)>,
 }
 
 /// The conversation with one server until the session is handed to the relay.
@@ -434,7 +491,7 @@ impl Handshake<'_> {
     async fn greeting(&mut self) -> Result<Greeting, Attempt> {
         let mut g = Greeting {
             key: None,
-            hot_standby_at: None,
+            hot_standby: None,
         };
         loop {
             let frame = server_frame(self.server, &mut self.server_buf)
@@ -444,7 +501,7 @@ impl Handshake<'_> {
                 codes::PARAMETER_STATUS => {
                     if let Some((name, value)) = messages::parameter_status(frame.body()) {
                         if name == "in_hot_standby" {
-                            g.hot_standby_at = (value == "on").then_some(self.held.len());
+                            g.hot_standby = Some((self.held.len(), value == "on"));
                         }
                     }
                 }
@@ -467,14 +524,13 @@ impl Handshake<'_> {
         &mut self,
         hot_standby_at: usize,
         target: &Target,
-        role: ListenerRole,
         topology: &mut watch::Receiver<Arc<Topology>>,
         deadline: Instant,
     ) -> Result<(), Attempt> {
         let query = messages::empty_query();
         loop {
             let still_target = matches!(
-                router::route(role, &topology.borrow_and_update()),
+                router::primary(&topology.borrow_and_update()),
                 Ok(t) if t.endpoint == target.endpoint
             );
             if !still_target {
@@ -483,8 +539,9 @@ impl Handshake<'_> {
                     self.server_name
                 );
                 return Err(if self.engaged {
-                    Attempt::Fatal(ConnectError::MovedDuringAuth {
-                        from: target.member.clone(),
+                    Attempt::Fatal(ConnectError::ChangedDuringAuth {
+                        member: target.member.clone(),
+                        role: ListenerRole::Primary,
                     })
                 } else {
                     Attempt::Retry(why)
@@ -496,7 +553,8 @@ impl Handshake<'_> {
             );
             if Instant::now() >= deadline {
                 return Err(if self.engaged {
-                    Attempt::Fatal(ConnectError::NoPrimary {
+                    Attempt::Fatal(ConnectError::NoServer {
+                        role: ListenerRole::Primary,
                         waited: Duration::ZERO,
                         why,
                     })
@@ -553,14 +611,19 @@ mod tests {
 
     #[test]
     fn client_errors_carry_fitting_sqlstates() {
-        let e = ConnectError::NoPrimary {
+        let e = ConnectError::NoServer {
+            role: ListenerRole::Primary,
             waited: Duration::from_secs(1),
             why: "the cluster has no leader".into(),
         };
         let (code, msg) = e.client_error().unwrap();
         assert_eq!(code, "57P03");
         assert!(msg.contains("no leader"), "{msg}");
-        let moved = ConnectError::MovedDuringAuth { from: "a".into() };
+        let moved = ConnectError::ChangedDuringAuth {
+            member: "a".into(),
+            role: ListenerRole::Replica,
+        };
+
         assert_eq!(moved.client_error().unwrap().0, "57P01");
         assert!(ConnectError::ClientGone.client_error().is_none());
         let refused = ConnectError::Refused {

@@ -1,17 +1,21 @@
 //! The drain policy: when a live session must end, and at which point it may. Pure, no I/O.
 
 use std::fmt;
+use std::time::Duration;
 
+use crate::config::Timeouts;
 use crate::discovery::patroni::Endpoint;
 use crate::discovery::Topology;
 use crate::protocol::codes;
-use crate::router::{self, ListenerRole};
+use crate::router::{self, ListenerRole, Policy};
 
 /// Why a session is being drained.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DrainCause {
     /// The session's server is no longer the routable primary.
     PrimaryMoved { from: String, to: Option<String> },
+    /// The session's member is no longer eligible for its read listener.
+    LeftPool { member: String, why: String },
     /// patroxy is shutting down.
     Shutdown,
 }
@@ -26,6 +30,9 @@ impl DrainCause {
             DrainCause::PrimaryMoved { from, to: None } => format!(
                 "terminating connection because {from} is no longer the primary and no new primary is known yet (patroxy); reconnect"
             ),
+            DrainCause::LeftPool { member, why } => format!(
+                "terminating connection because {member} left this listener's pool: {why} (patroxy); reconnect"
+            ),
             DrainCause::Shutdown => "terminating connection because patroxy is shutting down".into(),
         }
     }
@@ -34,14 +41,24 @@ impl DrainCause {
     pub fn label(&self) -> &'static str {
         match self {
             DrainCause::PrimaryMoved { .. } => "primary_moved",
+            DrainCause::LeftPool { .. } => "left_pool",
             DrainCause::Shutdown => "shutdown",
         }
     }
 
-    /// Shutdown lets an open transaction finish; a moved primary does not, since writes on a
-    /// deposed primary may be lost.
-    fn waits_for_transaction_end(&self) -> bool {
-        matches!(self, DrainCause::Shutdown)
+    /// A moved primary ends sessions at any rest point, inside a transaction too, since writes
+    /// on a deposed primary may be lost. Read sessions and shutdown let a transaction finish.
+    pub fn waits_for_transaction_end(&self) -> bool {
+        !matches!(self, DrainCause::PrimaryMoved { .. })
+    }
+
+    /// The deadline after which the session is closed whatever it is doing.
+    pub fn deadline(&self, t: &Timeouts) -> Duration {
+        match self {
+            DrainCause::PrimaryMoved { .. } => t.drain,
+            DrainCause::LeftPool { .. } => t.replica_drain,
+            DrainCause::Shutdown => t.shutdown,
+        }
     }
 }
 
@@ -55,29 +72,44 @@ impl fmt::Display for DrainCause {
                     to.as_deref().unwrap_or("(none)")
                 )
             }
+            DrainCause::LeftPool { member, why } => write!(f, "{member} left the pool: {why}"),
             DrainCause::Shutdown => f.write_str("shutdown"),
         }
     }
 }
 
-/// Must a session of `role` on `server` (member `member`) be drained under topology `t`?
+/// Must a session of a listener with policy `p`, on member `member` at `server`, be drained
+/// under topology `t`?
 pub fn drain_cause(
-    role: ListenerRole,
+    p: &Policy,
     member: &str,
     server: &Endpoint,
     t: &Topology,
 ) -> Option<DrainCause> {
-    match role {
-        ListenerRole::Primary => match router::primary(t) {
+    // Before the first read of the DCS nothing is known, so nothing is judged.
+    if t.epoch == 0 {
+        return None;
+    }
+    if p.role == ListenerRole::Primary {
+        return match router::primary(t) {
             Ok(target) if &target.endpoint == server => None,
-            // Before the first read of the DCS nothing is known, so nothing is judged.
-            Err(router::Unroutable::NotSynced) => None,
             routed => Some(DrainCause::PrimaryMoved {
                 from: member.to_owned(),
                 to: routed.ok().map(|t| t.member).or_else(|| t.leader.clone()),
             }),
-        },
+        };
     }
+    let why = match router::eligibility(p, t, member) {
+        Ok(()) if t.members.get(member).and_then(|m| m.endpoint.as_ref()) == Some(server) => {
+            return None
+        }
+        Ok(()) => "its address changed".to_owned(),
+        Err(e) => e.to_string(),
+    };
+    Some(DrainCause::LeftPool {
+        member: member.to_owned(),
+        why,
+    })
 }
 
 /// Where a session stands in its conversation, as the relay sees it.
@@ -103,12 +135,14 @@ impl Progress {
 
 /// May the session be closed now, without cutting a response short?
 pub fn may_close_now(cause: &DrainCause, p: Progress) -> bool {
+    at_drain_point(cause.waits_for_transaction_end(), p)
+}
+
+/// At rest (no query in flight, the client between frames), and, if asked, outside a
+/// transaction too.
+pub fn at_drain_point(wait_for_transaction_end: bool, p: Progress) -> bool {
     let at_rest = p.in_flight == 0 && p.client_at_boundary;
-    if cause.waits_for_transaction_end() {
-        at_rest && p.tx_status == codes::TX_IDLE
-    } else {
-        at_rest
-    }
+    at_rest && (!wait_for_transaction_end || p.tx_status == codes::TX_IDLE)
 }
 
 /// At the forced deadline: can the FATAL message still be sent cleanly? Only between frames;
@@ -122,6 +156,17 @@ mod tests {
     use super::*;
     use crate::router::tests::topology;
 
+    fn primary() -> Policy {
+        Policy::default()
+    }
+
+    fn replica() -> Policy {
+        Policy {
+            role: ListenerRole::Replica,
+            ..Policy::default()
+        }
+    }
+
     fn ep(port: u16) -> Endpoint {
         Endpoint {
             host: "127.0.0.1".into(),
@@ -132,14 +177,14 @@ mod tests {
     #[test]
     fn sessions_on_the_leader_stay() {
         let t = topology(Some("a"), &[("a", 5001, "running"), ("b", 5002, "running")]);
-        assert_eq!(drain_cause(ListenerRole::Primary, "a", &ep(5001), &t), None);
+        assert_eq!(drain_cause(&primary(), "a", &ep(5001), &t), None);
     }
 
     #[test]
     fn sessions_on_a_deposed_primary_drain() {
         let t = topology(Some("b"), &[("a", 5001, "running"), ("b", 5002, "running")]);
         assert_eq!(
-            drain_cause(ListenerRole::Primary, "a", &ep(5001), &t),
+            drain_cause(&primary(), "a", &ep(5001), &t),
             Some(DrainCause::PrimaryMoved {
                 from: "a".into(),
                 to: Some("b".into())
@@ -150,12 +195,7 @@ mod tests {
     #[test]
     fn no_leader_or_a_stopped_leader_drains_too() {
         let members = [("a", 5001, "running")];
-        let cause = drain_cause(
-            ListenerRole::Primary,
-            "a",
-            &ep(5001),
-            &topology(None, &members),
-        );
+        let cause = drain_cause(&primary(), "a", &ep(5001), &topology(None, &members));
         assert_eq!(
             cause,
             Some(DrainCause::PrimaryMoved {
@@ -165,13 +205,13 @@ mod tests {
         );
         assert!(cause.unwrap().client_message().contains("no new primary"));
         let stopped = topology(Some("a"), &[("a", 5001, "stopped")]);
-        assert!(drain_cause(ListenerRole::Primary, "a", &ep(5001), &stopped).is_some());
+        assert!(drain_cause(&primary(), "a", &ep(5001), &stopped).is_some());
     }
 
     #[test]
     fn nothing_is_judged_before_the_first_read() {
         assert_eq!(
-            drain_cause(ListenerRole::Primary, "a", &ep(5001), &Topology::default()),
+            drain_cause(&primary(), "a", &ep(5001), &Topology::default()),
             None
         );
     }
@@ -194,6 +234,47 @@ mod tests {
         p.in_flight = 0;
         p.client_at_boundary = false;
         assert!(!may_close_now(&moved, p), "a response is half written");
+    }
+
+    #[test]
+    fn read_sessions_drain_when_their_member_leaves_the_pool() {
+        let t = topology(Some("a"), &[("a", 5001, "running"), ("b", 5002, "running")]);
+        assert_eq!(drain_cause(&replica(), "b", &ep(5002), &t), None);
+        let mut stopped = t.clone();
+        stopped.members.get_mut("b").unwrap().state = "stopped".into();
+        let cause = drain_cause(&replica(), "b", &ep(5002), &stopped).unwrap();
+        assert!(
+            cause
+                .client_message()
+                .contains("b left this listener's pool: it is not running"),
+            "{cause}"
+        );
+        assert!(cause.waits_for_transaction_end());
+        let mut promoted = t.clone();
+        promoted.leader = Some("b".into());
+        assert!(matches!(
+            drain_cause(&replica(), "b", &ep(5002), &promoted),
+            Some(DrainCause::LeftPool { .. })
+        ));
+        let mut moved = t.clone();
+        moved.members.get_mut("b").unwrap().endpoint = Some(ep(6000));
+        assert!(drain_cause(&replica(), "b", &ep(5002), &moved).is_some());
+    }
+
+    #[test]
+    fn each_cause_has_its_deadline() {
+        let t = Timeouts::default();
+        let moved = DrainCause::PrimaryMoved {
+            from: "a".into(),
+            to: None,
+        };
+        assert_eq!(moved.deadline(&t), t.drain);
+        let left = DrainCause::LeftPool {
+            member: "b".into(),
+            why: String::new(),
+        };
+        assert_eq!(left.deadline(&t), t.replica_drain);
+        assert_eq!(DrainCause::Shutdown.deadline(&t), t.shutdown);
     }
 
     #[test]

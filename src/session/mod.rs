@@ -4,9 +4,11 @@
 pub mod cancel;
 pub mod connect;
 pub mod drain;
+pub mod load;
 pub mod relay;
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,22 +26,46 @@ use crate::discovery::Topology;
 use crate::protocol::codes;
 use crate::protocol::messages::{self, Severity};
 use crate::protocol::startup::{parse_first_packet, FirstPacket, StartupError, StartupInfo};
-use crate::router::ListenerRole;
+use crate::router::Policy;
 pub use cancel::CancelRegistry;
+pub use load::ServerLoad;
 
 /// What every session of every listener shares.
 pub struct Shared {
     pub timeouts: Timeouts,
-    pub topology: watch::Receiver<Arc<Topology>>,
     pub cancels: CancelRegistry,
+    pub load: ServerLoad,
     pub shutdown: CancellationToken,
 }
 
-/// A listener's identity and its link to the shared state.
+/// A listener: its name, its routing rules, its cluster's topology, and the shared state.
 pub struct ListenerContext {
     pub name: String,
-    pub role: ListenerRole,
+    pub cluster: String,
+    pub policy: Policy,
+    pub topology: watch::Receiver<Arc<Topology>>,
+    /// Advances once per new session; balancing takes turns with it.
+    pub turn: AtomicUsize,
     pub shared: Arc<Shared>,
+}
+
+impl ListenerContext {
+    pub fn new(
+        name: String,
+        cluster: String,
+        policy: Policy,
+        topology: watch::Receiver<Arc<Topology>>,
+        shared: Arc<Shared>,
+    ) -> ListenerContext {
+        ListenerContext {
+            name,
+            cluster,
+            policy,
+            topology,
+            turn: AtomicUsize::new(0),
+            shared,
+        }
+    }
 }
 
 /// TCP_NODELAY (every message is a round trip) and keepalive (a vanished peer is noticed).
@@ -84,7 +110,8 @@ pub async fn serve(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ListenerCon
         FirstPacket::Cancel(key) => {
             let known = shared.cancels.lookup(&key);
             let local = known.is_some();
-            let targets = cancel::cancel_targets(known, &shared.topology.borrow());
+            let targets = cancel::cancel_targets(known, &ctx.topology.borrow());
+
             let sent_to = targets.len();
             let delivered = cancel::deliver(&key, targets, shared.timeouts.connect).await;
             info!(client = %peer, listener = %ctx.name, pid = key.pid, local, sent_to, delivered, "cancel request forwarded");
@@ -176,18 +203,18 @@ async fn run_session(
     started: Instant,
 ) {
     let shared = &ctx.shared;
-    let mut topology = shared.topology.clone();
+    let mut topology = ctx.topology.clone();
     let user = startup.user.as_deref().unwrap_or("");
     let database = startup.database.as_deref().unwrap_or(user);
     let connected = tokio::select! {
-        r = connect::establish(&mut client, &mut client_buf, &startup, ctx.role, shared, &mut topology) => r,
+        r = connect::establish(&mut client, &mut client_buf, &startup, ctx, &mut topology) => r,
         _ = shared.shutdown.cancelled() => {
             send_fatal(&mut client, codes::ADMIN_SHUTDOWN, "patroxy is shutting down").await;
             info!(client = %peer, listener = %ctx.name, user, database, "session closed before connecting: shutdown");
             return;
         }
     };
-    let mut backend = match connected {
+    let (mut backend, _load) = match connected {
         Ok(b) => b,
         Err(e) => {
             if let Some((code, msg)) = e.client_error() {
@@ -208,13 +235,13 @@ async fn run_session(
         .clone()
         .map(|k| shared.cancels.register(k, backend.target.endpoint.clone()));
     let relay_ctx = relay::RelayContext {
-        role: ctx.role,
+        policy: &ctx.policy,
         member: &backend.target.member,
         server: &backend.target.endpoint,
-        drain_timeout: shared.timeouts.drain,
-        shutdown_timeout: shared.timeouts.shutdown,
+        timeouts: &shared.timeouts,
         shutdown: &shared.shutdown,
     };
+
     let leftover = std::mem::take(&mut backend.leftover);
     let out = relay::relay(
         &mut client,

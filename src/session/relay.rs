@@ -15,12 +15,13 @@ use tokio::time::{sleep_until, timeout, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::drain::{self, DrainCause, Progress};
+use crate::config::Timeouts;
 use crate::discovery::patroni::Endpoint;
 use crate::discovery::Topology;
 use crate::protocol::codes;
 use crate::protocol::frame::{FrameError, Scanner, Seen, MAX_DECLARED_LEN};
 use crate::protocol::messages::{self, Severity};
-use crate::router::ListenerRole;
+use crate::router::Policy;
 
 /// Read buffer per direction.
 const BUF_SIZE: usize = 16 * 1024;
@@ -66,11 +67,10 @@ impl std::fmt::Display for End {
 
 /// What the relay needs to know about its session.
 pub struct RelayContext<'a> {
-    pub role: ListenerRole,
+    pub policy: &'a Policy,
     pub member: &'a str,
     pub server: &'a Endpoint,
-    pub drain_timeout: Duration,
-    pub shutdown_timeout: Duration,
+    pub timeouts: &'a Timeouts,
     pub shutdown: &'a CancellationToken,
 }
 
@@ -102,14 +102,19 @@ impl Shared {
     }
 
     fn drain_reached(&self) -> bool {
-        let p = self.progress();
         match self.drain_mode.load(Relaxed) {
-            DRAIN_AT_REST => p.in_flight == 0 && p.client_at_boundary,
-            DRAIN_AT_TX_END => {
-                p.in_flight == 0 && p.client_at_boundary && p.tx_status == codes::TX_IDLE
-            }
+            DRAIN_AT_REST => drain::at_drain_point(false, self.progress()),
+            DRAIN_AT_TX_END => drain::at_drain_point(true, self.progress()),
             _ => false,
         }
+    }
+
+    fn start_drain(&self, cause: &DrainCause) {
+        let mode = match cause.waits_for_transaction_end() {
+            true => DRAIN_AT_TX_END,
+            false => DRAIN_AT_REST,
+        };
+        self.drain_mode.store(mode, Relaxed);
     }
 }
 
@@ -163,16 +168,19 @@ pub async fn relay(
                         topology_open = false;
                         continue;
                     }
-                    let cause = drain::drain_cause(ctx.role, ctx.member, ctx.server, &topology.borrow_and_update());
+                    let cause = drain::drain_cause(ctx.policy, ctx.member, ctx.server, &topology.borrow_and_update());
                     if let Some(cause) = cause {
                         tracing::debug!(server = %ctx.server, %cause, "draining session");
-                        st.drain_mode.store(DRAIN_AT_REST, Relaxed);
-                        draining = Some((cause, Instant::now() + ctx.drain_timeout));
+                        st.start_drain(&cause);
+                        let deadline = Instant::now() + cause.deadline(ctx.timeouts);
+                        draining = Some((cause, deadline));
                     }
                 }
                 _ = ctx.shutdown.cancelled(), if draining.is_none() => {
-                    st.drain_mode.store(DRAIN_AT_TX_END, Relaxed);
-                    draining = Some((DrainCause::Shutdown, Instant::now() + ctx.shutdown_timeout));
+                    let cause = DrainCause::Shutdown;
+                    st.start_drain(&cause);
+                    let deadline = Instant::now() + cause.deadline(ctx.timeouts);
+                    draining = Some((cause, deadline));
                 }
                 _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                     let (cause, _) = draining.take().expect("deadline implies draining");

@@ -523,7 +523,7 @@ impl Proxy {
         let mut config = Config::default();
         config.etcd.endpoints = vec![etcd.url()];
         config.etcd.watch_idle_timeout = Duration::from_secs(3);
-        config.cluster.scope = scope.into();
+        config.clusters[0].scope = scope.into();
         config.listeners = vec![ListenerConfig {
             listen: "127.0.0.1:0".into(),
             ..ListenerConfig::default()
