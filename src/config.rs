@@ -81,7 +81,6 @@ fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ClusterConfig>, D:
     .map_err(|e| D::Error::custom(format!("cluster: {}", e.message())))
 }
 
-
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct EtcdConfig {
@@ -441,9 +440,11 @@ impl Config {
             bad.push("listener: at least one listener is needed".into());
         }
         let mut seen = Vec::new();
+        let mut names = Vec::new();
         for (i, l) in self.listeners.iter().enumerate() {
             match l.addr() {
-                Ok(a) if seen.contains(&a) => {
+                // Port 0 asks the OS for a free port: never a clash.
+                Ok(a) if a.port() != 0 && seen.contains(&a) => {
                     bad.push(format!("listener[{i}].listen: {a} is used twice"))
                 }
                 Ok(a) => seen.push(a),
@@ -451,7 +452,11 @@ impl Config {
             }
             if l.name.trim().is_empty() {
                 bad.push(format!("listener[{i}].name: must not be empty"));
+            } else if names.contains(&&l.name) {
+                bad.push(format!("listener[{i}].name: {:?} is used twice", l.name));
             }
+            names.push(&l.name);
+
             if self.cluster_of(l).is_none() && !self.clusters.is_empty() {
                 bad.push(match &l.cluster {
                     Some(c) => format!(

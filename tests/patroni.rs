@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::patroni::Cluster;
 use common::*;
+use patroxy::router::ListenerRole;
 use tokio::time::Instant;
 
 const EVENT: Duration = Duration::from_secs(90);
@@ -140,8 +141,13 @@ async fn writes_survive_switchover_silent_loss_and_crash() {
     let mut cluster = Cluster::start("e2e", 3).await;
     let proxy = Proxy::start(&cluster.etcd, "e2e", |cfg| {
         cfg.timeouts.connect_wait = Duration::from_secs(40);
+        cfg.listeners = vec![
+            listener("rw", ListenerRole::Primary),
+            listener("ro", ListenerRole::Replica),
+        ];
     })
     .await;
+    let ro = proxy.port_of("ro");
     let first = leader(&cluster).await;
     let setup = wait_for("the first leader through patroxy", EVENT, || async {
         connect(proxy.port()).await.ok()
@@ -152,7 +158,7 @@ async fn writes_survive_switchover_silent_loss_and_crash() {
         .await
         .unwrap();
     drop(setup);
-    let writer = Writer::spawn(proxy.port());
+    let writer = Writer::spawn(proxy.port_of("rw"));
     writer
         .wait_acked_on(cluster.port_of(&first), Instant::now())
         .await;
@@ -160,11 +166,35 @@ async fn writes_survive_switchover_silent_loss_and_crash() {
     // 1. A planned switchover to the synchronous standby.
     let state = cluster.wait_healthy(3, EVENT).await;
     let candidate = state.sync_standby.clone().unwrap();
+    // A read session on the candidate: it must leave the replica pool when promoted.
+    let (_reader, reader_conn) = session_on(ro, cluster.port_of(&candidate)).await;
     let t = Instant::now();
     cluster.switchover(&first, &candidate);
     writer.wait_acked_on(cluster.port_of(&candidate), t).await;
     let (failed, gap) = writer.window(t);
     eprintln!("switchover {first} -> {candidate}: {failed} failed attempts, longest gap {gap:?}");
+    assert_eq!(ended_with(reader_conn).await.as_deref(), Some("57P01"));
+    // The old primary joins the replica pool once it runs as a replica; the new one never
+    // takes a read session.
+    let (old, new) = (cluster.port_of(&first), cluster.port_of(&candidate));
+    wait_for(
+        "the old primary in the replica pool",
+        EVENT,
+        || async move {
+            let c = connect(ro).await.ok()?;
+            let row = c
+                .query_one("SELECT inet_server_port(), pg_is_in_recovery()", &[])
+                .await
+                .ok()?;
+            let (port, standby): (i32, bool) = (row.get(0), row.get(1));
+            assert!(
+                standby && port != new as i32,
+                "a read session reached the primary"
+            );
+            (port == old as i32).then_some(())
+        },
+    )
+    .await;
 
     // 2. Silent loss: the leader freezes. Its idle and busy sessions must not hang.
     cluster.wait_healthy(3, EVENT).await;

@@ -48,17 +48,6 @@ async fn wait_routed(proxy: &Proxy, port: u16) {
     .await;
 }
 
-/// Waits for a connection task to end and returns the SQLSTATE it ended with.
-async fn ended_with(
-    conn: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
-) -> Option<String> {
-    let r = tokio::time::timeout(LONG, conn)
-        .await
-        .expect("session did not end")
-        .unwrap();
-    r.err().and_then(|e| sqlstate(&e))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queries_reach_the_leader_and_sessions_drain_when_it_moves() {
     let mut c = two_primaries("drain").await;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::Client as EtcdClient;
-use patroxy::config::{Config, ListenerConfig};
+pub use patroxy::config::{Config, ListenerConfig};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -264,9 +264,14 @@ pub struct Keys {
 
 impl Keys {
     pub async fn new(etcd: &Etcd, scope: &str) -> Keys {
+        Keys::with_prefix(etcd, &format!("/service/{scope}/")).await
+    }
+
+    /// Keys under any prefix, for example a Citus group's `/service/<scope>/<group>/`.
+    pub async fn with_prefix(etcd: &Etcd, prefix: &str) -> Keys {
         Keys {
             client: etcd.client().await,
-            prefix: format!("/service/{scope}/"),
+            prefix: prefix.to_owned(),
         }
     }
 
@@ -286,8 +291,21 @@ impl Keys {
 
     /// A Patroni 4.x member key for a server on `port`.
     pub async fn member(&mut self, name: &str, port: u16, role: &str, state: &str) {
+        self.member_with(name, port, role, state, r#""xlog_location":50331648"#)
+            .await;
+    }
+
+    /// A member key with extra JSON fields, e.g. `"replay_lsn":0,"tags":{"noloadbalance":true}`.
+    pub async fn member_with(
+        &mut self,
+        name: &str,
+        port: u16,
+        role: &str,
+        state: &str,
+        extra: &str,
+    ) {
         let v = format!(
-            r#"{{"conn_url":"postgres://127.0.0.1:{port}/postgres","api_url":"http://127.0.0.1:1/patroni","state":"{state}","role":"{role}","version":"4.1.4","xlog_location":50331648,"timeline":1}}"#
+            r#"{{"conn_url":"postgres://127.0.0.1:{port}/postgres","api_url":"http://127.0.0.1:1/patroni","state":"{state}","role":"{role}","version":"4.1.4","timeline":1,{extra}}}"#
         );
         self.put(&format!("members/{name}"), &v).await;
     }
@@ -502,6 +520,34 @@ pub async fn server_port(port: u16) -> Result<i32, tokio_postgres::Error> {
     Ok(row.get(0))
 }
 
+/// A session's connection task: it resolves when the connection ends.
+pub type ConnTask = tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>;
+
+/// Waits (30 s at most) for a connection to end and returns the SQLSTATE it ended with.
+pub async fn ended_with(conn: ConnTask) -> Option<String> {
+    let r = tokio::time::timeout(Duration::from_secs(30), conn)
+        .await
+        .expect("session did not end")
+        .unwrap();
+    r.err().and_then(|e| sqlstate(&e))
+}
+
+/// Opens sessions through `port` until one lands on the server at `target`; returns it.
+pub async fn session_on(port: u16, target: u16) -> (tokio_postgres::Client, ConnTask) {
+    for _ in 0..20 {
+        let (c, conn) = connect_with(port, "").await.unwrap();
+        let on: i32 = c
+            .query_one("SELECT inet_server_port()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if on == target as i32 {
+            return (c, conn);
+        }
+    }
+    panic!("no session through {port} reached port {target}");
+}
+
 /// The SQLSTATE of an error, if the server (or patroxy) sent one.
 pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
     e.as_db_error().map(|d| d.code().code().to_owned())
@@ -512,6 +558,8 @@ pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
 
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// Every listener's name and address; `addr` is the first one's.
+    pub listeners: Vec<(String, SocketAddr)>,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -533,6 +581,10 @@ impl Proxy {
         config.validate().expect("test config");
         let listeners = patroxy::app::bind(&config).await.unwrap();
         let addr = listeners[0].listener.local_addr().unwrap();
+        let named = listeners
+            .iter()
+            .map(|b| (b.config.name.clone(), b.listener.local_addr().unwrap()))
+            .collect();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(patroxy::app::run(
             Arc::new(config),
@@ -541,6 +593,7 @@ impl Proxy {
         ));
         Proxy {
             addr,
+            listeners: named,
             shutdown,
             task: Some(task),
         }
@@ -550,12 +603,28 @@ impl Proxy {
         self.addr.port()
     }
 
+    /// The port of the listener called `name`.
+    pub fn port_of(&self, name: &str) -> u16 {
+        let (_, addr) = self.listeners.iter().find(|(n, _)| n == name).unwrap();
+        addr.port()
+    }
+
     /// Graceful shutdown, as on SIGTERM; waits until patroxy has finished.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         if let Some(task) = self.task.take() {
             let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
         }
+    }
+}
+
+/// A listener on a free port, for `Proxy::start`'s `tune`.
+pub fn listener(name: &str, role: patroxy::router::ListenerRole) -> ListenerConfig {
+    ListenerConfig {
+        name: name.into(),
+        listen: "127.0.0.1:0".into(),
+        role,
+        ..ListenerConfig::default()
     }
 }
 
