@@ -4,7 +4,8 @@
 #   bash scripts/demo.sh           start everything, print how to use it, stop on Ctrl-C
 #   bash scripts/demo.sh --smoke   start, query through patroxy, switch over, query again, stop
 #
-# Ports: etcd 2379 (peer 2380), PostgreSQL 5441-5443, Patroni REST 8011-8013, patroxy 6432.
+# Ports: etcd 2379 (peer 2380), PostgreSQL 5441-5443, Patroni REST 8011-8013, patroxy 6432
+# (primary) and 6433 (replicas), as in config/patroxy.toml.
 # Data and logs: $PATROXY_DEMO_DIR (default /tmp/patroxy-demo), recreated at each start.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +24,7 @@ bash scripts/install-deps.sh
 echo "demo: building patroxy (release)"
 cargo build --release --locked --quiet
 
-for port in $ETCD_PORT $ETCD_PEER 5441 5442 5443 8011 8012 8013 6432; do
+for port in $ETCD_PORT $ETCD_PEER 5441 5442 5443 8011 8012 8013 6432 6433; do
   if (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; then
     echo "demo: port $port on 127.0.0.1 is already in use; stop whatever holds it (an earlier demo?)" >&2
     exit 1
@@ -170,11 +171,16 @@ echo "demo: starting patroxy on $PROXY"
   --etcd "http://127.0.0.1:$ETCD_PORT" --scope "$SCOPE" --primary "$PROXY" >"$DIR/patroxy.log" 2>&1 &
 PROXY_PID=$!
 psql_proxy() { psql "host=127.0.0.1 port=${PROXY#*:} user=postgres dbname=postgres connect_timeout=20" -XAtc "$1"; }
+psql_reads() { psql "host=127.0.0.1 port=6433 user=postgres dbname=postgres connect_timeout=20" -XAtc "$1"; }
 wait_until 30 "patroxy" psql_proxy "SELECT 1"
 
 if [ $SMOKE -eq 1 ]; then
   before=$(leader)
   echo "demo: through patroxy: $(psql_proxy "SELECT 'port ' || inet_server_port() || ', in recovery: ' || pg_is_in_recovery()") (leader $before)"
+  for _ in 1 2; do
+    echo "demo: reads through patroxy: $(psql_reads "SELECT 'port ' || inet_server_port() || ', in recovery: ' || pg_is_in_recovery()")"
+  done
+  [ "$(psql_reads "SELECT pg_is_in_recovery()")" = "t" ] || { echo "demo: a read reached the primary" >&2; exit 1; }
   # patronictl 3.0 exits 0 even when a switchover fails: read what it says.
   patronictl -c "$DIR/patronictl.yml" switchover --leader "$before" --force "$SCOPE" >"$DIR/switchover.log" 2>&1 || true
   if ! grep -q "Successfully switched over" "$DIR/switchover.log"; then
@@ -195,6 +201,9 @@ patroxy demo is up: etcd, 3 Patroni members, patroxy in front.
 
   Connect through patroxy (always the primary):
     psql "host=127.0.0.1 port=6432 user=postgres dbname=postgres"
+  Read-only sessions, balanced over the replicas:
+    psql "host=127.0.0.1 port=6433 user=postgres dbname=postgres"
+
   See the cluster:
     patronictl -c $DIR/patronictl.yml list
   Planned switchover (sessions on the old primary end with 57P01; new ones go to the new one):

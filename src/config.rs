@@ -685,9 +685,26 @@ mod tests {
     }
 
     #[test]
-    fn the_shipped_example_is_valid() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/patroxy.toml");
-        let c = Config::load(&path).unwrap();
-        c.validate().unwrap();
+    fn the_shipped_examples_are_valid() {
+        for file in ["config/patroxy.toml", "config/sidecar.toml"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+            let c = Config::load(&path).unwrap();
+            c.validate().unwrap_or_else(|e| panic!("{file}: {e}"));
+        }
+        let demo = Config::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("config/patroxy.toml"))
+            .unwrap();
+        let roles: Vec<_> = demo
+            .listeners
+            .iter()
+            .map(|l| (l.listen.as_str(), l.role))
+            .collect();
+        assert_eq!(
+            roles,
+            [
+                ("127.0.0.1:6432", ListenerRole::Primary),
+                ("127.0.0.1:6433", ListenerRole::Replica)
+            ],
+            "the demo, the README and scripts/demo.sh use these ports"
+        );
     }
 }
