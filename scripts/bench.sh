@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# Benchmarks patroxy against a direct connection, HAProxy and PgBouncer, all on 127.0.0.1:
+#   1. the local Patroni cluster (scripts/cluster.sh, max_connections 1200);
+#   2. HAProxy with the standard Patroni REST checks on 127.0.0.1:6532;
+#   3. PgBouncer in session mode on 127.0.0.1:6632, in front of HAProxy;
+#   4. patroxy on 127.0.0.1:6432 (config/patroxy.toml);
+# then patroxy-bench: latency (4 workloads x concurrency 1, 8, 64), idle memory (1000
+# sessions), and failover (switchover, kill -9, SIGSTOP). Results: bench-results/.
+#
+#   bash scripts/bench.sh                    everything (about 15 minutes)
+#   BENCH_SLICE=1s BENCH_ROUNDS=1 bash scripts/bench.sh latency     a quick latency run
+#   bash scripts/bench.sh failover           only the failover run
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+WHAT=${1:-all}
+DIR=${PATROXY_DEMO_DIR:-/tmp/patroxy-demo}
+OUT=${BENCH_OUT:-$REPO/bench-results}
+CLUSTER="bash $REPO/scripts/cluster.sh"
+export PATROXY_MAX_CONNECTIONS=1200
+
+bash scripts/install-deps.sh haproxy pgbouncer
+echo "bench: building (release)"
+cargo build --release --locked --quiet --bins
+for port in 6432 6433 6532 6632; do
+  if (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; then
+    echo "bench: port $port on 127.0.0.1 is in use; stop whatever holds it" >&2
+    exit 1
+  fi
+done
+
+as_pg() {
+  if [ "$(id -u)" -eq 0 ]; then setpriv --reuid=postgres --regid=postgres --init-groups -- "$@"; else "$@"; fi
+}
+
+PIDS=()
+stop_all() {
+  trap - INT TERM EXIT
+  echo "bench: stopping"
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  $CLUSTER stop
+}
+trap stop_all INT TERM EXIT
+
+$CLUSTER start
+mkdir -p "$OUT"
+
+cat >"$DIR/haproxy.cfg" <<CFG
+global
+    maxconn 4000
+defaults
+    mode tcp
+    timeout connect 4s
+    timeout client 30m
+    timeout server 30m
+    retries 2
+listen primary
+    bind 127.0.0.1:6532
+    option httpchk GET /primary
+    http-check expect status 200
+    default-server inter 3s fall 3 rise 2 on-marked-down shutdown-sessions
+    server node1 127.0.0.1:5441 maxconn 1100 check port 8011
+    server node2 127.0.0.1:5442 maxconn 1100 check port 8012
+    server node3 127.0.0.1:5443 maxconn 1100 check port 8013
+CFG
+haproxy -f "$DIR/haproxy.cfg" -db >"$DIR/haproxy.log" 2>&1 &
+PIDS+=($!)
+
+cat >"$DIR/pgbouncer.ini" <<CFG
+[databases]
+postgres = host=127.0.0.1 port=6532 dbname=postgres
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = 6632
+unix_socket_dir =
+auth_type = trust
+auth_file = $DIR/userlist.txt
+pool_mode = session
+max_client_conn = 2000
+default_pool_size = 1100
+ignore_startup_parameters = extra_float_digits
+logfile = $DIR/pgbouncer.log
+CFG
+echo '"postgres" ""' >"$DIR/userlist.txt"
+[ "$(id -u)" -eq 0 ] && chown postgres:postgres "$DIR/pgbouncer.ini" "$DIR/userlist.txt"
+as_pg pgbouncer "$DIR/pgbouncer.ini" >>"$DIR/pgbouncer.out" 2>&1 &
+PIDS+=($!)
+
+"$REPO/target/release/patroxy" run --config "$REPO/config/patroxy.toml" --log warn >"$DIR/patroxy.log" 2>&1 &
+PROXY_PID=$!
+PIDS+=($PROXY_PID)
+
+conn() { echo "host=127.0.0.1 port=$1 user=postgres dbname=postgres"; }
+end=$((SECONDS + 60))
+for port in 6432 6532 6632; do
+  until psql "$(conn $port) connect_timeout=5" -XAtc "SELECT 1" >/dev/null 2>&1; do
+    [ $SECONDS -lt $end ] || { echo "bench: nothing answers on $port (see $DIR/*.log)" >&2; exit 1; }
+    sleep 0.2
+  done
+done
+leader_port=$((5440 + $($CLUSTER leader | tr -dc 0-9)))
+echo "bench: leader on $leader_port; pgbench -i -s 10"
+/usr/lib/postgresql/15/bin/pgbench -i -s 10 -q "$(conn $leader_port)" >"$DIR/pgbench-init.log" 2>&1
+
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "cpu: $(nproc) x $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+  echo "memory: $(free -g | awk '/Mem:/ {print $2}') GiB"
+  echo "kernel: $(uname -r)"
+  echo "postgres: $(/usr/lib/postgresql/15/bin/postgres --version)"
+  echo "haproxy: $(haproxy -v | head -1)"
+  echo "pgbouncer: $(pgbouncer --version | head -1)"
+  echo "patroxy: $(git -C "$REPO" rev-parse --short HEAD)"
+} >"$OUT/machine.txt"
+
+BENCH="$REPO/target/release/patroxy-bench"
+if [ "$WHAT" = all ] || [ "$WHAT" = latency ]; then
+  echo "bench: latency"
+  "$BENCH" latency --out "$OUT" --slice "${BENCH_SLICE:-2s}" --rounds "${BENCH_ROUNDS:-3}" \
+    ${BENCH_WORKLOADS:+--workloads "$BENCH_WORKLOADS"} ${BENCH_CONCURRENCY:+--concurrency "$BENCH_CONCURRENCY"} \
+    --endpoint "direct=$(conn $leader_port)" \
+    --endpoint "patroxy=$(conn 6432)" \
+    --endpoint "haproxy=$(conn 6532)" \
+    --endpoint "pgbouncer=$(conn 6632)" | tee "$OUT/latency.txt"
+fi
+if [ "$WHAT" = all ] || [ "$WHAT" = idle ]; then
+  echo "bench: idle memory"
+  "$BENCH" idle --out "$OUT" --endpoint "patroxy=$(conn 6432)" --pid "$PROXY_PID" --sessions 1000 | tee "$OUT/idle.txt"
+fi
+if [ "$WHAT" = all ] || [ "$WHAT" = failover ]; then
+  echo "bench: failover"
+  "$BENCH" failover --out "$OUT" --cluster-ctl "$REPO/scripts/cluster.sh" \
+    --endpoint "patroxy=$(conn 6432)" \
+    --endpoint "haproxy=$(conn 6532)" \
+    --endpoint "pgbouncer=$(conn 6632)" \
+    --endpoint "direct=host=127.0.0.1,127.0.0.1,127.0.0.1 port=5441,5442,5443 user=postgres dbname=postgres target_session_attrs=read-write" \
+    | tee "$OUT/failover.txt"
+fi
+echo "bench: results in $OUT"
