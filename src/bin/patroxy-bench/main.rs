@@ -129,8 +129,7 @@ async fn run(mode: Mode) -> anyhow::Result<()> {
             report::write_json(&out.join("latency.json"), &compared)?;
             let plots = plot::latency_curves(&out, &cells)?;
             println!(
-                "wrote {} and {} plots in {}",
-                "latency.json",
+                "wrote latency.json and {} plots in {}",
                 plots.len(),
                 out.display()
             );
