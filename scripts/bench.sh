@@ -10,6 +10,7 @@
 #   bash scripts/bench.sh                    everything (about 15 minutes)
 #   BENCH_SLICE=1s BENCH_ROUNDS=1 bash scripts/bench.sh latency     a quick latency run
 #   bash scripts/bench.sh failover           only the failover run
+#   bash scripts/bench.sh up                 set everything up and wait (for profiling)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -29,15 +30,16 @@ for port in 6432 6433 6532 6632; do
   fi
 done
 
-as_pg() {
-  if [ "$(id -u)" -eq 0 ]; then setpriv --reuid=postgres --regid=postgres --init-groups -- "$@"; else "$@"; fi
-}
+# PgBouncer refuses to run as root. A prefix array, not a function, so that $! is its pid.
+AS_PG=()
+[ "$(id -u)" -eq 0 ] && AS_PG=(setpriv --reuid=postgres --regid=postgres --init-groups --)
 
 PIDS=()
 stop_all() {
   trap - INT TERM EXIT
   echo "bench: stopping"
   for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  pkill -TERM -f "$DIR/(pgbouncer.ini|haproxy.cfg)" 2>/dev/null || true
   wait 2>/dev/null || true
   $CLUSTER stop
 }
@@ -84,7 +86,7 @@ logfile = $DIR/pgbouncer.log
 CFG
 echo '"postgres" ""' >"$DIR/userlist.txt"
 [ "$(id -u)" -eq 0 ] && chown postgres:postgres "$DIR/pgbouncer.ini" "$DIR/userlist.txt"
-as_pg pgbouncer "$DIR/pgbouncer.ini" >>"$DIR/pgbouncer.out" 2>&1 &
+"${AS_PG[@]}" pgbouncer "$DIR/pgbouncer.ini" >>"$DIR/pgbouncer.out" 2>&1 &
 PIDS+=($!)
 
 "$REPO/target/release/patroxy" run --config "$REPO/config/patroxy.toml" --log warn >"$DIR/patroxy.log" 2>&1 &
@@ -115,6 +117,17 @@ echo "bench: leader on $leader_port; pgbench -i -s 10"
 } >"$OUT/machine.txt"
 
 BENCH="$REPO/target/release/patroxy-bench"
+if [ "$WHAT" = up ]; then
+  cat <<TXT
+bench: everything is up; Ctrl-C stops it. patroxy's pid: $PROXY_PID
+  direct    $(conn $leader_port)
+  patroxy   $(conn 6432)
+  haproxy   $(conn 6532)
+  pgbouncer $(conn 6632)
+TXT
+  wait "$PROXY_PID"
+  exit 0
+fi
 if [ "$WHAT" = all ] || [ "$WHAT" = latency ]; then
   echo "bench: latency"
   "$BENCH" latency --out "$OUT" --slice "${BENCH_SLICE:-2s}" --rounds "${BENCH_ROUNDS:-3}" \

@@ -67,6 +67,9 @@ pub struct Attempt {
 pub struct LeaderChange {
     pub at: f64,
     pub leader: Option<String>,
+    /// For a new leader: when the server itself first answered `pg_is_in_recovery() = false`
+    /// to a direct connection polling every 2 ms. The floor no proxy can beat.
+    pub writable_at: Option<f64>,
 }
 
 /// One endpoint's numbers for one event.
@@ -83,6 +86,8 @@ pub struct EventResult {
     pub failed_attempts: usize,
     /// From the new leader key to this endpoint's first successful write after it (seconds).
     pub leader_to_first_write: Option<f64>,
+    /// From the new leader key to the new primary leaving recovery (seconds).
+    pub leader_to_writable: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -164,8 +169,15 @@ pub async fn run(s: &Settings) -> anyhow::Result<Outcome> {
         let (from, to) = (secs(started), secs(Instant::now()));
         windows.push((event, from, to));
         let log = attempts.lock().unwrap().clone();
+        let writable = leaders
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|c| c.at == new_at)
+            .and_then(|c| c.writable_at)
+            .map(|w| w - new_at);
         for ep in &s.endpoints {
-            results.push(measure(
+            let mut r = measure(
                 event,
                 &ep.name,
                 &log,
@@ -173,7 +185,9 @@ pub async fn run(s: &Settings) -> anyhow::Result<Outcome> {
                 to,
                 Some(new_leader.clone()),
                 new_at,
-            ));
+            );
+            r.leader_to_writable = writable;
+            results.push(r);
         }
     }
     bar.set_message("failover: checking acknowledged writes");
@@ -255,6 +269,7 @@ async fn watch_leader(
         log.lock().unwrap().push(LeaderChange {
             at: secs(Instant::now()),
             leader: current,
+            writable_at: None,
         });
         let opts = WatchOptions::new().with_start_revision(rev + 1);
         let Ok(mut stream) = etcd.watch(key.as_str(), Some(opts)).await else {
@@ -270,11 +285,66 @@ async fn watch_leader(
                             EventType::Put => ev.kv().map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
                             EventType::Delete => None,
                         };
-                        log.lock().unwrap().push(LeaderChange { at: secs(Instant::now()), leader });
+                        let mut log_now = log.lock().unwrap();
+                        let index = log_now.len();
+                        log_now.push(LeaderChange { at: secs(Instant::now()), leader: leader.clone(), writable_at: None });
+                        drop(log_now);
+                        if let Some(name) = leader {
+                            let member_key = key.replace("/leader", &format!("/members/{name}"));
+                            tokio::spawn(probe_writable(etcd.clone(), member_key, log.clone(), index, t0));
+                        }
                     }
                 }
             }
         }
+    }
+}
+
+/// Polls the new leader directly until it leaves recovery; records when.
+async fn probe_writable(
+    mut etcd: Etcd,
+    member_key: String,
+    log: Log<LeaderChange>,
+    index: usize,
+    t0: Instant,
+) {
+    let Ok(resp) = etcd.get(member_key.as_str(), None).await else {
+        return;
+    };
+    let Some(ep) = resp.kvs().first().and_then(|kv| {
+        let v: serde_json::Value = serde_json::from_slice(kv.value()).ok()?;
+        patroxy::discovery::patroni::Endpoint::from_conn_url(v["conn_url"].as_str()?)
+    }) else {
+        return;
+    };
+    let conninfo = format!(
+        "host={} port={} user=postgres dbname=postgres",
+        ep.host, ep.port
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut client = None;
+    while Instant::now() < deadline {
+        if client.is_none() {
+            client = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+                .await
+                .ok()
+                .map(|(c, conn)| {
+                    tokio::spawn(conn);
+                    c
+                });
+        }
+        if let Some(c) = &client {
+            match c.query_one("SELECT pg_is_in_recovery()", &[]).await {
+                Ok(row) if !row.get::<_, bool>(0) => {
+                    log.lock().unwrap()[index].writable_at =
+                        Some(Instant::now().duration_since(t0).as_secs_f64());
+                    return;
+                }
+                Ok(_) => {}
+                Err(_) => client = None,
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 
@@ -400,6 +470,7 @@ pub fn measure(
         longest_gap: gap,
         failed_attempts: mine.iter().filter(|a| !a.ok).count(),
         leader_to_first_write: first_after,
+        leader_to_writable: None,
     }
 }
 

@@ -39,10 +39,9 @@ pub fn latency_curves(dir: &Path, cells: &[Cell]) -> anyhow::Result<Vec<String>>
         }
         let name = format!("latency-{}-c{conc}.svg", workload.name());
         let path = dir.join(&name);
-        let top = mine
-            .iter()
-            .flat_map(|c| c.curve.iter().map(|(_, v)| *v))
-            .fold(1.0f64, f64::max);
+        let values = || mine.iter().flat_map(|c| c.curve.iter().map(|(_, v)| *v));
+        let top = values().fold(1.0f64, f64::max);
+        let bottom = values().fold(f64::MAX, f64::min).max(1.0);
         let root = SVGBackend::new(&path, (820, 480)).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
         let mut chart = ChartBuilder::on(&root)
@@ -54,11 +53,12 @@ pub fn latency_curves(dir: &Path, cells: &[Cell]) -> anyhow::Result<Vec<String>>
                 ("sans-serif", 20),
             )
             .margin(12)
+            .margin_right(40)
             .x_label_area_size(40)
             .y_label_area_size(60)
             .build_cartesian_2d(
                 0f64..(CURVE.len() - 1) as f64,
-                (1.0f64..top * 1.3).log_scale(),
+                (bottom * 0.7..top * 1.3).log_scale(),
             )
             .map_err(err)?;
         chart
@@ -69,6 +69,8 @@ pub fn latency_curves(dir: &Path, cells: &[Cell]) -> anyhow::Result<Vec<String>>
                 CURVE.get(i).map_or_else(String::new, |p| format!("p{p}"))
             })
             .y_desc("µs")
+            .y_label_formatter(&|y| format!("{y:.0}"))
+            .y_label_formatter(&|y| format!("{y:.0}"))
             .draw()
             .map_err(err)?;
         for (i, c) in mine.iter().enumerate() {
@@ -119,8 +121,8 @@ pub fn failover_timeline(dir: &Path, o: &Outcome, endpoints: &[String]) -> anyho
     root.fill(&WHITE).map_err(err)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            "Writes through each endpoint during switchover, crash and freeze",
-            ("sans-serif", 20),
+            "Writes per endpoint (green: committed, red: failed); blue line: new leader key, black: key deleted",
+            ("sans-serif", 18),
         )
         .margin(12)
         .x_label_area_size(40)

@@ -93,19 +93,26 @@ pub fn failover_table(o: &Outcome) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<11} {:<10} {:<8} {:>14} {:>8} {:>22}",
-        "event", "endpoint", "leader", "longest gap s", "failed", "leader key → write ms"
+        "{:<11} {:<10} {:<8} {:>14} {:>8} {:>22} {:>24}",
+        "event",
+        "endpoint",
+        "leader",
+        "longest gap s",
+        "failed",
+        "leader key → write ms",
+        "leader key → writable ms"
     );
     for e in &o.events {
         let _ = writeln!(
             out,
-            "{:<11} {:<10} {:<8} {:>14.3} {:>8} {:>22}",
+            "{:<11} {:<10} {:<8} {:>14.3} {:>8} {:>22} {:>24}",
             e.event.name(),
             e.endpoint,
             e.new_leader.as_deref().unwrap_or("-"),
             e.longest_gap,
             e.failed_attempts,
             opt(e.leader_to_first_write.map(|s| s * 1000.0), 0),
+            opt(e.leader_to_writable.map(|s| s * 1000.0), 0),
         );
     }
     let _ = writeln!(out);
