@@ -57,6 +57,15 @@ pub struct Config {
     #[serde(rename = "listener")]
     pub listeners: Vec<ListenerConfig>,
     pub timeouts: Timeouts,
+    pub runtime: RuntimeConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Threads that relay sessions: 0 means one per CPU core; 1 runs everything on one thread
+    /// (tokio's current-thread runtime), which wastes no cycles on cross-thread wake-ups.
+    pub worker_threads: usize,
 }
 
 impl Default for Config {
@@ -66,6 +75,7 @@ impl Default for Config {
             clusters: vec![ClusterConfig::default()],
             listeners: vec![ListenerConfig::default()],
             timeouts: Timeouts::default(),
+            runtime: RuntimeConfig::default(),
         }
     }
 }
@@ -278,6 +288,7 @@ pub struct Overrides {
     pub replica: Vec<String>,
     pub connect_wait: Option<Duration>,
     pub drain_timeout: Option<Duration>,
+    pub worker_threads: Option<usize>,
 }
 
 impl Config {
@@ -317,6 +328,9 @@ impl Config {
         }
         if let Some(d) = o.drain_timeout {
             self.timeouts.drain = d;
+        }
+        if let Some(n) = o.worker_threads {
+            self.runtime.worker_threads = n;
         }
     }
 
@@ -603,6 +617,7 @@ mod tests {
             replica: vec!["127.0.0.1:7002".into()],
             connect_wait: Some(Duration::from_secs(2)),
             drain_timeout: None,
+            worker_threads: None,
         });
         c.validate().unwrap();
         assert_eq!(c.clusters[0].prefix(), "/other/b/");

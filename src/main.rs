@@ -62,6 +62,9 @@ struct RunArgs {
     /// How long sessions on a deposed primary get to reach a rest point, e.g. 500ms.
     #[arg(long, env = "PATROXY_DRAIN_TIMEOUT", value_parser = humantime::parse_duration)]
     drain_timeout: Option<Duration>,
+    /// Relay threads: 0 = one per core, 1 = a single-threaded runtime.
+    #[arg(long, env = "PATROXY_WORKER_THREADS")]
+    worker_threads: Option<usize>,
     /// Log filter, e.g. info or patroxy=debug.
     #[arg(long, env = "PATROXY_LOG", default_value = "info")]
     log: String,
@@ -110,14 +113,25 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         replica: args.replica,
         connect_wait: args.connect_wait,
         drain_timeout: args.drain_timeout,
+        worker_threads: args.worker_threads,
     });
     config.validate()?;
     let config = Arc::new(config);
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
+    let runtime = match config.runtime.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        0 => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+    }
+    .context("starting the runtime")?;
+
     runtime.block_on(async move {
         let listeners = patroxy::app::bind(&config).await?;
         let shutdown = CancellationToken::new();

@@ -3,12 +3,13 @@
 //! It ends a session on a deposed primary or at shutdown at its next rest point, or at the
 //! deadline, with FATAL 57P01.
 
+use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{sleep_until, timeout, Instant};
@@ -140,12 +141,9 @@ pub async fn relay(
         up_clean: AtomicBool::new(true),
         ..Shared::default()
     };
-    let (mut cr, mut cw) = client.split();
-    let (mut sr, mut sw) = server.split();
-
     let end = {
-        let up = pump_up(&mut cr, &mut sw, client_leftover, &st);
-        let down = pump_down(&mut sr, &mut cw, server_leftover, &st);
+        let up = pump_up(client, server, client_leftover, &st);
+        let down = pump_down(server, client, server_leftover, &st);
         tokio::pin!(up, down);
         let mut draining: Option<(DrainCause, Instant)> = None;
         let mut topology_open = true;
@@ -211,13 +209,13 @@ pub async fn relay(
     if let Some((code, msg)) = goodbye {
         if drain::can_send_error(st.progress()) {
             let frame = messages::error_response(Severity::Fatal, code, &msg);
-            let _ = timeout(GOODBYE_TIMEOUT, cw.write_all(&frame)).await;
+            let _ = timeout(GOODBYE_TIMEOUT, write_all(client, &frame)).await;
         }
         if st.up_clean.load(Relaxed) {
-            let _ = timeout(GOODBYE_TIMEOUT, sw.write_all(&TERMINATE)).await;
+            let _ = timeout(GOODBYE_TIMEOUT, write_all(server, &TERMINATE)).await;
         }
     }
-    let _ = timeout(GOODBYE_TIMEOUT, cw.shutdown()).await;
+    let _ = timeout(GOODBYE_TIMEOUT, client.shutdown()).await;
     Outcome {
         end,
         bytes_up: st.bytes_up.load(Relaxed),
@@ -227,17 +225,57 @@ pub async fn relay(
 
 const TERMINATE: [u8; 5] = [codes::TERMINATE, 0, 0, 0, 4];
 
+/// Reads what is available into `buf`'s spare capacity; `Ok(0)` is the end of the stream.
+///
+/// A short read means the socket is drained, so readiness is cleared at once instead of being
+/// learnt from one more read that only returns EAGAIN: one syscall less per message and
+/// direction. The read runs inside `try_io`, whose readiness snapshot is taken before it, so
+/// an event that arrives meanwhile carries a newer tick and is never cleared.
+async fn read_some(s: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    if buf.capacity() == buf.len() {
+        buf.reserve(BUF_SIZE);
+    }
+    loop {
+        s.readable().await?;
+        let spare = buf.capacity() - buf.len();
+        let mut got = None;
+        let r = s.try_io(Interest::READABLE, || {
+            let n = s.try_read_buf(buf)?;
+            got = Some(n);
+            if n > 0 && n < spare {
+                Err(io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(())
+            }
+        });
+        match (got, r) {
+            (Some(n), _) => return Ok(n),
+            (None, Err(e)) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            (None, Err(e)) => return Err(e),
+            (None, Ok(())) => unreachable!("the closure sets `got` before it returns Ok"),
+        }
+    }
+}
+
+/// Writes all of `data`, waiting for writability only when the socket's buffer is full.
+async fn write_all(s: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        match s.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => s.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Client to server: counts the requests that will each be answered by a ReadyForQuery.
-async fn pump_up<R, W>(rd: &mut R, wr: &mut W, mut buf: BytesMut, st: &Shared) -> End
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
+async fn pump_up(rd: &TcpStream, wr: &TcpStream, mut buf: BytesMut, st: &Shared) -> End {
     let mut scanner = Scanner::new(MAX_DECLARED_LEN);
     buf.reserve(BUF_SIZE);
     loop {
         if buf.is_empty() {
-            match rd.read_buf(&mut buf).await {
+            match read_some(rd, &mut buf).await {
                 Ok(0) => return End::ClientClosed,
                 Ok(_) => {}
                 Err(e) => return End::ClientIo(e),
@@ -254,7 +292,7 @@ where
             return End::ClientProtocol(e);
         }
         st.up_clean.store(false, Relaxed);
-        if let Err(e) = wr.write_all(&buf).await {
+        if let Err(e) = write_all(wr, &buf).await {
             return End::ServerIo(e);
         }
         st.up_clean.store(scanner.at_boundary(), Relaxed);
@@ -270,16 +308,12 @@ enum Pumped {
 }
 
 /// Server to client: follows ReadyForQuery, and stops at a rest point once draining.
-async fn pump_down<R, W>(rd: &mut R, wr: &mut W, mut buf: BytesMut, st: &Shared) -> Pumped
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
+async fn pump_down(rd: &TcpStream, wr: &TcpStream, mut buf: BytesMut, st: &Shared) -> Pumped {
     let mut scanner = Scanner::new(MAX_DECLARED_LEN);
     buf.reserve(BUF_SIZE);
     loop {
         if buf.is_empty() {
-            match rd.read_buf(&mut buf).await {
+            match read_some(rd, &mut buf).await {
                 Ok(0) => return Pumped::End(End::ServerClosed),
                 Ok(_) => {}
                 Err(e) => return Pumped::End(End::ServerIo(e)),
@@ -298,9 +332,10 @@ where
             return Pumped::End(End::ServerProtocol(e));
         }
         st.down_clean.store(false, Relaxed);
-        if let Err(e) = wr.write_all(&buf).await {
+        if let Err(e) = write_all(wr, &buf).await {
             return Pumped::End(End::ClientIo(e));
         }
+
         st.down_clean.store(scanner.at_boundary(), Relaxed);
         st.bytes_down.fetch_add(buf.len() as u64, Relaxed);
         buf.clear();
