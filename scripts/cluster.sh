@@ -9,6 +9,8 @@
 #   cluster.sh crash NODE          kill -9 of NODE's Patroni and postmaster
 #   cluster.sh freeze NODE         SIGSTOP every process of NODE (silent loss)
 #   cluster.sh thaw NODE           SIGCONT them
+#   cluster.sh fence NODE          kill -9 of a (frozen) NODE, its leftover processes resumed so
+#                                  they exit; then `restart` brings it back as a replica
 #   cluster.sh restart NODE        start NODE's Patroni again (it rejoins as a replica)
 #   cluster.sh wait-healthy [N]    wait for a leader, N running members (default 3), a sync standby
 #
@@ -185,9 +187,20 @@ crash)
   ;;
 freeze) for pid in $(member_pids "$2"); do kill -STOP "$pid" 2>/dev/null || true; done ;;
 thaw) for pid in $(member_pids "$2"); do kill -CONT "$pid" 2>/dev/null || true; done ;;
+fence)
+  # A frozen node must not simply resume: Patroni 3.0.2 was seen taking the leader key back
+  # from the new leader on SIGCONT, which loses the new leader's writes (BENCHMARKS.md).
+  pids=$(member_pids "$2")
+  for pid in $(pgrep -f "$DIR/$2/" || true); do kill -KILL "$pid" 2>/dev/null || true; done
+  # Backends left stopped would keep the old shared memory: let them see the postmaster gone.
+  for pid in $pids; do kill -CONT "$pid" 2>/dev/null || true; done
+  end=$((SECONDS + 20))
+  while [ -n "$(member_pids "$2")" ] && [ $SECONDS -lt $end ]; do sleep 0.1; done
+  ;;
+
 restart) start_member "$2" ;;
 *)
-  sed -n '2,17p' "$0" >&2
+  sed -n '2,19p' "$0" >&2
   exit 2
   ;;
 esac

@@ -208,19 +208,7 @@ async fn writes_survive_switchover_silent_loss_and_crash() {
     assert_eq!(port, cluster.port_of(&frozen) as i32);
     let (busy, _busy_conn) = connect_with(proxy.port(), "").await.unwrap();
     let busy_query = tokio::spawn(async move { busy.simple_query("SELECT pg_sleep(600)").await });
-    let frozen_port = cluster.port_of(&frozen);
-    wait_for("pg_sleep to run on the leader", EVENT, || async move {
-        let direct = connect(frozen_port).await.ok()?;
-        let row = direct
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(600)'",
-                &[],
-            )
-            .await
-            .ok()?;
-        (row.get::<_, i64>(0) == 1).then_some(())
-    })
-    .await;
+    wait_query_running(cluster.port_of(&frozen), "SELECT pg_sleep(600)").await;
     let t = Instant::now();
     cluster.member(&frozen).freeze();
     let promoted = new_leader(&cluster, &frozen).await;

@@ -71,16 +71,7 @@ async fn queries_reach_the_leader_and_sessions_drain_when_it_moves() {
         (busy, r)
     });
     // The sleep must be running on the server before the leader moves.
-    let a_port = c.a.port;
-    wait_for("pg_sleep to run on a", LONG, || async move {
-        let direct = connect(a_port).await.ok()?;
-        let row = direct
-            .query_one("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(3)' AND state = 'active'", &[])
-            .await
-            .ok()?;
-        (row.get::<_, i64>(0) == 1).then_some(())
-    })
-    .await;
+    wait_query_running(c.a.port, "SELECT pg_sleep(3)").await;
 
     c.keys.leader("b").await;
 
@@ -115,16 +106,7 @@ async fn a_query_stuck_on_a_deposed_primary_ends_at_the_drain_deadline() {
     wait_routed(&proxy, c.a.port).await;
     let (stuck, _conn) = connect_with(proxy.port(), "").await.unwrap();
     let query = tokio::spawn(async move { stuck.simple_query("SELECT pg_sleep(600)").await });
-    let a_port = c.a.port;
-    wait_for("pg_sleep to run", LONG, || async move {
-        let direct = connect(a_port).await.ok()?;
-        let row = direct
-            .query_one("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(600)' AND state = 'active'", &[])
-            .await
-            .ok()?;
-        (row.get::<_, i64>(0) == 1).then_some(())
-    })
-    .await;
+    wait_query_running(c.a.port, "SELECT pg_sleep(600)").await;
     c.keys.leader("b").await;
     let err = tokio::time::timeout(LONG, query)
         .await
@@ -325,16 +307,7 @@ async fn cancel_requests_reach_the_right_server_through_any_instance() {
         let (client, _conn) = connect_with(one.port(), "").await.unwrap();
         let token = client.cancel_token();
         let query = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(600)").await });
-        let a_port = c.a.port;
-        wait_for("pg_sleep to run", LONG, || async move {
-            let direct = connect(a_port).await.ok()?;
-            let row = direct
-                .query_one("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(600)' AND state = 'active'", &[])
-                .await
-                .ok()?;
-            (row.get::<_, i64>(0) == 1).then_some(())
-        })
-        .await;
+        wait_query_running(c.a.port, "SELECT pg_sleep(600)").await;
         // Instance two never saw this session: it must broadcast to the members.
         let stream = TcpStream::connect(("127.0.0.1", via)).await.unwrap();
         token

@@ -30,7 +30,7 @@ const SERVER_FRAME_LIMIT: usize = 1 << 20;
 /// Client frames during authentication: PostgreSQL caps auth tokens at 64 KiB.
 const CLIENT_AUTH_FRAME_LIMIT: usize = 65_536 + 5;
 /// How often a server that is still finishing its promotion is asked again.
-const PROMOTION_POLL: Duration = Duration::from_millis(20);
+const PROMOTION_POLL: Duration = Duration::from_millis(10);
 /// Pause before retrying a target that failed, doubling up to the max, unless the topology
 /// changes first: many waiting clients must not hammer a dead server.
 const RETRY_PAUSE_MIN: Duration = Duration::from_millis(50);

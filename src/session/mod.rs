@@ -42,7 +42,7 @@ pub struct Shared {
 pub struct ListenerContext {
     pub name: String,
     pub cluster: String,
-    pub policy: Policy,
+    pub policy: Arc<Policy>,
     pub topology: watch::Receiver<Arc<Topology>>,
     /// Advances once per new session; balancing takes turns with it.
     pub turn: AtomicUsize,
@@ -60,7 +60,7 @@ impl ListenerContext {
         ListenerContext {
             name,
             cluster,
-            policy,
+            policy: Arc::new(policy),
             topology,
             turn: AtomicUsize::new(0),
             shared,

@@ -11,9 +11,10 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::time::{sleep_until, timeout, Instant};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::drain::{self, DrainCause, Progress};
 use crate::config::Timeouts;
@@ -68,7 +69,7 @@ impl std::fmt::Display for End {
 
 /// What the relay needs to know about its session.
 pub struct RelayContext<'a> {
-    pub policy: &'a Policy,
+    pub policy: &'a Arc<Policy>,
     pub member: &'a str,
     pub server: &'a Endpoint,
     pub timeouts: &'a Timeouts,
@@ -146,9 +147,19 @@ pub async fn relay(
         let down = pump_down(server, client, server_leftover, &st);
         tokio::pin!(up, down);
         let mut draining: Option<(DrainCause, Instant)> = None;
-        let mut topology_open = true;
-        // The topology may have moved while this session was connecting.
-        topology.mark_changed();
+        // The topology and shutdown are watched by a task of their own: their futures take
+        // locks shared by every session, so polling them on each data wake-up would serialise
+        // busy sessions. The relay only sees a oneshot, which is lock-free to poll.
+        let (cause_tx, mut cause_rx) = oneshot::channel();
+        let _control = AbortOnDropHandle::new(tokio::spawn(watch_for_drain(
+            ctx.policy.clone(),
+            ctx.member.to_owned(),
+            ctx.server.clone(),
+            topology.clone(),
+            ctx.shutdown.clone(),
+            cause_tx,
+        )));
+        let mut control_open = true;
         loop {
             let deadline = draining.as_ref().map(|(_, d)| *d);
             tokio::select! {
@@ -161,21 +172,12 @@ pub async fn relay(
                     Pumped::End(end) => break end,
                 },
                 end = &mut up => break end,
-                changed = topology.changed(), if topology_open && draining.is_none() => {
-                    if changed.is_err() {
-                        topology_open = false;
+                cause = &mut cause_rx, if control_open && draining.is_none() => {
+                    let Ok(cause) = cause else {
+                        control_open = false;
                         continue;
-                    }
-                    let cause = drain::drain_cause(ctx.policy, ctx.member, ctx.server, &topology.borrow_and_update());
-                    if let Some(cause) = cause {
-                        tracing::debug!(server = %ctx.server, %cause, "draining session");
-                        st.start_drain(&cause);
-                        let deadline = Instant::now() + cause.deadline(ctx.timeouts);
-                        draining = Some((cause, deadline));
-                    }
-                }
-                _ = ctx.shutdown.cancelled(), if draining.is_none() => {
-                    let cause = DrainCause::Shutdown;
+                    };
+                    tracing::debug!(server = %ctx.server, %cause, "draining session");
                     st.start_drain(&cause);
                     let deadline = Instant::now() + cause.deadline(ctx.timeouts);
                     draining = Some((cause, deadline));
@@ -224,6 +226,37 @@ pub async fn relay(
 }
 
 const TERMINATE: [u8; 5] = [codes::TERMINATE, 0, 0, 0, 4];
+
+/// Waits until the session must be drained (its server left the listener's pool, or
+/// shutdown), and says why through `tx`.
+async fn watch_for_drain(
+    policy: Arc<Policy>,
+    member: String,
+    server: Endpoint,
+    mut topology: watch::Receiver<Arc<Topology>>,
+    shutdown: CancellationToken,
+    tx: oneshot::Sender<DrainCause>,
+) {
+    // The topology may have moved while this session was connecting.
+    topology.mark_changed();
+    let mut topology_open = true;
+    let cause = loop {
+        tokio::select! {
+            changed = topology.changed(), if topology_open => {
+                if changed.is_err() {
+                    topology_open = false;
+                    continue;
+                }
+                let t = topology.borrow_and_update();
+                if let Some(cause) = drain::drain_cause(&policy, &member, &server, &t) {
+                    break cause;
+                }
+            }
+            _ = shutdown.cancelled() => break DrainCause::Shutdown,
+        }
+    };
+    let _ = tx.send(cause);
+}
 
 /// Reads what is available into `buf`'s spare capacity; `Ok(0)` is the end of the stream.
 ///

@@ -520,6 +520,21 @@ pub async fn server_port(port: u16) -> Result<i32, tokio_postgres::Error> {
     Ok(row.get(0))
 }
 
+/// Waits until `query` is running (state active) on the server at `port`.
+pub async fn wait_query_running(port: u16, query: &str) {
+    let sql = "SELECT count(*) FROM pg_stat_activity WHERE query = $1 AND state = 'active'";
+    wait_for(
+        &format!("{query:?} to run on port {port}"),
+        Duration::from_secs(60),
+        || async move {
+            let direct = connect(port).await.ok()?;
+            let row = direct.query_one(sql, &[&query]).await.ok()?;
+            (row.get::<_, i64>(0) >= 1).then_some(())
+        },
+    )
+    .await;
+}
+
 /// A session's connection task: it resolves when the connection ends.
 pub type ConnTask = tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>;
 

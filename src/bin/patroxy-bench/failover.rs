@@ -23,7 +23,7 @@ pub enum Event {
     Switchover,
     /// `kill -9` of the leader's Patroni and postmaster; the node is restarted afterwards.
     Crash,
-    /// `SIGSTOP` of every process of the leader; resumed afterwards.
+    /// `SIGSTOP` of every process of the leader; fenced (kill -9) and restarted afterwards.
     Freeze,
 }
 
@@ -161,7 +161,10 @@ pub async fn run(s: &Settings) -> anyhow::Result<Outcome> {
                 ctl(&s.cluster_ctl, &["restart", &old]).await?;
             }
             Event::Freeze => {
-                ctl(&s.cluster_ctl, &["thaw", &old]).await?;
+                // Fenced, not thawed: Patroni 3.0.2 on SIGCONT was seen taking the leader key
+                // back, which loses the new leader's writes whatever the proxy.
+                ctl(&s.cluster_ctl, &["fence", &old]).await?;
+                ctl(&s.cluster_ctl, &["restart", &old]).await?;
             }
         }
         ctl(&s.cluster_ctl, &["wait-healthy", "3"]).await?;
