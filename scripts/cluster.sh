@@ -61,51 +61,12 @@ has_sync() {
 }
 healthy() { has_leader && [ "$(running_members)" -ge "$1" ] && { [ "$1" -eq 1 ] || has_sync; }; }
 
+# The member's Patroni settings, from the template the end-to-end tests use too.
 member_yaml() { # name pg_port api_port
-  local name=$1 pg=$2 api=$3 dir="$DIR/$1"
-  cat <<YAML
-scope: $SCOPE
-namespace: /service/
-name: $name
-log:
-  level: WARNING
-restapi:
-  listen: 127.0.0.1:$api
-  connect_address: 127.0.0.1:$api
-etcd3:
-  hosts: 127.0.0.1:$ETCD_PORT
-bootstrap:
-  dcs:
-    ttl: 10
-    loop_wait: 2
-    retry_timeout: 4
-    maximum_lag_on_failover: 1048576
-    synchronous_mode: true
-    postgresql:
-      use_pg_rewind: true
-      use_slots: true
-      parameters:
-        wal_log_hints: 'on'
-        max_connections: $MAX_CONNECTIONS
-  initdb:
-  - encoding: UTF8
-  - auth-local: trust
-  pg_hba:
-  - local all all trust
-  - host all all 127.0.0.1/32 trust
-  - host replication replicator 127.0.0.1/32 trust
-postgresql:
-  listen: 127.0.0.1:$pg
-  connect_address: 127.0.0.1:$pg
-  data_dir: $dir/data
-  bin_dir: $PG_BIN
-  pgpass: $dir/pgpass
-  authentication:
-    replication: {username: replicator, password: rep-pass}
-    superuser: {username: postgres, password: postgres}
-  parameters:
-    unix_socket_directories: '$dir'
-YAML
+  sed -e "s|@SCOPE@|$SCOPE|g" -e "s|@NAME@|$1|g" -e "s|@PG_PORT@|$2|g" -e "s|@API_PORT@|$3|g" \
+    -e "s|@ETCD_PORT@|$ETCD_PORT|g" -e "s|@DIR@|$DIR/$1|g" -e "s|@PG_BIN@|$PG_BIN|g" \
+    -e "s|@MAX_CONNECTIONS@|$MAX_CONNECTIONS|g" -e "s|@FSYNC@|on|g" \
+    "$(dirname "$0")/patroni-member.yml"
 }
 
 start_member() { # name

@@ -295,60 +295,18 @@ pub struct ClusterState {
     pub running: std::collections::BTreeMap<String, bool>,
 }
 
+/// The member's Patroni settings, from the template the demo and the benchmark use too.
 fn member_yaml(scope: &str, etcd_port: u16, m: &Member) -> String {
-    let dir = m.dir.display();
-    format!(
-        r#"scope: {scope}
-namespace: /service/
-name: {name}
-log:
-  level: WARNING
-restapi:
-  listen: 127.0.0.1:{api}
-  connect_address: 127.0.0.1:{api}
-etcd3:
-  hosts: 127.0.0.1:{etcd_port}
-bootstrap:
-  dcs:
-    ttl: 10
-    loop_wait: 2
-    retry_timeout: 4
-    maximum_lag_on_failover: 1048576
-    synchronous_mode: true
-    postgresql:
-      use_pg_rewind: true
-      use_slots: true
-      parameters:
-        wal_log_hints: 'on'
-        max_connections: 100
-        max_wal_senders: 10
-  initdb:
-  - encoding: UTF8
-  - auth-local: trust
-  pg_hba:
-  - local all all trust
-  - host all all 127.0.0.1/32 trust
-  - host replication replicator 127.0.0.1/32 trust
-postgresql:
-  listen: 127.0.0.1:{pg}
-  connect_address: 127.0.0.1:{pg}
-  data_dir: {dir}/data
-  bin_dir: {PG_BIN}
-  pgpass: {dir}/pgpass
-  authentication:
-    replication:
-      username: replicator
-      password: rep-pass
-    superuser:
-      username: postgres
-      password: postgres
-  parameters:
-    unix_socket_directories: '{dir}'
-    fsync: 'off'
-    shared_buffers: 16MB
-"#,
-        name = m.name,
-        api = m.api_port,
-        pg = m.pg_port,
-    )
+    const TEMPLATE: &str = include_str!("../../scripts/patroni-member.yml");
+    TEMPLATE
+        .replace("@SCOPE@", scope)
+        .replace("@NAME@", &m.name)
+        .replace("@API_PORT@", &m.api_port.to_string())
+        .replace("@PG_PORT@", &m.pg_port.to_string())
+        .replace("@ETCD_PORT@", &etcd_port.to_string())
+        .replace("@DIR@", &m.dir.display().to_string())
+        .replace("@PG_BIN@", PG_BIN)
+        .replace("@MAX_CONNECTIONS@", "100")
+        // Tests need no durability across a machine crash: only processes die here.
+        .replace("@FSYNC@", "off")
 }
