@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -74,6 +74,7 @@ pub async fn serve(
         timeouts: config.timeouts.clone(),
         cancels: CancelRegistry::default(),
         load: ServerLoad::default(),
+        connections: Arc::new(Semaphore::new(config.limits.max_client_connections)),
         shutdown: shutdown.clone(),
     });
     let sessions = TaskTracker::new();
@@ -88,12 +89,12 @@ pub async fn serve(
             continue;
         };
         let ctx = Arc::new(ListenerContext::new(
-            b.config.name.clone(),
+            &b.config,
             cluster,
-            b.config.policy(),
             topology.clone(),
             shared.clone(),
         ));
+
         accepting.spawn(accept_loop(
             b.listener,
             ctx,

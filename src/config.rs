@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::allow::Cidr;
 use crate::router::{Balance, ListenerRole, Policy};
 
 /// The default `max_lag` of read listeners: 16 MiB.
@@ -58,6 +59,22 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     pub timeouts: Timeouts,
     pub runtime: RuntimeConfig,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Client connections across all listeners; over it, a client gets FATAL 53300.
+    pub max_client_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_client_connections: 10_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -76,6 +93,7 @@ impl Default for Config {
             listeners: vec![ListenerConfig::default()],
             timeouts: Timeouts::default(),
             runtime: RuntimeConfig::default(),
+            limits: Limits::default(),
         }
     }
 }
@@ -197,6 +215,10 @@ pub struct ListenerConfig {
     pub require_tags: BTreeMap<String, serde_json::Value>,
     /// Read roles: replicas carrying any of these tags are left out.
     pub exclude_tags: BTreeMap<String, serde_json::Value>,
+    /// At most this many client connections on this listener; 0 means no limit of its own.
+    pub max_client_connections: usize,
+    /// Client addresses allowed to connect (CIDR blocks); empty allows every address.
+    pub allow: Vec<Cidr>,
 }
 
 impl Default for ListenerConfig {
@@ -210,6 +232,8 @@ impl Default for ListenerConfig {
             max_lag: None,
             require_tags: BTreeMap::new(),
             exclude_tags: BTreeMap::new(),
+            max_client_connections: 0,
+            allow: Vec::new(),
         }
     }
 }
@@ -385,6 +409,9 @@ impl Config {
             if d.is_zero() {
                 bad.push(format!("{name}: must be greater than zero"));
             }
+        }
+        if self.limits.max_client_connections == 0 {
+            bad.push("limits.max_client_connections: must be greater than zero".into());
         }
         if bad.is_empty() {
             Ok(())

@@ -9,6 +9,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::protocol::codes;
+use crate::protocol::messages::{self, Severity};
 use crate::session::{self, ListenerContext};
 
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
@@ -32,7 +34,35 @@ pub async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 backoff = ACCEPT_BACKOFF_MIN;
-                tracker.spawn(session::serve(stream, peer, ctx.clone()));
+                if !crate::allow::allowed(&ctx.allow, peer.ip()) {
+                    warn!(client = %peer, listener = %ctx.name, "client address not allowed");
+                    let msg = format!(
+                        "patroxy: connections from {} are not allowed on this listener",
+                        peer.ip()
+                    );
+                    refuse(&stream, codes::INVALID_AUTHORIZATION, &msg);
+                    continue;
+                }
+                // Permits move into the session task and are released however it ends.
+                let global = ctx.shared.connections.clone().try_acquire_owned().ok();
+                let local = match &ctx.limit {
+                    Some(l) => l.clone().try_acquire_owned().ok().map(Some),
+                    None => Some(None),
+                };
+                let (Some(global), Some(local)) = (global, local) else {
+                    warn!(client = %peer, listener = %ctx.name, "connection limit reached; client refused");
+                    refuse(
+                        &stream,
+                        codes::TOO_MANY_CONNECTIONS,
+                        "sorry, too many clients already (patroxy)",
+                    );
+                    continue;
+                };
+                let ctx = ctx.clone();
+                tracker.spawn(async move {
+                    let _permits = (global, local);
+                    session::serve(stream, peer, ctx).await;
+                });
             }
             Err(e) => {
                 // Out of file descriptors, or a connection reset before accept: wait, retry.
@@ -46,4 +76,14 @@ pub async fn accept_loop(
         }
     }
     info!(listener = %ctx.name, "stopped accepting");
+}
+
+/// Refuses a client with a FATAL error, without a task: one non-blocking write into an empty
+/// socket buffer, then close. A flood of refusals costs no memory.
+fn refuse(stream: &tokio::net::TcpStream, sqlstate: &str, message: &str) {
+    let _ = stream.try_write(&messages::error_response(
+        Severity::Fatal,
+        sqlstate,
+        message,
+    ));
 }

@@ -170,3 +170,71 @@ async fn the_binary_routes_from_flags_and_env_and_drains_on_sigterm() {
     assert!(log.contains("session closed"), "{log}");
     assert!(log.contains("shutdown complete"), "{log}");
 }
+
+#[test]
+fn the_etcd_password_never_reaches_errors_or_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "hunter2-never-print-me";
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        format!("[etcd]\nendpoints = [\"nope\"]\nusername = \"u\"\npassword = \"{secret}\"\n[cluster]\nscope = \"x\"\n"),
+    )
+    .unwrap();
+    let out = patroxy().arg("check-config").arg(&bad).output().unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success() && !all.contains(secret), "{all}");
+
+    // A valid file, etcd unreachable: patroxy logs its retries, never the password.
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        format!(
+            "[etcd]\nendpoints = [\"http://127.0.0.1:{}\"]\nusername = \"u\"\npassword = \"{secret}\"\n\
+             [cluster]\nscope = \"x\"\n[[listener]]\nlisten = \"127.0.0.1:0\"\n",
+            free_port()
+        ),
+    )
+    .unwrap();
+    let mut child = patroxy()
+        .args(["run", "--log", "debug", "--config"])
+        .arg(&good)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read the log as it comes; once an etcd retry is logged, stop patroxy and read the rest.
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut log = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("patroxy logged no etcd retry within 20 s");
+        let retry = line.contains("etcd watch lost");
+        log.push(line);
+        if retry {
+            break;
+        }
+    }
+    signal(child.id(), "TERM");
+    let status = child.wait().unwrap();
+    log.extend(rx.iter());
+    let all = log.join("\n");
+    assert!(status.success(), "{all}");
+    assert!(!all.contains(secret), "the password leaked:\n{all}");
+}

@@ -43,3 +43,5 @@ pub const PROTOCOL_VIOLATION: &str = "08P01";
 pub const CONNECTION_FAILURE: &str = "08006";
 pub const SQLCLIENT_UNABLE_TO_ESTABLISH: &str = "08001";
 pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
+pub const TOO_MANY_CONNECTIONS: &str = "53300";
+pub const INVALID_AUTHORIZATION: &str = "28000";

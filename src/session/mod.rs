@@ -16,12 +16,14 @@ use bytes::BytesMut;
 use socket2::{SockRef, TcpKeepalive};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::Timeouts;
+use crate::allow::Cidr;
+use crate::config::{ListenerConfig, Timeouts};
+
 use crate::discovery::Topology;
 use crate::protocol::codes;
 use crate::protocol::messages::{self, Severity};
@@ -35,6 +37,8 @@ pub struct Shared {
     pub timeouts: Timeouts,
     pub cancels: CancelRegistry,
     pub load: ServerLoad,
+    /// Client connections across all listeners (`limits.max_client_connections`).
+    pub connections: Arc<Semaphore>,
     pub shutdown: CancellationToken,
 }
 
@@ -46,23 +50,29 @@ pub struct ListenerContext {
     pub topology: watch::Receiver<Arc<Topology>>,
     /// Advances once per new session; balancing takes turns with it.
     pub turn: AtomicUsize,
+    /// This listener's own connection limit, if it has one.
+    pub limit: Option<Arc<Semaphore>>,
+    /// Client addresses allowed; empty allows all.
+    pub allow: Vec<Cidr>,
     pub shared: Arc<Shared>,
 }
 
 impl ListenerContext {
     pub fn new(
-        name: String,
+        config: &ListenerConfig,
         cluster: String,
-        policy: Policy,
         topology: watch::Receiver<Arc<Topology>>,
         shared: Arc<Shared>,
     ) -> ListenerContext {
+        let limit = config.max_client_connections;
         ListenerContext {
-            name,
+            name: config.name.clone(),
             cluster,
-            policy: Arc::new(policy),
+            policy: Arc::new(config.policy()),
             topology,
             turn: AtomicUsize::new(0),
+            limit: (limit > 0).then(|| Arc::new(Semaphore::new(limit))),
+            allow: config.allow.clone(),
             shared,
         }
     }
