@@ -6,5 +6,8 @@ pub mod frame;
 pub mod messages;
 pub mod startup;
 
+#[cfg(test)]
+mod properties;
+
 pub use frame::{FrameError, Scanner};
 pub use startup::{FirstPacket, StartupError};
