@@ -43,11 +43,7 @@ async fn over_the_limits_clients_get_53300_and_the_others_keep_working() {
     })
     .await;
     let (small, big) = (proxy.port_of("small"), proxy.port_of("big"));
-    let port = wait_for("patroxy to route", Duration::from_secs(30), || async move {
-        server_port(big).await.ok()
-    })
-    .await;
-    assert_eq!(port, pg.port as i32);
+    wait_routed(big, pg.port).await;
 
     // The listener's own limit: 2.
     let s1 = connect(small).await.unwrap();
@@ -96,14 +92,7 @@ async fn clients_outside_the_allow_list_get_28000() {
         "{}",
         message(&err)
     );
-    let local = proxy.port_of("local");
-    let port = wait_for(
-        "the local listener to route",
-        Duration::from_secs(30),
-        || async move { server_port(local).await.ok() },
-    )
-    .await;
-    assert_eq!(port, pg.port as i32);
+    wait_routed(proxy.port_of("local"), pg.port).await;
     proxy.stop().await;
 }
 
@@ -124,10 +113,7 @@ async fn a_flood_of_unfinished_startups_stays_bounded_and_is_cut_off() {
     })
     .await;
     let port = proxy.port();
-    wait_for("patroxy to route", Duration::from_secs(30), || async move {
-        server_port(port).await.ok()
-    })
-    .await;
+    wait_routed(port, pg.port).await;
     let before = rss_kib();
     // Each declares the largest startup packet allowed and sends 90% of it, then stalls.
     let mut stalled = Vec::new();

@@ -38,16 +38,6 @@ async fn two_primaries(scope: &str) -> TwoPrimaries {
     }
 }
 
-async fn wait_routed(proxy: &Proxy, port: u16) {
-    let p = proxy.port();
-    wait_for(
-        &format!("new connections to reach port {port}"),
-        LONG,
-        || async move { (server_port(p).await.ok()? == port as i32).then_some(()) },
-    )
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queries_reach_the_leader_and_sessions_drain_when_it_moves() {
     let mut c = two_primaries("drain").await;
@@ -56,7 +46,7 @@ async fn queries_reach_the_leader_and_sessions_drain_when_it_moves() {
         cfg.timeouts.drain = Duration::from_secs(20);
     })
     .await;
-    wait_routed(&proxy, c.a.port).await;
+    wait_routed(proxy.port(), c.a.port).await;
 
     let (idle, idle_conn) = connect_with(proxy.port(), "").await.unwrap();
     idle.simple_query("SELECT 1").await.unwrap();
@@ -92,7 +82,7 @@ async fn queries_reach_the_leader_and_sessions_drain_when_it_moves() {
         .unwrap();
     assert!(row.get::<_, bool>(0));
 
-    wait_routed(&proxy, c.b.port).await;
+    wait_routed(proxy.port(), c.b.port).await;
     proxy.stop().await;
 }
 
@@ -103,7 +93,7 @@ async fn a_query_stuck_on_a_deposed_primary_ends_at_the_drain_deadline() {
         cfg.timeouts.drain = Duration::from_millis(300)
     })
     .await;
-    wait_routed(&proxy, c.a.port).await;
+    wait_routed(proxy.port(), c.a.port).await;
     let (stuck, _conn) = connect_with(proxy.port(), "").await.unwrap();
     let query = tokio::spawn(async move { stuck.simple_query("SELECT pg_sleep(600)").await });
     wait_query_running(c.a.port, "SELECT pg_sleep(600)").await;
@@ -126,12 +116,12 @@ async fn a_query_stuck_on_a_deposed_primary_ends_at_the_drain_deadline() {
 async fn the_leader_flapping_away_and_back_drains_both_times() {
     let mut c = two_primaries("flap").await;
     let proxy = Proxy::start(&c.etcd, "flap", |_| {}).await;
-    wait_routed(&proxy, c.a.port).await;
+    wait_routed(proxy.port(), c.a.port).await;
     let (on_a, on_a_conn) = connect_with(proxy.port(), "").await.unwrap();
     on_a.simple_query("SELECT 1").await.unwrap();
 
     c.keys.leader("b").await;
-    wait_routed(&proxy, c.b.port).await;
+    wait_routed(proxy.port(), c.b.port).await;
     let (on_b, on_b_conn) = connect_with(proxy.port(), "").await.unwrap();
     let port: i32 = on_b
         .query_one("SELECT inet_server_port()", &[])
@@ -143,7 +133,7 @@ async fn the_leader_flapping_away_and_back_drains_both_times() {
 
     assert_eq!(ended_with(on_a_conn).await.as_deref(), Some("57P01"));
     assert_eq!(ended_with(on_b_conn).await.as_deref(), Some("57P01"));
-    wait_routed(&proxy, c.a.port).await;
+    wait_routed(proxy.port(), c.a.port).await;
     proxy.stop().await;
 }
 
@@ -154,7 +144,7 @@ async fn without_a_leader_new_connections_wait_then_fail_clearly() {
         cfg.timeouts.connect_wait = Duration::from_millis(800);
     })
     .await;
-    wait_routed(&proxy, c.a.port).await;
+    wait_routed(proxy.port(), c.a.port).await;
     let (_idle, idle_conn) = connect_with(proxy.port(), "").await.unwrap();
 
     c.keys.delete("leader").await;
@@ -250,12 +240,12 @@ async fn a_standby_named_leader_is_held_until_it_is_promoted() {
 async fn the_watch_survives_etcd_restarts_and_compaction() {
     let mut c = two_primaries("resync").await;
     let proxy = Proxy::start(&c.etcd, "resync", |_| {}).await;
-    wait_routed(&proxy, c.a.port).await;
+    wait_routed(proxy.port(), c.a.port).await;
 
     c.etcd.restart();
     c.keys = Keys::new(&c.etcd, "resync").await;
     c.keys.leader("b").await;
-    wait_routed(&proxy, c.b.port).await;
+    wait_routed(proxy.port(), c.b.port).await;
 
     let rev = c
         .keys
@@ -275,7 +265,7 @@ async fn the_watch_survives_etcd_restarts_and_compaction() {
         .await
         .unwrap();
     c.keys.leader("a").await;
-    wait_routed(&proxy, c.a.port).await;
+    wait_routed(proxy.port(), c.a.port).await;
 
     // Killed, with a change made while the proxy's watch is down, then back.
     c.etcd.kill();
@@ -292,7 +282,7 @@ async fn the_watch_survives_etcd_restarts_and_compaction() {
         .unwrap()
         .revision();
     c.keys.client.compact(rev, None).await.unwrap();
-    wait_routed(&proxy, c.b.port).await;
+    wait_routed(proxy.port(), c.b.port).await;
     proxy.stop().await;
 }
 
@@ -301,7 +291,7 @@ async fn cancel_requests_reach_the_right_server_through_any_instance() {
     let c = two_primaries("cancel").await;
     let one = Proxy::start(&c.etcd, "cancel", |_| {}).await;
     let two = Proxy::start(&c.etcd, "cancel", |_| {}).await;
-    wait_routed(&one, c.a.port).await;
+    wait_routed(one.port(), c.a.port).await;
 
     for via in [one.port(), two.port()] {
         let (client, _conn) = connect_with(one.port(), "").await.unwrap();
@@ -344,7 +334,7 @@ async fn garbage_first_packets_get_an_error_and_others_keep_working() {
         cfg.timeouts.startup = Duration::from_millis(500)
     })
     .await;
-    wait_routed(&proxy, c.a.port).await;
+    wait_routed(proxy.port(), c.a.port).await;
     let (steady, _conn) = connect_with(proxy.port(), "").await.unwrap();
 
     let ssl_request = [0, 0, 0, 8, 4, 210, 22, 47];
@@ -401,7 +391,7 @@ async fn scram_and_md5_pass_through_untouched() {
         .await
         .unwrap();
     let proxy = Proxy::start(&c.etcd, "auth", |_| {}).await;
-    wait_routed(&proxy, c.a.port).await;
+    wait_routed(proxy.port(), c.a.port).await;
     for (user, password) in [("alice", "wonder"), ("bob", "builder")] {
         let conn = format!(
             "host=127.0.0.1 port={} user={user} password={password} dbname=postgres",
@@ -434,7 +424,7 @@ async fn scram_and_md5_pass_through_untouched() {
 async fn psql_and_pgbench_run_through_patroxy() {
     let c = two_primaries("clients").await;
     let proxy = Proxy::start(&c.etcd, "clients", |_| {}).await;
-    wait_routed(&proxy, c.a.port).await;
+    wait_routed(proxy.port(), c.a.port).await;
     let port = proxy.port().to_string();
     let pg = move |bin: &str| {
         let mut cmd = std::process::Command::new(format!("{PG_BIN}/{bin}"));
@@ -498,7 +488,7 @@ async fn psql_and_pgbench_run_through_patroxy() {
 async fn shutdown_ends_idle_sessions_and_lets_transactions_finish() {
     let c = two_primaries("shutdown").await;
     let proxy = Proxy::start(&c.etcd, "shutdown", |_| {}).await;
-    wait_routed(&proxy, c.a.port).await;
+    wait_routed(proxy.port(), c.a.port).await;
     let (idle, idle_conn) = connect_with(proxy.port(), "").await.unwrap();
     idle.simple_query("SELECT 1").await.unwrap();
     let (in_tx, in_tx_conn) = connect_with(proxy.port(), "").await.unwrap();

@@ -563,6 +563,16 @@ pub async fn session_on(port: u16, target: u16) -> (tokio_postgres::Client, Conn
     panic!("no session through {port} reached port {target}");
 }
 
+/// Waits (30 s at most) until fresh connections through `via` reach the server on `server`.
+pub async fn wait_routed(via: u16, server: u16) {
+    wait_for(
+        &format!("connections through {via} to reach port {server}"),
+        Duration::from_secs(30),
+        || async move { (server_port(via).await.ok()? == server as i32).then_some(()) },
+    )
+    .await;
+}
+
 /// The SQLSTATE of an error, if the server (or patroxy) sent one.
 pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
     e.as_db_error().map(|d| d.code().code().to_owned())
