@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::admin::AdminState;
 use crate::config::{Config, ListenerConfig};
 use crate::discovery::{EtcdWatcher, Topology};
 use crate::listener::accept_loop;
@@ -43,22 +44,48 @@ pub async fn bind(config: &Config) -> Result<Vec<BoundListener>, std::io::Error>
     Ok(out)
 }
 
-/// Runs patroxy: etcd discovery for every cluster plus `serve`, until `shutdown`.
-pub async fn run(config: Arc<Config>, listeners: Vec<BoundListener>, shutdown: CancellationToken) {
+/// Binds the admin endpoint, if one is configured.
+pub async fn bind_admin(config: &Config) -> Result<Option<TcpListener>, std::io::Error> {
+    let Some(listen) = &config.admin.listen else {
+        return Ok(None);
+    };
+    TcpListener::bind(listen)
+        .await
+        .map(Some)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("admin endpoint on {listen}: {e}")))
+}
+
+/// Runs patroxy: etcd discovery for every cluster, the admin endpoint if `admin` is given,
+/// and `serve`, until `shutdown`.
+pub async fn run(
+    config: Arc<Config>,
+    listeners: Vec<BoundListener>,
+    admin: Option<TcpListener>,
+    shutdown: CancellationToken,
+) {
     // Discovery outlives the listeners: the topology may still move while sessions drain.
     let stop_discovery = CancellationToken::new();
-    let watchers = TaskTracker::new();
+    let background = TaskTracker::new();
     let mut topologies = Topologies::new();
+    let mut watching = Vec::new();
     for cluster in &config.clusters {
         let (tx, rx) = watch::channel(Arc::new(Topology::default()));
         let watcher = EtcdWatcher::new(config.etcd.clone(), cluster);
-        watchers.spawn(watcher.run(tx, stop_discovery.clone()));
+        watching.push((cluster.name(), watcher.watching()));
+        background.spawn(watcher.run(tx, stop_discovery.clone()));
         topologies.insert(cluster.name(), rx);
     }
-    watchers.close();
+    if let Some(listener) = admin {
+        let state = Arc::new(AdminState {
+            topologies: topologies.clone(),
+            watching,
+        });
+        background.spawn(crate::admin::serve(listener, state, stop_discovery.clone()));
+    }
+    background.close();
     serve(config, listeners, topologies, shutdown).await;
     stop_discovery.cancel();
-    watchers.wait().await;
+    background.wait().await;
 }
 
 /// Serves the listeners, each with its cluster's topology, until `shutdown`. Then it stops

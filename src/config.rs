@@ -60,6 +60,14 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub runtime: RuntimeConfig,
     pub limits: Limits,
+    pub admin: AdminConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `ip:port` of the admin HTTP endpoint (`/health`, `/ready`); none by default.
+    pub listen: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -94,6 +102,7 @@ impl Default for Config {
             timeouts: Timeouts::default(),
             runtime: RuntimeConfig::default(),
             limits: Limits::default(),
+            admin: AdminConfig::default(),
         }
     }
 }
@@ -313,6 +322,7 @@ pub struct Overrides {
     pub connect_wait: Option<Duration>,
     pub drain_timeout: Option<Duration>,
     pub worker_threads: Option<usize>,
+    pub admin: Option<String>,
 }
 
 impl Config {
@@ -355,6 +365,9 @@ impl Config {
         }
         if let Some(n) = o.worker_threads {
             self.runtime.worker_threads = n;
+        }
+        if let Some(a) = o.admin {
+            self.admin.listen = Some(a);
         }
     }
 
@@ -408,6 +421,13 @@ impl Config {
         ] {
             if d.is_zero() {
                 bad.push(format!("{name}: must be greater than zero"));
+            }
+        }
+        if let Some(a) = &self.admin.listen {
+            if a.parse::<SocketAddr>().is_err() {
+                bad.push(format!(
+                    "admin.listen: {a:?} is not an address (expected ip:port)"
+                ));
             }
         }
         if self.limits.max_client_connections == 0 {
@@ -645,6 +665,7 @@ mod tests {
             connect_wait: Some(Duration::from_secs(2)),
             drain_timeout: None,
             worker_threads: None,
+            admin: None,
         });
         c.validate().unwrap();
         assert_eq!(c.clusters[0].prefix(), "/other/b/");

@@ -25,6 +25,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start: the size of the biggest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy.
@@ -62,6 +64,9 @@ struct RunArgs {
     /// How long sessions on a deposed primary get to reach a rest point, e.g. 500ms.
     #[arg(long, env = "PATROXY_DRAIN_TIMEOUT", value_parser = humantime::parse_duration)]
     drain_timeout: Option<Duration>,
+    /// Address of the admin HTTP endpoint (/health, /ready), e.g. 127.0.0.1:9187.
+    #[arg(long, env = "PATROXY_ADMIN")]
+    admin: Option<String>,
     /// Relay threads: 0 = one per core, 1 = a single-threaded runtime.
     #[arg(long, env = "PATROXY_WORKER_THREADS")]
     worker_threads: Option<usize>,
@@ -114,6 +119,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         connect_wait: args.connect_wait,
         drain_timeout: args.drain_timeout,
         worker_threads: args.worker_threads,
+        admin: args.admin,
     });
     config.validate()?;
     let config = Arc::new(config);
@@ -134,9 +140,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 
     runtime.block_on(async move {
         let listeners = patroxy::app::bind(&config).await?;
+        let admin = patroxy::app::bind_admin(&config).await?;
         let shutdown = CancellationToken::new();
         tokio::spawn(signals(shutdown.clone()));
-        patroxy::app::run(config, listeners, shutdown).await;
+        patroxy::app::run(config, listeners, admin, shutdown).await;
+
         Ok(())
     })
 }

@@ -3,6 +3,7 @@
 //! cancellation, compaction or silence it resyncs with backoff, so it never stops quietly.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,6 +50,7 @@ pub struct EtcdWatcher {
     prefix: String,
     epoch: u64,
     current: Option<Arc<Topology>>,
+    watching: Arc<AtomicBool>,
 }
 
 impl EtcdWatcher {
@@ -58,7 +60,13 @@ impl EtcdWatcher {
             prefix: cluster.prefix(),
             epoch: 0,
             current: None,
+            watching: Arc::default(),
         }
+    }
+
+    /// True while the watch is established: for readiness.
+    pub fn watching(&self) -> Arc<AtomicBool> {
+        self.watching.clone()
     }
 
     /// Runs until `shutdown`, publishing snapshots into `tx`. Never returns early on errors.
@@ -71,6 +79,7 @@ impl EtcdWatcher {
                 r = self.sync_and_watch(&tx, &mut synced) => r,
                 _ = shutdown.cancelled() => return,
             };
+            self.watching.store(false, Ordering::Relaxed);
             if synced {
                 backoff = BACKOFF_MIN;
             }
@@ -142,6 +151,8 @@ impl EtcdWatcher {
         let mut stream = timeout(request_timeout, watch)
             .await
             .map_err(|_| DiscoveryError::Timeout(request_timeout))??;
+        self.watching.store(true, Ordering::Relaxed);
+
         let idle = self.etcd.watch_idle_timeout;
         // Ask for progress a few times per idle period: a healthy etcd always answers.
         let mut progress = tokio::time::interval(idle / 3);

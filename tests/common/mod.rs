@@ -583,6 +583,8 @@ pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
 
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// The admin endpoint, when the test's config asks for one (`admin.listen`).
+    pub admin: Option<SocketAddr>,
     /// Every listener's name and address; `addr` is the first one's.
     pub listeners: Vec<(String, SocketAddr)>,
     shutdown: CancellationToken,
@@ -605,6 +607,8 @@ impl Proxy {
         tune(&mut config);
         config.validate().expect("test config");
         let listeners = patroxy::app::bind(&config).await.unwrap();
+        let admin = patroxy::app::bind_admin(&config).await.unwrap();
+        let admin_addr = admin.as_ref().map(|l| l.local_addr().unwrap());
         let addr = listeners[0].listener.local_addr().unwrap();
         let named = listeners
             .iter()
@@ -614,11 +618,14 @@ impl Proxy {
         let task = tokio::spawn(patroxy::app::run(
             Arc::new(config),
             listeners,
+            admin,
             shutdown.clone(),
         ));
         Proxy {
             addr,
+            admin: admin_addr,
             listeners: named,
+
             shutdown,
             task: Some(task),
         }

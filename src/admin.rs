@@ -1,0 +1,102 @@
+//! The admin HTTP endpoint: `/health` (the process answers) and `/ready` (every cluster's
+//! watch is healthy and its primary is known), for Kubernetes probes and load balancers.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::app::Topologies;
+use crate::router;
+
+/// What the admin endpoint reports on.
+pub struct AdminState {
+    pub topologies: Topologies,
+    /// Per cluster: is its etcd watch established right now?
+    pub watching: Vec<(String, Arc<AtomicBool>)>,
+}
+
+impl AdminState {
+    /// Ready when every cluster is watched and has a routable primary; otherwise the reasons.
+    pub fn readiness(&self) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        for (name, watching) in &self.watching {
+            if !watching.load(Ordering::Relaxed) {
+                problems.push(format!("{name}: the etcd watch is down"));
+            }
+        }
+        for (name, rx) in &self.topologies {
+            if let Err(why) = router::primary(&rx.borrow()) {
+                problems.push(format!("{name}: {why}"));
+            }
+        }
+        problems.sort();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    state: Arc<AdminState>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    Ok(match req.uri().path() {
+        "/health" => text(StatusCode::OK, "ok\n".into()),
+        "/ready" => match state.readiness() {
+            Ok(()) => text(StatusCode::OK, "ready\n".into()),
+            Err(problems) => text(StatusCode::SERVICE_UNAVAILABLE, problems.join("\n") + "\n"),
+        },
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /health or /ready\n".into(),
+        ),
+    })
+}
+
+/// Serves the admin endpoint until `shutdown`.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: CancellationToken) {
+    info!(addr = ?listener.local_addr().ok(), "admin endpoint listening");
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| handle(req, state.clone()));
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
