@@ -1,5 +1,6 @@
-//! The admin HTTP endpoint: `/health` (the process answers) and `/ready` (every cluster's
-//! watch is healthy and its primary is known), for Kubernetes probes and load balancers.
+//! The admin HTTP endpoint: `/health` (the process answers), `/metrics` (Prometheus), and
+//! `/ready` (every cluster's watch is healthy and its primary is known), for Kubernetes
+//! probes, load balancers and Prometheus.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,6 +13,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -24,6 +26,8 @@ pub struct AdminState {
     pub topologies: Topologies,
     /// Per cluster: is its etcd watch established right now?
     pub watching: Vec<(String, Arc<AtomicBool>)>,
+    /// Renders `/metrics`; `None` when no recorder is installed.
+    pub metrics: Option<PrometheusHandle>,
 }
 
 impl AdminState {
@@ -65,15 +69,28 @@ async fn handle(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     Ok(match req.uri().path() {
         "/health" => text(StatusCode::OK, "ok\n".into()),
+        "/metrics" => match &state.metrics {
+            Some(h) => text(StatusCode::OK, h.render()),
+            None => text(
+                StatusCode::NOT_FOUND,
+                "no metrics recorder installed\n".into(),
+            ),
+        },
         "/ready" => match state.readiness() {
             Ok(()) => text(StatusCode::OK, "ready\n".into()),
             Err(problems) => text(StatusCode::SERVICE_UNAVAILABLE, problems.join("\n") + "\n"),
         },
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /health or /ready\n".into(),
+            "not found: try /health, /ready or /metrics\n".into(),
         ),
     })
+}
+
+/// The admin endpoint's socket, and the metrics it renders.
+pub struct Admin {
+    pub listener: TcpListener,
+    pub metrics: Option<PrometheusHandle>,
 }
 
 /// Serves the admin endpoint until `shutdown`.

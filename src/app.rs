@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::admin::AdminState;
+use crate::admin::{Admin, AdminState};
 use crate::config::{Config, ListenerConfig};
 use crate::discovery::{EtcdWatcher, Topology};
 use crate::listener::accept_loop;
@@ -60,7 +60,7 @@ pub async fn bind_admin(config: &Config) -> Result<Option<TcpListener>, std::io:
 pub async fn run(
     config: Arc<Config>,
     listeners: Vec<BoundListener>,
-    admin: Option<TcpListener>,
+    admin: Option<Admin>,
     shutdown: CancellationToken,
 ) {
     // Discovery outlives the listeners: the topology may still move while sessions drain.
@@ -75,12 +75,17 @@ pub async fn run(
         background.spawn(watcher.run(tx, stop_discovery.clone()));
         topologies.insert(cluster.name(), rx);
     }
-    if let Some(listener) = admin {
+    if let Some(admin) = admin {
         let state = Arc::new(AdminState {
             topologies: topologies.clone(),
             watching,
+            metrics: admin.metrics,
         });
-        background.spawn(crate::admin::serve(listener, state, stop_discovery.clone()));
+        background.spawn(crate::admin::serve(
+            admin.listener,
+            state,
+            stop_discovery.clone(),
+        ));
     }
     background.close();
     serve(config, listeners, topologies, shutdown).await;

@@ -26,6 +26,7 @@ pub mod app;
 pub mod config;
 pub mod discovery;
 pub mod listener;
+pub mod metrics;
 pub mod protocol;
 pub mod router;
 pub mod session;

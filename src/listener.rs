@@ -36,6 +36,7 @@ pub async fn accept_loop(
                 backoff = ACCEPT_BACKOFF_MIN;
                 if !crate::allow::allowed(&ctx.allow, peer.ip()) {
                     warn!(client = %peer, listener = %ctx.name, "client address not allowed");
+                    crate::metrics::refused(&ctx.name, "not_allowed");
                     let msg = format!(
                         "patroxy: connections from {} are not allowed on this listener",
                         peer.ip()
@@ -51,6 +52,8 @@ pub async fn accept_loop(
                 };
                 let (Some(global), Some(local)) = (global, local) else {
                     warn!(client = %peer, listener = %ctx.name, "connection limit reached; client refused");
+                    crate::metrics::refused(&ctx.name, "limit");
+
                     refuse(
                         &stream,
                         codes::TOO_MANY_CONNECTIONS,

@@ -140,7 +140,16 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 
     runtime.block_on(async move {
         let listeners = patroxy::app::bind(&config).await?;
-        let admin = patroxy::app::bind_admin(&config).await?;
+        let admin = match patroxy::app::bind_admin(&config).await? {
+            Some(listener) => {
+                let metrics = patroxy::metrics::install().map_err(anyhow::Error::msg)?;
+                Some(patroxy::admin::Admin {
+                    listener,
+                    metrics: Some(metrics),
+                })
+            }
+            None => None,
+        };
         let shutdown = CancellationToken::new();
         tokio::spawn(signals(shutdown.clone()));
         patroxy::app::run(config, listeners, admin, shutdown).await;

@@ -78,3 +78,89 @@ async fn ready_follows_the_watch_and_the_primary() {
     assert!(why.contains("admin: the cluster has no leader"), "{why}");
     proxy.stop().await;
 }
+
+/// The sum of the samples of `name` whose labels contain every one of `labels`, if any.
+fn sample(metrics: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    let values: Vec<f64> = metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_with_real_sessions_and_a_leader_change() {
+    install_metrics();
+    let root = TempRoot::new();
+    let etcd = Etcd::start(&root);
+    let a = Postgres::primary(&root, "a");
+    let b = Postgres::primary(&root, "b");
+    let mut keys = Keys::new(&etcd, "metered").await;
+    keys.member("a", a.port, "primary", "running").await;
+    keys.member("b", b.port, "replica", "running").await;
+    keys.leader("a").await;
+    let proxy = Proxy::start(&etcd, "metered", |cfg| {
+        cfg.admin.listen = Some("127.0.0.1:0".into());
+        cfg.listeners = vec![listener("metered", patroxy::router::ListenerRole::Primary)];
+    })
+    .await;
+    let admin = proxy.admin.unwrap();
+    wait_routed(proxy.port(), a.port).await;
+    let (idle, idle_conn) = connect_with(proxy.port(), "").await.unwrap();
+    idle.simple_query("SELECT 1").await.unwrap();
+    keys.leader("b").await;
+    assert_eq!(ended_with(idle_conn).await.as_deref(), Some("57P01"));
+    wait_routed(proxy.port(), b.port).await;
+
+    let (status, m) = get(admin, "/metrics").await;
+    assert_eq!(status, 200);
+    let l = r#"listener="metered""#;
+    assert!(
+        sample(&m, "patroxy_sessions_accepted_total", &[l]).unwrap() >= 3.0,
+        "{m}"
+    );
+    assert!(
+        sample(
+            &m,
+            "patroxy_sessions_closed_total",
+            &[l, r#"reason="client_closed""#]
+        )
+        .unwrap()
+            >= 2.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "patroxy_sessions_closed_total",
+            &[l, r#"reason="drained""#]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "patroxy_drains_total",
+            &[l, r#"reason="primary_moved""#]
+        ),
+        Some(1.0)
+    );
+    assert!(sample(&m, "patroxy_bytes_total", &[l, "server_to_client"]).unwrap() > 0.0);
+    let c = r#"cluster="metered""#;
+    assert!(
+        sample(&m, "patroxy_leader_changes_total", &[c]).unwrap() >= 1.0,
+        "{m}"
+    );
+    assert!(sample(&m, "patroxy_topology_epoch", &[c]).unwrap() >= 2.0);
+    assert!(sample(&m, "patroxy_etcd_last_event_timestamp_seconds", &[c]).unwrap() > 1.7e9);
+    assert!(
+        sample(&m, "patroxy_backend_connect_seconds_count", &[l]).unwrap() >= 3.0,
+        "{m}"
+    );
+    assert!(
+        m.contains("patroxy_backend_connect_seconds_bucket"),
+        "a histogram, not a summary"
+    );
+    proxy.stop().await;
+}

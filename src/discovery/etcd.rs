@@ -47,6 +47,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Watches one Patroni cluster's keys in etcd and publishes its topology.
 pub struct EtcdWatcher {
     etcd: EtcdConfig,
+    /// The cluster's name, for metrics.
+    name: String,
     prefix: String,
     epoch: u64,
     current: Option<Arc<Topology>>,
@@ -57,6 +59,7 @@ impl EtcdWatcher {
     pub fn new(etcd: EtcdConfig, cluster: &ClusterConfig) -> EtcdWatcher {
         EtcdWatcher {
             etcd,
+            name: cluster.name(),
             prefix: cluster.prefix(),
             epoch: 0,
             current: None,
@@ -84,6 +87,7 @@ impl EtcdWatcher {
                 backoff = BACKOFF_MIN;
             }
             if let Err(e) = result {
+                crate::metrics::etcd_watch_error(&self.name);
                 warn!(error = %e, retry_in = ?backoff, "etcd watch lost; will resync");
             }
             tokio::select! {
@@ -142,6 +146,7 @@ impl EtcdWatcher {
             })
             .collect();
         self.publish(tx, &keys, revision);
+        crate::metrics::etcd_event(&self.name);
         *synced = true;
 
         let opts = WatchOptions::new()
@@ -165,6 +170,7 @@ impl EtcdWatcher {
                         return Err(DiscoveryError::StreamEnded);
                     };
                     last_message = Instant::now();
+                    crate::metrics::etcd_event(&self.name);
                     if resp.canceled() {
                         return Err(DiscoveryError::Canceled {
                             compact_revision: resp.compact_revision(),
@@ -226,6 +232,9 @@ impl EtcdWatcher {
         self.epoch += 1;
         next.epoch = self.epoch;
         let old_leader = self.current.as_ref().and_then(|c| c.leader.clone());
+        let leader_changed = self.current.is_some() && old_leader != next.leader;
+        crate::metrics::topology(&self.name, next.epoch, leader_changed);
+
         let routable = crate::router::primary(&next);
         if self.current.is_none() || old_leader != next.leader {
             info!(

@@ -67,6 +67,21 @@ pub enum ConnectError {
 }
 
 impl ConnectError {
+    /// A short label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ConnectError::NoServer { .. } => "no_server",
+            ConnectError::ClientGone => "client_gone",
+            ConnectError::ClientIo(_) => "client_error",
+            ConnectError::ClientProtocol(_) => "client_protocol",
+            ConnectError::ServerIo { .. } => "server_error",
+            ConnectError::ServerProtocol { .. } => "server_protocol",
+            ConnectError::Refused { .. } => "server_refused",
+            ConnectError::ChangedDuringAuth { .. } => "changed_during_auth",
+            ConnectError::AuthTimeout(_) => "auth_timeout",
+        }
+    }
+
     /// The ErrorResponse the client should still receive, if any.
     pub fn client_error(&self) -> Option<(&'static str, String)> {
         match self {
@@ -134,12 +149,19 @@ pub async fn establish(
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut pause = RETRY_PAUSE_MIN;
     loop {
-        let candidates = wait_for_candidates(policy, topology, client, client_buf, deadline)
-            .await
-            .map_err(|e| match e {
-                WaitError::Deadline(why) => no_server(why),
-                WaitError::Client(e) => e,
-            })?;
+        let candidates = wait_for_candidates(
+            &listener.name,
+            policy,
+            topology,
+            client,
+            client_buf,
+            deadline,
+        )
+        .await
+        .map_err(|e| match e {
+            WaitError::Deadline(why) => no_server(why),
+            WaitError::Client(e) => e,
+        })?;
         let now = Instant::now();
         let load = &shared.load;
         let mut ordered = router::order(candidates, policy, |ep| load.sessions(ep), turn);
@@ -193,17 +215,22 @@ enum WaitError {
 
 /// Waits until the topology has candidates for the policy, watching the client for a hang-up.
 async fn wait_for_candidates(
+    listener: &str,
     policy: &Policy,
     topology: &mut watch::Receiver<Arc<Topology>>,
     client: &mut TcpStream,
     client_buf: &mut BytesMut,
     deadline: Instant,
 ) -> Result<Vec<Target>, WaitError> {
+    let mut waiting = None;
     loop {
         let why = match router::candidates(policy, &topology.borrow_and_update()) {
             Ok(c) => return Ok(c),
             Err(why) => why.to_string(),
         };
+        // Counted as waiting for as long as there is nothing to connect to.
+        waiting.get_or_insert_with(|| crate::metrics::WaitingGauge::new(listener));
+
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => return Err(WaitError::Deadline(why)),
             changed = topology.changed() => {

@@ -101,9 +101,24 @@ enum StartupFailure {
     Repeated(&'static str),
 }
 
+impl StartupFailure {
+    fn label(&self) -> &'static str {
+        match self {
+            StartupFailure::Bad(StartupError::DirectTls) => "direct_tls",
+            StartupFailure::Bad(StartupError::UnsupportedProtocol { .. }) => "unsupported_protocol",
+            StartupFailure::Bad(_) => "bad_packet",
+            StartupFailure::Timeout(_) => "timeout",
+            StartupFailure::Closed => "closed",
+            StartupFailure::Io(_) => "io",
+            StartupFailure::Repeated(_) => "repeated_negotiation",
+        }
+    }
+}
+
 /// Serves one client connection from accept to close.
 pub async fn serve(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ListenerContext>) {
     let started = Instant::now();
+    let _gauge = crate::metrics::SessionGauge::new(&ctx.name);
     tune_socket(&client);
     let shared = &ctx.shared;
     let mut buf = BytesMut::with_capacity(1024);
@@ -124,6 +139,7 @@ pub async fn serve(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ListenerCon
 
             let sent_to = targets.len();
             let delivered = cancel::deliver(&key, targets, shared.timeouts.connect).await;
+            crate::metrics::cancel_request(if local { "local" } else { "broadcast" });
             info!(client = %peer, listener = %ctx.name, pid = key.pid, local, sent_to, delivered, "cancel request forwarded");
         }
         FirstPacket::Startup(startup) => {
@@ -174,6 +190,7 @@ async fn refuse_startup(
     ctx: &ListenerContext,
     e: StartupFailure,
 ) {
+    crate::metrics::startup_failure(&ctx.name, e.label());
     match &e {
         StartupFailure::Closed => {
             tracing::debug!(client = %peer, listener = %ctx.name, "client closed before its startup packet");
@@ -227,6 +244,7 @@ async fn run_session(
     let (mut backend, _load) = match connected {
         Ok(b) => b,
         Err(e) => {
+            crate::metrics::connect_failure(&ctx.name, e.label());
             if let Some((code, msg)) = e.client_error() {
                 send_fatal(&mut client, code, &msg).await;
             }
@@ -240,6 +258,7 @@ async fn run_session(
         }
     };
     let connected_ms = started.elapsed().as_millis() as u64;
+    crate::metrics::connected(&ctx.name, started.elapsed());
     let _registration = backend
         .key
         .clone()
@@ -275,5 +294,15 @@ async fn run_session(
         bytes_down = backend.bytes_down + out.bytes_down,
         reason = %out.end,
         "session closed"
+    );
+    if let relay::End::Drained { cause, .. } = &out.end {
+        crate::metrics::drain(&ctx.name, cause.label());
+    }
+    crate::metrics::session_closed(
+        &ctx.name,
+        &backend.target.endpoint.to_string(),
+        out.end.label(),
+        backend.bytes_up + out.bytes_up,
+        backend.bytes_down + out.bytes_down,
     );
 }

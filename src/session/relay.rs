@@ -46,6 +46,22 @@ pub enum End {
     },
 }
 
+impl End {
+    /// A short label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            End::ClientClosed => "client_closed",
+            End::ServerClosed => "server_closed",
+            End::ClientIo(_) => "client_error",
+            End::ServerIo(_) => "server_error",
+            End::ClientProtocol(_) => "client_protocol",
+            End::ServerProtocol(_) => "server_protocol",
+            End::Drained { forced: false, .. } => "drained",
+            End::Drained { forced: true, .. } => "drained_at_deadline",
+        }
+    }
+}
+
 impl std::fmt::Display for End {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

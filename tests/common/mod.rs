@@ -19,6 +19,15 @@ use tokio_util::sync::CancellationToken;
 
 pub mod patroni;
 
+/// The metrics handle of a test binary that installed a recorder (`install_metrics`).
+pub static METRICS: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+    std::sync::OnceLock::new();
+
+/// Installs patroxy's metrics recorder in this test process, once.
+pub fn install_metrics() {
+    METRICS.get_or_init(|| patroxy::metrics::install().unwrap());
+}
+
 pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
 /// Installs a log subscriber once; `RUST_LOG=patroxy=debug` shows the proxy's logs.
@@ -609,6 +618,11 @@ impl Proxy {
         let listeners = patroxy::app::bind(&config).await.unwrap();
         let admin = patroxy::app::bind_admin(&config).await.unwrap();
         let admin_addr = admin.as_ref().map(|l| l.local_addr().unwrap());
+        // The recorder is process-wide: the test binary that scrapes installs it once.
+        let admin = admin.map(|listener| patroxy::admin::Admin {
+            listener,
+            metrics: METRICS.get().cloned(),
+        });
         let addr = listeners[0].listener.local_addr().unwrap();
         let named = listeners
             .iter()

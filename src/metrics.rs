@@ -1,0 +1,129 @@
+//! The metrics patroxy exports, by name, and the one place that records them. Names and
+//! labels are documented in the README. The recorder is installed by the binary
+//! (`install`); without one, recording is a no-op.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const SESSIONS_ACCEPTED: &str = "patroxy_sessions_accepted_total";
+pub const SESSIONS_ACTIVE: &str = "patroxy_sessions_active";
+pub const SESSIONS_CLOSED: &str = "patroxy_sessions_closed_total";
+pub const BYTES: &str = "patroxy_bytes_total";
+pub const STARTUP_FAILURES: &str = "patroxy_startup_failures_total";
+pub const CONNECT_FAILURES: &str = "patroxy_connect_failures_total";
+pub const CANCEL_REQUESTS: &str = "patroxy_cancel_requests_total";
+pub const DRAINS: &str = "patroxy_drains_total";
+pub const REFUSED: &str = "patroxy_connections_refused_total";
+pub const TOPOLOGY_EPOCH: &str = "patroxy_topology_epoch";
+pub const LEADER_CHANGES: &str = "patroxy_leader_changes_total";
+pub const ETCD_LAST_EVENT: &str = "patroxy_etcd_last_event_timestamp_seconds";
+pub const ETCD_WATCH_ERRORS: &str = "patroxy_etcd_watch_errors_total";
+pub const CONNECT_SECONDS: &str = "patroxy_backend_connect_seconds";
+pub const WAITING: &str = "patroxy_clients_waiting";
+
+/// Installs the Prometheus recorder for this process; its handle renders `/metrics`.
+pub fn install() -> Result<PrometheusHandle, String> {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(CONNECT_SECONDS.into()),
+            &[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0, 30.0,
+            ],
+        )
+        .map_err(|e| e.to_string())?
+        .install_recorder()
+        .map_err(|e| e.to_string())
+}
+
+/// Counts a session for its whole life: accepted now, active until dropped.
+pub struct SessionGauge {
+    listener: String,
+}
+
+impl SessionGauge {
+    pub fn new(listener: &str) -> SessionGauge {
+        counter!(SESSIONS_ACCEPTED, "listener" => listener.to_owned()).increment(1);
+        gauge!(SESSIONS_ACTIVE, "listener" => listener.to_owned()).increment(1.0);
+        SessionGauge {
+            listener: listener.to_owned(),
+        }
+    }
+}
+
+impl Drop for SessionGauge {
+    fn drop(&mut self) {
+        gauge!(SESSIONS_ACTIVE, "listener" => self.listener.clone()).decrement(1.0);
+    }
+}
+
+/// A client waiting for a server (a leader, a replica) while it connects.
+pub struct WaitingGauge {
+    listener: String,
+}
+
+impl WaitingGauge {
+    pub fn new(listener: &str) -> WaitingGauge {
+        gauge!(WAITING, "listener" => listener.to_owned()).increment(1.0);
+        WaitingGauge {
+            listener: listener.to_owned(),
+        }
+    }
+}
+
+impl Drop for WaitingGauge {
+    fn drop(&mut self) {
+        gauge!(WAITING, "listener" => self.listener.clone()).decrement(1.0);
+    }
+}
+
+pub fn session_closed(listener: &str, server: &str, reason: &'static str, up: u64, down: u64) {
+    let l = listener.to_owned();
+    counter!(SESSIONS_CLOSED, "listener" => l.clone(), "server" => server.to_owned(), "reason" => reason).increment(1);
+    counter!(BYTES, "listener" => l.clone(), "direction" => "client_to_server").increment(up);
+    counter!(BYTES, "listener" => l, "direction" => "server_to_client").increment(down);
+}
+
+pub fn startup_failure(listener: &str, reason: &'static str) {
+    counter!(STARTUP_FAILURES, "listener" => listener.to_owned(), "reason" => reason).increment(1);
+}
+
+pub fn connect_failure(listener: &str, reason: &'static str) {
+    counter!(CONNECT_FAILURES, "listener" => listener.to_owned(), "reason" => reason).increment(1);
+}
+
+pub fn connected(listener: &str, took: Duration) {
+    histogram!(CONNECT_SECONDS, "listener" => listener.to_owned()).record(took.as_secs_f64());
+}
+
+pub fn cancel_request(routed: &'static str) {
+    counter!(CANCEL_REQUESTS, "routed" => routed).increment(1);
+}
+
+pub fn drain(listener: &str, reason: &'static str) {
+    counter!(DRAINS, "listener" => listener.to_owned(), "reason" => reason).increment(1);
+}
+
+pub fn refused(listener: &str, reason: &'static str) {
+    counter!(REFUSED, "listener" => listener.to_owned(), "reason" => reason).increment(1);
+}
+
+pub fn topology(cluster: &str, epoch: u64, leader_changed: bool) {
+    gauge!(TOPOLOGY_EPOCH, "cluster" => cluster.to_owned()).set(epoch as f64);
+    if leader_changed {
+        counter!(LEADER_CHANGES, "cluster" => cluster.to_owned()).increment(1);
+    }
+}
+
+/// An etcd event or a resync happened now.
+pub fn etcd_event(cluster: &str) {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    gauge!(ETCD_LAST_EVENT, "cluster" => cluster.to_owned()).set(now.as_secs_f64());
+}
+
+pub fn etcd_watch_error(cluster: &str) {
+    counter!(ETCD_WATCH_ERRORS, "cluster" => cluster.to_owned()).increment(1);
+}
