@@ -192,9 +192,11 @@ async fn least_connections_sends_new_sessions_to_the_less_busy_replica() {
         fresh.push((c, conn, on));
     }
     let on_r2 = fresh.iter().filter(|(_, _, on)| *on == n.r2.port).count();
-    assert_eq!(
-        on_r2, 10,
-        "least-connections sent new sessions to the busy replica"
+    // 10 of 10, unless the last probe session on r2 was still counted when the tenth new one
+    // came (a 10/10 tie); an unweighted spread would give about 5.
+    assert!(
+        on_r2 >= 9,
+        "least-connections sent new sessions to the busy replica: {on_r2} of 10 on r2"
     );
     proxy.stop().await;
 }
