@@ -356,15 +356,7 @@ impl Postgres {
                    host all all 127.0.0.1/32 trust\n\
                    host replication all 127.0.0.1/32 trust\n";
         write_as_postgres(&data.join("pg_hba.conf"), hba);
-        let mut pg = Postgres {
-            name: name.into(),
-            port: free_port(),
-            data,
-            child: None,
-        };
-        pg.write_conf();
-        pg.start();
-        pg
+        Postgres::launch(name, data)
     }
 
     /// A streaming replica of `primary`, cloned with pg_basebackup.
@@ -383,6 +375,11 @@ impl Postgres {
         .arg(&data)
         .args(["-R", "-X", "stream", "--no-sync"]);
         run_ok(bb, "pg_basebackup");
+        Postgres::launch(name, data)
+    }
+
+    /// Configures the data directory on a free port and starts the server.
+    fn launch(name: &str, data: PathBuf) -> Postgres {
         let mut pg = Postgres {
             name: name.into(),
             port: free_port(),

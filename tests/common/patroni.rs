@@ -69,18 +69,11 @@ impl Member {
 
     fn stop_everything(&mut self) {
         let pids = self.all_pids();
+        // Resume a frozen node first, so that its processes can die.
         for pid in &pids {
             signal(*pid, "CONT");
         }
-        for pid in [self.patroni_pid(), self.postmaster_pid()]
-            .into_iter()
-            .flatten()
-        {
-            signal(pid, "KILL");
-        }
-        if let Some(mut c) = self.patroni.take() {
-            let _ = c.wait();
-        }
+        self.crash();
         // The postmaster's children exit when they see it gone; make sure.
         for pid in pids {
             signal(pid, "KILL");
