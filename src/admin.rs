@@ -26,6 +26,8 @@ pub struct AdminState {
     pub topologies: Topologies,
     /// Per cluster: is its etcd watch established right now?
     pub watching: Vec<(String, Arc<AtomicBool>)>,
+    /// The listeners being served.
+    pub serving: crate::app::Serving,
     /// Renders `/metrics`; `None` when no recorder is installed.
     pub metrics: Option<PrometheusHandle>,
 }

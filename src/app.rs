@@ -1,12 +1,12 @@
-//! Wiring: one discovery watcher per cluster, the listeners, the sessions, and the order of
-//! shutdown.
+//! Wiring: one discovery watcher per cluster, the listeners, the sessions, configuration
+//! reloads, and the order of shutdown.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -15,7 +15,7 @@ use crate::admin::{Admin, AdminState};
 use crate::config::{Config, ListenerConfig};
 use crate::discovery::{EtcdWatcher, Topology};
 use crate::listener::accept_loop;
-use crate::session::{CancelRegistry, ListenerContext, ServerLoad, Shared};
+use crate::session::{CancelRegistry, ListenerContext, ServerLoad, Shared, TlsMaterial};
 
 /// A listener's settings with its already-bound socket.
 pub struct BoundListener {
@@ -26,20 +26,35 @@ pub struct BoundListener {
 /// Each cluster's topology, by cluster name.
 pub type Topologies = HashMap<String, watch::Receiver<Arc<Topology>>>;
 
+/// The listeners being served now, for the admin endpoint and the etcd report.
+pub type Serving = watch::Receiver<Vec<Arc<ListenerContext>>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("{0}")]
+    Bind(#[from] std::io::Error),
+}
+
+async fn bind_one(l: &ListenerConfig) -> Result<BoundListener, std::io::Error> {
+    let addr = l
+        .addr()
+        .map_err(|why| std::io::Error::new(std::io::ErrorKind::InvalidInput, why))?;
+    let listener = TcpListener::bind(addr).await.map_err(|e| {
+        std::io::Error::new(e.kind(), format!("listener {} on {addr}: {e}", l.name))
+    })?;
+    Ok(BoundListener {
+        config: l.clone(),
+        listener,
+    })
+}
+
 /// Binds every configured listener.
 pub async fn bind(config: &Config) -> Result<Vec<BoundListener>, std::io::Error> {
     let mut out = Vec::new();
     for l in &config.listeners {
-        let addr = l
-            .addr()
-            .map_err(|why| std::io::Error::new(std::io::ErrorKind::InvalidInput, why))?;
-        let listener = TcpListener::bind(addr).await.map_err(|e| {
-            std::io::Error::new(e.kind(), format!("listener {} on {addr}: {e}", l.name))
-        })?;
-        out.push(BoundListener {
-            config: l.clone(),
-            listener,
-        });
+        out.push(bind_one(l).await?);
     }
     Ok(out)
 }
@@ -56,13 +71,16 @@ pub async fn bind_admin(config: &Config) -> Result<Option<TcpListener>, std::io:
 }
 
 /// Runs patroxy: etcd discovery for every cluster, the admin endpoint if `admin` is given,
-/// and `serve`, until `shutdown`.
+/// and the listeners, until `shutdown`. Each configuration received on `reloads` replaces
+/// the listeners' settings (see `Server::reload`).
 pub async fn run(
     config: Arc<Config>,
     listeners: Vec<BoundListener>,
     admin: Option<Admin>,
+    reloads: mpsc::Receiver<Config>,
     shutdown: CancellationToken,
-) {
+) -> Result<(), AppError> {
+    let tls = TlsMaterial::load(&config)?;
     // Discovery outlives the listeners: the topology may still move while sessions drain.
     let stop_discovery = CancellationToken::new();
     let background = TaskTracker::new();
@@ -75,10 +93,12 @@ pub async fn run(
         background.spawn(watcher.run(tx, stop_discovery.clone()));
         topologies.insert(cluster.name(), rx);
     }
+    let (serving_tx, serving) = watch::channel(Vec::new());
     if let Some(admin) = admin {
         let state = Arc::new(AdminState {
             topologies: topologies.clone(),
             watching,
+            serving: serving.clone(),
             metrics: admin.metrics,
         });
         background.spawn(crate::admin::serve(
@@ -88,66 +108,252 @@ pub async fn run(
         ));
     }
     background.close();
-    serve(config, listeners, topologies, shutdown).await;
+    let server = Server::new(config, tls, topologies, serving_tx, shutdown);
+    server.serve(listeners, reloads).await;
     stop_discovery.cancel();
     background.wait().await;
+    Ok(())
 }
 
-/// Serves the listeners, each with its cluster's topology, until `shutdown`. Then it stops
-/// accepting and drains the sessions, idle ones at once and open transactions within
-/// `timeouts.shutdown`.
-pub async fn serve(
-    config: Arc<Config>,
-    listeners: Vec<BoundListener>,
-    topologies: Topologies,
-    shutdown: CancellationToken,
-) {
-    let shared = Arc::new(Shared {
-        timeouts: config.timeouts.clone(),
-        cancels: CancelRegistry::default(),
-        load: ServerLoad::default(),
-        connections: Arc::new(Semaphore::new(config.limits.max_client_connections)),
-        shutdown: shutdown.clone(),
-    });
-    let sessions = TaskTracker::new();
-    let accepting = TaskTracker::new();
-    for b in listeners {
-        let cluster = config
-            .cluster_of(&b.config)
-            .map(|c| c.name())
-            .unwrap_or_default();
-        let Some(topology) = topologies.get(&cluster) else {
-            warn!(listener = %b.config.name, cluster, "no topology for this listener's cluster; not serving it");
-            continue;
-        };
-        let ctx = Arc::new(ListenerContext::new(
-            &b.config,
-            cluster,
-            topology.clone(),
-            shared.clone(),
-        ));
+/// A listener being served: its address as configured, its settings, and how to stop it.
+struct Running {
+    listen: String,
+    ctx: watch::Sender<Arc<ListenerContext>>,
+    stop: CancellationToken,
+}
 
-        accepting.spawn(accept_loop(
+/// The listeners and their sessions.
+struct Server {
+    config: Arc<Config>,
+    tls: TlsMaterial,
+    topologies: Topologies,
+    shared: Arc<Shared>,
+    running: Vec<Running>,
+    serving: watch::Sender<Vec<Arc<ListenerContext>>>,
+    sessions: TaskTracker,
+    accepting: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl Server {
+    fn new(
+        config: Arc<Config>,
+        tls: TlsMaterial,
+        topologies: Topologies,
+        serving: watch::Sender<Vec<Arc<ListenerContext>>>,
+        shutdown: CancellationToken,
+    ) -> Server {
+        let shared = Arc::new(Shared {
+            timeouts: config.timeouts.clone(),
+            cancels: CancelRegistry::default(),
+            load: ServerLoad::default(),
+            connections: crate::limit::Limit::new(config.limits.max_client_connections),
+            shutdown: shutdown.clone(),
+        });
+        Server {
+            config,
+            tls,
+            topologies,
+            shared,
+            running: Vec::new(),
+            serving,
+            sessions: TaskTracker::new(),
+            accepting: TaskTracker::new(),
+            shutdown,
+        }
+    }
+
+    /// A listener's context under the current settings, keeping its connection limit's
+    /// semaphore when the limit is unchanged so open sessions stay counted.
+    fn context(
+        &self,
+        l: &ListenerConfig,
+        config: &Config,
+        tls: &TlsMaterial,
+        old: Option<&ListenerContext>,
+    ) -> Result<ListenerContext, String> {
+        let cluster = config
+            .cluster_of(l)
+            .map(|c| c.name())
+            .ok_or_else(|| format!("listener {}: no such cluster", l.name))?;
+        let topology = self.topologies.get(&cluster).ok_or_else(|| {
+            format!(
+                "listener {}: cluster {cluster} is not watched (restart to add clusters)",
+                l.name
+            )
+        })?;
+        let mut ctx = ListenerContext::new(l, cluster, topology.clone(), tls, self.shared.clone());
+        // A kept listener keeps counting its open sessions against its (new) limit.
+        if let (Some(old), Some(new)) = (old.and_then(|o| o.limit.clone()), &ctx.limit) {
+            old.set_max(new.max());
+            ctx.limit = Some(old);
+        }
+        Ok(ctx)
+    }
+
+    fn spawn(&mut self, b: BoundListener, ctx: ListenerContext) {
+        let (tx, rx) = watch::channel(Arc::new(ctx));
+        let stop = self.shutdown.child_token();
+        self.accepting.spawn(accept_loop(
             b.listener,
-            ctx,
-            sessions.clone(),
-            shutdown.clone(),
+            rx,
+            self.sessions.clone(),
+            stop.clone(),
         ));
+        self.running.push(Running {
+            listen: b.config.listen.clone(),
+            ctx: tx,
+            stop,
+        });
     }
-    accepting.close();
-    shutdown.cancelled().await;
-    accepting.wait().await;
-    sessions.close();
-    info!(
-        sessions = sessions.len(),
-        "shutting down: draining sessions"
-    );
-    let grace = config.timeouts.shutdown + Duration::from_secs(1);
-    if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
-        warn!(
+
+    fn publish(&self) {
+        let now = self
+            .running
+            .iter()
+            .map(|r| r.ctx.borrow().clone())
+            .collect();
+        self.serving.send_replace(now);
+    }
+
+    /// Serves until shutdown, applying reloads. Then it stops accepting and drains the
+    /// sessions, idle ones at once and open transactions within `timeouts.shutdown`.
+    async fn serve(mut self, listeners: Vec<BoundListener>, mut reloads: mpsc::Receiver<Config>) {
+        let (config, tls) = (self.config.clone(), self.tls.clone());
+        for b in listeners {
+            match self.context(&b.config, &config, &tls, None) {
+                Ok(ctx) => self.spawn(b, ctx),
+                Err(why) => warn!("{why}; not serving it"),
+            }
+        }
+        self.publish();
+        let mut reloading = true;
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                next = reloads.recv(), if reloading => match next {
+                    Some(new) => self.reload(new).await,
+                    None => reloading = false,
+                },
+            }
+        }
+        self.accepting.close();
+        self.accepting.wait().await;
+        let sessions = self.sessions;
+        sessions.close();
+        info!(
             sessions = sessions.len(),
-            "sessions still open after the shutdown grace period"
+            "shutting down: draining sessions"
         );
+        let grace = self.config.timeouts.shutdown + Duration::from_secs(1);
+        if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
+            warn!(
+                sessions = sessions.len(),
+                "sessions still open after the shutdown grace period"
+            );
+        }
+        info!("shutdown complete");
     }
-    info!("shutdown complete");
+
+    /// Applies a new configuration, all of it or none of it: listeners whose address is
+    /// unchanged take the new routing rules, limits and TLS material for new sessions; new
+    /// addresses are bound; listeners no longer configured stop accepting. Open sessions keep
+    /// running under the rules they started with. Settings that need a restart (etcd,
+    /// clusters, timeouts, runtime, admin) are kept as they were, with a warning.
+    async fn reload(&mut self, new: Config) {
+        match self.try_reload(new).await {
+            Ok(summary) => {
+                crate::metrics::reload("ok");
+                info!(%summary, "configuration reloaded");
+            }
+            Err(why) => {
+                crate::metrics::reload("refused");
+                warn!(reason = %why, "configuration reload refused; the running configuration stays in force");
+            }
+        }
+    }
+
+    async fn try_reload(&mut self, new: Config) -> Result<String, String> {
+        new.validate()
+            .map_err(|e| e.to_string().replace('\n', " "))?;
+        let tls = TlsMaterial::load(&new).map_err(|e| e.to_string())?;
+        let old = &self.config;
+        for (what, changed) in [
+            ("etcd", old.etcd != new.etcd),
+            ("cluster", old.clusters != new.clusters),
+            ("timeouts", old.timeouts != new.timeouts),
+            ("runtime", old.runtime != new.runtime),
+            ("admin", old.admin != new.admin),
+        ] {
+            if changed {
+                warn!("[{what}] changed: it takes effect at the next restart");
+            }
+        }
+        // Everything that can fail comes first, so a refusal leaves nothing half done.
+        let mut updates = Vec::new();
+        let mut fresh = Vec::new();
+        for l in &new.listeners {
+            let at = self
+                .running
+                .iter()
+                .position(|r| r.listen == l.listen && !l.listen.ends_with(":0"));
+            let old_ctx = at.map(|i| self.running[i].ctx.borrow().clone());
+            let ctx = self.context(l, &new, &tls, old_ctx.as_deref())?;
+            match at {
+                Some(i) => updates.push((i, ctx)),
+                None => fresh.push((bind_one(l).await.map_err(|e| e.to_string())?, ctx)),
+            }
+        }
+        let (mut kept, mut added, mut removed) = (Vec::new(), Vec::new(), Vec::new());
+        let mut keep = vec![false; self.running.len()];
+        for (i, ctx) in updates {
+            keep[i] = true;
+            kept.push(ctx.name.clone());
+            self.running[i].ctx.send_replace(Arc::new(ctx));
+        }
+        let mut i = 0;
+        self.running.retain(|r| {
+            let k = keep[i];
+            i += 1;
+            if !k {
+                removed.push(r.ctx.borrow().name.clone());
+                r.stop.cancel();
+            }
+            k
+        });
+        for (b, ctx) in fresh {
+            added.push(ctx.name.clone());
+            self.spawn(b, ctx);
+        }
+        // A lower limit refuses new clients until enough sessions have ended; none is cut.
+        self.shared
+            .connections
+            .set_max(new.limits.max_client_connections);
+        let (etcd, clusters, timeouts, runtime, admin) = {
+            let o = &self.config;
+            (
+                o.etcd.clone(),
+                o.clusters.clone(),
+                o.timeouts.clone(),
+                o.runtime.clone(),
+                o.admin.clone(),
+            )
+        };
+        self.config = Arc::new(Config {
+            etcd,
+            clusters,
+            timeouts,
+            runtime,
+            admin,
+            ..new
+        });
+        self.tls = tls;
+        self.publish();
+        Ok(format!(
+            "listeners kept [{}], added [{}], removed [{}]",
+            kept.join(", "),
+            added.join(", "),
+            removed.join(", ")
+        ))
+    }
 }

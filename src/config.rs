@@ -61,6 +61,74 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     pub limits: Limits,
     pub admin: AdminConfig,
+    /// The certificate patroxy shows TLS clients.
+    pub tls: TlsConfig,
+    /// How patroxy connects to PostgreSQL servers.
+    pub server_tls: ServerTlsConfig,
+}
+
+/// `[tls]`: patroxy's own certificate and key (PEM), read again on SIGHUP.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    pub fn is_set(&self) -> bool {
+        self.cert_file.is_some() && self.key_file.is_some()
+    }
+}
+
+/// A listener's `tls`: what it does with clients that ask for TLS, and with those that don't.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientTlsMode {
+    /// Answer `N` to SSLRequest; a direct TLS handshake is closed.
+    Disable,
+    /// TLS for clients that ask, plaintext for the others.
+    Allow,
+    /// Plaintext clients get FATAL 28000 before anything reaches a server.
+    Require,
+}
+
+impl fmt::Display for ClientTlsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ClientTlsMode::Disable => "disable",
+            ClientTlsMode::Allow => "allow",
+            ClientTlsMode::Require => "require",
+        })
+    }
+}
+
+/// `server_tls.mode`, with libpq's `sslmode` meanings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerTlsMode {
+    #[default]
+    Disable,
+    /// TLS if the server offers it, plaintext if it does not; the certificate is not checked.
+    Prefer,
+    /// TLS or no connection; the certificate is not checked.
+    Require,
+    /// TLS, and the server's certificate must chain to `ca_file`.
+    VerifyCa,
+    /// As `verify-ca`, and the certificate must name the host patroxy connects to.
+    VerifyFull,
+}
+
+/// `[server_tls]`: TLS from patroxy to PostgreSQL.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerTlsConfig {
+    pub mode: ServerTlsMode,
+    /// PEM CA bundle that server certificates must chain to (`verify-ca`, `verify-full`).
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate and key, for servers that ask for one (`clientcert` in pg_hba).
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -103,6 +171,8 @@ impl Default for Config {
             runtime: RuntimeConfig::default(),
             limits: Limits::default(),
             admin: AdminConfig::default(),
+            tls: TlsConfig::default(),
+            server_tls: ServerTlsConfig::default(),
         }
     }
 }
@@ -228,6 +298,8 @@ pub struct ListenerConfig {
     pub max_client_connections: usize,
     /// Client addresses allowed to connect (CIDR blocks); empty allows every address.
     pub allow: Vec<Cidr>,
+    /// `disable`, `allow` or `require`; by default `allow` when `[tls]` has a certificate.
+    pub tls: Option<ClientTlsMode>,
 }
 
 impl Default for ListenerConfig {
@@ -243,6 +315,7 @@ impl Default for ListenerConfig {
             exclude_tags: BTreeMap::new(),
             max_client_connections: 0,
             allow: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -253,6 +326,14 @@ impl ListenerConfig {
         self.listen
             .parse()
             .map_err(|_| format!("{:?} is not an address (expected ip:port)", self.listen))
+    }
+
+    /// This listener's TLS mode, given whether `[tls]` has a certificate.
+    pub fn tls_mode(&self, tls: &TlsConfig) -> ClientTlsMode {
+        self.tls.unwrap_or(match tls.is_set() {
+            true => ClientTlsMode::Allow,
+            false => ClientTlsMode::Disable,
+        })
     }
 
     /// The routing rules of this listener.
@@ -433,6 +514,7 @@ impl Config {
         if self.limits.max_client_connections == 0 {
             bad.push("limits.max_client_connections: must be greater than zero".into());
         }
+        self.validate_tls(&mut bad);
         if bad.is_empty() {
             Ok(())
         } else {
@@ -462,6 +544,39 @@ impl Config {
         ] {
             if let Some(f) = file.as_ref().filter(|f| !f.is_file()) {
                 bad.push(format!("{name}: {} is not a readable file", f.display()));
+            }
+        }
+    }
+
+    fn validate_tls(&self, bad: &mut Vec<String>) {
+        let (t, s) = (&self.tls, &self.server_tls);
+        if t.cert_file.is_some() != t.key_file.is_some() {
+            bad.push("tls: cert_file and key_file go together".into());
+        }
+        if s.cert_file.is_some() != s.key_file.is_some() {
+            bad.push("server_tls: cert_file and key_file go together".into());
+        }
+        let verifies = matches!(s.mode, ServerTlsMode::VerifyCa | ServerTlsMode::VerifyFull);
+        if verifies && s.ca_file.is_none() {
+            bad.push("server_tls.ca_file: required by verify-ca and verify-full".into());
+        }
+        for (name, file) in [
+            ("tls.cert_file", &t.cert_file),
+            ("tls.key_file", &t.key_file),
+            ("server_tls.ca_file", &s.ca_file),
+            ("server_tls.cert_file", &s.cert_file),
+            ("server_tls.key_file", &s.key_file),
+        ] {
+            if let Some(f) = file.as_ref().filter(|f| !f.is_file()) {
+                bad.push(format!("{name}: {} is not a readable file", f.display()));
+            }
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            if l.tls_mode(t) != ClientTlsMode::Disable && !t.is_set() {
+                bad.push(format!(
+                    "listener[{i}].tls = \"{}\" needs tls.cert_file and tls.key_file",
+                    l.tls_mode(t)
+                ));
             }
         }
     }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -19,12 +20,16 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Accepts until `stop`, then returns; the sessions it spawned live on in `tracker`.
 pub async fn accept_loop(
     listener: TcpListener,
-    ctx: Arc<ListenerContext>,
+    settings: watch::Receiver<Arc<ListenerContext>>,
     tracker: TaskTracker,
     stop: CancellationToken,
 ) {
     let addr = listener.local_addr().ok();
-    info!(listener = %ctx.name, cluster = %ctx.cluster, role = %ctx.policy.role, addr = ?addr, "listening");
+    let name = settings.borrow().name.clone();
+    {
+        let ctx = settings.borrow();
+        info!(listener = %ctx.name, cluster = %ctx.cluster, role = %ctx.policy.role, tls = %ctx.tls_mode, addr = ?addr, "listening");
+    }
     let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
         let accepted = tokio::select! {
@@ -34,6 +39,8 @@ pub async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 backoff = ACCEPT_BACKOFF_MIN;
+                // The settings of the moment: a reload applies from the next client on.
+                let ctx = settings.borrow().clone();
                 if !crate::allow::allowed(&ctx.allow, peer.ip()) {
                     warn!(client = %peer, listener = %ctx.name, "client address not allowed");
                     crate::metrics::refused(&ctx.name, "not_allowed");
@@ -44,10 +51,10 @@ pub async fn accept_loop(
                     refuse(&stream, codes::INVALID_AUTHORIZATION, &msg);
                     continue;
                 }
-                // Permits move into the session task and are released however it ends.
-                let global = ctx.shared.connections.clone().try_acquire_owned().ok();
+                // Claims move into the session task and are released however it ends.
+                let global = ctx.shared.connections.try_claim();
                 let local = match &ctx.limit {
-                    Some(l) => l.clone().try_acquire_owned().ok().map(Some),
+                    Some(l) => l.try_claim().map(Some),
                     None => Some(None),
                 };
                 let (Some(global), Some(local)) = (global, local) else {
@@ -61,7 +68,6 @@ pub async fn accept_loop(
                     );
                     continue;
                 };
-                let ctx = ctx.clone();
                 tracker.spawn(async move {
                     let _permits = (global, local);
                     session::serve(stream, peer, ctx).await;
@@ -69,7 +75,7 @@ pub async fn accept_loop(
             }
             Err(e) => {
                 // Out of file descriptors, or a connection reset before accept: wait, retry.
-                warn!(listener = %ctx.name, error = %e, pause = ?backoff, "accept failed");
+                warn!(listener = %name, error = %e, pause = ?backoff, "accept failed");
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(backoff) => {}
@@ -78,7 +84,7 @@ pub async fn accept_loop(
             }
         }
     }
-    info!(listener = %ctx.name, "stopped accepting");
+    info!(listener = %name, "stopped accepting");
 }
 
 /// Refuses a client with a FATAL error, without a task: one non-blocking write into an empty

@@ -106,11 +106,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
-    let mut config = match &args.config {
-        Some(path) => Config::load(path)?,
-        None => Config::default(),
-    };
-    config.apply(Overrides {
+    let overrides = Overrides {
         etcd: args.etcd,
         scope: args.scope,
         namespace: args.namespace,
@@ -120,8 +116,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         drain_timeout: args.drain_timeout,
         worker_threads: args.worker_threads,
         admin: args.admin,
-    });
-    config.validate()?;
+    };
+    let config = load(args.config.as_deref(), overrides.clone())?;
+    // TLS files are read now too, so a bad certificate is one clear line, not a failed start.
+    patroxy::session::TlsMaterial::load(&config)?;
     let config = Arc::new(config);
 
     let runtime = match config.runtime.worker_threads {
@@ -152,10 +150,51 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         };
         let shutdown = CancellationToken::new();
         tokio::spawn(signals(shutdown.clone()));
-        patroxy::app::run(config, listeners, admin, shutdown).await;
-
+        let (reload_tx, reloads) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(reload_on_sighup(args.config, overrides, reload_tx));
+        patroxy::app::run(config, listeners, admin, reloads, shutdown).await?;
         Ok(())
     })
+}
+
+/// The configuration: the file if there is one, the overrides on top, checked.
+fn load(file: Option<&std::path::Path>, overrides: Overrides) -> anyhow::Result<Config> {
+    let mut config = match file {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    config.apply(overrides);
+    config.validate()?;
+    Ok(config)
+}
+
+/// SIGHUP reads the configuration file again (with the same flags on top) and hands it to
+/// the running proxy; a file that does not load or validate is refused here with a log line.
+async fn reload_on_sighup(
+    file: Option<PathBuf>,
+    overrides: Overrides,
+    tx: tokio::sync::mpsc::Sender<Config>,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler: no configuration reloads");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading the configuration");
+        match load(file.as_deref(), overrides.clone()) {
+            Ok(config) => {
+                if tx.send(config).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                patroxy::metrics::reload("refused");
+                let why = format!("{e:#}").replace('\n', " ");
+                tracing::warn!(reason = %why, "configuration reload refused; the running configuration stays in force");
+            }
+        }
+    }
 }
 
 /// SIGTERM or SIGINT starts a graceful shutdown; a second one exits at once.

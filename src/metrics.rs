@@ -22,6 +22,7 @@ pub const ETCD_LAST_EVENT: &str = "patroxy_etcd_last_event_timestamp_seconds";
 pub const ETCD_WATCH_ERRORS: &str = "patroxy_etcd_watch_errors_total";
 pub const CONNECT_SECONDS: &str = "patroxy_backend_connect_seconds";
 pub const WAITING: &str = "patroxy_clients_waiting";
+pub const CONFIG_RELOADS: &str = "patroxy_config_reloads_total";
 
 /// Installs the Prometheus recorder for this process; its handle renders `/metrics`.
 pub fn install() -> Result<PrometheusHandle, String> {
@@ -126,4 +127,9 @@ pub fn etcd_event(cluster: &str) {
 
 pub fn etcd_watch_error(cluster: &str) {
     counter!(ETCD_WATCH_ERRORS, "cluster" => cluster.to_owned()).increment(1);
+}
+
+/// A configuration reload: `ok` or `refused`.
+pub fn reload(result: &'static str) {
+    counter!(CONFIG_RELOADS, "result" => result).increment(1);
 }

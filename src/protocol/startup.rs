@@ -12,7 +12,7 @@ use super::codes;
 
 /// The TLS record type of a handshake: a PostgreSQL 17 client with `sslnegotiation=direct`
 /// opens with a ClientHello instead of an SSLRequest.
-const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+pub const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StartupError {

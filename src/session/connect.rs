@@ -15,15 +15,19 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{timeout, timeout_at, Instant};
+use tokio_rustls::TlsStream;
 
 use super::load::LoadGuard;
+use super::stream::{send, Stream};
 use super::{tune_socket, ListenerContext};
+use crate::config::ServerTlsMode;
 use crate::discovery::Topology;
 use crate::protocol::codes;
 use crate::protocol::frame::{split_frame, Frame, FrameError};
 use crate::protocol::messages::{self, ErrorFields};
 use crate::protocol::startup::{CancelKey, StartupInfo};
 use crate::router::{self, ListenerRole, Policy, Target};
+use crate::tls::ServerTls;
 
 /// Server frames before the session is handed over are small: auth challenges, parameters.
 const SERVER_FRAME_LIMIT: usize = 1 << 20;
@@ -108,7 +112,7 @@ impl ConnectError {
 /// A server connection ready to relay, its greeting already passed to the client.
 #[derive(Debug)]
 pub struct Backend {
-    pub stream: TcpStream,
+    pub stream: Stream,
     pub target: Target,
     pub key: Option<CancelKey>,
     /// Server bytes read past the first ReadyForQuery (asynchronous notices), for the relay.
@@ -129,7 +133,7 @@ enum Attempt {
 /// `client_buf` holds client bytes already read and receives any more read during connect.
 /// The returned guard counts the session against its server's load.
 pub async fn establish(
-    client: &mut TcpStream,
+    client: &mut Stream,
     client_buf: &mut BytesMut,
     startup: &StartupInfo,
     listener: &ListenerContext,
@@ -218,7 +222,7 @@ async fn wait_for_candidates(
     listener: &str,
     policy: &Policy,
     topology: &mut watch::Receiver<Arc<Topology>>,
-    client: &mut TcpStream,
+    client: &mut Stream,
     client_buf: &mut BytesMut,
     deadline: Instant,
 ) -> Result<Vec<Target>, WaitError> {
@@ -245,7 +249,7 @@ async fn wait_for_candidates(
 }
 
 /// Reads more client bytes, bounded: a client may pipeline a little, never a lot, before auth.
-async fn read_client(client: &mut TcpStream, buf: &mut BytesMut) -> Result<(), ConnectError> {
+async fn read_client(client: &mut Stream, buf: &mut BytesMut) -> Result<(), ConnectError> {
     if buf.len() > CLIENT_AUTH_FRAME_LIMIT {
         return Err(ConnectError::ClientProtocol(FrameError::TooLong {
             tag: '?',
@@ -269,7 +273,7 @@ enum ReadError {
 }
 
 /// Reads one whole frame from the server.
-async fn server_frame(server: &mut TcpStream, buf: &mut BytesMut) -> Result<Frame, ReadError> {
+async fn server_frame(server: &mut Stream, buf: &mut BytesMut) -> Result<Frame, ReadError> {
     loop {
         if let Some(f) = split_frame(buf, SERVER_FRAME_LIMIT).map_err(ReadError::Frame)? {
             return Ok(f);
@@ -279,6 +283,41 @@ async fn server_frame(server: &mut TcpStream, buf: &mut BytesMut) -> Result<Fram
             Ok(_) => {}
             Err(e) => return Err(ReadError::Io(e)),
         }
+    }
+}
+
+/// The SSLRequest a client sends to ask a server for TLS.
+const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
+/// Opens TLS to a server as `server_tls` says: an SSLRequest, then a handshake on `S`.
+async fn open_tls(mut tcp: TcpStream, tls: &ServerTls, host: &str) -> Result<Stream, String> {
+    let Some(connector) = &tls.connector else {
+        return Ok(Stream::Plain(tcp));
+    };
+    let mut answer = [0u8; 1];
+    let asked = async {
+        tcp.write_all(&SSL_REQUEST).await?;
+        tcp.read_exact(&mut answer).await
+    };
+    asked.await.map_err(|e| format!("asking for TLS: {e}"))?;
+    match answer[0] {
+        b'S' => {
+            let name = crate::tls::server_name(host)?;
+            let tls = connector
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS handshake: {e}"))?;
+            Ok(Stream::Tls(Box::new(TlsStream::Client(tls))))
+        }
+        b'N' if tls.mode == ServerTlsMode::Prefer => Ok(Stream::Plain(tcp)),
+        b'N' => Err(format!(
+            "the server does not accept TLS, and server_tls.mode is {:?}",
+            tls.mode
+        )),
+        other => Err(format!(
+            "unexpected answer {:?} to SSLRequest",
+            other as char
+        )),
     }
 }
 
@@ -292,7 +331,7 @@ struct AttemptContext<'a> {
 
 /// One connection to one target.
 async fn attempt(
-    client: &mut TcpStream,
+    client: &mut Stream,
     client_buf: &mut BytesMut,
     startup: &StartupInfo,
     ctx: AttemptContext<'_>,
@@ -312,12 +351,14 @@ async fn attempt(
         .min(deadline.saturating_duration_since(Instant::now()))
         .max(Duration::from_millis(1));
     let ep = &target.endpoint;
-    let mut server = match timeout(
-        connect_timeout,
-        TcpStream::connect((ep.host.as_str(), ep.port)),
-    )
-    .await
-    {
+    let opened = timeout(connect_timeout, async {
+        let tcp = TcpStream::connect((ep.host.as_str(), ep.port))
+            .await
+            .map_err(|e| e.to_string())?;
+        tune_socket(&tcp);
+        open_tls(tcp, &listener.server_tls, &ep.host).await
+    });
+    let mut server = match opened.await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Attempt::Retry(format!("connect to {server_name}: {e}")),
         Err(_) => {
@@ -326,8 +367,7 @@ async fn attempt(
             ))
         }
     };
-    tune_socket(&server);
-    if let Err(e) = server.write_all(&startup.raw).await {
+    if let Err(e) = send(&mut server, &startup.raw).await {
         return Attempt::Retry(format!("{server_name}: {e}"));
     }
 
@@ -382,7 +422,7 @@ async fn attempt(
     for f in h.held.drain(..) {
         out.extend_from_slice(&f);
     }
-    if let Err(e) = h.client.write_all(&out).await {
+    if let Err(e) = send(h.client, &out).await {
         return Attempt::Fatal(ConnectError::ClientIo(e));
     }
     let (bytes_up, bytes_down) = (h.bytes_up, h.bytes_down + out.len() as u64);
@@ -406,9 +446,9 @@ struct Greeting {
 
 /// The conversation with one server until the session is handed to the relay.
 struct Handshake<'a> {
-    client: &'a mut TcpStream,
+    client: &'a mut Stream,
     client_buf: &'a mut BytesMut,
-    server: &'a mut TcpStream,
+    server: &'a mut Stream,
     server_buf: BytesMut,
     server_name: &'a str,
     /// The client has seen bytes from this server: from now on, failures are final.
@@ -465,8 +505,7 @@ impl Handshake<'_> {
 
     async fn flush_held(&mut self) -> Result<(), ConnectError> {
         for f in self.held.drain(..) {
-            self.client
-                .write_all(&f)
+            send(self.client, &f)
                 .await
                 .map_err(ConnectError::ClientIo)?;
             self.bytes_down += f.len() as u64;
@@ -503,9 +542,7 @@ impl Handshake<'_> {
                     while let Some(f) = split_frame(self.client_buf, CLIENT_AUTH_FRAME_LIMIT)
                         .map_err(|e| Attempt::Fatal(ConnectError::ClientProtocol(e)))?
                     {
-                        self.server
-                            .write_all(&f.bytes)
-                            .await
+                        send(self.server, &f.bytes).await
                             .map_err(|e| self.server_failure(ReadError::Io(e)))?;
                         self.bytes_up += f.bytes.len() as u64;
                     }
@@ -589,8 +626,7 @@ impl Handshake<'_> {
                     Attempt::Retry(why)
                 });
             }
-            self.server
-                .write_all(&query)
+            send(self.server, &query)
                 .await
                 .map_err(|e| self.server_failure(ReadError::Io(e)))?;
             let promoted = timeout_at(deadline, self.read_probe_reply(hot_standby_at))

@@ -3,20 +3,18 @@
 //! It ends a session on a deposed primary or at shutdown at its next rest point, or at the
 //! deadline, with FATAL 57P01.
 
-use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncWriteExt, Interest};
-use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch};
 use tokio::time::{sleep_until, timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::drain::{self, DrainCause, Progress};
+use super::stream::{Reader, Stream, Writer, BUF_SIZE};
 use crate::config::Timeouts;
 use crate::discovery::patroni::Endpoint;
 use crate::discovery::Topology;
@@ -25,8 +23,6 @@ use crate::protocol::frame::{FrameError, Scanner, Seen, MAX_DECLARED_LEN};
 use crate::protocol::messages::{self, Severity};
 use crate::router::Policy;
 
-/// Read buffer per direction.
-const BUF_SIZE: usize = 16 * 1024;
 /// How long the goodbye messages may take before the socket is simply closed.
 const GOODBYE_TIMEOUT: Duration = Duration::from_millis(200);
 
@@ -145,8 +141,8 @@ pub struct Outcome {
 /// Relays until one side closes or a drain ends the session.
 /// `client_leftover` and `server_leftover` are bytes already read in the startup phase.
 pub async fn relay(
-    client: &mut TcpStream,
-    server: &mut TcpStream,
+    client: &mut Stream,
+    server: &mut Stream,
     client_leftover: BytesMut,
     server_leftover: BytesMut,
     ctx: RelayContext<'_>,
@@ -158,9 +154,11 @@ pub async fn relay(
         up_clean: AtomicBool::new(true),
         ..Shared::default()
     };
+    let (mut client_rd, mut client_wr) = client.split();
+    let (mut server_rd, mut server_wr) = server.split();
     let end = {
-        let up = pump_up(client, server, client_leftover, &st);
-        let down = pump_down(server, client, server_leftover, &st);
+        let up = pump_up(&mut client_rd, &mut server_wr, client_leftover, &st);
+        let down = pump_down(&mut server_rd, &mut client_wr, server_leftover, &st);
         tokio::pin!(up, down);
         let mut draining: Option<(DrainCause, Instant)> = None;
         // The topology and shutdown are watched by a task of their own: their futures take
@@ -227,13 +225,13 @@ pub async fn relay(
     if let Some((code, msg)) = goodbye {
         if drain::can_send_error(st.progress()) {
             let frame = messages::error_response(Severity::Fatal, code, &msg);
-            let _ = timeout(GOODBYE_TIMEOUT, write_all(client, &frame)).await;
+            let _ = timeout(GOODBYE_TIMEOUT, client_wr.write_all(&frame)).await;
         }
         if st.up_clean.load(Relaxed) {
-            let _ = timeout(GOODBYE_TIMEOUT, write_all(server, &TERMINATE)).await;
+            let _ = timeout(GOODBYE_TIMEOUT, server_wr.write_all(&TERMINATE)).await;
         }
     }
-    let _ = timeout(GOODBYE_TIMEOUT, client.shutdown()).await;
+    let _ = timeout(GOODBYE_TIMEOUT, client_wr.shutdown()).await;
     Outcome {
         end,
         bytes_up: st.bytes_up.load(Relaxed),
@@ -274,57 +272,13 @@ async fn watch_for_drain(
     let _ = tx.send(cause);
 }
 
-/// Reads what is available into `buf`'s spare capacity; `Ok(0)` is the end of the stream.
-///
-/// A short read means the socket is drained, so readiness is cleared at once instead of being
-/// learnt from one more read that only returns EAGAIN: one syscall less per message and
-/// direction. The read runs inside `try_io`, whose readiness snapshot is taken before it, so
-/// an event that arrives meanwhile carries a newer tick and is never cleared.
-async fn read_some(s: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
-    if buf.capacity() == buf.len() {
-        buf.reserve(BUF_SIZE);
-    }
-    loop {
-        s.readable().await?;
-        let spare = buf.capacity() - buf.len();
-        let mut got = None;
-        let r = s.try_io(Interest::READABLE, || {
-            let n = s.try_read_buf(buf)?;
-            got = Some(n);
-            if n > 0 && n < spare {
-                Err(io::ErrorKind::WouldBlock.into())
-            } else {
-                Ok(())
-            }
-        });
-        match (got, r) {
-            (Some(n), _) => return Ok(n),
-            (None, Err(e)) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            (None, Err(e)) => return Err(e),
-            (None, Ok(())) => unreachable!("the closure sets `got` before it returns Ok"),
-        }
-    }
-}
-
-/// Writes all of `data`, waiting for writability only when the socket's buffer is full.
-async fn write_all(s: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        match s.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => s.writable().await?,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 /// Client to server: counts the requests that will each be answered by a ReadyForQuery.
-async fn pump_up(rd: &TcpStream, wr: &TcpStream, mut buf: BytesMut, st: &Shared) -> End {
+async fn pump_up(rd: &mut Reader<'_>, wr: &mut Writer<'_>, mut buf: BytesMut, st: &Shared) -> End {
     let mut scanner = Scanner::new(MAX_DECLARED_LEN);
     buf.reserve(BUF_SIZE);
     loop {
         if buf.is_empty() {
-            match read_some(rd, &mut buf).await {
+            match rd.read_some(&mut buf).await {
                 Ok(0) => return End::ClientClosed,
                 Ok(_) => {}
                 Err(e) => return End::ClientIo(e),
@@ -341,7 +295,7 @@ async fn pump_up(rd: &TcpStream, wr: &TcpStream, mut buf: BytesMut, st: &Shared)
             return End::ClientProtocol(e);
         }
         st.up_clean.store(false, Relaxed);
-        if let Err(e) = write_all(wr, &buf).await {
+        if let Err(e) = wr.write_all(&buf).await {
             return End::ServerIo(e);
         }
         st.up_clean.store(scanner.at_boundary(), Relaxed);
@@ -357,12 +311,17 @@ enum Pumped {
 }
 
 /// Server to client: follows ReadyForQuery, and stops at a rest point once draining.
-async fn pump_down(rd: &TcpStream, wr: &TcpStream, mut buf: BytesMut, st: &Shared) -> Pumped {
+async fn pump_down(
+    rd: &mut Reader<'_>,
+    wr: &mut Writer<'_>,
+    mut buf: BytesMut,
+    st: &Shared,
+) -> Pumped {
     let mut scanner = Scanner::new(MAX_DECLARED_LEN);
     buf.reserve(BUF_SIZE);
     loop {
         if buf.is_empty() {
-            match read_some(rd, &mut buf).await {
+            match rd.read_some(&mut buf).await {
                 Ok(0) => return Pumped::End(End::ServerClosed),
                 Ok(_) => {}
                 Err(e) => return Pumped::End(End::ServerIo(e)),
@@ -381,7 +340,7 @@ async fn pump_down(rd: &TcpStream, wr: &TcpStream, mut buf: BytesMut, st: &Share
             return Pumped::End(End::ServerProtocol(e));
         }
         st.down_clean.store(false, Relaxed);
-        if let Err(e) = write_all(wr, &buf).await {
+        if let Err(e) = wr.write_all(&buf).await {
             return Pumped::End(End::ClientIo(e));
         }
 

@@ -593,8 +593,10 @@ pub struct Proxy {
     pub admin: Option<SocketAddr>,
     /// Every listener's name and address; `addr` is the first one's.
     pub listeners: Vec<(String, SocketAddr)>,
+    /// Hands patroxy a new configuration, as SIGHUP does for the binary.
+    pub reload: tokio::sync::mpsc::Sender<Config>,
     shutdown: CancellationToken,
-    task: Option<tokio::task::JoinHandle<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), patroxy::app::AppError>>>,
 }
 
 impl Proxy {
@@ -626,17 +628,19 @@ impl Proxy {
             .map(|b| (b.config.name.clone(), b.listener.local_addr().unwrap()))
             .collect();
         let shutdown = CancellationToken::new();
+        let (reload, reloads) = tokio::sync::mpsc::channel(1);
         let task = tokio::spawn(patroxy::app::run(
             Arc::new(config),
             listeners,
             admin,
+            reloads,
             shutdown.clone(),
         ));
         Proxy {
             addr,
             admin: admin_addr,
             listeners: named,
-
+            reload,
             shutdown,
             task: Some(task),
         }

@@ -1,0 +1,240 @@
+//! TLS material built from PEM files into rustls configurations: the acceptor for clients
+//! (patroxy's certificate, ALPN `postgresql`) and the connector for PostgreSQL servers
+//! (`server_tls`, with libpq's sslmode meanings).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::config::{ServerTlsConfig, ServerTlsMode, TlsConfig};
+
+/// The ALPN protocol of PostgreSQL 17's direct TLS (`sslnegotiation=direct`).
+pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{}: {source}", .path.display())]
+    Pem {
+        path: PathBuf,
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{}: no certificate in the file", .0.display())]
+    NoCertificate(PathBuf),
+    #[error("{what}: {source}")]
+    Rustls {
+        what: &'static str,
+        source: rustls::Error,
+    },
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = |source| TlsError::Pem {
+        path: path.to_owned(),
+        source,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(pem)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(pem)?;
+    match certs.is_empty() {
+        true => Err(TlsError::NoCertificate(path.to_owned())),
+        false => Ok(certs),
+    }
+}
+
+fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|source| TlsError::Pem {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// The acceptor for clients, or `None` when `[tls]` has no certificate.
+pub fn acceptor(config: &TlsConfig) -> Result<Option<TlsAcceptor>, TlsError> {
+    let (Some(cert), Some(key)) = (&config.cert_file, &config.key_file) else {
+        return Ok(None);
+    };
+    let rustls_err = |source| TlsError::Rustls {
+        what: "tls",
+        source,
+    };
+    let mut server = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(rustls_err)?
+        .with_no_client_auth()
+        .with_single_cert(certificates(cert)?, private_key(key)?)
+        .map_err(rustls_err)?;
+    // Clients that offer ALPN must offer this one; direct TLS requires it (checked after the
+    // handshake, since a client may also offer no ALPN at all).
+    server.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+    Ok(Some(TlsAcceptor::from(Arc::new(server))))
+}
+
+/// How patroxy opens server connections: the mode and, unless it is `disable`, a connector.
+#[derive(Clone)]
+pub struct ServerTls {
+    pub mode: ServerTlsMode,
+    pub connector: Option<TlsConnector>,
+}
+
+impl ServerTls {
+    pub fn disabled() -> ServerTls {
+        ServerTls {
+            mode: ServerTlsMode::Disable,
+            connector: None,
+        }
+    }
+}
+
+pub fn connector(config: &ServerTlsConfig) -> Result<ServerTls, TlsError> {
+    let rustls_err = |source| TlsError::Rustls {
+        what: "server_tls",
+        source,
+    };
+    let provider = provider();
+    let verifier: Arc<dyn ServerCertVerifier> = match config.mode {
+        ServerTlsMode::Disable => return Ok(ServerTls::disabled()),
+        ServerTlsMode::Prefer | ServerTlsMode::Require => Arc::new(NoVerification {
+            algorithms: provider.signature_verification_algorithms,
+        }),
+        ServerTlsMode::VerifyCa | ServerTlsMode::VerifyFull => {
+            let mut roots = RootCertStore::empty();
+            if let Some(ca) = &config.ca_file {
+                for cert in certificates(ca)? {
+                    roots.add(cert).map_err(rustls_err)?;
+                }
+            }
+            let webpki =
+                WebPkiServerVerifier::builder_with_provider(roots.into(), provider.clone())
+                    .build()
+                    .map_err(|e| TlsError::Rustls {
+                        what: "server_tls.ca_file",
+                        source: rustls::Error::General(e.to_string()),
+                    })?;
+            match config.mode {
+                ServerTlsMode::VerifyFull => webpki,
+                _ => Arc::new(ChainOnly(webpki)),
+            }
+        }
+    };
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(rustls_err)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let client = match (&config.cert_file, &config.key_file) {
+        (Some(cert), Some(key)) => builder
+            .with_client_auth_cert(certificates(cert)?, private_key(key)?)
+            .map_err(rustls_err)?,
+        _ => builder.with_no_client_auth(),
+    };
+    Ok(ServerTls {
+        mode: config.mode,
+        connector: Some(TlsConnector::from(Arc::new(client))),
+    })
+}
+
+/// The name a server certificate is checked against (and sent as SNI).
+pub fn server_name(host: &str) -> Result<ServerName<'static>, String> {
+    ServerName::try_from(host.to_owned()).map_err(|e| format!("{host:?} as a TLS name: {e}"))
+}
+
+/// `prefer` and `require`: encryption without authentication, as in libpq. Signatures are
+/// still checked, so the handshake itself is sound.
+#[derive(Debug)]
+struct NoVerification {
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for NoVerification {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// `verify-ca`: the chain must reach a trusted CA; the name in the certificate is not checked.
+#[derive(Debug)]
+struct ChainOnly(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
