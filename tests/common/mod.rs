@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub mod patroni;
+pub mod tls;
 
 /// The metrics handle of a test binary that installed a recorder (`install_metrics`).
 pub static METRICS: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
@@ -456,6 +457,21 @@ impl Postgres {
             signal(c.id(), "INT");
             let _ = c.wait();
         }
+    }
+
+    /// Turns TLS on with this certificate and key, restarting the server.
+    pub fn enable_tls(&mut self, cert: &Path, key: &Path) {
+        let (crt, pem) = (self.data.join("server.crt"), self.data.join("server.key"));
+        write_as_postgres(&crt, &std::fs::read_to_string(cert).unwrap());
+        write_as_postgres(&pem, &std::fs::read_to_string(key).unwrap());
+        std::fs::set_permissions(&pem, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let conf = self.data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).unwrap();
+        text.push_str("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        write_as_postgres(&conf, &text);
+        self.stop();
+        self.start();
     }
 
     pub fn promote(&self) {
