@@ -9,13 +9,7 @@ use std::time::Duration;
 use common::*;
 
 fn patroxy() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_patroxy"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("PATROXY_") {
-            c.env_remove(k);
-        }
-    }
-    c
+    common::binary::command()
 }
 
 #[test]

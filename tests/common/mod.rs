@@ -17,6 +17,7 @@ pub use patroxy::config::{Config, ListenerConfig};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+pub mod binary;
 pub mod patroni;
 pub mod tls;
 

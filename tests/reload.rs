@@ -1,0 +1,140 @@
+//! SIGHUP on the real binary: a listener added, a route changed, a listener removed and the
+//! TLS certificate replaced, while a session opened before stays up; a broken file is
+//! refused and the running configuration stays in force.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::binary::Binary;
+use common::tls::{Issued, TestCa};
+use common::*;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+
+/// The leaf certificate a TLS listener shows now, as DER.
+async fn served_certificate(ca: &TestCa, port: u16) -> Vec<u8> {
+    let config = ca.client_config(&[patroxy::tls::ALPN_POSTGRESQL]);
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+fn der(cert: &Issued) -> Vec<u8> {
+    CertificateDer::from_pem_file(&cert.cert_file)
+        .unwrap()
+        .to_vec()
+}
+
+/// Puts a certificate where the configuration says patroxy's is.
+fn install(cert: &Issued, dir: &Path) {
+    std::fs::copy(&cert.cert_file, dir.join("patroxy.crt")).unwrap();
+    std::fs::copy(&cert.key_file, dir.join("patroxy.key")).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_listeners_routes_and_certificates_while_sessions_stay() {
+    let root = TempRoot::new();
+    let etcd = Etcd::start(&root);
+    let primary = Postgres::primary(&root, "a");
+    let replica = Postgres::replica_of(&root, "r", &primary);
+    let mut keys = Keys::new(&etcd, "reload").await;
+    keys.member("a", primary.port, "primary", "running").await;
+    keys.member("r", replica.port, "replica", "running").await;
+    keys.leader("a").await;
+
+    let dir = root.subdir("conf");
+    let ca = TestCa::new(&dir, "ca");
+    let (first, second) = (
+        ca.issue("first", &["127.0.0.1"]),
+        ca.issue("second", &["127.0.0.1"]),
+    );
+    install(&first, &dir);
+    let (main, rw) = (free_port(), free_port());
+    let file = dir.join("patroxy.toml");
+    let write = |listeners: &str| {
+        let text = format!(
+            "[etcd]\nendpoints = [\"{}\"]\n[cluster]\nscope = \"reload\"\n\
+             [tls]\ncert_file = \"{d}/patroxy.crt\"\nkey_file = \"{d}/patroxy.key\"\n{listeners}",
+            etcd.url(),
+            d = dir.display()
+        );
+        std::fs::write(&file, text).unwrap();
+    };
+    let listener = |name: &str, port: u16, role: &str| {
+        format!(
+            "[[listener]]\nname = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\nrole = \"{role}\"\n"
+        )
+    };
+    write(&listener("main", main, "primary"));
+    let proxy = Binary::start(&["run", "--config", file.to_str().unwrap()]);
+    wait_routed(main, primary.port).await;
+    assert_eq!(served_certificate(&ca, main).await, der(&first));
+    // A session opened before the reload, over TLS.
+    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(ca.client_config(&[]));
+    let conn_str =
+        format!("host=127.0.0.1 port={main} user=postgres dbname=postgres sslmode=require");
+    let (old, conn) = tokio_postgres::connect(&conn_str, tls).await.unwrap();
+    let old_conn = tokio::spawn(conn);
+
+    // The main listener becomes a read listener, a new one takes writes, and the
+    // certificate is replaced.
+    install(&second, &dir);
+    write(&format!(
+        "{}{}",
+        listener("main", main, "replica"),
+        listener("rw", rw, "primary")
+    ));
+    signal(proxy.pid(), "HUP");
+    proxy.wait_log("configuration reloaded", 1).await;
+    assert_eq!(server_port(main).await.unwrap(), replica.port as i32);
+    assert_eq!(server_port(rw).await.unwrap(), primary.port as i32);
+    assert_eq!(served_certificate(&ca, main).await, der(&second));
+    assert_eq!(served_certificate(&ca, rw).await, der(&second));
+    let row = old.query_one("SELECT inet_server_port()", &[]).await;
+    assert_eq!(row.unwrap().get::<_, i32>(0), primary.port as i32);
+
+    // A broken file is refused; everything goes on as before.
+    std::fs::write(&file, "[[listener]\nthis is not toml").unwrap();
+    signal(proxy.pid(), "HUP");
+    proxy.wait_log("configuration reload refused", 1).await;
+    assert_eq!(server_port(rw).await.unwrap(), primary.port as i32);
+    assert_eq!(server_port(main).await.unwrap(), replica.port as i32);
+    // So is a valid file whose certificate cannot be read.
+    std::fs::write(dir.join("patroxy.key"), "not a key").unwrap();
+    write(&listener("main", main, "primary"));
+    signal(proxy.pid(), "HUP");
+    proxy.wait_log("configuration reload refused", 2).await;
+    assert_eq!(server_port(rw).await.unwrap(), primary.port as i32);
+    install(&second, &dir);
+
+    // The rw listener is removed: it stops accepting; main goes on.
+    write(&listener("main", main, "replica"));
+    signal(proxy.pid(), "HUP");
+    proxy.wait_log("configuration reloaded", 2).await;
+    wait_for("rw to stop accepting", Duration::from_secs(10), || async {
+        TcpStream::connect(("127.0.0.1", rw))
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    assert_eq!(server_port(main).await.unwrap(), replica.port as i32);
+    let row = old.query_one("SELECT 1", &[]).await;
+    assert_eq!(
+        row.unwrap().get::<_, i32>(0),
+        1,
+        "the old session stayed up"
+    );
+
+    let (status, log) = proxy.stop().await;
+    assert!(status.success(), "{log}");
+    assert!(old_conn.await.is_ok());
+    assert!(log.contains("added [rw]"), "{log}");
+    assert!(log.contains("removed [rw]"), "{log}");
+}
