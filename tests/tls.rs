@@ -335,3 +335,50 @@ async fn scram_channel_binding_needs_the_servers_certificate_on_patroxy() {
         proxy.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patroxy_watches_etcd_over_tls_with_a_client_certificate_and_a_password() {
+    use etcd_client::Permission;
+    let root = TempRoot::new();
+    let ca = TestCa::new(root.path(), "ca");
+    let tls = EtcdTls {
+        ca_file: ca.cert_file.clone(),
+        server: ca.issue("etcd", &["127.0.0.1", "localhost"]),
+        client: ca.issue("etcd-client", &["etcd-client"]),
+    };
+    let mut etcd = Etcd::start_tls(&root, tls.clone());
+    // Authentication on: patroxy gets a user that may only read Patroni's keys (and write
+    // its own reports).
+    let mut admin = etcd.client().await;
+    admin.user_add("root", "rootpw", None).await.unwrap();
+    admin.user_grant_role("root", "root").await.unwrap();
+    admin.role_add("patroxy").await.unwrap();
+    let read = Permission::read("/service/etcdtls/").with_prefix();
+    admin.role_grant_permission("patroxy", read).await.unwrap();
+    let own = Permission::read_write("/patroxy/").with_prefix();
+    admin.role_grant_permission("patroxy", own).await.unwrap();
+    admin.user_add("patroxy", "s3cret", None).await.unwrap();
+    admin.user_grant_role("patroxy", "patroxy").await.unwrap();
+    admin.auth_enable().await.unwrap();
+    etcd.root_password = Some("rootpw".into());
+
+    let pg = Postgres::primary(&root, "pg");
+    let mut keys = Keys::new(&etcd, "etcdtls").await;
+    keys.member("pg", pg.port, "primary", "running").await;
+    keys.leader("pg").await;
+    let proxy = Proxy::start(&etcd, "etcdtls", |cfg| {
+        cfg.etcd.ca_file = Some(tls.ca_file.clone());
+        cfg.etcd.cert_file = Some(tls.client.cert_file.clone());
+        cfg.etcd.key_file = Some(tls.client.key_file.clone());
+        cfg.etcd.username = Some("patroxy".into());
+        cfg.etcd.password = Some(patroxy::config::Secret::new("s3cret"));
+    })
+    .await;
+    wait_routed(proxy.port(), pg.port).await;
+    // The watch follows changes too, not only the first read.
+    let other = Postgres::primary(&root, "other");
+    keys.member("other", other.port, "primary", "running").await;
+    keys.leader("other").await;
+    wait_routed(proxy.port(), other.port).await;
+    proxy.stop().await;
+}

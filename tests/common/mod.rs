@@ -173,29 +173,63 @@ pub struct Etcd {
     pub port: u16,
     peer_port: u16,
     dir: PathBuf,
+    tls: Option<EtcdTls>,
+    /// The root user's password, once the test has turned authentication on.
+    pub root_password: Option<String>,
+}
+
+/// TLS for etcd's client port: its certificate, and the CA client certificates must chain to.
+#[derive(Clone)]
+pub struct EtcdTls {
+    pub ca_file: PathBuf,
+    pub server: tls::Issued,
+    /// The certificate the test's own client presents.
+    pub client: tls::Issued,
 }
 
 impl Etcd {
     pub fn start(root: &TempRoot) -> Etcd {
+        Etcd::start_with(root, None)
+    }
+
+    /// etcd serving clients over TLS only, requiring client certificates.
+    pub fn start_tls(root: &TempRoot, tls: EtcdTls) -> Etcd {
+        Etcd::start_with(root, Some(tls))
+    }
+
+    fn start_with(root: &TempRoot, tls: Option<EtcdTls>) -> Etcd {
         let mut e = Etcd {
             child: None,
             port: free_port(),
             peer_port: free_port(),
             dir: root.path().join("etcd"),
+            tls,
+            root_password: None,
         };
         e.spawn();
         e
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     fn spawn(&mut self) {
         let client = self.url();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::File::create(self.dir.with_extension("log")).unwrap();
-        let child = Command::new("etcd")
+        let mut etcd = Command::new("etcd");
+        if let Some(t) = &self.tls {
+            etcd.arg("--cert-file")
+                .arg(&t.server.cert_file)
+                .arg("--key-file")
+                .arg(&t.server.key_file)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca_file)
+                .arg("--client-cert-auth");
+        }
+        let child = etcd
             .args(["--name", "test"])
             .arg("--data-dir")
             .arg(&self.dir)
@@ -238,10 +272,24 @@ impl Etcd {
 
     pub async fn client(&self) -> EtcdClient {
         let url = self.url();
+        let mut options = etcd_client::ConnectOptions::new();
+        if let Some(t) = &self.tls {
+            let read = |p: &Path| std::fs::read(p).unwrap();
+            let tls = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(read(&t.ca_file)))
+                .identity(etcd_client::Identity::from_pem(
+                    read(&t.client.cert_file),
+                    read(&t.client.key_file),
+                ));
+            options = options.with_tls(tls);
+        }
+        if let Some(p) = &self.root_password {
+            options = options.with_user("root", p.clone());
+        }
         wait_for("an etcd client", Duration::from_secs(20), || {
-            let url = url.clone();
+            let (url, options) = (url.clone(), options.clone());
             async move {
-                let mut c = EtcdClient::connect([url], None).await.ok()?;
+                let mut c = EtcdClient::connect([url], Some(options)).await.ok()?;
                 c.status().await.ok()?;
                 Some(c)
             }
