@@ -1,6 +1,6 @@
 //! The admin HTTP endpoint: `/health` (the process answers), `/metrics` (Prometheus), and
 //! `/ready` (every cluster's watch is healthy and its primary is known), for Kubernetes
-//! probes, load balancers and Prometheus.
+//! probes, load balancers and Prometheus, and `/topology` (the JSON view of `view.rs`).
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,14 +20,19 @@ use tracing::{info, warn};
 
 use crate::app::Topologies;
 use crate::router;
+use crate::view::{self, InstanceView, ListenerView};
 
 /// What the admin endpoint reports on.
 pub struct AdminState {
+    /// This instance's name, as in its etcd reports.
+    pub instance: String,
     pub topologies: Topologies,
     /// Per cluster: is its etcd watch established right now?
     pub watching: Vec<(String, Arc<AtomicBool>)>,
     /// The listeners being served.
     pub serving: crate::app::Serving,
+    /// Session counts per server.
+    pub shared: Arc<crate::session::Shared>,
     /// Renders `/metrics`; `None` when no recorder is installed.
     pub metrics: Option<PrometheusHandle>,
 }
@@ -53,6 +58,54 @@ impl AdminState {
             Err(problems)
         }
     }
+}
+
+impl AdminState {
+    /// `/topology`: each cluster with its members and this instance's sessions on them, and
+    /// each listener's routing decision.
+    pub fn view(&self) -> InstanceView {
+        let listeners = self.serving.borrow().clone();
+        let sessions = |ep: &crate::discovery::patroni::Endpoint| self.shared.load.sessions(ep);
+        let mut names: Vec<&String> = self.topologies.keys().collect();
+        names.sort();
+        let mut clusters: Vec<_> = names
+            .into_iter()
+            .map(|name| view::cluster(name, &self.topologies[name].borrow(), Some(&sessions)))
+            .collect();
+        let listeners = listeners
+            .iter()
+            .map(|l| {
+                let (routes, excluded) = view::routes(&l.policy, &l.topology.borrow());
+                if let Some(c) = clusters.iter_mut().find(|c| c.name == l.cluster) {
+                    view::mark_routes(c, [(l.name.clone(), routes.as_slice())]);
+                }
+                ListenerView {
+                    name: l.name.clone(),
+                    listen: l.listen.clone(),
+                    cluster: l.cluster.clone(),
+                    role: l.policy.role.to_string(),
+                    tls: l.tls_mode.to_string(),
+                    routes,
+                    excluded,
+                }
+            })
+            .collect();
+        InstanceView {
+            instance: self.instance.clone(),
+            version: view::VERSION.into(),
+            clusters,
+            listeners,
+        }
+    }
+}
+
+fn json(body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -82,9 +135,12 @@ async fn handle(
             Ok(()) => text(StatusCode::OK, "ready\n".into()),
             Err(problems) => text(StatusCode::SERVICE_UNAVAILABLE, problems.join("\n") + "\n"),
         },
+        "/topology" => {
+            json(serde_json::to_string_pretty(&state.view()).expect("a view serializes"))
+        }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /health, /ready or /metrics\n".into(),
+            "not found: try /health, /ready, /metrics or /topology\n".into(),
         ),
     })
 }

@@ -15,6 +15,7 @@ use crate::admin::{Admin, AdminState};
 use crate::config::{Config, ListenerConfig};
 use crate::discovery::{EtcdWatcher, Topology};
 use crate::listener::accept_loop;
+use crate::report::Reporter;
 use crate::session::{CancelRegistry, ListenerContext, ServerLoad, Shared, TlsMaterial};
 
 /// A listener's settings with its already-bound socket.
@@ -94,11 +95,41 @@ pub async fn run(
         topologies.insert(cluster.name(), rx);
     }
     let (serving_tx, serving) = watch::channel(Vec::new());
+    let server = Server::new(
+        config.clone(),
+        tls,
+        topologies.clone(),
+        serving_tx,
+        shutdown,
+    );
+    let instance = config.report.instance();
+    let mut reports = Vec::new();
+    if config.report.enabled {
+        for cluster in &config.clusters {
+            let name = cluster.name();
+            let key = format!("{}{instance}", config.report.cluster_prefix(&name));
+            reports.push(key.clone());
+            let reporter = Reporter {
+                etcd: config.etcd.clone(),
+                key,
+                instance: instance.clone(),
+                topology: topologies[&name].clone(),
+                cluster: name,
+                ttl: config.report.ttl,
+                serving: serving.clone(),
+                shared: server.shared.clone(),
+            };
+            background.spawn(reporter.run(stop_discovery.clone()));
+        }
+    }
+    let admin_addr = admin.as_ref().and_then(|a| a.listener.local_addr().ok());
     if let Some(admin) = admin {
         let state = Arc::new(AdminState {
+            instance: instance.clone(),
             topologies: topologies.clone(),
             watching,
             serving: serving.clone(),
+            shared: server.shared.clone(),
             metrics: admin.metrics,
         });
         background.spawn(crate::admin::serve(
@@ -107,12 +138,92 @@ pub async fn run(
             stop_discovery.clone(),
         ));
     }
+    let summary = Summary {
+        config: config.clone(),
+        topologies,
+        serving,
+        admin: admin_addr,
+        reports,
+    };
+    background.spawn(summary.log(stop_discovery.clone()));
     background.close();
-    let server = Server::new(config, tls, topologies, serving_tx, shutdown);
     server.serve(listeners, reloads).await;
     stop_discovery.cancel();
     background.wait().await;
     Ok(())
+}
+
+/// The startup summary: one line, once every cluster has been read from etcd (or after a
+/// few seconds without it, saying so).
+struct Summary {
+    config: Arc<Config>,
+    topologies: Topologies,
+    serving: Serving,
+    admin: Option<std::net::SocketAddr>,
+    reports: Vec<String>,
+}
+
+impl Summary {
+    async fn log(mut self, stop: CancellationToken) {
+        let limit = self.config.etcd.dial_timeout + self.config.etcd.request_timeout;
+        let synced = async {
+            for rx in self.topologies.values_mut() {
+                let _ = rx.wait_for(|t| t.epoch > 0).await;
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::timeout(limit, synced) => {}
+        }
+        info!("{}", self.line());
+    }
+
+    fn line(&self) -> String {
+        let listeners: Vec<String> = self
+            .serving
+            .borrow()
+            .iter()
+            .map(|l| {
+                format!(
+                    "{} on {} ({}, tls {})",
+                    l.name, l.listen, l.policy.role, l.tls_mode
+                )
+            })
+            .collect();
+        let clusters: Vec<String> = self
+            .config
+            .clusters
+            .iter()
+            .map(|c| {
+                let t = self.topologies[&c.name()].borrow().clone();
+                let state = match (t.epoch, crate::router::primary(&t)) {
+                    (0, _) => "not read from etcd yet".to_owned(),
+                    (_, Ok(p)) => format!("leader {} at {}", p.member, p.endpoint),
+                    (_, Err(why)) => format!("no routable primary ({why})"),
+                };
+                format!(
+                    "{} ({}): {state}, {} member(s)",
+                    c.name(),
+                    c.prefix(),
+                    t.members.len()
+                )
+            })
+            .collect();
+        let mut line = format!(
+            "patroxy {} serving: listeners {}; etcd {}; cluster {}",
+            crate::view::VERSION,
+            listeners.join(", "),
+            self.config.etcd.endpoints.join(","),
+            clusters.join("; ")
+        );
+        if let Some(a) = self.admin {
+            line.push_str(&format!("; admin http://{a}"));
+        }
+        if !self.reports.is_empty() {
+            line.push_str(&format!("; report {}", self.reports.join(", ")));
+        }
+        line
+    }
 }
 
 /// A listener being served: its address as configured, its settings, and how to stop it.
@@ -191,7 +302,10 @@ impl Server {
         Ok(ctx)
     }
 
-    fn spawn(&mut self, b: BoundListener, ctx: ListenerContext) {
+    fn spawn(&mut self, b: BoundListener, mut ctx: ListenerContext) {
+        if let Ok(a) = b.listener.local_addr() {
+            ctx.listen = a.to_string();
+        }
         let (tx, rx) = watch::channel(Arc::new(ctx));
         let stop = self.shutdown.child_token();
         self.accepting.spawn(accept_loop(

@@ -65,6 +65,51 @@ pub struct Config {
     pub tls: TlsConfig,
     /// How patroxy connects to PostgreSQL servers.
     pub server_tls: ServerTlsConfig,
+    /// The routing report patroxy keeps in etcd.
+    pub report: ReportConfig,
+}
+
+/// `[report]`: a leased key per cluster, `<prefix>/<cluster>/<instance>`, saying where this
+/// instance routes; `patroxy status` reads them.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReportConfig {
+    pub enabled: bool,
+    /// Outside Patroni's keys.
+    pub prefix: String,
+    /// This instance's name; by default `<hostname>-<pid>`.
+    pub instance: Option<String>,
+    /// The lease: the key vanishes this long after the instance dies.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+}
+
+impl Default for ReportConfig {
+    fn default() -> Self {
+        ReportConfig {
+            enabled: true,
+            prefix: "/patroxy".into(),
+            instance: None,
+            ttl: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ReportConfig {
+    /// The instance name: configured, or `<hostname>-<pid>`.
+    pub fn instance(&self) -> String {
+        self.instance.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "patroxy".into());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+
+    /// The directory of one cluster's reports, ending in `/`.
+    pub fn cluster_prefix(&self, cluster: &str) -> String {
+        format!("{}/{cluster}/", self.prefix.trim_end_matches('/'))
+    }
 }
 
 /// `[tls]`: patroxy's own certificate and key (PEM), read again on SIGHUP.
@@ -173,6 +218,7 @@ impl Default for Config {
             admin: AdminConfig::default(),
             tls: TlsConfig::default(),
             server_tls: ServerTlsConfig::default(),
+            report: ReportConfig::default(),
         }
     }
 }
@@ -515,6 +561,7 @@ impl Config {
             bad.push("limits.max_client_connections: must be greater than zero".into());
         }
         self.validate_tls(&mut bad);
+        self.validate_report(&mut bad);
         if bad.is_empty() {
             Ok(())
         } else {
@@ -544,6 +591,31 @@ impl Config {
         ] {
             if let Some(f) = file.as_ref().filter(|f| !f.is_file()) {
                 bad.push(format!("{name}: {} is not a readable file", f.display()));
+            }
+        }
+    }
+
+    fn validate_report(&self, bad: &mut Vec<String>) {
+        let r = &self.report;
+        if !r.prefix.starts_with('/') {
+            bad.push(format!("report.prefix: {:?} must start with '/'", r.prefix));
+        }
+        if r.ttl < Duration::from_secs(2) {
+            bad.push("report.ttl: must be at least 2s (etcd leases count in seconds)".into());
+        }
+        if r.instance
+            .as_deref()
+            .is_some_and(|i| i.is_empty() || i.contains('/'))
+        {
+            bad.push("report.instance: must be non-empty and contain no '/'".into());
+        }
+        for c in &self.clusters {
+            if r.cluster_prefix(&c.name()).starts_with(&c.prefix()) {
+                bad.push(format!(
+                    "report.prefix: {:?} puts reports inside Patroni's keys {}",
+                    r.prefix,
+                    c.prefix()
+                ));
             }
         }
     }

@@ -36,6 +36,30 @@ enum Command {
         /// The TOML file to check.
         file: PathBuf,
     },
+    /// Show each cluster like `patronictl list`, with the listeners that route to each member.
+    Status(StatusArgs),
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// TOML configuration file (for etcd, the clusters and the report prefix).
+    #[arg(long, short, env = "PATROXY_CONFIG")]
+    config: Option<PathBuf>,
+    /// etcd endpoint(s); replaces the file's.
+    #[arg(long, env = "PATROXY_ETCD", value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Patroni scope (the cluster name).
+    #[arg(long, env = "PATROXY_SCOPE")]
+    scope: Option<String>,
+    /// Patroni namespace [default: /service].
+    #[arg(long, env = "PATROXY_NAMESPACE")]
+    namespace: Option<String>,
+    /// Ask one running patroxy's admin endpoint (host:port) instead of etcd.
+    #[arg(long)]
+    admin: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -80,6 +104,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::CheckConfig { file } => check_config(&file),
         Command::Run(args) => run(args),
+        Command::Status(args) => status(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -94,6 +119,35 @@ fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
     let config = Config::load(file)?;
     config.validate()?;
     println!("{}: ok", file.display());
+    Ok(())
+}
+
+fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let status = runtime.block_on(async {
+        match &args.admin {
+            Some(addr) => patroxy::status::from_admin(addr).await,
+            None => {
+                let overrides = Overrides {
+                    etcd: args.etcd,
+                    scope: args.scope,
+                    namespace: args.namespace,
+                    ..Overrides::default()
+                };
+                let config = load(args.config.as_deref(), overrides)?;
+                patroxy::status::from_etcd(&config).await
+            }
+        }
+        .map_err(anyhow::Error::from)
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", patroxy::status::render(&status));
+    }
     Ok(())
 }
 

@@ -39,6 +39,8 @@ pub enum DiscoveryError {
     StreamEnded,
     #[error("no message on the watch for {0:?}")]
     Silent(Duration),
+    #[error("the lease expired")]
+    LeaseLost,
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -98,53 +100,15 @@ impl EtcdWatcher {
         }
     }
 
-    async fn connect(&self) -> Result<Client, DiscoveryError> {
-        let e = &self.etcd;
-        let mut opts = ConnectOptions::new()
-            .with_connect_timeout(e.dial_timeout)
-            .with_keep_alive(Duration::from_secs(5), e.dial_timeout)
-            .with_keep_alive_while_idle(true);
-        if let (Some(u), Some(p)) = (&e.username, &e.password) {
-            opts = opts.with_user(u.clone(), p.expose().to_owned());
-        }
-        if e.ca_file.is_some() || e.cert_file.is_some() {
-            let mut tls = TlsOptions::new();
-            if let Some(ca) = &e.ca_file {
-                tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
-            }
-            if let (Some(c), Some(k)) = (&e.cert_file, &e.key_file) {
-                tls = tls.identity(Identity::from_pem(read(c)?, read(k)?));
-            }
-            opts = opts.with_tls(tls);
-        }
-        let connect = Client::connect(&e.endpoints, Some(opts));
-        timeout(e.request_timeout, connect)
-            .await
-            .map_err(|_| DiscoveryError::Timeout(e.request_timeout))?
-            .map_err(Into::into)
-    }
-
     /// One round: connect, read everything, then follow the watch until it fails.
     async fn sync_and_watch(
         &mut self,
         tx: &watch::Sender<Arc<Topology>>,
         synced: &mut bool,
     ) -> Result<(), DiscoveryError> {
-        let mut client = self.connect().await?;
+        let mut client = connect(&self.etcd).await?;
         let request_timeout = self.etcd.request_timeout;
-        let get = client.get(self.prefix.as_str(), Some(GetOptions::new().with_prefix()));
-        let resp = timeout(request_timeout, get)
-            .await
-            .map_err(|_| DiscoveryError::Timeout(request_timeout))??;
-        let revision = resp.header().map_or(0, |h| h.revision());
-        let mut keys: BTreeMap<String, Bytes> = resp
-            .kvs()
-            .iter()
-            .filter_map(|kv| {
-                self.relative(kv.key())
-                    .map(|k| (k, Bytes::copy_from_slice(kv.value())))
-            })
-            .collect();
+        let (mut keys, revision) = read_prefix(&mut client, &self.prefix, request_timeout).await?;
         self.publish(tx, &keys, revision);
         crate::metrics::etcd_event(&self.name);
         *synced = true;
@@ -208,8 +172,7 @@ impl EtcdWatcher {
     }
 
     fn relative(&self, key: &[u8]) -> Option<String> {
-        let key = std::str::from_utf8(key).ok()?;
-        key.strip_prefix(self.prefix.as_str()).map(str::to_owned)
+        relative(&self.prefix, key)
     }
 
     /// Publishes a new snapshot when the content changed, logging leader changes in one line.
@@ -255,6 +218,58 @@ impl EtcdWatcher {
         self.current = Some(next.clone());
         tx.send_replace(next);
     }
+}
+
+fn relative(prefix: &str, key: &[u8]) -> Option<String> {
+    let key = std::str::from_utf8(key).ok()?;
+    key.strip_prefix(prefix).map(str::to_owned)
+}
+
+/// Connects to etcd as the configuration says: endpoints, TLS, user and password.
+pub async fn connect(e: &EtcdConfig) -> Result<Client, DiscoveryError> {
+    let mut opts = ConnectOptions::new()
+        .with_connect_timeout(e.dial_timeout)
+        .with_keep_alive(Duration::from_secs(5), e.dial_timeout)
+        .with_keep_alive_while_idle(true);
+    if let (Some(u), Some(p)) = (&e.username, &e.password) {
+        opts = opts.with_user(u.clone(), p.expose().to_owned());
+    }
+    if e.ca_file.is_some() || e.cert_file.is_some() {
+        let mut tls = TlsOptions::new();
+        if let Some(ca) = &e.ca_file {
+            tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+        }
+        if let (Some(c), Some(k)) = (&e.cert_file, &e.key_file) {
+            tls = tls.identity(Identity::from_pem(read(c)?, read(k)?));
+        }
+        opts = opts.with_tls(tls);
+    }
+    let connect = Client::connect(&e.endpoints, Some(opts));
+    timeout(e.request_timeout, connect)
+        .await
+        .map_err(|_| DiscoveryError::Timeout(e.request_timeout))?
+        .map_err(Into::into)
+}
+
+/// Every key under `prefix` (made relative to it) and the revision of the read.
+pub async fn read_prefix(
+    client: &mut Client,
+    prefix: &str,
+    limit: Duration,
+) -> Result<(BTreeMap<String, Bytes>, i64), DiscoveryError> {
+    let get = client.get(prefix, Some(GetOptions::new().with_prefix()));
+    let resp = timeout(limit, get)
+        .await
+        .map_err(|_| DiscoveryError::Timeout(limit))??;
+    let revision = resp.header().map_or(0, |h| h.revision());
+    let keys = resp
+        .kvs()
+        .iter()
+        .filter_map(|kv| {
+            relative(prefix, kv.key()).map(|k| (k, Bytes::copy_from_slice(kv.value())))
+        })
+        .collect();
+    Ok((keys, revision))
 }
 
 fn read(path: &std::path::Path) -> Result<Vec<u8>, DiscoveryError> {

@@ -50,6 +50,8 @@ pub struct Shared {
 /// A listener: its name, its routing rules, its cluster's topology, and the shared state.
 pub struct ListenerContext {
     pub name: String,
+    /// The address it listens on.
+    pub listen: String,
     pub cluster: String,
     pub policy: Arc<Policy>,
     pub topology: watch::Receiver<Arc<Topology>>,
@@ -99,6 +101,7 @@ impl ListenerContext {
         };
         ListenerContext {
             name: config.name.clone(),
+            listen: config.listen.clone(),
             cluster,
             policy: Arc::new(config.policy()),
             topology,
