@@ -22,6 +22,9 @@ use crate::app::Topologies;
 use crate::router;
 use crate::view::{self, InstanceView, ListenerView};
 
+/// The paths the admin endpoint answers.
+pub const PATHS: [&str; 4] = ["/health", "/ready", "/metrics", "/topology"];
+
 /// What the admin endpoint reports on.
 pub struct AdminState {
     /// This instance's name, as in its etcd reports.
@@ -140,7 +143,7 @@ async fn handle(
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /health, /ready, /metrics or /topology\n".into(),
+            format!("not found: try {}\n", PATHS.join(", ")),
         ),
     })
 }
