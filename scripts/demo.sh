@@ -19,7 +19,7 @@ bash scripts/install-deps.sh
 echo "demo: building patroxy (release)"
 cargo build --release --locked --quiet
 
-for port in 6432 6433; do
+for port in 6432 6433 9187; do
   if (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; then
     echo "demo: port $port on 127.0.0.1 is already in use; stop whatever holds it (an earlier demo?)" >&2
     exit 1
@@ -44,9 +44,10 @@ echo "demo: starting etcd and 3 Patroni members"
 $CLUSTER start
 
 echo "demo: starting patroxy on 127.0.0.1:6432 (primary) and 127.0.0.1:6433 (replicas)"
-"$REPO/target/release/patroxy" run --config "$REPO/config/patroxy.toml" >"$DIR/patroxy.log" 2>&1 &
+"$REPO/target/release/patroxy" run --config "$REPO/config/patroxy.toml" --admin 127.0.0.1:9187 >"$DIR/patroxy.log" 2>&1 &
 PROXY_PID=$!
 psql_at() { psql "host=127.0.0.1 port=$1 user=postgres dbname=postgres connect_timeout=20" -XAtc "$2"; }
+status() { "$REPO/target/release/patroxy" status --config "$REPO/config/patroxy.toml"; }
 where() { psql_at "$1" "SELECT 'port ' || inet_server_port() || ', in recovery: ' || pg_is_in_recovery()"; }
 end=$((SECONDS + 30))
 until psql_at 6432 "SELECT 1" >/dev/null 2>&1; do
@@ -65,7 +66,15 @@ if [ $SMOKE -eq 1 ]; then
     [ $SECONDS -lt $end ] || { echo "demo: no new primary through patroxy" >&2; exit 1; }
     sleep 0.2
   done
-  echo "demo: after switchover: $(where 6432) (leader $($CLUSTER leader))"
+  after=$($CLUSTER leader)
+  echo "demo: after switchover: $(where 6432) (leader $after)"
+  # patroxy's report in etcd follows the new leader: `patroxy status` shows who routes where.
+  end=$((SECONDS + 30))
+  until status_out=$(status) && echo "$status_out" | grep -E "^\| $after .*/primary" >/dev/null; do
+    [ $SECONDS -lt $end ] || { echo "demo: patroxy status does not show $after routed by patroxy:" >&2; echo "$status_out" >&2; exit 1; }
+    sleep 0.2
+  done
+  echo "$status_out"
   echo "demo: smoke test passed"
   exit 0
 fi
@@ -78,8 +87,13 @@ patroxy demo is up: etcd, 3 Patroni members, patroxy in front.
     psql "host=127.0.0.1 port=6432 user=postgres dbname=postgres"
   Read-only sessions, balanced over the replicas:
     psql "host=127.0.0.1 port=6433 user=postgres dbname=postgres"
-  See the cluster:
+  See the cluster, and which patroxy listener routes to each member:
+    target/release/patroxy status --config config/patroxy.toml
+    target/release/patroxy status --admin 127.0.0.1:9187 --json
     patronictl -c $DIR/patronictl.yml list
+  Admin endpoint: http://127.0.0.1:9187/ health, ready, metrics, topology
+  Reload config/patroxy.toml without dropping sessions:
+    kill -HUP $PROXY_PID
   Planned switchover (sessions on the old primary end with 57P01; new ones go to the new one):
     bash scripts/cluster.sh switchover
   Crash the leader (kill -9; a new leader within ttl = 10 s), then bring it back:
