@@ -42,18 +42,8 @@ enum Command {
 
 #[derive(Args)]
 struct StatusArgs {
-    /// TOML configuration file (for etcd, the clusters and the report prefix).
-    #[arg(long, short, env = "PATROXY_CONFIG")]
-    config: Option<PathBuf>,
-    /// etcd endpoint(s); replaces the file's.
-    #[arg(long, env = "PATROXY_ETCD", value_delimiter = ',')]
-    etcd: Vec<String>,
-    /// Patroni scope (the cluster name).
-    #[arg(long, env = "PATROXY_SCOPE")]
-    scope: Option<String>,
-    /// Patroni namespace [default: /service].
-    #[arg(long, env = "PATROXY_NAMESPACE")]
-    namespace: Option<String>,
+    #[command(flatten)]
+    source: Source,
     /// Ask one running patroxy's admin endpoint (host:port) instead of etcd.
     #[arg(long)]
     admin: Option<String>,
@@ -62,8 +52,9 @@ struct StatusArgs {
     json: bool,
 }
 
+/// Where the configuration comes from: the file, and the flags that override it.
 #[derive(Args)]
-struct RunArgs {
+struct Source {
     /// TOML configuration file; flags and PATROXY_* variables override it.
     #[arg(long, short, env = "PATROXY_CONFIG")]
     config: Option<PathBuf>,
@@ -76,6 +67,24 @@ struct RunArgs {
     /// Patroni namespace [default: /service].
     #[arg(long, env = "PATROXY_NAMESPACE")]
     namespace: Option<String>,
+}
+
+impl Source {
+    fn overrides(self) -> (Option<PathBuf>, Overrides) {
+        let o = Overrides {
+            etcd: self.etcd,
+            scope: self.scope,
+            namespace: self.namespace,
+            ..Overrides::default()
+        };
+        (self.config, o)
+    }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    source: Source,
     /// Address of a listener that routes to the primary (repeatable); replaces the file's.
     #[arg(long, env = "PATROXY_PRIMARY", value_delimiter = ',')]
     primary: Vec<String>,
@@ -131,13 +140,8 @@ fn status(args: StatusArgs) -> anyhow::Result<()> {
         match &args.admin {
             Some(addr) => patroxy::status::from_admin(addr).await,
             None => {
-                let overrides = Overrides {
-                    etcd: args.etcd,
-                    scope: args.scope,
-                    namespace: args.namespace,
-                    ..Overrides::default()
-                };
-                let config = load(args.config.as_deref(), overrides)?;
+                let (file, overrides) = args.source.overrides();
+                let config = load(file.as_deref(), overrides)?;
                 patroxy::status::from_etcd(&config).await
             }
         }
@@ -160,18 +164,17 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
+    let (file, overrides) = args.source.overrides();
     let overrides = Overrides {
-        etcd: args.etcd,
-        scope: args.scope,
-        namespace: args.namespace,
         primary: args.primary,
         replica: args.replica,
         connect_wait: args.connect_wait,
         drain_timeout: args.drain_timeout,
         worker_threads: args.worker_threads,
         admin: args.admin,
+        ..overrides
     };
-    let config = load(args.config.as_deref(), overrides.clone())?;
+    let config = load(file.as_deref(), overrides.clone())?;
     // TLS files are read now too, so a bad certificate is one clear line, not a failed start.
     patroxy::session::TlsMaterial::load(&config)?;
     let config = Arc::new(config);
@@ -205,7 +208,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         let shutdown = CancellationToken::new();
         tokio::spawn(signals(shutdown.clone()));
         let (reload_tx, reloads) = tokio::sync::mpsc::channel(1);
-        tokio::spawn(reload_on_sighup(args.config, overrides, reload_tx));
+        tokio::spawn(reload_on_sighup(file, overrides, reload_tx));
         patroxy::app::run(config, listeners, admin, reloads, shutdown).await?;
         Ok(())
     })

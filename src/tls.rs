@@ -105,7 +105,8 @@ pub fn connector(config: &ServerTlsConfig) -> Result<ServerTls, TlsError> {
     let provider = provider();
     let verifier: Arc<dyn ServerCertVerifier> = match config.mode {
         ServerTlsMode::Disable => return Ok(ServerTls::disabled()),
-        ServerTlsMode::Prefer | ServerTlsMode::Require => Arc::new(NoVerification {
+        ServerTlsMode::Prefer | ServerTlsMode::Require => Arc::new(Lenient {
+            chain: None,
             algorithms: provider.signature_verification_algorithms,
         }),
         ServerTlsMode::VerifyCa | ServerTlsMode::VerifyFull => {
@@ -124,7 +125,10 @@ pub fn connector(config: &ServerTlsConfig) -> Result<ServerTls, TlsError> {
                     })?;
             match config.mode {
                 ServerTlsMode::VerifyFull => webpki,
-                _ => Arc::new(ChainOnly(webpki)),
+                _ => Arc::new(Lenient {
+                    chain: Some(webpki),
+                    algorithms: provider.signature_verification_algorithms,
+                }),
             }
         }
     };
@@ -150,23 +154,34 @@ pub fn server_name(host: &str) -> Result<ServerName<'static>, String> {
     ServerName::try_from(host.to_owned()).map_err(|e| format!("{host:?} as a TLS name: {e}"))
 }
 
-/// `prefer` and `require`: encryption without authentication, as in libpq. Signatures are
-/// still checked, so the handshake itself is sound.
+/// The server certificate checks below verify-full: none for `prefer` and `require`
+/// (encryption without authentication, as in libpq), the chain to the CA but not the name for
+/// `verify-ca`. Handshake signatures are checked in every case, so the handshake is sound.
 #[derive(Debug)]
-struct NoVerification {
+struct Lenient {
+    /// `verify-ca`'s chain check; `None` checks nothing.
+    chain: Option<Arc<WebPkiServerVerifier>>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
-impl ServerCertVerifier for NoVerification {
+impl ServerCertVerifier for Lenient {
     fn verify_server_cert(
         &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
     }
 
     fn verify_tls12_signature(
@@ -189,52 +204,5 @@ impl ServerCertVerifier for NoVerification {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
-    }
-}
-
-/// `verify-ca`: the chain must reach a trusted CA; the name in the certificate is not checked.
-#[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
-
-impl ServerCertVerifier for ChainOnly {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-        {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
-            other => other,
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
     }
 }
