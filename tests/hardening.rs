@@ -148,3 +148,52 @@ async fn a_flood_of_unfinished_startups_stays_bounded_and_is_cut_off() {
     }
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_half_open_tls_handshakes_stays_bounded_and_is_cut_off() {
+    let (root, etcd, pg) = one_primary("tlsflood").await;
+    let ca = common::tls::TestCa::new(root.path(), "ca");
+    let cert = ca.issue("patroxy", &["127.0.0.1"]);
+    let proxy = Proxy::start(&etcd, "tlsflood", |cfg| {
+        cfg.tls.cert_file = Some(cert.cert_file.clone());
+        cfg.tls.key_file = Some(cert.key_file.clone());
+        cfg.timeouts.startup = Duration::from_secs(2);
+    })
+    .await;
+    let port = proxy.port();
+    wait_routed(port, pg.port).await;
+    let before = rss_kib();
+    // A ClientHello record that declares 16 KiB and stops after 8 KiB: half by SSLRequest
+    // (answered S), half as direct TLS.
+    let mut hello = vec![
+        0x16, 0x03, 0x01, 0x40, 0x00, 0x01, 0x00, 0x3f, 0xfc, 0x03, 0x03,
+    ];
+    hello.resize(8 * 1024, 0x42);
+    let mut stalled = Vec::new();
+    for i in 0..300 {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        if i % 2 == 0 {
+            s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+                .await
+                .unwrap();
+            assert_eq!(s.read_u8().await.unwrap(), b'S');
+        }
+        s.write_all(&hello).await.unwrap();
+        stalled.push(s);
+    }
+    assert_eq!(server_port(port).await.unwrap(), pg.port as i32);
+    let grown = rss_kib().saturating_sub(before);
+    eprintln!("300 half-open TLS handshakes: RSS +{grown} KiB");
+    assert!(
+        grown < 300 * 64,
+        "RSS grew by {grown} KiB for 300 half-open handshakes"
+    );
+    for mut s in stalled {
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut out))
+            .await
+            .expect("a half-open handshake was never cut")
+            .ok();
+    }
+    proxy.stop().await;
+}
