@@ -41,21 +41,24 @@ pub fn install() -> Result<PrometheusHandle, String> {
 /// Counts a session for its whole life: accepted now, active until dropped.
 pub struct SessionGauge {
     listener: String,
+    role: String,
 }
 
 impl SessionGauge {
-    pub fn new(listener: &str) -> SessionGauge {
-        counter!(SESSIONS_ACCEPTED, "listener" => listener.to_owned()).increment(1);
-        gauge!(SESSIONS_ACTIVE, "listener" => listener.to_owned()).increment(1.0);
-        SessionGauge {
-            listener: listener.to_owned(),
-        }
+    pub fn new(listener: &str, role: &str) -> SessionGauge {
+        let (listener, role) = (listener.to_owned(), role.to_owned());
+        counter!(SESSIONS_ACCEPTED, "listener" => listener.clone(), "role" => role.clone())
+            .increment(1);
+        gauge!(SESSIONS_ACTIVE, "listener" => listener.clone(), "role" => role.clone())
+            .increment(1.0);
+        SessionGauge { listener, role }
     }
 }
 
 impl Drop for SessionGauge {
     fn drop(&mut self) {
-        gauge!(SESSIONS_ACTIVE, "listener" => self.listener.clone()).decrement(1.0);
+        let (listener, role) = (self.listener.clone(), self.role.clone());
+        gauge!(SESSIONS_ACTIVE, "listener" => listener, "role" => role).decrement(1.0);
     }
 }
 
@@ -79,9 +82,16 @@ impl Drop for WaitingGauge {
     }
 }
 
-pub fn session_closed(listener: &str, server: &str, reason: &'static str, up: u64, down: u64) {
-    let l = listener.to_owned();
-    counter!(SESSIONS_CLOSED, "listener" => l.clone(), "server" => server.to_owned(), "reason" => reason).increment(1);
+/// Where a relayed session ran: its listener, the listener's role, and the server.
+pub struct Route<'a> {
+    pub listener: &'a str,
+    pub role: &'a str,
+    pub server: &'a str,
+}
+
+pub fn session_closed(at: Route<'_>, reason: &'static str, up: u64, down: u64) {
+    let l = at.listener.to_owned();
+    counter!(SESSIONS_CLOSED, "listener" => l.clone(), "role" => at.role.to_owned(), "server" => at.server.to_owned(), "reason" => reason).increment(1);
     counter!(BYTES, "listener" => l.clone(), "direction" => "client_to_server").increment(up);
     counter!(BYTES, "listener" => l, "direction" => "server_to_client").increment(down);
 }

@@ -382,3 +382,43 @@ async fn patroxy_watches_etcd_over_tls_with_a_client_certificate_and_a_password(
     wait_routed(proxy.port(), other.port).await;
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patroxy_presents_a_client_certificate_to_a_server_that_asks() {
+    let mut s = setup("ccert").await;
+    let c = connect(s.pg.port).await.unwrap();
+    c.batch_execute("CREATE ROLE carol LOGIN").await.unwrap();
+    let pg_cert = s.ca.issue("pg", &["127.0.0.1"]);
+    s.pg.enable_tls(&pg_cert.cert_file, &pg_cert.key_file);
+    s.pg.require_client_certificate(&s.ca.cert_file, "carol");
+    let carol = "user=carol";
+    let ca = s.ca.cert_file.clone();
+
+    // Without a client certificate the server refuses carol, and says so to the client.
+    let proxy = Proxy::start(&s.etcd, "ccert", |cfg| {
+        cfg.server_tls.mode = ServerTlsMode::VerifyFull;
+        cfg.server_tls.ca_file = Some(ca.clone());
+    })
+    .await;
+    wait_routed(proxy.port(), s.pg.port).await;
+    let e = refused(
+        connect_with(proxy.port(), carol).await,
+        "carol without a certificate",
+    );
+    assert_eq!(sqlstate(&e).as_deref(), Some("28000"), "{e}");
+    proxy.stop().await;
+
+    // With one whose CN is carol, she is in.
+    let client = s.ca.issue("carol", &["carol"]);
+    let proxy = Proxy::start(&s.etcd, "ccert", |cfg| {
+        cfg.server_tls.mode = ServerTlsMode::VerifyFull;
+        cfg.server_tls.ca_file = Some(ca.clone());
+        cfg.server_tls.cert_file = Some(client.cert_file.clone());
+        cfg.server_tls.key_file = Some(client.key_file.clone());
+    })
+    .await;
+    let (c, _conn) = connect_with(proxy.port(), carol).await.unwrap();
+    let row = c.query_one("SELECT current_user::text", &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "carol");
+    proxy.stop().await;
+}

@@ -187,7 +187,7 @@ impl StartupFailure {
 /// Serves one client connection from accept to close.
 pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ListenerContext>) {
     let started = Instant::now();
-    let _gauge = crate::metrics::SessionGauge::new(&ctx.name);
+    let _gauge = crate::metrics::SessionGauge::new(&ctx.name, &ctx.policy.role.to_string());
     tune_socket(&tcp);
     let shared = &ctx.shared;
     let mut buf = BytesMut::with_capacity(1024);
@@ -434,9 +434,13 @@ async fn run_session(
     if let relay::End::Drained { cause, .. } = &out.end {
         crate::metrics::drain(&ctx.name, cause.label());
     }
+    let route = crate::metrics::Route {
+        listener: &ctx.name,
+        role: &ctx.policy.role.to_string(),
+        server: &backend.target.endpoint.to_string(),
+    };
     crate::metrics::session_closed(
-        &ctx.name,
-        &backend.target.endpoint.to_string(),
+        route,
         out.end.label(),
         backend.bytes_up + out.bytes_up,
         backend.bytes_down + out.bytes_down,

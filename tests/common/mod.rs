@@ -523,6 +523,27 @@ impl Postgres {
         self.start();
     }
 
+    /// Lets `user` in only with a client certificate from `ca` whose CN is `user` (after
+    /// `enable_tls`), restarting the server.
+    pub fn require_client_certificate(&mut self, ca: &Path, user: &str) {
+        write_as_postgres(
+            &self.data.join("root.crt"),
+            &std::fs::read_to_string(ca).unwrap(),
+        );
+        let conf = self.data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).unwrap();
+        text.push_str("\nssl_ca_file = 'root.crt'\n");
+        write_as_postgres(&conf, &text);
+        let hba = self.data.join("pg_hba.conf");
+        let rules = std::fs::read_to_string(&hba).unwrap();
+        write_as_postgres(
+            &hba,
+            &format!("hostssl all {user} 127.0.0.1/32 cert\n{rules}"),
+        );
+        self.stop();
+        self.start();
+    }
+
     pub fn promote(&self) {
         let mut c = as_postgres(&format!("{PG_BIN}/pg_ctl"));
         c.arg("promote").arg("-D").arg(&self.data).arg("-w");
