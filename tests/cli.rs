@@ -83,6 +83,45 @@ fn run_refuses_bad_flags_in_one_line() {
 }
 
 #[test]
+fn status_and_run_report_unreachable_etcd_and_bad_certificates_in_one_line() {
+    let etcd = format!("http://127.0.0.1:{}", free_port());
+    let out = patroxy()
+        .args(["status", "--scope", "x", "--etcd", &etcd])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.starts_with("patroxy: etcd"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+    std::fs::write(&cert, "not a certificate").unwrap();
+    std::fs::write(&key, "not a key").unwrap();
+    let file = dir.path().join("tls.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[cluster]\nscope = \"x\"\n[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n[[listener]]\nlisten = \"127.0.0.1:0\"\n",
+            cert.display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    let out = patroxy()
+        .args(["run", "--config"])
+        .arg(&file)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("c.pem: no certificate"), "{err}");
+}
+
+#[test]
 fn run_reports_a_busy_port_in_one_line() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
