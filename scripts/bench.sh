@@ -10,6 +10,7 @@
 #   bash scripts/bench.sh                    everything (about 15 minutes)
 #   BENCH_SLICE=1s BENCH_ROUNDS=1 bash scripts/bench.sh latency     a quick latency run
 #   bash scripts/bench.sh failover           only the failover run
+#   bash scripts/bench.sh tls                TLS costs: direct and patroxy, plain and TLS
 #   bash scripts/bench.sh up                 set everything up and wait (for profiling)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +24,7 @@ export PATROXY_MAX_CONNECTIONS=1200
 bash scripts/install-deps.sh haproxy pgbouncer
 echo "bench: building (release)"
 cargo build --release --locked --quiet --bins
-for port in 6432 6433 6532 6632; do
+for port in 6432 6433 6442 6443 6532 6632; do
   if (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; then
     echo "bench: port $port on 127.0.0.1 is in use; stop whatever holds it" >&2
     exit 1
@@ -149,5 +150,63 @@ if [ "$WHAT" = all ] || [ "$WHAT" = failover ]; then
     --endpoint "pgbouncer=$(conn 6632)" \
     --endpoint "direct=host=127.0.0.1,127.0.0.1,127.0.0.1 port=5441,5442,5443 user=postgres dbname=postgres target_session_attrs=read-write" \
     | tee "$OUT/failover.txt"
+fi
+if [ "$WHAT" = tls ]; then
+  # A CA and a certificate for 127.0.0.1; PostgreSQL (through Patroni) and patroxy both use it.
+  T=$DIR/tls
+  mkdir -p "$T"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 7 \
+    -subj "/CN=patroxy bench CA" -keyout "$T/ca.key" -out "$T/ca.crt" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=127.0.0.1" \
+    -keyout "$T/server.key" -out "$T/server.csr" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n' >"$T/ext.cnf"
+  openssl x509 -req -in "$T/server.csr" -CA "$T/ca.crt" -CAkey "$T/ca.key" -CAcreateserial \
+    -days 7 -extfile "$T/ext.cnf" -out "$T/server.crt" 2>/dev/null
+  chmod 600 "$T/server.key"
+  [ "$(id -u)" -eq 0 ] && chown -R postgres:postgres "$T"
+  patronictl -c "$DIR/patronictl.yml" edit-config --force --pg ssl=on \
+    --pg "ssl_cert_file=$T/server.crt" --pg "ssl_key_file=$T/server.key" demo >/dev/null
+  end=$((SECONDS + 60))
+  until psql "$(conn $leader_port) sslmode=require connect_timeout=5" -XAtc "SELECT 1" >/dev/null 2>&1; do
+    [ $SECONDS -lt $end ] || { echo "bench: PostgreSQL did not turn TLS on" >&2; exit 1; }
+    sleep 0.2
+  done
+  # 6442: TLS from the client, plaintext to the server; 6443: TLS on both legs.
+  for leg in "6442 disable" "6443 require"; do
+    set -- $leg
+    cat >"$T/patroxy-$1.toml" <<CFG
+[cluster]
+scope = "demo"
+[[listener]]
+name = "tls"
+listen = "127.0.0.1:$1"
+tls = "require"
+[tls]
+cert_file = "$T/server.crt"
+key_file = "$T/server.key"
+[server_tls]
+mode = "$2"
+[report]
+enabled = false
+CFG
+    "$REPO/target/release/patroxy" run --config "$T/patroxy-$1.toml" --log warn >"$DIR/patroxy-$1.log" 2>&1 &
+    PIDS+=($!)
+  done
+  for port in 6442 6443; do
+    until psql "$(conn $port) sslmode=require connect_timeout=5" -XAtc "SELECT 1" >/dev/null 2>&1; do
+      [ $SECONDS -lt $end ] || { echo "bench: patroxy on $port does not answer" >&2; exit 1; }
+      sleep 0.2
+    done
+  done
+  echo "bench: TLS latency"
+  mkdir -p "$OUT/tls"
+  "$BENCH" latency --out "$OUT/tls" --ca "$T/ca.crt" --slice "${BENCH_SLICE:-2s}" --rounds "${BENCH_ROUNDS:-3}" \
+    --workloads "${BENCH_WORKLOADS:-simple,select-key}" --concurrency "${BENCH_CONCURRENCY:-1,8}" \
+    --endpoint "direct=$(conn $leader_port) sslmode=disable" \
+    --endpoint "direct-tls=$(conn $leader_port) sslmode=require" \
+    --endpoint "patroxy=$(conn 6432) sslmode=disable" \
+    --endpoint "patroxy-tls=$(conn 6442) sslmode=require" \
+    --endpoint "patroxy-tls-both=$(conn 6443) sslmode=require" | tee "$OUT/tls/latency.txt"
+  patronictl -c "$DIR/patronictl.yml" edit-config --force --pg ssl=off demo >/dev/null
 fi
 echo "bench: results in $OUT"

@@ -53,6 +53,9 @@ enum Mode {
         /// Directory for latency.json and the SVG plots.
         #[arg(long, default_value = "bench-results")]
         out: PathBuf,
+        /// PEM CA for endpoints whose conninfo says sslmode=require.
+        #[arg(long)]
+        ca: Option<PathBuf>,
     },
     /// Resident memory per idle session of a proxy process.
     Idle {
@@ -114,8 +117,10 @@ async fn run(mode: Mode) -> anyhow::Result<()> {
             slice,
             rounds,
             out,
+            ca,
         } => {
             std::fs::create_dir_all(&out)?;
+            let endpoints = endpoint::with_ca(endpoints, ca.as_deref())?;
             let settings = latency::Settings {
                 endpoints,
                 workloads,

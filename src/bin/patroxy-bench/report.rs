@@ -50,9 +50,14 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 
 pub fn latency_table(rows: &[Compared<'_>]) -> String {
     let mut out = String::new();
+    // The endpoint column fits the longest name.
+    let w = rows
+        .iter()
+        .map(|r| r.cell.endpoint.len())
+        .fold(10, usize::max);
     let _ = writeln!(
         out,
-        "{:<11} {:>4} {:<10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>8} {:>8}",
+        "{:<11} {:>4} {:<w$} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>8} {:>8}",
         "workload",
         "c",
         "endpoint",
@@ -70,7 +75,7 @@ pub fn latency_table(rows: &[Compared<'_>]) -> String {
         let c = r.cell;
         let _ = writeln!(
             out,
-            "{:<11} {:>4} {:<10} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.0} {:>10.0} {:>9} {:>8} {:>8}{}",
+            "{:<11} {:>4} {:<w$} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.0} {:>10.0} {:>9} {:>8} {:>8}{}",
             c.workload.name(),
             c.concurrency,
             c.endpoint,
