@@ -82,17 +82,19 @@ fn run_refuses_bad_flags_in_one_line() {
     assert!(err.contains("cluster.scope"), "{err}");
 }
 
+/// Runs the command, which must fail with one line on stderr; returns that line.
+fn fails_in_one_line(cmd: &mut Command) -> String {
+    let out = cmd.stdin(Stdio::null()).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    err
+}
+
 #[test]
 fn status_and_run_report_unreachable_etcd_and_bad_certificates_in_one_line() {
     let etcd = format!("http://127.0.0.1:{}", free_port());
-    let out = patroxy()
-        .args(["status", "--scope", "x", "--etcd", &etcd])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let err = fails_in_one_line(patroxy().args(["status", "--scope", "x", "--etcd", &etcd]));
     assert!(err.starts_with("patroxy: etcd"), "{err}");
 
     let dir = tempfile::tempdir().unwrap();
@@ -109,15 +111,7 @@ fn status_and_run_report_unreachable_etcd_and_bad_certificates_in_one_line() {
         ),
     )
     .unwrap();
-    let out = patroxy()
-        .args(["run", "--config"])
-        .arg(&file)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let err = fails_in_one_line(patroxy().args(["run", "--config"]).arg(&file));
     assert!(err.contains("c.pem: no certificate"), "{err}");
 }
 
@@ -125,13 +119,7 @@ fn status_and_run_report_unreachable_etcd_and_bad_certificates_in_one_line() {
 fn run_reports_a_busy_port_in_one_line() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let out = patroxy()
-        .args(["run", "--scope", "x", "--primary", &addr])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = fails_in_one_line(patroxy().args(["run", "--scope", "x", "--primary", &addr]));
     assert!(
         err.contains(&format!("listener primary on {addr}")),
         "{err}"
