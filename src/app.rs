@@ -226,9 +226,9 @@ impl Summary {
     }
 }
 
-/// A listener being served: its address as configured, its settings, and how to stop it.
+/// A listener being served: the address it is bound to, its settings, and how to stop it.
 struct Running {
-    listen: String,
+    bound: Option<std::net::SocketAddr>,
     ctx: watch::Sender<Arc<ListenerContext>>,
     stop: CancellationToken,
 }
@@ -303,7 +303,8 @@ impl Server {
     }
 
     fn spawn(&mut self, b: BoundListener, mut ctx: ListenerContext) {
-        if let Ok(a) = b.listener.local_addr() {
+        let bound = b.listener.local_addr().ok();
+        if let Some(a) = bound {
             ctx.listen = a.to_string();
         }
         let (tx, rx) = watch::channel(Arc::new(ctx));
@@ -315,7 +316,7 @@ impl Server {
             stop.clone(),
         ));
         self.running.push(Running {
-            listen: b.config.listen.clone(),
+            bound,
             ctx: tx,
             stop,
         });
@@ -407,10 +408,12 @@ impl Server {
         let mut updates = Vec::new();
         let mut fresh = Vec::new();
         for l in &new.listeners {
+            // The same address is the same listener; port 0 always asks for a new one.
+            let addr = l.addr().ok().filter(|a| a.port() != 0);
             let at = self
                 .running
                 .iter()
-                .position(|r| r.listen == l.listen && !l.listen.ends_with(":0"));
+                .position(|r| addr.is_some() && r.bound == addr);
             let old_ctx = at.map(|i| self.running[i].ctx.borrow().clone());
             let ctx = self.context(l, &new, &tls, old_ctx.as_deref())?;
             match at {

@@ -138,3 +138,62 @@ async fn sighup_reloads_listeners_routes_and_certificates_while_sessions_stay() 
     assert!(log.contains("added [rw]"), "{log}");
     assert!(log.contains("removed [rw]"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_changes_limits_and_allow_lists_without_cutting_sessions() {
+    let root = TempRoot::new();
+    let etcd = Etcd::start(&root);
+    let pg = Postgres::primary(&root, "a");
+    let mut keys = Keys::new(&etcd, "limits").await;
+    keys.member("a", pg.port, "primary", "running").await;
+    keys.leader("a").await;
+    let mut config = None;
+    let proxy = Proxy::start(&etcd, "limits", |cfg| config = Some(cfg.clone())).await;
+    let mut config = config.unwrap();
+    // Reloads keep the listener's address: pin it to the port it got.
+    config.listeners[0].listen = format!("127.0.0.1:{}", proxy.port());
+    wait_routed(proxy.port(), pg.port).await;
+    let (first, _c1) = connect_with(proxy.port(), "").await.unwrap();
+    let (second, _c2) = connect_with(proxy.port(), "").await.unwrap();
+
+    // A limit below what is open: both sessions stay, a new client gets 53300.
+    config.limits.max_client_connections = 1;
+    proxy.reload.send(config.clone()).await.unwrap();
+    let e = wait_for("the lower limit", Duration::from_secs(10), || async {
+        connect(proxy.port()).await.err()
+    })
+    .await;
+    assert_eq!(sqlstate(&e).as_deref(), Some("53300"), "{e}");
+    for c in [&first, &second] {
+        assert_eq!(
+            c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0),
+            1
+        );
+    }
+    // An allow-list that leaves loopback out: refused with 28000.
+    config.limits.max_client_connections = 100;
+    config.listeners[0].allow = vec!["10.0.0.0/8".parse().unwrap()];
+    proxy.reload.send(config.clone()).await.unwrap();
+    let e = wait_for("the allow-list", Duration::from_secs(10), || async {
+        connect(proxy.port())
+            .await
+            .err()
+            .filter(|e| sqlstate(e).as_deref() == Some("28000"))
+    })
+    .await;
+    assert!(message(&e).contains("not allowed"), "{e}");
+    // Back to open: new clients are served, and the first two never noticed.
+    config.listeners[0].allow.clear();
+    proxy.reload.send(config).await.unwrap();
+    wait_for("clients served again", Duration::from_secs(10), || async {
+        connect(proxy.port()).await.ok()
+    })
+    .await;
+    for c in [&first, &second] {
+        assert_eq!(
+            c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0),
+            1
+        );
+    }
+    proxy.stop().await;
+}
