@@ -230,6 +230,8 @@ impl Summary {
 struct Running {
     bound: Option<std::net::SocketAddr>,
     ctx: watch::Sender<Arc<ListenerContext>>,
+    /// The routing rules, for sessions already open: they drain if they no longer fit.
+    policy: watch::Sender<Arc<crate::router::Policy>>,
     stop: CancellationToken,
 }
 
@@ -307,6 +309,8 @@ impl Server {
         if let Some(a) = bound {
             ctx.listen = a.to_string();
         }
+        let (policy, updates) = watch::channel(ctx.policy.clone());
+        ctx.policy_updates = updates;
         let (tx, rx) = watch::channel(Arc::new(ctx));
         let stop = self.shutdown.child_token();
         self.accepting.spawn(accept_loop(
@@ -318,6 +322,7 @@ impl Server {
         self.running.push(Running {
             bound,
             ctx: tx,
+            policy,
             stop,
         });
     }
@@ -372,9 +377,10 @@ impl Server {
 
     /// Applies a new configuration, all of it or none of it: listeners whose address is
     /// unchanged take the new routing rules, limits and TLS material for new sessions; new
-    /// addresses are bound; listeners no longer configured stop accepting. Open sessions keep
-    /// running under the rules they started with. Settings that need a restart (etcd,
-    /// clusters, timeouts, runtime, admin) are kept as they were, with a warning.
+    /// addresses are bound; listeners no longer configured stop accepting. Open sessions run
+    /// on unless the new rules exclude their server, in which case they drain as on a
+    /// topology change. Settings that need a restart (etcd, clusters, timeouts, runtime,
+    /// admin) are kept as they were, with a warning.
     async fn reload(&mut self, new: Config) {
         match self.try_reload(new).await {
             Ok(summary) => {
@@ -423,10 +429,15 @@ impl Server {
         }
         let (mut kept, mut added, mut removed) = (Vec::new(), Vec::new(), Vec::new());
         let mut keep = vec![false; self.running.len()];
-        for (i, ctx) in updates {
+        for (i, mut ctx) in updates {
             keep[i] = true;
             kept.push(ctx.name.clone());
-            self.running[i].ctx.send_replace(Arc::new(ctx));
+            let r = &self.running[i];
+            if *r.policy.borrow() != ctx.policy {
+                r.policy.send_replace(ctx.policy.clone());
+            }
+            ctx.policy_updates = r.policy.subscribe();
+            r.ctx.send_replace(Arc::new(ctx));
         }
         let mut i = 0;
         self.running.retain(|r| {

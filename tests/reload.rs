@@ -1,6 +1,7 @@
-//! SIGHUP on the real binary: a listener added, a route changed, a listener removed and the
-//! TLS certificate replaced, while a session opened before stays up; a broken file is
-//! refused and the running configuration stays in force.
+//! SIGHUP on the real binary: a listener added, a route changed (its old sessions that no
+//! longer fit are drained), listeners removed and the TLS certificate replaced, while a session
+//! that still fits stays up; a broken file is refused and the running configuration stays in
+//! force. In process: limits and allow-lists changed by reload.
 
 mod common;
 
@@ -71,31 +72,42 @@ async fn sighup_reloads_listeners_routes_and_certificates_while_sessions_stay() 
             "[[listener]]\nname = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\nrole = \"{role}\"\n"
         )
     };
-    write(&listener("main", main, "primary"));
+    let reads = free_port();
+    write(&format!(
+        "{}{}",
+        listener("main", main, "primary"),
+        listener("reads", reads, "replica")
+    ));
     let proxy = Binary::start(&["run", "--config", file.to_str().unwrap()]);
     wait_routed(main, primary.port).await;
+    wait_routed(reads, replica.port).await;
     assert_eq!(served_certificate(&ca, main).await, der(&first));
-    // A session opened before the reload, over TLS.
+    // Sessions opened before the reload: one over TLS on the primary, one on the replica.
     let tls = tokio_postgres_rustls::MakeRustlsConnect::new(ca.client_config(&[]));
     let conn_str =
         format!("host=127.0.0.1 port={main} user=postgres dbname=postgres sslmode=require");
     let (old, conn) = tokio_postgres::connect(&conn_str, tls).await.unwrap();
     let old_conn = tokio::spawn(conn);
+    let (old_read, old_read_conn) = session_on(reads, replica.port).await;
 
-    // The main listener becomes a read listener, a new one takes writes, and the
-    // certificate is replaced.
+    // `reads` now routes to the primary, a listener is added, the certificate is replaced.
     install(&second, &dir);
     write(&format!(
-        "{}{}",
-        listener("main", main, "replica"),
+        "{}{}{}",
+        listener("main", main, "primary"),
+        listener("reads", reads, "primary"),
         listener("rw", rw, "primary")
     ));
     signal(proxy.pid(), "HUP");
     proxy.wait_log("configuration reloaded", 1).await;
-    assert_eq!(server_port(main).await.unwrap(), replica.port as i32);
+    assert_eq!(server_port(reads).await.unwrap(), primary.port as i32);
     assert_eq!(server_port(rw).await.unwrap(), primary.port as i32);
     assert_eq!(served_certificate(&ca, main).await, der(&second));
     assert_eq!(served_certificate(&ca, rw).await, der(&second));
+    // The read session no longer fits its listener's rules: drained like on a topology
+    // change. The TLS session on the primary still fits and stays.
+    assert_eq!(ended_with(old_read_conn).await.as_deref(), Some("57P01"));
+    drop(old_read);
     let row = old.query_one("SELECT inet_server_port()", &[]).await;
     assert_eq!(row.unwrap().get::<_, i32>(0), primary.port as i32);
 
@@ -104,27 +116,34 @@ async fn sighup_reloads_listeners_routes_and_certificates_while_sessions_stay() 
     signal(proxy.pid(), "HUP");
     proxy.wait_log("configuration reload refused", 1).await;
     assert_eq!(server_port(rw).await.unwrap(), primary.port as i32);
-    assert_eq!(server_port(main).await.unwrap(), replica.port as i32);
+    assert_eq!(server_port(reads).await.unwrap(), primary.port as i32);
     // So is a valid file whose certificate cannot be read.
     std::fs::write(dir.join("patroxy.key"), "not a key").unwrap();
-    write(&listener("main", main, "primary"));
+    write(&listener("main", main, "replica"));
     signal(proxy.pid(), "HUP");
     proxy.wait_log("configuration reload refused", 2).await;
     assert_eq!(server_port(rw).await.unwrap(), primary.port as i32);
+    assert_eq!(server_port(main).await.unwrap(), primary.port as i32);
     install(&second, &dir);
 
-    // The rw listener is removed: it stops accepting; main goes on.
-    write(&listener("main", main, "replica"));
+    // rw and reads are removed: they stop accepting; main goes on.
+    write(&listener("main", main, "primary"));
     signal(proxy.pid(), "HUP");
     proxy.wait_log("configuration reloaded", 2).await;
-    wait_for("rw to stop accepting", Duration::from_secs(10), || async {
-        TcpStream::connect(("127.0.0.1", rw))
-            .await
-            .is_err()
-            .then_some(())
-    })
-    .await;
-    assert_eq!(server_port(main).await.unwrap(), replica.port as i32);
+    for port in [rw, reads] {
+        wait_for(
+            "a removed listener to stop accepting",
+            Duration::from_secs(10),
+            || async {
+                TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_err()
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    assert_eq!(server_port(main).await.unwrap(), primary.port as i32);
     let row = old.query_one("SELECT 1", &[]).await;
     assert_eq!(
         row.unwrap().get::<_, i32>(0),
@@ -136,7 +155,7 @@ async fn sighup_reloads_listeners_routes_and_certificates_while_sessions_stay() 
     assert!(status.success(), "{log}");
     assert!(old_conn.await.is_ok());
     assert!(log.contains("added [rw]"), "{log}");
-    assert!(log.contains("removed [rw]"), "{log}");
+    assert!(log.contains("removed [reads, rw]"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -54,6 +54,8 @@ pub struct ListenerContext {
     pub listen: String,
     pub cluster: String,
     pub policy: Arc<Policy>,
+    /// The rules reloads give this listener later, for sessions opened under older ones.
+    pub policy_updates: watch::Receiver<Arc<Policy>>,
     pub topology: watch::Receiver<Arc<Topology>>,
     /// Advances once per new session; balancing takes turns with it.
     pub turn: AtomicUsize,
@@ -93,6 +95,7 @@ impl ListenerContext {
         shared: Arc<Shared>,
     ) -> ListenerContext {
         let limit = config.max_client_connections;
+        let policy = Arc::new(config.policy());
         // `validate()` makes sure a mode other than disable has a certificate.
         let tls_mode = match (config.tls, &tls.acceptor) {
             (Some(mode), _) => mode,
@@ -103,7 +106,9 @@ impl ListenerContext {
             name: config.name.clone(),
             listen: config.listen.clone(),
             cluster,
-            policy: Arc::new(config.policy()),
+            policy: policy.clone(),
+            // Nothing updates a context on its own; `app` connects it to reloads.
+            policy_updates: watch::channel(policy).1,
             topology,
             turn: AtomicUsize::new(0),
             limit: (limit > 0).then(|| Limit::new(limit)),
@@ -401,6 +406,7 @@ async fn run_session(
         .map(|k| shared.cancels.register(k, backend.target.endpoint.clone()));
     let relay_ctx = relay::RelayContext {
         policy: &ctx.policy,
+        policy_updates: ctx.policy_updates.clone(),
         member: &backend.target.member,
         server: &backend.target.endpoint,
         timeouts: &shared.timeouts,

@@ -82,6 +82,8 @@ impl std::fmt::Display for End {
 /// What the relay needs to know about its session.
 pub struct RelayContext<'a> {
     pub policy: &'a Arc<Policy>,
+    /// The listener's rules as reloads change them.
+    pub policy_updates: watch::Receiver<Arc<Policy>>,
     pub member: &'a str,
     pub server: &'a Endpoint,
     pub timeouts: &'a Timeouts,
@@ -165,12 +167,16 @@ pub async fn relay(
         // locks shared by every session, so polling them on each data wake-up would serialise
         // busy sessions. The relay only sees a oneshot, which is lock-free to poll.
         let (cause_tx, mut cause_rx) = oneshot::channel();
+        let watched = Watched {
+            policy: ctx.policy_updates.clone(),
+            topology: topology.clone(),
+            shutdown: ctx.shutdown.clone(),
+        };
         let _control = AbortOnDropHandle::new(tokio::spawn(watch_for_drain(
             ctx.policy.clone(),
             ctx.member.to_owned(),
             ctx.server.clone(),
-            topology.clone(),
-            ctx.shutdown.clone(),
+            watched,
             cause_tx,
         )));
         let mut control_open = true;
@@ -241,32 +247,41 @@ pub async fn relay(
 
 const TERMINATE: [u8; 5] = [codes::TERMINATE, 0, 0, 0, 4];
 
-/// Waits until the session must be drained (its server left the listener's pool, or
-/// shutdown), and says why through `tx`.
+/// What can end a session from outside its two streams.
+struct Watched {
+    policy: watch::Receiver<Arc<Policy>>,
+    topology: watch::Receiver<Arc<Topology>>,
+    shutdown: CancellationToken,
+}
+
+/// Waits until the session must be drained (its server left the listener's pool under the
+/// current topology and rules, or shutdown), and says why through `tx`.
 async fn watch_for_drain(
-    policy: Arc<Policy>,
+    mut policy: Arc<Policy>,
     member: String,
     server: Endpoint,
-    mut topology: watch::Receiver<Arc<Topology>>,
-    shutdown: CancellationToken,
+    mut w: Watched,
     tx: oneshot::Sender<DrainCause>,
 ) {
     // The topology may have moved while this session was connecting.
-    topology.mark_changed();
-    let mut topology_open = true;
+    w.topology.mark_changed();
+    let (mut topology_open, mut policy_open) = (true, true);
     let cause = loop {
         tokio::select! {
-            changed = topology.changed(), if topology_open => {
-                if changed.is_err() {
-                    topology_open = false;
-                    continue;
-                }
-                let t = topology.borrow_and_update();
-                if let Some(cause) = drain::drain_cause(&policy, &member, &server, &t) {
-                    break cause;
+            changed = w.topology.changed(), if topology_open => {
+                topology_open = changed.is_ok();
+            }
+            changed = w.policy.changed(), if policy_open => {
+                policy_open = changed.is_ok();
+                if policy_open {
+                    policy = w.policy.borrow_and_update().clone();
                 }
             }
-            _ = shutdown.cancelled() => break DrainCause::Shutdown,
+            _ = w.shutdown.cancelled() => break DrainCause::Shutdown,
+        }
+        let t = w.topology.borrow_and_update().clone();
+        if let Some(cause) = drain::drain_cause(&policy, &member, &server, &t) {
+            break cause;
         }
     };
     let _ = tx.send(cause);
