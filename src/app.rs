@@ -276,14 +276,12 @@ impl Server {
         }
     }
 
-    /// A listener's context under the current settings, keeping its connection limit's
-    /// semaphore when the limit is unchanged so open sessions stay counted.
+    /// A listener's context under `config`, with its cluster's topology.
     fn context(
         &self,
         l: &ListenerConfig,
         config: &Config,
         tls: &TlsMaterial,
-        old: Option<&ListenerContext>,
     ) -> Result<ListenerContext, String> {
         let cluster = config
             .cluster_of(l)
@@ -295,13 +293,13 @@ impl Server {
                 l.name
             )
         })?;
-        let mut ctx = ListenerContext::new(l, cluster, topology.clone(), tls, self.shared.clone());
-        // A kept listener keeps counting its open sessions against its (new) limit.
-        if let (Some(old), Some(new)) = (old.and_then(|o| o.limit.clone()), &ctx.limit) {
-            old.set_max(new.max());
-            ctx.limit = Some(old);
-        }
-        Ok(ctx)
+        Ok(ListenerContext::new(
+            l,
+            cluster,
+            topology.clone(),
+            tls,
+            self.shared.clone(),
+        ))
     }
 
     fn spawn(&mut self, b: BoundListener, mut ctx: ListenerContext) {
@@ -341,7 +339,7 @@ impl Server {
     async fn serve(mut self, listeners: Vec<BoundListener>, mut reloads: mpsc::Receiver<Config>) {
         let (config, tls) = (self.config.clone(), self.tls.clone());
         for b in listeners {
-            match self.context(&b.config, &config, &tls, None) {
+            match self.context(&b.config, &config, &tls) {
                 Ok(ctx) => self.spawn(b, ctx),
                 Err(why) => warn!("{why}; not serving it"),
             }
@@ -420,8 +418,7 @@ impl Server {
                 .running
                 .iter()
                 .position(|r| addr.is_some() && r.bound == addr);
-            let old_ctx = at.map(|i| self.running[i].ctx.borrow().clone());
-            let ctx = self.context(l, &new, &tls, old_ctx.as_deref())?;
+            let ctx = self.context(l, &new, &tls)?;
             match at {
                 Some(i) => updates.push((i, ctx)),
                 None => fresh.push((bind_one(l).await.map_err(|e| e.to_string())?, ctx)),
@@ -433,6 +430,10 @@ impl Server {
             keep[i] = true;
             kept.push(ctx.name.clone());
             let r = &self.running[i];
+            // The listener's open sessions stay counted against its new limit.
+            let limit = r.ctx.borrow().limit.clone();
+            limit.set_max(ctx.limit.max());
+            ctx.limit = limit;
             if *r.policy.borrow() != ctx.policy {
                 r.policy.send_replace(ctx.policy.clone());
             }

@@ -53,10 +53,7 @@ pub async fn accept_loop(
                 }
                 // Claims move into the session task and are released however it ends.
                 let global = ctx.shared.connections.try_claim();
-                let local = match &ctx.limit {
-                    Some(l) => l.try_claim().map(Some),
-                    None => Some(None),
-                };
+                let local = ctx.limit.try_claim();
                 let (Some(global), Some(local)) = (global, local) else {
                     warn!(client = %peer, listener = %ctx.name, "connection limit reached; client refused");
                     crate::metrics::refused(&ctx.name, "limit");

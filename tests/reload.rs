@@ -201,13 +201,21 @@ async fn a_reload_changes_limits_and_allow_lists_without_cutting_sessions() {
     })
     .await;
     assert!(message(&e).contains("not allowed"), "{e}");
-    // Back to open: new clients are served, and the first two never noticed.
+    // Back to open: new clients are served.
     config.listeners[0].allow.clear();
-    proxy.reload.send(config).await.unwrap();
+    proxy.reload.send(config.clone()).await.unwrap();
     wait_for("clients served again", Duration::from_secs(10), || async {
         connect(proxy.port()).await.ok()
     })
     .await;
+    // The listener gains a limit of its own: its two open sessions already count against it.
+    config.listeners[0].max_client_connections = 2;
+    proxy.reload.send(config).await.unwrap();
+    let e = wait_for("the listener's limit", Duration::from_secs(10), || async {
+        connect(proxy.port()).await.err()
+    })
+    .await;
+    assert_eq!(sqlstate(&e).as_deref(), Some("53300"), "{e}");
     for c in [&first, &second] {
         assert_eq!(
             c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0),

@@ -59,8 +59,9 @@ pub struct ListenerContext {
     pub topology: watch::Receiver<Arc<Topology>>,
     /// Advances once per new session; balancing takes turns with it.
     pub turn: AtomicUsize,
-    /// This listener's own connection limit, if it has one.
-    pub limit: Option<Arc<Limit>>,
+    /// This listener's own connection limit (unbounded without one); it counts the
+    /// listener's connections across reloads.
+    pub limit: Arc<Limit>,
     /// Client addresses allowed; empty allows all.
     pub allow: Vec<Cidr>,
     pub tls_mode: ClientTlsMode,
@@ -111,7 +112,7 @@ impl ListenerContext {
             policy_updates: watch::channel(policy).1,
             topology,
             turn: AtomicUsize::new(0),
-            limit: (limit > 0).then(|| Limit::new(limit)),
+            limit: Limit::new(if limit > 0 { limit } else { usize::MAX }),
             allow: config.allow.clone(),
             tls_mode,
             tls: (tls_mode != ClientTlsMode::Disable)
