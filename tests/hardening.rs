@@ -45,13 +45,22 @@ async fn over_the_limits_clients_get_53300_and_the_others_keep_working() {
     let (small, big) = (proxy.port_of("small"), proxy.port_of("big"));
     wait_routed(big, pg.port).await;
 
+    // wait_routed's probe sessions give their places back once patroxy has seen them close:
+    // each place below is waited for, then the limits are exact.
+    let place = |port: u16| {
+        wait_for(
+            "a free place",
+            Duration::from_secs(30),
+            move || async move { connect(port).await.ok() },
+        )
+    };
     // The listener's own limit: 2.
-    let s1 = connect(small).await.unwrap();
-    let s2 = connect(small).await.unwrap();
+    let s1 = place(small).await;
+    let s2 = place(small).await;
     let err = connect(small).await.unwrap_err();
     assert_eq!(sqlstate(&err).as_deref(), Some("53300"), "{err}");
     // The global limit: 3, so one more on the other listener, then no more.
-    let b1 = connect(big).await.unwrap();
+    let b1 = place(big).await;
     let err = connect(big).await.unwrap_err();
     assert_eq!(sqlstate(&err).as_deref(), Some("53300"), "{err}");
     assert!(refusal(big).await.contains("too many clients"));
@@ -96,6 +105,9 @@ async fn clients_outside_the_allow_list_get_28000() {
     proxy.stop().await;
 }
 
+/// RSS is the whole test process's: tests that measure it take turns.
+static MEASURING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     status
@@ -107,6 +119,7 @@ fn rss_kib() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_unfinished_startups_stays_bounded_and_is_cut_off() {
+    let _turn = MEASURING.lock().await;
     let (_root, etcd, pg) = one_primary("flood").await;
     let proxy = Proxy::start(&etcd, "flood", |cfg| {
         cfg.timeouts.startup = Duration::from_secs(2);
@@ -151,6 +164,7 @@ async fn a_flood_of_unfinished_startups_stays_bounded_and_is_cut_off() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_half_open_tls_handshakes_stays_bounded_and_is_cut_off() {
+    let _turn = MEASURING.lock().await;
     let (root, etcd, pg) = one_primary("tlsflood").await;
     let ca = common::tls::TestCa::new(root.path(), "ca");
     let cert = ca.issue("patroxy", &["127.0.0.1"]);
