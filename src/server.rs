@@ -1,0 +1,280 @@
+//! The listeners and their sessions: serving, configuration reloads applied whole or not at
+//! all, and the order of shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::app::{bind_one, BoundListener, Topologies};
+use crate::config::{Config, ListenerConfig};
+use crate::listener::accept_loop;
+use crate::session::{CancelRegistry, ListenerContext, ServerLoad, Shared, TlsMaterial};
+
+/// A listener being served: the address it is bound to, its settings, and how to stop it.
+struct Running {
+    bound: Option<std::net::SocketAddr>,
+    ctx: watch::Sender<Arc<ListenerContext>>,
+    /// The routing rules, for sessions already open: they drain if they no longer fit.
+    policy: watch::Sender<Arc<crate::router::Policy>>,
+    stop: CancellationToken,
+}
+
+/// The listeners and their sessions.
+pub struct Server {
+    config: Arc<Config>,
+    tls: TlsMaterial,
+    topologies: Topologies,
+    pub shared: Arc<Shared>,
+    running: Vec<Running>,
+    serving: watch::Sender<Vec<Arc<ListenerContext>>>,
+    sessions: TaskTracker,
+    accepting: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl Server {
+    pub fn new(
+        config: Arc<Config>,
+        tls: TlsMaterial,
+        topologies: Topologies,
+        serving: watch::Sender<Vec<Arc<ListenerContext>>>,
+        shutdown: CancellationToken,
+    ) -> Server {
+        let shared = Arc::new(Shared {
+            timeouts: config.timeouts.clone(),
+            cancels: CancelRegistry::default(),
+            load: ServerLoad::default(),
+            connections: crate::limit::Limit::new(config.limits.max_client_connections),
+            shutdown: shutdown.clone(),
+        });
+        Server {
+            config,
+            tls,
+            topologies,
+            shared,
+            running: Vec::new(),
+            serving,
+            sessions: TaskTracker::new(),
+            accepting: TaskTracker::new(),
+            shutdown,
+        }
+    }
+
+    /// A listener's context under `config`, with its cluster's topology.
+    fn context(
+        &self,
+        l: &ListenerConfig,
+        config: &Config,
+        tls: &TlsMaterial,
+    ) -> Result<ListenerContext, String> {
+        let cluster = config
+            .cluster_of(l)
+            .map(|c| c.name())
+            .ok_or_else(|| format!("listener {}: no such cluster", l.name))?;
+        let topology = self.topologies.get(&cluster).ok_or_else(|| {
+            format!(
+                "listener {}: cluster {cluster} is not watched (restart to add clusters)",
+                l.name
+            )
+        })?;
+        Ok(ListenerContext::new(
+            l,
+            cluster,
+            topology.clone(),
+            tls,
+            self.shared.clone(),
+        ))
+    }
+
+    fn spawn(&mut self, b: BoundListener, mut ctx: ListenerContext) {
+        let bound = b.listener.local_addr().ok();
+        if let Some(a) = bound {
+            ctx.listen = a.to_string();
+        }
+        let (policy, updates) = watch::channel(ctx.policy.clone());
+        ctx.policy_updates = updates;
+        let (tx, rx) = watch::channel(Arc::new(ctx));
+        let stop = self.shutdown.child_token();
+        self.accepting.spawn(accept_loop(
+            b.listener,
+            rx,
+            self.sessions.clone(),
+            stop.clone(),
+        ));
+        self.running.push(Running {
+            bound,
+            ctx: tx,
+            policy,
+            stop,
+        });
+    }
+
+    fn publish(&self) {
+        let now = self
+            .running
+            .iter()
+            .map(|r| r.ctx.borrow().clone())
+            .collect();
+        self.serving.send_replace(now);
+    }
+
+    /// Serves until shutdown, applying reloads. Then it stops accepting and drains the
+    /// sessions, idle ones at once and open transactions within `timeouts.shutdown`.
+    pub async fn serve(
+        mut self,
+        listeners: Vec<BoundListener>,
+        mut reloads: mpsc::Receiver<Config>,
+    ) {
+        let (config, tls) = (self.config.clone(), self.tls.clone());
+        for b in listeners {
+            match self.context(&b.config, &config, &tls) {
+                Ok(ctx) => self.spawn(b, ctx),
+                Err(why) => warn!("{why}; not serving it"),
+            }
+        }
+        self.publish();
+        let mut reloading = true;
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                next = reloads.recv(), if reloading => match next {
+                    Some(new) => self.reload(new).await,
+                    None => reloading = false,
+                },
+            }
+        }
+        self.accepting.close();
+        self.accepting.wait().await;
+        let sessions = self.sessions;
+        sessions.close();
+        info!(
+            sessions = sessions.len(),
+            "shutting down: draining sessions"
+        );
+        let grace = self.config.timeouts.shutdown + Duration::from_secs(1);
+        if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
+            warn!(
+                sessions = sessions.len(),
+                "sessions still open after the shutdown grace period"
+            );
+        }
+        info!("shutdown complete");
+    }
+
+    /// Applies a new configuration, all of it or none of it: listeners whose address is
+    /// unchanged take the new routing rules, limits and TLS material for new sessions; new
+    /// addresses are bound; listeners no longer configured stop accepting. Open sessions run
+    /// on unless the new rules exclude their server, in which case they drain as on a
+    /// topology change. Settings that need a restart (etcd, clusters, timeouts, runtime,
+    /// admin) are kept as they were, with a warning.
+    async fn reload(&mut self, new: Config) {
+        match self.try_reload(new).await {
+            Ok(summary) => {
+                crate::metrics::reload("ok");
+                info!(%summary, "configuration reloaded");
+            }
+            Err(why) => {
+                crate::metrics::reload("refused");
+                warn!(reason = %why, "configuration reload refused; the running configuration stays in force");
+            }
+        }
+    }
+
+    async fn try_reload(&mut self, new: Config) -> Result<String, String> {
+        new.validate()
+            .map_err(|e| e.to_string().replace('\n', " "))?;
+        let tls = TlsMaterial::load(&new).map_err(|e| e.to_string())?;
+        let old = &self.config;
+        for (what, changed) in [
+            ("etcd", old.etcd != new.etcd),
+            ("cluster", old.clusters != new.clusters),
+            ("timeouts", old.timeouts != new.timeouts),
+            ("runtime", old.runtime != new.runtime),
+            ("admin", old.admin != new.admin),
+        ] {
+            if changed {
+                warn!("[{what}] changed: it takes effect at the next restart");
+            }
+        }
+        // Everything that can fail comes first, so a refusal leaves nothing half done.
+        let mut updates = Vec::new();
+        let mut fresh = Vec::new();
+        for l in &new.listeners {
+            // The same address is the same listener; port 0 always asks for a new one.
+            let addr = l.addr().ok().filter(|a| a.port() != 0);
+            let at = self
+                .running
+                .iter()
+                .position(|r| addr.is_some() && r.bound == addr);
+            let ctx = self.context(l, &new, &tls)?;
+            match at {
+                Some(i) => updates.push((i, ctx)),
+                None => fresh.push((bind_one(l).await.map_err(|e| e.to_string())?, ctx)),
+            }
+        }
+        let (mut kept, mut added, mut removed) = (Vec::new(), Vec::new(), Vec::new());
+        let mut keep = vec![false; self.running.len()];
+        for (i, mut ctx) in updates {
+            keep[i] = true;
+            kept.push(ctx.name.clone());
+            let r = &self.running[i];
+            // The listener's open sessions stay counted against its new limit.
+            let limit = r.ctx.borrow().limit.clone();
+            limit.set_max(ctx.limit.max());
+            ctx.limit = limit;
+            if *r.policy.borrow() != ctx.policy {
+                r.policy.send_replace(ctx.policy.clone());
+            }
+            ctx.policy_updates = r.policy.subscribe();
+            r.ctx.send_replace(Arc::new(ctx));
+        }
+        let mut i = 0;
+        self.running.retain(|r| {
+            let k = keep[i];
+            i += 1;
+            if !k {
+                removed.push(r.ctx.borrow().name.clone());
+                r.stop.cancel();
+            }
+            k
+        });
+        for (b, ctx) in fresh {
+            added.push(ctx.name.clone());
+            self.spawn(b, ctx);
+        }
+        // A lower limit refuses new clients until enough sessions have ended; none is cut.
+        self.shared
+            .connections
+            .set_max(new.limits.max_client_connections);
+        let (etcd, clusters, timeouts, runtime, admin) = {
+            let o = &self.config;
+            (
+                o.etcd.clone(),
+                o.clusters.clone(),
+                o.timeouts.clone(),
+                o.runtime.clone(),
+                o.admin.clone(),
+            )
+        };
+        self.config = Arc::new(Config {
+            etcd,
+            clusters,
+            timeouts,
+            runtime,
+            admin,
+            ..new
+        });
+        self.tls = tls;
+        self.publish();
+        Ok(format!(
+            "listeners kept [{}], added [{}], removed [{}]",
+            kept.join(", "),
+            added.join(", "),
+            removed.join(", ")
+        ))
+    }
+}
