@@ -158,6 +158,24 @@ async fn sighup_reloads_listeners_routes_and_certificates_while_sessions_stay() 
     assert!(log.contains("removed [reads, rw]"), "{log}");
 }
 
+/// Waits until a new client through `port` is refused with `sqlstate` (a reload applies).
+async fn refused_with(port: u16, sqlstate: &str) -> tokio_postgres::Error {
+    let what = format!("a refusal with {sqlstate}");
+    wait_for(&what, Duration::from_secs(10), || async {
+        let e = connect(port).await.err()?;
+        (common::sqlstate(&e).as_deref() == Some(sqlstate)).then_some(e)
+    })
+    .await
+}
+
+/// Each of these sessions still answers.
+async fn answer(sessions: &[&tokio_postgres::Client]) {
+    for c in sessions {
+        let row = c.query_one("SELECT 1", &[]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(0), 1);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_changes_limits_and_allow_lists_without_cutting_sessions() {
     let root = TempRoot::new();
@@ -175,52 +193,29 @@ async fn a_reload_changes_limits_and_allow_lists_without_cutting_sessions() {
     let (first, _c1) = connect_with(proxy.port(), "").await.unwrap();
     let (second, _c2) = connect_with(proxy.port(), "").await.unwrap();
 
+    let port = proxy.port();
     // A limit below what is open: both sessions stay, a new client gets 53300.
     config.limits.max_client_connections = 1;
     proxy.reload.send(config.clone()).await.unwrap();
-    let e = wait_for("the lower limit", Duration::from_secs(10), || async {
-        connect(proxy.port()).await.err()
-    })
-    .await;
-    assert_eq!(sqlstate(&e).as_deref(), Some("53300"), "{e}");
-    for c in [&first, &second] {
-        assert_eq!(
-            c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0),
-            1
-        );
-    }
+    refused_with(port, "53300").await;
+    answer(&[&first, &second]).await;
     // An allow-list that leaves loopback out: refused with 28000.
     config.limits.max_client_connections = 100;
     config.listeners[0].allow = vec!["10.0.0.0/8".parse().unwrap()];
     proxy.reload.send(config.clone()).await.unwrap();
-    let e = wait_for("the allow-list", Duration::from_secs(10), || async {
-        connect(proxy.port())
-            .await
-            .err()
-            .filter(|e| sqlstate(e).as_deref() == Some("28000"))
-    })
-    .await;
+    let e = refused_with(port, "28000").await;
     assert!(message(&e).contains("not allowed"), "{e}");
     // Back to open: new clients are served.
     config.listeners[0].allow.clear();
     proxy.reload.send(config.clone()).await.unwrap();
     wait_for("clients served again", Duration::from_secs(10), || async {
-        connect(proxy.port()).await.ok()
+        connect(port).await.ok()
     })
     .await;
     // The listener gains a limit of its own: its two open sessions already count against it.
     config.listeners[0].max_client_connections = 2;
     proxy.reload.send(config).await.unwrap();
-    let e = wait_for("the listener's limit", Duration::from_secs(10), || async {
-        connect(proxy.port()).await.err()
-    })
-    .await;
-    assert_eq!(sqlstate(&e).as_deref(), Some("53300"), "{e}");
-    for c in [&first, &second] {
-        assert_eq!(
-            c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0),
-            1
-        );
-    }
+    refused_with(port, "53300").await;
+    answer(&[&first, &second]).await;
     proxy.stop().await;
 }
