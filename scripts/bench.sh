@@ -21,7 +21,7 @@ OUT=${BENCH_OUT:-$REPO/bench-results}
 CLUSTER="bash $REPO/scripts/cluster.sh"
 export PATROXY_MAX_CONNECTIONS=1200
 
-bash scripts/install-deps.sh haproxy pgbouncer
+bash scripts/install-deps.sh haproxy pgbouncer openssl
 echo "bench: building (release)"
 cargo build --release --locked --quiet --bins
 for port in 6432 6433 6442 6443 6532 6632; do
