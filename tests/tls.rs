@@ -235,11 +235,37 @@ async fn clients_speak_tls_to_patroxy_and_plaintext_is_refused_where_required() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn patroxy_verifies_the_servers_certificate_as_configured() {
     let mut s = setup("stls").await;
+    let ssl_used = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+    // A server without TLS: `prefer` falls back to plaintext, `require` refuses it.
+    for (mode, works) in [
+        (ServerTlsMode::Prefer, true),
+        (ServerTlsMode::Require, false),
+    ] {
+        let proxy = Proxy::start(&s.etcd, "stls", |cfg| {
+            cfg.server_tls.mode = mode;
+            cfg.timeouts.connect_wait = Duration::from_millis(500);
+        })
+        .await;
+        match connect(proxy.port()).await {
+            Ok(c) if works => {
+                assert!(!c.query_one(ssl_used, &[]).await.unwrap().get::<_, bool>(0));
+            }
+            Err(e) if !works => {
+                assert!(
+                    message(&e).contains("does not accept TLS"),
+                    "{}",
+                    message(&e)
+                );
+            }
+            Ok(_) => panic!("{mode:?}: connected to a server without TLS"),
+            Err(e) => panic!("{mode:?}: {e}"),
+        }
+        proxy.stop().await;
+    }
     let pg_cert = s.ca.issue("pg", &["127.0.0.1"]);
     s.pg.enable_tls(&pg_cert.cert_file, &pg_cert.key_file);
     let ca = s.ca.cert_file.clone();
     let other = TestCa::new(s.root.path(), "other-ca");
-    let ssl_used = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
 
     // verify-full: the certificate chains to the CA and names 127.0.0.1.
     let proxy = Proxy::start(&s.etcd, "stls", |cfg| {
@@ -420,5 +446,75 @@ async fn patroxy_presents_a_client_certificate_to_a_server_that_asks() {
     let (c, _conn) = connect_with(proxy.port(), carol).await.unwrap();
     let row = c.query_one("SELECT current_user::text", &[]).await.unwrap();
     assert_eq!(row.get::<_, String>(0), "carol");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_sessions_carry_large_results_and_drain_with_57p01() {
+    let mut s = setup("tlsdrain").await;
+    let pg_cert = s.ca.issue("pg", &["127.0.0.1"]);
+    s.pg.enable_tls(&pg_cert.cert_file, &pg_cert.key_file);
+    let mut other = Postgres::primary(&s.root, "other");
+    other.enable_tls(&pg_cert.cert_file, &pg_cert.key_file);
+    let mut keys = Keys::new(&s.etcd, "tlsdrain").await;
+    keys.member("other", other.port, "replica", "running").await;
+    let cert = s.ca.issue("patroxy", &["127.0.0.1"]);
+    let proxy = Proxy::start(&s.etcd, "tlsdrain", |cfg| {
+        with_cert(cfg, &cert);
+        cfg.server_tls.mode = ServerTlsMode::Require;
+        cfg.timeouts.drain = Duration::from_secs(20);
+    })
+    .await;
+    wait_routed(proxy.port(), s.pg.port).await;
+    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(s.ca.client_config(&[]));
+    let conn_str = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=require",
+        proxy.port()
+    );
+    let (client, conn) = tokio_postgres::connect(&conn_str, tls).await.unwrap();
+    let conn = tokio::spawn(conn);
+
+    // About 20 MB each way through TLS on both legs, byte for byte.
+    let row = client
+        .query_one(
+            "SELECT count(*), sum(length(r)), md5(string_agg(r, '' ORDER BY i)) \
+             FROM (SELECT i, repeat(md5(i::text), 20) AS r FROM generate_series(1, 30000) i) t",
+            &[],
+        )
+        .await
+        .unwrap();
+    let expected: String = client
+        .query_one(
+            "SELECT md5(string_agg(repeat(md5(i::text), 20), '' ORDER BY i)) \
+             FROM generate_series(1, 30000) i",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(row.get::<_, i64>(0), 30000);
+    assert_eq!(row.get::<_, i64>(1), 30000 * 640);
+    assert_eq!(row.get::<_, String>(2), expected);
+    let rows = client
+        .query(
+            "SELECT repeat('x', 10000) FROM generate_series(1, 2000)",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2000);
+    client
+        .batch_execute(
+            "CREATE TEMP TABLE big AS SELECT repeat('y', 1000) AS v FROM generate_series(1, 20000)",
+        )
+        .await
+        .unwrap();
+
+    // The leader moves: the idle TLS session ends with 57P01, inside TLS.
+    keys.member("pg", s.pg.port, "replica", "running").await;
+    keys.member("other", other.port, "primary", "running").await;
+    keys.leader("other").await;
+    assert_eq!(ended_with(conn).await.as_deref(), Some("57P01"));
+    wait_routed(proxy.port(), other.port).await;
     proxy.stop().await;
 }
