@@ -33,8 +33,6 @@ pub type Serving = watch::Receiver<Vec<Arc<ListenerContext>>>;
 pub enum AppError {
     #[error("{0}")]
     Tls(#[from] crate::tls::TlsError),
-    #[error("{0}")]
-    Bind(#[from] std::io::Error),
 }
 
 pub(crate) async fn bind_one(l: &ListenerConfig) -> Result<BoundListener, std::io::Error> {

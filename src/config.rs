@@ -374,9 +374,9 @@ impl ListenerConfig {
             .map_err(|_| format!("{:?} is not an address (expected ip:port)", self.listen))
     }
 
-    /// This listener's TLS mode, given whether `[tls]` has a certificate.
-    pub fn tls_mode(&self, tls: &TlsConfig) -> ClientTlsMode {
-        self.tls.unwrap_or(match tls.is_set() {
+    /// This listener's TLS mode, given whether patroxy has a certificate.
+    pub fn tls_mode(&self, has_certificate: bool) -> ClientTlsMode {
+        self.tls.unwrap_or(match has_certificate {
             true => ClientTlsMode::Allow,
             false => ClientTlsMode::Disable,
         })
@@ -644,10 +644,10 @@ impl Config {
             }
         }
         for (i, l) in self.listeners.iter().enumerate() {
-            if l.tls_mode(t) != ClientTlsMode::Disable && !t.is_set() {
+            let mode = l.tls_mode(t.is_set());
+            if mode != ClientTlsMode::Disable && !t.is_set() {
                 bad.push(format!(
-                    "listener[{i}].tls = \"{}\" needs tls.cert_file and tls.key_file",
-                    l.tls_mode(t)
+                    "listener[{i}].tls = \"{mode}\" needs tls.cert_file and tls.key_file"
                 ));
             }
         }

@@ -175,8 +175,6 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         ..overrides
     };
     let config = load(file.as_deref(), overrides.clone())?;
-    // TLS files are read now too, so a bad certificate is one clear line, not a failed start.
-    patroxy::session::TlsMaterial::load(&config)?;
     let config = Arc::new(config);
 
     let runtime = match config.runtime.worker_threads {

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use crate::app::Serving;
 use crate::config::EtcdConfig;
-use crate::discovery::etcd::connect;
+use crate::discovery::etcd::{connect, within};
 use crate::discovery::{DiscoveryError, Topology};
 use crate::session::Shared;
 use crate::view::{self, Report};
@@ -99,16 +99,10 @@ impl Reporter {
         kept: &mut bool,
     ) -> Result<(), DiscoveryError> {
         let limit = self.etcd.request_timeout;
-        let in_time = |d| DiscoveryError::Timeout(d);
         let mut client = connect(&self.etcd).await?;
         let ttl = self.ttl.as_secs().max(2) as i64;
-        let lease = timeout(limit, client.lease_grant(ttl, None))
-            .await
-            .map_err(|_| in_time(limit))??
-            .id();
-        let (mut keeper, mut acks) = timeout(limit, client.lease_keep_alive(lease))
-            .await
-            .map_err(|_| in_time(limit))??;
+        let lease = within(limit, client.lease_grant(ttl, None)).await?.id();
+        let (mut keeper, mut acks) = within(limit, client.lease_keep_alive(lease)).await?;
         let mut renew = tokio::time::interval(self.ttl / 3);
         let mut written: Option<Report> = None;
         let (mut topology_open, mut serving_open) = (true, true);
@@ -125,7 +119,7 @@ impl Reporter {
                     json,
                     Some(PutOptions::new().with_lease(lease)),
                 );
-                timeout(limit, put).await.map_err(|_| in_time(limit))??;
+                within(limit, put).await?;
                 if written.is_none() {
                     info!(key = %self.key, ttl = ?self.ttl, "routing report written to etcd");
                 }

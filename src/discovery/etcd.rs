@@ -117,9 +117,7 @@ impl EtcdWatcher {
             .with_prefix()
             .with_start_revision(revision + 1);
         let watch = client.watch(self.prefix.as_str(), Some(opts));
-        let mut stream = timeout(request_timeout, watch)
-            .await
-            .map_err(|_| DiscoveryError::Timeout(request_timeout))??;
+        let mut stream = within(request_timeout, watch).await?;
         self.watching.store(true, Ordering::Relaxed);
 
         let idle = self.etcd.watch_idle_timeout;
@@ -244,11 +242,17 @@ pub async fn connect(e: &EtcdConfig) -> Result<Client, DiscoveryError> {
         }
         opts = opts.with_tls(tls);
     }
-    let connect = Client::connect(&e.endpoints, Some(opts));
-    timeout(e.request_timeout, connect)
+    within(e.request_timeout, Client::connect(&e.endpoints, Some(opts))).await
+}
+
+/// One etcd request, bounded by `limit`.
+pub async fn within<T>(
+    limit: Duration,
+    request: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, DiscoveryError> {
+    Ok(timeout(limit, request)
         .await
-        .map_err(|_| DiscoveryError::Timeout(e.request_timeout))?
-        .map_err(Into::into)
+        .map_err(|_| DiscoveryError::Timeout(limit))??)
 }
 
 /// Every key under `prefix` (made relative to it) and the revision of the read.
@@ -258,9 +262,7 @@ pub async fn read_prefix(
     limit: Duration,
 ) -> Result<(BTreeMap<String, Bytes>, i64), DiscoveryError> {
     let get = client.get(prefix, Some(GetOptions::new().with_prefix()));
-    let resp = timeout(limit, get)
-        .await
-        .map_err(|_| DiscoveryError::Timeout(limit))??;
+    let resp = within(limit, get).await?;
     let revision = resp.header().map_or(0, |h| h.revision());
     let keys = resp
         .kvs()

@@ -98,11 +98,7 @@ impl ListenerContext {
         let limit = config.max_client_connections;
         let policy = Arc::new(config.policy());
         // `validate()` makes sure a mode other than disable has a certificate.
-        let tls_mode = match (config.tls, &tls.acceptor) {
-            (Some(mode), _) => mode,
-            (None, Some(_)) => ClientTlsMode::Allow,
-            (None, None) => ClientTlsMode::Disable,
-        };
+        let tls_mode = config.tls_mode(tls.acceptor.is_some());
         ListenerContext {
             name: config.name.clone(),
             listen: config.listen.clone(),
