@@ -23,7 +23,7 @@ export PATROXY_MAX_CONNECTIONS=1200
 
 bash scripts/install-deps.sh haproxy pgbouncer openssl
 echo "bench: building (release)"
-cargo build --release --locked --quiet --bins
+cargo build --release --locked --quiet --workspace --bins
 for port in 6432 6433 6442 6443 6532 6632; do
   if (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; then
     echo "bench: port $port on 127.0.0.1 is in use; stop whatever holds it" >&2
