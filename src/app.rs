@@ -1,71 +1,33 @@
-//! Wiring: binding, one discovery watcher and one routing report per cluster, the admin
-//! endpoint, the startup summary, and the server (`server.rs`) until shutdown.
+//! Wiring: one supervised discovery watcher and routing reporter per cluster, the admin
+//! endpoint, the startup summary, and the server (`server.rs`) until shutdown. Nothing is
+//! decided here.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
 use crate::admin::{Admin, AdminState};
-use crate::config::{Config, ListenerConfig};
+use crate::backend::ServerLoad;
+use crate::config::Config;
 use crate::discovery::{EtcdWatcher, Topology};
+use crate::etcd::Etcd;
+use crate::listener::BoundListener;
 use crate::report::Reporter;
-use crate::server::Server;
-use crate::session::{ListenerContext, TlsMaterial};
-
-/// A listener's settings with its already-bound socket.
-pub struct BoundListener {
-    pub config: ListenerConfig,
-    pub listener: TcpListener,
-}
-
-/// Each cluster's topology, by cluster name.
-pub type Topologies = HashMap<String, watch::Receiver<Arc<Topology>>>;
-
-/// The listeners being served now, for the admin endpoint and the etcd report.
-pub type Serving = watch::Receiver<Vec<Arc<ListenerContext>>>;
+use crate::server::{Published, Server};
+use crate::state::{Running, Serving, Topologies};
+use crate::task::supervise;
+use crate::tls::TlsMaterial;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     #[error("{0}")]
     Tls(#[from] crate::tls::TlsError),
-}
-
-pub(crate) async fn bind_one(l: &ListenerConfig) -> Result<BoundListener, std::io::Error> {
-    let addr = l
-        .addr()
-        .map_err(|why| std::io::Error::new(std::io::ErrorKind::InvalidInput, why))?;
-    let listener = TcpListener::bind(addr).await.map_err(|e| {
-        std::io::Error::new(e.kind(), format!("listener {} on {addr}: {e}", l.name))
-    })?;
-    Ok(BoundListener {
-        config: l.clone(),
-        listener,
-    })
-}
-
-/// Binds every configured listener.
-pub async fn bind(config: &Config) -> Result<Vec<BoundListener>, std::io::Error> {
-    let mut out = Vec::new();
-    for l in &config.listeners {
-        out.push(bind_one(l).await?);
-    }
-    Ok(out)
-}
-
-/// Binds the admin endpoint, if one is configured.
-pub async fn bind_admin(config: &Config) -> Result<Option<TcpListener>, std::io::Error> {
-    let Some(listen) = &config.admin.listen else {
-        return Ok(None);
-    };
-    TcpListener::bind(listen)
-        .await
-        .map(Some)
-        .map_err(|e| std::io::Error::new(e.kind(), format!("admin endpoint on {listen}: {e}")))
+    #[error("{0}")]
+    Etcd(#[from] crate::etcd::EtcdError),
 }
 
 /// Runs patroxy: etcd discovery for every cluster, the admin endpoint if `admin` is given,
@@ -78,61 +40,76 @@ pub async fn run(
     reloads: mpsc::Receiver<Config>,
     shutdown: CancellationToken,
 ) -> Result<(), AppError> {
-    let tls = TlsMaterial::load(&config)?;
+    let tls = TlsMaterial::load(&config).await?;
+    let etcd = Etcd::new(&config.etcd).await?;
+    crate::metrics::start(&config);
     // Discovery outlives the listeners: the topology may still move while sessions drain.
-    let stop_discovery = CancellationToken::new();
+    let stop_background = CancellationToken::new();
     let background = TaskTracker::new();
     let mut topologies = Topologies::new();
-    let mut watching = Vec::new();
+    let mut watching = BTreeMap::new();
     for cluster in &config.clusters {
+        let (name, prefix) = (cluster.name(), cluster.prefix());
         let (tx, rx) = watch::channel(Arc::new(Topology::default()));
-        let watcher = EtcdWatcher::new(config.etcd.clone(), cluster);
-        watching.push((cluster.name(), watcher.watching()));
-        background.spawn(watcher.run(tx, stop_discovery.clone()));
+        let tx = Arc::new(tx);
+        let flag: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+        watching.insert(name.clone(), Arc::clone(&flag));
+        let (etcd, stop) = (etcd.clone(), stop_background.clone());
+        let task = format!("etcd watcher of cluster {name}");
+        background.spawn(supervise(task, stop.clone(), move || {
+            let watcher =
+                EtcdWatcher::new(etcd.clone(), name.clone(), prefix.clone(), flag.clone());
+            watcher.run(tx.clone(), stop.clone())
+        }));
         topologies.insert(cluster.name(), rx);
     }
     let (serving_tx, serving) = watch::channel(Vec::new());
+    let (config_tx, running_config) = watch::channel(config.clone());
+    let load = ServerLoad::default();
+    let running = Running {
+        default_instance: crate::config::ReportConfig::default_instance(),
+        topologies: topologies.clone(),
+        watching,
+        serving: serving.clone(),
+        load: load.clone(),
+        config: running_config,
+    };
+    let published = Published {
+        serving: serving_tx,
+        config: config_tx,
+    };
     let server = Server::new(
         config.clone(),
         tls,
         topologies.clone(),
-        serving_tx,
+        load,
+        published,
         shutdown,
     );
-    let instance = config.report.instance();
-    let mut reports = Vec::new();
-    if config.report.enabled {
-        for cluster in &config.clusters {
-            let name = cluster.name();
-            let key = format!("{}{instance}", config.report.cluster_prefix(&name));
-            reports.push(key.clone());
+    for cluster in &config.clusters {
+        let (name, etcd, running) = (cluster.name(), etcd.clone(), running.clone());
+        let stop = stop_background.clone();
+        let task = format!("routing report of cluster {name}");
+        background.spawn(supervise(task, stop.clone(), move || {
             let reporter = Reporter {
-                etcd: config.etcd.clone(),
-                key,
-                instance: instance.clone(),
-                topology: topologies[&name].clone(),
-                cluster: name,
-                ttl: config.report.ttl,
-                serving: serving.clone(),
-                shared: server.shared.clone(),
+                etcd: etcd.clone(),
+                cluster: name.clone(),
+                running: running.clone(),
             };
-            background.spawn(reporter.run(stop_discovery.clone()));
-        }
+            reporter.run(stop.clone())
+        }));
     }
     let admin_addr = admin.as_ref().and_then(|a| a.listener.local_addr().ok());
     if let Some(admin) = admin {
         let state = Arc::new(AdminState {
-            instance: instance.clone(),
-            topologies: topologies.clone(),
-            watching,
-            serving: serving.clone(),
-            shared: server.shared.clone(),
+            running: running.clone(),
             metrics: admin.metrics,
         });
-        background.spawn(crate::admin::serve(
-            admin.listener,
-            state,
-            stop_discovery.clone(),
+        let (listener, stop) = (Arc::new(admin.listener), stop_background.clone());
+        background.spawn(supervise(
+            "admin endpoint".into(),
+            stop.clone(),
+            move || crate::admin::serve(listener.clone(), state.clone(), stop.clone()),
         ));
     }
     let summary = Summary {
@@ -140,12 +117,25 @@ pub async fn run(
         topologies,
         serving,
         admin: admin_addr,
-        reports,
+        reports: match config.report.enabled {
+            true => config
+                .clusters
+                .iter()
+                .map(|c| {
+                    format!(
+                        "{}{}",
+                        config.report.cluster_prefix(&c.name()),
+                        running.instance()
+                    )
+                })
+                .collect(),
+            false => Vec::new(),
+        },
     };
-    background.spawn(summary.log(stop_discovery.clone()));
+    background.spawn(summary.log(stop_background.clone()));
     background.close();
     server.serve(listeners, reloads).await;
-    stop_discovery.cancel();
+    stop_background.cancel();
     background.wait().await;
     Ok(())
 }
@@ -183,7 +173,7 @@ impl Summary {
             .map(|l| {
                 format!(
                     "{} on {} ({}, tls {})",
-                    l.name, l.listen, l.policy.role, l.tls_mode
+                    l.name, l.listen, l.policy.role, l.tls
                 )
             })
             .collect();
@@ -193,7 +183,7 @@ impl Summary {
             .iter()
             .map(|c| {
                 let t = self.topologies[&c.name()].borrow().clone();
-                let state = match (t.epoch, crate::router::primary(&t)) {
+                let state = match (t.epoch, crate::routing::primary(&t)) {
                     (0, _) => "not read from etcd yet".to_owned(),
                     (_, Ok(p)) => format!("leader {} at {}", p.member, p.endpoint),
                     (_, Err(why)) => format!("no routable primary ({why})"),

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use crate::allow::Cidr;
-use crate::router::{Balance, ListenerRole, Policy};
+use crate::policy::{Balance, ListenerRole, Policy};
 
 /// The default `max_lag` of read listeners: 16 MiB.
 pub const DEFAULT_MAX_LAG: u64 = 16 << 20;
@@ -98,12 +98,15 @@ impl Default for ReportConfig {
 impl ReportConfig {
     /// The instance name: configured, or `<hostname>-<pid>`.
     pub fn instance(&self) -> String {
-        self.instance.clone().unwrap_or_else(|| {
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_owned())
-                .unwrap_or_else(|_| "patroxy".into());
-            format!("{host}-{}", std::process::id())
-        })
+        self.instance.clone().unwrap_or_else(Self::default_instance)
+    }
+
+    /// `<hostname>-<pid>`: the instance name when none is configured.
+    pub fn default_instance() -> String {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "patroxy".into());
+        format!("{host}-{}", std::process::id())
     }
 
     /// The directory of one cluster's reports, ending in `/`.

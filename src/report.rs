@@ -1,151 +1,152 @@
 //! The routing report: per cluster, a key `<prefix>/<cluster>/<instance>` on an etcd lease,
 //! saying which leader this instance routes writes to, its topology epoch and its sessions.
 //! It is rewritten when any of that changes, revoked when patroxy stops, and expires with
-//! the lease when patroxy dies.
+//! the lease when patroxy dies. A reload that changes `[report]` moves it: the old key is
+//! revoked and the new one written.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use etcd_client::PutOptions;
-use tokio::sync::watch;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::app::Serving;
-use crate::config::EtcdConfig;
-use crate::discovery::etcd::{connect, within};
-use crate::discovery::{DiscoveryError, Topology};
-use crate::session::Shared;
-use crate::view::{self, Report};
+use crate::backoff::Backoff;
+use crate::config::ReportConfig;
+use crate::etcd::{within, Etcd, EtcdError};
+use crate::state::Running;
+use crate::view::Report;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// What one cluster's reporter needs.
+/// One cluster's reporter.
 pub struct Reporter {
-    pub etcd: EtcdConfig,
-    pub key: String,
-    pub instance: String,
+    pub etcd: Etcd,
     pub cluster: String,
-    pub ttl: Duration,
-    pub topology: watch::Receiver<Arc<Topology>>,
-    pub serving: Serving,
-    /// Session counts per server.
-    pub shared: Arc<Shared>,
+    pub running: Running,
+}
+
+/// How one lease ended.
+enum Ended {
+    Stopped,
+    /// `[report]` changed: start again under the new settings.
+    Moved,
 }
 
 impl Reporter {
-    /// Keeps the report until `stop`, then revokes it. etcd errors are retried with backoff.
+    /// Keeps the report as `[report]` says until `stop`, then revokes it. etcd errors are
+    /// retried with backoff.
     pub async fn run(mut self, stop: CancellationToken) {
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
+        let mut config = self.running.config.clone();
         loop {
+            let settings = config.borrow_and_update().report.clone();
+            if !settings.enabled {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    changed = config.changed() => if changed.is_err() { return },
+                }
+                continue;
+            }
+            let key = format!(
+                "{}{}",
+                settings.cluster_prefix(&self.cluster),
+                self.running.instance()
+            );
             let mut kept = false;
-            match self.keep(&stop, &mut kept).await {
-                Ok(()) => return,
+            match self.keep(&key, &settings, &stop, &mut kept).await {
+                Ok(Ended::Stopped) => return,
+                Ok(Ended::Moved) => {
+                    info!(key = %key, "[report] changed: moving the routing report");
+                    backoff.reset();
+                    continue;
+                }
                 Err(e) => {
-                    warn!(key = %self.key, error = %e, retry_in = ?backoff, "routing report lost; will rewrite it")
-                }
-            }
-            if kept {
-                backoff = BACKOFF_MIN;
-            }
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-        }
-    }
-
-    fn report(&self) -> Report {
-        let t = self.topology.borrow().clone();
-        let primary = crate::router::primary(&t).ok();
-        let mut sessions_by_server = BTreeMap::new();
-        for m in t.members.values() {
-            if let Some(ep) = &m.endpoint {
-                let n = self.shared.load.sessions(ep);
-                if n > 0 {
-                    sessions_by_server.insert(ep.to_string(), n);
+                    if kept {
+                        backoff.reset();
+                    }
+                    let pause = backoff.next_pause();
+                    warn!(key = %key, error = %e, retry_in = ?pause, "routing report lost; will rewrite it");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
                 }
             }
         }
-        let routes = self
-            .serving
-            .borrow()
-            .iter()
-            .filter(|l| l.cluster == self.cluster)
-            .map(|l| (l.name.clone(), view::routes(&l.policy, &t).0))
-            .collect();
-        Report {
-            instance: self.instance.clone(),
-            version: view::VERSION.into(),
-            cluster: self.cluster.clone(),
-            epoch: t.epoch,
-            leader: t.leader.clone(),
-            primary: primary.map(|p| p.endpoint.to_string()),
-            sessions: sessions_by_server.values().sum(),
-            sessions_by_server,
-            routes,
-            updated: 0,
-        }
     }
 
-    /// One lease: grant it, write the report, keep both fresh until `stop` or an error.
+    fn report(&self) -> Option<Report> {
+        Report::of(&self.running.view(), &self.cluster)
+    }
+
+    /// One lease: grant it, write the report, keep both fresh until `stop`, a change of
+    /// `[report]`, or an error.
     async fn keep(
         &mut self,
+        key: &str,
+        settings: &ReportConfig,
         stop: &CancellationToken,
         kept: &mut bool,
-    ) -> Result<(), DiscoveryError> {
-        let limit = self.etcd.request_timeout;
-        let mut client = connect(&self.etcd).await?;
-        let ttl = self.ttl.as_secs().max(2) as i64;
+    ) -> Result<Ended, EtcdError> {
+        let limit = self.etcd.config.request_timeout;
+        let mut client = self.etcd.connect().await?;
+        let ttl = settings.ttl.as_secs().max(2) as i64;
         let lease = within(limit, client.lease_grant(ttl, None)).await?.id();
         let (mut keeper, mut acks) = within(limit, client.lease_keep_alive(lease)).await?;
-        let mut renew = tokio::time::interval(self.ttl / 3);
+        let mut renew = tokio::time::interval(settings.ttl / 3);
         let mut written: Option<Report> = None;
-        let (mut topology_open, mut serving_open) = (true, true);
+        let mut running = self.running.clone();
+        let mut topology = running.topologies.get(&self.cluster).cloned();
+        let (mut topology_open, mut serving_open) = (topology.is_some(), true);
         loop {
             let now = self.report();
-            if written.as_ref() != Some(&now) {
-                let mut value = now.clone();
+            if now.is_some() && written != now {
+                let mut value = now.clone().expect("checked");
                 value.updated = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs());
                 let json = serde_json::to_string(&value).expect("a report serializes");
-                let put = client.put(
-                    self.key.as_str(),
-                    json,
-                    Some(PutOptions::new().with_lease(lease)),
-                );
+                let put = client.put(key, json, Some(PutOptions::new().with_lease(lease)));
                 within(limit, put).await?;
                 if written.is_none() {
-                    info!(key = %self.key, ttl = ?self.ttl, "routing report written to etcd");
+                    info!(key = %key, ttl = ?settings.ttl, "routing report written to etcd");
                 }
-                written = Some(now);
+                written = now;
                 *kept = true;
             }
-            tokio::select! {
-                _ = stop.cancelled() => {
-                    // Gone at once rather than at the lease's end.
-                    let _ = timeout(limit, client.lease_revoke(lease)).await;
-                    info!(key = %self.key, "routing report removed");
-                    return Ok(());
-                }
-                _ = renew.tick() => keeper.keep_alive().await?,
-                ack = acks.message() => match ack? {
-                    Some(a) if a.ttl() > 0 => {}
-                    _ => return Err(DiscoveryError::LeaseLost),
+            let revoke = tokio::select! {
+                _ = stop.cancelled() => Some(Ended::Stopped),
+                changed = running.config.changed() => match changed {
+                    Ok(()) if running.config.borrow_and_update().report != *settings => Some(Ended::Moved),
+                    Ok(()) => None,
+                    Err(_) => Some(Ended::Stopped),
                 },
-                changed = self.topology.changed(), if topology_open => {
-                    topology_open = changed.is_ok();
+                _ = renew.tick() => {
+                    keeper.keep_alive().await?;
+                    None
                 }
-                changed = self.serving.changed(), if serving_open => {
+                ack = acks.message() => match ack? {
+                    Some(a) if a.ttl() > 0 => None,
+                    _ => return Err(EtcdError::LeaseLost),
+                },
+                changed = async { topology.as_mut().expect("open").changed().await }, if topology_open => {
+                    topology_open = changed.is_ok();
+                    None
+                }
+                changed = running.serving.changed(), if serving_open => {
                     serving_open = changed.is_ok();
+                    None
                 }
                 // Session counts move without an event: look again now and then.
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => None,
+            };
+            if let Some(ended) = revoke {
+                // Gone at once rather than at the lease's end.
+                let _ = timeout(limit, client.lease_revoke(lease)).await;
+                info!(key = %key, "routing report removed");
+                return Ok(ended);
             }
         }
     }

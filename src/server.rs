@@ -9,18 +9,27 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::app::{bind_one, BoundListener, Topologies};
+use crate::backend::{CancelRegistry, ServerLoad};
 use crate::config::{Config, ListenerConfig};
-use crate::listener::accept_loop;
-use crate::session::{CancelRegistry, ListenerContext, ServerLoad, Shared, TlsMaterial};
+use crate::frontend::{ListenerContext, ProxyContext};
+use crate::listener::{accept_loop, bind_one, BoundListener};
+use crate::state::Topologies;
+use crate::tls::TlsMaterial;
+use crate::view::Served;
 
 /// A listener being served: the address it is bound to, its settings, and how to stop it.
 struct Running {
     bound: Option<std::net::SocketAddr>,
     ctx: watch::Sender<Arc<ListenerContext>>,
     /// The routing rules, for sessions already open: they drain if they no longer fit.
-    policy: watch::Sender<Arc<crate::router::Policy>>,
+    policy: watch::Sender<Arc<crate::routing::Policy>>,
     stop: CancellationToken,
+}
+
+/// Where the server publishes what it runs, for the operator surfaces (`state::Running`).
+pub struct Published {
+    pub serving: watch::Sender<Vec<Served>>,
+    pub config: watch::Sender<Arc<Config>>,
 }
 
 /// The listeners and their sessions.
@@ -28,9 +37,9 @@ pub struct Server {
     config: Arc<Config>,
     tls: TlsMaterial,
     topologies: Topologies,
-    pub shared: Arc<Shared>,
+    proxy: Arc<ProxyContext>,
     running: Vec<Running>,
-    serving: watch::Sender<Vec<Arc<ListenerContext>>>,
+    published: Published,
     sessions: TaskTracker,
     accepting: TaskTracker,
     shutdown: CancellationToken,
@@ -41,13 +50,14 @@ impl Server {
         config: Arc<Config>,
         tls: TlsMaterial,
         topologies: Topologies,
-        serving: watch::Sender<Vec<Arc<ListenerContext>>>,
+        load: ServerLoad,
+        published: Published,
         shutdown: CancellationToken,
     ) -> Server {
-        let shared = Arc::new(Shared {
+        let proxy = Arc::new(ProxyContext {
             timeouts: config.timeouts.clone(),
             cancels: CancelRegistry::default(),
-            load: ServerLoad::default(),
+            load,
             connections: crate::limit::Limit::new(config.limits.max_client_connections),
             shutdown: shutdown.clone(),
         });
@@ -55,9 +65,9 @@ impl Server {
             config,
             tls,
             topologies,
-            shared,
+            proxy,
             running: Vec::new(),
-            serving,
+            published,
             sessions: TaskTracker::new(),
             accepting: TaskTracker::new(),
             shutdown,
@@ -86,7 +96,7 @@ impl Server {
             cluster,
             topology.clone(),
             tls,
-            self.shared.clone(),
+            self.proxy.clone(),
         ))
     }
 
@@ -97,14 +107,20 @@ impl Server {
         }
         let (policy, updates) = watch::channel(ctx.policy.clone());
         ctx.policy_updates = updates;
+        let name = format!("accept loop of listener {}", ctx.name);
         let (tx, rx) = watch::channel(Arc::new(ctx));
         let stop = self.shutdown.child_token();
-        self.accepting.spawn(accept_loop(
-            b.listener,
-            rx,
-            self.sessions.clone(),
-            stop.clone(),
-        ));
+        let (listener, sessions, until) =
+            (Arc::new(b.listener), self.sessions.clone(), stop.clone());
+        self.accepting
+            .spawn(crate::task::supervise(name, stop.clone(), move || {
+                accept_loop(
+                    listener.clone(),
+                    rx.clone(),
+                    sessions.clone(),
+                    until.clone(),
+                )
+            }));
         self.running.push(Running {
             bound,
             ctx: tx,
@@ -117,9 +133,19 @@ impl Server {
         let now = self
             .running
             .iter()
-            .map(|r| r.ctx.borrow().clone())
+            .map(|r| {
+                let l = r.ctx.borrow();
+                Served {
+                    name: l.name.clone(),
+                    listen: l.listen.clone(),
+                    cluster: l.cluster.clone(),
+                    policy: l.policy.clone(),
+                    tls: l.tls_mode.to_string(),
+                }
+            })
             .collect();
-        self.serving.send_replace(now);
+        self.published.serving.send_replace(now);
+        self.published.config.send_replace(self.config.clone());
     }
 
     /// Serves until shutdown, applying reloads. Then it stops accepting and drains the
@@ -169,8 +195,8 @@ impl Server {
     /// unchanged take the new routing rules, limits and TLS material for new sessions; new
     /// addresses are bound; listeners no longer configured stop accepting. Open sessions run
     /// on unless the new rules exclude their server, in which case they drain as on a
-    /// topology change. Settings that need a restart (etcd, clusters, timeouts, runtime,
-    /// admin) are kept as they were, with a warning.
+    /// topology change. `[report]` moves the routing reports. Settings that need a restart
+    /// (etcd, clusters, timeouts, runtime, admin) are kept as they were, with a warning.
     async fn reload(&mut self, new: Config) {
         match self.try_reload(new).await {
             Ok(summary) => {
@@ -187,7 +213,7 @@ impl Server {
     async fn try_reload(&mut self, new: Config) -> Result<String, String> {
         new.validate()
             .map_err(|e| e.to_string().replace('\n', " "))?;
-        let tls = TlsMaterial::load(&new).map_err(|e| e.to_string())?;
+        let tls = TlsMaterial::load(&new).await.map_err(|e| e.to_string())?;
         let old = &self.config;
         for (what, changed) in [
             ("etcd", old.etcd != new.etcd),
@@ -247,7 +273,7 @@ impl Server {
             self.spawn(b, ctx);
         }
         // A lower limit refuses new clients until enough sessions have ended; none is cut.
-        self.shared
+        self.proxy
             .connections
             .set_max(new.limits.max_client_connections);
         let (etcd, clusters, timeouts, runtime, admin) = {

@@ -10,14 +10,14 @@ use serde::{Deserialize, Serialize};
 use tokio::time::timeout;
 
 use crate::config::Config;
-use crate::discovery::etcd::{connect, read_prefix};
-use crate::discovery::{DiscoveryError, Topology};
+use crate::discovery::Topology;
+use crate::etcd::{read_prefix, Etcd, EtcdError};
 use crate::view::{self, ClusterView, InstanceView, Report};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
     #[error("{0}")]
-    Etcd(#[from] DiscoveryError),
+    Etcd(#[from] EtcdError),
     #[error("admin endpoint {addr}: {why}")]
     Admin { addr: String, why: String },
 }
@@ -33,7 +33,7 @@ pub struct Status {
 /// Reads each configured cluster and its reports from etcd.
 pub async fn from_etcd(config: &Config) -> Result<Status, StatusError> {
     let limit = config.etcd.request_timeout;
-    let mut client = connect(&config.etcd).await?;
+    let mut client = Etcd::new(&config.etcd).await?.connect().await?;
     let mut status = Status {
         clusters: Vec::new(),
         reports: Vec::new(),

@@ -1,6 +1,7 @@
 //! TLS material built from PEM files into rustls configurations: the acceptor for clients
 //! (patroxy's certificate, ALPN `postgresql`) and the connector for PostgreSQL servers
-//! (`server_tls`, with libpq's sslmode meanings).
+//! (`server_tls`, with libpq's sslmode meanings), and the SSLRequest exchange that opens TLS
+//! to a server. Files are read on a blocking thread, never on the runtime.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,9 +12,12 @@ use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector, TlsStream};
 
-use crate::config::{ServerTlsConfig, ServerTlsMode, TlsConfig};
+use crate::config::{Config, ServerTlsConfig, ServerTlsMode, TlsConfig};
+use crate::stream::Stream;
 
 /// The ALPN protocol of PostgreSQL 17's direct TLS (`sslnegotiation=direct`).
 pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
@@ -32,6 +36,31 @@ pub enum TlsError {
         what: &'static str,
         source: rustls::Error,
     },
+    #[error("reading TLS files: {0}")]
+    Join(String),
+}
+
+/// TLS material loaded from the files the configuration names, shared by every listener.
+#[derive(Clone)]
+pub struct TlsMaterial {
+    pub acceptor: Option<TlsAcceptor>,
+    pub server: ServerTls,
+}
+
+impl TlsMaterial {
+    /// Reads and checks every certificate and key `config` names, on a blocking thread: a
+    /// slow disk must not stall the sessions sharing the runtime.
+    pub async fn load(config: &Config) -> Result<TlsMaterial, TlsError> {
+        let (client, server) = (config.tls.clone(), config.server_tls.clone());
+        tokio::task::spawn_blocking(move || {
+            Ok(TlsMaterial {
+                acceptor: acceptor(&client)?,
+                server: connector(&server)?,
+            })
+        })
+        .await
+        .map_err(|e| TlsError::Join(e.to_string()))?
+    }
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -152,6 +181,41 @@ pub fn connector(config: &ServerTlsConfig) -> Result<ServerTls, TlsError> {
 /// The name a server certificate is checked against (and sent as SNI).
 pub fn server_name(host: &str) -> Result<ServerName<'static>, String> {
     ServerName::try_from(host.to_owned()).map_err(|e| format!("{host:?} as a TLS name: {e}"))
+}
+
+/// The SSLRequest a client sends to ask a server for TLS.
+const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
+/// Opens TLS to a server as `server_tls` says: an SSLRequest, then a handshake on `S`.
+pub async fn open(mut tcp: TcpStream, tls: &ServerTls, host: &str) -> Result<Stream, String> {
+    let Some(connector) = &tls.connector else {
+        return Ok(Stream::Plain(tcp));
+    };
+    let mut answer = [0u8; 1];
+    let asked = async {
+        tcp.write_all(&SSL_REQUEST).await?;
+        tcp.read_exact(&mut answer).await
+    };
+    asked.await.map_err(|e| format!("asking for TLS: {e}"))?;
+    match answer[0] {
+        b'S' => {
+            let name = server_name(host)?;
+            let tls = connector
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS handshake: {e}"))?;
+            Ok(Stream::Tls(Box::new(TlsStream::Client(tls))))
+        }
+        b'N' if tls.mode == ServerTlsMode::Prefer => Ok(Stream::Plain(tcp)),
+        b'N' => Err(format!(
+            "the server does not accept TLS, and server_tls.mode is {:?}",
+            tls.mode
+        )),
+        other => Err(format!(
+            "unexpected answer {:?} to SSLRequest",
+            other as char
+        )),
+    }
 }
 
 /// The server certificate checks below verify-full: none for `prefer` and `require`

@@ -3,12 +3,13 @@
 //! `patroxy status` prints. Built from snapshots; no I/O here.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::discovery::patroni::{Endpoint, Role};
 use crate::discovery::Topology;
-use crate::router::{self, Policy};
+use crate::routing::{self, Policy};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -114,7 +115,7 @@ pub fn cluster(
     t: &Topology,
     sessions: Option<&dyn Fn(&Endpoint) -> usize>,
 ) -> ClusterView {
-    let primary = router::primary(t);
+    let primary = routing::primary(t);
     let members = t
         .members
         .values()
@@ -125,7 +126,7 @@ pub fn cluster(
             state: m.state.clone(),
             timeline: m.timeline,
             lag: (t.leader.as_deref() != Some(m.name.as_str()))
-                .then(|| router::lag(t, m))
+                .then(|| routing::lag(t, m))
                 .flatten(),
             tags: m.tags.all.clone(),
             sessions: sessions.zip(m.endpoint.as_ref()).map(|(f, ep)| f(ep)),
@@ -148,7 +149,7 @@ pub fn routes(policy: &Policy, t: &Topology) -> (Vec<String>, BTreeMap<String, S
     let mut routes = Vec::new();
     let mut excluded = BTreeMap::new();
     for name in t.members.keys() {
-        match router::eligibility(policy, t, name) {
+        match routing::eligibility(policy, t, name) {
             Ok(()) => routes.push(name.clone()),
             Err(why) => {
                 excluded.insert(name.clone(), why.to_string());
@@ -169,6 +170,90 @@ pub fn mark_routes<'a>(
                 m.routed_by.push(by.clone());
             }
         }
+    }
+}
+
+/// A listener as the operator sees it: its settings, and the cluster it routes in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Served {
+    pub name: String,
+    pub listen: String,
+    pub cluster: String,
+    pub policy: Arc<Policy>,
+    pub tls: String,
+}
+
+/// Everything one instance knows, as `/topology` shows it: each cluster with its members and
+/// this instance's sessions on them, and each listener's routing decision. The one builder
+/// of the operator's view; the routing report is cut from it (`Report::of`).
+pub fn instance(
+    instance: &str,
+    topologies: &BTreeMap<String, Arc<Topology>>,
+    listeners: &[Served],
+    sessions: &dyn Fn(&Endpoint) -> usize,
+) -> InstanceView {
+    let mut clusters: Vec<ClusterView> = topologies
+        .iter()
+        .map(|(name, t)| cluster(name, t, Some(sessions)))
+        .collect();
+    let listeners = listeners
+        .iter()
+        .map(|l| {
+            let (routes, excluded) = match topologies.get(&l.cluster) {
+                Some(t) => routes(&l.policy, t),
+                None => Default::default(),
+            };
+            if let Some(c) = clusters.iter_mut().find(|c| c.name == l.cluster) {
+                mark_routes(c, [(l.name.clone(), routes.as_slice())]);
+            }
+            ListenerView {
+                name: l.name.clone(),
+                listen: l.listen.clone(),
+                cluster: l.cluster.clone(),
+                role: l.policy.role.to_string(),
+                tls: l.tls.clone(),
+                routes,
+                excluded,
+            }
+        })
+        .collect();
+    InstanceView {
+        instance: instance.to_owned(),
+        version: VERSION.into(),
+        clusters,
+        listeners,
+    }
+}
+
+impl Report {
+    /// The routing report of one cluster, cut from the instance's view; `None` for a cluster
+    /// the view does not have. `updated` is left at 0 for the writer to stamp.
+    pub fn of(view: &InstanceView, cluster: &str) -> Option<Report> {
+        let c = view.clusters.iter().find(|c| c.name == cluster)?;
+        let sessions_by_server: BTreeMap<String, usize> = c
+            .members
+            .iter()
+            .filter_map(|m| Some((m.address.clone()?, m.sessions?)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        let routes = view
+            .listeners
+            .iter()
+            .filter(|l| l.cluster == cluster)
+            .map(|l| (l.name.clone(), l.routes.clone()))
+            .collect();
+        Some(Report {
+            instance: view.instance.clone(),
+            version: view.version.clone(),
+            cluster: cluster.to_owned(),
+            epoch: c.epoch,
+            leader: c.leader.clone(),
+            primary: c.primary.clone(),
+            sessions: sessions_by_server.values().sum(),
+            sessions_by_server,
+            routes,
+            updated: 0,
+        })
     }
 }
 
@@ -315,7 +400,7 @@ mod tests {
         assert_eq!(v.members[0].sessions, Some(2));
 
         let policy = crate::config::ListenerConfig {
-            role: crate::router::ListenerRole::Replica,
+            role: crate::routing::ListenerRole::Replica,
             ..Default::default()
         }
         .policy();

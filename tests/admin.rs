@@ -103,7 +103,7 @@ async fn metrics_move_with_real_sessions_and_a_leader_change() {
     keys.leader("a").await;
     let proxy = Proxy::start(&etcd, "metered", |cfg| {
         cfg.admin.listen = Some("127.0.0.1:0".into());
-        cfg.listeners = vec![listener("metered", patroxy::router::ListenerRole::Primary)];
+        cfg.listeners = vec![listener("metered", patroxy::policy::ListenerRole::Primary)];
     })
     .await;
     let admin = proxy.admin.unwrap();

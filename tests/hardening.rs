@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use patroxy::router::ListenerRole;
+use patroxy::policy::ListenerRole;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use patroxy::config::Config;
-use patroxy::router::ListenerRole;
+use patroxy::policy::ListenerRole;
 use serde_json::Value;
 
 fn docker(file: &str) -> PathBuf {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::patroni::Cluster;
 use common::*;
-use patroxy::router::ListenerRole;
+use patroxy::policy::ListenerRole;
 use tokio::time::Instant;
 
 const EVENT: Duration = Duration::from_secs(90);

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::*;
-use patroxy::router::{Balance, ListenerRole};
+use patroxy::policy::{Balance, ListenerRole};
 
 const LONG: Duration = Duration::from_secs(30);
 /// The leader's WAL position in the `status` key; replicas at it have no lag.

@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::tls::{Issued, TestCa};
 use common::*;
 use patroxy::config::{ClientTlsMode, ServerTlsMode};
-use patroxy::router::ListenerRole;
+use patroxy::policy::ListenerRole;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -700,8 +700,8 @@ impl Proxy {
         config.timeouts.connect_wait = Duration::from_secs(5);
         tune(&mut config);
         config.validate().expect("test config");
-        let listeners = patroxy::app::bind(&config).await.unwrap();
-        let admin = patroxy::app::bind_admin(&config).await.unwrap();
+        let listeners = patroxy::listener::bind(&config).await.unwrap();
+        let admin = patroxy::listener::bind_admin(&config).await.unwrap();
         let admin_addr = admin.as_ref().map(|l| l.local_addr().unwrap());
         // The recorder is process-wide: the test binary that scrapes installs it once.
         let admin = admin.map(|listener| patroxy::admin::Admin {
@@ -752,7 +752,7 @@ impl Proxy {
 }
 
 /// A listener on a free port, for `Proxy::start`'s `tune`.
-pub fn listener(name: &str, role: patroxy::router::ListenerRole) -> ListenerConfig {
+pub fn listener(name: &str, role: patroxy::policy::ListenerRole) -> ListenerConfig {
     ListenerConfig {
         name: name.into(),
         listen: "127.0.0.1:0".into(),

@@ -1,268 +1,34 @@
-//! Getting a client a server: wait for candidates, connect to them in balanced order, forward
-//! the untouched StartupMessage, and relay authentication end to end. Then hold the server's
-//! greeting until the server has shown it is what the listener wants: a primary
-//! (`in_hot_standby` off) or a standby (on).
-//!
-//! Until the client has seen a byte from a server, every failure moves on to the next
-//! candidate, then retries against the current topology within `connect_wait`. After that,
-//! the client is committed to this server, since credentials cannot be replayed.
+//! The handshake with one server: TCP connect, TLS (`tls::open`), the untouched
+//! StartupMessage, authentication relayed end to end, then the server's greeting held until
+//! the server has shown it is what the listener wants: a primary (`in_hot_standby` off; a
+//! standby the leader key names is polled on the same connection until its promotion ends)
+//! or a standby (on).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{timeout, timeout_at, Instant};
-use tokio_rustls::TlsStream;
 
-use super::load::LoadGuard;
-use super::stream::{send, Stream};
-use super::{tune_socket, ListenerContext};
-use crate::config::ServerTlsMode;
+use super::connect::{read_client, CLIENT_AUTH_FRAME_LIMIT};
+use super::{Backend, ConnectError};
+use crate::config::Timeouts;
 use crate::discovery::Topology;
 use crate::protocol::codes;
 use crate::protocol::frame::{split_frame, Frame, FrameError};
-use crate::protocol::messages::{self, ErrorFields};
+use crate::protocol::messages;
 use crate::protocol::startup::{CancelKey, StartupInfo};
-use crate::router::{self, ListenerRole, Policy, Target};
+use crate::routing::{self, ListenerRole, Target};
+use crate::stream::{send, tune_socket, Stream};
 use crate::tls::ServerTls;
 
 /// Server frames before the session is handed over are small: auth challenges, parameters.
 const SERVER_FRAME_LIMIT: usize = 1 << 20;
-/// Client frames during authentication: PostgreSQL caps auth tokens at 64 KiB.
-const CLIENT_AUTH_FRAME_LIMIT: usize = 65_536 + 5;
 /// How often a server that is still finishing its promotion is asked again.
 const PROMOTION_POLL: Duration = Duration::from_millis(10);
-/// Pause before retrying a target that failed, doubling up to the max, unless the topology
-/// changes first: many waiting clients must not hammer a dead server.
-const RETRY_PAUSE_MIN: Duration = Duration::from_millis(50);
-const RETRY_PAUSE_MAX: Duration = Duration::from_secs(1);
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    #[error("no {role} server after waiting {waited:?}: {why}")]
-    NoServer {
-        role: ListenerRole,
-        waited: Duration,
-        why: String,
-    },
-    #[error("the client closed the connection while it was being connected")]
-    ClientGone,
-    #[error("client: {0}")]
-    ClientIo(std::io::Error),
-    #[error("client: {0}")]
-    ClientProtocol(FrameError),
-    #[error("server {server}: {source}")]
-    ServerIo {
-        server: String,
-        source: std::io::Error,
-    },
-    #[error("server {server}: {why}")]
-    ServerProtocol { server: String, why: String },
-    /// The server's own error went to the client as it was.
-    #[error("server {server} refused: {} {}", .fields.sqlstate, .fields.message)]
-    Refused { server: String, fields: ErrorFields },
-    #[error("{member} stopped being a {role} server while the client was authenticating")]
-    ChangedDuringAuth { member: String, role: ListenerRole },
-    #[error("authentication did not finish within {0:?}")]
-    AuthTimeout(Duration),
-}
-
-impl ConnectError {
-    /// A short label for metrics.
-    pub fn label(&self) -> &'static str {
-        match self {
-            ConnectError::NoServer { .. } => "no_server",
-            ConnectError::ClientGone => "client_gone",
-            ConnectError::ClientIo(_) => "client_error",
-            ConnectError::ClientProtocol(_) => "client_protocol",
-            ConnectError::ServerIo { .. } => "server_error",
-            ConnectError::ServerProtocol { .. } => "server_protocol",
-            ConnectError::Refused { .. } => "server_refused",
-            ConnectError::ChangedDuringAuth { .. } => "changed_during_auth",
-            ConnectError::AuthTimeout(_) => "auth_timeout",
-        }
-    }
-
-    /// The ErrorResponse the client should still receive, if any.
-    pub fn client_error(&self) -> Option<(&'static str, String)> {
-        match self {
-            ConnectError::NoServer { .. } => Some((
-                codes::CANNOT_CONNECT_NOW,
-                format!("patroxy: {self}; retry later"),
-            )),
-            ConnectError::ChangedDuringAuth { .. } => {
-                Some((codes::ADMIN_SHUTDOWN, format!("patroxy: {self}; reconnect")))
-            }
-            ConnectError::ServerIo { .. } | ConnectError::ServerProtocol { .. } => {
-                Some((codes::CONNECTION_FAILURE, format!("patroxy: {self}")))
-            }
-            ConnectError::AuthTimeout(_) | ConnectError::ClientProtocol(_) => {
-                Some((codes::PROTOCOL_VIOLATION, format!("patroxy: {self}")))
-            }
-            ConnectError::ClientGone | ConnectError::ClientIo(_) | ConnectError::Refused { .. } => {
-                None
-            }
-        }
-    }
-}
-
-/// A server connection ready to relay, its greeting already passed to the client.
-#[derive(Debug)]
-pub struct Backend {
-    pub stream: Stream,
-    pub target: Target,
-    pub key: Option<CancelKey>,
-    /// Server bytes read past the first ReadyForQuery (asynchronous notices), for the relay.
-    pub leftover: BytesMut,
-    /// Bytes relayed during startup and authentication: client to server, server to client.
-    pub bytes_up: u64,
-    pub bytes_down: u64,
-}
-
-enum Attempt {
-    Done(Backend),
-    /// Nothing reached the client yet; another try may work.
-    Retry(String),
-    Fatal(ConnectError),
-}
-
-/// Connects the client to a server for the listener, authenticating end to end.
-/// `client_buf` holds client bytes already read and receives any more read during connect.
-/// The returned guard counts the session against its server's load.
-pub async fn establish(
-    client: &mut Stream,
-    client_buf: &mut BytesMut,
-    startup: &StartupInfo,
-    listener: &ListenerContext,
-    topology: &mut watch::Receiver<Arc<Topology>>,
-) -> Result<(Backend, LoadGuard), ConnectError> {
-    let shared = &listener.shared;
-    let policy = &listener.policy;
-    let started = Instant::now();
-    let deadline = started + shared.timeouts.connect_wait;
-    let no_server = |why: String| ConnectError::NoServer {
-        role: policy.role,
-        waited: started.elapsed(),
-        why,
-    };
-    let turn = listener
-        .turn
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mut pause = RETRY_PAUSE_MIN;
-    loop {
-        let candidates = wait_for_candidates(
-            &listener.name,
-            policy,
-            topology,
-            client,
-            client_buf,
-            deadline,
-        )
-        .await
-        .map_err(|e| match e {
-            WaitError::Deadline(why) => no_server(why),
-            WaitError::Client(e) => e,
-        })?;
-        let now = Instant::now();
-        let load = &shared.load;
-        let mut ordered = router::order(candidates, policy, |ep| load.sessions(ep), turn);
-        // Servers that just failed go last: tried only when nothing else works.
-        ordered.sort_by_key(|t| load.is_ejected(&t.endpoint, now));
-        let mut why = String::new();
-        for target in ordered {
-            let claim = load.claim(&target.endpoint);
-            let ctx = AttemptContext {
-                target: &target,
-                role: policy.role,
-                listener,
-                deadline,
-            };
-            match attempt(client, client_buf, startup, ctx, topology).await {
-                Attempt::Done(backend) => return Ok((backend, claim)),
-                Attempt::Fatal(e) => return Err(e),
-                Attempt::Retry(w) => {
-                    tracing::debug!(server = %target.endpoint, why = %w, "connect attempt failed");
-                    // A primary is the only target of its role: ejecting it would only delay.
-                    if policy.role != ListenerRole::Primary {
-                        load.eject(&target.endpoint, Instant::now() + shared.timeouts.eject);
-                    }
-                    why = w;
-                }
-            }
-            if Instant::now() >= deadline {
-                break;
-            }
-        }
-        if Instant::now() >= deadline {
-            return Err(no_server(why));
-        }
-        // Retry after a pause, or at once if the topology moves.
-        let wake = (Instant::now() + pause).min(deadline);
-        pause = (pause * 2).min(RETRY_PAUSE_MAX);
-        tokio::select! {
-            _ = tokio::time::sleep_until(wake) => {}
-            _ = topology.changed() => {}
-        }
-        if Instant::now() >= deadline {
-            return Err(no_server(why));
-        }
-    }
-}
-
-enum WaitError {
-    Deadline(String),
-    Client(ConnectError),
-}
-
-/// Waits until the topology has candidates for the policy, watching the client for a hang-up.
-async fn wait_for_candidates(
-    listener: &str,
-    policy: &Policy,
-    topology: &mut watch::Receiver<Arc<Topology>>,
-    client: &mut Stream,
-    client_buf: &mut BytesMut,
-    deadline: Instant,
-) -> Result<Vec<Target>, WaitError> {
-    let mut waiting = None;
-    loop {
-        let why = match router::candidates(policy, &topology.borrow_and_update()) {
-            Ok(c) => return Ok(c),
-            Err(why) => why.to_string(),
-        };
-        // Counted as waiting for as long as there is nothing to connect to.
-        waiting.get_or_insert_with(|| crate::metrics::WaitingGauge::new(listener));
-
-        tokio::select! {
-            _ = tokio::time::sleep_until(deadline) => return Err(WaitError::Deadline(why)),
-            changed = topology.changed() => {
-                if changed.is_err() {
-                    // Discovery is gone (shutdown): nothing will change any more.
-                    return Err(WaitError::Deadline(why));
-                }
-            }
-            r = read_client(client, client_buf) => r.map_err(WaitError::Client)?,
-        }
-    }
-}
-
-/// Reads more client bytes, bounded: a client may pipeline a little, never a lot, before auth.
-async fn read_client(client: &mut Stream, buf: &mut BytesMut) -> Result<(), ConnectError> {
-    if buf.len() > CLIENT_AUTH_FRAME_LIMIT {
-        return Err(ConnectError::ClientProtocol(FrameError::TooLong {
-            tag: '?',
-            len: buf.len() as i64,
-            limit: CLIENT_AUTH_FRAME_LIMIT,
-        }));
-    }
-    match client.read_buf(buf).await {
-        Ok(0) => Err(ConnectError::ClientGone),
-        Ok(_) => Ok(()),
-        Err(e) => Err(ConnectError::ClientIo(e)),
-    }
-}
 
 #[derive(Debug)]
 enum ReadError {
@@ -286,51 +52,27 @@ async fn server_frame(server: &mut Stream, buf: &mut BytesMut) -> Result<Frame, 
     }
 }
 
-/// The SSLRequest a client sends to ask a server for TLS.
-const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
-
-/// Opens TLS to a server as `server_tls` says: an SSLRequest, then a handshake on `S`.
-async fn open_tls(mut tcp: TcpStream, tls: &ServerTls, host: &str) -> Result<Stream, String> {
-    let Some(connector) = &tls.connector else {
-        return Ok(Stream::Plain(tcp));
-    };
-    let mut answer = [0u8; 1];
-    let asked = async {
-        tcp.write_all(&SSL_REQUEST).await?;
-        tcp.read_exact(&mut answer).await
-    };
-    asked.await.map_err(|e| format!("asking for TLS: {e}"))?;
-    match answer[0] {
-        b'S' => {
-            let name = crate::tls::server_name(host)?;
-            let tls = connector
-                .connect(name, tcp)
-                .await
-                .map_err(|e| format!("TLS handshake: {e}"))?;
-            Ok(Stream::Tls(Box::new(TlsStream::Client(tls))))
-        }
-        b'N' if tls.mode == ServerTlsMode::Prefer => Ok(Stream::Plain(tcp)),
-        b'N' => Err(format!(
-            "the server does not accept TLS, and server_tls.mode is {:?}",
-            tls.mode
-        )),
-        other => Err(format!(
-            "unexpected answer {:?} to SSLRequest",
-            other as char
-        )),
-    }
-}
-
 /// What one attempt needs to know besides the streams.
-struct AttemptContext<'a> {
-    target: &'a Target,
-    role: ListenerRole,
-    listener: &'a ListenerContext,
-    deadline: Instant,
+pub(super) struct AttemptContext<'a> {
+    pub target: &'a Target,
+    pub role: ListenerRole,
+    pub server_tls: &'a ServerTls,
+    pub timeouts: &'a Timeouts,
+    /// When the client started waiting for a server, and when it stops.
+    pub started: Instant,
+    pub deadline: Instant,
 }
 
-/// One connection to one target.
-async fn attempt(
+pub(super) enum Attempt {
+    Done(Backend),
+    /// Nothing reached the client yet; another try may work.
+    Retry(String),
+    Fatal(ConnectError),
+}
+
+/// One connection to one target: TCP, TLS, the startup message, authentication relayed to
+/// the client, then the greeting held until the server is known to be what the role wants.
+pub(super) async fn attempt(
     client: &mut Stream,
     client_buf: &mut BytesMut,
     startup: &StartupInfo,
@@ -340,13 +82,13 @@ async fn attempt(
     let AttemptContext {
         target,
         role,
-        listener,
+        server_tls,
+        timeouts,
+        started,
         deadline,
     } = ctx;
-    let shared = &listener.shared;
     let server_name = target.endpoint.to_string();
-    let connect_timeout = shared
-        .timeouts
+    let connect_timeout = timeouts
         .connect
         .min(deadline.saturating_duration_since(Instant::now()))
         .max(Duration::from_millis(1));
@@ -356,7 +98,7 @@ async fn attempt(
             .await
             .map_err(|e| e.to_string())?;
         tune_socket(&tcp);
-        open_tls(tcp, &listener.server_tls, &ep.host).await
+        crate::tls::open(tcp, server_tls, &ep.host).await
     });
     let mut server = match opened.await {
         Ok(Ok(s)) => s,
@@ -382,13 +124,11 @@ async fn attempt(
         bytes_up: startup.raw.len() as u64,
         bytes_down: 0,
     };
-    let auth = timeout(shared.timeouts.startup, h.authenticate()).await;
+    let auth = timeout(timeouts.startup, h.authenticate()).await;
     match auth {
         Ok(Ok(())) => {}
         Ok(Err(a)) => return a,
-        Err(_) if h.engaged => {
-            return Attempt::Fatal(ConnectError::AuthTimeout(shared.timeouts.startup))
-        }
+        Err(_) if h.engaged => return Attempt::Fatal(ConnectError::AuthTimeout(timeouts.startup)),
         Err(_) => {
             return Attempt::Retry(format!("{server_name}: no answer to the startup message"))
         }
@@ -399,7 +139,8 @@ async fn attempt(
     };
     match (role.wants_standby(), greeting.hot_standby) {
         (Some(false), Some((at, true))) => {
-            if let Err(a) = h.await_promotion(at, target, topology, deadline).await {
+            let wait = Wait { started, deadline };
+            if let Err(a) = h.await_promotion(at, target, topology, wait).await {
                 return a;
             }
         }
@@ -435,6 +176,13 @@ async fn attempt(
         bytes_up,
         bytes_down,
     })
+}
+
+/// How long the client has waited for a server, and until when it may.
+#[derive(Clone, Copy)]
+struct Wait {
+    started: Instant,
+    deadline: Instant,
 }
 
 struct Greeting {
@@ -589,12 +337,13 @@ impl Handshake<'_> {
         hot_standby_at: usize,
         target: &Target,
         topology: &mut watch::Receiver<Arc<Topology>>,
-        deadline: Instant,
+        wait: Wait,
     ) -> Result<(), Attempt> {
+        let Wait { started, deadline } = wait;
         let query = messages::empty_query();
         loop {
             let still_target = matches!(
-                router::primary(&topology.borrow_and_update()),
+                routing::primary(&topology.borrow_and_update()),
                 Ok(t) if t.endpoint == target.endpoint
             );
             if !still_target {
@@ -619,7 +368,7 @@ impl Handshake<'_> {
                 return Err(if self.engaged {
                     Attempt::Fatal(ConnectError::NoServer {
                         role: ListenerRole::Primary,
-                        waited: Duration::ZERO,
+                        waited: started.elapsed(),
                         why,
                     })
                 } else {
@@ -665,37 +414,5 @@ impl Handshake<'_> {
                 _ => {} // EmptyQueryResponse, notices
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn client_errors_carry_fitting_sqlstates() {
-        let e = ConnectError::NoServer {
-            role: ListenerRole::Primary,
-            waited: Duration::from_secs(1),
-            why: "the cluster has no leader".into(),
-        };
-        let (code, msg) = e.client_error().unwrap();
-        assert_eq!(code, "57P03");
-        assert!(msg.contains("no leader"), "{msg}");
-        let moved = ConnectError::ChangedDuringAuth {
-            member: "a".into(),
-            role: ListenerRole::Replica,
-        };
-
-        assert_eq!(moved.client_error().unwrap().0, "57P01");
-        assert!(ConnectError::ClientGone.client_error().is_none());
-        let refused = ConnectError::Refused {
-            server: "x".into(),
-            fields: ErrorFields::default(),
-        };
-        assert!(
-            refused.client_error().is_none(),
-            "the server's own error was passed on"
-        );
     }
 }

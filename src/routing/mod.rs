@@ -1,82 +1,14 @@
 //! Routing decisions: which members a listener's new sessions may go to, in which order,
-//! and whether a live session's member is still eligible. Pure, no I/O.
+//! and whether a live session's member is still eligible (`drain.rs`: when and where a live
+//! session must end). Pure, no I/O.
 
-use std::collections::BTreeMap;
+pub mod drain;
+
 use std::fmt;
-
-use serde::Deserialize;
-use serde_json::Value;
 
 use crate::discovery::patroni::{Endpoint, Member};
 use crate::discovery::Topology;
-
-/// What a listener serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ListenerRole {
-    /// The member named by the leader key.
-    #[default]
-    Primary,
-    /// Running, eligible replicas only.
-    Replica,
-    /// Eligible replicas; the primary when none is left.
-    PreferReplica,
-    /// Every running member: the primary and eligible replicas.
-    Any,
-    /// Only the synchronous standbys named in the `sync` key.
-    Sync,
-}
-
-impl ListenerRole {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ListenerRole::Primary => "primary",
-            ListenerRole::Replica => "replica",
-            ListenerRole::PreferReplica => "prefer-replica",
-            ListenerRole::Any => "any",
-            ListenerRole::Sync => "sync",
-        }
-    }
-
-    /// What the server's `in_hot_standby` must say at connect: `Some(false)` for a primary,
-    /// `Some(true)` for a replica, `None` when either will do.
-    pub fn wants_standby(self) -> Option<bool> {
-        match self {
-            ListenerRole::Primary => Some(false),
-            ListenerRole::Replica | ListenerRole::Sync => Some(true),
-            ListenerRole::PreferReplica | ListenerRole::Any => None,
-        }
-    }
-}
-
-impl fmt::Display for ListenerRole {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// How a listener spreads sessions over its candidates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Balance {
-    /// Fewest sessions through this patroxy first; ties take turns.
-    #[default]
-    LeastConnections,
-    RoundRobin,
-}
-
-/// A listener's routing rules.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct Policy {
-    pub role: ListenerRole,
-    pub balance: Balance,
-    /// Replicas further behind the leader than this many bytes take no sessions.
-    pub max_lag: Option<u64>,
-    /// Replicas must carry each of these Patroni tags with this value.
-    pub require_tags: BTreeMap<String, Value>,
-    /// Replicas carrying any of these tags with this value are left out.
-    pub exclude_tags: BTreeMap<String, Value>,
-}
+pub use crate::policy::{Balance, ListenerRole, Policy};
 
 /// A routing target.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -335,6 +267,7 @@ pub fn order(
 pub(crate) mod tests {
     use super::*;
     use bytes::Bytes;
+    use serde_json::Value;
     use std::collections::BTreeMap;
 
     /// A synced topology with `leader` and members given as (name, port, state).

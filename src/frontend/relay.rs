@@ -13,15 +13,16 @@ use tokio::time::{sleep_until, timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
-use super::drain::{self, DrainCause, Progress};
-use super::stream::{Reader, Stream, Writer, BUF_SIZE};
+use super::drain;
 use crate::config::Timeouts;
 use crate::discovery::patroni::Endpoint;
 use crate::discovery::Topology;
 use crate::protocol::codes;
 use crate::protocol::frame::{FrameError, Scanner, Seen, MAX_DECLARED_LEN};
 use crate::protocol::messages::{self, Severity};
-use crate::router::Policy;
+use crate::routing::drain::{at_drain_point, can_send_error, DrainCause, Progress};
+use crate::routing::Policy;
+use crate::stream::{Reader, Stream, Writer, BUF_SIZE};
 
 /// How long the goodbye messages may take before the socket is simply closed.
 const GOODBYE_TIMEOUT: Duration = Duration::from_millis(200);
@@ -90,9 +91,10 @@ pub struct RelayContext<'a> {
     pub shutdown: &'a CancellationToken,
 }
 
-/// Counters both pumps update; one task polls both, so relaxed atomics are plenty.
+/// Where the conversation stands, as both pumps see it; one task polls both, so relaxed
+/// atomics are plenty.
 #[derive(Default)]
-struct Shared {
+struct RelayState {
     tx_status: AtomicU8,
     in_flight: AtomicU32,
     /// The client has every server byte read so far, ending on a frame boundary.
@@ -108,7 +110,7 @@ struct Shared {
 const DRAIN_AT_REST: u8 = 1;
 const DRAIN_AT_TX_END: u8 = 2;
 
-impl Shared {
+impl RelayState {
     fn progress(&self) -> Progress {
         Progress {
             tx_status: self.tx_status.load(Relaxed),
@@ -119,8 +121,8 @@ impl Shared {
 
     fn drain_reached(&self) -> bool {
         match self.drain_mode.load(Relaxed) {
-            DRAIN_AT_REST => drain::at_drain_point(false, self.progress()),
-            DRAIN_AT_TX_END => drain::at_drain_point(true, self.progress()),
+            DRAIN_AT_REST => at_drain_point(false, self.progress()),
+            DRAIN_AT_TX_END => at_drain_point(true, self.progress()),
             _ => false,
         }
     }
@@ -150,11 +152,11 @@ pub async fn relay(
     ctx: RelayContext<'_>,
     topology: &mut watch::Receiver<Arc<Topology>>,
 ) -> Outcome {
-    let st = Shared {
+    let st = RelayState {
         tx_status: AtomicU8::new(codes::TX_IDLE),
         down_clean: AtomicBool::new(true),
         up_clean: AtomicBool::new(true),
-        ..Shared::default()
+        ..RelayState::default()
     };
     let (mut client_rd, mut client_wr) = client.split();
     let (mut server_rd, mut server_wr) = server.split();
@@ -167,12 +169,12 @@ pub async fn relay(
         // locks shared by every session, so polling them on each data wake-up would serialise
         // busy sessions. The relay only sees a oneshot, which is lock-free to poll.
         let (cause_tx, mut cause_rx) = oneshot::channel();
-        let watched = Watched {
+        let watched = drain::Watched {
             policy: ctx.policy_updates.clone(),
             topology: topology.clone(),
             shutdown: ctx.shutdown.clone(),
         };
-        let _control = AbortOnDropHandle::new(tokio::spawn(watch_for_drain(
+        let _control = AbortOnDropHandle::new(tokio::spawn(drain::watch_for_drain(
             ctx.policy.clone(),
             ctx.member.to_owned(),
             ctx.server.clone(),
@@ -229,7 +231,7 @@ pub async fn relay(
         _ => None,
     };
     if let Some((code, msg)) = goodbye {
-        if drain::can_send_error(st.progress()) {
+        if can_send_error(st.progress()) {
             let frame = messages::error_response(Severity::Fatal, code, &msg);
             let _ = timeout(GOODBYE_TIMEOUT, client_wr.write_all(&frame)).await;
         }
@@ -247,48 +249,13 @@ pub async fn relay(
 
 const TERMINATE: [u8; 5] = [codes::TERMINATE, 0, 0, 0, 4];
 
-/// What can end a session from outside its two streams.
-struct Watched {
-    policy: watch::Receiver<Arc<Policy>>,
-    topology: watch::Receiver<Arc<Topology>>,
-    shutdown: CancellationToken,
-}
-
-/// Waits until the session must be drained (its server left the listener's pool under the
-/// current topology and rules, or shutdown), and says why through `tx`.
-async fn watch_for_drain(
-    mut policy: Arc<Policy>,
-    member: String,
-    server: Endpoint,
-    mut w: Watched,
-    tx: oneshot::Sender<DrainCause>,
-) {
-    // The topology may have moved while this session was connecting.
-    w.topology.mark_changed();
-    let (mut topology_open, mut policy_open) = (true, true);
-    let cause = loop {
-        tokio::select! {
-            changed = w.topology.changed(), if topology_open => {
-                topology_open = changed.is_ok();
-            }
-            changed = w.policy.changed(), if policy_open => {
-                policy_open = changed.is_ok();
-                if policy_open {
-                    policy = w.policy.borrow_and_update().clone();
-                }
-            }
-            _ = w.shutdown.cancelled() => break DrainCause::Shutdown,
-        }
-        let t = w.topology.borrow_and_update().clone();
-        if let Some(cause) = drain::drain_cause(&policy, &member, &server, &t) {
-            break cause;
-        }
-    };
-    let _ = tx.send(cause);
-}
-
 /// Client to server: counts the requests that will each be answered by a ReadyForQuery.
-async fn pump_up(rd: &mut Reader<'_>, wr: &mut Writer<'_>, mut buf: BytesMut, st: &Shared) -> End {
+async fn pump_up(
+    rd: &mut Reader<'_>,
+    wr: &mut Writer<'_>,
+    mut buf: BytesMut,
+    st: &RelayState,
+) -> End {
     let mut scanner = Scanner::new(MAX_DECLARED_LEN);
     buf.reserve(BUF_SIZE);
     loop {
@@ -330,7 +297,7 @@ async fn pump_down(
     rd: &mut Reader<'_>,
     wr: &mut Writer<'_>,
     mut buf: BytesMut,
-    st: &Shared,
+    st: &RelayState,
 ) -> Pumped {
     let mut scanner = Scanner::new(MAX_DECLARED_LEN);
     buf.reserve(BUF_SIZE);

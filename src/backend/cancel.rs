@@ -117,7 +117,7 @@ async fn send_one(ep: Endpoint, packet: Bytes, connect_timeout: Duration) -> std
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::router::tests::topology;
+    use crate::routing::tests::topology;
 
     fn key(pid: i32) -> CancelKey {
         CancelKey {

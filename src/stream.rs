@@ -1,16 +1,28 @@
-//! A connection to a client or a server, plain TCP or TLS, and its two halves for the relay.
-//! Plain halves keep the readiness fast path of a shared `&TcpStream`; TLS halves go through
-//! tokio-rustls.
+//! A connection to a client or a server, plain TCP or TLS, its socket options, and its two
+//! halves for the relay. Plain halves keep the readiness fast path of a shared `&TcpStream`;
+//! TLS halves go through tokio-rustls. Both sides of the proxy use it.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::BytesMut;
+use socket2::{SockRef, TcpKeepalive};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsStream;
+
+/// TCP_NODELAY (every message is a round trip) and keepalive (an idle peer that vanished is
+/// noticed; it does not bound data left unacknowledged).
+pub(crate) fn tune_socket(s: &TcpStream) {
+    let _ = s.set_nodelay(true);
+    let ka = TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(10));
+    let _ = SockRef::from(s).set_tcp_keepalive(&ka);
+}
 
 /// Read buffer per direction.
 pub const BUF_SIZE: usize = 16 * 1024;

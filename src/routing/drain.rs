@@ -7,7 +7,7 @@ use crate::config::Timeouts;
 use crate::discovery::patroni::Endpoint;
 use crate::discovery::Topology;
 use crate::protocol::codes;
-use crate::router::{self, ListenerRole, Policy};
+use crate::routing::{self, ListenerRole, Policy};
 
 /// Why a session is being drained.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,7 +91,7 @@ pub fn drain_cause(
         return None;
     }
     if p.role == ListenerRole::Primary {
-        return match router::primary(t) {
+        return match routing::primary(t) {
             Ok(target) if &target.endpoint == server => None,
             routed => Some(DrainCause::PrimaryMoved {
                 from: member.to_owned(),
@@ -99,7 +99,7 @@ pub fn drain_cause(
             }),
         };
     }
-    let why = match router::eligibility(p, t, member) {
+    let why = match routing::eligibility(p, t, member) {
         Ok(()) if t.members.get(member).and_then(|m| m.endpoint.as_ref()) == Some(server) => {
             return None
         }
@@ -123,6 +123,7 @@ pub struct Progress {
     pub client_at_boundary: bool,
 }
 
+#[cfg(test)]
 impl Progress {
     pub fn idle() -> Progress {
         Progress {
@@ -134,6 +135,7 @@ impl Progress {
 }
 
 /// May the session be closed now, without cutting a response short?
+#[cfg(test)]
 pub fn may_close_now(cause: &DrainCause, p: Progress) -> bool {
     at_drain_point(cause.waits_for_transaction_end(), p)
 }
@@ -154,7 +156,7 @@ pub fn can_send_error(p: Progress) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::router::tests::topology;
+    use crate::routing::tests::topology;
 
     fn primary() -> Policy {
         Policy::default()

@@ -1,0 +1,86 @@
+//! What a session knows of where it runs: its listener (`ListenerContext`: name, routing
+//! rules, topology, limits, TLS) and what every session of every listener shares
+//! (`ProxyContext`: timeouts, the cancel-key registry, server load, the global connection
+//! limit, shutdown).
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::allow::Cidr;
+use crate::backend::{CancelRegistry, ServerLoad};
+use crate::config::{ClientTlsMode, ListenerConfig, Timeouts};
+use crate::discovery::Topology;
+use crate::limit::Limit;
+use crate::routing::Policy;
+use crate::tls::{ServerTls, TlsMaterial};
+
+/// What every session of every listener shares.
+pub struct ProxyContext {
+    pub timeouts: Timeouts,
+    pub cancels: CancelRegistry,
+    pub load: ServerLoad,
+    /// Client connections across all listeners (`limits.max_client_connections`).
+    pub connections: Arc<Limit>,
+    pub shutdown: CancellationToken,
+}
+
+/// A listener: its name, its routing rules, its cluster's topology, and the shared state.
+pub struct ListenerContext {
+    pub name: String,
+    /// The address it listens on.
+    pub listen: String,
+    pub cluster: String,
+    pub policy: Arc<Policy>,
+    /// The rules reloads give this listener later, for sessions opened under older ones.
+    pub policy_updates: watch::Receiver<Arc<Policy>>,
+    pub topology: watch::Receiver<Arc<Topology>>,
+    /// Advances once per new session; balancing takes turns with it.
+    pub turn: AtomicUsize,
+    /// This listener's own connection limit (unbounded without one); it counts the
+    /// listener's connections across reloads.
+    pub limit: Arc<Limit>,
+    /// Client addresses allowed; empty allows all.
+    pub allow: Vec<Cidr>,
+    pub tls_mode: ClientTlsMode,
+    /// Present unless `tls_mode` is `disable`.
+    pub tls: Option<TlsAcceptor>,
+    pub server_tls: ServerTls,
+    pub proxy: Arc<ProxyContext>,
+}
+
+impl ListenerContext {
+    pub fn new(
+        config: &ListenerConfig,
+        cluster: String,
+        topology: watch::Receiver<Arc<Topology>>,
+        tls: &TlsMaterial,
+        proxy: Arc<ProxyContext>,
+    ) -> ListenerContext {
+        let limit = config.max_client_connections;
+        let policy = Arc::new(config.policy());
+        // `validate()` makes sure a mode other than disable has a certificate.
+        let tls_mode = config.tls_mode(tls.acceptor.is_some());
+        ListenerContext {
+            name: config.name.clone(),
+            listen: config.listen.clone(),
+            cluster,
+            policy: policy.clone(),
+            // Nothing updates a context on its own; the server connects it to reloads.
+            policy_updates: watch::channel(policy).1,
+            topology,
+            turn: AtomicUsize::new(0),
+            limit: Limit::new(if limit > 0 { limit } else { usize::MAX }),
+            allow: config.allow.clone(),
+            tls_mode,
+            tls: (tls_mode != ClientTlsMode::Disable)
+                .then(|| tls.acceptor.clone())
+                .flatten(),
+            server_tls: tls.server.clone(),
+            proxy,
+        }
+    }
+}

@@ -1,0 +1,53 @@
+//! The drain control of one session: a task that watches the topology, the listener's rules
+//! (reloads) and shutdown, and says once why the session must end. The relay polls only a
+//! oneshot for it, which is lock-free; the decision itself is `routing::drain`.
+
+use std::sync::Arc;
+
+use tokio::sync::{oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::discovery::patroni::Endpoint;
+use crate::discovery::Topology;
+use crate::routing::drain::{drain_cause, DrainCause};
+use crate::routing::Policy;
+
+/// What can end a session from outside its two streams.
+pub(super) struct Watched {
+    pub policy: watch::Receiver<Arc<Policy>>,
+    pub topology: watch::Receiver<Arc<Topology>>,
+    pub shutdown: CancellationToken,
+}
+
+/// Waits until the session must be drained (its server left the listener's pool under the
+/// current topology and rules, or shutdown), and says why through `tx`.
+pub(super) async fn watch_for_drain(
+    mut policy: Arc<Policy>,
+    member: String,
+    server: Endpoint,
+    mut w: Watched,
+    tx: oneshot::Sender<DrainCause>,
+) {
+    // The topology may have moved while this session was connecting.
+    w.topology.mark_changed();
+    let (mut topology_open, mut policy_open) = (true, true);
+    let cause = loop {
+        tokio::select! {
+            changed = w.topology.changed(), if topology_open => {
+                topology_open = changed.is_ok();
+            }
+            changed = w.policy.changed(), if policy_open => {
+                policy_open = changed.is_ok();
+                if policy_open {
+                    policy = w.policy.borrow_and_update().clone();
+                }
+            }
+            _ = w.shutdown.cancelled() => break DrainCause::Shutdown,
+        }
+        let t = w.topology.borrow_and_update().clone();
+        if let Some(cause) = drain_cause(&policy, &member, &server, &t) {
+            break cause;
+        }
+    };
+    let _ = tx.send(cause);
+}

@@ -1,0 +1,13 @@
+//! The client side of the proxy, one file per phase of a session: where it runs
+//! (`context.rs`), negotiation up to the first packet (`negotiate.rs`), the session driver
+//! (`session.rs`), the relay (`relay.rs`) and its drain control (`drain.rs`). The server
+//! side is `backend/`.
+
+pub mod context;
+pub mod drain;
+pub mod negotiate;
+pub mod relay;
+pub mod session;
+
+pub use context::{ListenerContext, ProxyContext};
+pub use session::serve;

@@ -1,0 +1,150 @@
+//! One client's life: negotiation, then a cancel request forwarded or a server connection
+//! (the backend's connect loop), the relay, and one log line at the end.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::context::ListenerContext;
+use super::negotiate::{negotiate, send_fatal, Negotiated};
+use super::relay::{relay, End, RelayContext};
+use crate::backend::{cancel, establish, ConnectParams};
+use crate::protocol::codes;
+use crate::protocol::startup::{CancelKey, FirstPacket, StartupInfo};
+use crate::stream::{tune_socket, Stream};
+
+/// Serves one client connection from accept to close.
+pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ListenerContext>) {
+    let started = Instant::now();
+    let _gauge = crate::metrics::SessionGauge::new(&ctx.name, &ctx.policy.role.to_string());
+    tune_socket(&tcp);
+    let Some(Negotiated { client, buf, first }) = negotiate(tcp, peer, &ctx, started).await else {
+        return;
+    };
+    match first {
+        FirstPacket::Cancel(key) => forward_cancel(key, peer, &ctx).await,
+        FirstPacket::Startup(startup) => {
+            run_session(client, peer, buf, startup, &ctx, started).await
+        }
+        // Negotiation answers these itself and reads on.
+        FirstPacket::SslRequest | FirstPacket::GssEncRequest => {}
+    }
+}
+
+/// Sends a cancel request to the server this instance knows issued the key, or to every
+/// member of the cluster when the key came through another instance.
+async fn forward_cancel(key: CancelKey, peer: SocketAddr, ctx: &ListenerContext) {
+    let proxy = &ctx.proxy;
+    let known = proxy.cancels.lookup(&key);
+    let local = known.is_some();
+    let targets = cancel::cancel_targets(known, &ctx.topology.borrow());
+    let sent_to = targets.len();
+    let delivered = cancel::deliver(&key, targets, proxy.timeouts.connect).await;
+    let routed = if local { "local" } else { "broadcast" };
+    crate::metrics::cancel_request(&ctx.name, routed);
+    info!(client = %peer, listener = %ctx.name, pid = key.pid, local, sent_to, delivered, "cancel request forwarded");
+}
+
+async fn run_session(
+    mut client: Stream,
+    peer: SocketAddr,
+    mut client_buf: BytesMut,
+    startup: StartupInfo,
+    ctx: &ListenerContext,
+    started: Instant,
+) {
+    let proxy = &ctx.proxy;
+    let mut topology = ctx.topology.clone();
+    let user = startup.user.as_deref().unwrap_or("");
+    let database = startup.database.as_deref().unwrap_or(user);
+    let params = ConnectParams {
+        listener: &ctx.name,
+        policy: &ctx.policy,
+        turn: ctx.turn.fetch_add(1, Relaxed),
+        server_tls: &ctx.server_tls,
+        timeouts: &proxy.timeouts,
+        load: &proxy.load,
+    };
+    let connected = tokio::select! {
+        r = establish(&mut client, &mut client_buf, &startup, &params, &mut topology) => r,
+        _ = proxy.shutdown.cancelled() => {
+            send_fatal(&mut client, codes::ADMIN_SHUTDOWN, "patroxy is shutting down").await;
+            info!(client = %peer, listener = %ctx.name, user, database, "session closed before connecting: shutdown");
+            return;
+        }
+    };
+    let (mut backend, _load) = match connected {
+        Ok(b) => b,
+        Err(e) => {
+            crate::metrics::connect_failure(&ctx.name, e.label());
+            if let Some((code, msg)) = e.client_error() {
+                send_fatal(&mut client, code, &msg).await;
+            }
+            warn!(
+                client = %peer, listener = %ctx.name, user, database,
+                duration_ms = started.elapsed().as_millis() as u64,
+                reason = %e,
+                "session failed to connect"
+            );
+            return;
+        }
+    };
+    let connected_ms = started.elapsed().as_millis() as u64;
+    crate::metrics::connected(&ctx.name, started.elapsed());
+    let _registration = backend
+        .key
+        .clone()
+        .map(|k| proxy.cancels.register(k, backend.target.endpoint.clone()));
+    let relay_ctx = RelayContext {
+        policy: &ctx.policy,
+        policy_updates: ctx.policy_updates.clone(),
+        member: &backend.target.member,
+        server: &backend.target.endpoint,
+        timeouts: &proxy.timeouts,
+        shutdown: &proxy.shutdown,
+    };
+
+    let leftover = std::mem::take(&mut backend.leftover);
+    let out = relay(
+        &mut client,
+        &mut backend.stream,
+        client_buf,
+        leftover,
+        relay_ctx,
+        &mut topology,
+    )
+    .await;
+    info!(
+        client = %peer,
+        listener = %ctx.name,
+        server = %backend.target.endpoint,
+        member = %backend.target.member,
+        user,
+        database,
+        connect_ms = connected_ms,
+        duration_ms = started.elapsed().as_millis() as u64,
+        bytes_up = backend.bytes_up + out.bytes_up,
+        bytes_down = backend.bytes_down + out.bytes_down,
+        reason = %out.end,
+        "session closed"
+    );
+    if let End::Drained { cause, .. } = &out.end {
+        crate::metrics::drain(&ctx.name, cause.label());
+    }
+    let route = crate::metrics::Route {
+        listener: &ctx.name,
+        role: &ctx.policy.role.to_string(),
+        server: &backend.target.endpoint.to_string(),
+    };
+    crate::metrics::session_closed(
+        route,
+        out.end.label(),
+        backend.bytes_up + out.bytes_up,
+        backend.bytes_down + out.bytes_down,
+    );
+}

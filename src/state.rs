@@ -1,0 +1,78 @@
+//! The running state that the operator surfaces read (the admin endpoint, the routing
+//! reports): each cluster's topology and watch health, the listeners being served, this
+//! instance's sessions per server, and the configuration in force. The server and discovery
+//! write it; nothing here depends on them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::backend::ServerLoad;
+use crate::config::Config;
+use crate::discovery::Topology;
+use crate::view::{self, InstanceView, Served};
+
+/// Each cluster's topology, by cluster name.
+pub type Topologies = HashMap<String, watch::Receiver<Arc<Topology>>>;
+
+/// The listeners being served now.
+pub type Serving = watch::Receiver<Vec<Served>>;
+
+/// What this instance is doing, for whoever reports on it.
+#[derive(Clone)]
+pub struct Running {
+    /// The instance name when `report.instance` is not set: `<hostname>-<pid>`.
+    pub default_instance: String,
+    pub topologies: Topologies,
+    /// Per cluster: is its etcd watch established right now?
+    pub watching: BTreeMap<String, Arc<AtomicBool>>,
+    pub serving: Serving,
+    /// Sessions per server, across listeners.
+    pub load: ServerLoad,
+    /// The configuration in force: reloads replace it.
+    pub config: watch::Receiver<Arc<Config>>,
+}
+
+impl Running {
+    /// This instance's name, as in its etcd reports.
+    pub fn instance(&self) -> String {
+        let configured = self.config.borrow().report.instance.clone();
+        configured.unwrap_or_else(|| self.default_instance.clone())
+    }
+
+    /// The operator's view of everything this instance knows (`/topology`, reports).
+    pub fn view(&self) -> InstanceView {
+        let topologies: BTreeMap<String, Arc<Topology>> = self
+            .topologies
+            .iter()
+            .map(|(name, rx)| (name.clone(), rx.borrow().clone()))
+            .collect();
+        let listeners = self.serving.borrow().clone();
+        let load = &self.load;
+        view::instance(&self.instance(), &topologies, &listeners, &|ep| {
+            load.sessions(ep)
+        })
+    }
+
+    /// Ready when every cluster is watched and has a routable primary; otherwise the reasons.
+    pub fn readiness(&self) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        for (name, watching) in &self.watching {
+            if !watching.load(Ordering::Relaxed) {
+                problems.push(format!("{name}: the etcd watch is down"));
+            }
+        }
+        for (name, rx) in &self.topologies {
+            if let Err(why) = crate::routing::primary(&rx.borrow()) {
+                problems.push(format!("{name}: {why}"));
+            }
+        }
+        problems.sort();
+        match problems.is_empty() {
+            true => Ok(()),
+            false => Err(problems),
+        }
+    }
+}
