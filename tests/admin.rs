@@ -111,7 +111,10 @@ async fn metrics_move_with_real_sessions_and_a_leader_change() {
     let (idle, idle_conn) = connect_with(proxy.port(), "").await.unwrap();
     idle.simple_query("SELECT 1").await.unwrap();
     keys.leader("b").await;
-    assert_eq!(ended_with(idle_conn).await.as_deref(), Some("57P01"));
+    assert_eq!(
+        ended_within(idle_conn, AT_REST).await.as_deref(),
+        Some("57P01")
+    );
     wait_routed(proxy.port(), b.port).await;
 
     assert_eq!(get(admin, "/metrics").await.0, 200);
@@ -132,7 +135,9 @@ async fn metrics_move_with_real_sessions_and_a_leader_change() {
                 "patroxy_sessions_closed_total",
                 &[l, r#"reason="drained""#],
             );
-            (closed >= Some(2.0) && drained == Some(1.0)).then_some(m)
+            // A probe session of wait_routed may still be open at the leader change and be
+            // drained too: at least the idle session was.
+            (closed >= Some(2.0) && drained >= Some(1.0)).then_some(m)
         },
     )
     .await;
@@ -140,13 +145,12 @@ async fn metrics_move_with_real_sessions_and_a_leader_change() {
         sample(&m, "patroxy_sessions_accepted_total", &[l]).unwrap() >= 3.0,
         "{m}"
     );
-    assert_eq!(
+    assert!(
         sample(
             &m,
             "patroxy_drains_total",
             &[l, r#"reason="primary_moved""#]
-        ),
-        Some(1.0)
+        ) >= Some(1.0)
     );
     assert!(sample(&m, "patroxy_bytes_total", &[l, "server_to_client"]).unwrap() > 0.0);
     let c = r#"cluster="metered""#;

@@ -66,13 +66,22 @@ async fn queries_reach_the_leader_and_sessions_drain_when_it_moves() {
     c.keys.leader("b").await;
 
     // Idle and between-statements sessions end at once with 57P01...
-    assert_eq!(ended_with(idle_conn).await.as_deref(), Some("57P01"));
-    assert_eq!(ended_with(in_tx_conn).await.as_deref(), Some("57P01"));
+    assert_eq!(
+        ended_within(idle_conn, AT_REST).await.as_deref(),
+        Some("57P01")
+    );
+    assert_eq!(
+        ended_within(in_tx_conn, AT_REST).await.as_deref(),
+        Some("57P01")
+    );
     assert!(!busy_query.is_finished(), "the running query was cut short");
     // ...and the busy one gets its answer first, then the same goodbye.
     let (busy, r) = busy_query.await.unwrap();
     assert!(r.is_ok(), "the running query must complete: {r:?}");
-    assert_eq!(ended_with(busy_conn).await.as_deref(), Some("57P01"));
+    assert_eq!(
+        ended_within(busy_conn, AT_REST).await.as_deref(),
+        Some("57P01")
+    );
     assert!(busy.is_closed());
     // The aborted transaction left nothing behind on a.
     let direct = connect(c.a.port).await.unwrap();
@@ -131,8 +140,14 @@ async fn the_leader_flapping_away_and_back_drains_both_times() {
     assert_eq!(port, c.b.port as i32);
     c.keys.leader("a").await;
 
-    assert_eq!(ended_with(on_a_conn).await.as_deref(), Some("57P01"));
-    assert_eq!(ended_with(on_b_conn).await.as_deref(), Some("57P01"));
+    assert_eq!(
+        ended_within(on_a_conn, AT_REST).await.as_deref(),
+        Some("57P01")
+    );
+    assert_eq!(
+        ended_within(on_b_conn, AT_REST).await.as_deref(),
+        Some("57P01")
+    );
     wait_routed(proxy.port(), c.a.port).await;
     proxy.stop().await;
 }
@@ -148,7 +163,10 @@ async fn without_a_leader_new_connections_wait_then_fail_clearly() {
     let (_idle, idle_conn) = connect_with(proxy.port(), "").await.unwrap();
 
     c.keys.delete("leader").await;
-    assert_eq!(ended_with(idle_conn).await.as_deref(), Some("57P01"));
+    assert_eq!(
+        ended_within(idle_conn, AT_REST).await.as_deref(),
+        Some("57P01")
+    );
     let err = connect(proxy.port()).await.unwrap_err();
     assert_eq!(sqlstate(&err).as_deref(), Some("57P03"), "{err}");
     assert!(message(&err).contains("no leader"), "{}", message(&err));
@@ -487,7 +505,11 @@ async fn psql_and_pgbench_run_through_patroxy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_ends_idle_sessions_and_lets_transactions_finish() {
     let c = two_primaries("shutdown").await;
-    let proxy = Proxy::start(&c.etcd, "shutdown", |_| {}).await;
+    let proxy = Proxy::start(&c.etcd, "shutdown", |cfg| {
+        // Far beyond AT_REST: sessions must end at their rest point, not at the deadline.
+        cfg.timeouts.shutdown = Duration::from_secs(30);
+    })
+    .await;
     wait_routed(proxy.port(), c.a.port).await;
     let (idle, idle_conn) = connect_with(proxy.port(), "").await.unwrap();
     idle.simple_query("SELECT 1").await.unwrap();
@@ -499,13 +521,19 @@ async fn shutdown_ends_idle_sessions_and_lets_transactions_finish() {
 
     let port = proxy.port();
     let stopping = tokio::spawn(proxy.stop());
-    assert_eq!(ended_with(idle_conn).await.as_deref(), Some("57P01"));
+    assert_eq!(
+        ended_within(idle_conn, AT_REST).await.as_deref(),
+        Some("57P01")
+    );
     // The open transaction may still commit; then its session ends.
     in_tx
         .batch_execute("INSERT INTO kept VALUES (1); COMMIT")
         .await
         .unwrap();
-    assert_eq!(ended_with(in_tx_conn).await.as_deref(), Some("57P01"));
+    assert_eq!(
+        ended_within(in_tx_conn, AT_REST).await.as_deref(),
+        Some("57P01")
+    );
     stopping.await.unwrap();
     assert!(
         TcpStream::connect(("127.0.0.1", port)).await.is_err(),

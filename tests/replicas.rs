@@ -226,7 +226,7 @@ async fn lagging_untagged_or_stopped_replicas_are_excluded_and_drained() {
 
         n.replica_key("r2", state, extra).await;
         assert_eq!(
-            ended_with(idle_conn).await.as_deref(),
+            ended_within(idle_conn, AT_REST).await.as_deref(),
             Some("57P01"),
             "{what}"
         );
@@ -237,7 +237,7 @@ async fn lagging_untagged_or_stopped_replicas_are_excluded_and_drained() {
         );
         in_tx.batch_execute("SELECT 2; COMMIT").await.unwrap();
         assert_eq!(
-            ended_with(in_tx_conn).await.as_deref(),
+            ended_within(in_tx_conn, AT_REST).await.as_deref(),
             Some("57P01"),
             "{what}"
         );

@@ -97,6 +97,9 @@ pub struct RelayContext<'a> {
 struct RelayState {
     tx_status: AtomicU8,
     in_flight: AtomicU32,
+    /// Extended-protocol messages sent since the last Sync: the server may be working on
+    /// them (a pipeline flushed with Flush, not yet synced) though no ReadyForQuery is due.
+    unsynced: AtomicBool,
     /// The client has every server byte read so far, ending on a frame boundary.
     down_clean: AtomicBool,
     /// The server has every client byte read so far, ending on a frame boundary.
@@ -115,6 +118,7 @@ impl RelayState {
         Progress {
             tx_status: self.tx_status.load(Relaxed),
             in_flight: self.in_flight.load(Relaxed),
+            unsynced: self.unsynced.load(Relaxed),
             client_at_boundary: self.down_clean.load(Relaxed),
         }
     }
@@ -249,7 +253,8 @@ pub async fn relay(
 
 const TERMINATE: [u8; 5] = [codes::TERMINATE, 0, 0, 0, 4];
 
-/// Client to server: counts the requests that will each be answered by a ReadyForQuery.
+/// Client to server: counts the requests that will each be answered by a ReadyForQuery, and
+/// notes extended-protocol messages not yet followed by their Sync.
 async fn pump_up(
     rd: &mut Reader<'_>,
     wr: &mut Writer<'_>,
@@ -268,8 +273,21 @@ async fn pump_up(
         }
         let scanned = scanner.scan(&buf, |seen| {
             if let Seen::Header { tag, .. } = seen {
-                if matches!(tag, codes::QUERY | codes::SYNC | codes::FUNCTION_CALL) {
-                    st.in_flight.fetch_add(1, Relaxed);
+                match tag {
+                    codes::QUERY | codes::FUNCTION_CALL => {
+                        st.in_flight.fetch_add(1, Relaxed);
+                    }
+                    codes::SYNC => {
+                        st.in_flight.fetch_add(1, Relaxed);
+                        st.unsynced.store(false, Relaxed);
+                    }
+                    codes::PARSE
+                    | codes::BIND
+                    | codes::EXECUTE
+                    | codes::DESCRIBE
+                    | codes::CLOSE
+                    | codes::FLUSH => st.unsynced.store(true, Relaxed),
+                    _ => {}
                 }
             }
         });

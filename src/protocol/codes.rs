@@ -27,6 +27,13 @@ pub const QUERY: u8 = b'Q';
 pub const SYNC: u8 = b'S';
 pub const FUNCTION_CALL: u8 = b'F';
 pub const TERMINATE: u8 = b'X';
+/// The extended protocol: everything from one of these to the next Sync is one request.
+pub const PARSE: u8 = b'P';
+pub const BIND: u8 = b'B';
+pub const EXECUTE: u8 = b'E';
+pub const DESCRIBE: u8 = b'D';
+pub const CLOSE: u8 = b'C';
+pub const FLUSH: u8 = b'H';
 
 /// `AuthenticationOk`'s code inside an `R` message.
 pub const AUTH_OK: u32 = 0;

@@ -119,6 +119,9 @@ pub struct Progress {
     pub tx_status: u8,
     /// Queries and Syncs sent whose ReadyForQuery has not come back yet.
     pub in_flight: u32,
+    /// Extended-protocol messages (a pipeline) sent since the last Sync: all of them are in
+    /// flight, though none is counted in `in_flight` until its Sync.
+    pub unsynced: bool,
     /// Everything read from the server was written to the client, ending on a frame boundary.
     pub client_at_boundary: bool,
 }
@@ -129,6 +132,7 @@ impl Progress {
         Progress {
             tx_status: codes::TX_IDLE,
             in_flight: 0,
+            unsynced: false,
             client_at_boundary: true,
         }
     }
@@ -140,10 +144,10 @@ pub fn may_close_now(cause: &DrainCause, p: Progress) -> bool {
     at_drain_point(cause.waits_for_transaction_end(), p)
 }
 
-/// At rest (no query in flight, the client between frames), and, if asked, outside a
-/// transaction too.
+/// At rest (no query in flight, no pipeline waiting for its Sync, the client between frames),
+/// and, if asked, outside a transaction too.
 pub fn at_drain_point(wait_for_transaction_end: bool, p: Progress) -> bool {
-    let at_rest = p.in_flight == 0 && p.client_at_boundary;
+    let at_rest = p.in_flight == 0 && !p.unsynced && p.client_at_boundary;
     at_rest && (!wait_for_transaction_end || p.tx_status == codes::TX_IDLE)
 }
 
@@ -277,6 +281,23 @@ mod tests {
         };
         assert_eq!(left.deadline(&t), t.replica_drain);
         assert_eq!(DrainCause::Shutdown.deadline(&t), t.shutdown);
+    }
+
+    #[test]
+    fn a_pipeline_without_its_sync_yet_is_in_flight() {
+        let mut p = Progress::idle();
+        p.unsynced = true;
+        for cause in [
+            DrainCause::Shutdown,
+            DrainCause::PrimaryMoved {
+                from: "a".into(),
+                to: None,
+            },
+        ] {
+            assert!(!may_close_now(&cause, p), "{cause}");
+        }
+        p.unsynced = false;
+        assert!(may_close_now(&DrainCause::Shutdown, p));
     }
 
     #[test]

@@ -630,11 +630,15 @@ pub async fn wait_query_running(port: u16, query: &str) {
 /// A session's connection task: it resolves when the connection ends.
 pub type ConnTask = tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>;
 
-/// Waits (30 s at most) for a connection to end and returns the SQLSTATE it ended with.
-pub async fn ended_with(conn: ConnTask) -> Option<String> {
-    let r = tokio::time::timeout(Duration::from_secs(30), conn)
+/// How soon a drained session ends when it is at rest: every drain test sets its drain
+/// deadline well beyond this, so a session closed at the deadline instead fails the test.
+pub const AT_REST: Duration = Duration::from_secs(5);
+
+/// Waits up to `limit` for a connection to end and returns the SQLSTATE it ended with.
+pub async fn ended_within(conn: ConnTask, limit: Duration) -> Option<String> {
+    let r = tokio::time::timeout(limit, conn)
         .await
-        .expect("session did not end")
+        .unwrap_or_else(|_| panic!("the session did not end within {limit:?}"))
         .unwrap();
     r.err().and_then(|e| sqlstate(&e))
 }
@@ -682,6 +686,8 @@ pub struct Proxy {
     /// Hands patroxy a new configuration, as SIGHUP does for the binary.
     pub reload: tokio::sync::mpsc::Sender<Config>,
     shutdown: CancellationToken,
+    /// How long a graceful shutdown may take: the configured grace, and some.
+    stop_limit: Duration,
     task: Option<tokio::task::JoinHandle<Result<(), patroxy::app::AppError>>>,
 }
 
@@ -714,6 +720,7 @@ impl Proxy {
             .map(|b| (b.config.name.clone(), b.listener.local_addr().unwrap()))
             .collect();
         let shutdown = CancellationToken::new();
+        let stop_limit = config.timeouts.shutdown + Duration::from_secs(10);
         let (reload, reloads) = tokio::sync::mpsc::channel(1);
         let task = tokio::spawn(patroxy::app::run(
             Arc::new(config),
@@ -728,6 +735,7 @@ impl Proxy {
             listeners: named,
             reload,
             shutdown,
+            stop_limit,
             task: Some(task),
         }
     }
@@ -742,11 +750,17 @@ impl Proxy {
         addr.port()
     }
 
-    /// Graceful shutdown, as on SIGTERM; waits until patroxy has finished.
+    /// Graceful shutdown, as on SIGTERM; waits until patroxy has finished, and fails the test
+    /// if it hangs, panics or ends with an error.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         if let Some(task) = self.task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
+            let limit = self.stop_limit;
+            tokio::time::timeout(limit, task)
+                .await
+                .unwrap_or_else(|_| panic!("patroxy did not shut down within {limit:?}"))
+                .expect("patroxy's task panicked")
+                .expect("patroxy ended with an error");
         }
     }
 }
