@@ -225,6 +225,34 @@ async fn a_standby_named_leader_is_held_until_it_is_promoted() {
     let err = connect(short.port()).await.unwrap_err();
     assert_eq!(sqlstate(&err).as_deref(), Some("57P03"), "{err}");
     assert!(message(&err).contains("in recovery"), "{}", message(&err));
+    // The same with a password: the client saw the server's challenge, so the wait ends
+    // with a FATAL that says how long it waited.
+    let direct = connect(primary.port).await.unwrap();
+    direct
+        .batch_execute("SET password_encryption = 'scram-sha-256'; CREATE ROLE alice LOGIN PASSWORD 'wonder'")
+        .await
+        .unwrap();
+    let r_port = replica.port;
+    wait_for("alice on the standby", LONG, || async move {
+        let c = connect(r_port).await.ok()?;
+        let row = c.query_one("SELECT count(*) FROM pg_roles WHERE rolname = 'alice'", &[]);
+        (row.await.ok()?.get::<_, i64>(0) == 1).then_some(())
+    })
+    .await;
+    let alice = format!(
+        "host=127.0.0.1 port={} user=alice password=wonder dbname=postgres",
+        short.port()
+    );
+    let err = tokio_postgres::connect(&alice, tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("a standby is no primary");
+    assert_eq!(sqlstate(&err).as_deref(), Some("57P03"), "{err}");
+    let text = message(&err);
+    assert!(
+        text.contains("after waiting") && !text.contains("after waiting 0ns"),
+        "{text}"
+    );
     short.stop().await;
 
     let proxy = Proxy::start(&etcd, "promote", |cfg| cfg.timeouts.connect_wait = LONG).await;

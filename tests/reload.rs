@@ -222,3 +222,57 @@ async fn a_reload_changes_limits_and_allow_lists_without_cutting_sessions() {
     answer(&[&first, &second]).await;
     proxy.stop().await;
 }
+
+/// The routing report under `key`, if etcd has it.
+async fn report_at(etcd: &Etcd, key: &str) -> Option<patroxy::view::Report> {
+    let mut client = etcd.client().await;
+    let resp = client.get(key, None).await.unwrap();
+    let kv = resp.kvs().first()?;
+    Some(serde_json::from_slice(kv.value()).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_moves_the_routing_report_as_report_says() {
+    let root = TempRoot::new();
+    let etcd = Etcd::start(&root);
+    let pg = Postgres::primary(&root, "a");
+    let mut keys = Keys::new(&etcd, "moved").await;
+    keys.member("a", pg.port, "primary", "running").await;
+    keys.leader("a").await;
+    let mut config = None;
+    let proxy = Proxy::start(&etcd, "moved", |cfg| {
+        cfg.report.instance = Some("i1".into());
+        config = Some(cfg.clone());
+    })
+    .await;
+    let mut config = config.unwrap();
+    config.listeners[0].listen = format!("127.0.0.1:{}", proxy.port());
+    let limit = Duration::from_secs(20);
+    let first = wait_for("the first report", limit, || async {
+        report_at(&etcd, "/patroxy/moved/i1").await
+    })
+    .await;
+    assert_eq!(first.leader.as_deref(), Some("a"));
+
+    // A new prefix and instance name: the report moves, the old key goes at once.
+    config.report.prefix = "/elsewhere".into();
+    config.report.instance = Some("i2".into());
+    proxy.reload.send(config.clone()).await.unwrap();
+    let moved = wait_for("the report at its new key", limit, || async {
+        report_at(&etcd, "/elsewhere/moved/i2").await
+    })
+    .await;
+    assert_eq!(moved.instance, "i2");
+    wait_for("the old report to go", limit, || async {
+        report_at(&etcd, "/patroxy/moved/i1").await.is_none().then_some(())
+    })
+    .await;
+    // Reports turned off: the key goes.
+    config.report.enabled = false;
+    proxy.reload.send(config).await.unwrap();
+    wait_for("the report to go", limit, || async {
+        report_at(&etcd, "/elsewhere/moved/i2").await.is_none().then_some(())
+    })
+    .await;
+    proxy.stop().await;
+}
