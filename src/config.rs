@@ -537,20 +537,23 @@ impl Config {
         let names = self.validate_clusters(&mut bad);
         self.validate_listeners(&names, &mut bad);
         let t = &self.timeouts;
-        for (name, d) in [
-            ("timeouts.startup", t.startup),
-            ("timeouts.connect", t.connect),
-            ("timeouts.connect_wait", t.connect_wait),
-            ("timeouts.drain", t.drain),
-            ("timeouts.replica_drain", t.replica_drain),
-            ("timeouts.eject", t.eject),
-            ("timeouts.shutdown", t.shutdown),
-            ("etcd.dial_timeout", self.etcd.dial_timeout),
-            ("etcd.request_timeout", self.etcd.request_timeout),
-            ("etcd.watch_idle_timeout", self.etcd.watch_idle_timeout),
+        let ms = Duration::from_millis;
+        // Floors below which a value is a typo, not a setting: a few milliseconds cannot
+        // connect, and the watch asks etcd for progress three times per idle period.
+        for (name, d, floor) in [
+            ("timeouts.startup", t.startup, ms(100)),
+            ("timeouts.connect", t.connect, ms(10)),
+            ("timeouts.connect_wait", t.connect_wait, ms(10)),
+            ("timeouts.drain", t.drain, ms(10)),
+            ("timeouts.replica_drain", t.replica_drain, ms(10)),
+            ("timeouts.eject", t.eject, ms(10)),
+            ("timeouts.shutdown", t.shutdown, ms(10)),
+            ("etcd.dial_timeout", self.etcd.dial_timeout, ms(100)),
+            ("etcd.request_timeout", self.etcd.request_timeout, ms(100)),
+            ("etcd.watch_idle_timeout", self.etcd.watch_idle_timeout, ms(1000)),
         ] {
-            if d.is_zero() {
-                bad.push(format!("{name}: must be greater than zero"));
+            if d < floor {
+                bad.push(format!("{name}: {d:?} is too short (at least {floor:?})"));
             }
         }
         if let Some(a) = &self.admin.listen {
@@ -832,6 +835,38 @@ mod tests {
             assert!(all.contains(needle), "missing {needle:?} in\n{all}");
         }
         assert_eq!(problems.len(), 7, "{all}");
+    }
+
+    #[test]
+    fn durations_below_their_floor_are_refused() {
+        let c = parse(
+            r#"
+            [cluster]
+            scope = "s"
+            [etcd]
+            watch_idle_timeout = "1ns"
+            dial_timeout = "5ms"
+            [timeouts]
+            startup = "1ms"
+            connect_wait = "1us"
+            "#,
+        )
+        .unwrap();
+        let ConfigError::Invalid(problems) = c.validate().unwrap_err() else {
+            panic!("expected Invalid");
+        };
+        let all = problems.join("\n");
+        for needle in [
+            "etcd.watch_idle_timeout: 1ns is too short (at least 1s)",
+            "etcd.dial_timeout: 5ms",
+            "timeouts.startup: 1ms",
+            "timeouts.connect_wait: 1µs",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in\n{all}");
+        }
+        assert_eq!(problems.len(), 4, "{all}");
+        let fine = parse("[cluster]\nscope = \"s\"\n[etcd]\nwatch_idle_timeout = \"1s\"\n");
+        fine.unwrap().validate().unwrap();
     }
 
     #[test]
