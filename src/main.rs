@@ -237,7 +237,12 @@ async fn reload_on_sighup(
     };
     while hup.recv().await.is_some() {
         tracing::info!("SIGHUP: reloading the configuration");
-        match load(file.as_deref(), overrides.clone()) {
+        // Read on a blocking thread: a slow disk must not stall the sessions on the runtime.
+        let (f, o) = (file.clone(), overrides.clone());
+        let loaded = tokio::task::spawn_blocking(move || load(f.as_deref(), o))
+            .await
+            .unwrap_or_else(|e| Err(anyhow::anyhow!("reading the configuration: {e}")));
+        match loaded {
             Ok(config) => {
                 if tx.send(config).await.is_err() {
                     return;

@@ -276,3 +276,47 @@ async fn a_reload_moves_the_routing_report_as_report_says() {
     .await;
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_stuck_on_a_slow_file_stalls_no_session() {
+    let root = TempRoot::new();
+    let etcd = Etcd::start(&root);
+    let pg = Postgres::primary(&root, "a");
+    let mut keys = Keys::new(&etcd, "slowdisk").await;
+    keys.member("a", pg.port, "primary", "running").await;
+    keys.leader("a").await;
+    let dir = root.subdir("conf");
+    let file = dir.join("patroxy.toml");
+    let port = free_port();
+    let text = format!(
+        "[etcd]\nendpoints = [\"{}\"]\n[cluster]\nscope = \"slowdisk\"\n[runtime]\nworker_threads = 1\n\
+         [[listener]]\nname = \"main\"\nlisten = \"127.0.0.1:{port}\"\n",
+        etcd.url()
+    );
+    std::fs::write(&file, &text).unwrap();
+    // One worker thread: anything blocking on the runtime stalls every session.
+    let proxy = Binary::start(&["run", "--config", file.to_str().unwrap()]);
+    wait_routed(port, pg.port).await;
+    let (open, _conn) = connect_with(port, "").await.unwrap();
+
+    // The file becomes a FIFO: reading it blocks until someone writes, like a hung disk.
+    std::fs::remove_file(&file).unwrap();
+    let made = std::process::Command::new("mkfifo").arg(&file).status().unwrap();
+    assert!(made.success());
+    signal(proxy.pid(), "HUP");
+    proxy.wait_log("SIGHUP: reloading", 1).await;
+    // The reload waits on its file; sessions, old and new, do not.
+    let row = tokio::time::timeout(AT_REST, open.query_one("SELECT 1", &[]))
+        .await
+        .expect("a session stalled behind the reload")
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), 1);
+    assert_eq!(server_port(port).await.unwrap(), pg.port as i32);
+
+    // The disk answers at last: the reload goes through.
+    let fifo = file.clone();
+    std::thread::spawn(move || std::fs::write(fifo, text));
+    proxy.wait_log("configuration reloaded", 1).await;
+    let (status, log) = proxy.stop().await;
+    assert!(status.success(), "{log}");
+}
