@@ -392,10 +392,23 @@ async fn patroxy_watches_etcd_over_tls_with_a_client_certificate_and_a_password(
     let mut keys = Keys::new(&etcd, "etcdtls").await;
     keys.member("pg", pg.port, "primary", "running").await;
     keys.leader("pg").await;
+    // patroxy's own copies of the files, which it reads once, at start.
+    let own = root.path().join("patroxy-etcd-tls");
+    std::fs::create_dir(&own).unwrap();
+    let copy = |from: &std::path::Path, name: &str| {
+        let to = own.join(name);
+        std::fs::copy(from, &to).unwrap();
+        to
+    };
+    let (ca_file, cert_file, key_file) = (
+        copy(&tls.ca_file, "ca.pem"),
+        copy(&tls.client.cert_file, "client.pem"),
+        copy(&tls.client.key_file, "client.key"),
+    );
     let proxy = Proxy::start(&etcd, "etcdtls", |cfg| {
-        cfg.etcd.ca_file = Some(tls.ca_file.clone());
-        cfg.etcd.cert_file = Some(tls.client.cert_file.clone());
-        cfg.etcd.key_file = Some(tls.client.key_file.clone());
+        cfg.etcd.ca_file = Some(ca_file);
+        cfg.etcd.cert_file = Some(cert_file);
+        cfg.etcd.key_file = Some(key_file);
         cfg.etcd.username = Some("patroxy".into());
         cfg.etcd.password = Some(patroxy::config::Secret::new("s3cret"));
     })
@@ -406,6 +419,13 @@ async fn patroxy_watches_etcd_over_tls_with_a_client_certificate_and_a_password(
     keys.member("other", other.port, "primary", "running").await;
     keys.leader("other").await;
     wait_routed(proxy.port(), other.port).await;
+    // Reconnects reuse what was read at start: with the files gone and etcd restarted,
+    // patroxy connects again and follows the next change.
+    std::fs::remove_dir_all(&own).unwrap();
+    etcd.restart();
+    let mut keys = Keys::new(&etcd, "etcdtls").await;
+    keys.leader("pg").await;
+    wait_routed(proxy.port(), pg.port).await;
     proxy.stop().await;
 }
 
