@@ -550,7 +550,11 @@ impl Config {
             ("timeouts.shutdown", t.shutdown, ms(10)),
             ("etcd.dial_timeout", self.etcd.dial_timeout, ms(100)),
             ("etcd.request_timeout", self.etcd.request_timeout, ms(100)),
-            ("etcd.watch_idle_timeout", self.etcd.watch_idle_timeout, ms(1000)),
+            (
+                "etcd.watch_idle_timeout",
+                self.etcd.watch_idle_timeout,
+                ms(1000),
+            ),
         ] {
             if d < floor {
                 bad.push(format!("{name}: {d:?} is too short (at least {floor:?})"));

@@ -79,17 +79,6 @@ async fn ready_follows_the_watch_and_the_primary() {
     proxy.stop().await;
 }
 
-/// The sum of the samples of `name` whose labels contain every one of `labels`, if any.
-fn sample(metrics: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    let values: Vec<f64> = metrics
-        .lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
-        .filter(|l| labels.iter().all(|want| l.contains(want)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
-        .collect();
-    (!values.is_empty()).then(|| values.iter().sum())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_with_real_sessions_and_a_leader_change() {
     install_metrics();

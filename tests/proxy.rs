@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use patroxy::policy::ListenerRole;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -229,7 +230,9 @@ async fn a_standby_named_leader_is_held_until_it_is_promoted() {
     // with a FATAL that says how long it waited.
     let direct = connect(primary.port).await.unwrap();
     direct
-        .batch_execute("SET password_encryption = 'scram-sha-256'; CREATE ROLE alice LOGIN PASSWORD 'wonder'")
+        .batch_execute(
+            "SET password_encryption = 'scram-sha-256'; CREATE ROLE alice LOGIN PASSWORD 'wonder'",
+        )
         .await
         .unwrap();
     let r_port = replica.port;
@@ -334,9 +337,16 @@ async fn the_watch_survives_etcd_restarts_and_compaction() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_requests_reach_the_right_server_through_any_instance() {
+    install_metrics();
     let c = two_primaries("cancel").await;
-    let one = Proxy::start(&c.etcd, "cancel", |_| {}).await;
-    let two = Proxy::start(&c.etcd, "cancel", |_| {}).await;
+    let one = Proxy::start(&c.etcd, "cancel", |cfg| {
+        cfg.listeners = vec![listener("cancel-one", ListenerRole::Primary)];
+    })
+    .await;
+    let two = Proxy::start(&c.etcd, "cancel", |cfg| {
+        cfg.listeners = vec![listener("cancel-two", ListenerRole::Primary)];
+    })
+    .await;
     wait_routed(one.port(), c.a.port).await;
 
     for via in [one.port(), two.port()] {
@@ -357,6 +367,18 @@ async fn cancel_requests_reach_the_right_server_through_any_instance() {
             .unwrap_err();
         assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "via {via}: {err}");
     }
+    // Each cancel took the route it should have: instance one knew the key, two did not.
+    let count = |listener: &str, routed: &str| {
+        let (l, r) = (
+            format!(r#"listener="{listener}""#),
+            format!(r#"routed="{routed}""#),
+        );
+        sample(&metrics_text(), "patroxy_cancel_requests_total", &[&l, &r]).unwrap_or(0.0)
+    };
+    assert_eq!(count("cancel-one", "local"), 1.0, "{}", metrics_text());
+    assert_eq!(count("cancel-one", "broadcast"), 0.0);
+    assert_eq!(count("cancel-two", "broadcast"), 1.0);
+    assert_eq!(count("cancel-two", "local"), 0.0);
     one.stop().await;
     two.stop().await;
 }

@@ -264,14 +264,20 @@ async fn a_reload_moves_the_routing_report_as_report_says() {
     .await;
     assert_eq!(moved.instance, "i2");
     wait_for("the old report to go", limit, || async {
-        report_at(&etcd, "/patroxy/moved/i1").await.is_none().then_some(())
+        report_at(&etcd, "/patroxy/moved/i1")
+            .await
+            .is_none()
+            .then_some(())
     })
     .await;
     // Reports turned off: the key goes.
     config.report.enabled = false;
     proxy.reload.send(config).await.unwrap();
     wait_for("the report to go", limit, || async {
-        report_at(&etcd, "/elsewhere/moved/i2").await.is_none().then_some(())
+        report_at(&etcd, "/elsewhere/moved/i2")
+            .await
+            .is_none()
+            .then_some(())
     })
     .await;
     proxy.stop().await;
@@ -301,7 +307,10 @@ async fn a_reload_stuck_on_a_slow_file_stalls_no_session() {
 
     // The file becomes a FIFO: reading it blocks until someone writes, like a hung disk.
     std::fs::remove_file(&file).unwrap();
-    let made = std::process::Command::new("mkfifo").arg(&file).status().unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&file)
+        .status()
+        .unwrap();
     assert!(made.success());
     signal(proxy.pid(), "HUP");
     proxy.wait_log("SIGHUP: reloading", 1).await;

@@ -30,6 +30,22 @@ pub fn install_metrics() {
     METRICS.get_or_init(|| patroxy::metrics::install().unwrap());
 }
 
+/// The metrics of this test process, as `/metrics` renders them (after `install_metrics`).
+pub fn metrics_text() -> String {
+    METRICS.get().expect("install_metrics first").render()
+}
+
+/// The sum of the samples of `name` whose labels contain every one of `labels`, if any.
+pub fn sample(metrics: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    let values: Vec<f64> = metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
 pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
 /// Installs a log subscriber once; `RUST_LOG=patroxy=debug` shows the proxy's logs.
