@@ -42,7 +42,7 @@ pub async fn run(
 ) -> Result<(), AppError> {
     let tls = TlsMaterial::load(&config).await?;
     let etcd = Etcd::new(&config.etcd).await?;
-    crate::metrics::start(&config);
+    crate::metrics::started();
     // Discovery outlives the listeners: the topology may still move while sessions drain.
     let stop_background = CancellationToken::new();
     let background = TaskTracker::new();
@@ -50,6 +50,7 @@ pub async fn run(
     let mut watching = BTreeMap::new();
     for cluster in &config.clusters {
         let (name, prefix) = (cluster.name(), cluster.prefix());
+        crate::metrics::cluster_started(&name);
         let (tx, rx) = watch::channel(Arc::new(Topology::default()));
         let tx = Arc::new(tx);
         let flag: Arc<std::sync::atomic::AtomicBool> = Arc::default();

@@ -83,16 +83,16 @@ impl Drop for WaitingGauge {
     }
 }
 
-/// Where a relayed session ran: its listener, the listener's role, and the server.
+/// Where a relayed session ran: its listener and the listener's role. (Servers are not a
+/// label: they are not known at start, and `/topology` counts sessions per member.)
 pub struct Route<'a> {
     pub listener: &'a str,
     pub role: &'a str,
-    pub server: &'a str,
 }
 
 pub fn session_closed(at: Route<'_>, reason: &'static str, up: u64, down: u64) {
     let l = at.listener.to_owned();
-    counter!(SESSIONS_CLOSED, "listener" => l.clone(), "role" => at.role.to_owned(), "server" => at.server.to_owned(), "reason" => reason).increment(1);
+    counter!(SESSIONS_CLOSED, "listener" => l.clone(), "role" => at.role.to_owned(), "reason" => reason).increment(1);
     counter!(BYTES, "listener" => l.clone(), "direction" => "client_to_server").increment(up);
     counter!(BYTES, "listener" => l, "direction" => "server_to_client").increment(down);
 }
@@ -152,8 +152,62 @@ pub fn task_panic(task: &str) {
     counter!(TASK_PANICS, "task" => task.to_owned()).increment(1);
 }
 
-/// Exports at zero every series whose labels are known at start, so that `rate()` and
-/// absence alerts see them before their first event.
-pub fn start(config: &crate::config::Config) {
-    let _ = config;
+/// The reason labels a listener's series can carry, from the modules that own them.
+pub struct Reasons {
+    pub startup: &'static [&'static str],
+    pub connect: &'static [&'static str],
+    pub closed: &'static [&'static str],
+    pub drain: &'static [&'static str],
+}
+
+/// Exports at zero every series of a new listener (at start, or added by a reload), so that
+/// `rate()` and absence alerts see them before their first event.
+pub fn listener_started(listener: &str, role: &str, reasons: &Reasons) {
+    let (l, r) = (listener.to_owned(), role.to_owned());
+    counter!(SESSIONS_ACCEPTED, "listener" => l.clone(), "role" => r.clone()).absolute(0);
+    gauge!(SESSIONS_ACTIVE, "listener" => l.clone(), "role" => r.clone()).increment(0.0);
+    for reason in reasons.closed {
+        counter!(SESSIONS_CLOSED, "listener" => l.clone(), "role" => r.clone(), "reason" => *reason)
+            .absolute(0);
+    }
+    for direction in ["client_to_server", "server_to_client"] {
+        counter!(BYTES, "listener" => l.clone(), "direction" => direction).absolute(0);
+    }
+    for (name, labels) in [
+        (STARTUP_FAILURES, reasons.startup),
+        (CONNECT_FAILURES, reasons.connect),
+        (DRAINS, reasons.drain),
+        (REFUSED, &["limit", "not_allowed"][..]),
+    ] {
+        for reason in labels {
+            counter!(name, "listener" => l.clone(), "reason" => *reason).absolute(0);
+        }
+    }
+    for routed in ["local", "broadcast"] {
+        counter!(CANCEL_REQUESTS, "listener" => l.clone(), "routed" => routed).absolute(0);
+    }
+    // Registered without a sample: rendered with a zero count.
+    let _ = histogram!(CONNECT_SECONDS, "listener" => l.clone());
+    gauge!(WAITING, "listener" => l).increment(0.0);
+}
+
+/// Exports at zero every series of a watched cluster.
+pub fn cluster_started(cluster: &str) {
+    let c = cluster.to_owned();
+    gauge!(TOPOLOGY_EPOCH, "cluster" => c.clone()).increment(0.0);
+    counter!(LEADER_CHANGES, "cluster" => c.clone()).absolute(0);
+    counter!(ETCD_WATCH_ERRORS, "cluster" => c.clone()).absolute(0);
+    gauge!(ETCD_LAST_EVENT, "cluster" => c).increment(0.0);
+}
+
+/// Exports at zero the series with no per-listener or per-cluster label.
+pub fn started() {
+    for result in ["ok", "refused"] {
+        counter!(CONFIG_RELOADS, "result" => result).absolute(0);
+    }
+}
+
+/// Exports at zero a supervised task's panic counter.
+pub fn task_started(task: &str) {
+    counter!(TASK_PANICS, "task" => task.to_owned()).absolute(0);
 }

@@ -17,6 +17,14 @@ use crate::state::Topologies;
 use crate::tls::TlsMaterial;
 use crate::view::Served;
 
+/// The reason labels of a listener's metrics.
+const REASONS: crate::metrics::Reasons = crate::metrics::Reasons {
+    startup: &crate::frontend::negotiate::StartupFailure::LABELS,
+    connect: &crate::backend::ConnectError::LABELS,
+    closed: &crate::frontend::relay::End::LABELS,
+    drain: &crate::routing::drain::DrainCause::LABELS,
+};
+
 /// A listener being served: the address it is bound to, its settings, and how to stop it.
 struct Running {
     bound: Option<std::net::SocketAddr>,
@@ -107,6 +115,7 @@ impl Server {
         }
         let (policy, updates) = watch::channel(ctx.policy.clone());
         ctx.policy_updates = updates;
+        crate::metrics::listener_started(&ctx.name, ctx.policy.role.as_str(), &REASONS);
         let name = format!("accept loop of listener {}", ctx.name);
         let (tx, rx) = watch::channel(Arc::new(ctx));
         let stop = self.shutdown.child_token();

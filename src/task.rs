@@ -17,6 +17,7 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    crate::metrics::task_started(&name);
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         let why = match tokio::spawn(make()).await {

@@ -159,3 +159,76 @@ async fn metrics_move_with_real_sessions_and_a_leader_change() {
     );
     proxy.stop().await;
 }
+
+/// The metric names the README documents, from its metrics table.
+fn documented_metrics() -> Vec<String> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    readme
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `patroxy_"))
+        .filter_map(|l| l.split('`').next())
+        .map(|name| format!("patroxy_{name}"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_instance_exports_every_documented_metric_at_zero() {
+    let root = TempRoot::new();
+    let etcd = Etcd::start(&root);
+    let (port, admin) = (free_port(), free_port());
+    let proxy = common::binary::Binary::start(&[
+        "run",
+        "--etcd",
+        &etcd.url(),
+        "--scope",
+        "fresh",
+        "--primary",
+        &format!("127.0.0.1:{port}"),
+        "--admin",
+        &format!("127.0.0.1:{admin}"),
+    ]);
+    let addr: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    wait_for(
+        "the admin endpoint",
+        Duration::from_secs(30),
+        || async move { TcpStream::connect(addr).await.ok() },
+    )
+    .await;
+    let metrics = wait_status(addr, "/metrics", 200).await;
+    let names = documented_metrics();
+    assert!(names.len() >= 16, "the README's metrics table: {names:?}");
+    let missing: Vec<&String> = names
+        .iter()
+        .filter(|n| {
+            let series = [format!("{n}{{"), format!("{n} "), format!("{n}_count{{")];
+            !metrics
+                .lines()
+                .any(|l| series.iter().any(|s| l.starts_with(s)))
+        })
+        .collect();
+    assert!(missing.is_empty(), "missing {missing:?} in\n{metrics}");
+    // Known labels, at zero, before anything happened.
+    for (name, labels) in [
+        ("patroxy_leader_changes_total", &[r#"cluster="fresh""#][..]),
+        ("patroxy_etcd_watch_errors_total", &[r#"cluster="fresh""#]),
+        ("patroxy_clients_waiting", &[r#"listener="primary""#]),
+        ("patroxy_config_reloads_total", &[r#"result="refused""#]),
+        (
+            "patroxy_sessions_closed_total",
+            &[r#"listener="primary""#, r#"reason="drained""#],
+        ),
+        (
+            "patroxy_connect_failures_total",
+            &[r#"listener="primary""#, r#"reason="no_server""#],
+        ),
+    ] {
+        assert_eq!(
+            sample(&metrics, name, labels),
+            Some(0.0),
+            "{name} {labels:?}"
+        );
+    }
+    let (status, log) = proxy.stop().await;
+    assert!(status.success(), "{log}");
+}

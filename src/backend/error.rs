@@ -38,6 +38,19 @@ pub enum ConnectError {
 }
 
 impl ConnectError {
+    /// Every `label()`, for metrics exported at zero before their first event.
+    pub const LABELS: [&'static str; 9] = [
+        "no_server",
+        "client_gone",
+        "client_error",
+        "client_protocol",
+        "server_error",
+        "server_protocol",
+        "server_refused",
+        "changed_during_auth",
+        "auth_timeout",
+    ];
+
     /// A short label for metrics.
     pub fn label(&self) -> &'static str {
         match self {
@@ -79,6 +92,41 @@ impl ConnectError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_error_has_its_label_listed() {
+        let io = || std::io::Error::other("x");
+        let server = || "s".to_owned();
+        let all = [
+            ConnectError::NoServer {
+                role: ListenerRole::Primary,
+                waited: Duration::ZERO,
+                why: String::new(),
+            },
+            ConnectError::ClientGone,
+            ConnectError::ClientIo(io()),
+            ConnectError::ClientProtocol(FrameError::TooShort { tag: 'p', len: 0 }),
+            ConnectError::ServerIo {
+                server: server(),
+                source: io(),
+            },
+            ConnectError::ServerProtocol {
+                server: server(),
+                why: String::new(),
+            },
+            ConnectError::Refused {
+                server: server(),
+                fields: ErrorFields::default(),
+            },
+            ConnectError::ChangedDuringAuth {
+                member: server(),
+                role: ListenerRole::Primary,
+            },
+            ConnectError::AuthTimeout(Duration::ZERO),
+        ];
+        let labels: Vec<_> = all.iter().map(ConnectError::label).collect();
+        assert_eq!(labels, ConnectError::LABELS);
+    }
 
     #[test]
     fn client_errors_carry_fitting_sqlstates() {

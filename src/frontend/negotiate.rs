@@ -88,7 +88,7 @@ pub async fn negotiate(
 }
 
 #[derive(Debug, thiserror::Error)]
-pub(super) enum StartupFailure {
+pub(crate) enum StartupFailure {
     #[error("{0}")]
     Bad(#[from] StartupError),
     #[error("startup packet not received within {0:?}")]
@@ -110,6 +110,21 @@ pub(super) enum StartupFailure {
 }
 
 impl StartupFailure {
+    /// Every `label()`, for metrics exported at zero before their first event.
+    pub(crate) const LABELS: [&'static str; 11] = [
+        "direct_tls",
+        "unsupported_protocol",
+        "bad_packet",
+        "timeout",
+        "closed",
+        "io",
+        "repeated_negotiation",
+        "bytes_after_ssl_request",
+        "tls_handshake",
+        "tls_no_alpn",
+        "tls_required",
+    ];
+
     fn label(&self) -> &'static str {
         match self {
             StartupFailure::Bad(StartupError::DirectTls) => "direct_tls",
@@ -245,4 +260,29 @@ pub(super) async fn send_fatal(client: &mut Stream, sqlstate: &str, message: &st
         tokio::io::AsyncWriteExt::shutdown(client).await
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_failure_has_its_label_listed() {
+        let io = || std::io::Error::other("x");
+        let all = [
+            StartupFailure::Bad(StartupError::DirectTls),
+            StartupFailure::Bad(StartupError::UnsupportedProtocol { major: 9, minor: 0 }),
+            StartupFailure::Bad(StartupError::Malformed),
+            StartupFailure::Timeout(Duration::from_secs(1)),
+            StartupFailure::Closed,
+            StartupFailure::Io(io()),
+            StartupFailure::Repeated("SSLRequest"),
+            StartupFailure::BytesAfterSslRequest,
+            StartupFailure::Handshake(io()),
+            StartupFailure::NoAlpn,
+            StartupFailure::TlsRequired,
+        ];
+        let labels: Vec<_> = all.iter().map(StartupFailure::label).collect();
+        assert_eq!(labels, StartupFailure::LABELS);
+    }
 }

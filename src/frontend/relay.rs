@@ -44,6 +44,18 @@ pub enum End {
 }
 
 impl End {
+    /// Every `label()`, for metrics exported at zero before their first event.
+    pub const LABELS: [&'static str; 8] = [
+        "client_closed",
+        "server_closed",
+        "client_error",
+        "server_error",
+        "client_protocol",
+        "server_protocol",
+        "drained",
+        "drained_at_deadline",
+    ];
+
     /// A short label for metrics.
     pub fn label(&self) -> &'static str {
         match self {
@@ -350,5 +362,32 @@ async fn pump_down(
         if st.drain_reached() {
             return Pumped::AtRest;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_end_has_its_label_listed() {
+        let frame = || FrameError::TooShort { tag: 'Q', len: 0 };
+        let io = || std::io::Error::other("x");
+        let drained = |forced| End::Drained {
+            cause: DrainCause::Shutdown,
+            forced,
+        };
+        let all = [
+            End::ClientClosed,
+            End::ServerClosed,
+            End::ClientIo(io()),
+            End::ServerIo(io()),
+            End::ClientProtocol(frame()),
+            End::ServerProtocol(frame()),
+            drained(false),
+            drained(true),
+        ];
+        let labels: Vec<_> = all.iter().map(End::label).collect();
+        assert_eq!(labels, End::LABELS);
     }
 }

@@ -139,7 +139,6 @@ async fn run_session(
     let route = crate::metrics::Route {
         listener: &ctx.name,
         role: &ctx.policy.role.to_string(),
-        server: &backend.target.endpoint.to_string(),
     };
     crate::metrics::session_closed(
         route,

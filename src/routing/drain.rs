@@ -37,6 +37,9 @@ impl DrainCause {
         }
     }
 
+    /// Every `label()`, for metrics exported at zero before their first event.
+    pub const LABELS: [&'static str; 3] = ["primary_moved", "left_pool", "shutdown"];
+
     /// A short label for logs and metrics.
     pub fn label(&self) -> &'static str {
         match self {
