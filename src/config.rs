@@ -155,9 +155,11 @@ impl fmt::Display for ClientTlsMode {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ServerTlsMode {
-    #[default]
     Disable,
     /// TLS if the server offers it, plaintext if it does not; the certificate is not checked.
+    /// The default, as libpq's `sslmode` is: a client that gets TLS from PostgreSQL directly
+    /// gets it through patroxy too.
+    #[default]
     Prefer,
     /// TLS or no connection; the certificate is not checked.
     Require,

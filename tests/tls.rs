@@ -267,6 +267,17 @@ async fn patroxy_verifies_the_servers_certificate_as_configured() {
     let ca = s.ca.cert_file.clone();
     let other = TestCa::new(s.root.path(), "other-ca");
 
+    // By default (no [server_tls]), as libpq's sslmode=prefer: a server that offers TLS gets
+    // a TLS connection from patroxy.
+    let proxy = Proxy::start(&s.etcd, "stls", |_| {}).await;
+    wait_routed(proxy.port(), s.pg.port).await;
+    let c = connect(proxy.port()).await.unwrap();
+    assert!(
+        c.query_one(ssl_used, &[]).await.unwrap().get::<_, bool>(0),
+        "the default server leg is plaintext"
+    );
+    proxy.stop().await;
+
     // verify-full: the certificate chains to the CA and names 127.0.0.1.
     let proxy = Proxy::start(&s.etcd, "stls", |cfg| {
         cfg.server_tls.mode = ServerTlsMode::VerifyFull;
