@@ -274,6 +274,10 @@ async fn pump_up(
     st: &RelayState,
 ) -> End {
     let mut scanner = Scanner::new(MAX_DECLARED_LEN);
+    // Syncs sent since the last command started: if that command turns out to be a COPY FROM
+    // STDIN (the client sends CopyDone or CopyFail), the server ignored them while copying,
+    // and no ReadyForQuery will answer them.
+    let mut syncs_in_command = 0u32;
     buf.reserve(BUF_SIZE);
     loop {
         if buf.is_empty() {
@@ -287,18 +291,27 @@ async fn pump_up(
             if let Seen::Header { tag, .. } = seen {
                 match tag {
                     codes::QUERY | codes::FUNCTION_CALL => {
+                        syncs_in_command = 0;
                         st.in_flight.fetch_add(1, Relaxed);
                     }
                     codes::SYNC => {
+                        syncs_in_command += 1;
                         st.in_flight.fetch_add(1, Relaxed);
                         st.unsynced.store(false, Relaxed);
                     }
-                    codes::PARSE
-                    | codes::BIND
-                    | codes::EXECUTE
-                    | codes::DESCRIBE
-                    | codes::CLOSE
-                    | codes::FLUSH => st.unsynced.store(true, Relaxed),
+                    codes::EXECUTE => {
+                        syncs_in_command = 0;
+                        st.unsynced.store(true, Relaxed);
+                    }
+                    codes::PARSE | codes::BIND | codes::DESCRIBE | codes::CLOSE | codes::FLUSH => {
+                        st.unsynced.store(true, Relaxed)
+                    }
+                    codes::COPY_DONE | codes::COPY_FAIL => {
+                        let ignored = std::mem::take(&mut syncs_in_command);
+                        let _ = st
+                            .in_flight
+                            .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(ignored)));
+                    }
                     _ => {}
                 }
             }

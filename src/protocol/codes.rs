@@ -34,6 +34,9 @@ pub const EXECUTE: u8 = b'E';
 pub const DESCRIBE: u8 = b'D';
 pub const CLOSE: u8 = b'C';
 pub const FLUSH: u8 = b'H';
+/// The end of the data of a COPY FROM STDIN; the server ignores Syncs until one of these.
+pub const COPY_DONE: u8 = b'c';
+pub const COPY_FAIL: u8 = b'f';
 
 /// `AuthenticationOk`'s code inside an `R` message.
 pub const AUTH_OK: u32 = 0;
