@@ -33,6 +33,8 @@ pub enum EtcdError {
     Silent(Duration),
     #[error("the lease expired")]
     LeaseLost,
+    #[error("etcd's revision went back from {seen} to {now}")]
+    Rewound { seen: i64, now: i64 },
 }
 
 /// How to reach etcd: the configuration, and its TLS files already read.

@@ -20,6 +20,7 @@ pub const TOPOLOGY_EPOCH: &str = "patroxy_topology_epoch";
 pub const LEADER_CHANGES: &str = "patroxy_leader_changes_total";
 pub const ETCD_LAST_EVENT: &str = "patroxy_etcd_last_event_timestamp_seconds";
 pub const ETCD_WATCH_ERRORS: &str = "patroxy_etcd_watch_errors_total";
+pub const ETCD_RESYNCS: &str = "patroxy_etcd_resyncs_total";
 pub const CONNECT_SECONDS: &str = "patroxy_backend_connect_seconds";
 pub const WAITING: &str = "patroxy_clients_waiting";
 pub const CONFIG_RELOADS: &str = "patroxy_config_reloads_total";
@@ -138,6 +139,11 @@ pub fn etcd_event(cluster: &str) {
     gauge!(ETCD_LAST_EVENT, "cluster" => cluster.to_owned()).set(now.as_secs_f64());
 }
 
+/// A full read of the cluster's keys: at start, and when the watch cannot be resumed.
+pub fn etcd_resync(cluster: &str) {
+    counter!(ETCD_RESYNCS, "cluster" => cluster.to_owned()).increment(1);
+}
+
 pub fn etcd_watch_error(cluster: &str) {
     counter!(ETCD_WATCH_ERRORS, "cluster" => cluster.to_owned()).increment(1);
 }
@@ -197,6 +203,7 @@ pub fn cluster_started(cluster: &str) {
     gauge!(TOPOLOGY_EPOCH, "cluster" => c.clone()).increment(0.0);
     counter!(LEADER_CHANGES, "cluster" => c.clone()).absolute(0);
     counter!(ETCD_WATCH_ERRORS, "cluster" => c.clone()).absolute(0);
+    counter!(ETCD_RESYNCS, "cluster" => c.clone()).absolute(0);
     gauge!(ETCD_LAST_EVENT, "cluster" => c).increment(0.0);
 }
 

@@ -285,53 +285,61 @@ async fn a_standby_named_leader_is_held_until_it_is_promoted() {
     proxy.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_watch_survives_etcd_restarts_and_compaction() {
-    let mut c = two_primaries("resync").await;
-    let proxy = Proxy::start(&c.etcd, "resync", |_| {}).await;
-    wait_routed(proxy.port(), c.a.port).await;
+/// Full reads of cluster `scope`'s keys so far (install_metrics first).
+fn resyncs(scope: &str) -> f64 {
+    let label = format!(r#"cluster="{scope}""#);
+    sample(&metrics_text(), "patroxy_etcd_resyncs_total", &[&label]).unwrap_or(0.0)
+}
 
+/// The current etcd revision.
+async fn revision(keys: &mut Keys) -> i64 {
+    let resp = keys.client.get("x", None).await.unwrap();
+    resp.header().unwrap().revision()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_resumes_after_etcd_restarts_and_reads_again_after_compaction() {
+    install_metrics();
+    let mut c = two_primaries("resync").await;
+    // patroxy reaches etcd through a gate the test can cut.
+    let gate = common::gate::Gate::start(c.etcd.port).await;
+    let proxy = Proxy::start(&c.etcd, "resync", |cfg| {
+        cfg.etcd.endpoints = vec![gate.url()];
+    })
+    .await;
+    wait_routed(proxy.port(), c.a.port).await;
+    assert_eq!(resyncs("resync"), 1.0, "the first read");
+
+    // etcd restarts: the watch resumes from its revision, with no second read.
     c.etcd.restart();
     c.keys = Keys::new(&c.etcd, "resync").await;
     c.keys.leader("b").await;
     wait_routed(proxy.port(), c.b.port).await;
-
-    let rev = c
-        .keys
-        .client
-        .get("x", None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision();
-    c.keys
-        .client
-        .compact(
-            rev,
-            Some(etcd_client::CompactionOptions::new().with_physical()),
-        )
-        .await
-        .unwrap();
-    c.keys.leader("a").await;
-    wait_routed(proxy.port(), c.a.port).await;
-
-    // Killed, with a change made while the proxy's watch is down, then back.
+    // Killed, with a change made while the watch is down, then back: the same.
     c.etcd.kill();
     c.etcd.restart();
     c.keys = Keys::new(&c.etcd, "resync").await;
+    c.keys.leader("a").await;
+    wait_routed(proxy.port(), c.a.port).await;
+    assert_eq!(resyncs("resync"), 1.0, "resumed, not read again");
+
+    // A compaction while the watch is live changes nothing for it.
+    let rev = revision(&mut c.keys).await;
+    let physical = Some(etcd_client::CompactionOptions::new().with_physical());
+    c.keys.client.compact(rev, physical.clone()).await.unwrap();
     c.keys.leader("b").await;
-    let rev = c
-        .keys
-        .client
-        .get("x", None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision();
-    c.keys.client.compact(rev, None).await.unwrap();
     wait_routed(proxy.port(), c.b.port).await;
+
+    // Cut off from etcd while the leader moves and the history is compacted: the watch cannot
+    // resume from its revision, so it reads everything again and routes right.
+    gate.cut();
+    c.keys.leader("a").await;
+    c.keys.put("status", r#"{"optime":1}"#).await;
+    let rev = revision(&mut c.keys).await;
+    c.keys.client.compact(rev, physical).await.unwrap();
+    gate.heal();
+    wait_routed(proxy.port(), c.a.port).await;
+    assert_eq!(resyncs("resync"), 2.0, "read again after the compaction");
     proxy.stop().await;
 }
 

@@ -1,6 +1,8 @@
 //! The etcd v3 watcher: range-read the cluster's prefix, watch it from the read's revision + 1,
 //! and publish a new `Topology` whenever the content changes. On any watch error,
-//! cancellation, compaction or silence it resyncs with backoff, so it never stops quietly.
+//! cancellation or silence it reconnects with backoff and resumes the watch from the last
+//! revision it applied, so no event is missed; when etcd has compacted that revision away, it
+//! reads the prefix again. It never stops quietly.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,6 +34,11 @@ pub struct EtcdWatcher {
     epoch: u64,
     current: Option<Arc<Topology>>,
     watching: Arc<AtomicBool>,
+    /// The keys as of `revision`: where the next watch resumes, unless it must read again.
+    keys: BTreeMap<String, Bytes>,
+    revision: i64,
+    /// False until the first read, and after etcd compacted the revision to resume from.
+    resumable: bool,
 }
 
 impl EtcdWatcher {
@@ -46,6 +53,9 @@ impl EtcdWatcher {
             epoch: 0,
             current: None,
             watching,
+            keys: BTreeMap::new(),
+            revision: 0,
+            resumable: false,
         }
     }
 
@@ -72,7 +82,17 @@ impl EtcdWatcher {
             let pause = backoff.next_pause();
             if let Err(e) = result {
                 crate::metrics::etcd_watch_error(&self.name);
-                warn!(error = %e, retry_in = ?pause, "etcd watch lost; will resync");
+                if matches!(e, EtcdError::Canceled { compact_revision, .. } if compact_revision > 0)
+                {
+                    // The revision to resume from is gone: read everything again.
+                    self.resumable = false;
+                }
+                let how = if self.resumable {
+                    "resume"
+                } else {
+                    "read everything again"
+                };
+                warn!(error = %e, retry_in = ?pause, revision = self.revision, "etcd watch lost; will {how}");
             }
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
@@ -81,7 +101,8 @@ impl EtcdWatcher {
         }
     }
 
-    /// One round: connect, read everything, then follow the watch until it fails.
+    /// One round: connect, read everything unless the last watch can be resumed, then follow
+    /// the watch until it fails.
     async fn sync_and_watch(
         &mut self,
         tx: &watch::Sender<Arc<Topology>>,
@@ -89,14 +110,18 @@ impl EtcdWatcher {
     ) -> Result<(), EtcdError> {
         let mut client = self.etcd.connect().await?;
         let request_timeout = self.etcd.config.request_timeout;
-        let (mut keys, revision) = read_prefix(&mut client, &self.prefix, request_timeout).await?;
-        self.publish(tx, &keys, revision);
+        if !self.resumable {
+            let (keys, revision) = read_prefix(&mut client, &self.prefix, request_timeout).await?;
+            (self.keys, self.revision, self.resumable) = (keys, revision, true);
+            crate::metrics::etcd_resync(&self.name);
+            self.publish(tx, self.revision);
+        }
         crate::metrics::etcd_event(&self.name);
         *synced = true;
 
         let opts = WatchOptions::new()
             .with_prefix()
-            .with_start_revision(revision + 1);
+            .with_start_revision(self.revision + 1);
         let watch = client.watch(self.prefix.as_str(), Some(opts));
         let mut stream = within(request_timeout, watch).await?;
         self.watching.store(true, Ordering::Relaxed);
@@ -121,24 +146,36 @@ impl EtcdWatcher {
                         });
                     }
                     if resp.events().is_empty() {
-                        continue; // created, or a progress notification
+                        // A progress notification says every event up to its revision has
+                        // been delivered; the "created" answer says nothing of the kind.
+                        let at = resp.header().map_or(self.revision, |h| h.revision());
+                        if !resp.created() {
+                            self.revision = self.revision.max(at);
+                        } else if at < self.revision {
+                            // etcd is behind what was seen (restored, or rebuilt): the watch
+                            // would wait for a revision that may never mean the same thing.
+                            self.resumable = false;
+                            return Err(EtcdError::Rewound { seen: self.revision, now: at });
+                        }
+                        continue;
                     }
-                    let mut rev = revision;
                     for ev in resp.events() {
                         let Some(kv) = ev.kv() else { continue };
+                        // Resume after the last event applied: the header's revision can run
+                        // ahead of events still to come in later responses.
+                        self.revision = self.revision.max(kv.mod_revision());
                         let Some(key) = self.relative(kv.key()) else { continue };
-                        rev = rev.max(kv.mod_revision());
                         match ev.event_type() {
                             EventType::Put => {
-                                keys.insert(key, Bytes::copy_from_slice(kv.value()));
+                                self.keys.insert(key, Bytes::copy_from_slice(kv.value()));
                             }
                             EventType::Delete => {
-                                keys.remove(&key);
+                                self.keys.remove(&key);
                             }
                         }
                     }
-                    let rev = resp.header().map_or(rev, |h| h.revision());
-                    self.publish(tx, &keys, rev);
+                    let rev = resp.header().map_or(self.revision, |h| h.revision());
+                    self.publish(tx, rev);
                 }
                 _ = progress.tick() => {
                     if last_message.elapsed() > idle {
@@ -155,13 +192,8 @@ impl EtcdWatcher {
     }
 
     /// Publishes a new snapshot when the content changed, logging leader changes in one line.
-    fn publish(
-        &mut self,
-        tx: &watch::Sender<Arc<Topology>>,
-        keys: &BTreeMap<String, Bytes>,
-        revision: i64,
-    ) {
-        let (mut next, problems) = Topology::from_keys(keys);
+    fn publish(&mut self, tx: &watch::Sender<Arc<Topology>>, revision: i64) {
+        let (mut next, problems) = Topology::from_keys(&self.keys);
         for p in problems {
             warn!(problem = %p, "ignoring a Patroni value");
         }

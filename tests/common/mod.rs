@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub mod binary;
+pub mod gate;
 pub mod patroni;
 pub mod tls;
 
