@@ -214,11 +214,23 @@ async fn read_first(
             }
             Some(p) => return Ok(Opening::Packet(p)),
             None => {
+                reserve_declared(buf);
                 if client.read_buf(buf).await? == 0 {
                     return Err(StartupFailure::Closed);
                 }
             }
         }
+    }
+}
+
+/// Room for the whole packet the client declared (already checked against PostgreSQL's
+/// limit), and no more: growing by doubling would hold up to twice what a slow client sent.
+fn reserve_declared(buf: &mut BytesMut) {
+    let Some(len) = buf.get(..4) else { return };
+    let declared = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+    let want = declared.min(codes::MAX_STARTUP_PACKET_LEN);
+    if want > buf.len() {
+        buf.reserve(want - buf.len());
     }
 }
 

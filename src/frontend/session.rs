@@ -28,8 +28,10 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ListenerContext>) 
     };
     match first {
         FirstPacket::Cancel(key) => forward_cancel(key, peer, &ctx).await,
+        // Boxed: the connected session's state is large, and a client still negotiating
+        // should not carry room for it.
         FirstPacket::Startup(startup) => {
-            run_session(client, peer, buf, startup, &ctx, started).await
+            Box::pin(run_session(client, peer, buf, startup, &ctx, started)).await
         }
         // Negotiation answers these itself and reads on.
         FirstPacket::SslRequest | FirstPacket::GssEncRequest => {}
