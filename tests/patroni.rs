@@ -122,6 +122,21 @@ impl Writer {
     }
 }
 
+/// Correctness bounds, not performance figures (those are in BENCHMARKS.md): a planned
+/// switchover takes Patroni about 2 s; a lost leader up to its ttl (10 s) before the new key.
+const SWITCHOVER_GAP: Duration = Duration::from_secs(10);
+const LOSS_GAP: Duration = Duration::from_secs(30);
+/// The writer sees at most the transaction the event cut, and one reconnect that raced it.
+const FAILED_PER_EVENT: usize = 2;
+
+fn assert_available(failed: usize, gap: Duration, bound: Duration, event: &str) {
+    assert!(
+        failed <= FAILED_PER_EVENT,
+        "{event}: {failed} failed attempts (at most {FAILED_PER_EVENT})"
+    );
+    assert!(gap < bound, "{event}: writes stopped for {gap:?} (bound {bound:?})");
+}
+
 async fn leader(cluster: &Cluster) -> String {
     cluster.state().await.unwrap().leader.unwrap()
 }
@@ -173,6 +188,7 @@ async fn writes_survive_switchover_silent_loss_and_crash() {
     writer.wait_acked_on(cluster.port_of(&candidate), t).await;
     let (failed, gap) = writer.window(t);
     eprintln!("switchover {first} -> {candidate}: {failed} failed attempts, longest gap {gap:?}");
+    assert_available(failed, gap, SWITCHOVER_GAP, "switchover");
     assert_eq!(
         ended_within(reader_conn, AT_REST).await.as_deref(),
         Some("57P01")
@@ -241,6 +257,7 @@ async fn writes_survive_switchover_silent_loss_and_crash() {
          first write on the new leader {:?} after its key was seen",
         writer_first_ok_after(&writer, cluster.port_of(&promoted), leader_seen)
     );
+    assert_available(failed, gap, LOSS_GAP, "silent loss");
 
     // 3. Crash: kill -9 of the new leader's Patroni and postmaster. The frozen node stays
     // frozen (so it cannot take the key back); the remaining member takes over.
@@ -252,6 +269,7 @@ async fn writes_survive_switchover_silent_loss_and_crash() {
     writer.wait_acked_on(cluster.port_of(&last), t).await;
     let (failed, gap) = writer.window(t);
     eprintln!("crash of {crashed} -> {last}: {failed} failed attempts, longest gap {gap:?}");
+    assert_available(failed, gap, LOSS_GAP, "crash");
 
     let log = writer.stop().await;
     let acked: Vec<i64> = log
