@@ -110,15 +110,25 @@ struct RunArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::CheckConfig { file } => check_config(&file),
-        Command::Run(args) => run(args),
-        Command::Status(args) => status(args),
+    // check-config lists each problem on a line of its own; the others say it in one line.
+    let (result, one_line) = match cli.command {
+        Command::CheckConfig { file } => (check_config(&file), false),
+        Command::Run(args) => (run(args), true),
+        Command::Status(args) => (status(args), true),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("patroxy: {e:#}");
+            let text = format!("{e:#}");
+            match one_line {
+                true => eprintln!(
+                    "patroxy: {}",
+                    text.replace(":\n  - ", ": ")
+                        .replace("\n  - ", "; ")
+                        .replace('\n', " ")
+                ),
+                false => eprintln!("patroxy: {text}"),
+            }
             ExitCode::FAILURE
         }
     }

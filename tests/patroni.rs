@@ -134,7 +134,10 @@ fn assert_available(failed: usize, gap: Duration, bound: Duration, event: &str) 
         failed <= FAILED_PER_EVENT,
         "{event}: {failed} failed attempts (at most {FAILED_PER_EVENT})"
     );
-    assert!(gap < bound, "{event}: writes stopped for {gap:?} (bound {bound:?})");
+    assert!(
+        gap < bound,
+        "{event}: writes stopped for {gap:?} (bound {bound:?})"
+    );
 }
 
 async fn leader(cluster: &Cluster) -> String {

@@ -70,11 +70,12 @@ impl Pipeliner {
 }
 
 struct Replicated {
-    _root: TempRoot,
     etcd: Etcd,
     _p: Postgres,
     r: Postgres,
     keys: Keys,
+    /// Last: fields drop in order, and the servers above must stop before it goes.
+    _root: TempRoot,
 }
 
 async fn replicated(scope: &str) -> Replicated {

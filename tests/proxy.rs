@@ -14,11 +14,12 @@ const LONG: Duration = Duration::from_secs(30);
 
 /// Two independent primaries, `a` and `b`, registered as members, with `a` the leader.
 struct TwoPrimaries {
-    _root: TempRoot,
     etcd: Etcd,
     a: Postgres,
     b: Postgres,
     keys: Keys,
+    /// Last: fields drop in order, and the servers above must stop before it goes.
+    _root: TempRoot,
 }
 
 async fn two_primaries(scope: &str) -> TwoPrimaries {

@@ -14,12 +14,13 @@ const LONG: Duration = Duration::from_secs(30);
 const OPTIME: u64 = 100 << 20;
 
 struct ThreeNodes {
-    _root: TempRoot,
     etcd: Etcd,
     p: Postgres,
     r1: Postgres,
     r2: Postgres,
     keys: Keys,
+    /// Last: fields drop in order, and the servers above must stop before it goes.
+    _root: TempRoot,
 }
 
 impl ThreeNodes {
@@ -148,10 +149,16 @@ async fn reads_spread_evenly_over_replicas_and_never_reach_the_primary() {
         assert_eq!(counts.len(), 2, "{name}: {counts:?}");
         for port in [n.r1.port, n.r2.port] {
             let c = counts[&port];
-            assert!(
-                (80..=120).contains(&c),
-                "{name}: {counts:?} is not within 20% of even"
-            );
+            if name == "rr" {
+                // Round robin takes strict turns.
+                assert_eq!(c, 100, "{name}: {counts:?}");
+            } else {
+                // Least connections sees the last session's count drop a moment late.
+                assert!(
+                    (80..=120).contains(&c),
+                    "{name}: {counts:?} is not within 20% of even"
+                );
+            }
         }
     }
     n.keys

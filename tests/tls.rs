@@ -21,11 +21,12 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 struct Setup {
-    root: TempRoot,
     etcd: Etcd,
     pg: Postgres,
     ca: TestCa,
     _keys: Keys,
+    /// Last: fields drop in order, and the servers above must stop before it goes.
+    root: TempRoot,
 }
 
 async fn setup(scope: &str) -> Setup {

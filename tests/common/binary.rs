@@ -29,6 +29,7 @@ impl Binary {
             .stderr(Stdio::piped())
             .spawn()
             .expect("patroxy binary");
+        super::track(child.id());
         let log = Arc::new(Mutex::new(Vec::new()));
         for out in [
             Box::new(child.stderr.take().unwrap()) as Box<dyn std::io::Read + Send>,
@@ -76,9 +77,13 @@ impl Binary {
     pub async fn stop(mut self) -> (ExitStatus, String) {
         let mut child = self.child.take().expect("running");
         super::signal(child.id(), "TERM");
-        let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
-            .await
-            .unwrap();
+        let status = tokio::task::spawn_blocking(move || {
+            let status = child.wait().unwrap();
+            super::untrack(child.id());
+            status
+        })
+        .await
+        .unwrap();
         (status, self.log())
     }
 }
@@ -88,6 +93,7 @@ impl Drop for Binary {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+            super::untrack(c.id());
         }
     }
 }

@@ -120,16 +120,33 @@ pub fn signal(pid: u32, sig: &str) {
         .status();
 }
 
-/// A temporary directory that the `postgres` user may write in.
+/// Notes a server this test started in `$PATROXY_TEST_PIDS` (scripts/test.sh sets it), so
+/// that a run that is interrupted ends exactly its own servers, nobody else's.
+pub fn track(pid: u32) {
+    if let Some(dir) = std::env::var_os("PATROXY_TEST_PIDS") {
+        let _ = std::fs::write(Path::new(&dir).join(pid.to_string()), "");
+    }
+}
+
+/// The server `pid` has been stopped and waited for.
+pub fn untrack(pid: u32) {
+    if let Some(dir) = std::env::var_os("PATROXY_TEST_PIDS") {
+        let _ = std::fs::remove_file(Path::new(&dir).join(pid.to_string()));
+    }
+}
+
+/// A temporary directory that the `postgres` user may write in, under `$PATROXY_TEST_ROOT`
+/// (scripts/test.sh makes one per run) or /tmp.
 pub struct TempRoot {
     dir: tempfile::TempDir,
 }
 
 impl TempRoot {
     pub fn new() -> TempRoot {
+        let base = std::env::var_os("PATROXY_TEST_ROOT").unwrap_or_else(|| "/tmp".into());
         let dir = tempfile::Builder::new()
             .prefix("patroxy-test-")
-            .tempdir_in("/tmp")
+            .tempdir_in(base)
             .unwrap();
         if is_root() {
             run_ok(
@@ -269,8 +286,16 @@ impl Etcd {
             .stderr(log)
             .spawn()
             .expect("etcd (install etcd-server)");
+        track(child.id());
         self.child = Some(child);
-        wait_port_blocking(self.port, Duration::from_secs(20), "etcd");
+        let log = self.dir.with_extension("log");
+        wait_ready(
+            self.child.as_mut().unwrap(),
+            "etcd",
+            &log,
+            Duration::from_secs(20),
+            || std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok(),
+        );
     }
 
     /// Stops etcd abruptly, as a crash would.
@@ -278,6 +303,7 @@ impl Etcd {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+            untrack(c.id());
         }
     }
 
@@ -321,12 +347,32 @@ impl Drop for Etcd {
     }
 }
 
-fn wait_port_blocking(port: u16, limit: Duration, what: &str) {
+/// Waits until `ready` says our own `child` serves, checking all along that the child is still
+/// alive: a port answered by another test's server (the port was taken between `free_port`
+/// and the bind) must not pass for ours.
+fn wait_ready(
+    child: &mut Child,
+    what: &str,
+    log: &Path,
+    limit: Duration,
+    mut ready: impl FnMut() -> bool,
+) {
     let deadline = std::time::Instant::now() + limit;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            let log = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            panic!(
+                "{what} exited ({status}) before it served:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        if ready() {
+            return;
+        }
         assert!(
             std::time::Instant::now() < deadline,
-            "{what} did not open port {port}"
+            "{what} did not start within {limit:?}"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -494,23 +540,22 @@ impl Postgres {
             .stderr(log)
             .spawn()
             .expect("postgres");
+        track(child.id());
         self.child = Some(child);
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let ok = Command::new(format!("{PG_BIN}/pg_isready"))
-                .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string()])
-                .status()
-                .is_ok_and(|s| s.success());
-            if ok {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "postgres {} did not start",
-                self.name
-            );
-            std::thread::sleep(Duration::from_millis(30));
-        }
+        let (port, log) = (self.port.to_string(), self.data.with_extension("log"));
+        let what = format!("postgres {}", self.name);
+        wait_ready(
+            self.child.as_mut().unwrap(),
+            &what,
+            &log,
+            Duration::from_secs(30),
+            || {
+                Command::new(format!("{PG_BIN}/pg_isready"))
+                    .args(["-q", "-h", "127.0.0.1", "-p", &port])
+                    .status()
+                    .is_ok_and(|s| s.success())
+            },
+        );
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -522,6 +567,7 @@ impl Postgres {
         if let Some(mut c) = self.child.take() {
             signal(c.id(), "INT");
             let _ = c.wait();
+            untrack(c.id());
         }
     }
 
@@ -581,6 +627,7 @@ impl Drop for Postgres {
             signal(c.id(), "CONT");
             signal(c.id(), "QUIT");
             let _ = c.wait();
+            untrack(c.id());
         }
     }
 }

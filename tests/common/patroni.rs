@@ -51,6 +51,7 @@ impl Member {
         }
         if let Some(mut c) = self.patroni.take() {
             let _ = c.wait();
+            super::untrack(c.id());
         }
     }
 
@@ -110,9 +111,10 @@ fn descendants(roots: &[u32]) -> Vec<u32> {
 
 pub struct Cluster {
     pub scope: String,
-    pub etcd: Etcd,
     pub members: Vec<Member>,
+    pub etcd: Etcd,
     ctl: PathBuf,
+    /// Last: fields drop in order, and the servers above must stop before it goes.
     _root: TempRoot,
 }
 
@@ -168,7 +170,9 @@ impl Cluster {
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
-        m.patroni = Some(cmd.spawn().expect("patroni (install patroni)"));
+        let child = cmd.spawn().expect("patroni (install patroni)");
+        super::track(child.id());
+        m.patroni = Some(child);
     }
 
     /// Restarts a crashed member's Patroni; it rejoins as a replica.
