@@ -23,16 +23,6 @@ const CLIENTS: usize = 300;
 /// RSS is the whole test process's: tests that measure it take turns.
 static MEASURING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-async fn one_primary(scope: &str) -> (TempRoot, Etcd, Postgres) {
-    let root = TempRoot::new();
-    let etcd = Etcd::start(&root);
-    let pg = Postgres::primary(&root, "a");
-    let mut keys = Keys::new(&etcd, scope).await;
-    keys.member("a", pg.port, "primary", "running").await;
-    keys.leader("a").await;
-    (root, etcd, pg)
-}
-
 fn rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     status

@@ -11,16 +11,6 @@ use patroxy::policy::ListenerRole;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
-async fn one_primary(scope: &str) -> (TempRoot, Etcd, Postgres) {
-    let root = TempRoot::new();
-    let etcd = Etcd::start(&root);
-    let pg = Postgres::primary(&root, "a");
-    let mut keys = Keys::new(&etcd, scope).await;
-    keys.member("a", pg.port, "primary", "running").await;
-    keys.leader("a").await;
-    (root, etcd, pg)
-}
-
 /// What patroxy sends a raw client before closing, within 30 s.
 async fn refusal(port: u16) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();

@@ -378,6 +378,17 @@ fn wait_ready(
     }
 }
 
+/// etcd and one PostgreSQL primary `a`, registered as the leader of `scope`.
+pub async fn one_primary(scope: &str) -> (TempRoot, Etcd, Postgres) {
+    let root = TempRoot::new();
+    let etcd = Etcd::start(&root);
+    let pg = Postgres::primary(&root, "a");
+    let mut keys = Keys::new(&etcd, scope).await;
+    keys.member("a", pg.port, "primary", "running").await;
+    keys.leader("a").await;
+    (root, etcd, pg)
+}
+
 /// Writes Patroni-shaped keys for scope `scope` under the default namespace.
 pub struct Keys {
     pub client: EtcdClient,
