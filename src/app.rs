@@ -11,13 +11,15 @@ use tokio_util::task::TaskTracker;
 use tracing::info;
 
 use crate::admin::{Admin, AdminState};
+use crate::backend::pool::Pools;
 use crate::backend::ServerLoad;
 use crate::config::Config;
 use crate::discovery::{EtcdWatcher, Topology};
 use crate::etcd::Etcd;
+use crate::frontend::context::ClientAuth;
 use crate::listener::BoundListener;
 use crate::report::Reporter;
-use crate::server::{Published, Server};
+use crate::server::{Backends, Published, Server};
 use crate::state::{Running, Serving, Topologies};
 use crate::task::supervise;
 use crate::tls::TlsMaterial;
@@ -28,6 +30,8 @@ pub enum AppError {
     Tls(#[from] crate::tls::TlsError),
     #[error("{0}")]
     Etcd(#[from] crate::etcd::EtcdError),
+    #[error("{0}")]
+    Auth(String),
 }
 
 /// Runs patroxy: etcd discovery for every cluster, the admin endpoint if `admin` is given,
@@ -42,6 +46,9 @@ pub async fn run(
 ) -> Result<(), AppError> {
     let tls = TlsMaterial::load(&config).await?;
     let etcd = Etcd::new(&config.etcd).await?;
+    let auth = ClientAuth::load(&config.auth)
+        .await
+        .map_err(AppError::Auth)?;
     crate::metrics::started();
     // Discovery outlives the listeners: the topology may still move while sessions drain.
     let stop_background = CancellationToken::new();
@@ -79,14 +86,27 @@ pub async fn run(
         serving: serving_tx,
         config: config_tx,
     };
+    let pools = Arc::new(Pools::default());
+    let backends = Backends {
+        load,
+        pools: pools.clone(),
+        auth,
+    };
     let server = Server::new(
         config.clone(),
         tls,
         topologies.clone(),
-        load,
+        backends,
         published,
         shutdown,
     );
+    {
+        let watched: Vec<_> = topologies.values().cloned().collect();
+        let stop = stop_background.clone();
+        background.spawn(supervise("pool reaper".into(), stop.clone(), move || {
+            crate::backend::pool::reap(pools.clone(), watched.clone(), stop.clone())
+        }));
+    }
     for cluster in &config.clusters {
         let (name, etcd, running) = (cluster.name(), etcd.clone(), running.clone());
         let stop = stop_background.clone();

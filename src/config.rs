@@ -67,6 +67,73 @@ pub struct Config {
     pub server_tls: ServerTlsConfig,
     /// The routing report patroxy keeps in etcd.
     pub report: ReportConfig,
+    /// Server connection pools, for listeners with a `pool_mode`.
+    pub pool: PoolConfig,
+    /// How patroxy authenticates clients itself, on pooled listeners.
+    pub auth: AuthConfig,
+}
+
+/// How a listener gives clients server connections (PgBouncer's meanings).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PoolMode {
+    /// A dedicated server connection per client, authenticated end to end.
+    #[default]
+    None,
+    /// A pooled server connection for as long as the client stays connected, reset and
+    /// reused after it leaves. patroxy authenticates the client itself (`[auth]`).
+    Session,
+}
+
+impl fmt::Display for PoolMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PoolMode::None => "none",
+            PoolMode::Session => "session",
+        })
+    }
+}
+
+/// `[pool]`: server connection pools, one per (member, database, user).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Server connections per pool.
+    pub pool_size: usize,
+    /// A client waits this long, in line, for a server connection; then it gets an error.
+    #[serde(with = "humantime_serde")]
+    pub query_wait_timeout: Duration,
+    /// An idle server connection is closed after this long.
+    #[serde(with = "humantime_serde")]
+    pub server_idle_timeout: Duration,
+    /// A server connection is closed when it is returned after this long.
+    #[serde(with = "humantime_serde")]
+    pub server_lifetime: Duration,
+    /// Run on a server connection before another client gets it.
+    pub server_reset_query: String,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            pool_size: 20,
+            query_wait_timeout: Duration::from_secs(120),
+            server_idle_timeout: Duration::from_secs(600),
+            server_lifetime: Duration::from_secs(3600),
+            server_reset_query: "DISCARD ALL".into(),
+        }
+    }
+}
+
+/// `[auth]`: the secrets patroxy checks pooled clients against.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// PgBouncer's userlist format: `"user" "secret"` lines, where a secret is a SCRAM
+    /// verifier, an md5 secret, or a password.
+    pub auth_file: Option<PathBuf>,
+    /// Client addresses let in without a password (CIDR blocks); none by default.
+    pub trust: Vec<Cidr>,
 }
 
 /// `[report]`: a leased key per cluster, `<prefix>/<cluster>/<instance>`, saying where this
@@ -224,6 +291,8 @@ impl Default for Config {
             tls: TlsConfig::default(),
             server_tls: ServerTlsConfig::default(),
             report: ReportConfig::default(),
+            pool: PoolConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -351,6 +420,8 @@ pub struct ListenerConfig {
     pub allow: Vec<Cidr>,
     /// `disable`, `allow` or `require`; by default `allow` when `[tls]` has a certificate.
     pub tls: Option<ClientTlsMode>,
+    /// `none` (a server connection per client) or `session` (pooled).
+    pub pool_mode: PoolMode,
 }
 
 impl Default for ListenerConfig {
@@ -367,6 +438,7 @@ impl Default for ListenerConfig {
             max_client_connections: 0,
             allow: Vec::new(),
             tls: None,
+            pool_mode: PoolMode::None,
         }
     }
 }
@@ -574,6 +646,7 @@ impl Config {
         }
         self.validate_tls(&mut bad);
         self.validate_report(&mut bad);
+        self.validate_pool(&mut bad);
         if bad.is_empty() {
             Ok(())
         } else {
@@ -604,6 +677,35 @@ impl Config {
             if let Some(f) = file.as_ref().filter(|f| !f.is_file()) {
                 bad.push(format!("{name}: {} is not a readable file", f.display()));
             }
+        }
+    }
+
+    fn validate_pool(&self, bad: &mut Vec<String>) {
+        let p = &self.pool;
+        if p.pool_size == 0 {
+            bad.push("pool.pool_size: must be at least 1".into());
+        }
+        for (name, d) in [
+            ("pool.query_wait_timeout", p.query_wait_timeout),
+            ("pool.server_idle_timeout", p.server_idle_timeout),
+            ("pool.server_lifetime", p.server_lifetime),
+        ] {
+            if d < Duration::from_millis(10) {
+                bad.push(format!("{name}: {d:?} is too short (at least 10ms)"));
+            }
+        }
+        let pooled = self.listeners.iter().any(|l| l.pool_mode != PoolMode::None);
+        if pooled && self.auth.auth_file.is_none() && self.auth.trust.is_empty() {
+            bad.push(
+                "auth: pooled listeners need auth.auth_file (or auth.trust) to authenticate clients"
+                    .into(),
+            );
+        }
+        if let Some(f) = self.auth.auth_file.as_ref().filter(|f| !f.is_file()) {
+            bad.push(format!(
+                "auth.auth_file: {} is not a readable file",
+                f.display()
+            ));
         }
     }
 

@@ -28,6 +28,7 @@
 pub mod admin;
 pub(crate) mod allow;
 pub mod app;
+pub(crate) mod auth;
 pub(crate) mod backend;
 pub(crate) mod backoff;
 pub mod config;

@@ -25,6 +25,8 @@ pub const CONNECT_SECONDS: &str = "patroxy_backend_connect_seconds";
 pub const WAITING: &str = "patroxy_clients_waiting";
 pub const CONFIG_RELOADS: &str = "patroxy_config_reloads_total";
 pub const TASK_PANICS: &str = "patroxy_task_panics_total";
+pub const AUTH_FAILURES: &str = "patroxy_auth_failures_total";
+pub const SERVER_CONNECTIONS: &str = "patroxy_server_connections";
 
 /// Installs the Prometheus recorder for this process; its handle renders `/metrics`.
 pub fn install() -> Result<PrometheusHandle, String> {
@@ -153,6 +155,11 @@ pub fn reload(result: &'static str) {
     counter!(CONFIG_RELOADS, "result" => result).increment(1);
 }
 
+/// A pooled client that patroxy did not authenticate, by reason.
+pub fn auth_failure(listener: &str, reason: &'static str) {
+    counter!(AUTH_FAILURES, "listener" => listener.to_owned(), "reason" => reason).increment(1);
+}
+
 /// A background task panicked and was started again.
 pub fn task_panic(task: &str) {
     counter!(TASK_PANICS, "task" => task.to_owned()).increment(1);
@@ -189,6 +196,15 @@ pub fn listener_started(listener: &str, role: &str, reasons: &Reasons) {
             counter!(name, "listener" => l.clone(), "reason" => *reason).absolute(0);
         }
     }
+    for reason in [
+        "bad_password",
+        "auth_protocol",
+        "client_error",
+        "client_gone",
+        "timeout",
+    ] {
+        counter!(AUTH_FAILURES, "listener" => l.clone(), "reason" => reason).absolute(0);
+    }
     for routed in ["local", "broadcast"] {
         counter!(CANCEL_REQUESTS, "listener" => l.clone(), "routed" => routed).absolute(0);
     }
@@ -212,6 +228,13 @@ pub fn started() {
     for result in ["ok", "refused"] {
         counter!(CONFIG_RELOADS, "result" => result).absolute(0);
     }
+    server_connections(0, 0);
+}
+
+/// Pooled server connections: idle in their pools, and lent to clients.
+pub fn server_connections(idle: usize, in_use: usize) {
+    gauge!(SERVER_CONNECTIONS, "state" => "idle").set(idle as f64);
+    gauge!(SERVER_CONNECTIONS, "state" => "in_use").set(in_use as f64);
 }
 
 /// Exports at zero a supervised task's panic counter.

@@ -10,6 +10,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::backend::{CancelRegistry, ServerLoad};
+
 use crate::config::{Config, ListenerConfig};
 use crate::frontend::{ListenerContext, ProxyContext};
 use crate::listener::{accept_loop, bind_one, BoundListener};
@@ -32,6 +33,14 @@ struct Running {
     /// The routing rules, for sessions already open: they drain if they no longer fit.
     policy: watch::Sender<Arc<crate::routing::Policy>>,
     stop: CancellationToken,
+}
+
+/// What the server's sessions share about servers: their load, the pools, and how pooled
+/// clients are authenticated.
+pub struct Backends {
+    pub load: ServerLoad,
+    pub pools: Arc<crate::backend::pool::Pools>,
+    pub auth: crate::frontend::context::ClientAuth,
 }
 
 /// Where the server publishes what it runs, for the operator surfaces (`state::Running`).
@@ -58,16 +67,19 @@ impl Server {
         config: Arc<Config>,
         tls: TlsMaterial,
         topologies: Topologies,
-        load: ServerLoad,
+        backends: Backends,
         published: Published,
         shutdown: CancellationToken,
     ) -> Server {
         let proxy = Arc::new(ProxyContext {
             timeouts: config.timeouts.clone(),
             cancels: CancelRegistry::default(),
-            load,
+            load: backends.load,
             connections: crate::limit::Limit::new(config.limits.max_client_connections),
             shutdown: shutdown.clone(),
+            pools: backends.pools,
+            pool: config.pool.clone(),
+            auth: Arc::new(backends.auth),
         });
         Server {
             config,
@@ -230,6 +242,8 @@ impl Server {
             ("timeouts", old.timeouts != new.timeouts),
             ("runtime", old.runtime != new.runtime),
             ("admin", old.admin != new.admin),
+            ("pool", old.pool != new.pool),
+            ("auth", old.auth != new.auth),
         ] {
             if changed {
                 warn!("[{what}] changed: it takes effect at the next restart");
@@ -285,22 +299,15 @@ impl Server {
         self.proxy
             .connections
             .set_max(new.limits.max_client_connections);
-        let (etcd, clusters, timeouts, runtime, admin) = {
-            let o = &self.config;
-            (
-                o.etcd.clone(),
-                o.clusters.clone(),
-                o.timeouts.clone(),
-                o.runtime.clone(),
-                o.admin.clone(),
-            )
-        };
+        let o = &self.config;
         self.config = Arc::new(Config {
-            etcd,
-            clusters,
-            timeouts,
-            runtime,
-            admin,
+            etcd: o.etcd.clone(),
+            clusters: o.clusters.clone(),
+            timeouts: o.timeouts.clone(),
+            runtime: o.runtime.clone(),
+            admin: o.admin.clone(),
+            pool: o.pool.clone(),
+            auth: o.auth.clone(),
             ..new
         });
         self.tls = tls;

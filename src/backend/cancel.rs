@@ -18,10 +18,11 @@ use crate::discovery::Topology;
 use crate::protocol::messages;
 use crate::protocol::startup::CancelKey;
 
-/// Which server issued each live session's cancel key.
+/// Where each live session's cancel key goes: the server, and the key to send it (the
+/// server's own; for a pooled session, the key of the server connection it holds).
 #[derive(Debug, Clone, Default)]
 pub struct CancelRegistry {
-    keys: Arc<Mutex<HashMap<CancelKey, Endpoint>>>,
+    keys: Arc<Mutex<HashMap<CancelKey, (Endpoint, CancelKey)>>>,
 }
 
 /// Removes its key from the registry when the session ends, on every exit path.
@@ -38,20 +39,26 @@ impl Drop for Registration {
 }
 
 impl CancelRegistry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CancelKey, Endpoint>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CancelKey, (Endpoint, CancelKey)>> {
         // A panic elsewhere while holding the lock leaves a usable map.
         self.keys.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn register(&self, key: CancelKey, server: Endpoint) -> Registration {
-        self.lock().insert(key.clone(), server);
+    /// The client's `key` cancels on `server` with `server_key`.
+    pub fn register(
+        &self,
+        key: CancelKey,
+        server: Endpoint,
+        server_key: CancelKey,
+    ) -> Registration {
+        self.lock().insert(key.clone(), (server, server_key));
         Registration {
             registry: self.clone(),
             key,
         }
     }
 
-    pub fn lookup(&self, key: &CancelKey) -> Option<Endpoint> {
+    pub fn lookup(&self, key: &CancelKey) -> Option<(Endpoint, CancelKey)> {
         self.lock().get(key).cloned()
     }
 
@@ -130,8 +137,8 @@ mod tests {
     fn registrations_end_with_their_guard() {
         let reg = CancelRegistry::default();
         let ep = Endpoint::parse("127.0.0.1:5001").unwrap();
-        let guard = reg.register(key(1), ep.clone());
-        assert_eq!(reg.lookup(&key(1)), Some(ep));
+        let guard = reg.register(key(1), ep.clone(), key(7));
+        assert_eq!(reg.lookup(&key(1)), Some((ep, key(7))));
         assert_eq!(reg.lookup(&key(2)), None);
         drop(guard);
         assert!(reg.is_empty());

@@ -1,12 +1,15 @@
 //! The server side of the proxy: getting a client a server connection (the connect loop in
 //! `connect.rs`, the handshake with one server in `handshake.rs`), per-server load and
-//! ejections, and cancel requests delivered to servers.
+//! ejections, cancel requests delivered to servers, and for pooled listeners the server
+//! connections patroxy authenticates itself (`conn.rs`) and their pools (`pool.rs`).
 
 pub mod cancel;
+pub mod conn;
 pub mod connect;
 pub mod error;
 pub mod handshake;
 pub mod load;
+pub mod pool;
 
 use bytes::BytesMut;
 

@@ -3,6 +3,7 @@
 //! (`ProxyContext`: timeouts, the cancel-key registry, server load, the global connection
 //! limit, shutdown).
 
+use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
@@ -11,8 +12,10 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::allow::Cidr;
+use crate::auth::userlist::{self, Secret};
+use crate::backend::pool::Pools;
 use crate::backend::{CancelRegistry, ServerLoad};
-use crate::config::{ClientTlsMode, ListenerConfig, Timeouts};
+use crate::config::{AuthConfig, ClientTlsMode, ListenerConfig, PoolConfig, PoolMode, Timeouts};
 use crate::discovery::Topology;
 use crate::limit::Limit;
 use crate::routing::Policy;
@@ -26,6 +29,37 @@ pub struct ProxyContext {
     /// Client connections across all listeners (`limits.max_client_connections`).
     pub connections: Arc<Limit>,
     pub shutdown: CancellationToken,
+    /// Server connection pools, for pooled listeners.
+    pub pools: Arc<Pools>,
+    pub pool: PoolConfig,
+    /// The secrets pooled listeners check clients against.
+    pub auth: Arc<ClientAuth>,
+}
+
+/// How pooled listeners authenticate clients: the `auth_file` users, and the addresses
+/// trusted without a password.
+#[derive(Debug, Default)]
+pub struct ClientAuth {
+    pub users: HashMap<String, Secret>,
+    pub trust: Vec<Cidr>,
+}
+
+impl ClientAuth {
+    /// Reads `[auth]`'s file on a blocking thread.
+    pub async fn load(config: &AuthConfig) -> Result<ClientAuth, String> {
+        let (file, trust) = (config.auth_file.clone(), config.trust.clone());
+        let users = match file {
+            None => HashMap::new(),
+            Some(path) => tokio::task::spawn_blocking(move || {
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| format!("auth.auth_file {}: {e}", path.display()))?;
+                userlist::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+            })
+            .await
+            .map_err(|e| e.to_string())??,
+        };
+        Ok(ClientAuth { users, trust })
+    }
 }
 
 /// A listener: its name, its routing rules, its cluster's topology, and the shared state.
@@ -49,6 +83,7 @@ pub struct ListenerContext {
     /// Present unless `tls_mode` is `disable`.
     pub tls: Option<TlsAcceptor>,
     pub server_tls: ServerTls,
+    pub pool_mode: PoolMode,
     pub proxy: Arc<ProxyContext>,
 }
 
@@ -80,6 +115,7 @@ impl ListenerContext {
                 .then(|| tls.acceptor.clone())
                 .flatten(),
             server_tls: tls.server.clone(),
+            pool_mode: config.pool_mode,
             proxy,
         }
     }

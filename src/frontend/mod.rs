@@ -3,9 +3,11 @@
 //! (`session.rs`), the relay (`relay.rs`) and its drain control (`drain.rs`). The server
 //! side is `backend/`.
 
+pub mod client_auth;
 pub mod context;
 pub mod drain;
 pub mod negotiate;
+pub mod pooled;
 pub mod relay;
 pub mod session;
 

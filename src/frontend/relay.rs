@@ -101,6 +101,9 @@ pub struct RelayContext<'a> {
     pub server: &'a Endpoint,
     pub timeouts: &'a Timeouts,
     pub shutdown: &'a CancellationToken,
+    /// Pooled sessions keep the server connection when the client leaves: its Terminate
+    /// is not passed on.
+    pub keep_server: bool,
 }
 
 /// Where the conversation stands, as both pumps see it; one task polls both, so relaxed
@@ -156,6 +159,10 @@ pub struct Outcome {
     pub end: End,
     pub bytes_up: u64,
     pub bytes_down: u64,
+    /// Where the conversation stood at the end.
+    pub progress: Progress,
+    /// The server has every client byte sent so far, ending on a frame boundary.
+    pub server_clean: bool,
 }
 
 /// Relays until one side closes or a drain ends the session.
@@ -177,7 +184,13 @@ pub async fn relay(
     let (mut client_rd, mut client_wr) = client.split();
     let (mut server_rd, mut server_wr) = server.split();
     let end = {
-        let up = pump_up(&mut client_rd, &mut server_wr, client_leftover, &st);
+        let up = pump_up(
+            &mut client_rd,
+            &mut server_wr,
+            client_leftover,
+            &st,
+            ctx.keep_server,
+        );
         let down = pump_down(&mut server_rd, &mut client_wr, server_leftover, &st);
         tokio::pin!(up, down);
         let mut draining: Option<(DrainCause, Instant)> = None;
@@ -260,6 +273,8 @@ pub async fn relay(
         end,
         bytes_up: st.bytes_up.load(Relaxed),
         bytes_down: st.bytes_down.load(Relaxed),
+        progress: st.progress(),
+        server_clean: st.up_clean.load(Relaxed),
     }
 }
 
@@ -272,8 +287,10 @@ async fn pump_up(
     wr: &mut Writer<'_>,
     mut buf: BytesMut,
     st: &RelayState,
+    keep_server: bool,
 ) -> End {
     let mut scanner = Scanner::new(MAX_DECLARED_LEN);
+    let mut terminated = false;
     // Syncs sent since the last command started: if that command turns out to be a COPY FROM
     // STDIN (the client sends CopyDone or CopyFail), the server ignored them while copying,
     // and no ReadyForQuery will answer them.
@@ -312,6 +329,7 @@ async fn pump_up(
                             .in_flight
                             .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(ignored)));
                     }
+                    codes::TERMINATE => terminated = true,
                     _ => {}
                 }
             }
@@ -319,13 +337,24 @@ async fn pump_up(
         if let Err(e) = scanned {
             return End::ClientProtocol(e);
         }
+        // A client's last word is its Terminate. A kept server must not see it: everything
+        // before it goes on; a Terminate that is not whole at the end of this read leaves
+        // the server unclean (and so not kept).
+        let whole_terminate = terminated && buf.ends_with(&TERMINATE);
+        if keep_server && whole_terminate {
+            buf.truncate(buf.len() - TERMINATE.len());
+        }
         st.up_clean.store(false, Relaxed);
         if let Err(e) = wr.write_all(&buf).await {
             return End::ServerIo(e);
         }
-        st.up_clean.store(scanner.at_boundary(), Relaxed);
+        let clean = scanner.at_boundary() && (!keep_server || !terminated || whole_terminate);
+        st.up_clean.store(clean, Relaxed);
         st.bytes_up.fetch_add(buf.len() as u64, Relaxed);
         buf.clear();
+        if keep_server && terminated {
+            return End::ClientClosed;
+        }
     }
 }
 

@@ -12,8 +12,10 @@ use tracing::{info, warn};
 
 use super::context::ListenerContext;
 use super::negotiate::{negotiate, send_fatal, Negotiated};
+use super::pooled::run_pooled;
 use super::relay::{relay, End, RelayContext};
 use crate::backend::{cancel, establish, ConnectParams};
+use crate::config::PoolMode;
 use crate::protocol::codes;
 use crate::protocol::startup::{CancelKey, FirstPacket, StartupInfo};
 use crate::stream::{tune_socket, Stream};
@@ -30,6 +32,9 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ListenerContext>) 
         FirstPacket::Cancel(key) => forward_cancel(key, peer, &ctx).await,
         // Boxed: the connected session's state is large, and a client still negotiating
         // should not carry room for it.
+        FirstPacket::Startup(startup) if ctx.pool_mode == PoolMode::Session => {
+            Box::pin(run_pooled(client, peer, buf, startup, &ctx, started)).await
+        }
         FirstPacket::Startup(startup) => {
             Box::pin(run_session(client, peer, buf, startup, &ctx, started)).await
         }
@@ -44,9 +49,13 @@ async fn forward_cancel(key: CancelKey, peer: SocketAddr, ctx: &ListenerContext)
     let proxy = &ctx.proxy;
     let known = proxy.cancels.lookup(&key);
     let local = known.is_some();
-    let targets = cancel::cancel_targets(known, &ctx.topology.borrow());
+    let (endpoint, send) = match known {
+        Some((ep, server_key)) => (Some(ep), server_key),
+        None => (None, key.clone()),
+    };
+    let targets = cancel::cancel_targets(endpoint, &ctx.topology.borrow());
     let sent_to = targets.len();
-    let delivered = cancel::deliver(&key, targets, proxy.timeouts.connect).await;
+    let delivered = cancel::deliver(&send, targets, proxy.timeouts.connect).await;
     let routed = if local { "local" } else { "broadcast" };
     crate::metrics::cancel_request(&ctx.name, routed);
     info!(client = %peer, listener = %ctx.name, pid = key.pid, local, sent_to, delivered, "cancel request forwarded");
@@ -98,10 +107,11 @@ async fn run_session(
     };
     let connected_ms = started.elapsed().as_millis() as u64;
     crate::metrics::connected(&ctx.name, started.elapsed());
-    let _registration = backend
-        .key
-        .clone()
-        .map(|k| proxy.cancels.register(k, backend.target.endpoint.clone()));
+    let _registration = backend.key.clone().map(|k| {
+        proxy
+            .cancels
+            .register(k.clone(), backend.target.endpoint.clone(), k)
+    });
     let relay_ctx = RelayContext {
         policy: &ctx.policy,
         policy_updates: ctx.policy_updates.clone(),
@@ -109,6 +119,7 @@ async fn run_session(
         server: &backend.target.endpoint,
         timeouts: &proxy.timeouts,
         shutdown: &proxy.shutdown,
+        keep_server: false,
     };
 
     let leftover = std::mem::take(&mut backend.leftover);

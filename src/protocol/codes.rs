@@ -55,3 +55,4 @@ pub const SQLCLIENT_UNABLE_TO_ESTABLISH: &str = "08001";
 pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
 pub const TOO_MANY_CONNECTIONS: &str = "53300";
 pub const INVALID_AUTHORIZATION: &str = "28000";
+pub const INVALID_PASSWORD: &str = "28P01";

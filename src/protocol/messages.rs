@@ -153,6 +153,96 @@ pub fn error_fields(body: &[u8]) -> Option<ErrorFields> {
     Some(out)
 }
 
+/// Any pgwire message, encoded as a whole frame.
+pub fn encode<M: Message>(m: &M) -> Bytes {
+    let mut buf = BytesMut::new();
+    m.encode(&mut buf).expect("patroxy's own messages encode");
+    buf.freeze()
+}
+
+/// A simple Query.
+pub fn query(sql: &str) -> Bytes {
+    encode(&pgwire::messages::simplequery::Query::new(sql.to_owned()))
+}
+
+/// An Authentication (`R`) body's code and what follows it.
+pub fn auth_payload(body: &[u8]) -> Option<(u32, &[u8])> {
+    Some((auth_code(body)?, &body[4..]))
+}
+
+/// A PasswordMessage body (cleartext or md5): the string before its NUL.
+pub fn password(body: &[u8]) -> Option<&str> {
+    match cstrings(body)?.as_slice() {
+        [p] => std::str::from_utf8(p).ok(),
+        _ => None,
+    }
+}
+
+/// A SASLInitialResponse body: the mechanism, and the initial data (empty when -1).
+pub fn sasl_initial_response(body: &[u8]) -> Option<(&str, &[u8])> {
+    let nul = body.iter().position(|b| *b == 0)?;
+    let mechanism = std::str::from_utf8(&body[..nul]).ok()?;
+    let rest = &body[nul + 1..];
+    let len = i32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
+    let data = &rest[4..];
+    match len {
+        -1 if data.is_empty() => Some((mechanism, &[])),
+        n if n >= 0 && n as usize == data.len() => Some((mechanism, data)),
+        _ => None,
+    }
+}
+
+/// A frontend SASLInitialResponse (`p`).
+pub fn sasl_initial(mechanism: &str, data: &[u8]) -> Bytes {
+    use pgwire::messages::startup::SASLInitialResponse;
+    let m = SASLInitialResponse::new(mechanism.to_owned(), Some(Bytes::copy_from_slice(data)));
+    encode(&m)
+}
+
+/// A frontend SASLResponse (`p`).
+pub fn sasl_response(data: &[u8]) -> Bytes {
+    use pgwire::messages::startup::SASLResponse;
+    encode(&SASLResponse::new(Bytes::copy_from_slice(data)))
+}
+
+/// A frontend PasswordMessage (`p`): cleartext or md5.
+pub fn password_message(password: &str) -> Bytes {
+    encode(&pgwire::messages::startup::Password::new(
+        password.to_owned(),
+    ))
+}
+
+/// A StartupMessage 3.0 with these parameters.
+pub fn startup(params: &[(&str, &str)]) -> Bytes {
+    let mut s = pgwire::messages::startup::Startup::new();
+    for (k, v) in params {
+        s.parameters.insert((*k).to_owned(), (*v).to_owned());
+    }
+    encode(&s)
+}
+
+/// A backend ParameterStatus.
+pub fn parameter_status_message(name: &str, value: &str) -> Bytes {
+    encode(&ParameterStatus::new(name.to_owned(), value.to_owned()))
+}
+
+/// A backend BackendKeyData with patroxy's own key.
+pub fn backend_key_data(key: &CancelKey) -> Bytes {
+    let secret = SecretKey::Bytes(key.secret.clone());
+    encode(&BackendKeyData::new(key.pid, secret))
+}
+
+/// A backend ReadyForQuery saying idle.
+pub fn ready_for_query_idle() -> Bytes {
+    use pgwire::messages::response::{ReadyForQuery, TransactionStatus};
+    encode(&ReadyForQuery::new(TransactionStatus::Idle))
+}
+
+/// A backend Authentication message.
+pub fn authentication(a: pgwire::messages::startup::Authentication) -> Bytes {
+    encode(&a)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

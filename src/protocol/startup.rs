@@ -44,14 +44,17 @@ pub struct CancelKey {
     pub secret: Bytes,
 }
 
-/// What patroxy keeps of a StartupMessage: the untouched bytes to forward, plus a few
-/// parameters for logs.
+/// What patroxy keeps of a StartupMessage: the untouched bytes to forward, the user and
+/// database, and the other parameters (which pooled listeners apply to the server
+/// connection they hand the client).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StartupInfo {
     pub major: u16,
     pub minor: u16,
     pub user: Option<String>,
     pub database: Option<String>,
+    /// The other parameters, by name.
+    pub params: Vec<(String, String)>,
     pub raw: Bytes,
 }
 
@@ -130,6 +133,7 @@ fn parse_startup(code: u32, packet: BytesMut) -> Result<FirstPacket, StartupErro
         minor,
         user: params.remove("user"),
         database: params.remove("database"),
+        params: params.into_iter().collect(),
         raw,
     }))
 }

@@ -1,0 +1,8 @@
+//! Authentication patroxy performs itself, for pooled listeners where a server connection
+//! is shared and authentication cannot be relayed end to end: SCRAM-SHA-256 both ways
+//! (`scram.rs`), md5 (`md5.rs`), and the secrets it checks against (`userlist.rs`, PgBouncer's
+//! `auth_file` format). Pure, no I/O.
+
+pub mod md5;
+pub mod scram;
+pub mod userlist;

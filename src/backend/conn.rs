@@ -1,0 +1,300 @@
+//! A server connection that patroxy opened and authenticated itself, for the pools: the
+//! startup message, authentication as the client's user (SCRAM with a password or with the
+//! client's recovered ClientKey, md5, cleartext), the greeting, and the reset that makes it
+//! clean again for the next client.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::time::{timeout, Instant};
+
+use crate::auth::md5;
+use crate::auth::scram::{self, ClientExchange, Credential};
+use crate::discovery::patroni::Endpoint;
+use crate::protocol::codes;
+use crate::protocol::frame::{split_frame, Frame};
+use crate::protocol::messages;
+use crate::protocol::startup::CancelKey;
+use crate::stream::{send, tune_socket, Stream};
+use crate::tls::ServerTls;
+
+/// Server frames outside a session's relay are small.
+const FRAME_LIMIT: usize = 1 << 20;
+
+/// How patroxy proves itself to PostgreSQL as a client's user.
+#[derive(Clone, Debug)]
+pub enum Login {
+    /// SCRAM with a password or a recovered ClientKey; also md5 or cleartext with a password.
+    Scram(Credential),
+    /// The stored md5 secret (`md5...`): answers md5 challenges.
+    Md5(String),
+    /// No secret: the server must trust this user.
+    Trust,
+}
+
+/// A server connection at rest (after ReadyForQuery, idle).
+#[derive(Debug)]
+pub struct ServerConn {
+    pub stream: Stream,
+    pub endpoint: Endpoint,
+    /// The server's ParameterStatus values, kept current.
+    pub params: BTreeMap<String, String>,
+    /// The server's own cancel key.
+    pub key: Option<CancelKey>,
+    pub created: Instant,
+    pub last_used: Instant,
+    /// Server bytes read past the last ReadyForQuery.
+    pub buf: BytesMut,
+}
+
+/// What the server said or did instead of accepting the connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("timed out")]
+    Timeout,
+    #[error("{0}")]
+    Protocol(String),
+    #[error("server refused: {sqlstate} {message}")]
+    Refused { sqlstate: String, message: String },
+    #[error("SCRAM: {0}")]
+    Scram(#[from] scram::ScramError),
+    #[error("the server asked for a password patroxy does not have for this user")]
+    NoSecret,
+    #[error("the server is in recovery (in_hot_standby=on)")]
+    InRecovery,
+}
+
+impl ConnError {
+    /// Worth trying another server or a moment later (the server is starting, stopping, or
+    /// not what the role wants), rather than a refusal of these credentials.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ConnError::Refused { sqlstate, .. } => {
+                [codes::CANNOT_CONNECT_NOW, codes::ADMIN_SHUTDOWN].contains(&sqlstate.as_str())
+            }
+            ConnError::Scram(_) | ConnError::NoSecret => false,
+            _ => true,
+        }
+    }
+}
+
+impl ServerConn {
+    /// Opens and authenticates a connection to `endpoint` as `user` on `database`.
+    /// `wants_standby` checks `in_hot_standby` as the listener's role wants it.
+    pub async fn open(
+        endpoint: &Endpoint,
+        tls: &ServerTls,
+        user: &str,
+        database: &str,
+        login: &Login,
+        wants_standby: Option<bool>,
+        limit: Duration,
+    ) -> Result<ServerConn, ConnError> {
+        timeout(limit, async {
+            let tcp = TcpStream::connect((endpoint.host.as_str(), endpoint.port)).await?;
+            tune_socket(&tcp);
+            let stream = crate::tls::open(tcp, tls, &endpoint.host)
+                .await
+                .map_err(ConnError::Protocol)?;
+            let mut conn = ServerConn {
+                stream,
+                endpoint: endpoint.clone(),
+                params: BTreeMap::new(),
+                key: None,
+                created: Instant::now(),
+                last_used: Instant::now(),
+                buf: BytesMut::with_capacity(4096),
+            };
+            let startup = messages::startup(&[("user", user), ("database", database)]);
+            send(&mut conn.stream, &startup).await?;
+            conn.authenticate(user, login).await?;
+            conn.read_to_ready().await?;
+            let standby = conn.params.get("in_hot_standby").map(|v| v == "on");
+            if wants_standby == Some(false) && standby == Some(true) {
+                return Err(ConnError::InRecovery);
+            }
+            if wants_standby == Some(true) && standby == Some(false) {
+                return Err(ConnError::Protocol(
+                    "not in recovery (in_hot_standby=off)".into(),
+                ));
+            }
+            Ok(conn)
+        })
+        .await
+        .map_err(|_| ConnError::Timeout)?
+    }
+
+    async fn frame(&mut self) -> Result<Frame, ConnError> {
+        loop {
+            let split = split_frame(&mut self.buf, FRAME_LIMIT);
+            if let Some(f) = split.map_err(|e| ConnError::Protocol(e.to_string()))? {
+                return Ok(f);
+            }
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
+                return Err(ConnError::Protocol(
+                    "the server closed the connection".into(),
+                ));
+            }
+        }
+    }
+
+    fn refused(frame: &Frame) -> ConnError {
+        let f = messages::error_fields(frame.body()).unwrap_or_default();
+        ConnError::Refused {
+            sqlstate: f.sqlstate,
+            message: f.message,
+        }
+    }
+
+    /// Answers the server's authentication requests until AuthenticationOk.
+    async fn authenticate(&mut self, user: &str, login: &Login) -> Result<(), ConnError> {
+        let mut scram: Option<ClientExchange> = None;
+        loop {
+            let frame = self.frame().await?;
+            match frame.tag {
+                codes::AUTHENTICATION => {}
+                codes::ERROR_RESPONSE => return Err(Self::refused(&frame)),
+                codes::NEGOTIATE_PROTOCOL_VERSION | codes::NOTICE_RESPONSE => continue,
+                t => {
+                    return Err(ConnError::Protocol(format!(
+                        "unexpected {:?} during authentication",
+                        t as char
+                    )))
+                }
+            }
+            let (code, payload) = messages::auth_payload(frame.body())
+                .ok_or_else(|| ConnError::Protocol("a malformed authentication request".into()))?;
+            let reply = match (code, login) {
+                (codes::AUTH_OK, _) => return Ok(()),
+                (AUTH_CLEARTEXT, Login::Scram(Credential::Password(p))) => {
+                    messages::password_message(p)
+                }
+                (AUTH_MD5, Login::Md5(stored)) => {
+                    messages::password_message(&md5::response(stored, salt(payload)?))
+                }
+                (AUTH_MD5, Login::Scram(Credential::Password(p))) => messages::password_message(
+                    &md5::response(&md5::stored(p, user), salt(payload)?),
+                ),
+                (AUTH_SASL, Login::Scram(credential)) => {
+                    let offered = payload
+                        .split(|b| *b == 0)
+                        .any(|m| m == scram::MECHANISM.as_bytes());
+                    if !offered {
+                        return Err(ConnError::Protocol(
+                            "the server offers no SCRAM-SHA-256".into(),
+                        ));
+                    }
+                    let (exchange, first) =
+                        ClientExchange::start(credential.clone(), &scram::nonce());
+                    scram = Some(exchange);
+                    messages::sasl_initial(scram::MECHANISM, first.as_bytes())
+                }
+                (AUTH_SASL_CONTINUE, _) => {
+                    let exchange = scram
+                        .as_mut()
+                        .ok_or_else(|| ConnError::Protocol("SASL out of order".into()))?;
+                    let text = std::str::from_utf8(payload)
+                        .map_err(|_| ConnError::Protocol("SASL data".into()))?;
+                    messages::sasl_response(exchange.respond(text)?.as_bytes())
+                }
+                (AUTH_SASL_FINAL, _) => {
+                    let exchange = scram
+                        .take()
+                        .ok_or_else(|| ConnError::Protocol("SASL out of order".into()))?;
+                    let text = std::str::from_utf8(payload)
+                        .map_err(|_| ConnError::Protocol("SASL data".into()))?;
+                    exchange.finish(text)?;
+                    continue;
+                }
+                _ => return Err(ConnError::NoSecret),
+            };
+            send(&mut self.stream, &reply).await?;
+        }
+    }
+
+    /// Reads until ReadyForQuery, keeping ParameterStatus and BackendKeyData; an error
+    /// response fails it. Returns the transaction status.
+    pub async fn read_to_ready(&mut self) -> Result<u8, ConnError> {
+        let mut failed = None;
+        loop {
+            let frame = self.frame().await?;
+            match frame.tag {
+                codes::PARAMETER_STATUS => {
+                    if let Some((name, value)) = messages::parameter_status(frame.body()) {
+                        self.params.insert(name, value);
+                    }
+                }
+                codes::BACKEND_KEY_DATA => self.key = messages::backend_key(frame.body()),
+                codes::ERROR_RESPONSE => failed = Some(Self::refused(&frame)),
+                codes::READY_FOR_QUERY => {
+                    let status = frame.body().first().copied().unwrap_or(codes::TX_IDLE);
+                    return match failed {
+                        Some(e) => Err(e),
+                        None => Ok(status),
+                    };
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Runs `sql` (a simple query, possibly several statements) and waits for its end.
+    pub async fn execute(&mut self, sql: &str) -> Result<u8, ConnError> {
+        send(&mut self.stream, &messages::query(sql)).await?;
+        self.read_to_ready().await
+    }
+
+    /// Makes the connection clean for another client: a transaction left open is rolled
+    /// back, then `reset_query` runs. Clean means idle at ReadyForQuery, nothing pending.
+    pub async fn reset(
+        &mut self,
+        tx_status: u8,
+        reset_query: &str,
+        limit: Duration,
+    ) -> Result<(), ConnError> {
+        timeout(limit, async {
+            if tx_status != codes::TX_IDLE {
+                self.execute("ROLLBACK").await?;
+            }
+            let status = if reset_query.is_empty() {
+                codes::TX_IDLE
+            } else {
+                self.execute(reset_query).await?
+            };
+            match (status, self.buf.is_empty()) {
+                (codes::TX_IDLE, true) => Ok(()),
+                _ => Err(ConnError::Protocol("not idle after the reset".into())),
+            }
+        })
+        .await
+        .map_err(|_| ConnError::Timeout)?
+    }
+
+    /// Still usable: the server has not closed it nor sent anything unasked. A read that
+    /// would block is the healthy answer; no round trip.
+    pub fn looks_alive(&self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(
+            self.stream.tcp().try_read(&mut probe),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+        )
+    }
+}
+
+const AUTH_CLEARTEXT: u32 = 3;
+const AUTH_MD5: u32 = 5;
+const AUTH_SASL: u32 = 10;
+const AUTH_SASL_CONTINUE: u32 = 11;
+const AUTH_SASL_FINAL: u32 = 12;
+
+fn salt(payload: &[u8]) -> Result<[u8; 4], ConnError> {
+    payload
+        .get(..4)
+        .and_then(|s| s.try_into().ok())
+        .ok_or_else(|| ConnError::Protocol("an md5 request without its salt".into()))
+}

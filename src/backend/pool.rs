@@ -1,0 +1,196 @@
+//! Server connection pools, one per (server, database, user, role wanted): at most
+//! `pool_size` connections each, lent to one client at a time. Clients wait in line (tokio's
+//! semaphore is first-in, first-out) up to `query_wait_timeout`. A connection goes back only
+//! clean (the caller resets it); idle ones expire after `server_idle_timeout`, every one after
+//! `server_lifetime`, and a dead one is dropped when it would be lent.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use super::conn::ServerConn;
+use crate::config::PoolConfig;
+use crate::discovery::patroni::Endpoint;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub endpoint: Endpoint,
+    pub database: String,
+    pub user: String,
+    /// What the server must be (`in_hot_standby`): a primary, a standby, or either.
+    pub wants_standby: Option<bool>,
+}
+
+/// Every pool of this instance.
+#[derive(Debug, Default)]
+pub struct Pools {
+    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+}
+
+#[derive(Debug)]
+pub struct Pool {
+    pub key: PoolKey,
+    settings: PoolConfig,
+    slots: Arc<Semaphore>,
+    idle: Mutex<Vec<ServerConn>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("no server connection for {user}@{database} on {endpoint} within query_wait_timeout ({waited:?}): all {size} are in use")]
+    WaitTimeout {
+        user: String,
+        database: String,
+        endpoint: Endpoint,
+        waited: Duration,
+        size: usize,
+    },
+}
+
+/// A client's lease of a slot in a pool, and the connection once it has one. Dropped
+/// without `give_back`, the connection is closed and the slot freed.
+#[derive(Debug)]
+pub struct Lease {
+    pub pool: Arc<Pool>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Pools {
+    fn lock(&self) -> MutexGuard<'_, HashMap<PoolKey, Arc<Pool>>> {
+        self.pools.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The pool for `key`, made on first use.
+    pub fn get(&self, key: PoolKey, settings: &PoolConfig) -> Arc<Pool> {
+        self.lock()
+            .entry(key.clone())
+            .or_insert_with(|| {
+                Arc::new(Pool {
+                    key,
+                    settings: settings.clone(),
+                    slots: Arc::new(Semaphore::new(settings.pool_size)),
+                    idle: Mutex::default(),
+                })
+            })
+            .clone()
+    }
+
+    /// Closes idle connections that expired, and those of pools `keep` rejects (a server
+    /// that stopped being what the pool wants, such as a deposed primary).
+    pub fn reap(&self, keep: impl Fn(&PoolKey) -> bool) -> usize {
+        let pools: Vec<Arc<Pool>> = self.lock().values().cloned().collect();
+        let now = Instant::now();
+        let mut closed = 0;
+        for p in pools {
+            let wanted = keep(&p.key);
+            let mut idle = p.idle();
+            let before = idle.len();
+            idle.retain(|c| wanted && !p.expired(c, now));
+            closed += before - idle.len();
+        }
+        closed
+    }
+
+    /// Connections idle, and lent, over all pools.
+    pub fn counts(&self) -> (usize, usize) {
+        self.lock().values().fold((0, 0), |(idle, used), p| {
+            (idle + p.idle().len(), used + p.in_use())
+        })
+    }
+}
+
+impl Pool {
+    fn idle(&self) -> MutexGuard<'_, Vec<ServerConn>> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn expired(&self, c: &ServerConn, now: Instant) -> bool {
+        now.duration_since(c.last_used) > self.settings.server_idle_timeout
+            || now.duration_since(c.created) > self.settings.server_lifetime
+    }
+
+    pub fn in_use(&self) -> usize {
+        self.settings.pool_size - self.slots.available_permits()
+    }
+
+    /// Waits in line for a slot, up to `query_wait_timeout`; then an idle connection that
+    /// is still alive, if there is one (else the caller opens one for the lease).
+    pub async fn lease(self: &Arc<Self>) -> Result<(Lease, Option<ServerConn>), PoolError> {
+        let wait = self.settings.query_wait_timeout;
+        let started = Instant::now();
+        let slot = tokio::time::timeout(wait, self.slots.clone().acquire_owned())
+            .await
+            .map_err(|_| PoolError::WaitTimeout {
+                user: self.key.user.clone(),
+                database: self.key.database.clone(),
+                endpoint: self.key.endpoint.clone(),
+                waited: started.elapsed(),
+                size: self.settings.pool_size,
+            })?
+            .expect("pool semaphores are never closed");
+        let lease = Lease {
+            pool: self.clone(),
+            _slot: slot,
+        };
+        let now = Instant::now();
+        let mut idle = self.idle();
+        while let Some(c) = idle.pop() {
+            if !self.expired(&c, now) && c.looks_alive() {
+                return Ok((lease, Some(c)));
+            }
+        }
+        Ok((lease, None))
+    }
+}
+
+impl Lease {
+    /// Returns a clean connection to the pool (closed instead if it outlived
+    /// `server_lifetime`); the slot frees when the lease drops.
+    pub fn give_back(self, mut conn: ServerConn) {
+        let now = Instant::now();
+        conn.last_used = now;
+        if now.duration_since(conn.created) <= self.pool.settings.server_lifetime {
+            self.pool.idle().push(conn);
+        }
+    }
+}
+
+/// Every second, closes expired idle connections and those whose server no longer is what
+/// their pool wants (a deposed primary, a member gone or not running), until `stop`.
+pub async fn reap(
+    pools: Arc<Pools>,
+    topologies: Vec<tokio::sync::watch::Receiver<Arc<crate::discovery::Topology>>>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let snapshots: Vec<_> = topologies.iter().map(|t| t.borrow().clone()).collect();
+        let closed = pools.reap(|key| {
+            snapshots.iter().any(|t| {
+                let primary = crate::routing::primary(t).ok();
+                let is_primary = primary.is_some_and(|p| p.endpoint == key.endpoint);
+                let running = t
+                    .members
+                    .values()
+                    .any(|m| m.is_running() && m.endpoint.as_ref() == Some(&key.endpoint));
+                match key.wants_standby {
+                    Some(false) => is_primary,
+                    Some(true) => running && !is_primary,
+                    None => running,
+                }
+            })
+        });
+        if closed > 0 {
+            tracing::debug!(closed, "idle server connections closed");
+        }
+        let (idle, in_use) = pools.counts();
+        crate::metrics::server_connections(idle, in_use);
+    }
+}

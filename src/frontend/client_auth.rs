@@ -1,0 +1,192 @@
+//! patroxy authenticating a client itself, for pooled listeners: SCRAM-SHA-256 against a
+//! verifier (from the `auth_file`, or derived from a password there), md5 against an md5
+//! secret, or trust for `auth.trust` addresses. An unknown user goes through a SCRAM
+//! exchange with a random verifier and fails exactly as a wrong password does, so user names
+//! cannot be probed. The result says how patroxy will log in to PostgreSQL as that user.
+
+use std::net::IpAddr;
+
+use bytes::BytesMut;
+use pgwire::messages::startup::Authentication;
+use tokio::io::AsyncReadExt;
+
+use super::context::ClientAuth;
+use crate::auth::md5;
+use crate::auth::scram::{self, Credential, ServerExchange, Verifier};
+use crate::auth::userlist::Secret;
+use crate::backend::conn::Login;
+use crate::protocol::codes;
+use crate::protocol::frame::{split_frame, Frame};
+use crate::protocol::messages;
+use crate::stream::{send, Stream};
+
+/// Authentication messages are small: PostgreSQL caps them at 64 KiB too.
+const AUTH_FRAME_LIMIT: usize = 65_536;
+/// Iterations for verifiers patroxy makes itself (from a password, or for unknown users).
+const ITERATIONS: u32 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthFailure {
+    /// Wrong password or unknown user: the same words for both.
+    #[error("password authentication failed for user \"{0}\"")]
+    Password(String),
+    #[error("{0}")]
+    Protocol(String),
+    #[error("client: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the client closed the connection during authentication")]
+    Gone,
+}
+
+impl AuthFailure {
+    pub fn label(&self) -> &'static str {
+        match self {
+            AuthFailure::Password(_) => "bad_password",
+            AuthFailure::Protocol(_) => "auth_protocol",
+            AuthFailure::Io(_) => "client_error",
+            AuthFailure::Gone => "client_gone",
+        }
+    }
+
+    /// What the client is told, if it can still hear it.
+    pub fn client_error(&self) -> Option<(&'static str, String)> {
+        match self {
+            AuthFailure::Password(_) => Some((codes::INVALID_PASSWORD, self.to_string())),
+            AuthFailure::Protocol(_) => {
+                Some((codes::PROTOCOL_VIOLATION, format!("patroxy: {self}")))
+            }
+            AuthFailure::Io(_) | AuthFailure::Gone => None,
+        }
+    }
+}
+
+/// Authenticates `user` coming from `ip`; AuthenticationOk is sent on success.
+pub async fn authenticate(
+    client: &mut Stream,
+    buf: &mut BytesMut,
+    user: &str,
+    ip: IpAddr,
+    auth: &ClientAuth,
+) -> Result<Login, AuthFailure> {
+    let secret = auth.users.get(user);
+    let trusted = !auth.trust.is_empty() && crate::allow::allowed(&auth.trust, ip);
+    let login = if trusted {
+        // No proof from the client; to the server, whatever the file holds.
+        match secret {
+            Some(Secret::Plain(p)) => Login::Scram(Credential::Password(p.clone())),
+            Some(Secret::Md5(s)) => Login::Md5(s.clone()),
+            Some(Secret::Scram(_)) | None => Login::Trust,
+        }
+    } else {
+        match secret {
+            Some(Secret::Md5(stored)) => {
+                md5_exchange(client, buf, user, stored).await?;
+                Login::Md5(stored.clone())
+            }
+            Some(Secret::Scram(v)) => {
+                let client_key = scram_exchange(client, buf, user, v.clone()).await?;
+                Login::Scram(Credential::ClientKey {
+                    client_key,
+                    verifier: v.clone(),
+                })
+            }
+            Some(Secret::Plain(p)) => {
+                let v = Verifier::from_password(p, &random_salt(), ITERATIONS);
+                scram_exchange(client, buf, user, v).await?;
+                Login::Scram(Credential::Password(p.clone()))
+            }
+            None => {
+                // A verifier nobody knows the password of: the exchange runs, and fails.
+                let v = Verifier::from_password(&scram::nonce(), &random_salt(), ITERATIONS);
+                scram_exchange(client, buf, user, v).await?;
+                return Err(AuthFailure::Password(user.to_owned()));
+            }
+        }
+    };
+    send(client, &messages::authentication(Authentication::Ok)).await?;
+    Ok(login)
+}
+
+fn random_salt() -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(scram::nonce())
+        .expect("a nonce is base64")
+}
+
+/// The client's next message, which must be a password-family message (`p`).
+async fn password_frame(client: &mut Stream, buf: &mut BytesMut) -> Result<Frame, AuthFailure> {
+    loop {
+        let split = split_frame(buf, AUTH_FRAME_LIMIT);
+        match split.map_err(|e| AuthFailure::Protocol(e.to_string()))? {
+            Some(f) if f.tag == PASSWORD_MESSAGE => return Ok(f),
+            Some(f) => {
+                return Err(AuthFailure::Protocol(format!(
+                    "expected a password message, got {:?}",
+                    f.tag as char
+                )))
+            }
+            None => {
+                if client.read_buf(buf).await? == 0 {
+                    return Err(AuthFailure::Gone);
+                }
+            }
+        }
+    }
+}
+
+const PASSWORD_MESSAGE: u8 = b'p';
+
+async fn md5_exchange(
+    client: &mut Stream,
+    buf: &mut BytesMut,
+    user: &str,
+    stored: &str,
+) -> Result<(), AuthFailure> {
+    let salt: [u8; 4] = random_salt()[..4].try_into().expect("4 bytes");
+    let ask = Authentication::MD5Password(salt.to_vec());
+    send(client, &messages::authentication(ask)).await?;
+    let frame = password_frame(client, buf).await?;
+    let answer = messages::password(frame.body())
+        .ok_or_else(|| AuthFailure::Protocol("a malformed password message".into()))?;
+    match md5::verify(stored, salt, answer) {
+        true => Ok(()),
+        false => Err(AuthFailure::Password(user.to_owned())),
+    }
+}
+
+/// Runs SCRAM-SHA-256 as the server; the client's ClientKey when its proof holds.
+async fn scram_exchange(
+    client: &mut Stream,
+    buf: &mut BytesMut,
+    user: &str,
+    verifier: Verifier,
+) -> Result<[u8; 32], AuthFailure> {
+    let protocol = |what: &str| AuthFailure::Protocol(format!("SCRAM: {what}"));
+    let offer = Authentication::SASL(vec![scram::MECHANISM.to_owned()]);
+    send(client, &messages::authentication(offer)).await?;
+    let frame = password_frame(client, buf).await?;
+    let (mechanism, first) = messages::sasl_initial_response(frame.body())
+        .ok_or_else(|| protocol("a malformed SASLInitialResponse"))?;
+    if mechanism != scram::MECHANISM {
+        return Err(protocol(
+            "the client chose a mechanism that was not offered",
+        ));
+    }
+    let first = std::str::from_utf8(first).map_err(|_| protocol("not UTF-8"))?;
+    let (exchange, server_first) = ServerExchange::start(verifier, first, &scram::nonce())
+        .map_err(|e| AuthFailure::Protocol(e.to_string()))?;
+    let next = Authentication::SASLContinue(server_first.into_bytes().into());
+    send(client, &messages::authentication(next)).await?;
+    let frame = password_frame(client, buf).await?;
+    let last = std::str::from_utf8(frame.body()).map_err(|_| protocol("not UTF-8"))?;
+    match exchange.finish(last) {
+        Ok((server_final, client_key)) => {
+            let done = Authentication::SASLFinal(server_final.into_bytes().into());
+            send(client, &messages::authentication(done)).await?;
+            Ok(client_key)
+        }
+        Err(scram::ScramError::BadProof) => Err(AuthFailure::Password(user.to_owned())),
+        Err(e) => Err(AuthFailure::Protocol(e.to_string())),
+    }
+}

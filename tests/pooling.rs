@@ -1,0 +1,299 @@
+//! Session pooling against real PostgreSQL: patroxy authenticates clients itself (SCRAM
+//! against a verifier from the auth_file, md5, unknown users and wrong passwords refused
+//! alike), logs in to the server as the same user (SCRAM pass-through with the client's
+//! recovered key, md5 with the stored secret), reuses server connections with nothing left
+//! over from the last client, queues clients for a full pool, routes cancels with its own
+//! keys, and follows the leader.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::*;
+use patroxy::config::PoolMode;
+use patroxy::policy::ListenerRole;
+
+const LONG: Duration = Duration::from_secs(30);
+
+/// A primary with alice (SCRAM), bob (md5) and a table; and an auth_file with their secrets
+/// as PostgreSQL stores them, plus carol's plain password.
+async fn users(root: &TempRoot, pg: &Postgres) -> PathBuf {
+    let c = connect(pg.port).await.unwrap();
+    c.batch_execute(
+        "SET password_encryption = 'scram-sha-256'; CREATE ROLE alice LOGIN PASSWORD 'wonder';
+         SET password_encryption = 'md5'; CREATE ROLE bob LOGIN PASSWORD 'builder';
+         CREATE ROLE carol LOGIN;
+         CREATE TABLE IF NOT EXISTS kept (x int); GRANT ALL ON kept TO alice, bob;",
+    )
+    .await
+    .unwrap();
+    let secret = |user: &'static str| {
+        let c = &c;
+        async move {
+            let row = c
+                .query_one(
+                    "SELECT rolpassword FROM pg_authid WHERE rolname = $1",
+                    &[&user],
+                )
+                .await
+                .unwrap();
+            row.get::<_, String>(0)
+        }
+    };
+    let file = root.path().join("userlist.txt");
+    let text = format!(
+        "; patroxy's auth_file\n\"alice\" \"{}\"\n\"bob\" \"{}\"\n\"carol\" \"sesame\"\n",
+        secret("alice").await,
+        secret("bob").await
+    );
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
+fn pooled(cfg: &mut Config, auth_file: PathBuf) {
+    cfg.listeners = vec![ListenerConfig {
+        pool_mode: PoolMode::Session,
+        ..listener("pooled", ListenerRole::Primary)
+    }];
+    cfg.auth.auth_file = Some(auth_file);
+}
+
+async fn login(
+    port: u16,
+    user: &str,
+    password: &str,
+    extra: &str,
+) -> Result<(tokio_postgres::Client, ConnTask), tokio_postgres::Error> {
+    let s = format!(
+        "host=127.0.0.1 port={port} user={user} password={password} dbname=postgres {extra}"
+    );
+    let (c, conn) = tokio_postgres::connect(&s, tokio_postgres::NoTls).await?;
+    Ok((c, tokio::spawn(conn)))
+}
+
+async fn one(c: &tokio_postgres::Client, sql: &str) -> String {
+    c.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patroxy_authenticates_clients_and_logs_in_as_them() {
+    let (root, etcd, pg) = one_primary("poolauth").await;
+    let file = users(&root, &pg).await;
+    let proxy = Proxy::start(&etcd, "poolauth", |cfg| pooled(cfg, file)).await;
+    let port = proxy.port();
+
+    // SCRAM to patroxy, SCRAM pass-through to a server whose pg_hba requires it for alice.
+    let (alice, _c) = login(port, "alice", "wonder", "").await.unwrap();
+    assert_eq!(one(&alice, "SELECT current_user::text").await, "alice");
+    // md5 both ways for bob.
+    let (bob, _c) = login(port, "bob", "builder", "").await.unwrap();
+    assert_eq!(one(&bob, "SELECT current_user::text").await, "bob");
+    // A plain password in the file: SCRAM to patroxy; the server trusts carol's address.
+    let (carol, _c) = login(port, "carol", "sesame", "").await.unwrap();
+    assert_eq!(one(&carol, "SELECT current_user::text").await, "carol");
+
+    // A wrong password and an unknown user get the same answer.
+    for (user, password) in [("alice", "nope"), ("bob", "nope"), ("mallory", "x")] {
+        let Err(e) = login(port, user, password, "").await else {
+            panic!("{user} was let in");
+        };
+        assert_eq!(sqlstate(&e).as_deref(), Some("28P01"), "{user}: {e}");
+        assert_eq!(
+            message(&e),
+            format!("password authentication failed for user \"{user}\"")
+        );
+    }
+    // psql (libpq) too.
+    let out = tokio::process::Command::new("psql")
+        .env("PGPASSWORD", "wonder")
+        .args([
+            &format!("host=127.0.0.1 port={port} user=alice dbname=postgres"),
+            "-XAtc",
+            "SELECT current_user",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "alice",
+        "{out:?}"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_connection_is_reused_with_nothing_left_from_the_last_client() {
+    let (root, etcd, pg) = one_primary("poolreuse").await;
+    let file = users(&root, &pg).await;
+    let proxy = Proxy::start(&etcd, "poolreuse", |cfg| {
+        pooled(cfg, file);
+        cfg.pool.pool_size = 1;
+    })
+    .await;
+    let port = proxy.port();
+
+    // The first client leaves a mess: a temp table, a setting, an open transaction.
+    let (first, conn) = login(port, "alice", "wonder", "application_name=first")
+        .await
+        .unwrap();
+    let pid = one(&first, "SELECT pg_backend_pid()::text").await;
+    assert_eq!(one(&first, "SHOW application_name").await, "first");
+    first
+        .batch_execute(
+            "CREATE TEMP TABLE scratch (x int); SET search_path = nowhere;
+             BEGIN; INSERT INTO public.kept VALUES (1);",
+        )
+        .await
+        .unwrap();
+    drop(first);
+    let _ = conn.await;
+
+    // The next one gets the same server connection, clean.
+    let check = |extra: &'static str| async move {
+        wait_for("the connection back in the pool", LONG, || async {
+            login(port, "alice", "wonder", extra).await.ok()
+        })
+        .await
+    };
+    let (second, _c) = check("").await;
+    assert_eq!(
+        one(&second, "SELECT pg_backend_pid()::text").await,
+        pid,
+        "reused"
+    );
+    assert_eq!(
+        one(
+            &second,
+            "SELECT coalesce(to_regclass('scratch')::text, 'gone')"
+        )
+        .await,
+        "gone"
+    );
+    assert_eq!(one(&second, "SHOW search_path").await, "\"$user\", public");
+    assert_eq!(one(&second, "SHOW application_name").await, "");
+    assert_eq!(
+        one(&second, "SELECT count(*)::text FROM public.kept").await,
+        "0",
+        "rolled back"
+    );
+    drop(second);
+
+    // Startup parameters are applied to whichever connection serves the client.
+    let (third, _c) = check("application_name=third options='-c statement_timeout=0'").await;
+    assert_eq!(one(&third, "SELECT pg_backend_pid()::text").await, pid);
+    assert_eq!(one(&third, "SHOW application_name").await, "third");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_pool_queues_clients_then_refuses_them_clearly() {
+    let (root, etcd, pg) = one_primary("poolwait").await;
+    let file = users(&root, &pg).await;
+    let proxy = Proxy::start(&etcd, "poolwait", |cfg| {
+        pooled(cfg, file);
+        cfg.pool.pool_size = 1;
+        cfg.pool.query_wait_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let port = proxy.port();
+    let (holder, holder_conn) = login(port, "alice", "wonder", "").await.unwrap();
+    let Err(e) = login(port, "alice", "wonder", "").await else {
+        panic!("the pool is full");
+    };
+    assert_eq!(sqlstate(&e).as_deref(), Some("53300"), "{e}");
+    assert!(
+        message(&e).contains("query_wait_timeout"),
+        "{}",
+        message(&e)
+    );
+    // Another user's pool is not this one: bob is served meanwhile.
+    let (bob, _c) = login(port, "bob", "builder", "").await.unwrap();
+    assert_eq!(one(&bob, "SELECT current_user::text").await, "bob");
+    // A waiting client is served as soon as the holder leaves.
+    let waiting = tokio::spawn(async move { login(port, "alice", "wonder", "").await.map(|_| ()) });
+    drop(holder);
+    let _ = holder_conn.await;
+    tokio::time::timeout(LONG, waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("served once the holder left");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancels_reach_the_server_connection_the_client_holds() {
+    let (root, etcd, pg) = one_primary("poolcancel").await;
+    let file = users(&root, &pg).await;
+    let proxy = Proxy::start(&etcd, "poolcancel", |cfg| pooled(cfg, file)).await;
+    let (c, _conn) = login(proxy.port(), "alice", "wonder", "").await.unwrap();
+    let token = c.cancel_token();
+    let sleeping = tokio::spawn(async move {
+        let r = c.simple_query("SELECT pg_sleep(60)").await.map(|_| ());
+        (c, r)
+    });
+    wait_query_running(pg.port, "SELECT pg_sleep(60)").await;
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port()))
+        .await
+        .unwrap();
+    token
+        .cancel_query_raw(stream, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (c, r) = tokio::time::timeout(LONG, sleeping).await.unwrap().unwrap();
+    assert_eq!(sqlstate(&r.unwrap_err()).as_deref(), Some("57014"));
+    assert_eq!(one(&c, "SELECT 'still here'").await, "still here");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_sessions_follow_the_leader() {
+    let root = TempRoot::new();
+    let etcd = Etcd::start(&root);
+    let a = Postgres::primary(&root, "a");
+    let b = Postgres::primary(&root, "b");
+    let file = users(&root, &a).await;
+    // b holds the same secrets, as every member of a Patroni cluster does (pg_authid is
+    // replicated): SCRAM pass-through needs the verifier the client was checked against.
+    let (from_a, to_b) = (
+        connect(a.port).await.unwrap(),
+        connect(b.port).await.unwrap(),
+    );
+    for user in ["alice", "bob"] {
+        let row = from_a
+            .query_one(
+                "SELECT rolpassword FROM pg_authid WHERE rolname = $1",
+                &[&user],
+            )
+            .await
+            .unwrap();
+        let secret: String = row.get(0);
+        let sql = format!("CREATE ROLE {user} LOGIN PASSWORD '{secret}'");
+        to_b.batch_execute(&sql).await.unwrap();
+    }
+    let mut keys = Keys::new(&etcd, "poolmove").await;
+    keys.member("a", a.port, "primary", "running").await;
+    keys.member("b", b.port, "replica", "running").await;
+    keys.leader("a").await;
+    let proxy = Proxy::start(&etcd, "poolmove", |cfg| {
+        pooled(cfg, file);
+        cfg.timeouts.drain = Duration::from_secs(20);
+    })
+    .await;
+    let port = proxy.port();
+    let (on_a, conn) = login(port, "alice", "wonder", "").await.unwrap();
+    assert_eq!(
+        one(&on_a, "SELECT inet_server_port()::text").await,
+        a.port.to_string()
+    );
+    keys.leader("b").await;
+    assert_eq!(ended_within(conn, AT_REST).await.as_deref(), Some("57P01"));
+    let (on_b, _c) = login(port, "alice", "wonder", "").await.unwrap();
+    assert_eq!(
+        one(&on_b, "SELECT inet_server_port()::text").await,
+        b.port.to_string()
+    );
+    proxy.stop().await;
+}
