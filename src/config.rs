@@ -83,6 +83,9 @@ pub enum PoolMode {
     /// A pooled server connection for as long as the client stays connected, reset and
     /// reused after it leaves. patroxy authenticates the client itself (`[auth]`).
     Session,
+    /// A pooled server connection from the first message of a transaction to the
+    /// ReadyForQuery that ends it.
+    Transaction,
 }
 
 impl fmt::Display for PoolMode {
@@ -90,6 +93,7 @@ impl fmt::Display for PoolMode {
         f.write_str(match self {
             PoolMode::None => "none",
             PoolMode::Session => "session",
+            PoolMode::Transaction => "transaction",
         })
     }
 }
@@ -420,7 +424,7 @@ pub struct ListenerConfig {
     pub allow: Vec<Cidr>,
     /// `disable`, `allow` or `require`; by default `allow` when `[tls]` has a certificate.
     pub tls: Option<ClientTlsMode>,
-    /// `none` (a server connection per client) or `session` (pooled).
+    /// `none` (a server connection per client), `session` or `transaction` (pooled).
     pub pool_mode: PoolMode,
 }
 

@@ -1,9 +1,10 @@
-//! Session pooling against real PostgreSQL: patroxy authenticates clients itself (SCRAM
-//! against a verifier from the auth_file, md5, unknown users and wrong passwords refused
-//! alike), logs in to the server as the same user (SCRAM pass-through with the client's
-//! recovered key, md5 with the stored secret), reuses server connections with nothing left
-//! over from the last client, queues clients for a full pool, routes cancels with its own
-//! keys, and follows the leader.
+//! Session and transaction pooling against real PostgreSQL: patroxy authenticates clients
+//! itself (SCRAM against a verifier from the auth_file, md5, unknown users and wrong passwords
+//! refused alike), logs in to the server as the same user (SCRAM pass-through with the
+//! client's recovered key, md5 with the stored secret), reuses server connections with
+//! nothing left over from the last client, queues clients for a full pool, routes cancels
+//! with its own keys, keeps each client's settings apart on shared connections, and follows
+//! the leader (a client between transactions rides it out).
 
 mod common;
 
@@ -198,10 +199,12 @@ async fn a_full_pool_queues_clients_then_refuses_them_clearly() {
     })
     .await;
     let port = proxy.port();
+    // A session holds its server connection from its first query until it leaves.
     let (holder, holder_conn) = login(port, "alice", "wonder", "").await.unwrap();
-    let Err(e) = login(port, "alice", "wonder", "").await else {
-        panic!("the pool is full");
-    };
+    holder.batch_execute("SELECT 1").await.unwrap();
+    // The startup is answered without a server; the first query waits in line, then fails.
+    let (late, _c) = login(port, "alice", "wonder", "").await.unwrap();
+    let e = late.batch_execute("SELECT 1").await.unwrap_err();
     assert_eq!(sqlstate(&e).as_deref(), Some("53300"), "{e}");
     assert!(
         message(&e).contains("query_wait_timeout"),
@@ -212,7 +215,8 @@ async fn a_full_pool_queues_clients_then_refuses_them_clearly() {
     let (bob, _c) = login(port, "bob", "builder", "").await.unwrap();
     assert_eq!(one(&bob, "SELECT current_user::text").await, "bob");
     // A waiting client is served as soon as the holder leaves.
-    let waiting = tokio::spawn(async move { login(port, "alice", "wonder", "").await.map(|_| ()) });
+    let (waiter, _c) = login(port, "alice", "wonder", "").await.unwrap();
+    let waiting = tokio::spawn(async move { waiter.batch_execute("SELECT 1").await });
     drop(holder);
     let _ = holder_conn.await;
     tokio::time::timeout(LONG, waiting)
@@ -296,4 +300,271 @@ async fn pooled_sessions_follow_the_leader() {
         b.port.to_string()
     );
     proxy.stop().await;
+}
+
+fn transaction_pooled(cfg: &mut Config, auth_file: PathBuf, pool_size: usize) {
+    pooled(cfg, auth_file);
+    cfg.listeners[0].pool_mode = PoolMode::Transaction;
+    cfg.pool.pool_size = pool_size;
+}
+
+/// The rows of a simple query's last statement, as text.
+async fn rows(c: &tokio_postgres::Client, sql: &str) -> Vec<Vec<String>> {
+    c.simple_query(sql)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                (0..r.len())
+                    .map(|i| r.get(i).unwrap_or("").to_owned())
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_clients_share_four_server_connections_without_sharing_state() {
+    let (root, etcd, pg) = one_primary("pooltx").await;
+    let file = users(&root, &pg).await;
+    let proxy = Proxy::start(&etcd, "pooltx", |cfg| transaction_pooled(cfg, file, 4)).await;
+    let port = proxy.port();
+    let mut clients = tokio::task::JoinSet::new();
+    for id in 0..50 {
+        clients.spawn(async move {
+            let (c, _conn) = login(port, "alice", "wonder", "").await.unwrap();
+            let mut pids = std::collections::BTreeSet::new();
+            for round in 0..5 {
+                // Inside one transaction: one server, and only this client's state on it.
+                let out = rows(
+                    &c,
+                    &format!(
+                        "BEGIN; SET LOCAL my.id = '{id}';
+                         CREATE TEMP TABLE mine ON COMMIT DROP AS SELECT {id} AS id, {round} AS round;
+                         SELECT pg_backend_pid()::text, current_setting('my.id'),
+                                (SELECT id::text FROM mine), txid_current_if_assigned() IS NOT NULL,
+                                pg_backend_pid()::text;
+                         COMMIT;"
+                    ),
+                )
+                .await;
+                let row = &out[0];
+                assert_eq!(row[0], row[4], "one server for the whole transaction");
+                assert_eq!(row[1], id.to_string(), "another client's setting");
+                assert_eq!(row[2], id.to_string(), "another client's table");
+                assert_eq!(row[3], "t");
+                pids.insert(row[0].clone());
+                // Between transactions nothing is left over.
+                let after = rows(&c, "SELECT coalesce(current_setting('my.id', true), '')").await;
+                assert_eq!(after[0][0], "", "a SET LOCAL outlived its transaction");
+            }
+            pids
+        });
+    }
+    let mut all = std::collections::BTreeSet::new();
+    while let Some(pids) = clients.join_next().await {
+        all.extend(pids.unwrap());
+    }
+    assert!(
+        all.len() <= 4,
+        "{} server connections for a pool of 4",
+        all.len()
+    );
+    // The extended protocol (unnamed statements) keeps a transaction on one server too.
+    let (c, _conn) = login(port, "alice", "wonder", "").await.unwrap();
+    c.batch_execute("BEGIN").await.unwrap();
+    let a: i32 = c.query_typed("SELECT pg_backend_pid()", &[]).await.unwrap()[0].get(0);
+    let b: i32 = c.query_typed("SELECT pg_backend_pid()", &[]).await.unwrap()[0].get(0);
+    c.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(a, b);
+    // An error inside a transaction, then ROLLBACK: the client and the pool carry on.
+    let e = c.batch_execute("BEGIN; SELECT 1/0").await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("22012"));
+    let e = c.batch_execute("SELECT 1").await.unwrap_err();
+    assert_eq!(
+        sqlstate(&e).as_deref(),
+        Some("25P02"),
+        "still in the failed transaction"
+    );
+    c.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(rows(&c, "SELECT 'fine'").await[0][0], "fine");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_on_one_server_connection_each_see_their_own_settings() {
+    let (root, etcd, pg) = one_primary("poolparams").await;
+    let file = users(&root, &pg).await;
+    let proxy = Proxy::start(&etcd, "poolparams", |cfg| transaction_pooled(cfg, file, 1)).await;
+    let port = proxy.port();
+    let (a, _ca) = login(
+        port,
+        "alice",
+        "wonder",
+        "application_name=a options='-c TimeZone=UTC'",
+    )
+    .await
+    .unwrap();
+    let (b, _cb) = login(port, "alice", "wonder", "application_name=b")
+        .await
+        .unwrap();
+    b.batch_execute("SET TimeZone = 'Asia/Tokyo'")
+        .await
+        .unwrap();
+    let (c, _cc) = login(port, "alice", "wonder", "").await.unwrap();
+    for _ in 0..3 {
+        let ra = rows(
+            &a,
+            "SELECT current_setting('application_name'), pg_backend_pid()::text",
+        )
+        .await;
+        let rb = rows(&b, "SELECT current_setting('application_name'), current_setting('TimeZone'), pg_backend_pid()::text").await;
+        let rc = rows(
+            &c,
+            "SELECT current_setting('application_name'), pg_backend_pid()::text",
+        )
+        .await;
+        assert_eq!(ra[0][0], "a");
+        assert_eq!(rb[0][0], "b");
+        assert_eq!(rb[0][1], "Asia/Tokyo", "b's own SET follows it");
+        assert_eq!(rc[0][0], "", "c asked for no application_name");
+        assert_eq!(ra[0][1], rb[0][2], "one server connection for all");
+        assert_eq!(rb[0][2], rc[0][1]);
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_between_transactions_rides_out_a_leader_change() {
+    let root = TempRoot::new();
+    let etcd = Etcd::start(&root);
+    let a = Postgres::primary(&root, "a");
+    let b = Postgres::primary(&root, "b");
+    let file = users(&root, &a).await;
+    let (from_a, to_b) = (
+        connect(a.port).await.unwrap(),
+        connect(b.port).await.unwrap(),
+    );
+    for user in ["alice", "bob"] {
+        let row = from_a
+            .query_one(
+                "SELECT rolpassword FROM pg_authid WHERE rolname = $1",
+                &[&user],
+            )
+            .await
+            .unwrap();
+        let secret: String = row.get(0);
+        to_b.batch_execute(&format!("CREATE ROLE {user} LOGIN PASSWORD '{secret}'"))
+            .await
+            .unwrap();
+    }
+    let mut keys = Keys::new(&etcd, "pooltxmove").await;
+    keys.member("a", a.port, "primary", "running").await;
+    keys.member("b", b.port, "replica", "running").await;
+    keys.leader("a").await;
+    let proxy = Proxy::start(&etcd, "pooltxmove", |cfg| {
+        transaction_pooled(cfg, file, 2);
+        cfg.timeouts.drain = Duration::from_secs(20);
+    })
+    .await;
+    let port = proxy.port();
+    let (idle, idle_conn) = login(port, "alice", "wonder", "").await.unwrap();
+    assert_eq!(
+        rows(&idle, "SELECT inet_server_port()").await[0][0],
+        a.port.to_string()
+    );
+    let (in_tx, in_tx_conn) = login(port, "alice", "wonder", "").await.unwrap();
+    in_tx.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    keys.leader("b").await;
+    // The transaction on the deposed primary ends with 57P01...
+    assert_eq!(
+        ended_within(in_tx_conn, AT_REST).await.as_deref(),
+        Some("57P01")
+    );
+    // ...while the client between transactions keeps its connection, now served by b.
+    wait_for("the idle client's next transaction on b", LONG, || async {
+        let r = idle.simple_query("SELECT inet_server_port()").await.ok()?;
+        let port = r.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })?;
+        (port == b.port.to_string()).then_some(())
+    })
+    .await;
+    assert!(!idle_conn.is_finished(), "the idle client was cut");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_runs_through_session_and_transaction_pools() {
+    let (root, etcd, pg) = one_primary("poolbench").await;
+    let file = users(&root, &pg).await;
+    let init = tokio::process::Command::new(format!("{PG_BIN}/pgbench"))
+        .args([
+            "-i",
+            "-s",
+            "1",
+            "-q",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pg.port.to_string(),
+            "-U",
+            "postgres",
+            "postgres",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(init.status.success(), "{init:?}");
+    connect(pg.port)
+        .await
+        .unwrap()
+        .batch_execute("GRANT ALL ON ALL TABLES IN SCHEMA public TO alice")
+        .await
+        .unwrap();
+    for mode in [PoolMode::Session, PoolMode::Transaction] {
+        let f = file.clone();
+        let proxy = Proxy::start(&etcd, "poolbench", move |cfg| {
+            pooled(cfg, f);
+            cfg.listeners[0].pool_mode = mode;
+            cfg.pool.pool_size = 2;
+        })
+        .await;
+        // A new connection per transaction (-C) on session pooling; 8 clients on 2 server
+        // connections on transaction pooling.
+        let args = match mode {
+            PoolMode::Session => vec!["-C", "-S", "-c", "4", "-j", "2", "-t", "50"],
+            _ => vec!["-c", "8", "-j", "2", "-t", "50"],
+        };
+        let out = tokio::process::Command::new(format!("{PG_BIN}/pgbench"))
+            .env("PGPASSWORD", "wonder")
+            .args([
+                "-n",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &proxy.port().to_string(),
+                "-U",
+                "alice",
+            ])
+            .args(&args)
+            .arg("postgres")
+            .output()
+            .await
+            .unwrap();
+        let report = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{mode}: {report}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            report.contains("number of failed transactions: 0"),
+            "{mode}: {report}"
+        );
+        proxy.stop().await;
+    }
 }

@@ -42,6 +42,11 @@ pub struct ServerConn {
     pub endpoint: Endpoint,
     /// The server's ParameterStatus values, kept current.
     pub params: BTreeMap<String, String>,
+    /// The values at login, before any client changed anything: what a client that asked
+    /// for nothing else expects.
+    pub defaults: BTreeMap<String, String>,
+    /// Settings patroxy applied that the server does not report, by name.
+    pub extra: BTreeMap<String, String>,
     /// The server's own cancel key.
     pub key: Option<CancelKey>,
     pub created: Instant,
@@ -105,6 +110,8 @@ impl ServerConn {
                 stream,
                 endpoint: endpoint.clone(),
                 params: BTreeMap::new(),
+                defaults: BTreeMap::new(),
+                extra: BTreeMap::new(),
                 key: None,
                 created: Instant::now(),
                 last_used: Instant::now(),
@@ -114,6 +121,7 @@ impl ServerConn {
             send(&mut conn.stream, &startup).await?;
             conn.authenticate(user, login).await?;
             conn.read_to_ready().await?;
+            conn.defaults = conn.params.clone();
             let standby = conn.params.get("in_hot_standby").map(|v| v == "on");
             if wants_standby == Some(false) && standby == Some(true) {
                 return Err(ConnError::InRecovery);
@@ -266,6 +274,8 @@ impl ServerConn {
             } else {
                 self.execute(reset_query).await?
             };
+            // DISCARD ALL resets every setting; what was applied unreported is gone too.
+            self.extra.clear();
             match (status, self.buf.is_empty()) {
                 (codes::TX_IDLE, true) => Ok(()),
                 _ => Err(ConnError::Protocol("not idle after the reset".into())),

@@ -4,7 +4,7 @@
 //! clean (the caller resets it); idle ones expire after `server_idle_timeout`, every one after
 //! `server_lifetime`, and a dead one is dropped when it would be lent.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -36,6 +36,9 @@ pub struct Pool {
     settings: PoolConfig,
     slots: Arc<Semaphore>,
     idle: Mutex<Vec<ServerConn>>,
+    /// The server's parameters at login, from the first connection: what new clients of
+    /// this pool are greeted with before they hold a connection.
+    defaults: Mutex<Option<BTreeMap<String, String>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +76,7 @@ impl Pools {
                     settings: settings.clone(),
                     slots: Arc::new(Semaphore::new(settings.pool_size)),
                     idle: Mutex::default(),
+                    defaults: Mutex::default(),
                 })
             })
             .clone()
@@ -110,6 +114,17 @@ impl Pool {
     fn expired(&self, c: &ServerConn, now: Instant) -> bool {
         now.duration_since(c.last_used) > self.settings.server_idle_timeout
             || now.duration_since(c.created) > self.settings.server_lifetime
+    }
+
+    pub fn defaults(&self) -> Option<BTreeMap<String, String>> {
+        self.defaults
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn remember_defaults(&self, d: &BTreeMap<String, String>) {
+        *self.defaults.lock().unwrap_or_else(|e| e.into_inner()) = Some(d.clone());
     }
 
     pub fn in_use(&self) -> usize {

@@ -1,15 +1,18 @@
-//! One client of a pooled listener (`pool_mode = session`): patroxy authenticates it, lends it
-//! a server connection from the pool of the member routing picks (opening one, logged in as
-//! the same user, when none is idle), applies its startup parameters, greets it with the
-//! server's parameters and patroxy's own cancel key, relays, and takes the connection back
-//! after a reset when the client leaves it clean. A connection that is not clean, or whose
-//! member stopped being what the listener wants, is closed instead.
+//! One client of a pooled listener: patroxy authenticates it, lends it a server connection
+//! from the pool of the member routing picks (opening one, logged in as the same user, when
+//! none is idle), applies its parameters, greets it with the server's parameters and
+//! patroxy's own cancel key, and relays. `session` mode lends the connection until the client
+//! leaves, then takes it back after a reset; `transaction` mode lends one per transaction, from
+//! the client's first message to the ReadyForQuery that ends it. A connection that is not
+//! clean, or whose member stopped being what the listener wants, is closed instead.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncReadExt;
 use tokio::time::{timeout_at, Instant};
 use tracing::{info, warn};
 
@@ -20,6 +23,7 @@ use super::relay::{relay, End, RelayContext};
 use crate::backend::conn::{ConnError, Login, ServerConn};
 use crate::backend::pool::{Lease, PoolKey};
 use crate::backoff::Backoff;
+use crate::config::PoolMode;
 use crate::protocol::codes;
 use crate::protocol::messages;
 use crate::protocol::startup::{CancelKey, StartupInfo};
@@ -110,16 +114,18 @@ pub async fn run_pooled(
             return;
         }
     };
+    // patroxy answers the startup itself, from what it knows of the server the client will
+    // use: the client holds no server connection until its first message.
     let mut topology = ctx.topology.clone();
-    let checked_out = tokio::select! {
-        r = checkout(ctx, &login, &user, &database, &mut topology) => r,
+    let welcomed = tokio::select! {
+        r = server_defaults(ctx, &login, &user, &database, &mut topology) => r,
         _ = proxy.shutdown.cancelled() => {
             send_fatal(&mut client, codes::ADMIN_SHUTDOWN, "patroxy is shutting down").await;
             return;
         }
     };
-    let (lease, mut conn, target) = match checked_out {
-        Ok(c) => c,
+    let defaults = match welcomed {
+        Ok(d) => d,
         Err(e) => {
             crate::metrics::connect_failure(&ctx.name, e.label());
             let (code, msg) = e.client_error();
@@ -128,86 +134,295 @@ pub async fn run_pooled(
             return;
         }
     };
-    let _load = proxy.load.claim(&target.endpoint);
-    if let Err(e) = apply_params(&mut conn, &startup.params).await {
-        let msg = format!("patroxy: applying the startup parameters: {e}");
-        send_fatal(&mut client, codes::PROTOCOL_VIOLATION, &msg).await;
-        warn!(client = %peer, listener = %ctx.name, user, reason = %e, "pooled session refused");
-        return; // the connection is dropped, not returned
-    }
+    // The settings this client wants on whichever server connection serves it. Every
+    // reported setting has a wanted value (the login default unless the client said
+    // otherwise), so no other client's choice survives on a connection this one gets; the
+    // client's own changes, as the server reports them, are followed.
+    let mut wanted: BTreeMap<String, String> = defaults
+        .iter()
+        .filter(|(name, _)| !SERVER_OWNED.contains(&name.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    wanted.extend(
+        startup
+            .params
+            .iter()
+            .filter(|(name, _)| !NOT_SETTINGS.contains(&name.as_str()))
+            .cloned(),
+    );
     // patroxy's own key: the server connection behind it changes from client to client.
     let key = own_key();
-    let _registration = conn.key.clone().map(|server_key| {
-        proxy
-            .cancels
-            .register(key.clone(), conn.endpoint.clone(), server_key)
-    });
-    if send(&mut client, &greeting(&conn, &key)).await.is_err() {
+    if send(&mut client, &greeting(&defaults, &wanted, &key))
+        .await
+        .is_err()
+    {
         return;
     }
     crate::metrics::connected(&ctx.name, started.elapsed());
-    let connected_ms = started.elapsed().as_millis() as u64;
-    let relay_ctx = RelayContext {
-        policy: &ctx.policy,
-        policy_updates: ctx.policy_updates.clone(),
-        member: &target.member,
-        server: &target.endpoint,
-        timeouts: &proxy.timeouts,
-        shutdown: &proxy.shutdown,
-        keep_server: true,
+    let session = Session {
+        ctx,
+        peer,
+        user: &user,
+        database: &database,
+        login: &login,
+        key,
+        started,
     };
-    let leftover = std::mem::take(&mut conn.buf);
-    let out = relay(
-        &mut client,
-        &mut conn.stream,
-        client_buf,
-        leftover,
-        relay_ctx,
-        &mut topology,
-    )
-    .await;
-    let p = out.progress;
-    let clean =
-        matches!(out.end, End::ClientClosed) && out.server_clean && p.in_flight == 0 && !p.unsynced;
-    let returned = clean
-        && {
-            let reset = &proxy.pool.server_reset_query;
-            let limit = proxy.timeouts.connect.max(Duration::from_secs(1));
-            match conn.reset(p.tx_status, reset, limit).await {
-                Ok(()) => true,
-                Err(e) => {
-                    warn!(server = %target.endpoint, error = %e, "server connection not reusable after its reset; closed");
-                    false
-                }
-            }
-        };
+    let per_transaction = ctx.pool_mode == PoolMode::Transaction;
+    let ended = session
+        .serve(
+            &mut client,
+            client_buf,
+            &mut wanted,
+            &mut topology,
+            per_transaction,
+        )
+        .await;
     info!(
         client = %peer,
         listener = %ctx.name,
-        server = %target.endpoint,
-        member = %target.member,
         user,
         database,
-        connect_ms = connected_ms,
+        mode = %ctx.pool_mode,
+        transactions = ended.transactions,
         duration_ms = started.elapsed().as_millis() as u64,
-        bytes_up = out.bytes_up,
-        bytes_down = out.bytes_down,
-        reason = %out.end,
-        server_connection = if returned { "returned to the pool" } else { "closed" },
+        bytes_up = ended.bytes_up,
+        bytes_down = ended.bytes_down,
+        reason = %ended.end,
         "session closed"
     );
-    if let End::Drained { cause, .. } = &out.end {
+    if let End::Drained { cause, .. } = &ended.end {
         crate::metrics::drain(&ctx.name, cause.label());
     }
     let route = crate::metrics::Route {
         listener: &ctx.name,
         role: ctx.policy.role.as_str(),
     };
-    crate::metrics::session_closed(route, out.end.label(), out.bytes_up, out.bytes_down);
-    if returned {
-        lease.give_back(conn);
+    crate::metrics::session_closed(route, ended.end.label(), ended.bytes_up, ended.bytes_down);
+}
+
+/// A server connection lent to the client, and where it is.
+struct Attached {
+    lease: Lease,
+    conn: ServerConn,
+    target: Target,
+}
+
+/// How a pooled client's session ended, in all.
+struct Ended {
+    end: End,
+    transactions: u64,
+    bytes_up: u64,
+    bytes_down: u64,
+}
+
+/// One authenticated pooled client.
+struct Session<'a> {
+    ctx: &'a ListenerContext,
+    peer: SocketAddr,
+    user: &'a str,
+    database: &'a str,
+    login: &'a Login,
+    /// The cancel key the client was given.
+    key: CancelKey,
+    started: Instant,
+}
+
+type Topo = tokio::sync::watch::Receiver<std::sync::Arc<crate::discovery::Topology>>;
+
+impl Session<'_> {
+    /// Lends the client a server connection from its first message on: until it leaves
+    /// (session mode), or (`per_transaction`) until the ReadyForQuery that ends each
+    /// transaction. Between transactions the client holds nothing, and a leader change does
+    /// not touch it.
+    async fn serve(
+        &self,
+        client: &mut Stream,
+        mut buf: BytesMut,
+        wanted: &mut BTreeMap<String, String>,
+        topology: &mut Topo,
+        per_transaction: bool,
+    ) -> Ended {
+        let proxy = &self.ctx.proxy;
+        let mut total = Ended {
+            end: End::ClientClosed,
+            transactions: 0,
+            bytes_up: 0,
+            bytes_down: 0,
+        };
+        loop {
+            if buf.is_empty() {
+                tokio::select! {
+                    read = client.read_buf(&mut buf) => match read {
+                        Ok(0) => return total,
+                        Ok(_) => {}
+                        Err(e) => {
+                            total.end = End::ClientIo(e);
+                            return total;
+                        }
+                    },
+                    _ = proxy.shutdown.cancelled() => {
+                        send_fatal(client, codes::ADMIN_SHUTDOWN, "terminating connection because patroxy is shutting down").await;
+                        total.end = End::Drained { cause: crate::routing::drain::DrainCause::Shutdown, forced: false };
+                        return total;
+                    }
+                }
+            }
+            if buf[..] == TERMINATE {
+                return total;
+            }
+            let checked_out = tokio::select! {
+                r = checkout(self.ctx, self.login, self.user, self.database, topology) => r,
+                _ = proxy.shutdown.cancelled() => {
+                    send_fatal(client, codes::ADMIN_SHUTDOWN, "terminating connection because patroxy is shutting down").await;
+                    total.end = End::Drained { cause: crate::routing::drain::DrainCause::Shutdown, forced: false };
+                    return total;
+                }
+            };
+            let (lease, mut conn, target) = match checked_out {
+                Ok(c) => c,
+                Err(e) => {
+                    crate::metrics::connect_failure(&self.ctx.name, e.label());
+                    let (code, msg) = e.client_error();
+                    send_fatal(client, code, &msg).await;
+                    warn!(client = %self.peer, listener = %self.ctx.name, user = self.user, reason = %e, "no server for a transaction");
+                    total.end = End::ServerClosed;
+                    return total;
+                }
+            };
+            if let Err(e) = apply_params(&mut conn, wanted).await {
+                let msg = format!("patroxy: applying the session's parameters: {e}");
+                send_fatal(client, codes::PROTOCOL_VIOLATION, &msg).await;
+                total.end = End::ServerClosed;
+                return total;
+            }
+            let attached = Attached {
+                lease,
+                conn,
+                target,
+            };
+            let pending = std::mem::take(&mut buf);
+            let one = self
+                .attach(client, pending, attached, per_transaction, topology, wanted)
+                .await;
+            total.transactions += 1;
+            total.bytes_up += one.bytes_up;
+            total.bytes_down += one.bytes_down;
+            if !matches!(one.end, End::Released) {
+                total.end = one.end;
+                return total;
+            }
+        }
+    }
+
+    /// Relays with a lent server connection until the client leaves, or (transaction mode)
+    /// the transaction ends; then gives the connection back if it is clean.
+    async fn attach(
+        &self,
+        client: &mut Stream,
+        client_buf: BytesMut,
+        attached: Attached,
+        release_at_idle: bool,
+        topology: &mut Topo,
+        wanted: &mut BTreeMap<String, String>,
+    ) -> Ended {
+        let proxy = &self.ctx.proxy;
+        let Attached {
+            lease,
+            mut conn,
+            target,
+        } = attached;
+        let _load = proxy.load.claim(&target.endpoint);
+        let _registration = conn.key.clone().map(|server_key| {
+            proxy
+                .cancels
+                .register(self.key.clone(), conn.endpoint.clone(), server_key)
+        });
+        let relay_ctx = RelayContext {
+            policy: &self.ctx.policy,
+            policy_updates: self.ctx.policy_updates.clone(),
+            member: &target.member,
+            server: &target.endpoint,
+            timeouts: &proxy.timeouts,
+            shutdown: &proxy.shutdown,
+            keep_server: true,
+            release_at_idle,
+        };
+        let leftover = std::mem::take(&mut conn.buf);
+        let out = relay(
+            client,
+            &mut conn.stream,
+            client_buf,
+            leftover,
+            relay_ctx,
+            topology,
+        )
+        .await;
+        // What the server reported is now true of the connection, and what the client wants.
+        for (name, value) in out.reported {
+            conn.params.insert(name.clone(), value.clone());
+            if !SERVER_OWNED.contains(&name.as_str()) {
+                wanted.insert(name, value);
+            }
+        }
+        let p = out.progress;
+        let at_rest = out.server_clean && p.in_flight == 0 && !p.unsynced;
+        let returned = match &out.end {
+            // Between transactions: a named statement would outlive its client.
+            End::Released if out.named_statement => conn
+                .execute("DEALLOCATE ALL")
+                .await
+                .is_ok_and(|s| s == codes::TX_IDLE),
+            End::Released => true,
+            End::ClientClosed if at_rest => {
+                let reset = &proxy.pool.server_reset_query;
+                let limit = proxy.timeouts.connect.max(Duration::from_secs(1));
+                match conn.reset(p.tx_status, reset, limit).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        warn!(server = %target.endpoint, error = %e, "server connection not reusable after its reset; closed");
+                        false
+                    }
+                }
+            }
+            _ => false,
+        };
+        if !matches!(out.end, End::Released) {
+            tracing::debug!(
+                client = %self.peer,
+                server = %target.endpoint,
+                connected_ms = self.started.elapsed().as_millis() as u64,
+                returned,
+                "server connection let go"
+            );
+        }
+        if returned {
+            lease.give_back(conn);
+        }
+        Ended {
+            end: out.end,
+            transactions: 0,
+            bytes_up: out.bytes_up,
+            bytes_down: out.bytes_down,
+        }
     }
 }
+
+/// The client's Terminate, alone.
+const TERMINATE: [u8; 5] = [codes::TERMINATE, 0, 0, 0, 4];
+
+/// Reported parameters that describe the server, not a setting a client chose.
+const SERVER_OWNED: [&str; 9] = [
+    "in_hot_standby",
+    "server_version",
+    "server_encoding",
+    "integer_datetimes",
+    "is_superuser",
+    "session_authorization",
+    "default_transaction_read_only",
+    "scram_iterations",
+    "standard_conforming_strings",
+];
 
 /// A server connection for the client, from the pool of the member routing picks, within
 /// `connect_wait`.
@@ -216,7 +431,7 @@ async fn checkout(
     login: &Login,
     user: &str,
     database: &str,
-    topology: &mut tokio::sync::watch::Receiver<std::sync::Arc<crate::discovery::Topology>>,
+    topology: &mut Topo,
 ) -> Result<(Lease, ServerConn, Target), CheckoutError> {
     let proxy = &ctx.proxy;
     let started = Instant::now();
@@ -232,12 +447,7 @@ async fn checkout(
                 let load = &proxy.load;
                 let ordered = routing::order(candidates, &ctx.policy, |ep| load.sessions(ep), turn);
                 for target in ordered {
-                    let key = PoolKey {
-                        endpoint: target.endpoint.clone(),
-                        database: database.to_owned(),
-                        user: user.to_owned(),
-                        wants_standby: ctx.policy.role.wants_standby(),
-                    };
+                    let key = pool_key(ctx, &target, user, database);
                     let pool = proxy.pools.get(key, &proxy.pool);
                     let (lease, idle) = pool.lease().await?;
                     if let Some(conn) = idle {
@@ -255,7 +465,10 @@ async fn checkout(
                     )
                     .await;
                     match opened {
-                        Ok(conn) => return Ok((lease, conn, target)),
+                        Ok(conn) => {
+                            pool.remember_defaults(&conn.defaults);
+                            return Ok((lease, conn, target));
+                        }
                         Err(e) if e.is_transient() => {
                             why = format!("{}: {e}", target.endpoint);
                         }
@@ -282,18 +495,43 @@ async fn checkout(
     }
 }
 
-/// Sets the client's startup parameters on the server connection where they differ.
-async fn apply_params(conn: &mut ServerConn, params: &[(String, String)]) -> Result<(), ConnError> {
-    let sql: Vec<String> = params
+/// Sets the client's wanted parameters on the server connection where they differ, and
+/// resets those another client had applied that this one does not want.
+async fn apply_params(
+    conn: &mut ServerConn,
+    wanted: &BTreeMap<String, String>,
+) -> Result<(), ConnError> {
+    let current = |name: &str| conn.params.get(name).or_else(|| conn.extra.get(name));
+    let mut sql: Vec<String> = wanted
         .iter()
-        .filter(|(name, _)| !NOT_SETTINGS.contains(&name.as_str()))
-        .filter(|(name, value)| conn.params.get(name) != Some(value))
+        .filter(|(name, value)| current(name) != Some(*value))
         .map(|(name, value)| format!("SET {} TO {}", quote_ident(name), quote_literal(value)))
         .collect();
+    let stale: Vec<String> = conn
+        .extra
+        .keys()
+        .filter(|name| !wanted.contains_key(*name))
+        .cloned()
+        .collect();
+    sql.extend(
+        stale
+            .iter()
+            .map(|name| format!("RESET {}", quote_ident(name))),
+    );
     if sql.is_empty() {
         return Ok(());
     }
-    conn.execute(&sql.join("; ")).await.map(|_| ())
+    conn.execute(&sql.join("; ")).await?;
+    for name in &stale {
+        conn.extra.remove(name);
+    }
+    // What the server did not report back, patroxy remembers it applied.
+    for (name, value) in wanted {
+        if !conn.params.contains_key(name) {
+            conn.extra.insert(name.clone(), value.clone());
+        }
+    }
+    Ok(())
 }
 
 fn quote_ident(s: &str) -> String {
@@ -319,11 +557,47 @@ fn own_key() -> CancelKey {
     }
 }
 
-/// What the client sees after AuthenticationOk: the server's parameters, patroxy's key,
-/// and ReadyForQuery.
-fn greeting(conn: &ServerConn, key: &CancelKey) -> Bytes {
+/// The login defaults of the server a new client would get: remembered by its pool, or
+/// learnt from a connection lent and given back at once.
+async fn server_defaults(
+    ctx: &ListenerContext,
+    login: &Login,
+    user: &str,
+    database: &str,
+    topology: &mut Topo,
+) -> Result<BTreeMap<String, String>, CheckoutError> {
+    let candidates = routing::candidates(&ctx.policy, &topology.borrow());
+    if let Some(first) = candidates.ok().and_then(|c| c.into_iter().next()) {
+        let key = pool_key(ctx, &first, user, database);
+        if let Some(d) = ctx.proxy.pools.get(key, &ctx.proxy.pool).defaults() {
+            return Ok(d);
+        }
+    }
+    let (lease, conn, _) = checkout(ctx, login, user, database, topology).await?;
+    let defaults = conn.defaults.clone();
+    lease.give_back(conn);
+    Ok(defaults)
+}
+
+fn pool_key(ctx: &ListenerContext, target: &Target, user: &str, database: &str) -> PoolKey {
+    PoolKey {
+        endpoint: target.endpoint.clone(),
+        database: database.to_owned(),
+        user: user.to_owned(),
+        wants_standby: ctx.policy.role.wants_standby(),
+    }
+}
+
+/// What the client sees after AuthenticationOk: the server's parameters with its own
+/// settings, patroxy's key, and ReadyForQuery.
+fn greeting(
+    defaults: &BTreeMap<String, String>,
+    wanted: &BTreeMap<String, String>,
+    key: &CancelKey,
+) -> Bytes {
     let mut out = BytesMut::new();
-    for (name, value) in &conn.params {
+    for (name, value) in defaults {
+        let value = wanted.get(name).unwrap_or(value);
         out.extend_from_slice(&messages::parameter_status_message(name, value));
     }
     out.extend_from_slice(&messages::backend_key_data(key));

@@ -41,11 +41,14 @@ pub enum End {
         cause: DrainCause,
         forced: bool,
     },
+    /// Transaction pooling: the transaction ended and the server connection is let go; the
+    /// client stays.
+    Released,
 }
 
 impl End {
     /// Every `label()`, for metrics exported at zero before their first event.
-    pub const LABELS: [&'static str; 8] = [
+    pub const LABELS: [&'static str; 9] = [
         "client_closed",
         "server_closed",
         "client_error",
@@ -54,6 +57,7 @@ impl End {
         "server_protocol",
         "drained",
         "drained_at_deadline",
+        "released",
     ];
 
     /// A short label for metrics.
@@ -67,6 +71,7 @@ impl End {
             End::ServerProtocol(_) => "server_protocol",
             End::Drained { forced: false, .. } => "drained",
             End::Drained { forced: true, .. } => "drained_at_deadline",
+            End::Released => "released",
         }
     }
 }
@@ -88,6 +93,7 @@ impl std::fmt::Display for End {
                 cause,
                 forced: true,
             } => write!(f, "drained at deadline ({cause})"),
+            End::Released => f.write_str("transaction ended; server connection released"),
         }
     }
 }
@@ -104,6 +110,9 @@ pub struct RelayContext<'a> {
     /// Pooled sessions keep the server connection when the client leaves: its Terminate
     /// is not passed on.
     pub keep_server: bool,
+    /// Transaction pooling: end with `Released` once a transaction has ended and nothing
+    /// is in flight either way.
+    pub release_at_idle: bool,
 }
 
 /// Where the conversation stands, as both pumps see it; one task polls both, so relaxed
@@ -123,6 +132,11 @@ struct RelayState {
     bytes_down: AtomicU64,
     /// 0: not draining; else the pump returns as soon as the session is at rest.
     drain_mode: AtomicU8,
+    release_at_idle: bool,
+    /// ParameterStatus the server reported during the relay (kept servers only).
+    reported: std::sync::Mutex<Vec<(String, String)>>,
+    /// The client parsed a named prepared statement (kept servers only).
+    named_statement: AtomicBool,
 }
 
 const DRAIN_AT_REST: u8 = 1;
@@ -163,6 +177,10 @@ pub struct Outcome {
     pub progress: Progress,
     /// The server has every client byte sent so far, ending on a frame boundary.
     pub server_clean: bool,
+    /// ParameterStatus the server reported during the relay (kept servers only).
+    pub reported: Vec<(String, String)>,
+    /// The client parsed a named prepared statement on the server (kept servers only).
+    pub named_statement: bool,
 }
 
 /// Relays until one side closes or a drain ends the session.
@@ -179,6 +197,7 @@ pub async fn relay(
         tx_status: AtomicU8::new(codes::TX_IDLE),
         down_clean: AtomicBool::new(true),
         up_clean: AtomicBool::new(true),
+        release_at_idle: ctx.release_at_idle,
         ..RelayState::default()
     };
     let (mut client_rd, mut client_wr) = client.split();
@@ -191,7 +210,13 @@ pub async fn relay(
             &st,
             ctx.keep_server,
         );
-        let down = pump_down(&mut server_rd, &mut client_wr, server_leftover, &st);
+        let down = pump_down(
+            &mut server_rd,
+            &mut client_wr,
+            server_leftover,
+            &st,
+            ctx.keep_server,
+        );
         tokio::pin!(up, down);
         let mut draining: Option<(DrainCause, Instant)> = None;
         // The topology and shutdown are watched by a task of their own: their futures take
@@ -216,6 +241,7 @@ pub async fn relay(
             tokio::select! {
                 biased;
                 end = &mut down => match end {
+                    Pumped::Released => break End::Released,
                     Pumped::AtRest => {
                         let (cause, _) = draining.take().expect("the pump rests only while draining");
                         break End::Drained { cause, forced: false };
@@ -268,13 +294,18 @@ pub async fn relay(
             let _ = timeout(GOODBYE_TIMEOUT, server_wr.write_all(&TERMINATE)).await;
         }
     }
-    let _ = timeout(GOODBYE_TIMEOUT, client_wr.shutdown()).await;
+    if !matches!(end, End::Released) {
+        let _ = timeout(GOODBYE_TIMEOUT, client_wr.shutdown()).await;
+    }
+    let reported = std::mem::take(&mut *st.reported.lock().unwrap_or_else(|p| p.into_inner()));
     Outcome {
         end,
         bytes_up: st.bytes_up.load(Relaxed),
         bytes_down: st.bytes_down.load(Relaxed),
         progress: st.progress(),
         server_clean: st.up_clean.load(Relaxed),
+        reported,
+        named_statement: st.named_statement.load(Relaxed),
     }
 }
 
@@ -290,6 +321,10 @@ async fn pump_up(
     keep_server: bool,
 ) -> End {
     let mut scanner = Scanner::new(MAX_DECLARED_LEN);
+    if keep_server {
+        // A Parse's statement name, to know when a kept server holds a named statement.
+        scanner = scanner.capturing(codes::PARSE, 1);
+    }
     let mut terminated = false;
     // Syncs sent since the last command started: if that command turns out to be a COPY FROM
     // STDIN (the client sends CopyDone or CopyFail), the server ignored them while copying,
@@ -337,6 +372,14 @@ async fn pump_up(
         if let Err(e) = scanned {
             return End::ClientProtocol(e);
         }
+        if keep_server
+            && scanner
+                .take_captured()
+                .iter()
+                .any(|(_, name)| name != b"\0")
+        {
+            st.named_statement.store(true, Relaxed);
+        }
         // A client's last word is its Terminate. A kept server must not see it: everything
         // before it goes on; a Terminate that is not whole at the end of this read leaves
         // the server unclean (and so not kept).
@@ -362,6 +405,8 @@ enum Pumped {
     End(End),
     /// Draining, and the session just came to rest.
     AtRest,
+    /// Transaction pooling, and the transaction just ended with nothing in flight.
+    Released,
 }
 
 /// Server to client: follows ReadyForQuery, and stops at a rest point once draining.
@@ -370,8 +415,12 @@ async fn pump_down(
     wr: &mut Writer<'_>,
     mut buf: BytesMut,
     st: &RelayState,
+    keep_server: bool,
 ) -> Pumped {
     let mut scanner = Scanner::new(MAX_DECLARED_LEN);
+    if keep_server {
+        scanner = scanner.capturing(codes::PARAMETER_STATUS, PARAMETER_STATUS_PREFIX);
+    }
     buf.reserve(BUF_SIZE);
     loop {
         if buf.is_empty() {
@@ -393,6 +442,17 @@ async fn pump_down(
         if let Err(e) = scanned {
             return Pumped::End(End::ServerProtocol(e));
         }
+        if keep_server {
+            let reported = scanner.take_captured();
+            if !reported.is_empty() {
+                let mut params = st.reported.lock().unwrap_or_else(|p| p.into_inner());
+                params.extend(
+                    reported
+                        .iter()
+                        .filter_map(|(_, b)| messages::parameter_status(b)),
+                );
+            }
+        }
         st.down_clean.store(false, Relaxed);
         if let Err(e) = wr.write_all(&buf).await {
             return Pumped::End(End::ClientIo(e));
@@ -404,8 +464,16 @@ async fn pump_down(
         if st.drain_reached() {
             return Pumped::AtRest;
         }
+        // The whole client stream reached the server too: nothing of the next transaction
+        // is half-sent when the server is let go.
+        if st.release_at_idle && at_drain_point(true, st.progress()) && st.up_clean.load(Relaxed) {
+            return Pumped::Released;
+        }
     }
 }
+
+/// ParameterStatus bodies longer than this are not tracked (names and values are short).
+const PARAMETER_STATUS_PREFIX: usize = 1024;
 
 #[cfg(test)]
 mod tests {
@@ -428,6 +496,7 @@ mod tests {
             End::ServerProtocol(frame()),
             drained(false),
             drained(true),
+            End::Released,
         ];
         let labels: Vec<_> = all.iter().map(End::label).collect();
         assert_eq!(labels, End::LABELS);

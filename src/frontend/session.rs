@@ -32,7 +32,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ListenerContext>) 
         FirstPacket::Cancel(key) => forward_cancel(key, peer, &ctx).await,
         // Boxed: the connected session's state is large, and a client still negotiating
         // should not carry room for it.
-        FirstPacket::Startup(startup) if ctx.pool_mode == PoolMode::Session => {
+        FirstPacket::Startup(startup) if ctx.pool_mode != PoolMode::None => {
             Box::pin(run_pooled(client, peer, buf, startup, &ctx, started)).await
         }
         FirstPacket::Startup(startup) => {
@@ -120,6 +120,7 @@ async fn run_session(
         timeouts: &proxy.timeouts,
         shutdown: &proxy.shutdown,
         keep_server: false,
+        release_at_idle: false,
     };
 
     let leftover = std::mem::take(&mut backend.leftover);

@@ -95,6 +95,11 @@ pub struct Scanner {
     remaining: usize,
     /// The current frame is a ReadyForQuery whose status byte has not been seen yet.
     want_status: bool,
+    /// Frames whose body (up to a prefix length) is copied aside: (tag, prefix).
+    capture: Option<(u8, usize)>,
+    /// The current frame's captured prefix, while it is being copied.
+    capturing: Option<Vec<u8>>,
+    captured: Vec<(u8, Vec<u8>)>,
 }
 
 impl Scanner {
@@ -105,7 +110,22 @@ impl Scanner {
             header_have: 0,
             remaining: 0,
             want_status: false,
+            capture: None,
+            capturing: None,
+            captured: Vec::new(),
         }
+    }
+
+    /// Also copies aside the first `prefix` body bytes of every `tag` frame (the bytes still
+    /// pass untouched); `take_captured` hands them over once their frame has passed.
+    pub fn capturing(mut self, tag: u8, prefix: usize) -> Self {
+        self.capture = Some((tag, prefix));
+        self
+    }
+
+    /// The captured body prefixes of the frames that have passed completely, in order.
+    pub fn take_captured(&mut self) -> Vec<(u8, Vec<u8>)> {
+        std::mem::take(&mut self.captured)
     }
 
     /// True between frames: a message injected now lands on a frame boundary.
@@ -123,6 +143,14 @@ impl Scanner {
                     seen(Seen::ReadyForQuery(chunk[i]));
                 }
                 let step = self.remaining.min(chunk.len() - i);
+                if let (Some(body), Some((tag, prefix))) = (self.capturing.as_mut(), self.capture) {
+                    let room = prefix.saturating_sub(body.len()).min(step);
+                    body.extend_from_slice(&chunk[i..i + room]);
+                    if self.remaining == step {
+                        let body = self.capturing.take().expect("capturing");
+                        self.captured.push((tag, body));
+                    }
+                }
                 self.remaining -= step;
                 i += step;
                 continue;
@@ -152,6 +180,12 @@ impl Scanner {
             });
             self.remaining = body_len;
             self.want_status = tag == codes::READY_FOR_QUERY && body_len > 0;
+            if let Some((want, prefix)) = self.capture.filter(|(t, _)| *t == tag) {
+                match body_len {
+                    0 => self.captured.push((want, Vec::new())),
+                    n => self.capturing = Some(Vec::with_capacity(n.min(prefix))),
+                }
+            }
         }
         Ok(())
     }
@@ -181,6 +215,30 @@ mod tests {
         let second = split_frame(&mut buf, 1024).unwrap().unwrap();
         assert_eq!(second.body(), b"a\0b\0");
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn captured_prefixes_survive_any_cut_of_the_stream() {
+        let mut wire = frame(b'S', b"TimeZone\0UTC\0");
+        wire.extend(frame(b'Z', b"I"));
+        wire.extend(frame(b'S', b"application_name\0a-rather-long-value\0"));
+        wire.extend(frame(b'S', b""));
+        for cut in 0..wire.len() {
+            let mut s = Scanner::new(1024).capturing(b'S', 20);
+            s.scan(&wire[..cut], |_| {}).unwrap();
+            let mut got = s.take_captured();
+            s.scan(&wire[cut..], |_| {}).unwrap();
+            got.extend(s.take_captured());
+            assert_eq!(
+                got,
+                vec![
+                    (b'S', b"TimeZone\0UTC\0".to_vec()),
+                    (b'S', b"application_name\0a-r".to_vec()),
+                    (b'S', Vec::new()),
+                ],
+                "cut at {cut}"
+            );
+        }
     }
 
     #[test]
