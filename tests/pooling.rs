@@ -568,3 +568,145 @@ async fn pgbench_runs_through_session_and_transaction_pools() {
         proxy.stop().await;
     }
 }
+
+/// A raw protocol client of a pooled listener, logged in (trusted address, no password) and
+/// at its first ReadyForQuery.
+async fn raw_login(port: u16, user: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut body = vec![0, 3, 0, 0];
+    for (k, v) in [("user", user), ("database", "postgres")] {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    packet.extend(body);
+    s.write_all(&packet).await.unwrap();
+    read_until(&mut s, b'Z').await;
+    s
+}
+
+/// Reads messages until one with `tag` has been read whole.
+async fn read_until(s: &mut tokio::net::TcpStream, tag: u8) {
+    use tokio::io::AsyncReadExt;
+    loop {
+        let t = tokio::time::timeout(LONG, s.read_u8())
+            .await
+            .unwrap()
+            .unwrap();
+        let len = s.read_u32().await.unwrap() as usize;
+        let mut body = vec![0; len - 4];
+        s.read_exact(&mut body).await.unwrap();
+        if t == tag {
+            return;
+        }
+    }
+}
+
+fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![tag];
+    m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_exit_of_a_client_leaves_state_for_the_next_one() {
+    use tokio::io::AsyncWriteExt;
+    let (root, etcd, pg) = one_primary("poolexits").await;
+    let file = users(&root, &pg).await;
+    let proxy = Proxy::start(&etcd, "poolexits", |cfg| {
+        pooled(cfg, file);
+        cfg.pool.pool_size = 1;
+        cfg.auth.trust = vec!["127.0.0.1/32".parse().unwrap()];
+    })
+    .await;
+    let port = proxy.port();
+    let direct = connect(pg.port).await.unwrap();
+    direct
+        .batch_execute("CREATE TABLE exits (x int)")
+        .await
+        .unwrap();
+    // The next borrower: what it finds on the one server connection of the pool.
+    let next = || async move {
+        let (c, _conn) = wait_for("the pool's connection", LONG, || async {
+            login(port, "postgres", "", "").await.ok()
+        })
+        .await;
+        let state = rows(
+            &c,
+            "SELECT pg_backend_pid()::text,
+                    (SELECT count(*) FROM exits)::text,
+                    (SELECT count(*) FROM pg_cursors)::text,
+                    (SELECT count(*) FROM pg_prepared_statements)::text,
+                    current_setting('search_path'),
+                    (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory')::text",
+        )
+        .await;
+        state[0].clone()
+    };
+    let clean =
+        |s: &[String]| assert_eq!(&s[1..], ["0", "0", "0", "\"$user\", public", "0"], "{s:?}");
+    let first = next().await;
+    clean(&first);
+    let pid = first[0].clone();
+
+    // 1. Left inside a failed transaction, with a cursor, a statement, a lock, a setting.
+    let (c, conn) = login(port, "postgres", "", "").await.unwrap();
+    let _ = c
+        .batch_execute(
+            "SET search_path = nowhere; PREPARE p AS SELECT 1; SELECT pg_advisory_lock(42);
+             BEGIN; DECLARE cur CURSOR WITH HOLD FOR SELECT 1; INSERT INTO public.exits VALUES (1);
+             SELECT 1/0;",
+        )
+        .await;
+    drop(c);
+    let _ = conn.await;
+    let s = next().await;
+    clean(&s);
+    assert_eq!(s[0], pid, "a clean exit keeps the connection");
+
+    // 2. Gone in the middle of a COPY FROM STDIN: the connection is closed, not lent again.
+    let mut raw = raw_login(port, "postgres").await;
+    raw.write_all(&msg(b'Q', b"COPY exits FROM STDIN\0"))
+        .await
+        .unwrap();
+    read_until(&mut raw, b'G').await;
+    raw.write_all(&msg(b'd', b"7\n")).await.unwrap();
+    drop(raw);
+    let s = next().await;
+    clean(&s);
+    assert_ne!(s[0], pid, "a connection left mid-COPY was lent again");
+    let pid = s[0].clone();
+
+    // 3. Gone in the middle of a pipeline (Parse, Bind, Execute, no Sync).
+    let mut raw = raw_login(port, "postgres").await;
+    let mut pipeline = msg(b'P', b"\0INSERT INTO exits VALUES (2)\0\0\0");
+    pipeline.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
+    pipeline.extend(msg(b'E', b"\0\0\0\0\0"));
+    pipeline.extend(msg(b'H', b""));
+    raw.write_all(&pipeline).await.unwrap();
+    read_until(&mut raw, b'C').await;
+    drop(raw);
+    let s = next().await;
+    clean(&s);
+    assert_ne!(s[0], pid, "a connection left mid-pipeline was lent again");
+    let pid = s[0].clone();
+
+    // 4. A protocol error from the client: the connection is closed.
+    let mut raw = raw_login(port, "postgres").await;
+    raw.write_all(&[b'Q', 0, 0, 0, 1]).await.unwrap();
+    drop(raw);
+    let s = next().await;
+    clean(&s);
+    assert_ne!(
+        s[0], pid,
+        "a connection after a protocol error was lent again"
+    );
+    proxy.stop().await;
+}
