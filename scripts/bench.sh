@@ -11,6 +11,8 @@
 #   BENCH_SLICE=1s BENCH_ROUNDS=1 bash scripts/bench.sh latency     a quick latency run
 #   bash scripts/bench.sh failover           only the failover run
 #   bash scripts/bench.sh tls                TLS costs: direct and patroxy, plain and TLS
+#   bash scripts/bench.sh pool               pooling: connection speed and many clients on few
+#                                            servers, patroxy against direct and PgBouncer
 #   bash scripts/bench.sh up                 set everything up and wait (for profiling)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +26,7 @@ export PATROXY_MAX_CONNECTIONS=1200
 bash scripts/install-deps.sh haproxy pgbouncer openssl
 echo "bench: building (release)"
 cargo build --release --locked --quiet --workspace --bins
-for port in 6432 6433 6442 6443 6532 6632; do
+for port in 6432 6433 6442 6443 6452 6453 6454 6455 6532 6632 6633 6634 6635; do
   if (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; then
     echo "bench: port $port on 127.0.0.1 is in use; stop whatever holds it" >&2
     exit 1
@@ -208,5 +210,119 @@ CFG
     --endpoint "patroxy-tls=$(conn 6442) sslmode=require" \
     --endpoint "patroxy-tls-both=$(conn 6443) sslmode=require" | tee "$OUT/tls/latency.txt"
   patronictl -c "$DIR/patronictl.yml" edit-config --force --pg ssl=off demo >/dev/null
+fi
+if [ "$WHAT" = pool ]; then
+  # patroxy and PgBouncer with the same client authentication, both pointing at the leader
+  # directly (neither pays for a hop the other does not): trust, and SCRAM against a stored
+  # verifier for a "bench" user (as pg_authid holds it).
+  #   trust: patroxy 6452 (session) 6453 (transaction); PgBouncer 6632, 6633
+  #   SCRAM: patroxy 6454 (session) 6455 (transaction); PgBouncer 6634, 6635
+  P=$DIR/pool
+  mkdir -p "$P"
+  psql "$(conn $leader_port)" -Xq -c "DROP ROLE IF EXISTS bench" -c \
+    "SET password_encryption = 'scram-sha-256'" -c "CREATE ROLE bench LOGIN SUPERUSER PASSWORD 'bench'" >/dev/null
+  verifier=$(psql "$(conn $leader_port)" -XAtc "SELECT rolpassword FROM pg_authid WHERE rolname = 'bench'")
+  printf '"postgres" ""\n"bench" "%s"\n' "$verifier" >"$P/userlist.txt"
+  for auth in trust scram; do
+    base=6452; [ $auth = scram ] && base=6454
+    trust='[]'; [ $auth = trust ] && trust='["127.0.0.1/32"]'
+    cat >"$P/patroxy-$auth.toml" <<CFG
+[cluster]
+scope = "demo"
+[[listener]]
+name = "session"
+listen = "127.0.0.1:$base"
+pool_mode = "session"
+[[listener]]
+name = "transaction"
+listen = "127.0.0.1:$((base + 1))"
+pool_mode = "transaction"
+[pool]
+pool_size = ${POOL_SIZE:-8}
+[auth]
+auth_file = "$P/userlist.txt"
+trust = $trust
+[report]
+enabled = false
+CFG
+    "$REPO/target/release/patroxy" run --config "$P/patroxy-$auth.toml" --log warn >"$DIR/patroxy-pool-$auth.log" 2>&1 &
+    PIDS+=($!)
+    [ $auth = trust ] && POOL_PID=$!
+    port=6632; [ $auth = scram ] && port=6634
+    for mode in session transaction; do
+      type=trust; [ $auth = scram ] && type=scram-sha-256
+      cat >"$P/pgbouncer-$auth-$mode.ini" <<CFG
+[databases]
+postgres = host=127.0.0.1 port=$leader_port dbname=postgres
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $port
+unix_socket_dir =
+auth_type = $type
+auth_file = $P/userlist.txt
+pool_mode = $mode
+max_client_conn = 2000
+default_pool_size = ${POOL_SIZE:-8}
+ignore_startup_parameters = extra_float_digits
+logfile = $P/pgbouncer-$auth-$mode.log
+CFG
+      port=$((port + 1))
+    done
+  done
+  [ "$(id -u)" -eq 0 ] && chown -R postgres:postgres "$P"
+  # The session-mode PgBouncer of the other runs goes through HAProxy, and holds 6632.
+  pkill -TERM -f "$DIR/pgbouncer.ini" 2>/dev/null || true
+  while (exec 3<>/dev/tcp/127.0.0.1/6632) 2>/dev/null; do sleep 0.2; done
+  for ini in "$P"/pgbouncer-*.ini; do
+    "${AS_PG[@]}" pgbouncer "$ini" >>"$ini.out" 2>&1 &
+    PIDS+=($!)
+  done
+  end=$((SECONDS + 60))
+  for port in 6452 6453 6454 6455 6632 6633 6634 6635; do
+    user=bench; [ $port -lt 6454 ] || [ $port -ge 6634 ] || user=postgres
+    [ $port -ge 6632 ] && [ $port -lt 6634 ] && user=postgres
+    until PGPASSWORD=bench psql "host=127.0.0.1 port=$port user=$user dbname=postgres connect_timeout=5" -XAtc "SELECT 1" >/dev/null 2>&1; do
+      [ $SECONDS -lt $end ] || { echo "bench: nothing answers on $port" >&2; exit 1; }
+      sleep 0.2
+    done
+  done
+  PGBENCH=/usr/lib/postgresql/15/bin/pgbench
+  T=${POOL_SECONDS:-8}
+  run() { # name, port, user, pgbench args...
+    local name=$1 port=$2 user=$3; shift 3
+    local tps
+    tps=$(PGPASSWORD=bench "$PGBENCH" -n -h 127.0.0.1 -p "$port" -U "$user" -T "$T" "$@" postgres 2>/dev/null \
+      | awk '/^tps/ {print $3; exit}')
+    printf '%-36s %10s tps\n' "$name" "${tps:-failed}"
+  }
+  {
+    echo "connection speed: pgbench -C -S -c 4 -j 2 -T $T (a new connection per transaction)"
+    for round in 1 2; do
+      echo "round $round"
+      run "direct (trust)" $leader_port postgres -C -S -c 4 -j 2
+      run "patroxy, no pool (trust)" 6432 postgres -C -S -c 4 -j 2
+      run "patroxy session pool (trust)" 6452 postgres -C -S -c 4 -j 2
+      run "pgbouncer session (trust)" 6632 postgres -C -S -c 4 -j 2
+      run "patroxy transaction pool (trust)" 6453 postgres -C -S -c 4 -j 2
+      run "pgbouncer transaction (trust)" 6633 postgres -C -S -c 4 -j 2
+      run "direct (SCRAM)" $leader_port bench -C -S -c 4 -j 2
+      run "patroxy session pool (SCRAM)" 6454 bench -C -S -c 4 -j 2
+      run "pgbouncer session (SCRAM)" 6634 bench -C -S -c 4 -j 2
+      run "patroxy transaction pool (SCRAM)" 6455 bench -C -S -c 4 -j 2
+      run "pgbouncer transaction (SCRAM)" 6635 bench -C -S -c 4 -j 2
+    done
+    echo
+    echo "many clients on few servers: pgbench -S -c 200 -j 2 -T $T, pools of ${POOL_SIZE:-8}"
+    for round in 1 2; do
+      echo "round $round"
+      run "direct (200 backends)" $leader_port postgres -S -c 200 -j 2
+      run "patroxy transaction pool" 6453 postgres -S -c 200 -j 2
+      run "pgbouncer transaction" 6633 postgres -S -c 200 -j 2
+    done
+  } | tee "$OUT/pool.txt"
+  echo "bench: idle memory of pooled clients"
+  mkdir -p "$OUT/pool"
+  "$BENCH" idle --out "$OUT/pool" --endpoint "patroxy-transaction=$(conn 6453)" --pid "$POOL_PID" --sessions 1000 \
+    | tee "$OUT/pool-idle.txt"
 fi
 echo "bench: results in $OUT"
