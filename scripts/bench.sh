@@ -279,9 +279,7 @@ CFG
   done
   end=$((SECONDS + 60))
   for port in 6452 6453 6454 6455 6632 6633 6634 6635; do
-    user=bench; [ $port -lt 6454 ] || [ $port -ge 6634 ] || user=postgres
-    [ $port -ge 6632 ] && [ $port -lt 6634 ] && user=postgres
-    until PGPASSWORD=bench psql "host=127.0.0.1 port=$port user=$user dbname=postgres connect_timeout=5" -XAtc "SELECT 1" >/dev/null 2>&1; do
+    until PGPASSWORD=bench psql "host=127.0.0.1 port=$port user=bench dbname=postgres connect_timeout=5" -XAtc "SELECT 1" >/dev/null 2>&1; do
       [ $SECONDS -lt $end ] || { echo "bench: nothing answers on $port" >&2; exit 1; }
       sleep 0.2
     done

@@ -10,7 +10,7 @@ have() { command -v "$1" >/dev/null 2>&1; }
 pkg_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 
 for p in protobuf-compiler libprotobuf-dev etcd-server etcd-client postgresql-15 postgresql-client-15 \
-         patroni python3-etcd python3-psycopg2 python3-psycopg python3-yaml iproute2 procps; do
+         patroni python3-etcd python3-psycopg2 python3-psycopg python3-asyncpg python3-yaml iproute2 procps; do
   pkg_installed "$p" || need_pkgs+=("$p")
 done
 for p in "$@"; do                      # extra packages a caller asks for (bench: haproxy pgbouncer)

@@ -115,6 +115,9 @@ pub struct PoolConfig {
     pub server_lifetime: Duration,
     /// Run on a server connection before another client gets it.
     pub server_reset_query: String,
+    /// Transaction pooling: named prepared statements each server connection keeps for
+    /// clients, the least recently used closed first.
+    pub max_prepared_statements: usize,
 }
 
 impl Default for PoolConfig {
@@ -125,6 +128,7 @@ impl Default for PoolConfig {
             server_idle_timeout: Duration::from_secs(600),
             server_lifetime: Duration::from_secs(3600),
             server_reset_query: "DISCARD ALL".into(),
+            max_prepared_statements: 100,
         }
     }
 }
@@ -688,6 +692,9 @@ impl Config {
         let p = &self.pool;
         if p.pool_size == 0 {
             bad.push("pool.pool_size: must be at least 1".into());
+        }
+        if p.max_prepared_statements == 0 {
+            bad.push("pool.max_prepared_statements: must be at least 1".into());
         }
         for (name, d) in [
             ("pool.query_wait_timeout", p.query_wait_timeout),

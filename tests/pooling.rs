@@ -572,7 +572,7 @@ async fn pgbench_runs_through_session_and_transaction_pools() {
 /// A raw protocol client of a pooled listener, logged in (trusted address, no password) and
 /// at its first ReadyForQuery.
 async fn raw_login(port: u16, user: &str) -> tokio::net::TcpStream {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
@@ -708,5 +708,149 @@ async fn no_exit_of_a_client_leaves_state_for_the_next_one() {
         s[0], pid,
         "a connection after a protocol error was lent again"
     );
+    proxy.stop().await;
+}
+
+/// Runs a Python script with Debian's python3 (psycopg 3, asyncpg); its stdout.
+async fn python(script: &str, args: &[&str]) -> String {
+    let out = tokio::process::Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .await
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_work_through_a_transaction_pool() {
+    let (root, etcd, pg) = one_primary("poolprep").await;
+    let file = users(&root, &pg).await;
+    let init = tokio::process::Command::new(format!("{PG_BIN}/pgbench"))
+        .args([
+            "-i",
+            "-s",
+            "1",
+            "-q",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pg.port.to_string(),
+            "-U",
+            "postgres",
+            "postgres",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(init.status.success(), "{init:?}");
+    connect(pg.port)
+        .await
+        .unwrap()
+        .batch_execute("GRANT ALL ON ALL TABLES IN SCHEMA public TO alice")
+        .await
+        .unwrap();
+    let proxy = Proxy::start(&etcd, "poolprep", |cfg| transaction_pooled(cfg, file, 2)).await;
+    let port = proxy.port();
+
+    // pgbench -M prepared: named statements, 20 clients on 2 server connections.
+    let out = tokio::process::Command::new(format!("{PG_BIN}/pgbench"))
+        .env("PGPASSWORD", "wonder")
+        .args(["-n", "-M", "prepared", "-c", "20", "-j", "2", "-t", "30"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            "alice",
+            "postgres",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{report}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        report.contains("number of failed transactions: 0"),
+        "{report}"
+    );
+
+    // tokio-postgres: statements prepared once, executed in later transactions, by 20
+    // clients whose transactions land on either connection.
+    let mut clients = tokio::task::JoinSet::new();
+    for id in 0..20i32 {
+        clients.spawn(async move {
+            let (c, _conn) = login(port, "alice", "wonder", "").await.unwrap();
+            let add = c.prepare("SELECT $1::int + 1000").await.unwrap();
+            let pid = c.prepare("SELECT pg_backend_pid()").await.unwrap();
+            let mut seen = std::collections::BTreeSet::new();
+            for i in 0..10 {
+                let v: i32 = c.query_one(&add, &[&(id * 100 + i)]).await.unwrap().get(0);
+                assert_eq!(v, id * 100 + i + 1000);
+                seen.insert(c.query_one(&pid, &[]).await.unwrap().get::<_, i32>(0));
+            }
+            seen
+        });
+    }
+    let mut pids = std::collections::BTreeSet::new();
+    while let Some(seen) = clients.join_next().await {
+        pids.extend(seen.unwrap());
+    }
+    assert!(pids.len() <= 2, "{pids:?}");
+
+    // psycopg 3 with server-side prepared statements, and asyncpg (named statements always).
+    let conninfo = format!("host=127.0.0.1 port={port} user=alice password=wonder dbname=postgres");
+    let psycopg = python(
+        r#"
+import sys, psycopg
+total = 0
+for n in range(5):
+    with psycopg.connect(sys.argv[1], autocommit=True, prepare_threshold=0) as conn:
+        for i in range(20):
+            total += conn.execute("SELECT %s::int * 2", (i,), prepare=True).fetchone()[0]
+print(total)
+"#,
+        &[&conninfo],
+    )
+    .await;
+    assert_eq!(
+        psycopg,
+        (5 * (0..20).map(|i| i * 2).sum::<i32>()).to_string()
+    );
+    let asyncpg = python(
+        r#"
+import asyncio, sys, asyncpg
+async def client(n):
+    c = await asyncpg.connect(host="127.0.0.1", port=int(sys.argv[1]), user="alice", password="wonder", database="postgres")
+    s = 0
+    stmt = await c.prepare("SELECT $1::int + $2::int")
+    for i in range(20):
+        s += await c.fetchval("SELECT $1::int * 3", i)
+        s += await stmt.fetchval(i, n)
+    await c.close()
+    return s
+async def main():
+    print(sum(await asyncio.gather(*(client(n) for n in range(10)))))
+asyncio.run(main())
+"#,
+        &[&port.to_string()],
+    )
+    .await;
+    let want: i32 = (0..10)
+        .map(|n| (0..20).map(|i| i * 3 + i + n).sum::<i32>())
+        .sum();
+    assert_eq!(asyncpg, want.to_string());
     proxy.stop().await;
 }

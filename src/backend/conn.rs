@@ -17,6 +17,7 @@ use crate::discovery::patroni::Endpoint;
 use crate::protocol::codes;
 use crate::protocol::frame::{split_frame, Frame};
 use crate::protocol::messages;
+use crate::protocol::prepared::ServerStatements;
 use crate::protocol::startup::CancelKey;
 use crate::stream::{send, tune_socket, Stream};
 use crate::tls::ServerTls;
@@ -47,6 +48,8 @@ pub struct ServerConn {
     pub defaults: BTreeMap<String, String>,
     /// Settings patroxy applied that the server does not report, by name.
     pub extra: BTreeMap<String, String>,
+    /// Statements patroxy prepared on it for transaction-pooled clients.
+    pub prepared: ServerStatements,
     /// The server's own cancel key.
     pub key: Option<CancelKey>,
     pub created: Instant,
@@ -112,6 +115,7 @@ impl ServerConn {
                 params: BTreeMap::new(),
                 defaults: BTreeMap::new(),
                 extra: BTreeMap::new(),
+                prepared: ServerStatements::default(),
                 key: None,
                 created: Instant::now(),
                 last_used: Instant::now(),
@@ -274,8 +278,10 @@ impl ServerConn {
             } else {
                 self.execute(reset_query).await?
             };
-            // DISCARD ALL resets every setting; what was applied unreported is gone too.
+            // DISCARD ALL resets every setting and statement: what patroxy applied or
+            // prepared is gone too.
             self.extra.clear();
+            self.prepared.clear();
             match (status, self.buf.is_empty()) {
                 (codes::TX_IDLE, true) => Ok(()),
                 _ => Err(ConnError::Protocol("not idle after the reset".into())),

@@ -9,6 +9,7 @@ pub mod drain;
 pub mod negotiate;
 pub mod pooled;
 pub mod relay;
+pub mod rewrite;
 pub mod session;
 
 pub use context::{ListenerContext, ProxyContext};

@@ -26,6 +26,7 @@ use crate::backoff::Backoff;
 use crate::config::PoolMode;
 use crate::protocol::codes;
 use crate::protocol::messages;
+use crate::protocol::prepared::{ClientStatements, Rewriter};
 use crate::protocol::startup::{CancelKey, StartupInfo};
 use crate::routing::{self, Target};
 use crate::stream::{send, Stream};
@@ -244,6 +245,8 @@ impl Session<'_> {
         per_transaction: bool,
     ) -> Ended {
         let proxy = &self.ctx.proxy;
+        // The client's named statements, carried from connection to connection.
+        let mut statements = ClientStatements::default();
         let mut total = Ended {
             end: End::ClientClosed,
             transactions: 0,
@@ -270,6 +273,17 @@ impl Session<'_> {
             }
             if buf[..] == TERMINATE {
                 return total;
+            }
+            if per_transaction {
+                let context = wanted.get("search_path").cloned().unwrap_or_default();
+                if let Some(reply) = statements.answer_locally(&buf, &context) {
+                    buf.clear();
+                    if let Err(e) = send(client, &reply).await {
+                        total.end = End::ClientIo(e);
+                        return total;
+                    }
+                    continue;
+                }
             }
             let checked_out = tokio::select! {
                 r = checkout(self.ctx, self.login, self.user, self.database, topology) => r,
@@ -303,7 +317,14 @@ impl Session<'_> {
             };
             let pending = std::mem::take(&mut buf);
             let one = self
-                .attach(client, pending, attached, per_transaction, topology, wanted)
+                .attach(
+                    client,
+                    pending,
+                    attached,
+                    per_transaction,
+                    topology,
+                    (&mut *wanted, &mut statements),
+                )
                 .await;
             total.transactions += 1;
             total.bytes_up += one.bytes_up;
@@ -324,7 +345,7 @@ impl Session<'_> {
         attached: Attached,
         release_at_idle: bool,
         topology: &mut Topo,
-        wanted: &mut BTreeMap<String, String>,
+        (wanted, statements): (&mut BTreeMap<String, String>, &mut ClientStatements),
     ) -> Ended {
         let proxy = &self.ctx.proxy;
         let Attached {
@@ -338,6 +359,15 @@ impl Session<'_> {
                 .cancels
                 .register(self.key.clone(), conn.endpoint.clone(), server_key)
         });
+        // A statement means what it means under its search path: part of its identity.
+        let context = wanted.get("search_path").cloned().unwrap_or_default();
+        let leftover = std::mem::take(&mut conn.buf);
+        let rewrite = release_at_idle.then(|| Rewriter {
+            client: statements,
+            server: &mut conn.prepared,
+            capacity: proxy.pool.max_prepared_statements,
+            context: &context,
+        });
         let relay_ctx = RelayContext {
             policy: &self.ctx.policy,
             policy_updates: self.ctx.policy_updates.clone(),
@@ -347,8 +377,8 @@ impl Session<'_> {
             shutdown: &proxy.shutdown,
             keep_server: true,
             release_at_idle,
+            rewrite,
         };
-        let leftover = std::mem::take(&mut conn.buf);
         let out = relay(
             client,
             &mut conn.stream,
@@ -368,11 +398,6 @@ impl Session<'_> {
         let p = out.progress;
         let at_rest = out.server_clean && p.in_flight == 0 && !p.unsynced;
         let returned = match &out.end {
-            // Between transactions: a named statement would outlive its client.
-            End::Released if out.named_statement => conn
-                .execute("DEALLOCATE ALL")
-                .await
-                .is_ok_and(|s| s == codes::TX_IDLE),
             End::Released => true,
             End::ClientClosed if at_rest => {
                 let reset = &proxy.pool.server_reset_query;

@@ -113,30 +113,30 @@ pub struct RelayContext<'a> {
     /// Transaction pooling: end with `Released` once a transaction has ended and nothing
     /// is in flight either way.
     pub release_at_idle: bool,
+    /// Transaction pooling: named prepared statements are carried across connections.
+    pub rewrite: Option<crate::protocol::prepared::Rewriter<'a>>,
 }
 
 /// Where the conversation stands, as both pumps see it; one task polls both, so relaxed
 /// atomics are plenty.
 #[derive(Default)]
-struct RelayState {
-    tx_status: AtomicU8,
-    in_flight: AtomicU32,
+pub(super) struct RelayState {
+    pub(super) tx_status: AtomicU8,
+    pub(super) in_flight: AtomicU32,
     /// Extended-protocol messages sent since the last Sync: the server may be working on
     /// them (a pipeline flushed with Flush, not yet synced) though no ReadyForQuery is due.
-    unsynced: AtomicBool,
+    pub(super) unsynced: AtomicBool,
     /// The client has every server byte read so far, ending on a frame boundary.
-    down_clean: AtomicBool,
+    pub(super) down_clean: AtomicBool,
     /// The server has every client byte read so far, ending on a frame boundary.
-    up_clean: AtomicBool,
-    bytes_up: AtomicU64,
-    bytes_down: AtomicU64,
+    pub(super) up_clean: AtomicBool,
+    pub(super) bytes_up: AtomicU64,
+    pub(super) bytes_down: AtomicU64,
     /// 0: not draining; else the pump returns as soon as the session is at rest.
-    drain_mode: AtomicU8,
-    release_at_idle: bool,
+    pub(super) drain_mode: AtomicU8,
+    pub(super) release_at_idle: bool,
     /// ParameterStatus the server reported during the relay (kept servers only).
-    reported: std::sync::Mutex<Vec<(String, String)>>,
-    /// The client parsed a named prepared statement (kept servers only).
-    named_statement: AtomicBool,
+    pub(super) reported: std::sync::Mutex<Vec<(String, String)>>,
 }
 
 const DRAIN_AT_REST: u8 = 1;
@@ -152,7 +152,7 @@ impl RelayState {
         }
     }
 
-    fn drain_reached(&self) -> bool {
+    pub(super) fn drain_reached(&self) -> bool {
         match self.drain_mode.load(Relaxed) {
             DRAIN_AT_REST => at_drain_point(false, self.progress()),
             DRAIN_AT_TX_END => at_drain_point(true, self.progress()),
@@ -179,8 +179,6 @@ pub struct Outcome {
     pub server_clean: bool,
     /// ParameterStatus the server reported during the relay (kept servers only).
     pub reported: Vec<(String, String)>,
-    /// The client parsed a named prepared statement on the server (kept servers only).
-    pub named_statement: bool,
 }
 
 /// Relays until one side closes or a drain ends the session.
@@ -190,9 +188,12 @@ pub async fn relay(
     server: &mut Stream,
     client_leftover: BytesMut,
     server_leftover: BytesMut,
-    ctx: RelayContext<'_>,
+    mut ctx: RelayContext<'_>,
     topology: &mut watch::Receiver<Arc<Topology>>,
 ) -> Outcome {
+    let rewrite = ctx.rewrite.take();
+    let responses = std::sync::Mutex::new(crate::protocol::prepared::Responses::default());
+    let wake = tokio::sync::Notify::new();
     let st = RelayState {
         tx_status: AtomicU8::new(codes::TX_IDLE),
         down_clean: AtomicBool::new(true),
@@ -203,20 +204,44 @@ pub async fn relay(
     let (mut client_rd, mut client_wr) = client.split();
     let (mut server_rd, mut server_wr) = server.split();
     let end = {
-        let up = pump_up(
-            &mut client_rd,
-            &mut server_wr,
-            client_leftover,
-            &st,
-            ctx.keep_server,
-        );
-        let down = pump_down(
-            &mut server_rd,
-            &mut client_wr,
-            server_leftover,
-            &st,
-            ctx.keep_server,
-        );
+        use tokio_util::either::Either;
+        let (up, down) = match rewrite {
+            Some(rw) => (
+                Either::Left(super::rewrite::pump_up(
+                    &mut client_rd,
+                    &mut server_wr,
+                    client_leftover,
+                    &st,
+                    rw,
+                    &responses,
+                    &wake,
+                )),
+                Either::Left(super::rewrite::pump_down(
+                    &mut server_rd,
+                    &mut client_wr,
+                    server_leftover,
+                    &st,
+                    &responses,
+                    &wake,
+                )),
+            ),
+            None => (
+                Either::Right(pump_up(
+                    &mut client_rd,
+                    &mut server_wr,
+                    client_leftover,
+                    &st,
+                    ctx.keep_server,
+                )),
+                Either::Right(pump_down(
+                    &mut server_rd,
+                    &mut client_wr,
+                    server_leftover,
+                    &st,
+                    ctx.keep_server,
+                )),
+            ),
+        };
         tokio::pin!(up, down);
         let mut draining: Option<(DrainCause, Instant)> = None;
         // The topology and shutdown are watched by a task of their own: their futures take
@@ -305,11 +330,68 @@ pub async fn relay(
         progress: st.progress(),
         server_clean: st.up_clean.load(Relaxed),
         reported,
-        named_statement: st.named_statement.load(Relaxed),
     }
 }
 
-const TERMINATE: [u8; 5] = [codes::TERMINATE, 0, 0, 0, 4];
+pub(super) const TERMINATE: [u8; 5] = [codes::TERMINATE, 0, 0, 0, 4];
+
+/// What the client's messages say about the conversation: requests that will each be
+/// answered by a ReadyForQuery, extended-protocol messages not yet followed by their Sync,
+/// and a Terminate.
+#[derive(Default)]
+pub(super) struct UpCounter {
+    /// Syncs sent since the last command started: if that command turns out to be a COPY
+    /// FROM STDIN (the client sends CopyDone or CopyFail), the server ignored them while
+    /// copying, and no ReadyForQuery will answer them.
+    syncs_in_command: u32,
+    pub(super) terminated: bool,
+}
+
+impl UpCounter {
+    pub(super) fn see(&mut self, st: &RelayState, seen: Seen) {
+        let Seen::Header { tag, .. } = seen else {
+            return;
+        };
+        match tag {
+            codes::QUERY | codes::FUNCTION_CALL => {
+                self.syncs_in_command = 0;
+                st.in_flight.fetch_add(1, Relaxed);
+            }
+            codes::SYNC => {
+                self.syncs_in_command += 1;
+                st.in_flight.fetch_add(1, Relaxed);
+                st.unsynced.store(false, Relaxed);
+            }
+            codes::EXECUTE => {
+                self.syncs_in_command = 0;
+                st.unsynced.store(true, Relaxed);
+            }
+            codes::PARSE | codes::BIND | codes::DESCRIBE | codes::CLOSE | codes::FLUSH => {
+                st.unsynced.store(true, Relaxed)
+            }
+            codes::COPY_DONE | codes::COPY_FAIL => {
+                let ignored = std::mem::take(&mut self.syncs_in_command);
+                let _ = st
+                    .in_flight
+                    .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(ignored)));
+            }
+            codes::TERMINATE => self.terminated = true,
+            _ => {}
+        }
+    }
+}
+
+/// What the server's messages say: each ReadyForQuery answers one request and gives the
+/// transaction status.
+pub(super) fn count_down(st: &RelayState, seen: Seen) {
+    if let Seen::ReadyForQuery(status) = seen {
+        st.tx_status.store(status, Relaxed);
+        // Saturating: a ReadyForQuery patroxy did not count (the greeting's) is harmless.
+        let _ = st
+            .in_flight
+            .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(1)));
+    }
+}
 
 /// Client to server: counts the requests that will each be answered by a ReadyForQuery, and
 /// notes extended-protocol messages not yet followed by their Sync.
@@ -321,15 +403,7 @@ async fn pump_up(
     keep_server: bool,
 ) -> End {
     let mut scanner = Scanner::new(MAX_DECLARED_LEN);
-    if keep_server {
-        // A Parse's statement name, to know when a kept server holds a named statement.
-        scanner = scanner.capturing(codes::PARSE, 1);
-    }
-    let mut terminated = false;
-    // Syncs sent since the last command started: if that command turns out to be a COPY FROM
-    // STDIN (the client sends CopyDone or CopyFail), the server ignored them while copying,
-    // and no ReadyForQuery will answer them.
-    let mut syncs_in_command = 0u32;
+    let mut counter = UpCounter::default();
     buf.reserve(BUF_SIZE);
     loop {
         if buf.is_empty() {
@@ -339,50 +413,14 @@ async fn pump_up(
                 Err(e) => return End::ClientIo(e),
             }
         }
-        let scanned = scanner.scan(&buf, |seen| {
-            if let Seen::Header { tag, .. } = seen {
-                match tag {
-                    codes::QUERY | codes::FUNCTION_CALL => {
-                        syncs_in_command = 0;
-                        st.in_flight.fetch_add(1, Relaxed);
-                    }
-                    codes::SYNC => {
-                        syncs_in_command += 1;
-                        st.in_flight.fetch_add(1, Relaxed);
-                        st.unsynced.store(false, Relaxed);
-                    }
-                    codes::EXECUTE => {
-                        syncs_in_command = 0;
-                        st.unsynced.store(true, Relaxed);
-                    }
-                    codes::PARSE | codes::BIND | codes::DESCRIBE | codes::CLOSE | codes::FLUSH => {
-                        st.unsynced.store(true, Relaxed)
-                    }
-                    codes::COPY_DONE | codes::COPY_FAIL => {
-                        let ignored = std::mem::take(&mut syncs_in_command);
-                        let _ = st
-                            .in_flight
-                            .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(ignored)));
-                    }
-                    codes::TERMINATE => terminated = true,
-                    _ => {}
-                }
-            }
-        });
+        let scanned = scanner.scan(&buf, |seen| counter.see(st, seen));
         if let Err(e) = scanned {
             return End::ClientProtocol(e);
-        }
-        if keep_server
-            && scanner
-                .take_captured()
-                .iter()
-                .any(|(_, name)| name != b"\0")
-        {
-            st.named_statement.store(true, Relaxed);
         }
         // A client's last word is its Terminate. A kept server must not see it: everything
         // before it goes on; a Terminate that is not whole at the end of this read leaves
         // the server unclean (and so not kept).
+        let terminated = counter.terminated;
         let whole_terminate = terminated && buf.ends_with(&TERMINATE);
         if keep_server && whole_terminate {
             buf.truncate(buf.len() - TERMINATE.len());
@@ -401,7 +439,7 @@ async fn pump_up(
     }
 }
 
-enum Pumped {
+pub(super) enum Pumped {
     End(End),
     /// Draining, and the session just came to rest.
     AtRest,
@@ -430,15 +468,7 @@ async fn pump_down(
                 Err(e) => return Pumped::End(End::ServerIo(e)),
             }
         }
-        let scanned = scanner.scan(&buf, |seen| {
-            if let Seen::ReadyForQuery(status) = seen {
-                st.tx_status.store(status, Relaxed);
-                // Saturating: a ReadyForQuery patroxy did not count (the greeting's) is harmless.
-                let _ = st
-                    .in_flight
-                    .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(1)));
-            }
-        });
+        let scanned = scanner.scan(&buf, |seen| count_down(st, seen));
         if let Err(e) = scanned {
             return Pumped::End(End::ServerProtocol(e));
         }
@@ -473,7 +503,13 @@ async fn pump_down(
 }
 
 /// ParameterStatus bodies longer than this are not tracked (names and values are short).
-const PARAMETER_STATUS_PREFIX: usize = 1024;
+pub(super) const PARAMETER_STATUS_PREFIX: usize = 1024;
+
+/// Transaction pooling: the transaction has ended and nothing is in flight either way, so
+/// the server connection may go to another client.
+pub(super) fn released(st: &RelayState) -> bool {
+    at_drain_point(true, st.progress()) && st.up_clean.load(Relaxed)
+}
 
 #[cfg(test)]
 mod tests {

@@ -121,6 +121,7 @@ async fn run_session(
         shutdown: &proxy.shutdown,
         keep_server: false,
         release_at_idle: false,
+        rewrite: None,
     };
 
     let leftover = std::mem::take(&mut backend.leftover);

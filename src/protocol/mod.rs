@@ -1,9 +1,11 @@
 //! The PostgreSQL wire protocol as patroxy needs it: frame splitting by header, first-packet
-//! parsing, and the few control messages it reads or writes. Nothing here does I/O.
+//! parsing, the few control messages it reads or writes, and the renaming of prepared
+//! statements for transaction pooling. Nothing here does I/O.
 
 pub mod codes;
 pub mod frame;
 pub mod messages;
+pub mod prepared;
 pub mod startup;
 
 #[cfg(test)]

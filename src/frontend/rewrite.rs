@@ -1,0 +1,170 @@
+//! The relay's two pumps when named prepared statements are rewritten (transaction
+//! pooling): whole frames instead of passing bytes, so that a client's Parse, Bind, Describe
+//! and Close can be renamed, preceded by a quiet Parse, or answered by patroxy
+//! (`prepared.rs` decides), and the server's answers to patroxy's own messages are held
+//! back. Accounting (transaction status, requests in flight) is the plain relay's.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Mutex;
+
+use bytes::BytesMut;
+use tokio::sync::Notify;
+
+use super::relay::{count_down, End, Pumped, RelayState, UpCounter};
+use crate::protocol::codes;
+use crate::protocol::frame::{split_frame, Scanner, MAX_DECLARED_LEN};
+use crate::protocol::messages;
+use crate::protocol::prepared::{Responses, Rewriter, Route};
+use crate::stream::{Reader, Writer, BUF_SIZE};
+
+/// PostgreSQL's own limit on a message.
+const FRAME_LIMIT: usize = 1 << 30;
+
+fn lock(r: &Mutex<Responses>) -> std::sync::MutexGuard<'_, Responses> {
+    r.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Client to server, frame by frame, through the rewriter.
+pub(super) async fn pump_up(
+    rd: &mut Reader<'_>,
+    wr: &mut Writer<'_>,
+    mut pending: BytesMut,
+    st: &RelayState,
+    mut rewriter: Rewriter<'_>,
+    responses: &Mutex<Responses>,
+    wake: &Notify,
+) -> End {
+    let mut scanner = Scanner::new(MAX_DECLARED_LEN);
+    let mut counter = UpCounter::default();
+    // Bytes already read before the relay began are counted like any others.
+    if let Err(e) = scanner.scan(&pending, |seen| counter.see(st, seen)) {
+        return End::ClientProtocol(e);
+    }
+    let mut read = BytesMut::with_capacity(BUF_SIZE);
+    loop {
+        let mut out = BytesMut::new();
+        loop {
+            let frame = match split_frame(&mut pending, FRAME_LIMIT) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => return End::ClientProtocol(e),
+            };
+            if frame.tag == codes::TERMINATE {
+                // The client leaves; a kept server must not see it.
+                if !out.is_empty() {
+                    if let Err(e) = wr.write_all(&out).await {
+                        return End::ServerIo(e);
+                    }
+                }
+                st.up_clean.store(pending.is_empty(), Relaxed);
+                return End::ClientClosed;
+            }
+            let body = frame.bytes.slice(5..);
+            let rewritten = rewriter.rewrite(frame.tag, &body, frame.bytes.clone());
+            lock(responses).extend(rewritten.expect);
+            for b in rewritten.send {
+                out.extend_from_slice(&b);
+            }
+        }
+        // patroxy's own answers may be due now, with nothing for the server to answer.
+        wake.notify_one();
+        st.up_clean.store(false, Relaxed);
+        if !out.is_empty() {
+            if let Err(e) = wr.write_all(&out).await {
+                return End::ServerIo(e);
+            }
+            st.bytes_up.fetch_add(out.len() as u64, Relaxed);
+        }
+        st.up_clean.store(pending.is_empty(), Relaxed);
+        read.clear();
+        match rd.read_some(&mut read).await {
+            Ok(0) => return End::ClientClosed,
+            Ok(_) => {}
+            Err(e) => return End::ClientIo(e),
+        }
+        if let Err(e) = scanner.scan(&read, |seen| counter.see(st, seen)) {
+            return End::ClientProtocol(e);
+        }
+        pending.extend_from_slice(&read);
+    }
+}
+
+/// Server to client, frame by frame: answers to patroxy's own messages are held back, and
+/// patroxy's own answers go in their place.
+pub(super) async fn pump_down(
+    rd: &mut Reader<'_>,
+    wr: &mut Writer<'_>,
+    mut pending: BytesMut,
+    st: &RelayState,
+    responses: &Mutex<Responses>,
+    wake: &Notify,
+) -> Pumped {
+    let mut scanner = Scanner::new(MAX_DECLARED_LEN).capturing(
+        codes::PARAMETER_STATUS,
+        super::relay::PARAMETER_STATUS_PREFIX,
+    );
+    let mut read = BytesMut::with_capacity(BUF_SIZE);
+    loop {
+        let mut out = BytesMut::new();
+        {
+            let mut r = lock(responses);
+            for b in r.due() {
+                out.extend_from_slice(&b);
+            }
+            loop {
+                let frame = match split_frame(&mut pending, FRAME_LIMIT) {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) => return Pumped::End(End::ServerProtocol(e)),
+                };
+                if r.route(frame.tag) == Route::Pass {
+                    out.extend_from_slice(&frame.bytes);
+                }
+                for b in r.due() {
+                    out.extend_from_slice(&b);
+                }
+            }
+        }
+        let delivered = !out.is_empty();
+        if delivered {
+            if let Err(e) = scanner.scan(&out, |seen| count_down(st, seen)) {
+                return Pumped::End(End::ServerProtocol(e));
+            }
+            let reported = scanner.take_captured();
+            if !reported.is_empty() {
+                let mut params = st.reported.lock().unwrap_or_else(|p| p.into_inner());
+                params.extend(
+                    reported
+                        .iter()
+                        .filter_map(|(_, b)| messages::parameter_status(b)),
+                );
+            }
+            st.down_clean.store(false, Relaxed);
+            if let Err(e) = wr.write_all(&out).await {
+                return Pumped::End(End::ClientIo(e));
+            }
+            st.bytes_down.fetch_add(out.len() as u64, Relaxed);
+        }
+        st.down_clean.store(pending.is_empty(), Relaxed);
+        if st.drain_reached() {
+            return Pumped::AtRest;
+        }
+        // Only an answer can end a transaction: nothing is released before the server spoke.
+        if delivered
+            && st.release_at_idle
+            && super::relay::released(st)
+            && lock(responses).is_empty()
+        {
+            return Pumped::Released;
+        }
+        read.clear();
+        tokio::select! {
+            r = rd.read_some(&mut read) => match r {
+                Ok(0) => return Pumped::End(End::ServerClosed),
+                Ok(_) => pending.extend_from_slice(&read),
+                Err(e) => return Pumped::End(End::ServerIo(e)),
+            },
+            _ = wake.notified() => {}
+        }
+    }
+}

@@ -1,0 +1,614 @@
+//! Named prepared statements across server connections, for transaction pooling (as
+//! PgBouncer 1.21+ and PgDog do). A client's Parse of a named statement is remembered and
+//! sent to the server under a name derived from the statement itself (`patroxy_<hash>`), so
+//! every server connection that has it prepared can serve any client that asks for the same
+//! statement. A Bind or Describe of a statement the connection does not have yet is preceded
+//! by its Parse, whose answer the client never sees; a Close is answered by patroxy. Each
+//! connection keeps at most `capacity` statements, closing the least recently used.
+//!
+//! This module decides; the relay moves the bytes. The response queue says, for every message
+//! sent to the server, which answer ends it and whether the client sees it, and where
+//! patroxy's own answers go in between.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::protocol::codes;
+
+/// A statement a client prepared, as the server knows it.
+#[derive(Debug)]
+pub struct Statement {
+    pub server_name: String,
+    /// The whole Parse message under `server_name`.
+    pub parse: Bytes,
+}
+
+/// The client's named statements, by the client's names.
+#[derive(Debug, Default)]
+pub struct ClientStatements {
+    by_name: HashMap<String, Arc<Statement>>,
+}
+
+impl ClientStatements {
+    /// Answers, without a server, a batch that only prepares or closes named statements
+    /// and then syncs (libpq's PQprepare, a driver's statement cache filling up): the
+    /// statements are remembered and prepared on a server at their first Bind or Describe.
+    /// Between transactions that spares the client a wait for a server connection. `None`
+    /// when the batch is anything else; the bytes are then left as they are.
+    pub fn answer_locally(&mut self, batch: &[u8], context: &str) -> Option<Bytes> {
+        let mut rest = batch;
+        let mut parsed = Vec::new();
+        let mut closed = Vec::new();
+        let mut reply = BytesMut::new();
+        loop {
+            let (&tag, after) = rest.split_first()?;
+            let len = u32::from_be_bytes(after.get(..4)?.try_into().ok()?) as usize;
+            if len < 4 {
+                return None;
+            }
+            let body = after.get(4..len)?;
+            rest = &after[len..];
+            match tag {
+                codes::PARSE => {
+                    let (name, after_name) = cstr(body)?;
+                    let (query, types) = cstr(after_name)?;
+                    if name.is_empty() {
+                        return None;
+                    }
+                    let server_name = server_name(query, types, context);
+                    let mut parse_body = server_name.as_bytes().to_vec();
+                    parse_body.push(0);
+                    parse_body.extend_from_slice(after_name);
+                    let parse = frame(codes::PARSE, &parse_body);
+                    parsed.push((name.to_owned(), Statement { server_name, parse }));
+                    reply.extend_from_slice(&PARSE_COMPLETE);
+                }
+                codes::CLOSE if body.first() == Some(&b'S') => {
+                    let (name, _) = cstr(&body[1..])?;
+                    closed.push(name.to_owned());
+                    reply.extend_from_slice(&CLOSE_COMPLETE);
+                }
+                codes::SYNC if rest.is_empty() => break,
+                _ => return None,
+            }
+        }
+        for (name, s) in parsed {
+            self.by_name.insert(name, Arc::new(s));
+        }
+        for name in closed {
+            self.by_name.remove(&name);
+        }
+        reply.extend_from_slice(&[codes::READY_FOR_QUERY, 0, 0, 0, 5, codes::TX_IDLE]);
+        Some(reply.freeze())
+    }
+}
+
+/// The statements one server connection has prepared, least recently used first.
+#[derive(Debug, Default)]
+pub struct ServerStatements {
+    names: VecDeque<String>,
+}
+
+impl ServerStatements {
+    fn touch(&mut self, name: &str) -> bool {
+        match self.names.iter().position(|n| n == name) {
+            Some(i) => {
+                let n = self.names.remove(i).expect("present");
+                self.names.push_back(n);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.names.clear();
+    }
+}
+
+/// What ends the server's answer to one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ends {
+    /// An extended-protocol message: after an error, the server skips to the next Sync.
+    Extended(&'static [u8]),
+    /// A Sync, a Query or a FunctionCall: ReadyForQuery.
+    Ready,
+}
+
+/// One expected answer, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pending {
+    /// The server's answer to a message, passed to the client or (for patroxy's own Parse
+    /// and Close) swallowed.
+    Server { ends: Ends, swallow: bool },
+    /// An answer patroxy gives the client itself, once everything before it has passed.
+    Own(Bytes),
+}
+
+const PARSE_COMPLETE: [u8; 5] = [b'1', 0, 0, 0, 4];
+const CLOSE_COMPLETE: [u8; 5] = [b'3', 0, 0, 0, 4];
+
+/// What the server answers a client message with, for messages that get an answer.
+pub fn ends_of(tag: u8, body: &[u8]) -> Option<Ends> {
+    Some(match tag {
+        codes::PARSE => Ends::Extended(b"1"),
+        codes::BIND => Ends::Extended(b"2"),
+        codes::CLOSE => Ends::Extended(b"3"),
+        codes::DESCRIBE if body.first() == Some(&b'S') => Ends::Extended(b"nT"),
+        codes::DESCRIBE => Ends::Extended(b"nT"),
+        codes::EXECUTE => Ends::Extended(b"CIs"),
+        codes::SYNC | codes::QUERY | codes::FUNCTION_CALL => Ends::Ready,
+        _ => return None,
+    })
+}
+
+/// A NUL-terminated string at the start of `b`, and what follows it.
+fn cstr(b: &[u8]) -> Option<(&str, &[u8])> {
+    let nul = b.iter().position(|c| *c == 0)?;
+    Some((std::str::from_utf8(&b[..nul]).ok()?, &b[nul + 1..]))
+}
+
+fn frame(tag: u8, body: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(5 + body.len());
+    out.put_u8(tag);
+    out.put_u32(body.len() as u32 + 4);
+    out.put_slice(body);
+    out.freeze()
+}
+
+fn server_name(query: &str, types: &[u8], context: &str) -> String {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (query, types, context).hash(&mut h);
+    format!("patroxy_{:016x}", h.finish())
+}
+
+/// The rewriter for one client on one server connection.
+pub struct Rewriter<'a> {
+    pub client: &'a mut ClientStatements,
+    pub server: &'a mut ServerStatements,
+    pub capacity: usize,
+    /// Settings that change what a statement means (its search path), part of its identity.
+    pub context: &'a str,
+}
+
+/// What to send for one client frame, and what to expect back.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Rewritten {
+    pub send: Vec<Bytes>,
+    pub expect: Vec<Pending>,
+}
+
+impl Rewriter<'_> {
+    /// Rewrites one whole client frame (`tag`, `body`; `whole` is the frame as it came).
+    /// Malformed bodies pass untouched: the server refuses them.
+    pub fn rewrite(&mut self, tag: u8, body: &[u8], whole: Bytes) -> Rewritten {
+        let mut out = Rewritten::default();
+        let named = match tag {
+            codes::PARSE => self.parse(body, &mut out),
+            codes::BIND => self.bind(body, &mut out),
+            codes::DESCRIBE => self.describe(body, &mut out),
+            codes::CLOSE => self.close(body, &mut out),
+            _ => false,
+        };
+        if !named {
+            out.send.push(whole);
+            if let Some(ends) = ends_of(tag, body) {
+                out.expect.push(Pending::Server {
+                    ends,
+                    swallow: false,
+                });
+            }
+        }
+        out
+    }
+
+    /// Makes sure the connection has `s` prepared, preparing it quietly if not.
+    fn ensure(&mut self, s: &Statement, out: &mut Rewritten) {
+        if self.server.touch(&s.server_name) {
+            return;
+        }
+        if self.server.names.len() >= self.capacity.max(1) {
+            if let Some(old) = self.server.names.pop_front() {
+                let mut body = vec![b'S'];
+                body.extend_from_slice(old.as_bytes());
+                body.push(0);
+                out.send.push(frame(codes::CLOSE, &body));
+                out.expect.push(Pending::Server {
+                    ends: Ends::Extended(b"3"),
+                    swallow: true,
+                });
+            }
+        }
+        out.send.push(s.parse.clone());
+        out.expect.push(Pending::Server {
+            ends: Ends::Extended(b"1"),
+            swallow: true,
+        });
+        self.server.names.push_back(s.server_name.clone());
+    }
+
+    fn parse(&mut self, body: &[u8], out: &mut Rewritten) -> bool {
+        let Some((name, rest)) = cstr(body) else {
+            return false;
+        };
+        let Some((query, types)) = cstr(rest) else {
+            return false;
+        };
+        if name.is_empty() {
+            return false;
+        }
+        let server_name = server_name(query, types, self.context);
+        let mut parse_body = Vec::with_capacity(body.len() + 24);
+        parse_body.extend_from_slice(server_name.as_bytes());
+        parse_body.push(0);
+        parse_body.extend_from_slice(rest);
+        let s = Arc::new(Statement {
+            server_name,
+            parse: frame(codes::PARSE, &parse_body),
+        });
+        self.client.by_name.insert(name.to_owned(), s.clone());
+        self.ensure(&s, out);
+        // The client asked for a Parse: it gets its ParseComplete, whoever prepared it.
+        out.expect
+            .push(Pending::Own(Bytes::from_static(&PARSE_COMPLETE)));
+        true
+    }
+
+    fn bind(&mut self, body: &[u8], out: &mut Rewritten) -> bool {
+        let Some((portal, rest)) = cstr(body) else {
+            return false;
+        };
+        let Some((name, params)) = cstr(rest) else {
+            return false;
+        };
+        let Some(s) = (!name.is_empty())
+            .then(|| self.client.by_name.get(name).cloned())
+            .flatten()
+        else {
+            return false;
+        };
+        self.ensure(&s, out);
+        let mut b = Vec::with_capacity(body.len() + 24);
+        b.extend_from_slice(portal.as_bytes());
+        b.push(0);
+        b.extend_from_slice(s.server_name.as_bytes());
+        b.push(0);
+        b.extend_from_slice(params);
+        out.send.push(frame(codes::BIND, &b));
+        out.expect.push(Pending::Server {
+            ends: Ends::Extended(b"2"),
+            swallow: false,
+        });
+        true
+    }
+
+    fn describe(&mut self, body: &[u8], out: &mut Rewritten) -> bool {
+        let Some((&b'S', rest)) = body.split_first() else {
+            return false;
+        };
+        let Some((name, _)) = cstr(rest) else {
+            return false;
+        };
+        let Some(s) = (!name.is_empty())
+            .then(|| self.client.by_name.get(name).cloned())
+            .flatten()
+        else {
+            return false;
+        };
+        self.ensure(&s, out);
+        let mut b = vec![b'S'];
+        b.extend_from_slice(s.server_name.as_bytes());
+        b.push(0);
+        out.send.push(frame(codes::DESCRIBE, &b));
+        out.expect.push(Pending::Server {
+            ends: Ends::Extended(b"nT"),
+            swallow: false,
+        });
+        true
+    }
+
+    fn close(&mut self, body: &[u8], out: &mut Rewritten) -> bool {
+        let Some((&b'S', rest)) = body.split_first() else {
+            return false;
+        };
+        let Some((name, _)) = cstr(rest) else {
+            return false;
+        };
+        if name.is_empty() {
+            return false;
+        }
+        // The server keeps it for whoever needs it next; the client's name is gone.
+        self.client.by_name.remove(name);
+        out.expect
+            .push(Pending::Own(Bytes::from_static(&CLOSE_COMPLETE)));
+        true
+    }
+}
+
+/// The answers still expected, in order, and what becomes of each server message.
+#[derive(Debug, Default)]
+pub struct Responses {
+    queue: VecDeque<Pending>,
+}
+
+/// What to do with one server message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route {
+    Pass,
+    Swallow,
+}
+
+impl Responses {
+    pub fn extend(&mut self, expect: impl IntoIterator<Item = Pending>) {
+        self.queue.extend(expect);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// patroxy's own answers now due (everything before them has passed).
+    pub fn due(&mut self) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        while let Some(Pending::Own(b)) = self.queue.front() {
+            out.push(b.clone());
+            self.queue.pop_front();
+        }
+        out
+    }
+
+    /// Routes one server message by its tag.
+    pub fn route(&mut self, tag: u8) -> Route {
+        // Notices, parameter changes and notifications come at any time.
+        if matches!(tag, b'N' | b'S' | b'A') {
+            return Route::Pass;
+        }
+        let Some(Pending::Server { ends, swallow }) = self.queue.front().cloned() else {
+            return Route::Pass;
+        };
+        match (ends, tag) {
+            // An error ends the message; in the extended protocol the server then skips
+            // everything up to the next Sync, and so do the answers expected for them.
+            (Ends::Extended(_), codes::ERROR_RESPONSE) => {
+                self.queue.pop_front();
+                while let Some(p) = self.queue.front() {
+                    if matches!(
+                        p,
+                        Pending::Server {
+                            ends: Ends::Ready,
+                            ..
+                        }
+                    ) {
+                        break;
+                    }
+                    self.queue.pop_front();
+                }
+                Route::Pass
+            }
+            (Ends::Extended(set), t) if set.contains(&t) => {
+                self.queue.pop_front();
+                if swallow {
+                    Route::Swallow
+                } else {
+                    Route::Pass
+                }
+            }
+            (Ends::Ready, codes::READY_FOR_QUERY) => {
+                self.queue.pop_front();
+                Route::Pass
+            }
+            _ => Route::Pass,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(name: &str, query: &str) -> (Vec<u8>, Bytes) {
+        let mut b = Vec::new();
+        b.extend_from_slice(name.as_bytes());
+        b.push(0);
+        b.extend_from_slice(query.as_bytes());
+        b.extend_from_slice(&[0, 0, 0]);
+        let whole = frame(codes::PARSE, &b);
+        (b, whole)
+    }
+
+    fn bind(stmt: &str) -> (Vec<u8>, Bytes) {
+        let mut b = vec![0];
+        b.extend_from_slice(stmt.as_bytes());
+        b.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0]);
+        let whole = frame(codes::BIND, &b);
+        (b, whole)
+    }
+
+    #[test]
+    fn a_named_statement_is_prepared_once_per_connection_and_rebound_anywhere() {
+        let mut client = ClientStatements::default();
+        let (mut conn1, mut conn2) = (ServerStatements::default(), ServerStatements::default());
+        let mut rw = Rewriter {
+            client: &mut client,
+            server: &mut conn1,
+            capacity: 10,
+            context: "",
+        };
+        let (b, w) = parse("s1", "SELECT 1");
+        let out = rw.rewrite(codes::PARSE, &b, w);
+        assert_eq!(out.send.len(), 1, "prepared under its server name");
+        assert!(out.send[0].windows(8).any(|w| w == b"patroxy_"));
+        assert_eq!(
+            out.expect[0],
+            Pending::Server {
+                ends: Ends::Extended(b"1"),
+                swallow: true
+            }
+        );
+        assert_eq!(
+            out.expect[1],
+            Pending::Own(Bytes::from_static(&PARSE_COMPLETE))
+        );
+        // The same client, another connection: the Bind brings its Parse along.
+        let mut rw = Rewriter {
+            client: &mut client,
+            server: &mut conn2,
+            capacity: 10,
+            context: "",
+        };
+        let (b, w) = bind("s1");
+        let out = rw.rewrite(codes::BIND, &b, w);
+        assert_eq!(out.send.len(), 2);
+        assert_eq!(out.send[0][0], codes::PARSE);
+        assert_eq!(out.send[1][0], codes::BIND);
+        // A second Bind there: nothing more to prepare.
+        let (b, w) = bind("s1");
+        assert_eq!(rw.rewrite(codes::BIND, &b, w).send.len(), 1);
+        // An unknown name and the unnamed statement pass untouched.
+        for stmt in ["nope", ""] {
+            let (b, w) = bind(stmt);
+            let out = rw.rewrite(codes::BIND, &b, w.clone());
+            assert_eq!(out.send, vec![w]);
+        }
+    }
+
+    #[test]
+    fn a_full_connection_closes_its_least_recently_used_statement() {
+        let mut client = ClientStatements::default();
+        let mut conn = ServerStatements::default();
+        let mut rw = Rewriter {
+            client: &mut client,
+            server: &mut conn,
+            capacity: 2,
+            context: "",
+        };
+        for (name, q) in [("a", "SELECT 1"), ("b", "SELECT 2"), ("c", "SELECT 3")] {
+            let (b, w) = parse(name, q);
+            rw.rewrite(codes::PARSE, &b, w);
+        }
+        assert_eq!(rw.server.len(), 2);
+        let (b, w) = bind("a");
+        let out = rw.rewrite(codes::BIND, &b, w);
+        assert_eq!(out.send[0][0], codes::CLOSE, "b's evicted");
+        assert_eq!(out.send[1][0], codes::PARSE);
+    }
+
+    #[test]
+    fn answers_pass_swallow_or_come_from_patroxy_in_order() {
+        let mut r = Responses::default();
+        r.extend([
+            Pending::Server {
+                ends: Ends::Extended(b"1"),
+                swallow: true,
+            },
+            Pending::Own(Bytes::from_static(&PARSE_COMPLETE)),
+            Pending::Server {
+                ends: Ends::Extended(b"2"),
+                swallow: false,
+            },
+            Pending::Server {
+                ends: Ends::Extended(b"CIs"),
+                swallow: false,
+            },
+            Pending::Server {
+                ends: Ends::Ready,
+                swallow: false,
+            },
+        ]);
+        assert!(r.due().is_empty());
+        assert_eq!(r.route(b'1'), Route::Swallow);
+        assert_eq!(r.due().len(), 1, "the client's ParseComplete, in its place");
+        assert_eq!(r.route(b'2'), Route::Pass);
+        assert_eq!(r.route(b'D'), Route::Pass);
+        assert_eq!(r.route(b'N'), Route::Pass);
+        assert_eq!(r.route(b'C'), Route::Pass);
+        assert_eq!(r.route(b'Z'), Route::Pass);
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn an_error_skips_to_the_sync_with_everything_before_it() {
+        let mut r = Responses::default();
+        r.extend([
+            Pending::Server {
+                ends: Ends::Extended(b"1"),
+                swallow: true,
+            },
+            Pending::Own(Bytes::from_static(&PARSE_COMPLETE)),
+            Pending::Server {
+                ends: Ends::Extended(b"2"),
+                swallow: false,
+            },
+            Pending::Server {
+                ends: Ends::Ready,
+                swallow: false,
+            },
+        ]);
+        // The quiet Parse failed (the table is gone, say): the client sees the error.
+        assert_eq!(r.route(b'E'), Route::Pass);
+        assert!(
+            r.due().is_empty(),
+            "no ParseComplete for a Parse that failed"
+        );
+        assert_eq!(r.route(b'Z'), Route::Pass);
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn a_prepare_only_batch_is_answered_without_a_server() {
+        let mut client = ClientStatements::default();
+        let (_, p) = parse("s1", "SELECT 1");
+        let mut batch = p.to_vec();
+        batch.extend_from_slice(&[codes::SYNC, 0, 0, 0, 4]);
+        let reply = client.answer_locally(&batch, "").unwrap();
+        assert_eq!(&reply[..], &[b'1', 0, 0, 0, 4, b'Z', 0, 0, 0, 5, b'I']);
+        assert!(client.by_name.contains_key("s1"));
+        // Anything else, or no Sync at the end, goes to a server.
+        let (_, b) = bind("s1");
+        let mut other = b.to_vec();
+        other.extend_from_slice(&[codes::SYNC, 0, 0, 0, 4]);
+        assert!(client.answer_locally(&other, "").is_none());
+        assert!(client.answer_locally(&p, "").is_none());
+        assert!(client
+            .answer_locally(&batch[..batch.len() - 1], "")
+            .is_none());
+    }
+
+    #[test]
+    fn close_is_answered_by_patroxy_and_forgets_the_name() {
+        let mut client = ClientStatements::default();
+        let mut conn = ServerStatements::default();
+        let mut rw = Rewriter {
+            client: &mut client,
+            server: &mut conn,
+            capacity: 5,
+            context: "",
+        };
+        let (b, w) = parse("s", "SELECT 1");
+        rw.rewrite(codes::PARSE, &b, w);
+        let close = b"Ss\0";
+        let out = rw.rewrite(codes::CLOSE, close, frame(codes::CLOSE, close));
+        assert!(out.send.is_empty());
+        assert_eq!(
+            out.expect,
+            vec![Pending::Own(Bytes::from_static(&CLOSE_COMPLETE))]
+        );
+        let (b, w) = bind("s");
+        assert_eq!(
+            rw.rewrite(codes::BIND, &b, w.clone()).send,
+            vec![w],
+            "forgotten: the server refuses it"
+        );
+    }
+}
