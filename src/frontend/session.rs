@@ -55,9 +55,10 @@ async fn forward_cancel(key: CancelKey, peer: SocketAddr, ctx: &ListenerContext)
     };
     let targets = cancel::cancel_targets(endpoint, &ctx.topology.borrow());
     let sent_to = targets.len();
-    let delivered = cancel::deliver(&send, targets, proxy.timeouts.connect).await;
+    // Counted before it is sent: whoever sees the query canceled sees the count too.
     let routed = if local { "local" } else { "broadcast" };
     crate::metrics::cancel_request(&ctx.name, routed);
+    let delivered = cancel::deliver(&send, targets, proxy.timeouts.connect).await;
     info!(client = %peer, listener = %ctx.name, pid = key.pid, local, sent_to, delivered, "cancel request forwarded");
 }
 
