@@ -278,8 +278,9 @@ CFG
     PIDS+=($!)
   done
   end=$((SECONDS + 60))
-  for port in 6452 6453 6454 6455 6632 6633 6634 6635; do
-    until PGPASSWORD=bench psql "host=127.0.0.1 port=$port user=bench dbname=postgres connect_timeout=5" -XAtc "SELECT 1" >/dev/null 2>&1; do
+  for check in 6452:postgres 6453:postgres 6632:postgres 6633:postgres 6454:bench 6455:bench 6634:bench 6635:bench; do
+    port=${check%:*} user=${check#*:}
+    until PGPASSWORD=bench psql "host=127.0.0.1 port=$port user=$user dbname=postgres connect_timeout=5" -XAtc "SELECT 1" >/dev/null 2>&1; do
       [ $SECONDS -lt $end ] || { echo "bench: nothing answers on $port" >&2; exit 1; }
       sleep 0.2
     done
