@@ -74,6 +74,7 @@ pub async fn run(
     let (serving_tx, serving) = watch::channel(Vec::new());
     let (config_tx, running_config) = watch::channel(config.clone());
     let load = ServerLoad::default();
+    let pools = Arc::new(Pools::default());
     let running = Running {
         default_instance: crate::config::ReportConfig::default_instance(),
         topologies: topologies.clone(),
@@ -81,12 +82,12 @@ pub async fn run(
         serving: serving.clone(),
         load: load.clone(),
         config: running_config,
+        pools: pools.clone(),
     };
     let published = Published {
         serving: serving_tx,
         config: config_tx,
     };
-    let pools = Arc::new(Pools::default());
     let backends = Backends {
         load,
         pools: pools.clone(),

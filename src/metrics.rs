@@ -27,10 +27,19 @@ pub const CONFIG_RELOADS: &str = "patroxy_config_reloads_total";
 pub const TASK_PANICS: &str = "patroxy_task_panics_total";
 pub const AUTH_FAILURES: &str = "patroxy_auth_failures_total";
 pub const SERVER_CONNECTIONS: &str = "patroxy_server_connections";
+pub const POOL_WAIT_SECONDS: &str = "patroxy_pool_wait_seconds";
+pub const SERVER_CONNECTS: &str = "patroxy_server_connects_total";
 
 /// Installs the Prometheus recorder for this process; its handle renders `/metrics`.
 pub fn install() -> Result<PrometheusHandle, String> {
     PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(POOL_WAIT_SECONDS.into()),
+            &[
+                0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0,
+            ],
+        )
+        .map_err(|e| e.to_string())?
         .set_buckets_for_metric(
             Matcher::Full(CONNECT_SECONDS.into()),
             &[
@@ -229,6 +238,20 @@ pub fn started() {
         counter!(CONFIG_RELOADS, "result" => result).absolute(0);
     }
     server_connections(0, 0);
+    let _ = histogram!(POOL_WAIT_SECONDS);
+    for result in ["ok", "failed"] {
+        counter!(SERVER_CONNECTS, "result" => result).absolute(0);
+    }
+}
+
+/// A client got a pooled server connection after waiting `waited` for a slot.
+pub fn pool_checkout(waited: Duration) {
+    histogram!(POOL_WAIT_SECONDS).record(waited.as_secs_f64());
+}
+
+/// A pooled server connection was opened (`ok`) or could not be (`failed`).
+pub fn server_connect(result: &'static str) {
+    counter!(SERVER_CONNECTS, "result" => result).increment(1);
 }
 
 /// Pooled server connections: idle in their pools, and lent to clients.

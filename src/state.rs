@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
+use crate::backend::pool::Pools;
 use crate::backend::ServerLoad;
 use crate::config::Config;
 use crate::discovery::Topology;
@@ -33,6 +34,8 @@ pub struct Running {
     pub load: ServerLoad,
     /// The configuration in force: reloads replace it.
     pub config: watch::Receiver<Arc<Config>>,
+    /// Server connection pools of pooled listeners.
+    pub pools: Arc<Pools>,
 }
 
 impl Running {
@@ -51,9 +54,14 @@ impl Running {
             .collect();
         let listeners = self.serving.borrow().clone();
         let load = &self.load;
-        view::instance(&self.instance(), &topologies, &listeners, &|ep| {
-            load.sessions(ep)
-        })
+        let pools = self.pools.views();
+        view::instance(
+            &self.instance(),
+            &topologies,
+            &listeners,
+            &|ep| load.sessions(ep),
+            pools,
+        )
     }
 
     /// Ready when every cluster is watched and has a routable primary; otherwise the reasons.

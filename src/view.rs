@@ -67,6 +67,24 @@ pub struct InstanceView {
     pub version: String,
     pub clusters: Vec<ClusterView>,
     pub listeners: Vec<ListenerView>,
+    /// Server connection pools of pooled listeners.
+    #[serde(default)]
+    pub pools: Vec<PoolView>,
+}
+
+/// One pool: a member's server connections for one database and user.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PoolView {
+    pub server: String,
+    pub database: String,
+    pub user: String,
+    /// `primary`, `standby` or `any`: what the server must be.
+    pub wants: String,
+    pub size: usize,
+    pub idle: usize,
+    pub in_use: usize,
+    /// Clients waiting in line for a connection.
+    pub waiting: usize,
 }
 
 /// The value of `/<report prefix>/<cluster>/<instance>` in etcd.
@@ -191,6 +209,7 @@ pub fn instance(
     topologies: &BTreeMap<String, Arc<Topology>>,
     listeners: &[Served],
     sessions: &dyn Fn(&Endpoint) -> usize,
+    pools: Vec<PoolView>,
 ) -> InstanceView {
     let mut clusters: Vec<ClusterView> = topologies
         .iter()
@@ -222,6 +241,7 @@ pub fn instance(
         version: VERSION.into(),
         clusters,
         listeners,
+        pools,
     }
 }
 

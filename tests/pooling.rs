@@ -854,3 +854,46 @@ asyncio.run(main())
     assert_eq!(asyncpg, want.to_string());
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_show_in_topology_and_metrics() {
+    install_metrics();
+    let (root, etcd, pg) = one_primary("poolview").await;
+    let file = users(&root, &pg).await;
+    let proxy = Proxy::start(&etcd, "poolview", |cfg| {
+        transaction_pooled(cfg, file, 3);
+        cfg.admin.listen = Some("127.0.0.1:0".into());
+    })
+    .await;
+    let (c, _conn) = login(proxy.port(), "alice", "wonder", "").await.unwrap();
+    c.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    // While the transaction holds its connection: one pool, one lent.
+    let admin = proxy.admin.unwrap();
+    let view = wait_for("the pool in /topology", LONG, || async move {
+        let mut s = tokio::net::TcpStream::connect(admin).await.ok()?;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        s.write_all(b"GET /topology HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.ok()?;
+        let body = out.split_once("\r\n\r\n")?.1.to_owned();
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let pools = v["pools"].as_array()?.clone();
+        (pools.len() == 1 && pools[0]["in_use"] == 1).then_some(pools[0].clone())
+    })
+    .await;
+    assert_eq!(view["user"], "alice");
+    assert_eq!(view["database"], "postgres");
+    assert_eq!(view["wants"], "primary");
+    assert_eq!(view["size"], 3);
+    assert_eq!(view["server"], format!("127.0.0.1:{}", pg.port));
+    c.batch_execute("COMMIT").await.unwrap();
+    let m = metrics_text();
+    assert!(
+        sample(&m, "patroxy_pool_wait_seconds_count", &[]).unwrap() >= 1.0,
+        "{m}"
+    );
+    assert!(sample(&m, "patroxy_server_connects_total", &[r#"result="ok""#]).unwrap() >= 1.0);
+    proxy.stop().await;
+}

@@ -39,6 +39,8 @@ pub struct Pool {
     /// The server's parameters at login, from the first connection: what new clients of
     /// this pool are greeted with before they hold a connection.
     defaults: Mutex<Option<BTreeMap<String, String>>>,
+    /// Clients in line for a slot.
+    waiting: std::sync::atomic::AtomicUsize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +79,7 @@ impl Pools {
                     slots: Arc::new(Semaphore::new(settings.pool_size)),
                     idle: Mutex::default(),
                     defaults: Mutex::default(),
+                    waiting: Default::default(),
                 })
             })
             .clone()
@@ -96,6 +99,33 @@ impl Pools {
             closed += before - idle.len();
         }
         closed
+    }
+
+    /// Every pool's figures, for the operator's view.
+    pub fn views(&self) -> Vec<crate::view::PoolView> {
+        let mut out: Vec<_> = self
+            .lock()
+            .values()
+            .map(|p| crate::view::PoolView {
+                server: p.key.endpoint.to_string(),
+                database: p.key.database.clone(),
+                user: p.key.user.clone(),
+                wants: match p.key.wants_standby {
+                    Some(false) => "primary",
+                    Some(true) => "standby",
+                    None => "any",
+                }
+                .to_owned(),
+                size: p.settings.pool_size,
+                idle: p.idle().len(),
+                in_use: p.in_use(),
+                waiting: p.waiting.load(std::sync::atomic::Ordering::Relaxed),
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            (&a.server, &a.database, &a.user).cmp(&(&b.server, &b.database, &b.user))
+        });
+        out
     }
 
     /// Connections idle, and lent, over all pools.
@@ -136,6 +166,7 @@ impl Pool {
     pub async fn lease(self: &Arc<Self>) -> Result<(Lease, Option<ServerConn>), PoolError> {
         let wait = self.settings.query_wait_timeout;
         let started = Instant::now();
+        let waiting = Waiting::new(&self.waiting);
         let slot = tokio::time::timeout(wait, self.slots.clone().acquire_owned())
             .await
             .map_err(|_| PoolError::WaitTimeout {
@@ -146,6 +177,8 @@ impl Pool {
                 size: self.settings.pool_size,
             })?
             .expect("pool semaphores are never closed");
+        drop(waiting);
+        crate::metrics::pool_checkout(started.elapsed());
         let lease = Lease {
             pool: self.clone(),
             _slot: slot,
@@ -158,6 +191,22 @@ impl Pool {
             }
         }
         Ok((lease, None))
+    }
+}
+
+/// Counts a client in line while it waits, on every exit path.
+struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(n: &'a std::sync::atomic::AtomicUsize) -> Self {
+        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Waiting(n)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -286,7 +286,7 @@ impl Session<'_> {
                 }
             }
             let checked_out = tokio::select! {
-                r = checkout(self.ctx, self.login, self.user, self.database, topology) => r,
+                r = Box::pin(checkout(self.ctx, self.login, self.user, self.database, topology)) => r,
                 _ = proxy.shutdown.cancelled() => {
                     send_fatal(client, codes::ADMIN_SHUTDOWN, "terminating connection because patroxy is shutting down").await;
                     total.end = End::Drained { cause: crate::routing::drain::DrainCause::Shutdown, forced: false };
@@ -316,16 +316,17 @@ impl Session<'_> {
                 target,
             };
             let pending = std::mem::take(&mut buf);
-            let one = self
-                .attach(
-                    client,
-                    pending,
-                    attached,
-                    per_transaction,
-                    topology,
-                    (&mut *wanted, &mut statements),
-                )
-                .await;
+            // Boxed: between transactions an idle client keeps only this loop's small state,
+            // not room for a relay.
+            let one = Box::pin(self.attach(
+                client,
+                pending,
+                attached,
+                per_transaction,
+                topology,
+                (&mut *wanted, &mut statements),
+            ))
+            .await;
             total.transactions += 1;
             total.bytes_up += one.bytes_up;
             total.bytes_down += one.bytes_down;
@@ -489,6 +490,7 @@ async fn checkout(
                         limit,
                     )
                     .await;
+                    crate::metrics::server_connect(if opened.is_ok() { "ok" } else { "failed" });
                     match opened {
                         Ok(conn) => {
                             pool.remember_defaults(&conn.defaults);
