@@ -219,6 +219,7 @@ pub fn listener_started(listener: &str, role: &str, reasons: &Reasons) {
     }
     // Registered without a sample: rendered with a zero count.
     let _ = histogram!(CONNECT_SECONDS, "listener" => l.clone());
+    let _ = histogram!(POOL_WAIT_SECONDS, "listener" => l.clone());
     gauge!(WAITING, "listener" => l).increment(0.0);
 }
 
@@ -238,15 +239,14 @@ pub fn started() {
         counter!(CONFIG_RELOADS, "result" => result).absolute(0);
     }
     server_connections(0, 0);
-    let _ = histogram!(POOL_WAIT_SECONDS);
     for result in ["ok", "failed"] {
         counter!(SERVER_CONNECTS, "result" => result).absolute(0);
     }
 }
 
-/// A client got a pooled server connection after waiting `waited` for a slot.
-pub fn pool_checkout(waited: Duration) {
-    histogram!(POOL_WAIT_SECONDS).record(waited.as_secs_f64());
+/// A client of `listener` got a pooled server connection after waiting `waited` for a slot.
+pub fn pool_checkout(listener: &str, waited: Duration) {
+    histogram!(POOL_WAIT_SECONDS, "listener" => listener.to_owned()).record(waited.as_secs_f64());
 }
 
 /// A pooled server connection was opened (`ok`) or could not be (`failed`).

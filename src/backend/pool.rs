@@ -60,6 +60,8 @@ pub enum PoolError {
 #[derive(Debug)]
 pub struct Lease {
     pub pool: Arc<Pool>,
+    /// How long the client waited in line for it.
+    pub waited: Duration,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -178,9 +180,9 @@ impl Pool {
             })?
             .expect("pool semaphores are never closed");
         drop(waiting);
-        crate::metrics::pool_checkout(started.elapsed());
         let lease = Lease {
             pool: self.clone(),
+            waited: started.elapsed(),
             _slot: slot,
         };
         let now = Instant::now();

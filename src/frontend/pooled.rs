@@ -476,6 +476,7 @@ async fn checkout(
                     let key = pool_key(ctx, &target, user, database);
                     let pool = proxy.pools.get(key, &proxy.pool);
                     let (lease, idle) = pool.lease().await?;
+                    crate::metrics::pool_checkout(&ctx.name, lease.waited);
                     if let Some(conn) = idle {
                         return Ok((lease, conn, target));
                     }
