@@ -134,7 +134,7 @@ impl Default for PoolConfig {
 }
 
 /// `[auth]`: the secrets patroxy checks pooled clients against.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// PgBouncer's userlist format: `"user" "secret"` lines, where a secret is a SCRAM
@@ -142,6 +142,22 @@ pub struct AuthConfig {
     pub auth_file: Option<PathBuf>,
     /// Client addresses let in without a password (CIDR blocks); none by default.
     pub trust: Vec<Cidr>,
+    /// A user (with a password in the auth_file, or trusted by the server) as whom patroxy
+    /// looks up the secrets of users the file does not have, with `auth_query`.
+    pub auth_user: Option<String>,
+    /// PgBouncer's default: the user's name and secret, `$1` being the user's name.
+    pub auth_query: String,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            auth_file: None,
+            trust: Vec::new(),
+            auth_user: None,
+            auth_query: "SELECT usename, passwd FROM pg_shadow WHERE usename=$1".into(),
+        }
+    }
 }
 
 /// `[report]`: a leased key per cluster, `<prefix>/<cluster>/<instance>`, saying where this
@@ -706,11 +722,15 @@ impl Config {
             }
         }
         let pooled = self.listeners.iter().any(|l| l.pool_mode != PoolMode::None);
-        if pooled && self.auth.auth_file.is_none() && self.auth.trust.is_empty() {
+        let a = &self.auth;
+        if pooled && a.auth_file.is_none() && a.trust.is_empty() && a.auth_user.is_none() {
             bad.push(
-                "auth: pooled listeners need auth.auth_file (or auth.trust) to authenticate clients"
+                "auth: pooled listeners need auth.auth_file, auth.auth_user or auth.trust to authenticate clients"
                     .into(),
             );
+        }
+        if a.auth_user.is_some() && !a.auth_query.contains("$1") {
+            bad.push("auth.auth_query: must use $1 for the user's name".into());
         }
         if let Some(f) = self.auth.auth_file.as_ref().filter(|f| !f.is_file()) {
             bad.push(format!(

@@ -897,3 +897,35 @@ async fn pools_show_in_topology_and_metrics() {
     assert!(sample(&m, "patroxy_server_connects_total", &[r#"result="ok""#]).unwrap() >= 1.0);
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_not_in_the_file_are_looked_up_with_auth_query() {
+    let (root, etcd, pg) = one_primary("poolquery").await;
+    let _ = users(&root, &pg).await;
+    // Only the lookup user is in the file; alice's and bob's secrets come from pg_shadow.
+    connect(pg.port)
+        .await
+        .unwrap()
+        .batch_execute("CREATE ROLE lookup LOGIN SUPERUSER PASSWORD 'finder'")
+        .await
+        .unwrap();
+    let file = root.path().join("lookup.txt");
+    std::fs::write(&file, "\"lookup\" \"finder\"\n").unwrap();
+    let proxy = Proxy::start(&etcd, "poolquery", |cfg| {
+        transaction_pooled(cfg, file, 2);
+        cfg.auth.auth_user = Some("lookup".into());
+    })
+    .await;
+    let port = proxy.port();
+    let (alice, _c) = login(port, "alice", "wonder", "").await.unwrap();
+    assert_eq!(one(&alice, "SELECT current_user::text").await, "alice");
+    let (bob, _c) = login(port, "bob", "builder", "").await.unwrap();
+    assert_eq!(one(&bob, "SELECT current_user::text").await, "bob");
+    for (user, password) in [("alice", "nope"), ("mallory", "x")] {
+        let Err(e) = login(port, user, password, "").await else {
+            panic!("{user} was let in");
+        };
+        assert_eq!(sqlstate(&e).as_deref(), Some("28P01"), "{user}: {e}");
+    }
+    proxy.stop().await;
+}

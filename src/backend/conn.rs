@@ -255,6 +255,30 @@ impl ServerConn {
         }
     }
 
+    /// Runs one simple query and returns its rows (text values, `None` for NULL).
+    pub async fn query_rows(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, ConnError> {
+        send(&mut self.stream, &messages::query(sql)).await?;
+        let mut rows = Vec::new();
+        let mut failed = None;
+        loop {
+            let frame = self.frame().await?;
+            match frame.tag {
+                codes::DATA_ROW => rows.push(
+                    messages::data_row(frame.body())
+                        .ok_or_else(|| ConnError::Protocol("a malformed DataRow".into()))?,
+                ),
+                codes::ERROR_RESPONSE => failed = Some(Self::refused(&frame)),
+                codes::READY_FOR_QUERY => {
+                    return match failed {
+                        Some(e) => Err(e),
+                        None => Ok(rows),
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Runs `sql` (a simple query, possibly several statements) and waits for its end.
     pub async fn execute(&mut self, sql: &str) -> Result<u8, ConnError> {
         send(&mut self.stream, &messages::query(sql)).await?;

@@ -61,14 +61,15 @@ impl AuthFailure {
 }
 
 /// Authenticates `user` coming from `ip`; AuthenticationOk is sent on success.
+/// `secret` is the user's, from the auth_file or the auth_query; `None` for an unknown user.
 pub async fn authenticate(
     client: &mut Stream,
     buf: &mut BytesMut,
     user: &str,
     ip: IpAddr,
     auth: &ClientAuth,
+    secret: Option<&Secret>,
 ) -> Result<Login, AuthFailure> {
-    let secret = auth.users.get(user);
     let trusted = !auth.trust.is_empty() && crate::allow::allowed(&auth.trust, ip);
     let login = if trusted {
         // No proof from the client; to the server, whatever the file holds.

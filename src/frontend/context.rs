@@ -42,6 +42,9 @@ pub struct ProxyContext {
 pub struct ClientAuth {
     pub users: HashMap<String, Secret>,
     pub trust: Vec<Cidr>,
+    /// For users not in the file: who asks PostgreSQL, and what (`$1` is the user name).
+    pub auth_user: Option<String>,
+    pub auth_query: String,
 }
 
 impl ClientAuth {
@@ -58,7 +61,12 @@ impl ClientAuth {
             .await
             .map_err(|e| e.to_string())??,
         };
-        Ok(ClientAuth { users, trust })
+        Ok(ClientAuth {
+            users,
+            trust,
+            auth_user: config.auth_user.clone(),
+            auth_query: config.auth_query.clone(),
+        })
     }
 }
 

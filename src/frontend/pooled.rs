@@ -20,6 +20,8 @@ use super::client_auth::authenticate;
 use super::context::ListenerContext;
 use super::negotiate::send_fatal;
 use super::relay::{relay, End, RelayContext};
+use crate::auth::scram::Credential;
+use crate::auth::userlist::Secret;
 use crate::backend::conn::{ConnError, Login, ServerConn};
 use crate::backend::pool::{Lease, PoolKey};
 use crate::backoff::Backoff;
@@ -93,10 +95,23 @@ pub async fn run_pooled(
     let user = startup.user.clone().unwrap_or_default();
     let database = startup.database.clone().unwrap_or_else(|| user.clone());
     let deadline = started + proxy.timeouts.startup;
-    let authenticated = timeout_at(
-        deadline,
-        authenticate(&mut client, &mut client_buf, &user, peer.ip(), &proxy.auth),
-    )
+    let mut topology = ctx.topology.clone();
+    let authenticated = timeout_at(deadline, async {
+        let secret = match proxy.auth.users.get(&user) {
+            Some(s) => Some(s.clone()),
+            None => lookup_secret(ctx, &user, &database, &mut topology).await,
+        };
+        let auth = &proxy.auth;
+        authenticate(
+            &mut client,
+            &mut client_buf,
+            &user,
+            peer.ip(),
+            auth,
+            secret.as_ref(),
+        )
+        .await
+    })
     .await;
     let login = match authenticated {
         Ok(Ok(login)) => login,
@@ -117,7 +132,6 @@ pub async fn run_pooled(
     };
     // patroxy answers the startup itself, from what it knows of the server the client will
     // use: the client holds no server connection until its first message.
-    let mut topology = ctx.topology.clone();
     let welcomed = tokio::select! {
         r = server_defaults(ctx, &login, &user, &database, &mut topology) => r,
         _ = proxy.shutdown.cancelled() => {
@@ -519,6 +533,47 @@ async fn checkout(
                 waited: started.elapsed(),
                 why,
             });
+        }
+    }
+}
+
+/// The secret of a user the auth_file does not have, from `auth_query` run as `auth_user`
+/// on a connection of that user's pool (to the member the listener routes to). `None` for
+/// a user PostgreSQL does not know, or without an `auth_user`, or when the query fails
+/// (logged): the client then fails like one with a wrong password.
+async fn lookup_secret(
+    ctx: &ListenerContext,
+    user: &str,
+    database: &str,
+    topology: &mut Topo,
+) -> Option<Secret> {
+    let auth = &ctx.proxy.auth;
+    let auth_user = auth.auth_user.as_deref()?;
+    let login = match auth.users.get(auth_user) {
+        Some(Secret::Plain(p)) => Login::Scram(Credential::Password(p.clone())),
+        Some(Secret::Md5(s)) => Login::Md5(s.clone()),
+        _ => Login::Trust,
+    };
+    let looked_up = async {
+        let (lease, mut conn, _) = checkout(ctx, &login, auth_user, database, topology)
+            .await
+            .map_err(|e| e.to_string())?;
+        let sql = auth.auth_query.replace("$1", &quote_literal(user));
+        let rows = conn.query_rows(&sql).await.map_err(|e| e.to_string())?;
+        lease.give_back(conn);
+        Ok::<_, String>(rows)
+    };
+    match looked_up.await {
+        Ok(rows) => {
+            let secret = rows
+                .into_iter()
+                .next()
+                .and_then(|mut r| r.pop().flatten())?;
+            Some(Secret::parse(&secret))
+        }
+        Err(e) => {
+            warn!(listener = %ctx.name, user, auth_user, error = %e, "auth_query failed");
+            None
         }
     }
 }

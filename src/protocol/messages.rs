@@ -243,9 +243,39 @@ pub fn authentication(a: pgwire::messages::startup::Authentication) -> Bytes {
     encode(&a)
 }
 
+/// A DataRow body: each column as text, `None` for NULL; `None` when malformed.
+pub fn data_row(body: &[u8]) -> Option<Vec<Option<String>>> {
+    let n = u16::from_be_bytes(body.get(..2)?.try_into().ok()?) as usize;
+    let mut rest = &body[2..];
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let len = i32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
+        rest = &rest[4..];
+        if len < 0 {
+            out.push(None);
+            continue;
+        }
+        let v = rest.get(..len as usize)?;
+        out.push(Some(String::from_utf8_lossy(v).into_owned()));
+        rest = &rest[len as usize..];
+    }
+    rest.is_empty().then_some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn data_rows_are_read_with_their_bounds_checked() {
+        let body = [0, 2, 0, 0, 0, 1, b'a', 0xff, 0xff, 0xff, 0xff];
+        assert_eq!(data_row(&body), Some(vec![Some("a".into()), None]));
+        assert_eq!(data_row(&body[..6]), None);
+        assert_eq!(data_row(&[0, 1, 0x7f, 0, 0, 0]), None);
+        let mut trailing = body.to_vec();
+        trailing.push(0);
+        assert_eq!(data_row(&trailing), None);
+    }
     use crate::protocol::frame::split_frame;
 
     #[test]
