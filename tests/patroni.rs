@@ -33,19 +33,25 @@ struct Writer {
 
 impl Writer {
     fn spawn(port: u16) -> Writer {
+        Writer::spawn_from(port, 0)
+    }
+
+    /// A writer whose row ids start after `base`, so that several can share the table.
+    fn spawn_from(port: u16, base: i64) -> Writer {
         let log = Arc::new(Mutex::new(Vec::new()));
         let stop = tokio_util::sync::CancellationToken::new();
-        let task = tokio::spawn(Self::run(port, log.clone(), stop.clone()));
+        let task = tokio::spawn(Self::run(port, base, log.clone(), stop.clone()));
         Writer { log, stop, task }
     }
 
     async fn run(
         port: u16,
+        base: i64,
         log: Arc<Mutex<Vec<Attempt>>>,
         stop: tokio_util::sync::CancellationToken,
     ) {
         let mut client: Option<tokio_postgres::Client> = None;
-        let mut id = 0i64;
+        let mut id = base;
         while !stop.is_cancelled() {
             id += 1;
             let result = async {
@@ -316,4 +322,98 @@ fn writer_first_ok_after(writer: &Writer, port: u16, since: Instant) -> Option<D
     log.iter()
         .find(|a| a.done >= since && a.result == Ok(port))
         .map(|a| a.done - since)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_pooled_writers_survive_a_switchover_and_a_crash() {
+    let mut cluster = Cluster::start("pooled", 3).await;
+    let proxy = Proxy::start(&cluster.etcd, "pooled", |cfg| {
+        cfg.timeouts.connect_wait = Duration::from_secs(40);
+        cfg.listeners = vec![patroxy::config::ListenerConfig {
+            pool_mode: patroxy::config::PoolMode::Transaction,
+            ..listener("rw", ListenerRole::Primary)
+        }];
+        cfg.pool.pool_size = 8;
+        cfg.auth.trust = vec!["127.0.0.1/32".parse().unwrap()];
+    })
+    .await;
+    let port = proxy.port();
+    let first = leader(&cluster).await;
+    let setup = wait_for("the first leader through patroxy", EVENT, || async {
+        connect(port).await.ok()
+    })
+    .await;
+    setup
+        .batch_execute("CREATE TABLE writes (id bigint PRIMARY KEY, port int NOT NULL)")
+        .await
+        .unwrap();
+    drop(setup);
+    let writers: Vec<Writer> = (0..50)
+        .map(|w| Writer::spawn_from(port, w * 1_000_000))
+        .collect();
+    for w in &writers {
+        w.wait_acked_on(cluster.port_of(&first), Instant::now())
+            .await;
+    }
+    let event = |name: &str, writers: &[Writer], t: Instant| {
+        let (failed, gap) = writers
+            .iter()
+            .map(|w| w.window(t))
+            .fold((0, Duration::ZERO), |(f, g), (wf, wg)| (f + wf, g.max(wg)));
+        eprintln!("{name}: 50 pooled writers on 8 server connections: {failed} client-visible errors, longest gap {gap:?}");
+        // At most the transaction each writer had in flight, and one reconnect.
+        assert!(failed <= 100, "{name}: {failed} errors");
+        assert!(
+            gap < Duration::from_secs(30),
+            "{name}: writes stopped for {gap:?}"
+        );
+    };
+
+    // A planned switchover.
+    let state = cluster.wait_healthy(3, EVENT).await;
+    let candidate = state.sync_standby.clone().unwrap();
+    let t = Instant::now();
+    cluster.switchover(&first, &candidate);
+    for w in &writers {
+        w.wait_acked_on(cluster.port_of(&candidate), t).await;
+    }
+    event("switchover", &writers, t);
+
+    // A crash of the new leader.
+    cluster.wait_healthy(3, EVENT).await;
+    let crashed = leader(&cluster).await;
+    let t = Instant::now();
+    cluster.member_mut(&crashed).crash();
+    let last = new_leader(&cluster, &crashed).await;
+    for w in &writers {
+        w.wait_acked_on(cluster.port_of(&last), t).await;
+    }
+    event("kill -9", &writers, t);
+
+    let mut acked = Vec::new();
+    for w in writers {
+        acked.extend(
+            w.stop()
+                .await
+                .into_iter()
+                .filter(|a| a.result.is_ok())
+                .map(|a| a.id),
+        );
+    }
+    let direct = connect(cluster.port_of(&last)).await.unwrap();
+    let present: std::collections::BTreeSet<i64> = direct
+        .query("SELECT id FROM writes", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let lost: Vec<i64> = acked
+        .iter()
+        .copied()
+        .filter(|id| !present.contains(id))
+        .collect();
+    eprintln!("{} acknowledged writes, {} lost", acked.len(), lost.len());
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    proxy.stop().await;
 }
