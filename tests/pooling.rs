@@ -182,9 +182,14 @@ async fn a_server_connection_is_reused_with_nothing_left_from_the_last_client() 
     drop(second);
 
     // Startup parameters are applied to whichever connection serves the client.
-    let (third, _c) = check("application_name=third options='-c statement_timeout=0'").await;
+    let (third, _c) = check("application_name=third options='-c statement_timeout=7s'").await;
     assert_eq!(one(&third, "SELECT pg_backend_pid()::text").await, pid);
     assert_eq!(one(&third, "SHOW application_name").await, "third");
+    assert_eq!(
+        one(&third, "SHOW statement_timeout").await,
+        "7s",
+        "options apply too"
+    );
     proxy.stop().await;
 }
 

@@ -165,6 +165,10 @@ pub async fn run_pooled(
             .filter(|(name, _)| !NOT_SETTINGS.contains(&name.as_str()))
             .cloned(),
     );
+    // `options` (libpq's PGOPTIONS): its `-c name=value` settings, as PostgreSQL reads them.
+    if let Some((_, options)) = startup.params.iter().find(|(n, _)| n == "options") {
+        wanted.extend(option_settings(options));
+    }
     // patroxy's own key: the server connection behind it changes from client to client.
     let key = own_key();
     if send(&mut client, &greeting(&defaults, &wanted, &key))
@@ -617,6 +621,42 @@ async fn apply_params(
     Ok(())
 }
 
+/// The settings in a startup `options` string: `-c name=value`, `-cname=value` and
+/// `--name=value`, with `\ ` for a space inside a value, as PostgreSQL splits it.
+fn option_settings(options: &str) -> Vec<(String, String)> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => word.extend(chars.next()),
+            c if c.is_whitespace() => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    let mut out = Vec::new();
+    let mut words = words.into_iter();
+    while let Some(w) = words.next() {
+        let setting = match w.as_str() {
+            "-c" => words.next(),
+            w if w.starts_with("-c") => Some(w[2..].to_owned()),
+            w if w.starts_with("--") => Some(w[2..].to_owned()),
+            _ => None,
+        };
+        if let Some((name, value)) = setting.as_deref().and_then(|s| s.split_once('=')) {
+            out.push((name.replace('-', "_"), value.to_owned()));
+        }
+    }
+    out
+}
+
 fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
@@ -691,6 +731,22 @@ fn greeting(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn options_are_read_as_postgresql_reads_them() {
+        assert_eq!(
+            option_settings(
+                r"-c statement_timeout=5s -cwork_mem=64MB --search-path=a,b -c application_name=x\ y"
+            ),
+            vec![
+                ("statement_timeout".to_owned(), "5s".to_owned()),
+                ("work_mem".to_owned(), "64MB".to_owned()),
+                ("search_path".to_owned(), "a,b".to_owned()),
+                ("application_name".to_owned(), "x y".to_owned()),
+            ]
+        );
+        assert!(option_settings("-x nonsense").is_empty());
+    }
 
     #[test]
     fn settings_are_quoted() {
