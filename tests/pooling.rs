@@ -506,30 +506,7 @@ async fn a_client_between_transactions_rides_out_a_leader_change() {
 async fn pgbench_runs_through_session_and_transaction_pools() {
     let (root, etcd, pg) = one_primary("poolbench").await;
     let file = users(&root, &pg).await;
-    let init = tokio::process::Command::new(format!("{PG_BIN}/pgbench"))
-        .args([
-            "-i",
-            "-s",
-            "1",
-            "-q",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &pg.port.to_string(),
-            "-U",
-            "postgres",
-            "postgres",
-        ])
-        .output()
-        .await
-        .unwrap();
-    assert!(init.status.success(), "{init:?}");
-    connect(pg.port)
-        .await
-        .unwrap()
-        .batch_execute("GRANT ALL ON ALL TABLES IN SCHEMA public TO alice")
-        .await
-        .unwrap();
+    pgbench_init(&pg).await;
     for mode in [PoolMode::Session, PoolMode::Transaction] {
         let f = file.clone();
         let proxy = Proxy::start(&etcd, "poolbench", move |cfg| {
@@ -716,6 +693,32 @@ async fn no_exit_of_a_client_leaves_state_for_the_next_one() {
     proxy.stop().await;
 }
 
+/// pgbench's tables on `pg`, readable and writable by alice.
+async fn pgbench_init(pg: &Postgres) {
+    let init = tokio::process::Command::new(format!("{PG_BIN}/pgbench"))
+        .args([
+            "-i",
+            "-s",
+            "1",
+            "-q",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pg.port.to_string(),
+        ])
+        .args(["-U", "postgres", "postgres"])
+        .output()
+        .await
+        .unwrap();
+    assert!(init.status.success(), "{init:?}");
+    connect(pg.port)
+        .await
+        .unwrap()
+        .batch_execute("GRANT ALL ON ALL TABLES IN SCHEMA public TO alice")
+        .await
+        .unwrap();
+}
+
 /// Runs a Python script with Debian's python3 (psycopg 3, asyncpg); its stdout.
 async fn python(script: &str, args: &[&str]) -> String {
     let out = tokio::process::Command::new("/usr/bin/python3")
@@ -738,30 +741,7 @@ async fn python(script: &str, args: &[&str]) -> String {
 async fn prepared_statements_work_through_a_transaction_pool() {
     let (root, etcd, pg) = one_primary("poolprep").await;
     let file = users(&root, &pg).await;
-    let init = tokio::process::Command::new(format!("{PG_BIN}/pgbench"))
-        .args([
-            "-i",
-            "-s",
-            "1",
-            "-q",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &pg.port.to_string(),
-            "-U",
-            "postgres",
-            "postgres",
-        ])
-        .output()
-        .await
-        .unwrap();
-    assert!(init.status.success(), "{init:?}");
-    connect(pg.port)
-        .await
-        .unwrap()
-        .batch_execute("GRANT ALL ON ALL TABLES IN SCHEMA public TO alice")
-        .await
-        .unwrap();
+    pgbench_init(&pg).await;
     let proxy = Proxy::start(&etcd, "poolprep", |cfg| transaction_pooled(cfg, file, 2)).await;
     let port = proxy.port();
 

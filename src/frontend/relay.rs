@@ -152,6 +152,19 @@ impl RelayState {
         }
     }
 
+    /// Keeps the ParameterStatus messages the scanner captured (kept servers only).
+    pub(super) fn record_reported(&self, captured: Vec<(u8, Vec<u8>)>) {
+        if captured.is_empty() {
+            return;
+        }
+        let mut params = self.reported.lock().unwrap_or_else(|p| p.into_inner());
+        params.extend(
+            captured
+                .iter()
+                .filter_map(|(_, b)| messages::parameter_status(b)),
+        );
+    }
+
     pub(super) fn drain_reached(&self) -> bool {
         match self.drain_mode.load(Relaxed) {
             DRAIN_AT_REST => at_drain_point(false, self.progress()),
@@ -310,8 +323,9 @@ pub async fn relay(
         )),
         _ => None,
     };
+    let told = goodbye.is_some() && can_send_error(st.progress());
     if let Some((code, msg)) = goodbye {
-        if can_send_error(st.progress()) {
+        if told {
             let frame = messages::error_response(Severity::Fatal, code, &msg);
             let _ = timeout(GOODBYE_TIMEOUT, client_wr.write_all(&frame)).await;
         }
@@ -321,6 +335,20 @@ pub async fn relay(
     }
     if !matches!(end, End::Released) {
         let _ = timeout(GOODBYE_TIMEOUT, client_wr.shutdown()).await;
+    }
+    if told {
+        // Read what the client still sends until it closes (briefly): closing a socket with
+        // unread input resets it, and a reset can destroy the FATAL the client has not read.
+        let _ = timeout(GOODBYE_TIMEOUT, async {
+            let mut sink = BytesMut::with_capacity(1024);
+            while let Ok(n) = client_rd.read_some(&mut sink).await {
+                if n == 0 {
+                    break;
+                }
+                sink.clear();
+            }
+        })
+        .await;
     }
     let reported = std::mem::take(&mut *st.reported.lock().unwrap_or_else(|p| p.into_inner()));
     Outcome {
@@ -473,15 +501,7 @@ async fn pump_down(
             return Pumped::End(End::ServerProtocol(e));
         }
         if keep_server {
-            let reported = scanner.take_captured();
-            if !reported.is_empty() {
-                let mut params = st.reported.lock().unwrap_or_else(|p| p.into_inner());
-                params.extend(
-                    reported
-                        .iter()
-                        .filter_map(|(_, b)| messages::parameter_status(b)),
-                );
-            }
+            st.record_reported(scanner.take_captured());
         }
         st.down_clean.store(false, Relaxed);
         if let Err(e) = wr.write_all(&buf).await {

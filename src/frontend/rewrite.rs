@@ -13,7 +13,6 @@ use tokio::sync::Notify;
 use super::relay::{count_down, End, Pumped, RelayState, UpCounter};
 use crate::protocol::codes;
 use crate::protocol::frame::{split_frame, Scanner, MAX_DECLARED_LEN};
-use crate::protocol::messages;
 use crate::protocol::prepared::{Responses, Rewriter, Route};
 use crate::stream::{Reader, Writer, BUF_SIZE};
 
@@ -130,15 +129,7 @@ pub(super) async fn pump_down(
             if let Err(e) = scanner.scan(&out, |seen| count_down(st, seen)) {
                 return Pumped::End(End::ServerProtocol(e));
             }
-            let reported = scanner.take_captured();
-            if !reported.is_empty() {
-                let mut params = st.reported.lock().unwrap_or_else(|p| p.into_inner());
-                params.extend(
-                    reported
-                        .iter()
-                        .filter_map(|(_, b)| messages::parameter_status(b)),
-                );
-            }
+            st.record_reported(scanner.take_captured());
             st.down_clean.store(false, Relaxed);
             if let Err(e) = wr.write_all(&out).await {
                 return Pumped::End(End::ClientIo(e));
