@@ -12,7 +12,7 @@ use tokio::time::timeout;
 use crate::config::Config;
 use crate::discovery::Topology;
 use crate::etcd::{read_prefix, Etcd, EtcdError};
-use crate::view::{self, ClusterView, InstanceView, Report};
+use crate::view::{self, ClusterView, InstanceView, PoolView, Report};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
@@ -28,6 +28,9 @@ pub struct Status {
     pub clusters: Vec<ClusterView>,
     /// Every instance's report (from etcd); empty when read from an admin endpoint.
     pub reports: Vec<Report>,
+    /// The instance's server connection pools (from an admin endpoint; empty from etcd).
+    #[serde(default)]
+    pub pools: Vec<PoolView>,
 }
 
 /// Reads each configured cluster and its reports from etcd.
@@ -37,6 +40,7 @@ pub async fn from_etcd(config: &Config) -> Result<Status, StatusError> {
     let mut status = Status {
         clusters: Vec::new(),
         reports: Vec::new(),
+        pools: Vec::new(),
     };
     for c in &config.clusters {
         let name = c.name();
@@ -101,12 +105,13 @@ pub async fn from_admin(addr: &str) -> Result<Status, StatusError> {
     Ok(Status {
         clusters: view.clusters,
         reports: Vec::new(),
+        pools: view.pools,
     })
 }
 
 /// The tables, one per cluster, each followed by the instances that report on it.
 pub fn render(status: &Status) -> String {
-    status
+    let mut out = status
         .clusters
         .iter()
         .map(|c| {
@@ -119,5 +124,48 @@ pub fn render(status: &Status) -> String {
             view::table(c, &reports)
         })
         .collect::<Vec<_>>()
-        .join("\n")
+        .join("\n");
+    if !status.pools.is_empty() {
+        out.push_str("\nServer connection pools:\n");
+        for p in &status.pools {
+            out.push_str(&format!(
+                "  {} {}@{} ({}): {} in use, {} idle, of {}; {} waiting\n",
+                p.server, p.user, p.database, p.wants, p.in_use, p.idle, p.size, p.waiting
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pools_follow_the_clusters() {
+        let status = Status {
+            clusters: Vec::new(),
+            reports: Vec::new(),
+            pools: vec![PoolView {
+                server: "127.0.0.1:5432".into(),
+                database: "app".into(),
+                user: "alice".into(),
+                wants: "primary".into(),
+                size: 8,
+                idle: 3,
+                in_use: 5,
+                waiting: 2,
+            }],
+        };
+        let text = render(&status);
+        assert!(
+            text.contains("127.0.0.1:5432 alice@app (primary): 5 in use, 3 idle, of 8; 2 waiting"),
+            "{text}"
+        );
+        assert!(!render(&Status {
+            pools: Vec::new(),
+            ..status
+        })
+        .contains("pools"));
+    }
 }
