@@ -242,6 +242,8 @@ pool_size = ${POOL_SIZE:-8}
 [auth]
 auth_file = "$P/userlist.txt"
 trust = $trust
+[runtime]
+worker_threads = ${POOL_WORKERS:-0}
 [report]
 enabled = false
 CFG
