@@ -24,6 +24,27 @@ pub struct PoolKey {
     pub wants_standby: Option<bool>,
 }
 
+/// A server's login parameters, and the ParameterStatus messages that announce them,
+/// encoded once per pool: greeting a client costs a copy.
+#[derive(Debug)]
+pub struct Defaults {
+    pub params: BTreeMap<String, String>,
+    pub encoded: bytes::Bytes,
+}
+
+impl Defaults {
+    pub fn new(params: BTreeMap<String, String>) -> Defaults {
+        let mut encoded = bytes::BytesMut::new();
+        for (name, value) in &params {
+            crate::protocol::messages::put_parameter_status(&mut encoded, name, value);
+        }
+        Defaults {
+            params,
+            encoded: encoded.freeze(),
+        }
+    }
+}
+
 /// Every pool of this instance.
 #[derive(Debug, Default)]
 pub struct Pools {
@@ -38,7 +59,7 @@ pub struct Pool {
     idle: Mutex<Vec<ServerConn>>,
     /// The server's parameters at login, from the first connection: what new clients of
     /// this pool are greeted with before they hold a connection.
-    defaults: Mutex<Option<BTreeMap<String, String>>>,
+    defaults: Mutex<Option<Arc<Defaults>>>,
     /// Clients in line for a slot.
     waiting: std::sync::atomic::AtomicUsize,
 }
@@ -148,15 +169,19 @@ impl Pool {
             || now.duration_since(c.created) > self.settings.server_lifetime
     }
 
-    pub fn defaults(&self) -> Option<BTreeMap<String, String>> {
+    pub fn defaults(&self) -> Option<Arc<Defaults>> {
         self.defaults
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
 
-    pub fn remember_defaults(&self, d: &BTreeMap<String, String>) {
-        *self.defaults.lock().unwrap_or_else(|e| e.into_inner()) = Some(d.clone());
+    /// Remembers a server's login parameters, once (they are the same for every connection
+    /// of a pool), and returns what is remembered.
+    pub fn remember_defaults(&self, params: &BTreeMap<String, String>) -> Arc<Defaults> {
+        let mut d = self.defaults.lock().unwrap_or_else(|e| e.into_inner());
+        d.get_or_insert_with(|| Arc::new(Defaults::new(params.clone())))
+            .clone()
     }
 
     pub fn in_use(&self) -> usize {

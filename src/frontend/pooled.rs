@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -23,7 +24,7 @@ use super::relay::{relay, End, RelayContext};
 use crate::auth::scram::Credential;
 use crate::auth::userlist::Secret;
 use crate::backend::conn::{ConnError, Login, ServerConn};
-use crate::backend::pool::{Lease, PoolKey};
+use crate::backend::pool::{Defaults, Lease, PoolKey};
 use crate::backoff::Backoff;
 use crate::config::PoolMode;
 use crate::protocol::codes;
@@ -153,25 +154,26 @@ pub async fn run_pooled(
     // reported setting has a wanted value (the login default unless the client said
     // otherwise), so no other client's choice survives on a connection this one gets; the
     // client's own changes, as the server reports them, are followed.
+    let mut asked: Vec<(String, String)> = startup
+        .params
+        .iter()
+        .filter(|(name, _)| !NOT_SETTINGS.contains(&name.as_str()))
+        .cloned()
+        .collect();
+    // `options` (libpq's PGOPTIONS): its `-c name=value` settings, as PostgreSQL reads them.
+    if let Some((_, options)) = startup.params.iter().find(|(n, _)| n == "options") {
+        asked.extend(option_settings(options));
+    }
     let mut wanted: BTreeMap<String, String> = defaults
+        .params
         .iter()
         .filter(|(name, _)| !SERVER_OWNED.contains(&name.as_str()))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    wanted.extend(
-        startup
-            .params
-            .iter()
-            .filter(|(name, _)| !NOT_SETTINGS.contains(&name.as_str()))
-            .cloned(),
-    );
-    // `options` (libpq's PGOPTIONS): its `-c name=value` settings, as PostgreSQL reads them.
-    if let Some((_, options)) = startup.params.iter().find(|(n, _)| n == "options") {
-        wanted.extend(option_settings(options));
-    }
+    wanted.extend(asked.iter().cloned());
     // patroxy's own key: the server connection behind it changes from client to client.
     let key = own_key();
-    if send(&mut client, &greeting(&defaults, &wanted, &key))
+    if send(&mut client, &greeting(&defaults, &asked, &key))
         .await
         .is_err()
     {
@@ -688,7 +690,7 @@ async fn server_defaults(
     user: &str,
     database: &str,
     topology: &mut Topo,
-) -> Result<BTreeMap<String, String>, CheckoutError> {
+) -> Result<Arc<Defaults>, CheckoutError> {
     let candidates = routing::candidates(&ctx.policy, &topology.borrow());
     if let Some(first) = candidates.ok().and_then(|c| c.into_iter().next()) {
         let key = pool_key(ctx, &first, user, database);
@@ -697,7 +699,7 @@ async fn server_defaults(
         }
     }
     let (lease, conn, _) = checkout(ctx, login, user, database, topology).await?;
-    let defaults = conn.defaults.clone();
+    let defaults = lease.pool.remember_defaults(&conn.defaults);
     lease.give_back(conn);
     Ok(defaults)
 }
@@ -711,17 +713,16 @@ fn pool_key(ctx: &ListenerContext, target: &Target, user: &str, database: &str) 
     }
 }
 
-/// What the client sees after AuthenticationOk: the server's parameters with its own
-/// settings, patroxy's key, and ReadyForQuery.
-fn greeting(
-    defaults: &BTreeMap<String, String>,
-    wanted: &BTreeMap<String, String>,
-    key: &CancelKey,
-) -> Bytes {
-    let mut out = BytesMut::new();
-    for (name, value) in defaults {
-        let value = wanted.get(name).unwrap_or(value);
-        out.extend_from_slice(&messages::parameter_status_message(name, value));
+/// What the client sees after AuthenticationOk: the server's parameters, then those the
+/// client asked for that the server reports (a later ParameterStatus replaces an earlier
+/// one), patroxy's key, and ReadyForQuery.
+fn greeting(defaults: &Defaults, asked: &[(String, String)], key: &CancelKey) -> Bytes {
+    let mut out = BytesMut::with_capacity(defaults.encoded.len() + 64);
+    out.extend_from_slice(&defaults.encoded);
+    for (name, value) in asked {
+        if defaults.params.get(name).is_some_and(|v| v != value) {
+            messages::put_parameter_status(&mut out, name, value);
+        }
     }
     out.extend_from_slice(&messages::backend_key_data(key));
     out.extend_from_slice(&messages::ready_for_query_idle());

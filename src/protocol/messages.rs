@@ -221,9 +221,14 @@ pub fn startup(params: &[(&str, &str)]) -> Bytes {
     encode(&s)
 }
 
-/// A backend ParameterStatus.
-pub fn parameter_status_message(name: &str, value: &str) -> Bytes {
-    encode(&ParameterStatus::new(name.to_owned(), value.to_owned()))
+/// Appends a backend ParameterStatus to `out`.
+pub fn put_parameter_status(out: &mut BytesMut, name: &str, value: &str) {
+    out.put_u8(codes::PARAMETER_STATUS);
+    out.put_i32((4 + name.len() + 1 + value.len() + 1) as i32);
+    out.put_slice(name.as_bytes());
+    out.put_u8(0);
+    out.put_slice(value.as_bytes());
+    out.put_u8(0);
 }
 
 /// A backend BackendKeyData with patroxy's own key.
@@ -265,6 +270,18 @@ pub fn data_row(body: &[u8]) -> Option<Vec<Option<String>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parameter_status_encodes_as_pgwire_does() {
+        let mut ours = BytesMut::new();
+        put_parameter_status(&mut ours, "TimeZone", "UTC");
+        let theirs = encode(&ParameterStatus::new("TimeZone".into(), "UTC".into()));
+        assert_eq!(&ours[..], &theirs[..]);
+        assert_eq!(
+            parameter_status(&ours[5..]),
+            Some(("TimeZone".into(), "UTC".into()))
+        );
+    }
 
     #[test]
     fn data_rows_are_read_with_their_bounds_checked() {
