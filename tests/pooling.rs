@@ -52,6 +52,48 @@ async fn users(root: &TempRoot, pg: &Postgres) -> PathBuf {
     file
 }
 
+/// Two servers that share their users' secrets, as the members of a Patroni cluster do
+/// (pg_authid is replicated: SCRAM pass-through needs the verifier the client was checked
+/// against), described with `a` the leader.
+struct Moving {
+    etcd: Etcd,
+    a: Postgres,
+    b: Postgres,
+    keys: Keys,
+    file: PathBuf,
+    _root: TempRoot,
+}
+
+async fn moving(scope: &str) -> Moving {
+    let root = TempRoot::new();
+    let etcd = Etcd::start(&root);
+    let a = Postgres::primary(&root, "a");
+    let b = Postgres::primary(&root, "b");
+    let file = users(&root, &a).await;
+    let (from_a, to_b) = (
+        connect(a.port).await.unwrap(),
+        connect(b.port).await.unwrap(),
+    );
+    for user in ["alice", "bob"] {
+        let sql = "SELECT rolpassword FROM pg_authid WHERE rolname = $1";
+        let secret: String = from_a.query_one(sql, &[&user]).await.unwrap().get(0);
+        let create = format!("CREATE ROLE {user} LOGIN PASSWORD '{secret}'");
+        to_b.batch_execute(&create).await.unwrap();
+    }
+    let mut keys = Keys::new(&etcd, scope).await;
+    keys.member("a", a.port, "primary", "running").await;
+    keys.member("b", b.port, "replica", "running").await;
+    keys.leader("a").await;
+    Moving {
+        etcd,
+        a,
+        b,
+        keys,
+        file,
+        _root: root,
+    }
+}
+
 fn pooled(cfg: &mut Config, auth_file: PathBuf) {
     cfg.listeners = vec![ListenerConfig {
         pool_mode: PoolMode::Session,
@@ -259,33 +301,14 @@ async fn cancels_reach_the_server_connection_the_client_holds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pooled_sessions_follow_the_leader() {
-    let root = TempRoot::new();
-    let etcd = Etcd::start(&root);
-    let a = Postgres::primary(&root, "a");
-    let b = Postgres::primary(&root, "b");
-    let file = users(&root, &a).await;
-    // b holds the same secrets, as every member of a Patroni cluster does (pg_authid is
-    // replicated): SCRAM pass-through needs the verifier the client was checked against.
-    let (from_a, to_b) = (
-        connect(a.port).await.unwrap(),
-        connect(b.port).await.unwrap(),
-    );
-    for user in ["alice", "bob"] {
-        let row = from_a
-            .query_one(
-                "SELECT rolpassword FROM pg_authid WHERE rolname = $1",
-                &[&user],
-            )
-            .await
-            .unwrap();
-        let secret: String = row.get(0);
-        let sql = format!("CREATE ROLE {user} LOGIN PASSWORD '{secret}'");
-        to_b.batch_execute(&sql).await.unwrap();
-    }
-    let mut keys = Keys::new(&etcd, "poolmove").await;
-    keys.member("a", a.port, "primary", "running").await;
-    keys.member("b", b.port, "replica", "running").await;
-    keys.leader("a").await;
+    let Moving {
+        _root,
+        etcd,
+        a,
+        b,
+        mut keys,
+        file,
+    } = moving("poolmove").await;
     let proxy = Proxy::start(&etcd, "poolmove", |cfg| {
         pooled(cfg, file);
         cfg.timeouts.drain = Duration::from_secs(20);
@@ -443,32 +466,14 @@ async fn clients_on_one_server_connection_each_see_their_own_settings() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_between_transactions_rides_out_a_leader_change() {
-    let root = TempRoot::new();
-    let etcd = Etcd::start(&root);
-    let a = Postgres::primary(&root, "a");
-    let b = Postgres::primary(&root, "b");
-    let file = users(&root, &a).await;
-    let (from_a, to_b) = (
-        connect(a.port).await.unwrap(),
-        connect(b.port).await.unwrap(),
-    );
-    for user in ["alice", "bob"] {
-        let row = from_a
-            .query_one(
-                "SELECT rolpassword FROM pg_authid WHERE rolname = $1",
-                &[&user],
-            )
-            .await
-            .unwrap();
-        let secret: String = row.get(0);
-        to_b.batch_execute(&format!("CREATE ROLE {user} LOGIN PASSWORD '{secret}'"))
-            .await
-            .unwrap();
-    }
-    let mut keys = Keys::new(&etcd, "pooltxmove").await;
-    keys.member("a", a.port, "primary", "running").await;
-    keys.member("b", b.port, "replica", "running").await;
-    keys.leader("a").await;
+    let Moving {
+        _root,
+        etcd,
+        a,
+        b,
+        mut keys,
+        file,
+    } = moving("pooltxmove").await;
     let proxy = Proxy::start(&etcd, "pooltxmove", |cfg| {
         transaction_pooled(cfg, file, 2);
         cfg.timeouts.drain = Duration::from_secs(20);
