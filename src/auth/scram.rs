@@ -310,10 +310,15 @@ impl ClientExchange {
 
 /// A fresh nonce: 18 random bytes in base64 (24 printable characters, no commas).
 pub fn nonce() -> String {
-    let mut bytes = [0u8; 18];
+    B64.encode(random::<18>())
+}
+
+/// `N` bytes from the system's random source: nonces, salts, cancel keys.
+pub fn random<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
         .expect("the system's random source");
-    B64.encode(bytes)
+    bytes
 }
 
 #[cfg(test)]

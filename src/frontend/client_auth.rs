@@ -108,11 +108,8 @@ pub async fn authenticate(
     Ok(login)
 }
 
-fn random_salt() -> Vec<u8> {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD
-        .decode(scram::nonce())
-        .expect("a nonce is base64")
+fn random_salt() -> [u8; 16] {
+    scram::random()
 }
 
 /// The client's next message, which must be a password-family message (`p`).
@@ -144,7 +141,7 @@ async fn md5_exchange(
     user: &str,
     stored: &str,
 ) -> Result<(), AuthFailure> {
-    let salt: [u8; 4] = random_salt()[..4].try_into().expect("4 bytes");
+    let salt: [u8; 4] = scram::random();
     let ask = Authentication::MD5Password(salt.to_vec());
     send(client, &messages::authentication(ask)).await?;
     let frame = password_frame(client, buf).await?;

@@ -672,10 +672,7 @@ fn quote_literal(s: &str) -> String {
 
 /// A fresh key for the client: a random pid and secret.
 fn own_key() -> CancelKey {
-    use base64::Engine;
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(crate::auth::scram::nonce())
-        .expect("a nonce is base64");
+    let bytes: [u8; 8] = crate::auth::scram::random();
     CancelKey {
         pid: i32::from_be_bytes([bytes[0] & 0x7f, bytes[1], bytes[2], bytes[3]]),
         secret: Bytes::copy_from_slice(&bytes[4..8]),

@@ -213,6 +213,14 @@ impl Rewriter<'_> {
         out
     }
 
+    /// The client's statement called `name`; `None` for the unnamed statement or an unknown
+    /// name, which pass to the server untouched.
+    fn named(&self, name: &str) -> Option<Arc<Statement>> {
+        (!name.is_empty())
+            .then(|| self.client.by_name.get(name).cloned())
+            .flatten()
+    }
+
     /// Makes sure the connection has `s` prepared, preparing it quietly if not.
     fn ensure(&mut self, s: &Statement, out: &mut Rewritten) {
         if self.server.touch(&s.server_name) {
@@ -272,10 +280,7 @@ impl Rewriter<'_> {
         let Some((name, params)) = cstr(rest) else {
             return false;
         };
-        let Some(s) = (!name.is_empty())
-            .then(|| self.client.by_name.get(name).cloned())
-            .flatten()
-        else {
+        let Some(s) = self.named(name) else {
             return false;
         };
         self.ensure(&s, out);
@@ -300,10 +305,7 @@ impl Rewriter<'_> {
         let Some((name, _)) = cstr(rest) else {
             return false;
         };
-        let Some(s) = (!name.is_empty())
-            .then(|| self.client.by_name.get(name).cloned())
-            .flatten()
-        else {
+        let Some(s) = self.named(name) else {
             return false;
         };
         self.ensure(&s, out);
