@@ -75,6 +75,7 @@ pub async fn run(
     let (config_tx, running_config) = watch::channel(config.clone());
     let load = ServerLoad::default();
     let pools = Arc::new(Pools::default());
+    let cancel_tag = crate::backend::cancel::new_tag();
     let running = Running {
         default_instance: crate::config::ReportConfig::default_instance(),
         topologies: topologies.clone(),
@@ -83,6 +84,7 @@ pub async fn run(
         load: load.clone(),
         config: running_config,
         pools: pools.clone(),
+        cancel_tag,
     };
     let published = Published {
         serving: serving_tx,
@@ -92,6 +94,11 @@ pub async fn run(
         load,
         pools: pools.clone(),
         auth,
+        cancel_tag,
+        peers: crate::peers::Peers {
+            etcd: etcd.clone(),
+            config: running.config.clone(),
+        },
     };
     let server = Server::new(
         config.clone(),

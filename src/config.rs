@@ -170,6 +170,9 @@ pub struct ReportConfig {
     pub prefix: String,
     /// This instance's name; by default `<hostname>-<pid>`.
     pub instance: Option<String>,
+    /// The host (name or IP) other instances reach this one at, to forward cancel requests
+    /// of its pooled clients; by default the IP a pooled listener is bound to.
+    pub address: Option<String>,
     /// The lease: the key vanishes this long after the instance dies.
     #[serde(with = "humantime_serde")]
     pub ttl: Duration,
@@ -181,6 +184,7 @@ impl Default for ReportConfig {
             enabled: true,
             prefix: "/patroxy".into(),
             instance: None,
+            address: None,
             ttl: Duration::from_secs(10),
         }
     }
@@ -754,6 +758,16 @@ impl Config {
         {
             bad.push("report.instance: must be non-empty and contain no '/'".into());
         }
+        if let Some(a) = &r.address {
+            let host = a.trim_start_matches('[').trim_end_matches(']');
+            let ok = host.parse::<std::net::IpAddr>().is_ok()
+                || (!host.is_empty() && !host.contains([':', '/', ' ', '@']));
+            if !ok {
+                bad.push(format!(
+                    "report.address: {a:?} must be a host name or an IP address, without a port"
+                ));
+            }
+        }
         for c in &self.clusters {
             if r.cluster_prefix(&c.name()).starts_with(&c.prefix()) {
                 bad.push(format!(
@@ -955,6 +969,8 @@ mod tests {
             listen = "127.0.0.1:1"
             [timeouts]
             drain = "0s"
+            [report]
+            address = "127.0.0.2:6432"
             "#,
         )
         .unwrap();
@@ -968,6 +984,7 @@ mod tests {
                 "listener[0].listen",
                 "used twice",
                 "timeouts.drain",
+                "report.address",
             ],
         );
     }

@@ -38,6 +38,7 @@ pub(crate) mod frontend;
 pub(crate) mod limit;
 pub mod listener;
 pub mod metrics;
+pub(crate) mod peers;
 pub mod policy;
 pub mod protocol;
 pub(crate) mod report;

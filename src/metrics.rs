@@ -122,7 +122,9 @@ pub fn connected(listener: &str, took: Duration) {
 }
 
 /// A cancel request, by the listener it came to and how it was routed (`local`: this
-/// instance knew the key; `broadcast`: sent to every member).
+/// instance knew the key; `peer`: a pooled key of another instance, sent to it; `stale`:
+/// this instance's pooled key whose session has ended; `unknown`: a pooled key of no
+/// instance in the reports; `broadcast`: a server key, sent to every member).
 pub fn cancel_request(listener: &str, routed: &'static str) {
     counter!(CANCEL_REQUESTS, "listener" => listener.to_owned(), "routed" => routed).increment(1);
 }
@@ -214,7 +216,7 @@ pub fn listener_started(listener: &str, role: &str, reasons: &Reasons) {
     ] {
         counter!(AUTH_FAILURES, "listener" => l.clone(), "reason" => reason).absolute(0);
     }
-    for routed in ["local", "broadcast"] {
+    for routed in ["local", "broadcast", "peer", "stale", "unknown"] {
         counter!(CANCEL_REQUESTS, "listener" => l.clone(), "routed" => routed).absolute(0);
     }
     // Registered without a sample: rendered with a zero count.

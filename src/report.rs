@@ -78,7 +78,9 @@ impl Reporter {
     }
 
     fn report(&self) -> Option<Report> {
-        Report::of(&self.running.view(), &self.cluster)
+        let mut report = Report::of(&self.running.view(), &self.cluster)?;
+        report.cancel = self.running.cancel_route(&self.cluster);
+        Some(report)
     }
 
     /// One lease: grant it, write the report, keep both fresh until `stop`, a change of

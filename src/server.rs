@@ -41,6 +41,8 @@ pub struct Backends {
     pub load: ServerLoad,
     pub pools: Arc<crate::backend::pool::Pools>,
     pub auth: crate::frontend::context::ClientAuth,
+    pub cancel_tag: u16,
+    pub peers: crate::peers::Peers,
 }
 
 /// Where the server publishes what it runs, for the operator surfaces (`state::Running`).
@@ -80,6 +82,8 @@ impl Server {
             pools: backends.pools,
             pool: config.pool.clone(),
             auth: Arc::new(backends.auth),
+            cancel_tag: backends.cancel_tag,
+            peers: backends.peers,
         });
         Server {
             config,
@@ -162,6 +166,7 @@ impl Server {
                     cluster: l.cluster.clone(),
                     policy: l.policy.clone(),
                     tls: l.tls_mode.to_string(),
+                    pooled: l.pool_mode != crate::config::PoolMode::None,
                 }
             })
             .collect();

@@ -36,6 +36,8 @@ pub struct Running {
     pub config: watch::Receiver<Arc<Config>>,
     /// Server connection pools of pooled listeners.
     pub pools: Arc<Pools>,
+    /// The tag in the pids of this instance's pooled cancel keys.
+    pub cancel_tag: u16,
 }
 
 impl Running {
@@ -43,6 +45,35 @@ impl Running {
     pub fn instance(&self) -> String {
         let configured = self.config.borrow().report.instance.clone();
         configured.unwrap_or_else(|| self.default_instance.clone())
+    }
+
+    /// Where peers send cancel requests with this instance's pooled keys for `cluster`: a
+    /// pooled listener of the cluster, at `report.address` or at the IP it is bound to
+    /// (none when it listens on every address and no `report.address` says which).
+    pub fn cancel_route(&self, cluster: &str) -> Option<view::CancelRoute> {
+        let host = self.config.borrow().report.address.clone();
+        let serving = self.serving.borrow();
+        let bound: std::net::SocketAddr = serving
+            .iter()
+            .find(|l| l.pooled && l.cluster == cluster)?
+            .listen
+            .parse()
+            .ok()?;
+        let address = match host {
+            Some(h) => {
+                let h = h.trim_start_matches('[').trim_end_matches(']');
+                match h.contains(':') {
+                    true => format!("[{h}]:{}", bound.port()),
+                    false => format!("{h}:{}", bound.port()),
+                }
+            }
+            None if bound.ip().is_unspecified() => return None,
+            None => bound.to_string(),
+        };
+        Some(view::CancelRoute {
+            tag: self.cancel_tag,
+            address,
+        })
     }
 
     /// The operator's view of everything this instance knows (`/topology`, reports).

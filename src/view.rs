@@ -103,6 +103,17 @@ pub struct Report {
     pub routes: BTreeMap<String, Vec<String>>,
     /// Unix seconds when the report was written.
     pub updated: u64,
+    /// Where other instances send cancel requests with this instance's pooled keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel: Option<CancelRoute>,
+}
+
+/// An instance's cancel tag (in its pooled clients' key pids) and the `host:port` that
+/// takes cancel requests for them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CancelRoute {
+    pub tag: u16,
+    pub address: String,
 }
 
 /// The role column, in patronictl's words.
@@ -199,6 +210,8 @@ pub struct Served {
     pub cluster: String,
     pub policy: Arc<Policy>,
     pub tls: String,
+    /// Its clients are pooled (they hold patroxy's cancel keys).
+    pub pooled: bool,
 }
 
 /// Everything one instance knows, as `/topology` shows it: each cluster with its members and
@@ -273,6 +286,7 @@ impl Report {
             sessions_by_server,
             routes,
             updated: 0,
+            cancel: None,
         })
     }
 }
@@ -442,6 +456,7 @@ mod tests {
             sessions_by_server: BTreeMap::new(),
             routes: BTreeMap::new(),
             updated: 0,
+            cancel: None,
         };
         let text = table(&v, &[report]);
         assert!(text.contains("| Member | Host"), "{text}");

@@ -299,6 +299,92 @@ async fn cancels_reach_the_server_connection_the_client_holds() {
     proxy.stop().await;
 }
 
+/// Sends a cancel request with `token` to patroxy on `port`.
+async fn cancel_via(token: &tokio_postgres::CancelToken, port: u16) {
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    token
+        .cancel_query_raw(stream, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+}
+
+fn cancels(listener: &str, routed: &str) -> f64 {
+    let (l, r) = (
+        format!(r#"listener="{listener}""#),
+        format!(r#"routed="{routed}""#),
+    );
+    sample(&metrics_text(), "patroxy_cancel_requests_total", &[&l, &r]).unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_cancel_key_works_through_another_instance_and_only_while_it_runs() {
+    install_metrics();
+    let (root, etcd, pg) = one_primary("poolpeer").await;
+    let file = users(&root, &pg).await;
+    let start = |name: &'static str| {
+        let file = file.clone();
+        Proxy::start(&etcd, "poolpeer", move |cfg| {
+            transaction_pooled(cfg, file, 1);
+            cfg.listeners[0].name = format!("peer-{name}");
+            cfg.report.instance = Some(name.into());
+        })
+    };
+    let (first, second) = (start("one").await, start("two").await);
+    // Each instance publishes where it takes cancels for its keys, and nothing else tells
+    // the other about it.
+    let reports = Keys::with_prefix(&etcd, "/patroxy/").await;
+    wait_for("the reports' cancel routes", LONG, || {
+        let mut client = reports.client.clone();
+        async move {
+            let opts = etcd_client::GetOptions::new().with_prefix();
+            let got = client.get("/patroxy/", Some(opts)).await.ok()?;
+            let routes = got
+                .kvs()
+                .iter()
+                .filter(|kv| {
+                    kv.value_str()
+                        .is_ok_and(|v| v.contains(r#""cancel":{"tag""#))
+                })
+                .count();
+            (routes == 2).then_some(())
+        }
+    })
+    .await;
+
+    let (c, _conn) = login(first.port(), "alice", "wonder", "").await.unwrap();
+    let token = c.cancel_token();
+    let sleeping = tokio::spawn(async move {
+        let r = c.simple_query("SELECT pg_sleep(60)").await.map(|_| ());
+        (c, r)
+    });
+    wait_query_running(pg.port, "SELECT pg_sleep(60)").await;
+    cancel_via(&token, second.port()).await;
+    let (c, r) = tokio::time::timeout(LONG, sleeping).await.unwrap().unwrap();
+    assert_eq!(sqlstate(&r.unwrap_err()).as_deref(), Some("57014"));
+    assert_eq!(cancels("peer-two", "peer"), 1.0, "{}", metrics_text());
+    assert_eq!(cancels("peer-one", "local"), 1.0);
+
+    // Between transactions the key cancels nothing, through either instance: the one server
+    // connection now runs another client's query, which must finish.
+    let (other, _conn2) = login(first.port(), "alice", "wonder", "").await.unwrap();
+    let running = tokio::spawn(async move {
+        let r = other.simple_query("SELECT pg_sleep(1)").await.map(|_| ());
+        (other, r)
+    });
+    wait_query_running(pg.port, "SELECT pg_sleep(1)").await;
+    cancel_via(&token, first.port()).await;
+    cancel_via(&token, second.port()).await;
+    let (_other, r) = tokio::time::timeout(LONG, running).await.unwrap().unwrap();
+    r.expect("another client's query is never cancelled with this key");
+    assert_eq!(cancels("peer-one", "stale"), 2.0, "{}", metrics_text());
+    assert_eq!(cancels("peer-two", "peer"), 2.0);
+    assert_eq!(one(&c, "SELECT '1'").await, "1");
+    first.stop().await;
+    second.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pooled_sessions_follow_the_leader() {
     let Moving {

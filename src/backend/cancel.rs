@@ -1,7 +1,10 @@
-//! Cancel routing. Clients see the server's own BackendKeyData, untouched. A CancelRequest goes
-//! to the server this instance knows issued the key. A key it does not know was issued
-//! through another patroxy instance, so it goes to every member of the cluster. A server
-//! ignores a key it did not issue, so the broadcast is correct with any number of instances.
+//! Cancel routing. Unpooled clients see the server's own BackendKeyData, untouched; pooled
+//! clients get patroxy's own key, whose pid carries this instance's tag. A CancelRequest goes
+//! to the server this instance knows the key for. A key it does not know was issued through
+//! another patroxy instance: a tagged key goes to the instance with that tag (the peers
+//! publish theirs in their routing reports), any other key to every member of the cluster.
+//! A server ignores a key it did not issue, so the broadcast is correct with any number of
+//! instances.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -71,11 +74,36 @@ impl CancelRegistry {
     }
 }
 
-/// Where a cancel request is sent: the known issuer, or every member with an address.
-pub fn cancel_targets(known: Option<Endpoint>, t: &Topology) -> Vec<Endpoint> {
-    if let Some(ep) = known {
-        return vec![ep];
+/// Pids of PostgreSQL backends stay below 2^22 (Linux's largest `pid_max`), so a pid of
+/// 2^23 or more is patroxy's: its bits from 15 up are the issuing instance's tag.
+const TAG_SHIFT: u32 = 15;
+const MIN_TAG: u16 = 1 << (23 - TAG_SHIFT);
+
+/// A random tag for this instance, never one a server pid could carry.
+pub fn new_tag() -> u16 {
+    let r = u16::from_be_bytes(crate::auth::scram::random());
+    MIN_TAG + r % (u16::MAX - MIN_TAG)
+}
+
+/// A fresh key for a pooled client of the instance tagged `tag`: the tag and random bits
+/// in the pid, a random secret.
+pub fn tagged_key(tag: u16) -> CancelKey {
+    let bytes: [u8; 6] = crate::auth::scram::random();
+    let low = i32::from(u16::from_be_bytes([bytes[0], bytes[1]])) & ((1 << TAG_SHIFT) - 1);
+    CancelKey {
+        pid: (i32::from(tag) << TAG_SHIFT) | low,
+        secret: Bytes::copy_from_slice(&bytes[2..6]),
     }
+}
+
+/// The tag of the instance that issued `key`, if a patroxy instance did.
+pub fn tag_of(key: &CancelKey) -> Option<u16> {
+    let tag = u16::try_from(key.pid >> TAG_SHIFT).ok()?;
+    (tag >= MIN_TAG).then_some(tag)
+}
+
+/// Every member with an address: where a key no instance issued goes.
+pub fn members(t: &Topology) -> Vec<Endpoint> {
     let mut all: Vec<Endpoint> = t
         .members
         .values()
@@ -145,11 +173,26 @@ mod tests {
     }
 
     #[test]
+    fn pooled_keys_carry_their_instance_and_server_keys_do_not() {
+        for _ in 0..1000 {
+            let tag = new_tag();
+            assert!(tag >= MIN_TAG);
+            let k = tagged_key(tag);
+            assert!(k.pid > 0);
+            assert_eq!(tag_of(&k), Some(tag));
+            assert_eq!(k.secret.len(), 4);
+        }
+        // Any pid a Linux server can have (pid_max is at most 2^22).
+        for pid in [1, 4_194_304, (1 << 23) - 1] {
+            assert_eq!(tag_of(&key(pid)), None, "{pid}");
+        }
+        assert_eq!(tag_of(&key(-5)), None);
+    }
+
+    #[test]
     fn unknown_keys_go_to_every_member() {
         let t = topology(Some("a"), &[("a", 5001, "running"), ("b", 5002, "stopped")]);
-        let ports: Vec<u16> = cancel_targets(None, &t).iter().map(|e| e.port).collect();
+        let ports: Vec<u16> = members(&t).iter().map(|e| e.port).collect();
         assert_eq!(ports, vec![5001, 5002]);
-        let known = Endpoint::parse("127.0.0.1:5002").unwrap();
-        assert_eq!(cancel_targets(Some(known.clone()), &t), vec![known]);
     }
 }

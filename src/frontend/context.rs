@@ -34,6 +34,10 @@ pub struct ProxyContext {
     pub pool: PoolConfig,
     /// The secrets pooled listeners check clients against.
     pub auth: Arc<ClientAuth>,
+    /// The tag in the pids of this instance's pooled cancel keys.
+    pub cancel_tag: u16,
+    /// The other instances, for cancel keys they issued.
+    pub peers: crate::peers::Peers,
 }
 
 /// How pooled listeners authenticate clients: the `auth_file` users, and the addresses

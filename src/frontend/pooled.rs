@@ -172,7 +172,7 @@ pub async fn run_pooled(
         .collect();
     wanted.extend(asked.iter().cloned());
     // patroxy's own key: the server connection behind it changes from client to client.
-    let key = own_key();
+    let key = crate::backend::cancel::tagged_key(proxy.cancel_tag);
     if send(&mut client, &greeting(&defaults, &asked, &key))
         .await
         .is_err()
@@ -670,15 +670,6 @@ fn quote_literal(s: &str) -> String {
     }
 }
 
-/// A fresh key for the client: a random pid and secret.
-fn own_key() -> CancelKey {
-    let bytes: [u8; 8] = crate::auth::scram::random();
-    CancelKey {
-        pid: i32::from_be_bytes([bytes[0] & 0x7f, bytes[1], bytes[2], bytes[3]]),
-        secret: Bytes::copy_from_slice(&bytes[4..8]),
-    }
-}
-
 /// The login defaults of the server a new client would get: remembered by its pool, or
 /// learnt from a connection lent and given back at once.
 async fn server_defaults(
@@ -752,8 +743,5 @@ mod tests {
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
         assert_eq!(quote_literal("it's"), "'it''s'");
         assert_eq!(quote_literal("c:\\x"), "E'c:\\\\x'");
-        let k = own_key();
-        assert!(k.pid >= 0);
-        assert_eq!(k.secret.len(), 4);
     }
 }

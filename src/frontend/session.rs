@@ -43,23 +43,30 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ListenerContext>) 
     }
 }
 
-/// Sends a cancel request to the server this instance knows issued the key, or to every
-/// member of the cluster when the key came through another instance.
+/// Sends a cancel request to the server this instance knows the key for; a pooled key
+/// another instance issued to that instance; any other key to every member of the cluster.
 async fn forward_cancel(key: CancelKey, peer: SocketAddr, ctx: &ListenerContext) {
     let proxy = &ctx.proxy;
-    let known = proxy.cancels.lookup(&key);
-    let local = known.is_some();
-    let (endpoint, send) = match known {
-        Some((ep, server_key)) => (Some(ep), server_key),
-        None => (None, key.clone()),
+    let (routed, targets, send) = match proxy.cancels.lookup(&key) {
+        Some((server, server_key)) => ("local", vec![server], server_key),
+        None => match cancel::tag_of(&key) {
+            // Ours, but its session has ended: nothing to cancel.
+            Some(tag) if tag == proxy.cancel_tag => ("stale", Vec::new(), key.clone()),
+            Some(tag) => match proxy.peers.cancel_address(&ctx.cluster, tag).await {
+                Some(instance) => ("peer", vec![instance], key.clone()),
+                None => ("unknown", Vec::new(), key.clone()),
+            },
+            None => {
+                let members = cancel::members(&ctx.topology.borrow());
+                ("broadcast", members, key.clone())
+            }
+        },
     };
-    let targets = cancel::cancel_targets(endpoint, &ctx.topology.borrow());
     let sent_to = targets.len();
     // Counted before it is sent: whoever sees the query canceled sees the count too.
-    let routed = if local { "local" } else { "broadcast" };
     crate::metrics::cancel_request(&ctx.name, routed);
     let delivered = cancel::deliver(&send, targets, proxy.timeouts.connect).await;
-    info!(client = %peer, listener = %ctx.name, pid = key.pid, local, sent_to, delivered, "cancel request forwarded");
+    info!(client = %peer, listener = %ctx.name, pid = key.pid, routed, sent_to, delivered, "cancel request forwarded");
 }
 
 async fn run_session(
