@@ -104,6 +104,11 @@ impl fmt::Display for PoolMode {
 pub struct PoolConfig {
     /// Server connections per pool.
     pub pool_size: usize,
+    /// Server connections each used pool keeps open, idle if need be (0: none).
+    pub min_pool_size: usize,
+    /// Server connections to one member for one database, over all its users' pools
+    /// (0: no cap).
+    pub max_db_connections: usize,
     /// A client waits this long, in line, for a server connection; then it gets an error.
     #[serde(with = "humantime_serde")]
     pub query_wait_timeout: Duration,
@@ -115,6 +120,9 @@ pub struct PoolConfig {
     pub server_lifetime: Duration,
     /// Run on a server connection before another client gets it.
     pub server_reset_query: String,
+    /// A connection idle longer than this is checked (an empty query) before it is lent.
+    #[serde(with = "humantime_serde")]
+    pub server_check_delay: Duration,
     /// Transaction pooling: named prepared statements each server connection keeps for
     /// clients, the least recently used closed first.
     pub max_prepared_statements: usize,
@@ -124,10 +132,13 @@ impl Default for PoolConfig {
     fn default() -> Self {
         PoolConfig {
             pool_size: 20,
+            min_pool_size: 0,
+            max_db_connections: 0,
             query_wait_timeout: Duration::from_secs(120),
             server_idle_timeout: Duration::from_secs(600),
             server_lifetime: Duration::from_secs(3600),
             server_reset_query: "DISCARD ALL".into(),
+            server_check_delay: Duration::from_secs(30),
             max_prepared_statements: 100,
         }
     }
@@ -385,6 +396,9 @@ pub struct ClusterConfig {
     pub scope: String,
     /// A Citus group: its keys live under `/<namespace>/<scope>/<group>/`; 0 is the coordinator.
     pub group: Option<u32>,
+    /// Pooled server connections to each member of the cluster, over all its pools (0: no
+    /// cap). Keep it under the members' `max_connections`.
+    pub max_server_connections: usize,
 }
 
 impl Default for ClusterConfig {
@@ -394,6 +408,7 @@ impl Default for ClusterConfig {
             namespace: "/service".into(),
             scope: String::new(),
             group: None,
+            max_server_connections: 0,
         }
     }
 }
@@ -715,6 +730,12 @@ impl Config {
         }
         if p.max_prepared_statements == 0 {
             bad.push("pool.max_prepared_statements: must be at least 1".into());
+        }
+        if p.min_pool_size > p.pool_size {
+            bad.push(format!(
+                "pool.min_pool_size: {} is more than pool.pool_size ({})",
+                p.min_pool_size, p.pool_size
+            ));
         }
         for (name, d) in [
             ("pool.query_wait_timeout", p.query_wait_timeout),

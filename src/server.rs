@@ -107,12 +107,12 @@ impl Server {
     ) -> Result<ListenerContext, String> {
         let cluster = config
             .cluster_of(l)
-            .map(|c| c.name())
             .ok_or_else(|| format!("listener {}: no such cluster", l.name))?;
-        let topology = self.topologies.get(&cluster).ok_or_else(|| {
+        let topology = self.topologies.get(&cluster.name()).ok_or_else(|| {
             format!(
-                "listener {}: cluster {cluster} is not watched (restart to add clusters)",
-                l.name
+                "listener {}: cluster {} is not watched (restart to add clusters)",
+                l.name,
+                cluster.name()
             )
         })?;
         Ok(ListenerContext::new(

@@ -299,6 +299,130 @@ async fn cancels_reach_the_server_connection_the_client_holds() {
     proxy.stop().await;
 }
 
+/// Server connections the pools hold on `pg` for `users`, as PostgreSQL counts them.
+async fn backends(pg: &Postgres, users: &str) -> i64 {
+    let c = connect(pg.port).await.unwrap();
+    let sql =
+        format!("SELECT count(*) FROM pg_stat_activity WHERE usename = ANY('{{{users}}}'::text[])");
+    c.query_one(&sql, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caps_over_several_pools_hold_and_make_room_from_idle_connections() {
+    let (root, etcd, pg) = one_primary("poolcaps").await;
+    let file = users(&root, &pg).await;
+    // The same story under each cap: per database, and per member of the cluster.
+    for cap in ["max_db_connections", "max_server_connections"] {
+        let proxy = Proxy::start(&etcd, "poolcaps", |cfg| {
+            pooled(cfg, file.clone());
+            cfg.pool.pool_size = 4;
+            cfg.pool.query_wait_timeout = Duration::from_secs(1);
+            match cap {
+                "max_db_connections" => cfg.pool.max_db_connections = 2,
+                _ => cfg.clusters[0].max_server_connections = 2,
+            }
+        })
+        .await;
+        let port = proxy.port();
+        // alice's two sessions take both places: bob waits, then gets a clear error.
+        // (bob logs in first: his greeting needs a server connection, which stays idle.)
+        let (bob, _b0) = login(port, "bob", "builder", "").await.unwrap();
+        let (a1, a1_conn) = login(port, "alice", "wonder", "").await.unwrap();
+        let (a2, _a2) = login(port, "alice", "wonder", "").await.unwrap();
+        a1.batch_execute("SELECT 1").await.unwrap();
+        a2.batch_execute("SELECT 1").await.unwrap();
+        let e = bob.batch_execute("SELECT 1").await.unwrap_err();
+        assert_eq!(sqlstate(&e).as_deref(), Some("53300"), "{cap}: {e}");
+        assert!(message(&e).contains(cap), "{}", message(&e));
+        assert_eq!(backends(&pg, "alice,bob").await, 2, "{cap}");
+        // alice's first session leaves: its connection goes back to her pool, idle, and
+        // bob's next session closes it to make room (the refusal ended the last one).
+        drop(a1);
+        let _ = a1_conn.await;
+        let (bob, _b) = login(port, "bob", "builder", "").await.unwrap();
+        assert_eq!(one(&bob, "SELECT current_user::text").await, "bob", "{cap}");
+        assert_eq!(backends(&pg, "alice,bob").await, 2, "{cap}");
+        assert_eq!(one(&a2, "SELECT current_user::text").await, "alice");
+        proxy.stop().await;
+        wait_for("the pools' connections to close", LONG, || async {
+            (backends(&pg, "alice,bob").await == 0).then_some(())
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_pool_size_keeps_connections_open_for_a_used_pool() {
+    let (root, etcd, pg) = one_primary("poolmin").await;
+    let file = users(&root, &pg).await;
+    let proxy = Proxy::start(&etcd, "poolmin", |cfg| {
+        transaction_pooled(cfg, file, 5);
+        cfg.pool.min_pool_size = 3;
+    })
+    .await;
+    // Nothing is opened for a pool nobody used.
+    assert_eq!(backends(&pg, "alice").await, 0);
+    let (c, _conn) = login(proxy.port(), "alice", "wonder", "").await.unwrap();
+    c.batch_execute("SELECT 1").await.unwrap();
+    wait_for("three of alice's connections", LONG, || async {
+        (backends(&pg, "alice").await == 3).then_some(())
+    })
+    .await;
+    // A connection that closes is replaced.
+    connect(pg.port)
+        .await
+        .unwrap()
+        .batch_execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE usename = 'alice' LIMIT 1",
+        )
+        .await
+        .unwrap();
+    wait_for("three again", LONG, || async {
+        (backends(&pg, "alice").await == 3).then_some(())
+    })
+    .await;
+    assert_eq!(one(&c, "SELECT current_user::text").await, "alice");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_that_stopped_answering_is_checked_and_not_lent() {
+    let (root, etcd, pg) = one_primary("poolcheck").await;
+    let file = users(&root, &pg).await;
+    let proxy = Proxy::start(&etcd, "poolcheck", |cfg| {
+        transaction_pooled(cfg, file, 2);
+        cfg.pool.server_check_delay = Duration::ZERO;
+        cfg.timeouts.connect = Duration::from_secs(1);
+    })
+    .await;
+    let (c, _conn) = login(proxy.port(), "alice", "wonder", "").await.unwrap();
+    c.batch_execute("SELECT 1").await.unwrap();
+    // Its server freezes without closing anything: the socket looks fine.
+    let direct = connect(pg.port).await.unwrap();
+    let pid: i32 = direct
+        .query_one(
+            "SELECT pid FROM pg_stat_activity WHERE usename = 'alice'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    signal(pid as u32, "STOP");
+    let answer = tokio::time::timeout(LONG, c.query_one("SELECT pg_backend_pid()", &[])).await;
+    signal(pid as u32, "CONT");
+    let on: i32 = answer
+        .expect("the client is not lent the frozen connection")
+        .unwrap()
+        .get(0);
+    assert_ne!(on, pid);
+    direct
+        .batch_execute(&format!("SELECT pg_terminate_backend({pid})"))
+        .await
+        .unwrap();
+    proxy.stop().await;
+}
+
 /// Sends a cancel request with `token` to patroxy on `port`.
 async fn cancel_via(token: &tokio_postgres::CancelToken, port: u16) {
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))

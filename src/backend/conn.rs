@@ -56,6 +56,9 @@ pub struct ServerConn {
     pub last_used: Instant,
     /// Server bytes read past the last ReadyForQuery.
     pub buf: BytesMut,
+    /// Its places under the caps on server connections (`max_db_connections`,
+    /// `max_server_connections`), freed when it closes.
+    pub permits: Vec<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// What the server said or did instead of accepting the connection.
@@ -91,22 +94,38 @@ impl ConnError {
     }
 }
 
-impl ServerConn {
-    /// Opens and authenticates a connection to `endpoint` as `user` on `database`.
-    /// `wants_standby` checks `in_hot_standby` as the listener's role wants it.
-    pub async fn open(
-        endpoint: &Endpoint,
-        tls: &ServerTls,
-        user: &str,
-        database: &str,
-        login: &Login,
-        wants_standby: Option<bool>,
-        limit: Duration,
-    ) -> Result<ServerConn, ConnError> {
-        timeout(limit, async {
+/// Everything opening a connection of a pool takes: where, over what, as whom, and for
+/// what role. A pool keeps the last one to open connections of its own (`min_pool_size`).
+#[derive(Clone)]
+pub struct Opener {
+    pub endpoint: Endpoint,
+    pub tls: ServerTls,
+    pub user: String,
+    pub database: String,
+    pub login: Login,
+    /// Checks `in_hot_standby` as the listener's role wants it.
+    pub wants_standby: Option<bool>,
+    pub limit: Duration,
+}
+
+impl std::fmt::Debug for Opener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Opener({}@{} on {})",
+            self.user, self.database, self.endpoint
+        )
+    }
+}
+
+impl Opener {
+    /// Opens and authenticates a connection, within `limit`.
+    pub async fn open(&self) -> Result<ServerConn, ConnError> {
+        timeout(self.limit, async {
+            let endpoint = &self.endpoint;
             let tcp = TcpStream::connect((endpoint.host.as_str(), endpoint.port)).await?;
             tune_socket(&tcp);
-            let stream = crate::tls::open(tcp, tls, &endpoint.host)
+            let stream = crate::tls::open(tcp, &self.tls, &endpoint.host)
                 .await
                 .map_err(ConnError::Protocol)?;
             let mut conn = ServerConn {
@@ -120,17 +139,19 @@ impl ServerConn {
                 created: Instant::now(),
                 last_used: Instant::now(),
                 buf: BytesMut::with_capacity(4096),
+                permits: Vec::new(),
             };
+            let (user, database) = (self.user.as_str(), self.database.as_str());
             let startup = messages::startup(&[("user", user), ("database", database)]);
             send(&mut conn.stream, &startup).await?;
-            conn.authenticate(user, login).await?;
+            conn.authenticate(user, &self.login).await?;
             conn.read_to_ready().await?;
             conn.defaults = conn.params.clone();
             let standby = conn.params.get("in_hot_standby").map(|v| v == "on");
-            if wants_standby == Some(false) && standby == Some(true) {
+            if self.wants_standby == Some(false) && standby == Some(true) {
                 return Err(ConnError::InRecovery);
             }
-            if wants_standby == Some(true) && standby == Some(false) {
+            if self.wants_standby == Some(true) && standby == Some(false) {
                 return Err(ConnError::Protocol(
                     "not in recovery (in_hot_standby=off)".into(),
                 ));
@@ -140,7 +161,9 @@ impl ServerConn {
         .await
         .map_err(|_| ConnError::Timeout)?
     }
+}
 
+impl ServerConn {
     async fn frame(&mut self) -> Result<Frame, ConnError> {
         loop {
             let split = split_frame(&mut self.buf, FRAME_LIMIT);
@@ -313,6 +336,17 @@ impl ServerConn {
         })
         .await
         .map_err(|_| ConnError::Timeout)?
+    }
+
+    /// Checked with a round trip (an empty query), as a connection idle for a while is
+    /// before it is lent: it answers, idle, within `limit`.
+    pub async fn check(&mut self, limit: Duration) -> Result<(), ConnError> {
+        match timeout(limit, self.execute("")).await {
+            Ok(Ok(codes::TX_IDLE)) if self.buf.is_empty() => Ok(()),
+            Ok(Ok(_)) => Err(ConnError::Protocol("not idle".into())),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(ConnError::Timeout),
+        }
     }
 
     /// Still usable: the server has not closed it nor sent anything unasked. A read that

@@ -2,7 +2,10 @@
 //! `pool_size` connections each, lent to one client at a time. Clients wait in line (tokio's
 //! semaphore is first-in, first-out) up to `query_wait_timeout`. A connection goes back only
 //! clean (the caller resets it); idle ones expire after `server_idle_timeout`, every one after
-//! `server_lifetime`, and a dead one is dropped when it would be lent.
+//! `server_lifetime`, and a dead one is dropped when it would be lent. Caps shared by several
+//! pools (`max_db_connections` per member and database, `max_server_connections` per member)
+//! count open connections; a pool over a cap closes another pool's idle connection to make
+//! room, or waits for one. Used pools are kept at `min_pool_size` in the background.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -11,7 +14,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use super::conn::ServerConn;
+use super::conn::{Opener, ServerConn};
 use crate::config::PoolConfig;
 use crate::discovery::patroni::Endpoint;
 
@@ -49,6 +52,40 @@ impl Defaults {
 #[derive(Debug, Default)]
 pub struct Pools {
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    /// The shared caps, made on first use.
+    caps: Mutex<HashMap<Cap, Arc<Semaphore>>>,
+}
+
+/// A cap on open server connections, over the pools it covers.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Cap {
+    /// `max_server_connections`: every pool of one member.
+    Server(Endpoint),
+    /// `max_db_connections`: every user's pool of one database on one member.
+    Database(Endpoint, String),
+}
+
+impl Cap {
+    fn covers(&self, key: &PoolKey) -> bool {
+        match self {
+            Cap::Server(ep) => key.endpoint == *ep,
+            Cap::Database(ep, db) => key.endpoint == *ep && key.database == *db,
+        }
+    }
+
+    fn describe(&self, n: usize) -> String {
+        match self {
+            Cap::Server(ep) => format!("max_server_connections ({n}) to {ep}"),
+            Cap::Database(ep, db) => format!("max_db_connections ({n}) for {db} on {ep}"),
+        }
+    }
+}
+
+/// The caps a new server connection counts against: 0 is none.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Caps {
+    pub per_server: usize,
+    pub per_database: usize,
 }
 
 #[derive(Debug)]
@@ -62,6 +99,10 @@ pub struct Pool {
     defaults: Mutex<Option<Arc<Defaults>>>,
     /// Clients in line for a slot.
     waiting: std::sync::atomic::AtomicUsize,
+    /// How its last connection was opened: how the background opens more (`min_pool_size`).
+    opener: Mutex<Option<(Opener, Caps)>>,
+    /// A background open is under way.
+    filling: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +114,13 @@ pub enum PoolError {
         endpoint: Endpoint,
         waited: Duration,
         size: usize,
+    },
+    #[error("no server connection for {user}@{database} within query_wait_timeout ({waited:?}): {cap} reached")]
+    Capped {
+        user: String,
+        database: String,
+        cap: String,
+        waited: Duration,
     },
 }
 
@@ -103,14 +151,17 @@ impl Pools {
                     idle: Mutex::default(),
                     defaults: Mutex::default(),
                     waiting: Default::default(),
+                    opener: Mutex::default(),
+                    filling: Default::default(),
                 })
             })
             .clone()
     }
 
-    /// Closes idle connections that expired, and those of pools `keep` rejects (a server
-    /// that stopped being what the pool wants, such as a deposed primary).
-    pub fn reap(&self, keep: impl Fn(&PoolKey) -> bool) -> usize {
+    /// Closes idle connections that expired or that the server closed, and those of pools
+    /// `keep` rejects (a server that stopped being what the pool wants, such as a deposed
+    /// primary).
+    pub fn reap(&self, keep: &impl Fn(&PoolKey) -> bool) -> usize {
         let pools: Vec<Arc<Pool>> = self.lock().values().cloned().collect();
         let now = Instant::now();
         let mut closed = 0;
@@ -118,10 +169,92 @@ impl Pools {
             let wanted = keep(&p.key);
             let mut idle = p.idle();
             let before = idle.len();
-            idle.retain(|c| wanted && !p.expired(c, now));
+            idle.retain(|c| wanted && !p.expired(c, now) && c.looks_alive());
             closed += before - idle.len();
         }
         closed
+    }
+
+    /// Places for one more server connection of the pool `key` under every cap that
+    /// covers it, waiting until `deadline` (closing other pools' idle connections first,
+    /// when `make_room`).
+    pub async fn reserve(
+        &self,
+        key: &PoolKey,
+        caps: Caps,
+        deadline: Instant,
+        make_room: bool,
+    ) -> Result<Vec<OwnedSemaphorePermit>, PoolError> {
+        let started = Instant::now();
+        let mut permits = Vec::new();
+        // Always in this order, so two reservations never hold one cap each.
+        for (cap, n) in [
+            (Cap::Server(key.endpoint.clone()), caps.per_server),
+            (
+                Cap::Database(key.endpoint.clone(), key.database.clone()),
+                caps.per_database,
+            ),
+        ] {
+            if n == 0 {
+                continue;
+            }
+            let sem = self
+                .caps
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(cap.clone())
+                .or_insert_with(|| Arc::new(Semaphore::new(n)))
+                .clone();
+            loop {
+                if let Ok(p) = sem.clone().try_acquire_owned() {
+                    permits.push(p);
+                    break;
+                }
+                if make_room && self.close_idle(&cap) {
+                    continue;
+                }
+                // Another pool's connection may become idle meanwhile: look again soon.
+                let slice = (Instant::now() + Duration::from_millis(100)).min(deadline);
+                match tokio::time::timeout_at(slice, sem.clone().acquire_owned()).await {
+                    Ok(p) => {
+                        permits.push(p.expect("caps are never closed"));
+                        break;
+                    }
+                    Err(_) if Instant::now() >= deadline => {
+                        return Err(PoolError::Capped {
+                            user: key.user.clone(),
+                            database: key.database.clone(),
+                            cap: cap.describe(n),
+                            waited: started.elapsed(),
+                        })
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+        Ok(permits)
+    }
+
+    /// Closes the longest-idle connection among the pools `cap` covers, if there is one.
+    fn close_idle(&self, cap: &Cap) -> bool {
+        let pools: Vec<Arc<Pool>> = self
+            .lock()
+            .values()
+            .filter(|p| cap.covers(&p.key))
+            .cloned()
+            .collect();
+        let oldest = pools
+            .iter()
+            .filter_map(|p| Some((p.idle().first()?.last_used, p)))
+            .min_by_key(|(at, _)| *at);
+        match oldest {
+            Some((_, p)) => {
+                let mut idle = p.idle();
+                let closed = (!idle.is_empty()).then(|| idle.remove(0));
+                closed.is_some()
+            }
+            None => false,
+        }
     }
 
     /// Every pool's figures, for the operator's view.
@@ -149,6 +282,15 @@ impl Pools {
             (&a.server, &a.database, &a.user).cmp(&(&b.server, &b.database, &b.user))
         });
         out
+    }
+
+    /// Pools still wanted that have fewer connections than `min_pool_size`.
+    fn below_min(&self, keep: &impl Fn(&PoolKey) -> bool) -> Vec<Arc<Pool>> {
+        self.lock()
+            .values()
+            .filter(|p| p.idle().len() + p.in_use() < p.settings.min_pool_size && keep(&p.key))
+            .cloned()
+            .collect()
     }
 
     /// Connections idle, and lent, over all pools.
@@ -182,6 +324,49 @@ impl Pool {
         let mut d = self.defaults.lock().unwrap_or_else(|e| e.into_inner());
         d.get_or_insert_with(|| Arc::new(Defaults::new(params.clone())))
             .clone()
+    }
+
+    /// Remembers how a connection of this pool was opened, for the background to open more.
+    pub fn remember_opener(&self, opener: &Opener, caps: Caps) {
+        let mut o = self.opener.lock().unwrap_or_else(|e| e.into_inner());
+        if o.is_none() {
+            *o = Some((opener.clone(), caps));
+        }
+    }
+
+    /// Opens connections, one at a time, until the pool has `min_pool_size` (or it cannot:
+    /// a cap reached, the pool in full use, an error). Each takes a slot while it opens.
+    async fn fill(self: Arc<Self>, pools: Arc<Pools>) {
+        let Some((opener, caps)) = self
+            .opener
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        else {
+            return;
+        };
+        while self.idle().len() + self.in_use() < self.settings.min_pool_size {
+            let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
+                return;
+            };
+            // Under the caps only as they stand: no waiting, no closing others' connections.
+            let now = Instant::now();
+            let Ok(permits) = pools.reserve(&self.key, caps, now, false).await else {
+                return;
+            };
+            match opener.open().await {
+                Ok(mut conn) => {
+                    crate::metrics::server_connect("ok");
+                    conn.permits = permits;
+                    self.idle().push(conn);
+                }
+                Err(e) => {
+                    crate::metrics::server_connect("failed");
+                    tracing::debug!(pool = ?self.key, error = %e, "min_pool_size: open failed");
+                    return;
+                }
+            }
+        }
     }
 
     pub fn in_use(&self) -> usize {
@@ -221,6 +406,26 @@ impl Pool {
     }
 }
 
+/// A pool's background open under way; ends on every exit path.
+struct Filling(Arc<Pool>);
+
+impl Filling {
+    fn start(pool: &Arc<Pool>) -> Option<Filling> {
+        let busy = pool
+            .filling
+            .swap(true, std::sync::atomic::Ordering::Relaxed);
+        (!busy).then(|| Filling(pool.clone()))
+    }
+}
+
+impl Drop for Filling {
+    fn drop(&mut self) {
+        self.0
+            .filling
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Counts a client in line while it waits, on every exit path.
 struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
 
@@ -257,13 +462,16 @@ pub async fn reap(
     stop: tokio_util::sync::CancellationToken,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // Background opens for min_pool_size; dropped (aborted) when the reaper stops.
+    let mut fills = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
+        while fills.try_join_next().is_some() {}
         let snapshots: Vec<_> = topologies.iter().map(|t| t.borrow().clone()).collect();
-        let closed = pools.reap(|key| {
+        let wanted = |key: &PoolKey| {
             snapshots.iter().any(|t| {
                 let primary = crate::routing::primary(t).ok();
                 let is_primary = primary.is_some_and(|p| p.endpoint == key.endpoint);
@@ -277,9 +485,19 @@ pub async fn reap(
                     None => running,
                 }
             })
-        });
+        };
+        let closed = pools.reap(&wanted);
         if closed > 0 {
             tracing::debug!(closed, "idle server connections closed");
+        }
+        for pool in pools.below_min(&wanted) {
+            if let Some(filling) = Filling::start(&pool) {
+                let pools = pools.clone();
+                fills.spawn(async move {
+                    pool.clone().fill(pools).await;
+                    drop(filling);
+                });
+            }
         }
         let (idle, in_use) = pools.counts();
         crate::metrics::server_connections(idle, in_use);

@@ -15,7 +15,9 @@ use crate::allow::Cidr;
 use crate::auth::userlist::{self, Secret};
 use crate::backend::pool::Pools;
 use crate::backend::{CancelRegistry, ServerLoad};
-use crate::config::{AuthConfig, ClientTlsMode, ListenerConfig, PoolConfig, PoolMode, Timeouts};
+use crate::config::{
+    AuthConfig, ClientTlsMode, ClusterConfig, ListenerConfig, PoolConfig, PoolMode, Timeouts,
+};
 use crate::discovery::Topology;
 use crate::limit::Limit;
 use crate::routing::Policy;
@@ -96,13 +98,15 @@ pub struct ListenerContext {
     pub tls: Option<TlsAcceptor>,
     pub server_tls: ServerTls,
     pub pool_mode: PoolMode,
+    /// The cluster's cap on pooled connections per member (0: none).
+    pub max_server_connections: usize,
     pub proxy: Arc<ProxyContext>,
 }
 
 impl ListenerContext {
     pub fn new(
         config: &ListenerConfig,
-        cluster: String,
+        cluster: &ClusterConfig,
         topology: watch::Receiver<Arc<Topology>>,
         tls: &TlsMaterial,
         proxy: Arc<ProxyContext>,
@@ -114,7 +118,7 @@ impl ListenerContext {
         ListenerContext {
             name: config.name.clone(),
             listen: config.listen.clone(),
-            cluster,
+            cluster: cluster.name(),
             policy: policy.clone(),
             // Nothing updates a context on its own; the server connects it to reloads.
             policy_updates: watch::channel(policy).1,
@@ -128,6 +132,7 @@ impl ListenerContext {
                 .flatten(),
             server_tls: tls.server.clone(),
             pool_mode: config.pool_mode,
+            max_server_connections: cluster.max_server_connections,
             proxy,
         }
     }

@@ -23,8 +23,8 @@ use super::negotiate::send_fatal;
 use super::relay::{relay, End, RelayContext};
 use crate::auth::scram::Credential;
 use crate::auth::userlist::Secret;
-use crate::backend::conn::{ConnError, Login, ServerConn};
-use crate::backend::pool::{Defaults, Lease, PoolKey};
+use crate::backend::conn::{ConnError, Login, Opener, ServerConn};
+use crate::backend::pool::{Caps, Defaults, Lease, PoolKey};
 use crate::backoff::Backoff;
 use crate::config::PoolMode;
 use crate::protocol::codes;
@@ -497,24 +497,34 @@ async fn checkout(
                     let pool = proxy.pools.get(key, &proxy.pool);
                     let (lease, idle) = pool.lease().await?;
                     crate::metrics::pool_checkout(&ctx.name, lease.waited);
-                    if let Some(conn) = idle {
+                    if let Some(conn) = checked(idle, &proxy.pool, proxy.timeouts.connect).await {
                         return Ok((lease, conn, target));
                     }
-                    let limit = proxy.timeouts.connect.max(proxy.timeouts.startup);
-                    let opened = ServerConn::open(
-                        &target.endpoint,
-                        &ctx.server_tls,
-                        user,
-                        database,
-                        login,
-                        ctx.policy.role.wants_standby(),
-                        limit,
-                    )
-                    .await;
+                    let caps = Caps {
+                        per_server: ctx.max_server_connections,
+                        per_database: proxy.pool.max_db_connections,
+                    };
+                    let wait_until = Instant::now() + proxy.pool.query_wait_timeout;
+                    let permits = proxy
+                        .pools
+                        .reserve(&pool.key, caps, wait_until, true)
+                        .await?;
+                    let opener = Opener {
+                        endpoint: target.endpoint.clone(),
+                        tls: ctx.server_tls.clone(),
+                        user: user.to_owned(),
+                        database: database.to_owned(),
+                        login: login.clone(),
+                        wants_standby: ctx.policy.role.wants_standby(),
+                        limit: proxy.timeouts.connect.max(proxy.timeouts.startup),
+                    };
+                    let opened = opener.open().await;
                     crate::metrics::server_connect(if opened.is_ok() { "ok" } else { "failed" });
                     match opened {
-                        Ok(conn) => {
+                        Ok(mut conn) => {
+                            conn.permits = permits;
                             pool.remember_defaults(&conn.defaults);
+                            pool.remember_opener(&opener, caps);
                             return Ok((lease, conn, target));
                         }
                         Err(e) if e.is_transient() => {
@@ -539,6 +549,26 @@ async fn checkout(
                 waited: started.elapsed(),
                 why,
             });
+        }
+    }
+}
+
+/// An idle connection, if it is still usable: one idle past `server_check_delay` must
+/// answer an empty query first (a failed one is closed).
+async fn checked(
+    idle: Option<ServerConn>,
+    settings: &crate::config::PoolConfig,
+    limit: Duration,
+) -> Option<ServerConn> {
+    let mut conn = idle?;
+    if conn.last_used.elapsed() <= settings.server_check_delay {
+        return Some(conn);
+    }
+    match conn.check(limit).await {
+        Ok(()) => Some(conn),
+        Err(e) => {
+            warn!(server = %conn.endpoint, error = %e, "idle server connection failed its check; closed");
+            None
         }
     }
 }
