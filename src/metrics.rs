@@ -29,6 +29,9 @@ pub const AUTH_FAILURES: &str = "patroxy_auth_failures_total";
 pub const SERVER_CONNECTIONS: &str = "patroxy_server_connections";
 pub const POOL_WAIT_SECONDS: &str = "patroxy_pool_wait_seconds";
 pub const SERVER_CONNECTS: &str = "patroxy_server_connects_total";
+pub const POOL_CHECKOUTS: &str = "patroxy_pool_checkouts_total";
+pub const SERVER_RESETS: &str = "patroxy_server_resets_total";
+pub const PREPARED: &str = "patroxy_prepared_statements_total";
 
 /// Installs the Prometheus recorder for this process; its handle renders `/metrics`.
 pub fn install() -> Result<PrometheusHandle, String> {
@@ -222,6 +225,9 @@ pub fn listener_started(listener: &str, role: &str, reasons: &Reasons) {
     // Registered without a sample: rendered with a zero count.
     let _ = histogram!(CONNECT_SECONDS, "listener" => l.clone());
     let _ = histogram!(POOL_WAIT_SECONDS, "listener" => l.clone());
+    for connection in ["idle", "new"] {
+        counter!(POOL_CHECKOUTS, "listener" => l.clone(), "connection" => connection).absolute(0);
+    }
     gauge!(WAITING, "listener" => l).increment(0.0);
 }
 
@@ -243,12 +249,35 @@ pub fn started() {
     server_connections(0, 0);
     for result in ["ok", "failed"] {
         counter!(SERVER_CONNECTS, "result" => result).absolute(0);
+        counter!(SERVER_RESETS, "result" => result).absolute(0);
+    }
+    for result in ["hit", "miss", "evicted"] {
+        counter!(PREPARED, "result" => result).absolute(0);
     }
 }
 
-/// A client of `listener` got a pooled server connection after waiting `waited` for a slot.
-pub fn pool_checkout(listener: &str, waited: Duration) {
+/// A client of `listener` waited `waited` in line for a pooled server connection.
+pub fn pool_wait(listener: &str, waited: Duration) {
     histogram!(POOL_WAIT_SECONDS, "listener" => listener.to_owned()).record(waited.as_secs_f64());
+}
+
+/// A client of `listener` was lent a server connection: an `idle` one or a `new` one.
+pub fn pool_checkout(listener: &str, connection: &'static str) {
+    counter!(POOL_CHECKOUTS, "listener" => listener.to_owned(), "connection" => connection)
+        .increment(1);
+}
+
+/// A server connection was reset for the next client: `ok`, or `failed` (then closed).
+pub fn server_reset(result: &'static str) {
+    counter!(SERVER_RESETS, "result" => result).increment(1);
+}
+
+/// How transaction-pooled clients' named statements were served by the connections'
+/// caches: found prepared, prepared on demand, closed to make room.
+pub fn prepared(stats: crate::protocol::prepared::CacheStats) {
+    counter!(PREPARED, "result" => "hit").increment(stats.hits);
+    counter!(PREPARED, "result" => "miss").increment(stats.misses);
+    counter!(PREPARED, "result" => "evicted").increment(stats.evictions);
 }
 
 /// A pooled server connection was opened (`ok`) or could not be (`failed`).

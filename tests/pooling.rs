@@ -168,6 +168,7 @@ async fn patroxy_authenticates_clients_and_logs_in_as_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_connection_is_reused_with_nothing_left_from_the_last_client() {
+    install_metrics();
     let (root, etcd, pg) = one_primary("poolreuse").await;
     let file = users(&root, &pg).await;
     let proxy = Proxy::start(&etcd, "poolreuse", |cfg| {
@@ -232,6 +233,12 @@ async fn a_server_connection_is_reused_with_nothing_left_from_the_last_client() 
         "7s",
         "options apply too"
     );
+    let resets = sample(
+        &metrics_text(),
+        "patroxy_server_resets_total",
+        &[r#"result="ok""#],
+    );
+    assert!(resets.unwrap() >= 2.0, "{}", metrics_text());
     proxy.stop().await;
 }
 
@@ -1089,7 +1096,21 @@ async fn pools_show_in_topology_and_metrics() {
     assert_eq!(view["size"], 3);
     assert_eq!(view["server"], format!("127.0.0.1:{}", pg.port));
     c.batch_execute("COMMIT").await.unwrap();
+    // A named statement: prepared on the connection once (a miss), then found there.
+    let stmt = c.prepare("SELECT $1::int + 1").await.unwrap();
+    for i in 0..3 {
+        let n: i32 = c.query_one(&stmt, &[&i]).await.unwrap().get(0);
+        assert_eq!(n, i + 1);
+    }
     let m = metrics_text();
+    let at_least = |name: &str, label: &str, n: f64| {
+        let v = sample(&m, name, &[label]).unwrap_or(0.0);
+        assert!(v >= n, "{name}{{{label}}} = {v} < {n}\n{m}");
+    };
+    at_least("patroxy_prepared_statements_total", r#"result="miss""#, 1.0);
+    at_least("patroxy_prepared_statements_total", r#"result="hit""#, 3.0);
+    at_least("patroxy_pool_checkouts_total", r#"connection="idle""#, 4.0);
+    at_least("patroxy_pool_checkouts_total", r#"connection="new""#, 1.0);
     assert!(
         sample(&m, "patroxy_pool_wait_seconds_count", &[]).unwrap() >= 1.0,
         "{m}"

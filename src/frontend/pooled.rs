@@ -383,6 +383,7 @@ impl Session<'_> {
         // A statement means what it means under its search path: part of its identity.
         let context = wanted.get("search_path").cloned().unwrap_or_default();
         let leftover = std::mem::take(&mut conn.buf);
+        let cache_before = conn.prepared.stats;
         let rewrite = release_at_idle.then(|| Rewriter {
             client: statements,
             server: &mut conn.prepared,
@@ -409,6 +410,7 @@ impl Session<'_> {
             topology,
         )
         .await;
+        crate::metrics::prepared(conn.prepared.stats - cache_before);
         // What the server reported is now true of the connection, and what the client wants.
         for (name, value) in out.reported {
             conn.params.insert(name.clone(), value.clone());
@@ -423,7 +425,9 @@ impl Session<'_> {
             End::ClientClosed if at_rest => {
                 let reset = &proxy.pool.server_reset_query;
                 let limit = proxy.timeouts.connect.max(Duration::from_secs(1));
-                match conn.reset(p.tx_status, reset, limit).await {
+                let reset = conn.reset(p.tx_status, reset, limit).await;
+                crate::metrics::server_reset(if reset.is_ok() { "ok" } else { "failed" });
+                match reset {
                     Ok(()) => true,
                     Err(e) => {
                         warn!(server = %target.endpoint, error = %e, "server connection not reusable after its reset; closed");
@@ -496,8 +500,9 @@ async fn checkout(
                     let key = pool_key(ctx, &target, user, database);
                     let pool = proxy.pools.get(key, &proxy.pool);
                     let (lease, idle) = pool.lease().await?;
-                    crate::metrics::pool_checkout(&ctx.name, lease.waited);
+                    crate::metrics::pool_wait(&ctx.name, lease.waited);
                     if let Some(conn) = checked(idle, &proxy.pool, proxy.timeouts.connect).await {
+                        crate::metrics::pool_checkout(&ctx.name, "idle");
                         return Ok((lease, conn, target));
                     }
                     let caps = Caps {
@@ -522,6 +527,7 @@ async fn checkout(
                     crate::metrics::server_connect(if opened.is_ok() { "ok" } else { "failed" });
                     match opened {
                         Ok(mut conn) => {
+                            crate::metrics::pool_checkout(&ctx.name, "new");
                             conn.permits = permits;
                             pool.remember_defaults(&conn.defaults);
                             pool.remember_opener(&opener, caps);

@@ -90,6 +90,28 @@ impl ClientStatements {
 #[derive(Debug, Default)]
 pub struct ServerStatements {
     names: VecDeque<String>,
+    /// Counts since the connection opened, for the metrics.
+    pub stats: CacheStats,
+}
+
+/// How a connection's statement cache served: statements found prepared, statements
+/// prepared for a client, statements closed to make room.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+}
+
+impl std::ops::Sub for CacheStats {
+    type Output = CacheStats;
+    fn sub(self, before: CacheStats) -> CacheStats {
+        CacheStats {
+            hits: self.hits - before.hits,
+            misses: self.misses - before.misses,
+            evictions: self.evictions - before.evictions,
+        }
+    }
 }
 
 impl ServerStatements {
@@ -224,10 +246,13 @@ impl Rewriter<'_> {
     /// Makes sure the connection has `s` prepared, preparing it quietly if not.
     fn ensure(&mut self, s: &Statement, out: &mut Rewritten) {
         if self.server.touch(&s.server_name) {
+            self.server.stats.hits += 1;
             return;
         }
+        self.server.stats.misses += 1;
         if self.server.names.len() >= self.capacity.max(1) {
             if let Some(old) = self.server.names.pop_front() {
+                self.server.stats.evictions += 1;
                 let mut body = vec![b'S'];
                 body.extend_from_slice(old.as_bytes());
                 body.push(0);
@@ -504,6 +529,15 @@ mod tests {
         let out = rw.rewrite(codes::BIND, &b, w);
         assert_eq!(out.send[0][0], codes::CLOSE, "b's evicted");
         assert_eq!(out.send[1][0], codes::PARSE);
+        let (b, w) = bind("a");
+        rw.rewrite(codes::BIND, &b, w);
+        let (hits, misses, evictions) = (1, 4, 2);
+        let counted = CacheStats {
+            hits,
+            misses,
+            evictions,
+        };
+        assert_eq!(conn.stats - CacheStats::default(), counted);
     }
 
     #[test]
