@@ -13,6 +13,9 @@ for p in protobuf-compiler libprotobuf-dev etcd-server etcd-client postgresql-15
          patroni python3-etcd python3-psycopg2 python3-psycopg python3-asyncpg python3-yaml iproute2 procps; do
   pkg_installed "$p" || need_pkgs+=("$p")
 done
+# pgjdbc, a real JDBC client for the pooling tests; java runs its test program from source.
+pkg_installed libpostgresql-jdbc-java || need_pkgs+=(libpostgresql-jdbc-java)
+have javac || need_pkgs+=(default-jdk-headless)
 for p in "$@"; do                      # extra packages a caller asks for (bench: haproxy pgbouncer)
   pkg_installed "$p" || need_pkgs+=("$p")
 done

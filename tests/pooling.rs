@@ -430,6 +430,48 @@ async fn an_idle_connection_that_stopped_answering_is_checked_and_not_lent() {
     proxy.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_state_in_a_transaction_pool_is_followed_undone_or_refused() {
+    let (root, etcd, pg) = one_primary("poolstate").await;
+    let file = users(&root, &pg).await;
+    let proxy = Proxy::start(&etcd, "poolstate", |cfg| transaction_pooled(cfg, file, 1)).await;
+    let port = proxy.port();
+    let (a, _ac) = login(port, "alice", "wonder", "").await.unwrap();
+    let (b, _bc) = login(port, "alice", "wonder", "").await.unwrap();
+
+    // A session SET of a setting the server does not report follows its client, and only
+    // it, across the transactions that share the one server connection.
+    a.batch_execute("SET work_mem = '7MB'").await.unwrap();
+    assert_eq!(one(&b, "SHOW work_mem").await, "4MB");
+    assert_eq!(one(&a, "SHOW work_mem").await, "7MB");
+    b.batch_execute("SET statement_timeout = '9s'")
+        .await
+        .unwrap();
+    assert_eq!(one(&a, "SHOW statement_timeout").await, "0");
+    assert_eq!(one(&b, "SHOW statement_timeout").await, "9s");
+    assert_eq!(one(&b, "SHOW work_mem").await, "4MB");
+    a.batch_execute("RESET work_mem").await.unwrap();
+    assert_eq!(one(&a, "SHOW work_mem").await, "4MB");
+
+    // A WITH HOLD cursor does not outlive its transaction for the next client.
+    a.batch_execute("BEGIN; DECLARE held CURSOR WITH HOLD FOR SELECT 1; COMMIT")
+        .await
+        .unwrap();
+    let e = b.batch_execute("FETCH held").await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("34000"), "{e}");
+
+    // LISTEN cannot work: the client is told, and no one else gets its notifications.
+    let (c, cc) = login(port, "alice", "wonder", "").await.unwrap();
+    c.batch_execute("LISTEN news").await.unwrap();
+    assert_eq!(ended_within(cc, AT_REST).await.as_deref(), Some("0A000"));
+    assert_eq!(
+        one(&b, "SELECT count(*)::text FROM pg_listening_channels()").await,
+        "0"
+    );
+    assert_eq!(one(&a, "SELECT 'a still here'").await, "a still here");
+    proxy.stop().await;
+}
+
 /// Sends a cancel request with `token` to patroxy on `port`.
 async fn cancel_via(token: &tokio_postgres::CancelToken, port: u16) {
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -1059,7 +1101,81 @@ asyncio.run(main())
         .map(|n| (0..20).map(|i| i * 3 + i + n).sum::<i32>())
         .sum();
     assert_eq!(asyncpg, want.to_string());
+
+    // pgjdbc, with server-prepared statements from the first use (prepareThreshold=1): 20
+    // threads, each reusing its statements across transactions and autocommit queries.
+    let jdbc = java(
+        r#"
+import java.sql.*;
+import java.util.*;
+import java.util.concurrent.*;
+public class Jdbc {
+    public static void main(String[] args) throws Exception {
+        String url = "jdbc:postgresql://127.0.0.1:" + args[0] + "/postgres?prepareThreshold=1";
+        ExecutorService pool = Executors.newFixedThreadPool(20);
+        List<Future<Long>> sums = new ArrayList<>();
+        for (int t = 0; t < 20; t++) {
+            final int id = t;
+            sums.add(pool.submit(() -> {
+                long sum = 0;
+                try (Connection c = DriverManager.getConnection(url, "alice", "wonder")) {
+                    PreparedStatement times = c.prepareStatement("SELECT ?::int * 5");
+                    PreparedStatement plus = c.prepareStatement("SELECT ?::int + ?::int");
+                    for (int i = 0; i < 20; i++) {
+                        c.setAutoCommit(i % 2 == 0);
+                        times.setInt(1, i);
+                        try (ResultSet r = times.executeQuery()) { r.next(); sum += r.getInt(1); }
+                        plus.setInt(1, i);
+                        plus.setInt(2, id);
+                        try (ResultSet r = plus.executeQuery()) { r.next(); sum += r.getInt(1); }
+                        if (!c.getAutoCommit()) c.commit();
+                    }
+                }
+                return sum;
+            }));
+        }
+        long total = 0;
+        for (Future<Long> f : sums) total += f.get();
+        pool.shutdown();
+        System.out.println(total);
+    }
+}
+"#,
+        &root,
+        &[&port.to_string()],
+    )
+    .await;
+    let want: i64 = (0..20)
+        .map(|id| (0..20).map(|i| i * 5 + i + id).sum::<i64>())
+        .sum();
+    assert_eq!(jdbc, want.to_string());
     proxy.stop().await;
+}
+
+/// Runs a Java program (its class named in the source's first `public class`) from source
+/// with Debian's pgjdbc on the class path; its stdout.
+async fn java(source: &str, root: &TempRoot, args: &[&str]) -> String {
+    let class = source
+        .split("public class ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("a public class");
+    let file = root.path().join(format!("{class}.java"));
+    std::fs::write(&file, source).unwrap();
+    let out = tokio::process::Command::new("java")
+        .args(["-cp", "/usr/share/java/postgresql.jar"])
+        .arg(&file)
+        .args(args)
+        .output()
+        .await
+        .expect("java (install-deps.sh installs it)");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,7 +20,7 @@ use tracing::{info, warn};
 use super::client_auth::authenticate;
 use super::context::ListenerContext;
 use super::negotiate::send_fatal;
-use super::relay::{relay, End, RelayContext};
+use super::relay::{relay, session_state, End, RelayContext};
 use crate::auth::scram::Credential;
 use crate::auth::userlist::Secret;
 use crate::backend::conn::{ConnError, Login, Opener, ServerConn};
@@ -420,8 +420,28 @@ impl Session<'_> {
         }
         let p = out.progress;
         let at_rest = out.server_clean && p.in_flight == 0 && !p.unsynced;
-        let returned = match &out.end {
-            End::Released => true,
+        let mut end = out.end;
+        let mut tidied = Ok(());
+        if matches!(end, End::Released) && out.session_state != 0 {
+            let limit = proxy.timeouts.connect.max(Duration::from_secs(1));
+            tidied = timeout_at(
+                Instant::now() + limit,
+                tidy(&mut conn, out.session_state, wanted),
+            )
+            .await
+            .unwrap_or(Err(ConnError::Timeout));
+            if out.session_state & session_state::LISTEN != 0 {
+                end = End::NeedsSession("LISTEN");
+            }
+        }
+        let returned = match &end {
+            End::Released | End::NeedsSession(_) => match tidied {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!(server = %target.endpoint, error = %e, "server connection not reusable after its session state was undone; closed");
+                    false
+                }
+            },
             End::ClientClosed if at_rest => {
                 let reset = &proxy.pool.server_reset_query;
                 let limit = proxy.timeouts.connect.max(Duration::from_secs(1));
@@ -437,7 +457,7 @@ impl Session<'_> {
             }
             _ => false,
         };
-        if !matches!(out.end, End::Released) {
+        if !matches!(end, End::Released) {
             tracing::debug!(
                 client = %self.peer,
                 server = %target.endpoint,
@@ -449,8 +469,15 @@ impl Session<'_> {
         if returned {
             lease.give_back(conn);
         }
+        if let End::NeedsSession(what) = end {
+            let msg = format!(
+                "patroxy: {what} needs a server connection of its own, and listener {} pools transactions (pool_mode = transaction); use a session-pooled listener",
+                self.ctx.name
+            );
+            send_fatal(client, codes::FEATURE_NOT_SUPPORTED, &msg).await;
+        }
         Ended {
-            end: out.end,
+            end,
             transactions: 0,
             bytes_up: out.bytes_up,
             bytes_down: out.bytes_down,
@@ -618,6 +645,57 @@ async fn lookup_secret(
             None
         }
     }
+}
+
+/// Transaction pooling: after a transaction that left session state on the connection,
+/// undoes what cannot follow the client (cursors, listens) and takes up the settings it
+/// `SET` as the client's own (set again on each connection it gets, reset on the others),
+/// so the next client finds none of it.
+async fn tidy(
+    conn: &mut ServerConn,
+    state: u8,
+    wanted: &mut BTreeMap<String, String>,
+) -> Result<(), ConnError> {
+    let mut undo = Vec::new();
+    if state & session_state::CURSOR != 0 {
+        undo.push("CLOSE ALL");
+    }
+    if state & session_state::LISTEN != 0 {
+        undo.push("UNLISTEN *");
+    }
+    if !undo.is_empty() {
+        conn.execute(&undo.join("; ")).await?;
+    }
+    if state & session_state::SET == 0 {
+        return Ok(());
+    }
+    let sql = "SELECT name, current_setting(name) FROM pg_settings WHERE source = 'session'";
+    let now: BTreeMap<String, String> = conn
+        .query_rows(sql)
+        .await?
+        .into_iter()
+        .filter_map(|mut row| {
+            let value = row.pop()??;
+            Some((row.pop()??, value))
+        })
+        .collect();
+    // Reported settings are followed through ParameterStatus already.
+    for (name, value) in now.iter().filter(|(n, _)| !conn.params.contains_key(*n)) {
+        wanted.insert(name.clone(), value.clone());
+        conn.extra.insert(name.clone(), value.clone());
+    }
+    // What patroxy had set that is back at its default: the client reset it.
+    let reset: Vec<String> = conn
+        .extra
+        .keys()
+        .filter(|n| !now.contains_key(*n))
+        .cloned()
+        .collect();
+    for name in reset {
+        conn.extra.remove(&name);
+        wanted.remove(&name);
+    }
+    Ok(())
 }
 
 /// Sets the client's wanted parameters on the server connection where they differ, and

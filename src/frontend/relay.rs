@@ -44,11 +44,14 @@ pub enum End {
     /// Transaction pooling: the transaction ended and the server connection is let go; the
     /// client stays.
     Released,
+    /// Transaction pooling: the client used a feature that needs a server connection of
+    /// its own across transactions (`LISTEN`).
+    NeedsSession(&'static str),
 }
 
 impl End {
     /// Every `label()`, for metrics exported at zero before their first event.
-    pub const LABELS: [&'static str; 9] = [
+    pub const LABELS: [&'static str; 10] = [
         "client_closed",
         "server_closed",
         "client_error",
@@ -58,6 +61,7 @@ impl End {
         "drained",
         "drained_at_deadline",
         "released",
+        "needs_session",
     ];
 
     /// A short label for metrics.
@@ -72,6 +76,7 @@ impl End {
             End::Drained { forced: false, .. } => "drained",
             End::Drained { forced: true, .. } => "drained_at_deadline",
             End::Released => "released",
+            End::NeedsSession(_) => "needs_session",
         }
     }
 }
@@ -94,6 +99,7 @@ impl std::fmt::Display for End {
                 forced: true,
             } => write!(f, "drained at deadline ({cause})"),
             End::Released => f.write_str("transaction ended; server connection released"),
+            End::NeedsSession(what) => write!(f, "{what} needs session pooling"),
         }
     }
 }
@@ -137,7 +143,36 @@ pub(super) struct RelayState {
     pub(super) release_at_idle: bool,
     /// ParameterStatus the server reported during the relay (kept servers only).
     pub(super) reported: std::sync::Mutex<Vec<(String, String)>>,
+    /// Session state the client's commands left on the server (`session_state` bits),
+    /// as their CommandComplete tags say (transaction pooling only).
+    pub(super) session_state: AtomicU8,
 }
+
+/// Session state a command leaves behind its transaction, by its CommandComplete tag:
+/// what transaction pooling must undo, follow or refuse before another client gets the
+/// connection.
+pub mod session_state {
+    /// `LISTEN`: notifications would reach whoever holds the connection next.
+    pub const LISTEN: u8 = 1;
+    /// `SET` (or `RESET`): a setting that may outlive the transaction.
+    pub const SET: u8 = 2;
+    /// `DECLARE CURSOR`: a `WITH HOLD` cursor outlives its transaction.
+    pub const CURSOR: u8 = 4;
+
+    /// The bits for one CommandComplete body (`TAG\0`).
+    pub fn of(body: &[u8]) -> u8 {
+        let tag = body.split(|b| *b == 0).next().unwrap_or_default();
+        match tag {
+            b"LISTEN" => LISTEN,
+            b"SET" | b"RESET" => SET,
+            b"DECLARE CURSOR" => CURSOR,
+            _ => 0,
+        }
+    }
+}
+
+/// CommandComplete tags longer than this say nothing about session state.
+pub(super) const COMMAND_TAG_PREFIX: usize = 16;
 
 const DRAIN_AT_REST: u8 = 1;
 const DRAIN_AT_TX_END: u8 = 2;
@@ -152,17 +187,23 @@ impl RelayState {
         }
     }
 
-    /// Keeps the ParameterStatus messages the scanner captured (kept servers only).
-    pub(super) fn record_reported(&self, captured: Vec<(u8, Vec<u8>)>) {
+    /// Keeps what the scanner captured: ParameterStatus messages, and the session state
+    /// CommandComplete tags announce.
+    pub(super) fn record_captured(&self, captured: Vec<(u8, Vec<u8>)>) {
         if captured.is_empty() {
             return;
         }
         let mut params = self.reported.lock().unwrap_or_else(|p| p.into_inner());
-        params.extend(
-            captured
-                .iter()
-                .filter_map(|(_, b)| messages::parameter_status(b)),
-        );
+        for (tag, body) in &captured {
+            match *tag {
+                codes::PARAMETER_STATUS => params.extend(messages::parameter_status(body)),
+                codes::COMMAND_COMPLETE => {
+                    self.session_state
+                        .fetch_or(session_state::of(body), Relaxed);
+                }
+                _ => {}
+            }
+        }
     }
 
     pub(super) fn drain_reached(&self) -> bool {
@@ -192,6 +233,8 @@ pub struct Outcome {
     pub server_clean: bool,
     /// ParameterStatus the server reported during the relay (kept servers only).
     pub reported: Vec<(String, String)>,
+    /// `session_state` bits the client's commands set (transaction pooling only).
+    pub session_state: u8,
 }
 
 /// Relays until one side closes or a drain ends the session.
@@ -358,6 +401,7 @@ pub async fn relay(
         progress: st.progress(),
         server_clean: st.up_clean.load(Relaxed),
         reported,
+        session_state: st.session_state.load(Relaxed),
     }
 }
 
@@ -501,7 +545,7 @@ async fn pump_down(
             return Pumped::End(End::ServerProtocol(e));
         }
         if keep_server {
-            st.record_reported(scanner.take_captured());
+            st.record_captured(scanner.take_captured());
         }
         st.down_clean.store(false, Relaxed);
         if let Err(e) = wr.write_all(&buf).await {
@@ -553,8 +597,21 @@ mod tests {
             drained(false),
             drained(true),
             End::Released,
+            End::NeedsSession("LISTEN"),
         ];
         let labels: Vec<_> = all.iter().map(End::label).collect();
         assert_eq!(labels, End::LABELS);
+    }
+
+    #[test]
+    fn command_tags_say_what_outlives_the_transaction() {
+        use session_state::*;
+        assert_eq!(of(b"LISTEN\0"), LISTEN);
+        assert_eq!(of(b"SET\0"), SET);
+        assert_eq!(of(b"RESET\0"), SET);
+        assert_eq!(of(b"DECLARE CURSOR\0"), CURSOR);
+        for plain in [&b"SELECT 1\0"[..], b"SETTLE\0", b"", b"INSERT 0 1\0"] {
+            assert_eq!(of(plain), 0);
+        }
     }
 }

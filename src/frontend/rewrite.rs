@@ -98,10 +98,12 @@ pub(super) async fn pump_down(
     responses: &Mutex<Responses>,
     wake: &Notify,
 ) -> Pumped {
-    let mut scanner = Scanner::new(MAX_DECLARED_LEN).capturing(
-        codes::PARAMETER_STATUS,
-        super::relay::PARAMETER_STATUS_PREFIX,
-    );
+    let mut scanner = Scanner::new(MAX_DECLARED_LEN)
+        .capturing(
+            codes::PARAMETER_STATUS,
+            super::relay::PARAMETER_STATUS_PREFIX,
+        )
+        .capturing(codes::COMMAND_COMPLETE, super::relay::COMMAND_TAG_PREFIX);
     let mut read = BytesMut::with_capacity(BUF_SIZE);
     loop {
         let mut out = BytesMut::new();
@@ -129,7 +131,7 @@ pub(super) async fn pump_down(
             if let Err(e) = scanner.scan(&out, |seen| count_down(st, seen)) {
                 return Pumped::End(End::ServerProtocol(e));
             }
-            st.record_reported(scanner.take_captured());
+            st.record_captured(scanner.take_captured());
             st.down_clean.store(false, Relaxed);
             if let Err(e) = wr.write_all(&out).await {
                 return Pumped::End(End::ClientIo(e));

@@ -21,6 +21,7 @@ pub const READY_FOR_QUERY: u8 = b'Z';
 pub const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
 pub const EMPTY_QUERY_RESPONSE: u8 = b'I';
 pub const DATA_ROW: u8 = b'D';
+pub const COMMAND_COMPLETE: u8 = b'C';
 pub const NOTICE_RESPONSE: u8 = b'N';
 
 /// Frontend message tags patroxy looks at.

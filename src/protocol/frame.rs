@@ -96,9 +96,9 @@ pub struct Scanner {
     /// The current frame is a ReadyForQuery whose status byte has not been seen yet.
     want_status: bool,
     /// Frames whose body (up to a prefix length) is copied aside: (tag, prefix).
-    capture: Option<(u8, usize)>,
-    /// The current frame's captured prefix, while it is being copied.
-    capturing: Option<Vec<u8>>,
+    capture: Vec<(u8, usize)>,
+    /// The current frame's tag, prefix length and captured prefix, while it is copied.
+    capturing: Option<(u8, usize, Vec<u8>)>,
     captured: Vec<(u8, Vec<u8>)>,
 }
 
@@ -110,16 +110,17 @@ impl Scanner {
             header_have: 0,
             remaining: 0,
             want_status: false,
-            capture: None,
+            capture: Vec::new(),
             capturing: None,
             captured: Vec::new(),
         }
     }
 
     /// Also copies aside the first `prefix` body bytes of every `tag` frame (the bytes still
-    /// pass untouched); `take_captured` hands them over once their frame has passed.
+    /// pass untouched); `take_captured` hands them over once their frame has passed. Call it
+    /// once per tag.
     pub fn capturing(mut self, tag: u8, prefix: usize) -> Self {
-        self.capture = Some((tag, prefix));
+        self.capture.push((tag, prefix));
         self
     }
 
@@ -143,11 +144,11 @@ impl Scanner {
                     seen(Seen::ReadyForQuery(chunk[i]));
                 }
                 let step = self.remaining.min(chunk.len() - i);
-                if let (Some(body), Some((tag, prefix))) = (self.capturing.as_mut(), self.capture) {
+                if let Some((_, prefix, body)) = self.capturing.as_mut() {
                     let room = prefix.saturating_sub(body.len()).min(step);
                     body.extend_from_slice(&chunk[i..i + room]);
                     if self.remaining == step {
-                        let body = self.capturing.take().expect("capturing");
+                        let (tag, _, body) = self.capturing.take().expect("capturing");
                         self.captured.push((tag, body));
                     }
                 }
@@ -180,10 +181,10 @@ impl Scanner {
             });
             self.remaining = body_len;
             self.want_status = tag == codes::READY_FOR_QUERY && body_len > 0;
-            if let Some((want, prefix)) = self.capture.filter(|(t, _)| *t == tag) {
+            if let Some(&(_, prefix)) = self.capture.iter().find(|(t, _)| *t == tag) {
                 match body_len {
-                    0 => self.captured.push((want, Vec::new())),
-                    n => self.capturing = Some(Vec::with_capacity(n.min(prefix))),
+                    0 => self.captured.push((tag, Vec::new())),
+                    n => self.capturing = Some((tag, prefix, Vec::with_capacity(n.min(prefix)))),
                 }
             }
         }
@@ -223,8 +224,9 @@ mod tests {
         wire.extend(frame(b'Z', b"I"));
         wire.extend(frame(b'S', b"application_name\0a-rather-long-value\0"));
         wire.extend(frame(b'S', b""));
+        wire.extend(frame(b'C', b"LISTEN\0"));
         for cut in 0..wire.len() {
-            let mut s = Scanner::new(1024).capturing(b'S', 20);
+            let mut s = Scanner::new(1024).capturing(b'S', 20).capturing(b'C', 4);
             s.scan(&wire[..cut], |_| {}).unwrap();
             let mut got = s.take_captured();
             s.scan(&wire[cut..], |_| {}).unwrap();
@@ -235,6 +237,7 @@ mod tests {
                     (b'S', b"TimeZone\0UTC\0".to_vec()),
                     (b'S', b"application_name\0a-r".to_vec()),
                     (b'S', Vec::new()),
+                    (b'C', b"LIST".to_vec()),
                 ],
                 "cut at {cut}"
             );
