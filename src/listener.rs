@@ -31,6 +31,8 @@ pub async fn bind_one(l: &ListenerConfig) -> Result<BoundListener, std::io::Erro
     let listener = TcpListener::bind(addr).await.map_err(|e| {
         std::io::Error::new(e.kind(), format!("listener {} on {addr}: {e}", l.name))
     })?;
+    // Accepted connections inherit the listening socket's options.
+    crate::stream::tune_socket(&listener);
     Ok(BoundListener {
         config: l.clone(),
         listener,
@@ -135,4 +137,28 @@ fn refuse(stream: &tokio::net::TcpStream, sqlstate: &str, message: &str) {
         sqlstate,
         message,
     ));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_get_nodelay_and_keepalive_from_the_listener() {
+        let config = ListenerConfig {
+            listen: "127.0.0.1:0".into(),
+            ..ListenerConfig::default()
+        };
+        let bound = bind_one(&config).await.unwrap();
+        let addr = bound.listener.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = bound.listener.accept().await.unwrap();
+        let s = socket2::SockRef::from(&accepted);
+        assert!(s.tcp_nodelay().unwrap());
+        assert!(s.keepalive().unwrap());
+        assert_eq!(
+            s.tcp_keepalive_time().unwrap(),
+            std::time::Duration::from_secs(30)
+        );
+    }
 }

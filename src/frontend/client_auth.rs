@@ -60,8 +60,10 @@ impl AuthFailure {
     }
 }
 
-/// Authenticates `user` coming from `ip`; AuthenticationOk is sent on success.
-/// `secret` is the user's, from the auth_file or the auth_query; `None` for an unknown user.
+/// Authenticates `user` coming from `ip`. On success, returns how to log in as the user,
+/// and what the client is still owed (SASLFinal, AuthenticationOk): the caller sends it
+/// with the greeting, in one write. `secret` is the user's, from the auth_file or the
+/// auth_query; `None` for an unknown user.
 pub async fn authenticate(
     client: &mut Stream,
     buf: &mut BytesMut,
@@ -69,7 +71,8 @@ pub async fn authenticate(
     ip: IpAddr,
     auth: &ClientAuth,
     secret: Option<&Secret>,
-) -> Result<Login, AuthFailure> {
+) -> Result<(Login, BytesMut), AuthFailure> {
+    let mut owed = BytesMut::new();
     let trusted = !auth.trust.is_empty() && crate::allow::allowed(&auth.trust, ip);
     let login = if trusted {
         // No proof from the client; to the server, whatever the file holds.
@@ -85,7 +88,7 @@ pub async fn authenticate(
                 Login::Md5(stored.clone())
             }
             Some(Secret::Scram(v)) => {
-                let client_key = scram_exchange(client, buf, user, v.clone()).await?;
+                let client_key = scram_exchange(client, buf, user, v.clone(), &mut owed).await?;
                 Login::Scram(Credential::ClientKey {
                     client_key,
                     verifier: v.clone(),
@@ -93,19 +96,19 @@ pub async fn authenticate(
             }
             Some(Secret::Plain(p)) => {
                 let v = Verifier::from_password(p, &random_salt(), ITERATIONS);
-                scram_exchange(client, buf, user, v).await?;
+                scram_exchange(client, buf, user, v, &mut owed).await?;
                 Login::Scram(Credential::Password(p.clone()))
             }
             None => {
                 // A verifier nobody knows the password of: the exchange runs, and fails.
                 let v = Verifier::from_password(&scram::nonce(), &random_salt(), ITERATIONS);
-                scram_exchange(client, buf, user, v).await?;
+                scram_exchange(client, buf, user, v, &mut owed).await?;
                 return Err(AuthFailure::Password(user.to_owned()));
             }
         }
     };
-    send(client, &messages::authentication(Authentication::Ok)).await?;
-    Ok(login)
+    owed.extend_from_slice(&messages::authentication(Authentication::Ok));
+    Ok((login, owed))
 }
 
 fn random_salt() -> [u8; 16] {
@@ -153,12 +156,14 @@ async fn md5_exchange(
     }
 }
 
-/// Runs SCRAM-SHA-256 as the server; the client's ClientKey when its proof holds.
+/// Runs SCRAM-SHA-256 as the server; the client's ClientKey when its proof holds, with the
+/// SASLFinal it is owed put in `owed`.
 async fn scram_exchange(
     client: &mut Stream,
     buf: &mut BytesMut,
     user: &str,
     verifier: Verifier,
+    owed: &mut BytesMut,
 ) -> Result<[u8; 32], AuthFailure> {
     let protocol = |what: &str| AuthFailure::Protocol(format!("SCRAM: {what}"));
     let offer = Authentication::SASL(vec![scram::MECHANISM.to_owned()]);
@@ -181,7 +186,7 @@ async fn scram_exchange(
     match exchange.finish(last) {
         Ok((server_final, client_key)) => {
             let done = Authentication::SASLFinal(server_final.into_bytes().into());
-            send(client, &messages::authentication(done)).await?;
+            owed.extend_from_slice(&messages::authentication(done));
             Ok(client_key)
         }
         Err(scram::ScramError::BadProof) => Err(AuthFailure::Password(user.to_owned())),

@@ -114,8 +114,8 @@ pub async fn run_pooled(
         .await
     })
     .await;
-    let login = match authenticated {
-        Ok(Ok(login)) => login,
+    let (login, owed) = match authenticated {
+        Ok(Ok(done)) => done,
         Ok(Err(e)) => {
             crate::metrics::auth_failure(&ctx.name, e.label());
             if let Some((code, msg)) = e.client_error() {
@@ -173,7 +173,7 @@ pub async fn run_pooled(
     wanted.extend(asked.iter().cloned());
     // patroxy's own key: the server connection behind it changes from client to client.
     let key = crate::backend::cancel::tagged_key(proxy.cancel_tag);
-    if send(&mut client, &greeting(&defaults, &asked, &key))
+    if send(&mut client, &greeting(&owed, &defaults, &asked, &key))
         .await
         .is_err()
     {
@@ -815,11 +815,18 @@ fn pool_key(ctx: &ListenerContext, target: &Target, user: &str, database: &str) 
     }
 }
 
-/// What the client sees after AuthenticationOk: the server's parameters, then those the
+/// What the client sees at the end of its startup, in one write: what authentication still
+/// owes it (`owed`: SASLFinal, AuthenticationOk), the server's parameters, then those the
 /// client asked for that the server reports (a later ParameterStatus replaces an earlier
 /// one), patroxy's key, and ReadyForQuery.
-fn greeting(defaults: &Defaults, asked: &[(String, String)], key: &CancelKey) -> Bytes {
-    let mut out = BytesMut::with_capacity(defaults.encoded.len() + 64);
+fn greeting(
+    owed: &[u8],
+    defaults: &Defaults,
+    asked: &[(String, String)],
+    key: &CancelKey,
+) -> Bytes {
+    let mut out = BytesMut::with_capacity(owed.len() + defaults.encoded.len() + 64);
+    out.extend_from_slice(owed);
     out.extend_from_slice(&defaults.encoded);
     for (name, value) in asked {
         if defaults.params.get(name).is_some_and(|v| v != value) {

@@ -18,13 +18,13 @@ use crate::backend::{cancel, establish, ConnectParams};
 use crate::config::PoolMode;
 use crate::protocol::codes;
 use crate::protocol::startup::{CancelKey, FirstPacket, StartupInfo};
-use crate::stream::{tune_socket, Stream};
+use crate::stream::Stream;
 
 /// Serves one client connection from accept to close.
 pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ListenerContext>) {
     let started = Instant::now();
     let _gauge = crate::metrics::SessionGauge::new(&ctx.name, &ctx.policy.role.to_string());
-    tune_socket(&tcp);
+    // TCP_NODELAY and keepalive came from the listening socket (`listener::bind_one`).
     let Some(Negotiated { client, buf, first }) = negotiate(tcp, peer, &ctx, started).await else {
         return;
     };
