@@ -319,8 +319,19 @@ CFG
       run "direct (200 backends)" $leader_port postgres -S -c 200 -j 2
       run "patroxy transaction pool" 6453 postgres -S -c 200 -j 2
       run "pgbouncer transaction" 6633 postgres -S -c 200 -j 2
+      run "direct -M prepared" $leader_port postgres -S -M prepared -c 200 -j 2
+      run "patroxy transaction -M prepared" 6453 postgres -S -M prepared -c 200 -j 2
+      run "pgbouncer transaction -M prepared (1.18: none)" 6633 postgres -S -M prepared -c 200 -j 2
     done
   } | tee "$OUT/pool.txt"
+  echo "bench: latency with the pooled modes"
+  "$BENCH" latency --out "$OUT/pool" --slice "${BENCH_SLICE:-2s}" --rounds "${BENCH_ROUNDS:-3}" \
+    --workloads "${BENCH_WORKLOADS:-simple,select-key}" --concurrency "${BENCH_CONCURRENCY:-1,8}" \
+    --endpoint "direct=$(conn $leader_port)" \
+    --endpoint "patroxy=$(conn 6432)" \
+    --endpoint "patroxy-session=$(conn 6452)" \
+    --endpoint "patroxy-transaction=$(conn 6453)" \
+    --endpoint "pgbouncer-session=$(conn 6632)" | tee "$OUT/pool-latency.txt"
   echo "bench: idle memory of pooled clients"
   mkdir -p "$OUT/pool"
   "$BENCH" idle --out "$OUT/pool" --endpoint "patroxy-transaction=$(conn 6453)" --pid "$POOL_PID" --sessions 1000 \
