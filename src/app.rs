@@ -75,6 +75,7 @@ pub async fn run(
     let (config_tx, running_config) = watch::channel(config.clone());
     let load = ServerLoad::default();
     let pools = Arc::new(Pools::default());
+    pools.configure(&config.pool);
     let cancel_tag = crate::backend::cancel::new_tag();
     let running = Running {
         default_instance: crate::config::ReportConfig::default_instance(),

@@ -12,6 +12,7 @@ use tracing::{info, warn};
 use crate::backend::{CancelRegistry, ServerLoad};
 
 use crate::config::{Config, ListenerConfig};
+use crate::frontend::context::ClientAuth;
 use crate::frontend::{ListenerContext, ProxyContext};
 use crate::listener::{accept_loop, bind_one, BoundListener};
 use crate::state::Topologies;
@@ -55,6 +56,8 @@ pub struct Published {
 pub struct Server {
     config: Arc<Config>,
     tls: TlsMaterial,
+    /// The secrets pooled clients are checked against; read again on each reload.
+    auth: Arc<ClientAuth>,
     topologies: Topologies,
     proxy: Arc<ProxyContext>,
     running: Vec<Running>,
@@ -80,14 +83,13 @@ impl Server {
             connections: crate::limit::Limit::new(config.limits.max_client_connections),
             shutdown: shutdown.clone(),
             pools: backends.pools,
-            pool: config.pool.clone(),
-            auth: Arc::new(backends.auth),
             cancel_tag: backends.cancel_tag,
             peers: backends.peers,
         });
         Server {
             config,
             tls,
+            auth: Arc::new(backends.auth),
             topologies,
             proxy,
             running: Vec::new(),
@@ -104,6 +106,7 @@ impl Server {
         l: &ListenerConfig,
         config: &Config,
         tls: &TlsMaterial,
+        auth: &Arc<ClientAuth>,
     ) -> Result<ListenerContext, String> {
         let cluster = config
             .cluster_of(l)
@@ -119,7 +122,7 @@ impl Server {
             l,
             cluster,
             topology.clone(),
-            tls,
+            (tls, &config.pool, auth.clone()),
             self.proxy.clone(),
         ))
     }
@@ -181,9 +184,9 @@ impl Server {
         listeners: Vec<BoundListener>,
         mut reloads: mpsc::Receiver<Config>,
     ) {
-        let (config, tls) = (self.config.clone(), self.tls.clone());
+        let (config, tls, auth) = (self.config.clone(), self.tls.clone(), self.auth.clone());
         for b in listeners {
-            match self.context(&b.config, &config, &tls) {
+            match self.context(&b.config, &config, &tls, &auth) {
                 Ok(ctx) => self.spawn(b, ctx),
                 Err(why) => warn!("{why}; not serving it"),
             }
@@ -240,15 +243,23 @@ impl Server {
         new.validate()
             .map_err(|e| e.to_string().replace('\n', " "))?;
         let tls = TlsMaterial::load(&new).await.map_err(|e| e.to_string())?;
+        // The auth_file is read again even if its name did not change: users come and go.
+        let auth = Arc::new(ClientAuth::load(&new.auth).await?);
         let old = &self.config;
+        // A cluster's connection cap applies at once; the rest of [cluster] needs a restart.
+        let uncapped = |c: &Config| {
+            let mut clusters = c.clusters.clone();
+            clusters
+                .iter_mut()
+                .for_each(|c| c.max_server_connections = 0);
+            clusters
+        };
         for (what, changed) in [
             ("etcd", old.etcd != new.etcd),
-            ("cluster", old.clusters != new.clusters),
+            ("cluster", uncapped(old) != uncapped(&new)),
             ("timeouts", old.timeouts != new.timeouts),
             ("runtime", old.runtime != new.runtime),
             ("admin", old.admin != new.admin),
-            ("pool", old.pool != new.pool),
-            ("auth", old.auth != new.auth),
         ] {
             if changed {
                 warn!("[{what}] changed: it takes effect at the next restart");
@@ -264,7 +275,7 @@ impl Server {
                 .running
                 .iter()
                 .position(|r| addr.is_some() && r.bound == addr);
-            let ctx = self.context(l, &new, &tls)?;
+            let ctx = self.context(l, &new, &tls, &auth)?;
             match at {
                 Some(i) => updates.push((i, ctx)),
                 None => fresh.push((bind_one(l).await.map_err(|e| e.to_string())?, ctx)),
@@ -304,18 +315,23 @@ impl Server {
         self.proxy
             .connections
             .set_max(new.limits.max_client_connections);
+        // Pools already open take the new [pool] too (sizes, timeouts, resets).
+        self.proxy.pools.configure(&new.pool);
         let o = &self.config;
+        let mut clusters = o.clusters.clone();
+        for (c, n) in clusters.iter_mut().zip(&new.clusters) {
+            c.max_server_connections = n.max_server_connections;
+        }
         self.config = Arc::new(Config {
             etcd: o.etcd.clone(),
-            clusters: o.clusters.clone(),
+            clusters,
             timeouts: o.timeouts.clone(),
             runtime: o.runtime.clone(),
             admin: o.admin.clone(),
-            pool: o.pool.clone(),
-            auth: o.auth.clone(),
             ..new
         });
         self.tls = tls;
+        self.auth = auth;
         self.publish();
         Ok(format!(
             "listeners kept [{}], added [{}], removed [{}]",

@@ -472,6 +472,65 @@ async fn session_state_in_a_transaction_pool_is_followed_undone_or_refused() {
     proxy.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_reads_the_auth_file_again_and_resizes_open_pools() {
+    let (root, etcd, pg) = one_primary("poolreload").await;
+    let file = users(&root, &pg).await;
+    let mut config = None;
+    let proxy = Proxy::start(&etcd, "poolreload", |cfg| {
+        transaction_pooled(cfg, file.clone(), 1);
+        cfg.pool.query_wait_timeout = Duration::from_secs(1);
+        config = Some(cfg.clone());
+    })
+    .await;
+    let mut config = config.unwrap();
+    let port = proxy.port();
+    config.listeners[0].listen = format!("127.0.0.1:{port}");
+    let reloaded = |config: &Config| {
+        let (tx, config) = (proxy.reload.clone(), config.clone());
+        async move { tx.send(config).await.unwrap() }
+    };
+
+    // A user added to the file after the start gets in after a reload, without a restart.
+    connect(pg.port)
+        .await
+        .unwrap()
+        .batch_execute("CREATE ROLE dave LOGIN PASSWORD 'diver'")
+        .await
+        .unwrap();
+    let e = login(port, "dave", "diver", "")
+        .await
+        .map(drop)
+        .expect_err("dave is not in the file yet");
+    assert_eq!(sqlstate(&e).as_deref(), Some("28P01"), "{e}");
+    let mut text = std::fs::read_to_string(&file).unwrap();
+    text.push_str("\"dave\" \"diver\"\n");
+    std::fs::write(&file, text).unwrap();
+    reloaded(&config).await;
+    let (dave, _d) = wait_for("dave let in", LONG, || async {
+        login(port, "dave", "diver", "").await.ok()
+    })
+    .await;
+    assert_eq!(one(&dave, "SELECT current_user::text").await, "dave");
+
+    // The one connection of alice's pool is held by an open transaction: a second client
+    // waits, then is refused. A larger pool_size applies to the open pool at once.
+    let (holder, _h) = login(port, "alice", "wonder", "").await.unwrap();
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let (late, _l) = login(port, "alice", "wonder", "").await.unwrap();
+    let e = late.batch_execute("SELECT 1").await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("53300"), "{e}");
+    config.pool.pool_size = 2;
+    reloaded(&config).await;
+    wait_for("a second slot in alice's pool", LONG, || async {
+        let (c, _c) = login(port, "alice", "wonder", "").await.ok()?;
+        c.batch_execute("SELECT 1").await.ok()
+    })
+    .await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    proxy.stop().await;
+}
+
 /// Sends a cancel request with `token` to patroxy on `port`.
 async fn cancel_via(token: &tokio_postgres::CancelToken, port: u16) {
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))

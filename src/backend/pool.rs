@@ -8,7 +8,8 @@
 //! room, or waits for one. Used pools are kept at `min_pool_size` in the background.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -52,8 +53,10 @@ impl Defaults {
 #[derive(Debug, Default)]
 pub struct Pools {
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
-    /// The shared caps, made on first use.
-    caps: Mutex<HashMap<Cap, Arc<Semaphore>>>,
+    /// The shared caps, made on first use: their size and their places.
+    caps: Mutex<HashMap<Cap, (usize, Arc<Semaphore>)>>,
+    /// `[pool]` in force, for new pools.
+    settings: RwLock<Arc<PoolConfig>>,
 }
 
 /// A cap on open server connections, over the pools it covers.
@@ -91,8 +94,12 @@ pub struct Caps {
 #[derive(Debug)]
 pub struct Pool {
     pub key: PoolKey,
-    settings: PoolConfig,
+    settings: RwLock<Arc<PoolConfig>>,
     slots: Arc<Semaphore>,
+    /// Its size: the slots it has now (a reload changes it).
+    size: AtomicUsize,
+    /// Slots lent.
+    lent: AtomicUsize,
     idle: Mutex<Vec<ServerConn>>,
     /// The server's parameters at login, from the first connection: what new clients of
     /// this pool are greeted with before they hold a connection.
@@ -139,15 +146,34 @@ impl Pools {
         self.pools.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Pools made from now on, and those already open, take `settings`: a larger
+    /// `pool_size` adds slots at once; a smaller one takes them back as they are returned.
+    pub fn configure(&self, settings: &PoolConfig) {
+        let settings = Arc::new(settings.clone());
+        *self.settings.write().unwrap_or_else(|p| p.into_inner()) = settings.clone();
+        for pool in self.lock().values() {
+            *pool.settings.write().unwrap_or_else(|p| p.into_inner()) = settings.clone();
+            let old = pool.size.swap(settings.pool_size, Relaxed);
+            resize(&pool.slots, old, settings.pool_size);
+        }
+    }
+
     /// The pool for `key`, made on first use.
-    pub fn get(&self, key: PoolKey, settings: &PoolConfig) -> Arc<Pool> {
+    pub fn get(&self, key: PoolKey) -> Arc<Pool> {
+        let settings = self
+            .settings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         self.lock()
             .entry(key.clone())
             .or_insert_with(|| {
                 Arc::new(Pool {
                     key,
-                    settings: settings.clone(),
                     slots: Arc::new(Semaphore::new(settings.pool_size)),
+                    size: AtomicUsize::new(settings.pool_size),
+                    lent: AtomicUsize::new(0),
+                    settings: RwLock::new(settings),
                     idle: Mutex::default(),
                     defaults: Mutex::default(),
                     waiting: Default::default(),
@@ -198,13 +224,18 @@ impl Pools {
             if n == 0 {
                 continue;
             }
-            let sem = self
-                .caps
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(cap.clone())
-                .or_insert_with(|| Arc::new(Semaphore::new(n)))
-                .clone();
+            let sem = {
+                let mut caps = self.caps.lock().unwrap_or_else(|p| p.into_inner());
+                let (size, sem) = caps
+                    .entry(cap.clone())
+                    .or_insert_with(|| (n, Arc::new(Semaphore::new(n))));
+                // A reload changed the cap.
+                if *size != n {
+                    resize(sem, *size, n);
+                    *size = n;
+                }
+                sem.clone()
+            };
             loop {
                 if let Ok(p) = sem.clone().try_acquire_owned() {
                     permits.push(p);
@@ -272,7 +303,7 @@ impl Pools {
                     None => "any",
                 }
                 .to_owned(),
-                size: p.settings.pool_size,
+                size: p.size.load(Relaxed),
                 idle: p.idle().len(),
                 in_use: p.in_use(),
                 waiting: p.waiting.load(std::sync::atomic::Ordering::Relaxed),
@@ -288,7 +319,7 @@ impl Pools {
     fn below_min(&self, keep: &impl Fn(&PoolKey) -> bool) -> Vec<Arc<Pool>> {
         self.lock()
             .values()
-            .filter(|p| p.idle().len() + p.in_use() < p.settings.min_pool_size && keep(&p.key))
+            .filter(|p| p.idle().len() + p.in_use() < p.settings().min_pool_size && keep(&p.key))
             .cloned()
             .collect()
     }
@@ -306,9 +337,17 @@ impl Pool {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn settings(&self) -> Arc<PoolConfig> {
+        self.settings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     fn expired(&self, c: &ServerConn, now: Instant) -> bool {
-        now.duration_since(c.last_used) > self.settings.server_idle_timeout
-            || now.duration_since(c.created) > self.settings.server_lifetime
+        let settings = self.settings();
+        now.duration_since(c.last_used) > settings.server_idle_timeout
+            || now.duration_since(c.created) > settings.server_lifetime
     }
 
     pub fn defaults(&self) -> Option<Arc<Defaults>> {
@@ -345,7 +384,7 @@ impl Pool {
         else {
             return;
         };
-        while self.idle().len() + self.in_use() < self.settings.min_pool_size {
+        while self.idle().len() + self.in_use() < self.settings().min_pool_size {
             let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
                 return;
             };
@@ -370,13 +409,13 @@ impl Pool {
     }
 
     pub fn in_use(&self) -> usize {
-        self.settings.pool_size - self.slots.available_permits()
+        self.lent.load(Relaxed)
     }
 
     /// Waits in line for a slot, up to `query_wait_timeout`; then an idle connection that
     /// is still alive, if there is one (else the caller opens one for the lease).
     pub async fn lease(self: &Arc<Self>) -> Result<(Lease, Option<ServerConn>), PoolError> {
-        let wait = self.settings.query_wait_timeout;
+        let wait = self.settings().query_wait_timeout;
         let started = Instant::now();
         let waiting = Waiting::new(&self.waiting);
         let slot = tokio::time::timeout(wait, self.slots.clone().acquire_owned())
@@ -386,10 +425,11 @@ impl Pool {
                 database: self.key.database.clone(),
                 endpoint: self.key.endpoint.clone(),
                 waited: started.elapsed(),
-                size: self.settings.pool_size,
+                size: self.size.load(Relaxed),
             })?
             .expect("pool semaphores are never closed");
         drop(waiting);
+        self.lent.fetch_add(1, Relaxed);
         let lease = Lease {
             pool: self.clone(),
             waited: started.elapsed(),
@@ -403,6 +443,31 @@ impl Pool {
             }
         }
         Ok((lease, None))
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.pool.lent.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Gives `sem` the places of a new size: more at once; fewer by forgetting free ones, and
+/// the rest as they are released (by a task that takes and forgets them).
+fn resize(sem: &Arc<Semaphore>, old: usize, new: usize) {
+    if new >= old {
+        sem.add_permits(new - old);
+        return;
+    }
+    let owed = (old - new) - sem.forget_permits(old - new);
+    if owed > 0 {
+        let sem = sem.clone();
+        // Ends once that many are released; a semaphore outlives its pool's clients.
+        tokio::spawn(async move {
+            if let Ok(p) = sem.acquire_many_owned(owed as u32).await {
+                p.forget();
+            }
+        });
     }
 }
 
@@ -448,7 +513,7 @@ impl Lease {
     pub fn give_back(self, mut conn: ServerConn) {
         let now = Instant::now();
         conn.last_used = now;
-        if now.duration_since(conn.created) <= self.pool.settings.server_lifetime {
+        if now.duration_since(conn.created) <= self.pool.settings().server_lifetime {
             self.pool.idle().push(conn);
         }
     }
@@ -501,5 +566,28 @@ pub async fn reap(
         }
         let (idle, in_use) = pools.counts();
         crate::metrics::server_connections(idle, in_use);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_smaller_size_takes_places_back_as_they_are_released() {
+        let sem = Arc::new(Semaphore::new(3));
+        let held = sem.clone().acquire_many_owned(2).await.unwrap();
+        resize(&sem, 3, 1);
+        assert_eq!(sem.available_permits(), 0, "the free one is gone at once");
+        drop(held);
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while sem.available_permits() != 1 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("one place left once the lent ones came back");
+        resize(&sem, 1, 4);
+        assert_eq!(sem.available_permits(), 4);
     }
 }

@@ -33,9 +33,6 @@ pub struct ProxyContext {
     pub shutdown: CancellationToken,
     /// Server connection pools, for pooled listeners.
     pub pools: Arc<Pools>,
-    pub pool: PoolConfig,
-    /// The secrets pooled listeners check clients against.
-    pub auth: Arc<ClientAuth>,
     /// The tag in the pids of this instance's pooled cancel keys.
     pub cancel_tag: u16,
     /// The other instances, for cancel keys they issued.
@@ -100,6 +97,10 @@ pub struct ListenerContext {
     pub pool_mode: PoolMode,
     /// The cluster's cap on pooled connections per member (0: none).
     pub max_server_connections: usize,
+    /// `[pool]` as of this context (reloads make new contexts).
+    pub pool: PoolConfig,
+    /// The secrets pooled clients are checked against, as of this context.
+    pub auth: Arc<ClientAuth>,
     pub proxy: Arc<ProxyContext>,
 }
 
@@ -108,7 +109,7 @@ impl ListenerContext {
         config: &ListenerConfig,
         cluster: &ClusterConfig,
         topology: watch::Receiver<Arc<Topology>>,
-        tls: &TlsMaterial,
+        (tls, pool, auth): (&TlsMaterial, &PoolConfig, Arc<ClientAuth>),
         proxy: Arc<ProxyContext>,
     ) -> ListenerContext {
         let limit = config.max_client_connections;
@@ -133,6 +134,8 @@ impl ListenerContext {
             server_tls: tls.server.clone(),
             pool_mode: config.pool_mode,
             max_server_connections: cluster.max_server_connections,
+            pool: pool.clone(),
+            auth,
             proxy,
         }
     }

@@ -98,11 +98,11 @@ pub async fn run_pooled(
     let deadline = started + proxy.timeouts.startup;
     let mut topology = ctx.topology.clone();
     let authenticated = timeout_at(deadline, async {
-        let secret = match proxy.auth.users.get(&user) {
+        let secret = match ctx.auth.users.get(&user) {
             Some(s) => Some(s.clone()),
             None => lookup_secret(ctx, &user, &database, &mut topology).await,
         };
-        let auth = &proxy.auth;
+        let auth = &ctx.auth;
         authenticate(
             &mut client,
             &mut client_buf,
@@ -387,7 +387,7 @@ impl Session<'_> {
         let rewrite = release_at_idle.then(|| Rewriter {
             client: statements,
             server: &mut conn.prepared,
-            capacity: proxy.pool.max_prepared_statements,
+            capacity: self.ctx.pool.max_prepared_statements,
             context: &context,
         });
         let relay_ctx = RelayContext {
@@ -443,7 +443,7 @@ impl Session<'_> {
                 }
             },
             End::ClientClosed if at_rest => {
-                let reset = &proxy.pool.server_reset_query;
+                let reset = &self.ctx.pool.server_reset_query;
                 let limit = proxy.timeouts.connect.max(Duration::from_secs(1));
                 let reset = conn.reset(p.tx_status, reset, limit).await;
                 crate::metrics::server_reset(if reset.is_ok() { "ok" } else { "failed" });
@@ -525,18 +525,18 @@ async fn checkout(
                 let ordered = routing::order(candidates, &ctx.policy, |ep| load.sessions(ep), turn);
                 for target in ordered {
                     let key = pool_key(ctx, &target, user, database);
-                    let pool = proxy.pools.get(key, &proxy.pool);
+                    let pool = proxy.pools.get(key);
                     let (lease, idle) = pool.lease().await?;
                     crate::metrics::pool_wait(&ctx.name, lease.waited);
-                    if let Some(conn) = checked(idle, &proxy.pool, proxy.timeouts.connect).await {
+                    if let Some(conn) = checked(idle, &ctx.pool, proxy.timeouts.connect).await {
                         crate::metrics::pool_checkout(&ctx.name, "idle");
                         return Ok((lease, conn, target));
                     }
                     let caps = Caps {
                         per_server: ctx.max_server_connections,
-                        per_database: proxy.pool.max_db_connections,
+                        per_database: ctx.pool.max_db_connections,
                     };
-                    let wait_until = Instant::now() + proxy.pool.query_wait_timeout;
+                    let wait_until = Instant::now() + ctx.pool.query_wait_timeout;
                     let permits = proxy
                         .pools
                         .reserve(&pool.key, caps, wait_until, true)
@@ -616,7 +616,7 @@ async fn lookup_secret(
     database: &str,
     topology: &mut Topo,
 ) -> Option<Secret> {
-    let auth = &ctx.proxy.auth;
+    let auth = &ctx.auth;
     let auth_user = auth.auth_user.as_deref()?;
     let login = match auth.users.get(auth_user) {
         Some(Secret::Plain(p)) => Login::Scram(Credential::Password(p.clone())),
@@ -796,7 +796,7 @@ async fn server_defaults(
     let candidates = routing::candidates(&ctx.policy, &topology.borrow());
     if let Some(first) = candidates.ok().and_then(|c| c.into_iter().next()) {
         let key = pool_key(ctx, &first, user, database);
-        if let Some(d) = ctx.proxy.pools.get(key, &ctx.proxy.pool).defaults() {
+        if let Some(d) = ctx.proxy.pools.get(key).defaults() {
             return Ok(d);
         }
     }
