@@ -32,6 +32,7 @@ pub const SERVER_CONNECTS: &str = "patroxy_server_connects_total";
 pub const POOL_CHECKOUTS: &str = "patroxy_pool_checkouts_total";
 pub const SERVER_RESETS: &str = "patroxy_server_resets_total";
 pub const PREPARED: &str = "patroxy_prepared_statements_total";
+pub const SWITCHOVER_HOLDS: &str = "patroxy_switchover_holds_total";
 
 /// Installs the Prometheus recorder for this process; its handle renders `/metrics`.
 pub fn install() -> Result<PrometheusHandle, String> {
@@ -225,6 +226,7 @@ pub fn listener_started(listener: &str, role: &str, reasons: &Reasons) {
     // Registered without a sample: rendered with a zero count.
     let _ = histogram!(CONNECT_SECONDS, "listener" => l.clone());
     let _ = histogram!(POOL_WAIT_SECONDS, "listener" => l.clone());
+    counter!(SWITCHOVER_HOLDS, "listener" => l.clone()).absolute(0);
     for connection in ["idle", "new"] {
         counter!(POOL_CHECKOUTS, "listener" => l.clone(), "connection" => connection).absolute(0);
     }
@@ -265,6 +267,11 @@ pub fn pool_wait(listener: &str, waited: Duration) {
 pub fn pool_checkout(listener: &str, connection: &'static str) {
     counter!(POOL_CHECKOUTS, "listener" => listener.to_owned(), "connection" => connection)
         .increment(1);
+}
+
+/// A transaction of a pooled client of `listener` was held for a planned switchover.
+pub fn switchover_hold(listener: &str) {
+    counter!(SWITCHOVER_HOLDS, "listener" => listener.to_owned()).increment(1);
 }
 
 /// A server connection was reset for the next client: `ok`, or `failed` (then closed).

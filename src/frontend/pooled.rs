@@ -31,7 +31,7 @@ use crate::protocol::codes;
 use crate::protocol::messages;
 use crate::protocol::prepared::{ClientStatements, Rewriter};
 use crate::protocol::startup::{CancelKey, StartupInfo};
-use crate::routing::{self, Target};
+use crate::routing::{self, switchover, Target};
 use crate::stream::{send, Stream};
 
 /// Startup parameters that are the connection's, not settings to apply.
@@ -501,6 +501,9 @@ const SERVER_OWNED: [&str; 9] = [
     "standard_conforming_strings",
 ];
 
+/// How often a checkout looks again at a leader that is still being promoted.
+const PROMOTION_PROBE: Duration = Duration::from_millis(10);
+
 /// A server connection for the client, from the pool of the member routing picks, within
 /// `connect_wait`.
 async fn checkout(
@@ -516,10 +519,25 @@ async fn checkout(
     let turn = ctx.turn.fetch_add(1, Relaxed);
     let mut pause = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
     let mut why = String::new();
+    // Transaction pools of a primary listener hold new transactions while Patroni carries
+    // out a planned switchover: the old primary is about to stop.
+    let holds =
+        ctx.pool_mode == PoolMode::Transaction && ctx.policy.role.wants_standby() == Some(false);
+    let (mut held, mut promoting) = (false, false);
     loop {
-        let candidates = routing::candidates(&ctx.policy, &topology.borrow_and_update());
+        let snapshot = topology.borrow_and_update().clone();
+        let candidates = if holds && switchover::under_way(&snapshot, std::time::SystemTime::now())
+        {
+            if !held {
+                held = true;
+                crate::metrics::switchover_hold(&ctx.name);
+            }
+            Err("a planned switchover is under way (Patroni's failover key); held".to_owned())
+        } else {
+            routing::candidates(&ctx.policy, &snapshot).map_err(|e| e.to_string())
+        };
         match candidates {
-            Err(e) => why = e.to_string(),
+            Err(e) => why = e,
             Ok(candidates) => {
                 let load = &proxy.load;
                 let ordered = routing::order(candidates, &ctx.policy, |ep| load.sessions(ep), turn);
@@ -561,6 +579,7 @@ async fn checkout(
                             return Ok((lease, conn, target));
                         }
                         Err(e) if e.is_transient() => {
+                            promoting |= matches!(e, ConnError::InRecovery);
                             why = format!("{}: {e}", target.endpoint);
                         }
                         Err(source) => {
@@ -571,7 +590,13 @@ async fn checkout(
                 }
             }
         }
-        let wake = (Instant::now() + pause.next_pause()).min(deadline);
+        // The leader key names a server still in recovery: its promotion takes moments,
+        // so look again soon (as the unpooled promotion probe does).
+        let next = match std::mem::take(&mut promoting) {
+            true => PROMOTION_PROBE,
+            false => pause.next_pause(),
+        };
+        let wake = (Instant::now() + next).min(deadline);
         tokio::select! {
             _ = tokio::time::sleep_until(wake) => {}
             _ = topology.changed() => {}
