@@ -23,6 +23,10 @@ pub struct ClusterView {
     pub primary: Option<String>,
     /// Why there is no routable primary.
     pub unroutable: Option<String>,
+    /// A planned switchover Patroni is carrying out (`leader -> candidate`): transaction
+    /// pools hold new transactions meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switchover: Option<String>,
     pub members: Vec<MemberView>,
 }
 
@@ -169,6 +173,11 @@ pub fn cluster(
         leader: t.leader.clone(),
         primary: primary.as_ref().ok().map(|p| p.endpoint.to_string()),
         unroutable: primary.err().map(|e| e.to_string()),
+        switchover: routing::switchover::under_way(t, std::time::SystemTime::now()).then(|| {
+            let f = t.failover.clone().unwrap_or_default();
+            let or_any = |m: Option<String>| m.unwrap_or_else(|| "any".into());
+            format!("{} -> {}", or_any(t.leader.clone()), or_any(f.candidate))
+        }),
         members,
     }
 }

@@ -531,6 +531,84 @@ async fn a_reload_reads_the_auth_file_again_and_resizes_open_pools() {
     proxy.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_key_holds_transactions_until_it_goes_and_no_longer() {
+    let (root, etcd, pg) = one_primary("poolhold").await;
+    let file = users(&root, &pg).await;
+    let proxy = Proxy::start(&etcd, "poolhold", |cfg| {
+        transaction_pooled(cfg, file, 2);
+        cfg.timeouts.connect_wait = Duration::from_secs(3);
+        cfg.admin.listen = Some("127.0.0.1:0".into());
+    })
+    .await;
+    let (port, admin) = (proxy.port(), proxy.admin.unwrap());
+    let mut keys = Keys::new(&etcd, "poolhold").await;
+    let (c, _conn) = login(port, "alice", "wonder", "").await.unwrap();
+    assert_eq!(one(&c, "SELECT 'before'").await, "before");
+
+    // A key left from a switchover away from another leader holds nothing.
+    keys.put("failover", r#"{"leader":"x","member":"a"}"#).await;
+    let key = format!("{}failover", keys.prefix);
+    let written = keys.client.get(key, None).await.unwrap();
+    let revision = written.kvs()[0].mod_revision();
+    wait_for("patroxy to read the stale key", LONG, || async {
+        let v = topology_json(admin).await?;
+        (v["clusters"][0]["revision"].as_i64()? >= revision).then_some(())
+    })
+    .await;
+    assert_eq!(one(&c, "SELECT 'stale key'").await, "stale key");
+
+    // A switchover away from the leader: the next transaction waits in patroxy; when the
+    // key goes without a leader change (Patroni gave up), it runs on the same leader.
+    keys.put("failover", r#"{"leader":"a","member":"b"}"#).await;
+    wait_switchover(admin, true).await;
+    let held = tokio::spawn(async move {
+        let r = c
+            .query_one("SELECT 'held'", &[])
+            .await
+            .map(|r| r.get::<_, String>(0));
+        (c, r)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!held.is_finished(), "the transaction was not held");
+    keys.put("failover", "{}").await;
+    let (c, r) = tokio::time::timeout(LONG, held).await.unwrap().unwrap();
+    assert_eq!(r.unwrap(), "held");
+
+    // A key that stays: held at most connect_wait, then today's clear error.
+    wait_switchover(admin, false).await;
+    keys.put("failover", r#"{"leader":"a"}"#).await;
+    wait_switchover(admin, true).await;
+    let e = tokio::time::timeout(LONG, c.query_one("SELECT 1", &[]))
+        .await
+        .expect("held no longer than connect_wait")
+        .unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("57P03"), "{e}");
+    assert!(message(&e).contains("switchover"), "{}", message(&e));
+    proxy.stop().await;
+}
+
+/// The admin endpoint's `/topology`, if it answers.
+async fn topology_json(admin: std::net::SocketAddr) -> Option<serde_json::Value> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(admin).await.ok()?;
+    s.write_all(b"GET /topology HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.ok()?;
+    serde_json::from_str(out.split_once("\r\n\r\n")?.1).ok()
+}
+
+/// Waits until patroxy sees a switchover under way (or, with `false`, none).
+async fn wait_switchover(admin: std::net::SocketAddr, under_way: bool) {
+    wait_for("patroxy to see the failover key", LONG, || async move {
+        let v = topology_json(admin).await?;
+        (v["clusters"][0]["switchover"].is_string() == under_way).then_some(())
+    })
+    .await;
+}
+
 /// Sends a cancel request with `token` to patroxy on `port`.
 async fn cancel_via(token: &tokio_postgres::CancelToken, port: u16) {
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -1252,15 +1330,7 @@ async fn pools_show_in_topology_and_metrics() {
     // While the transaction holds its connection: one pool, one lent.
     let admin = proxy.admin.unwrap();
     let view = wait_for("the pool in /topology", LONG, || async move {
-        let mut s = tokio::net::TcpStream::connect(admin).await.ok()?;
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        s.write_all(b"GET /topology HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n")
-            .await
-            .ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.ok()?;
-        let body = out.split_once("\r\n\r\n")?.1.to_owned();
-        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let v = topology_json(admin).await?;
         let pools = v["pools"].as_array()?.clone();
         (pools.len() == 1 && pools[0]["in_use"] == 1).then_some(pools[0].clone())
     })
