@@ -173,12 +173,13 @@ pub async fn run_pooled(
     wanted.extend(asked.iter().cloned());
     // patroxy's own key: the server connection behind it changes from client to client.
     let key = crate::backend::cancel::tagged_key(proxy.cancel_tag);
-    if send(&mut client, &greeting(&owed, &defaults, &asked, &key))
-        .await
-        .is_err()
-    {
+    let hello = greeting(&owed, &defaults, &asked, &key);
+    // Nothing of the startup outlives it: an idle client keeps only what it needs.
+    drop((owed, asked));
+    if send(&mut client, &hello).await.is_err() {
         return;
     }
+    drop(hello);
     crate::metrics::connected(&ctx.name, started.elapsed());
     let session = Session {
         ctx,

@@ -29,7 +29,9 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ListenerContext>) 
         return;
     };
     match first {
-        FirstPacket::Cancel(key) => forward_cancel(key, peer, &ctx).await,
+        // Boxed: a peer lookup holds an etcd connection's large state, which every
+        // session's task would otherwise keep room for.
+        FirstPacket::Cancel(key) => Box::pin(forward_cancel(key, peer, &ctx)).await,
         // Boxed: the connected session's state is large, and a client still negotiating
         // should not carry room for it.
         FirstPacket::Startup(startup) if ctx.pool_mode != PoolMode::None => {
