@@ -282,6 +282,9 @@ pub fn server_reset(result: &'static str) {
 /// How transaction-pooled clients' named statements were served by the connections'
 /// caches: found prepared, prepared on demand, closed to make room.
 pub fn prepared(stats: crate::protocol::prepared::CacheStats) {
+    if stats == Default::default() {
+        return;
+    }
     counter!(PREPARED, "result" => "hit").increment(stats.hits);
     counter!(PREPARED, "result" => "miss").increment(stats.misses);
     counter!(PREPARED, "result" => "evicted").increment(stats.evictions);
