@@ -158,6 +158,11 @@ pub struct AuthConfig {
     pub auth_user: Option<String>,
     /// PgBouncer's default: the user's name and secret, `$1` being the user's name.
     pub auth_query: String,
+    /// Users who may use the admin console (database `patroxy` or `pgbouncer`): every
+    /// command.
+    pub admin_users: Vec<String>,
+    /// Users who may use the admin console read only (SHOW).
+    pub stats_users: Vec<String>,
 }
 
 impl Default for AuthConfig {
@@ -167,6 +172,8 @@ impl Default for AuthConfig {
             trust: Vec::new(),
             auth_user: None,
             auth_query: "SELECT usename, passwd FROM pg_shadow WHERE usename=$1".into(),
+            admin_users: Vec::new(),
+            stats_users: Vec::new(),
         }
     }
 }

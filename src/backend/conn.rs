@@ -59,6 +59,8 @@ pub struct ServerConn {
     /// Its places under the caps on server connections (`max_db_connections`,
     /// `max_server_connections`), freed when it closes.
     pub permits: Vec<tokio::sync::OwnedSemaphorePermit>,
+    /// Its pool's generation when it opened (the console's RECONNECT advances it).
+    pub generation: u64,
 }
 
 /// What the server said or did instead of accepting the connection.
@@ -140,6 +142,7 @@ impl Opener {
                 last_used: Instant::now(),
                 buf: BytesMut::with_capacity(4096),
                 permits: Vec::new(),
+                generation: 0,
             };
             let (user, database) = (self.user.as_str(), self.database.as_str());
             let startup = messages::startup(&[("user", user), ("database", database)]);

@@ -57,6 +57,24 @@ pub struct Pools {
     caps: Mutex<HashMap<Cap, (usize, Arc<Semaphore>)>>,
     /// `[pool]` in force, for new pools.
     settings: RwLock<Arc<PoolConfig>>,
+    /// Figures per database, for the console's SHOW STATS.
+    stats: Mutex<BTreeMap<String, DbStats>>,
+    /// Databases the console paused (`PAUSE`); `None` in the set pauses every one.
+    paused: RwLock<std::collections::HashSet<Option<String>>>,
+}
+
+/// What pooled clients did with one database, since start.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct DbStats {
+    /// Server connections lent (transactions, in transaction mode).
+    pub xact_count: u64,
+    /// Requests answered (ReadyForQuery messages).
+    pub query_count: u64,
+    pub received: u64,
+    pub sent: u64,
+    /// Time connections were lent, and clients waited for one, in microseconds.
+    pub xact_time_us: u64,
+    pub wait_time_us: u64,
 }
 
 /// A cap on open server connections, over the pools it covers.
@@ -106,6 +124,9 @@ pub struct Pool {
     defaults: Mutex<Option<Arc<Defaults>>>,
     /// Clients in line for a slot.
     waiting: std::sync::atomic::AtomicUsize,
+    /// Advanced by the console's RECONNECT: connections opened before are closed when
+    /// returned.
+    generation: std::sync::atomic::AtomicU64,
     /// How its last connection was opened: how the background opens more (`min_pool_size`).
     opener: Mutex<Option<(Opener, Caps)>>,
     /// A background open is under way.
@@ -177,6 +198,7 @@ impl Pools {
                     idle: Mutex::default(),
                     defaults: Mutex::default(),
                     waiting: Default::default(),
+                    generation: Default::default(),
                     opener: Mutex::default(),
                     filling: Default::default(),
                 })
@@ -288,6 +310,67 @@ impl Pools {
         }
     }
 
+    /// Adds one loan's figures to its database's.
+    pub fn record(&self, database: &str, loan: DbStats) {
+        let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let s = stats.entry(database.to_owned()).or_default();
+        s.xact_count += loan.xact_count;
+        s.query_count += loan.query_count;
+        s.received += loan.received;
+        s.sent += loan.sent;
+        s.xact_time_us += loan.xact_time_us;
+        s.wait_time_us += loan.wait_time_us;
+    }
+
+    /// Every database's figures.
+    pub fn stats(&self) -> BTreeMap<String, DbStats> {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// `PAUSE [db]` (`Some(true)`), `RESUME [db]` (`Some(false)`); the set of paused
+    /// databases either way (`None` is every database).
+    pub fn pause(&self, database: Option<&str>, on: bool) {
+        let mut paused = self.paused.write().unwrap_or_else(|p| p.into_inner());
+        let db = database.map(str::to_owned);
+        match (on, db) {
+            (true, db) => {
+                paused.insert(db);
+            }
+            (false, None) => paused.clear(),
+            (false, db) => {
+                paused.remove(&db);
+            }
+        }
+    }
+
+    pub fn is_paused(&self, database: &str) -> bool {
+        let paused = self.paused.read().unwrap_or_else(|p| p.into_inner());
+        paused.contains(&None) || paused.contains(&Some(database.to_owned()))
+    }
+
+    /// Connections lent now to clients of `database` (every database with `None`).
+    pub fn lent(&self, database: Option<&str>) -> usize {
+        self.lock()
+            .values()
+            .filter(|p| database.map_or(true, |d| p.key.database == d))
+            .map(|p| p.in_use())
+            .sum()
+    }
+
+    /// `RECONNECT [db]`: idle connections close now, lent ones when they come back.
+    pub fn reconnect(&self, database: Option<&str>) -> usize {
+        let mut closed = 0;
+        for p in self.lock().values() {
+            if database.map_or(true, |d| p.key.database == d) {
+                p.generation.fetch_add(1, Relaxed);
+                let mut idle = p.idle();
+                closed += idle.len();
+                idle.clear();
+            }
+        }
+        closed
+    }
+
     /// Every pool's figures, for the operator's view.
     pub fn views(&self) -> Vec<crate::view::PoolView> {
         let mut out: Vec<_> = self
@@ -397,6 +480,7 @@ impl Pool {
                 Ok(mut conn) => {
                     crate::metrics::server_connect("ok");
                     conn.permits = permits;
+                    conn.generation = self.generation();
                     self.idle().push(conn);
                 }
                 Err(e) => {
@@ -406,6 +490,11 @@ impl Pool {
                 }
             }
         }
+    }
+
+    /// The generation a connection opened now belongs to (see `Pools::reconnect`).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Relaxed)
     }
 
     pub fn in_use(&self) -> usize {
@@ -509,11 +598,13 @@ impl Drop for Waiting<'_> {
 
 impl Lease {
     /// Returns a clean connection to the pool (closed instead if it outlived
-    /// `server_lifetime`); the slot frees when the lease drops.
+    /// `server_lifetime`, or a RECONNECT came since it was opened); the slot frees when the
+    /// lease drops.
     pub fn give_back(self, mut conn: ServerConn) {
         let now = Instant::now();
         conn.last_used = now;
-        if now.duration_since(conn.created) <= self.pool.settings().server_lifetime {
+        let current = conn.generation == self.pool.generation.load(Relaxed);
+        if current && now.duration_since(conn.created) <= self.pool.settings().server_lifetime {
             self.pool.idle().push(conn);
         }
     }

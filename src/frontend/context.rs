@@ -48,6 +48,9 @@ pub struct ClientAuth {
     /// For users not in the file: who asks PostgreSQL, and what (`$1` is the user name).
     pub auth_user: Option<String>,
     pub auth_query: String,
+    /// Who may use the admin console, and who only read it.
+    pub admin_users: Vec<String>,
+    pub stats_users: Vec<String>,
 }
 
 impl ClientAuth {
@@ -69,6 +72,8 @@ impl ClientAuth {
             trust,
             auth_user: config.auth_user.clone(),
             auth_query: config.auth_query.clone(),
+            admin_users: config.admin_users.clone(),
+            stats_users: config.stats_users.clone(),
         })
     }
 }

@@ -24,7 +24,7 @@ use super::relay::{relay, session_state, End, RelayContext};
 use crate::auth::scram::Credential;
 use crate::auth::userlist::Secret;
 use crate::backend::conn::{ConnError, Login, Opener, ServerConn};
-use crate::backend::pool::{Caps, Defaults, Lease, PoolKey};
+use crate::backend::pool::{Caps, DbStats, Defaults, Lease, PoolKey};
 use crate::backoff::Backoff;
 use crate::config::PoolMode;
 use crate::protocol::codes;
@@ -375,6 +375,7 @@ impl Session<'_> {
             mut conn,
             target,
         } = attached;
+        let lent_at = Instant::now();
         let _load = proxy.load.claim(&target.endpoint);
         let _registration = conn.key.clone().map(|server_key| {
             proxy
@@ -412,6 +413,17 @@ impl Session<'_> {
         )
         .await;
         crate::metrics::prepared(conn.prepared.stats - cache_before);
+        proxy.pools.record(
+            self.database,
+            DbStats {
+                xact_count: 1,
+                query_count: out.queries,
+                received: out.bytes_up,
+                sent: out.bytes_down,
+                xact_time_us: lent_at.elapsed().as_micros() as u64,
+                wait_time_us: lease.waited.as_micros() as u64,
+            },
+        );
         // What the server reported is now true of the connection, and what the client wants.
         for (name, value) in out.reported {
             conn.params.insert(name.clone(), value.clone());
@@ -527,13 +539,19 @@ async fn checkout(
     let (mut held, mut promoting) = (false, false);
     loop {
         let snapshot = topology.borrow_and_update().clone();
-        let candidates = if holds && switchover::under_way(&snapshot, std::time::SystemTime::now())
-        {
+        let hold = if proxy.pools.is_paused(database) {
+            Some("the database is paused (PAUSE on the admin console); held")
+        } else if holds && switchover::under_way(&snapshot, std::time::SystemTime::now()) {
+            Some("a planned switchover is under way (Patroni's failover key); held")
+        } else {
+            None
+        };
+        let candidates = if let Some(why) = hold {
             if !held {
                 held = true;
                 crate::metrics::switchover_hold(&ctx.name);
             }
-            Err("a planned switchover is under way (Patroni's failover key); held".to_owned())
+            Err(why.to_owned())
         } else {
             routing::candidates(&ctx.policy, &snapshot).map_err(|e| e.to_string())
         };
@@ -575,6 +593,7 @@ async fn checkout(
                         Ok(mut conn) => {
                             crate::metrics::pool_checkout(&ctx.name, "new");
                             conn.permits = permits;
+                            conn.generation = pool.generation();
                             pool.remember_defaults(&conn.defaults);
                             pool.remember_opener(&opener, caps);
                             return Ok((lease, conn, target));

@@ -143,6 +143,8 @@ pub(super) struct RelayState {
     pub(super) release_at_idle: bool,
     /// ParameterStatus the server reported during the relay (kept servers only).
     pub(super) reported: std::sync::Mutex<Vec<(String, String)>>,
+    /// ReadyForQuery messages relayed: requests answered (the console's query count).
+    pub(super) queries: AtomicU64,
     /// Session state the client's commands left on the server (`session_state` bits),
     /// as their CommandComplete tags say (transaction pooling only).
     pub(super) session_state: AtomicU8,
@@ -235,6 +237,8 @@ pub struct Outcome {
     pub reported: Vec<(String, String)>,
     /// `session_state` bits the client's commands set (transaction pooling only).
     pub session_state: u8,
+    /// Requests the server answered (ReadyForQuery messages relayed).
+    pub queries: u64,
 }
 
 /// Relays until one side closes or a drain ends the session.
@@ -402,6 +406,7 @@ pub async fn relay(
         server_clean: st.up_clean.load(Relaxed),
         reported,
         session_state: st.session_state.load(Relaxed),
+        queries: st.queries.load(Relaxed),
     }
 }
 
@@ -458,6 +463,7 @@ impl UpCounter {
 pub(super) fn count_down(st: &RelayState, seen: Seen) {
     if let Seen::ReadyForQuery(status) = seen {
         st.tx_status.store(status, Relaxed);
+        st.queries.fetch_add(1, Relaxed);
         // Saturating: a ReadyForQuery patroxy did not count (the greeting's) is harmless.
         let _ = st
             .in_flight

@@ -34,6 +34,17 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ListenerContext>) 
         FirstPacket::Cancel(key) => Box::pin(forward_cancel(key, peer, &ctx)).await,
         // Boxed: the connected session's state is large, and a client still negotiating
         // should not carry room for it.
+        FirstPacket::Startup(startup)
+            if startup
+                .database
+                .as_deref()
+                .is_some_and(|d| super::console::DATABASES.contains(&d)) =>
+        {
+            Box::pin(super::console::run(
+                client, peer, buf, startup, &ctx, started,
+            ))
+            .await
+        }
         FirstPacket::Startup(startup) if ctx.pool_mode != PoolMode::None => {
             Box::pin(run_pooled(client, peer, buf, startup, &ctx, started)).await
         }
