@@ -16,6 +16,8 @@ done
 # pgjdbc, a real JDBC client for the pooling tests; java runs its test program from source.
 pkg_installed libpostgresql-jdbc-java || need_pkgs+=(libpostgresql-jdbc-java)
 have javac || need_pkgs+=(default-jdk-headless)
+# Debian's PgBouncer exporter, a third-party client of the admin console.
+pkg_installed prometheus-pgbouncer-exporter || need_pkgs+=(prometheus-pgbouncer-exporter)
 for p in "$@"; do                      # extra packages a caller asks for (bench: haproxy pgbouncer)
   pkg_installed "$p" || need_pkgs+=("$p")
 done

@@ -609,6 +609,136 @@ async fn wait_switchover(admin: std::net::SocketAddr, under_way: bool) {
     .await;
 }
 
+/// psql on the console as `user`: its unaligned output, or its error.
+async fn console(port: u16, user: &str, password: &str, sql: &str) -> Result<String, String> {
+    let out = tokio::process::Command::new(format!("{PG_BIN}/psql"))
+        .env("PGPASSWORD", password)
+        .arg(format!(
+            "host=127.0.0.1 port={port} user={user} dbname=pgbouncer"
+        ))
+        .args(["-XAtF", "|", "-c", sql])
+        .output()
+        .await
+        .expect("psql");
+    match out.status.success() {
+        true => Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned()),
+        false => Err(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_console_answers_as_pgbouncer_does_and_the_exporter_reads_it() {
+    let (root, etcd, pg) = one_primary("poolconsole").await;
+    let file = users(&root, &pg).await;
+    let proxy = Proxy::start(&etcd, "poolconsole", |cfg| {
+        transaction_pooled(cfg, file, 2);
+        cfg.auth.admin_users = vec!["alice".into()];
+        cfg.auth.stats_users = vec!["bob".into()];
+        cfg.timeouts.connect_wait = Duration::from_secs(20);
+    })
+    .await;
+    let port = proxy.port();
+    let (c, _conn) = login(port, "alice", "wonder", "").await.unwrap();
+    for _ in 0..3 {
+        c.batch_execute("SELECT 1").await.unwrap();
+    }
+
+    // Who may use it: an admin, a stats user (read only), nobody else.
+    let e = console(port, "carol", "sesame", "SHOW POOLS")
+        .await
+        .unwrap_err();
+    assert!(e.contains("may not use the admin console"), "{e}");
+    let e = console(port, "alice", "wrong", "SHOW POOLS")
+        .await
+        .unwrap_err();
+    assert!(e.contains("password authentication failed"), "{e}");
+    let e = console(port, "bob", "builder", "PAUSE").await.unwrap_err();
+    assert!(e.contains("needs an admin user"), "{e}");
+    let pools = console(port, "bob", "builder", "SHOW POOLS").await.unwrap();
+    assert!(pools.starts_with("postgres|alice|0|0|"), "{pools}");
+    assert!(pools.ends_with("|transaction"), "{pools}");
+    let stats = console(port, "alice", "wonder", "SHOW STATS")
+        .await
+        .unwrap();
+    let fields: Vec<&str> = stats.split('|').collect();
+    assert_eq!((fields[0], fields[1]), ("postgres", "3"), "{stats}");
+    let members = console(port, "alice", "wonder", "SHOW MEMBERS")
+        .await
+        .unwrap();
+    assert!(
+        members.contains(&format!("|a|127.0.0.1:{}|Leader|running|", pg.port)),
+        "{members}"
+    );
+
+    // PAUSE holds the next transaction; RESUME lets it run.
+    assert_eq!(
+        console(port, "alice", "wonder", "PAUSE").await.unwrap(),
+        "PAUSE"
+    );
+    let held = tokio::spawn(async move {
+        let r = c
+            .query_one("SELECT 'after resume'", &[])
+            .await
+            .map(|r| r.get::<_, String>(0));
+        (c, r)
+    });
+    wait_for("the transaction held", LONG, || async {
+        let pools = console(port, "alice", "wonder", "SHOW POOLS").await.ok()?;
+        pools.starts_with("postgres|alice|0|1|").then_some(())
+    })
+    .await;
+    console(port, "alice", "wonder", "RESUME").await.unwrap();
+    let (c, r) = tokio::time::timeout(LONG, held).await.unwrap().unwrap();
+    assert_eq!(r.unwrap(), "after resume");
+    // RECONNECT closes the idle server connections.
+    console(port, "alice", "wonder", "RECONNECT").await.unwrap();
+    assert_eq!(backends(&pg, "alice").await, 0);
+    assert_eq!(one(&c, "SELECT 'new connection'").await, "new connection");
+
+    // A real third-party client: Debian's prometheus-pgbouncer-exporter scrapes the console.
+    let web = free_port();
+    let mut exporter = tokio::process::Command::new("/usr/bin/prometheus-pgbouncer-exporter")
+        .env("PGPASSWORD", "wonder")
+        .args(["--pgbouncer-host", "127.0.0.1", "--pgbouncer-user", "alice"])
+        .args(["--pgbouncer-port", &port.to_string()])
+        .args(["--host", "127.0.0.1", "--port", &web.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("prometheus-pgbouncer-exporter (install-deps.sh installs it)");
+    let scraped = wait_for("the exporter's metrics", LONG, || async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", web))
+            .await
+            .ok()?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: e\r\n\r\n")
+            .await
+            .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.ok()?;
+        out.contains("pgbouncer_active_clients").then_some(out)
+    })
+    .await;
+    let _ = exporter.kill().await;
+    let value = |name: &str| {
+        let line = scraped
+            .lines()
+            .find(|l| l.starts_with(name) && l.contains(r#"database="postgres""#))
+            .unwrap_or_else(|| panic!("no {name} in\n{scraped}"));
+        line.rsplit(' ').next().unwrap().parse::<f64>().unwrap()
+    };
+    let stats = console(port, "alice", "wonder", "SHOW STATS")
+        .await
+        .unwrap();
+    let requests: f64 = stats.split('|').nth(2).unwrap().parse().unwrap();
+    assert!(value("pgbouncer_requests_total") <= requests, "{scraped}");
+    assert!(value("pgbouncer_requests_total") >= 5.0, "{scraped}");
+    assert_eq!(value("pgbouncer_waiting_clients"), 0.0, "{scraped}");
+    assert_eq!(value("pgbouncer_pool_size"), 2.0, "{scraped}");
+    proxy.stop().await;
+}
+
 /// Sends a cancel request with `token` to patroxy on `port`.
 async fn cancel_via(token: &tokio_postgres::CancelToken, port: u16) {
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))

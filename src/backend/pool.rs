@@ -61,6 +61,27 @@ pub struct Pools {
     stats: Mutex<BTreeMap<String, DbStats>>,
     /// Databases the console paused (`PAUSE`); `None` in the set pauses every one.
     paused: RwLock<std::collections::HashSet<Option<String>>>,
+    /// Clients held before any pool (a pause, a switchover), per (database, user).
+    held: Arc<Mutex<BTreeMap<(String, String), usize>>>,
+}
+
+/// A client held before any pool; counted until it drops.
+#[derive(Debug)]
+pub struct Held {
+    counts: Arc<Mutex<BTreeMap<(String, String), usize>>>,
+    key: (String, String),
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.key);
+            }
+        }
+    }
 }
 
 /// What pooled clients did with one database, since start.
@@ -325,6 +346,26 @@ impl Pools {
     /// Every database's figures.
     pub fn stats(&self) -> BTreeMap<String, DbStats> {
         self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Counts a client of `user` on `database` as held until the guard drops.
+    pub fn hold(&self, database: &str, user: &str) -> Held {
+        let key = (database.to_owned(), user.to_owned());
+        *self
+            .held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default() += 1;
+        Held {
+            counts: self.held.clone(),
+            key,
+        }
+    }
+
+    /// Clients held now, per (database, user).
+    pub fn held(&self) -> BTreeMap<(String, String), usize> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// `PAUSE [db]` (`Some(true)`), `RESUME [db]` (`Some(false)`); the set of paused

@@ -102,6 +102,8 @@ impl Table {
 /// What the console shows, taken when a command comes.
 pub struct Console<'a> {
     pub pools: Vec<PoolView>,
+    /// Clients held before any pool (PAUSE, a switchover), per (database, user).
+    pub held: BTreeMap<(String, String), usize>,
     pub stats: BTreeMap<String, DbStats>,
     pub cluster: &'a str,
     pub topology: &'a Topology,
@@ -173,6 +175,9 @@ impl Console<'_> {
             s[0] += p.in_use;
             s[1] += p.waiting;
             s[2] += p.idle;
+        }
+        for (key, n) in &self.held {
+            sums.entry(key.clone()).or_default()[1] += n;
         }
         for ((database, user), [active, waiting, idle]) in sums {
             let n = |v: usize| v.to_string();
@@ -557,6 +562,7 @@ async fn answer(
             let topology = ctx.topology.borrow().clone();
             let console = Console {
                 pools: pools.views(),
+                held: pools.held(),
                 stats: pools.stats(),
                 cluster: &ctx.cluster,
                 topology: &topology,
@@ -635,6 +641,7 @@ mod tests {
         let config = crate::config::PoolConfig::default();
         let console = Console {
             pools: vec![view("a:5432", 2, 1), view("b:5432", 1, 3)],
+            held: BTreeMap::new(),
             stats: BTreeMap::new(),
             cluster: "demo",
             topology: &topology,

@@ -536,7 +536,7 @@ async fn checkout(
     // out a planned switchover: the old primary is about to stop.
     let holds =
         ctx.pool_mode == PoolMode::Transaction && ctx.policy.role.wants_standby() == Some(false);
-    let (mut held, mut promoting) = (false, false);
+    let (mut held, mut promoting) = (None, false);
     loop {
         let snapshot = topology.borrow_and_update().clone();
         let hold = if proxy.pools.is_paused(database) {
@@ -547,12 +547,13 @@ async fn checkout(
             None
         };
         let candidates = if let Some(why) = hold {
-            if !held {
-                held = true;
+            if held.is_none() {
+                held = Some(proxy.pools.hold(database, user));
                 crate::metrics::switchover_hold(&ctx.name);
             }
             Err(why.to_owned())
         } else {
+            held = None;
             routing::candidates(&ctx.policy, &snapshot).map_err(|e| e.to_string())
         };
         match candidates {
