@@ -739,6 +739,62 @@ async fn the_admin_console_answers_as_pgbouncer_does_and_the_exporter_reads_it()
     proxy.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_lost_under_a_transaction_costs_the_client_an_error_not_its_connection() {
+    let (root, etcd, pg) = one_primary("poollost").await;
+    let file = users(&root, &pg).await;
+    let proxy = Proxy::start(&etcd, "poollost", |cfg| transaction_pooled(cfg, file, 2)).await;
+    let port = proxy.port();
+    let direct = connect(pg.port).await.unwrap();
+    let terminate = |query: &'static str| {
+        let direct = &direct;
+        async move {
+            wait_query_running(pg.port, query).await;
+            direct
+                .batch_execute(&format!(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query = '{query}'"
+                ))
+                .await
+                .unwrap();
+        }
+    };
+
+    // A query running when its server goes: an error saying the outcome is unknown, and the
+    // client's next transaction runs on another server connection.
+    let (c, _conn) = login(port, "alice", "wonder", "").await.unwrap();
+    let running = tokio::spawn(async move {
+        let r = c.simple_query("SELECT pg_sleep(30)").await.map(drop);
+        (c, r)
+    });
+    terminate("SELECT pg_sleep(30)").await;
+    let (c, r) = tokio::time::timeout(LONG, running).await.unwrap().unwrap();
+    let e = r.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("08007"), "{e}");
+    assert!(
+        message(&e).contains("may or may not have committed"),
+        "{}",
+        message(&e)
+    );
+    assert_eq!(one(&c, "SELECT 'still connected'").await, "still connected");
+
+    // Between statements of a transaction block, the client cannot be told in time: its
+    // session ends rather than run its next statement outside the transaction.
+    let (b, b_conn) = login(port, "alice", "wonder", "").await.unwrap();
+    b.batch_execute("BEGIN; SELECT 'in a block'").await.unwrap();
+    let sql = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+               WHERE usename = 'alice' AND state = 'idle in transaction'";
+    wait_for("the block's backend terminated", LONG, || async {
+        let row = direct.query(sql, &[]).await.ok()?;
+        (!row.is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(
+        ended_within(b_conn, AT_REST).await.as_deref(),
+        Some("08007")
+    );
+    proxy.stop().await;
+}
+
 /// Sends a cancel request with `token` to patroxy on `port`.
 async fn cancel_via(token: &tokio_postgres::CancelToken, port: u16) {
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))

@@ -28,7 +28,7 @@ use crate::backend::pool::{Caps, DbStats, Defaults, Lease, PoolKey};
 use crate::backoff::Backoff;
 use crate::config::PoolMode;
 use crate::protocol::codes;
-use crate::protocol::messages;
+use crate::protocol::messages::{self, Severity};
 use crate::protocol::prepared::{ClientStatements, Rewriter};
 use crate::protocol::startup::{CancelKey, StartupInfo};
 use crate::routing::{self, switchover, Target};
@@ -447,7 +447,44 @@ impl Session<'_> {
                 end = End::NeedsSession("LISTEN");
             }
         }
+        // Transaction pooling: the server connection died under the client (a fast
+        // shutdown, a crash). A client waiting for answers gets an error it can survive,
+        // saying the outcome is unknown, and keeps its connection; one between statements
+        // of a transaction block cannot be told in time, so its session ends.
+        let mut lost = None;
+        let died = matches!(end, End::ServerClosed | End::ServerIo(_));
+        if release_at_idle && died {
+            let why = match &out.server_fatal {
+                Some(f) => format!("{} {}", f.sqlstate, f.message),
+                None => end.to_string(),
+            };
+            let waiting = p.in_flight + u32::from(p.unsynced);
+            if waiting > 0 && p.client_at_boundary {
+                let msg = format!(
+                    "patroxy: the server connection was lost during the transaction ({why}); the transaction may or may not have committed"
+                );
+                let mut answer = BytesMut::from(
+                    &messages::error_response(
+                        Severity::Error,
+                        TRANSACTION_RESOLUTION_UNKNOWN,
+                        &msg,
+                    )[..],
+                );
+                for _ in 0..waiting.max(1) {
+                    answer.extend_from_slice(&messages::ready_for_query_idle());
+                }
+                lost = Some(answer);
+                end = End::Released;
+            } else if p.tx_status == codes::TX_IDLE && p.client_at_boundary {
+                end = End::Released;
+                lost = Some(BytesMut::new());
+            } else {
+                let msg = format!("patroxy: the server connection was lost inside a transaction block ({why}); the transaction may or may not have committed");
+                send_fatal(client, TRANSACTION_RESOLUTION_UNKNOWN, &msg).await;
+            }
+        }
         let returned = match &end {
+            _ if lost.is_some() => false,
             End::Released | End::NeedsSession(_) => match tidied {
                 Ok(()) => true,
                 Err(e) => {
@@ -482,6 +519,12 @@ impl Session<'_> {
         if returned {
             lease.give_back(conn);
         }
+        if let Some(answer) = lost.filter(|a| !a.is_empty()) {
+            warn!(client = %self.peer, server = %target.endpoint, "server connection lost during a transaction; the client was told and stays");
+            if let Err(e) = send(client, &answer).await {
+                end = End::ClientIo(e);
+            }
+        }
         if let End::NeedsSession(what) = end {
             let msg = format!(
                 "patroxy: {what} needs a server connection of its own, and listener {} pools transactions (pool_mode = transaction); use a session-pooled listener",
@@ -497,6 +540,10 @@ impl Session<'_> {
         }
     }
 }
+
+/// SQLSTATE 08007: the connection was lost while a transaction was being committed, or
+/// ran; whether it committed is not known.
+const TRANSACTION_RESOLUTION_UNKNOWN: &str = "08007";
 
 /// The client's Terminate, alone.
 const TERMINATE: [u8; 5] = [codes::TERMINATE, 0, 0, 0, 4];

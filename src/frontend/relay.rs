@@ -145,6 +145,9 @@ pub(super) struct RelayState {
     pub(super) reported: std::sync::Mutex<Vec<(String, String)>>,
     /// ReadyForQuery messages relayed: requests answered (the console's query count).
     pub(super) queries: AtomicU64,
+    /// The server's last words, when it ended the connection with a FATAL error
+    /// (transaction pooling: kept from the client, which stays).
+    pub(super) server_fatal: std::sync::Mutex<Option<messages::ErrorFields>>,
     /// Session state the client's commands left on the server (`session_state` bits),
     /// as their CommandComplete tags say (transaction pooling only).
     pub(super) session_state: AtomicU8,
@@ -208,6 +211,10 @@ impl RelayState {
         }
     }
 
+    pub(super) fn record_server_fatal(&self, f: messages::ErrorFields) {
+        *self.server_fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
+    }
+
     pub(super) fn drain_reached(&self) -> bool {
         match self.drain_mode.load(Relaxed) {
             DRAIN_AT_REST => at_drain_point(false, self.progress()),
@@ -239,6 +246,8 @@ pub struct Outcome {
     pub session_state: u8,
     /// Requests the server answered (ReadyForQuery messages relayed).
     pub queries: u64,
+    /// The FATAL error the server ended with, if it did (transaction pooling).
+    pub server_fatal: Option<messages::ErrorFields>,
 }
 
 /// Relays until one side closes or a drain ends the session.
@@ -380,7 +389,10 @@ pub async fn relay(
             let _ = timeout(GOODBYE_TIMEOUT, server_wr.write_all(&TERMINATE)).await;
         }
     }
-    if !matches!(end, End::Released) {
+    // Transaction pooling outlives a lost server connection: the pooled session tells the
+    // client, which stays.
+    let client_stays = st.release_at_idle && matches!(end, End::ServerClosed | End::ServerIo(_));
+    if !matches!(end, End::Released) && !client_stays {
         let _ = timeout(GOODBYE_TIMEOUT, client_wr.shutdown()).await;
     }
     if told {
@@ -398,6 +410,11 @@ pub async fn relay(
         .await;
     }
     let reported = std::mem::take(&mut *st.reported.lock().unwrap_or_else(|p| p.into_inner()));
+    let server_fatal = st
+        .server_fatal
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
     Outcome {
         end,
         bytes_up: st.bytes_up.load(Relaxed),
@@ -407,6 +424,7 @@ pub async fn relay(
         reported,
         session_state: st.session_state.load(Relaxed),
         queries: st.queries.load(Relaxed),
+        server_fatal,
     }
 }
 

@@ -13,6 +13,7 @@ use tokio::sync::Notify;
 use super::relay::{count_down, End, Pumped, RelayState, UpCounter};
 use crate::protocol::codes;
 use crate::protocol::frame::{split_frame, Scanner, MAX_DECLARED_LEN};
+use crate::protocol::messages;
 use crate::protocol::prepared::{Responses, Rewriter, Route};
 use crate::stream::{Reader, Writer, BUF_SIZE};
 
@@ -118,6 +119,17 @@ pub(super) async fn pump_down(
                     Ok(None) => break,
                     Err(e) => return Pumped::End(End::ServerProtocol(e)),
                 };
+                // The server's FATAL ends its connection, not the client's: the client is
+                // told in patroxy's words when the connection is gone, and stays.
+                if frame.tag == codes::ERROR_RESPONSE {
+                    let fields = messages::error_fields(frame.body());
+                    if let Some(f) =
+                        fields.filter(|f| f.severity == "FATAL" || f.severity == "PANIC")
+                    {
+                        st.record_server_fatal(f);
+                        continue;
+                    }
+                }
                 if r.route(frame.tag) == Route::Pass {
                     out.extend_from_slice(&frame.bytes);
                 }
