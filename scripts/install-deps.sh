@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs, only when missing, what patroxy's build, tests, demo and benchmarks need on
-# Debian 12: protoc (etcd-client's build), etcd, PostgreSQL 15, Patroni, and the Rust toolchain.
+# Debian 12: protoc (etcd-client's build), etcd, PostgreSQL 15, Patroni, the test clients
+# (psycopg, asyncpg, pgjdbc, prometheus-pgbouncer-exporter), and the Rust toolchain.
 # Package scripts must not start the distro's own etcd (2379) or Postgres (5432), so a
 # policy-rc.d that refuses service starts is in place while apt runs.
 set -euo pipefail
