@@ -82,6 +82,7 @@ impl Server {
             load: backends.load,
             connections: crate::limit::Limit::new(config.limits.max_client_connections),
             shutdown: shutdown.clone(),
+            wait_for_clients: CancellationToken::new(),
             pools: backends.pools,
             cancel_tag: backends.cancel_tag,
             peers: backends.peers,
@@ -193,9 +194,23 @@ impl Server {
         }
         self.publish();
         let mut reloading = true;
+        let quiesce = self.proxy.wait_for_clients.clone();
+        let mut quiescing = false;
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
+                // SHUTDOWN WAIT_FOR_CLIENTS: no new clients, no reloads; the open sessions
+                // run until their clients leave, then patroxy stops.
+                _ = quiesce.cancelled(), if !quiescing => {
+                    quiescing = true;
+                    reloading = false;
+                    for r in &self.running {
+                        r.stop.cancel();
+                    }
+                    self.sessions.close();
+                    info!(sessions = self.sessions.len(), "no longer accepting; stopping once every client has left");
+                }
+                _ = self.sessions.wait(), if quiescing => break,
                 next = reloads.recv(), if reloading => match next {
                     Some(new) => self.reload(new).await,
                     None => reloading = false,

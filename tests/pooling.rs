@@ -795,6 +795,35 @@ async fn a_server_lost_under_a_transaction_costs_the_client_an_error_not_its_con
     proxy.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_wait_for_clients_stops_accepting_and_stops_when_they_leave() {
+    let (root, etcd, pg) = one_primary("poolquiesce").await;
+    let file = users(&root, &pg).await;
+    let proxy = Proxy::start(&etcd, "poolquiesce", |cfg| {
+        transaction_pooled(cfg, file, 2);
+        cfg.auth.admin_users = vec!["alice".into()];
+    })
+    .await;
+    let port = proxy.port();
+    let (c, conn) = login(port, "alice", "wonder", "").await.unwrap();
+    assert_eq!(one(&c, "SELECT 'before'").await, "before");
+    let said = console(port, "alice", "wonder", "SHUTDOWN WAIT_FOR_CLIENTS").await;
+    assert_eq!(said.unwrap(), "SHUTDOWN");
+    // No new clients; the one connected is served on, between and in its transactions.
+    wait_for("the listener closed", LONG, || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .err()
+    })
+    .await;
+    c.batch_execute("BEGIN; SELECT 1; COMMIT").await.unwrap();
+    assert_eq!(one(&c, "SELECT 'still served'").await, "still served");
+    // It leaves: patroxy stops.
+    drop(c);
+    let _ = conn.await;
+    proxy.exited(LONG).await;
+}
+
 /// Sends a cancel request with `token` to patroxy on `port`.
 async fn cancel_via(token: &tokio_postgres::CancelToken, port: u16) {
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))

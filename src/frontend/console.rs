@@ -3,7 +3,7 @@
 //! query protocol and answers PgBouncer's commands with PgBouncer's column names, so its
 //! users' habits and tools (psql, `prometheus-pgbouncer-exporter`) carry over: SHOW POOLS,
 //! STATS, DATABASES, LISTS, CONFIG, VERSION, and patroxy's CLUSTERS and MEMBERS; PAUSE,
-//! RESUME, RECONNECT and SHUTDOWN. Commands are read and tables built without I/O (`parse`,
+//! RESUME, RECONNECT and SHUTDOWN [WAIT_FOR_CLIENTS]. Commands are read and tables built without I/O (`parse`,
 //! `Console::answer`); `run` only talks.
 
 use std::collections::BTreeMap;
@@ -45,6 +45,8 @@ pub enum Command {
     Resume(Option<String>),
     Reconnect(Option<String>),
     Shutdown,
+    /// Stop accepting; stop once every client has left.
+    ShutdownWaitForClients,
 }
 
 impl Command {
@@ -70,6 +72,7 @@ pub fn parse(sql: &str) -> Result<Command, String> {
         ["RESUME"] | ["RESUME", _] => Ok(Command::Resume(db(words.get(1)))),
         ["RECONNECT"] | ["RECONNECT", _] => Ok(Command::Reconnect(db(words.get(1)))),
         ["SHUTDOWN"] => Ok(Command::Shutdown),
+        ["SHUTDOWN", "WAIT_FOR_CLIENTS"] => Ok(Command::ShutdownWaitForClients),
         [] => Err("an empty command".into()),
         _ => Err(format!(
             "patroxy's console does not know {text:?}; try SHOW HELP"
@@ -134,7 +137,7 @@ impl Console<'_> {
                     "PAUSE [db]",
                     "RESUME [db]",
                     "RECONNECT [db]",
-                    "SHUTDOWN",
+                    "SHUTDOWN [WAIT_FOR_CLIENTS]",
                 ] {
                     t.row(vec![c.to_owned()]);
                 }
@@ -596,6 +599,10 @@ async fn answer(
             ctx.proxy.shutdown.cancel();
             "SHUTDOWN"
         }
+        Command::ShutdownWaitForClients => {
+            ctx.proxy.wait_for_clients.cancel();
+            "SHUTDOWN"
+        }
     };
     Ok(BytesMut::from(
         &messages::encode(&CommandComplete::new(tag.to_owned()))[..],
@@ -621,6 +628,10 @@ mod tests {
         );
         assert_eq!(parse("reconnect"), Ok(Command::Reconnect(None)));
         assert_eq!(parse("SHUTDOWN"), Ok(Command::Shutdown));
+        assert_eq!(
+            parse("shutdown wait_for_clients"),
+            Ok(Command::ShutdownWaitForClients)
+        );
         assert!(parse("DROP TABLE x").is_err());
         assert!(parse("").is_err());
     }

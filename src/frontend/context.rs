@@ -31,6 +31,8 @@ pub struct ProxyContext {
     /// Client connections across all listeners (`limits.max_client_connections`).
     pub connections: Arc<Limit>,
     pub shutdown: CancellationToken,
+    /// `SHUTDOWN WAIT_FOR_CLIENTS`: stop accepting, and stop once the clients have left.
+    pub wait_for_clients: CancellationToken,
     /// Server connection pools, for pooled listeners.
     pub pools: Arc<Pools>,
     /// The tag in the pids of this instance's pooled cancel keys.

@@ -825,6 +825,18 @@ impl Proxy {
         addr.port()
     }
 
+    /// Waits (up to `limit`) for patroxy to stop by itself, as after the console's
+    /// `SHUTDOWN WAIT_FOR_CLIENTS`; fails the test if it does not, panics or errs.
+    pub async fn exited(mut self, limit: Duration) {
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(limit, task)
+                .await
+                .unwrap_or_else(|_| panic!("patroxy did not stop within {limit:?}"))
+                .expect("patroxy's task panicked")
+                .expect("patroxy ended with an error");
+        }
+    }
+
     /// Graceful shutdown, as on SIGTERM; waits until patroxy has finished, and fails the test
     /// if it hangs, panics or ends with an error.
     pub async fn stop(mut self) {
