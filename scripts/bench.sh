@@ -10,6 +10,8 @@
 #   bash scripts/bench.sh                    everything (about 15 minutes)
 #   BENCH_SLICE=1s BENCH_ROUNDS=1 bash scripts/bench.sh latency     a quick latency run
 #   bash scripts/bench.sh failover           only the failover run
+#   bash scripts/bench.sh failover-pool      the failover run with 50 clients per endpoint,
+#                                            patroxy through a transaction pool
 #   bash scripts/bench.sh tls                TLS costs: direct and patroxy, plain and TLS
 #   bash scripts/bench.sh pool               pooling: connection speed and many clients on few
 #                                            servers, patroxy against direct and PgBouncer
@@ -152,6 +154,40 @@ if [ "$WHAT" = all ] || [ "$WHAT" = failover ]; then
     --endpoint "pgbouncer=$(conn 6632)" \
     --endpoint "direct=host=127.0.0.1,127.0.0.1,127.0.0.1 port=5441,5442,5443 user=postgres dbname=postgres target_session_attrs=read-write" \
     | tee "$OUT/failover.txt"
+fi
+if [ "$WHAT" = failover-pool ]; then
+  # Issue 12's measurement: 50 clients per endpoint, a transaction pool in patroxy against
+  # HAProxy, PgBouncer (session mode, behind HAProxy) and libpq's multi-host failover.
+  P=$DIR/failover-pool
+  mkdir -p "$P"
+  cat >"$P/patroxy.toml" <<CFG
+[cluster]
+scope = "demo"
+[[listener]]
+name = "transaction"
+listen = "127.0.0.1:6453"
+pool_mode = "transaction"
+[pool]
+pool_size = ${POOL_SIZE:-8}
+[auth]
+trust = ["127.0.0.1/32"]
+[timeouts]
+connect_wait = "60s"
+[report]
+enabled = false
+CFG
+  "$REPO/target/release/patroxy" run --config "$P/patroxy.toml" --log warn >"$DIR/patroxy-failover-pool.log" 2>&1 &
+  PIDS+=($!)
+  until psql "$(conn 6453) connect_timeout=5" -XAtc "SELECT 1" >/dev/null 2>&1; do sleep 0.2; done
+  echo "bench: failover with ${FAILOVER_CLIENTS:-50} clients per endpoint"
+  mkdir -p "$OUT/failover-pool"
+  "$BENCH" failover --out "$OUT/failover-pool" --cluster-ctl "$REPO/scripts/cluster.sh" \
+    --clients "${FAILOVER_CLIENTS:-50}" --events "${FAILOVER_EVENTS:-switchover,crash,freeze}" \
+    --endpoint "patroxy-transaction=$(conn 6453)" \
+    --endpoint "haproxy=$(conn 6532)" \
+    --endpoint "pgbouncer=$(conn 6632)" \
+    --endpoint "direct=host=127.0.0.1,127.0.0.1,127.0.0.1 port=5441,5442,5443 user=postgres dbname=postgres target_session_attrs=read-write" \
+    | tee "$OUT/failover-pool.txt"
 fi
 if [ "$WHAT" = tls ]; then
   # A CA and a certificate for 127.0.0.1; PostgreSQL (through Patroni) and patroxy both use it.

@@ -1,5 +1,5 @@
-//! Failover mode: one writer per endpoint commits a numbered row every 10 ms and reconnects on
-//! error, while the cluster goes through a planned switchover, a crash (`kill -9`) and a silent
+//! Failover mode: writers per endpoint (`clients`, one by default) each commit a numbered row
+//! every 10 ms and reconnect on error, while the cluster goes through a planned switchover, a crash (`kill -9`) and a silent
 //! loss (`SIGSTOP`) of its leader. Every attempt is recorded, and afterwards every
 //! acknowledged row is looked for on the last primary.
 
@@ -45,6 +45,8 @@ pub struct Settings {
     /// `scripts/cluster.sh`: switchover, crash, freeze, thaw, restart, wait-healthy.
     pub cluster_ctl: PathBuf,
     pub events: Vec<Event>,
+    /// Writers per endpoint.
+    pub clients: usize,
     pub interval: Duration,
     /// Quiet time before the first event and after each one.
     pub settle: Duration,
@@ -121,13 +123,16 @@ pub async fn run(s: &Settings) -> anyhow::Result<Outcome> {
     let attempts: Log<Attempt> = Arc::default();
     let mut writers = Vec::new();
     for ep in &s.endpoints {
-        writers.push(tokio::spawn(write_loop(
-            ep.clone(),
-            s.interval,
-            attempts.clone(),
-            t0,
-            stop.clone(),
-        )));
+        for w in 0..s.clients.max(1) {
+            writers.push(tokio::spawn(write_loop(
+                ep.clone(),
+                w as i64 * 1_000_000_000,
+                s.interval,
+                attempts.clone(),
+                t0,
+                stop.clone(),
+            )));
+        }
     }
 
     let bar = ProgressBar::new_spinner();
@@ -393,6 +398,7 @@ async fn wait_all_written(log: &Log<Attempt>, endpoints: &[Endpoint], since: f64
 
 async fn write_loop(
     ep: Endpoint,
+    base: i64,
     interval: Duration,
     log: Log<Attempt>,
     t0: Instant,
@@ -400,7 +406,7 @@ async fn write_loop(
 ) {
     let secs = |t: Instant| t.duration_since(t0).as_secs_f64();
     let mut client = None;
-    let mut id = 0i64;
+    let mut id = base;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while !stop.is_cancelled() {

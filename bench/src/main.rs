@@ -84,6 +84,9 @@ enum Mode {
         cluster_ctl: PathBuf,
         #[arg(long, value_delimiter = ',', default_value = "switchover,crash,freeze")]
         events: Vec<failover::Event>,
+        /// Writers per endpoint, each committing a row every `interval`.
+        #[arg(long, default_value_t = 1)]
+        clients: usize,
         #[arg(long, default_value = "10ms", value_parser = humantime::parse_duration)]
         interval: Duration,
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
@@ -159,6 +162,7 @@ async fn run(mode: Mode) -> anyhow::Result<()> {
             leader_key,
             cluster_ctl,
             events,
+            clients,
             interval,
             settle,
             out,
@@ -171,6 +175,7 @@ async fn run(mode: Mode) -> anyhow::Result<()> {
                 leader_key,
                 cluster_ctl,
                 events,
+                clients,
                 interval,
                 settle,
             };
