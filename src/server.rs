@@ -84,6 +84,7 @@ impl Server {
             shutdown: shutdown.clone(),
             wait_for_clients: CancellationToken::new(),
             pools: backends.pools,
+            clients: Default::default(),
             cancel_tag: backends.cancel_tag,
             peers: backends.peers,
         });

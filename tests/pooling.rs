@@ -638,7 +638,7 @@ async fn the_admin_console_answers_as_pgbouncer_does_and_the_exporter_reads_it()
     })
     .await;
     let port = proxy.port();
-    let (c, _conn) = login(port, "alice", "wonder", "").await.unwrap();
+    let (c, conn) = login(port, "alice", "wonder", "").await.unwrap();
     for _ in 0..3 {
         c.batch_execute("SELECT 1").await.unwrap();
     }
@@ -736,6 +736,27 @@ async fn the_admin_console_answers_as_pgbouncer_does_and_the_exporter_reads_it()
     assert!(value("pgbouncer_requests_total") >= 5.0, "{scraped}");
     assert_eq!(value("pgbouncer_waiting_clients"), 0.0, "{scraped}");
     assert_eq!(value("pgbouncer_pool_size"), 2.0, "{scraped}");
+    // Who is connected, on which server connections; and KILL ends a database's clients.
+    let listed = console(port, "alice", "wonder", "SHOW CLIENTS")
+        .await
+        .unwrap();
+    assert!(
+        listed.starts_with("C|alice|postgres|idle|127.0.0.1|"),
+        "{listed}"
+    );
+    let servers = console(port, "alice", "wonder", "SHOW SERVERS")
+        .await
+        .unwrap();
+    assert!(
+        servers.contains("S|alice|postgres|idle|127.0.0.1|"),
+        "{servers}"
+    );
+    let killed = console(port, "alice", "wonder", "KILL postgres")
+        .await
+        .unwrap();
+    assert_eq!(killed, "KILL");
+    assert_eq!(ended_within(conn, AT_REST).await.as_deref(), Some("57P01"));
+    drop(c);
     proxy.stop().await;
 }
 

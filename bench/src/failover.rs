@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 use clap::ValueEnum;
 use etcd_client::{Client as Etcd, EventType, WatchOptions};
 use indicatif::ProgressBar;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::endpoint::{describe, Endpoint};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Event {
     /// `patronictl switchover` to the synchronous standby.
@@ -53,7 +53,7 @@ pub struct Settings {
 }
 
 /// One write attempt.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Attempt {
     pub endpoint: String,
     pub id: i64,
@@ -65,7 +65,7 @@ pub struct Attempt {
 }
 
 /// A value of the leader key, as seen by the watch.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LeaderChange {
     pub at: f64,
     pub leader: Option<String>,
@@ -75,7 +75,7 @@ pub struct LeaderChange {
 }
 
 /// One endpoint's numbers for one event.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EventResult {
     pub event: Event,
     pub endpoint: String,
@@ -92,7 +92,7 @@ pub struct EventResult {
     pub leader_to_writable: Option<f64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Outcome {
     pub events: Vec<EventResult>,
     pub leader_changes: Vec<LeaderChange>,

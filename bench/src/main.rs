@@ -71,6 +71,13 @@ enum Mode {
         out: PathBuf,
     },
     /// Writers through every endpoint during a switchover, a crash and a freeze of the leader.
+    /// Draws the failover timeline again from a run's failover.json.
+    Replot {
+        #[arg(long)]
+        json: PathBuf,
+        #[arg(long, default_value = "bench-results")]
+        out: PathBuf,
+    },
     Failover {
         /// NAME=CONNINFO, repeated.
         #[arg(long = "endpoint", required = true)]
@@ -155,6 +162,17 @@ async fn run(mode: Mode) -> anyhow::Result<()> {
                 r.endpoint, r.sessions, r.rss_before_kib, r.rss_after_kib, r.per_session_kib
             );
             report::write_json(&out.join(format!("idle-{}.json", r.endpoint)), &r)?;
+        }
+        Mode::Replot { json, out } => {
+            let outcome: failover::Outcome = serde_json::from_slice(&std::fs::read(&json)?)?;
+            let mut names: Vec<String> = Vec::new();
+            for a in &outcome.attempts {
+                if !names.contains(&a.endpoint) {
+                    names.push(a.endpoint.clone());
+                }
+            }
+            let plot = plot::failover_timeline(&out, &outcome, &names)?;
+            println!("wrote {plot} in {}", out.display());
         }
         Mode::Failover {
             endpoints,

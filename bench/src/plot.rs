@@ -168,15 +168,35 @@ pub fn failover_timeline(dir: &Path, o: &Outcome, endpoints: &[String]) -> anyho
             )))
             .map_err(err)?;
     }
+    // One mark per endpoint, outcome and 100 ms: the plot's size does not grow with the
+    // number of writers (50 per endpoint make millions of attempts).
+    let bucket = |t: f64| (t / 0.1).round() as i64;
     for (lane, ep) in endpoints.iter().enumerate() {
         let y = lane as f64;
-        let ok = o.attempts.iter().filter(|a| &a.endpoint == ep && a.ok);
+        let marks = |ok: bool| {
+            let mut b: Vec<i64> = o
+                .attempts
+                .iter()
+                .filter(|a| &a.endpoint == ep && a.ok == ok)
+                .map(|a| bucket(a.end))
+                .collect();
+            b.sort_unstable();
+            b.dedup();
+            b
+        };
         chart
-            .draw_series(ok.map(|a| Circle::new((a.end, y), 2, GREEN.filled())))
+            .draw_series(
+                marks(true)
+                    .into_iter()
+                    .map(|b| Circle::new((b as f64 * 0.1, y), 2, GREEN.filled())),
+            )
             .map_err(err)?;
-        let failed = o.attempts.iter().filter(|a| &a.endpoint == ep && !a.ok);
         chart
-            .draw_series(failed.map(|a| Circle::new((a.end, y + 0.15), 3, RED.filled())))
+            .draw_series(
+                marks(false)
+                    .into_iter()
+                    .map(|b| Circle::new((b as f64 * 0.1, y + 0.15), 3, RED.filled())),
+            )
             .map_err(err)?;
     }
     root.present().map_err(err)?;

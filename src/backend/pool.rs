@@ -412,6 +412,19 @@ impl Pools {
         closed
     }
 
+    /// Every idle server connection: its pool's key, its backend's pid, when it opened and
+    /// when it was last used.
+    pub fn idle_servers(&self) -> Vec<(PoolKey, i32, Instant, Instant)> {
+        let mut out = Vec::new();
+        for p in self.lock().values() {
+            for c in p.idle().iter() {
+                let pid = c.key.as_ref().map_or(0, |k| k.pid);
+                out.push((p.key.clone(), pid, c.created, c.last_used));
+            }
+        }
+        out
+    }
+
     /// Every pool's figures, for the operator's view.
     pub fn views(&self) -> Vec<crate::view::PoolView> {
         let mut out: Vec<_> = self

@@ -45,6 +45,7 @@ pub enum Command {
     Resume(Option<String>),
     Reconnect(Option<String>),
     Shutdown,
+    Kill(Option<String>),
     /// Stop accepting; stop once every client has left.
     ShutdownWaitForClients,
 }
@@ -72,6 +73,7 @@ pub fn parse(sql: &str) -> Result<Command, String> {
         ["RESUME"] | ["RESUME", _] => Ok(Command::Resume(db(words.get(1)))),
         ["RECONNECT"] | ["RECONNECT", _] => Ok(Command::Reconnect(db(words.get(1)))),
         ["SHUTDOWN"] => Ok(Command::Shutdown),
+        ["KILL"] | ["KILL", _] => Ok(Command::Kill(db(words.get(1)))),
         ["SHUTDOWN", "WAIT_FOR_CLIENTS"] => Ok(Command::ShutdownWaitForClients),
         [] => Err("an empty command".into()),
         _ => Err(format!(
@@ -105,6 +107,10 @@ impl Table {
 /// What the console shows, taken when a command comes.
 pub struct Console<'a> {
     pub pools: Vec<PoolView>,
+    /// The pooled clients connected now.
+    pub clients: Vec<std::sync::Arc<crate::frontend::clients::Client>>,
+    /// Idle server connections: pool, backend pid, opened, last used.
+    pub idle_servers: Vec<(crate::backend::pool::PoolKey, i32, Instant, Instant)>,
     /// Clients held before any pool (PAUSE, a switchover), per (database, user).
     pub held: BTreeMap<(String, String), usize>,
     pub stats: BTreeMap<String, DbStats>,
@@ -129,14 +135,17 @@ impl Console<'_> {
                 Ok(t)
             }
             "CLUSTERS" => Ok(self.clusters()),
+            "CLIENTS" => Ok(self.clients()),
+            "SERVERS" => Ok(self.servers()),
             "MEMBERS" => Ok(self.members()),
             "HELP" => {
                 let mut t = Table::new(&["command"], &[]);
                 for c in [
-                    "SHOW POOLS|STATS|DATABASES|LISTS|CONFIG|VERSION|CLUSTERS|MEMBERS",
+                    "SHOW POOLS|STATS|DATABASES|LISTS|CLIENTS|SERVERS|CONFIG|VERSION|CLUSTERS|MEMBERS",
                     "PAUSE [db]",
                     "RESUME [db]",
                     "RECONNECT [db]",
+                    "KILL [db]",
                     "SHUTDOWN [WAIT_FOR_CLIENTS]",
                 ] {
                     t.row(vec![c.to_owned()]);
@@ -144,7 +153,7 @@ impl Console<'_> {
                 Ok(t)
             }
             other => Err(format!(
-                "SHOW {other} is not offered by patroxy's console (SHOW CLIENTS and SHOW SERVERS are not, yet); try SHOW HELP"
+                "SHOW {other} is not offered by patroxy's console; try SHOW HELP"
             )),
         }
     }
@@ -360,6 +369,87 @@ impl Console<'_> {
         t
     }
 
+    /// One row per pooled client, as PgBouncer lists them (its server in `link`).
+    fn clients(&self) -> Table {
+        let mut t = Table::new(&["type", "user", "database", "state", "addr"], &["port"]);
+        t.columns.extend([
+            ("connect_time", false),
+            ("link", false),
+            ("remote_pid", true),
+            ("listener", false),
+        ]);
+        for c in &self.clients {
+            let state = match c.state.load(std::sync::atomic::Ordering::Relaxed) {
+                crate::frontend::clients::ACTIVE => "active",
+                crate::frontend::clients::WAITING => "waiting",
+                _ => "idle",
+            };
+            let server = c.server();
+            t.row(vec![
+                "C".into(),
+                c.user.clone(),
+                c.database.clone(),
+                state.into(),
+                c.addr.ip().to_string(),
+                c.addr.port().to_string(),
+                humantime::format_rfc3339_seconds(c.connected_at).to_string(),
+                server
+                    .as_ref()
+                    .map(|(ep, _)| ep.to_string())
+                    .unwrap_or_default(),
+                server.map(|(_, pid)| pid.to_string()).unwrap_or_default(),
+                c.listener.clone(),
+            ]);
+        }
+        t
+    }
+
+    /// One row per server connection: those lent to clients (`active`) and the idle ones.
+    fn servers(&self) -> Table {
+        let mut t = Table::new(&["type", "user", "database", "state", "addr"], &["port"]);
+        t.columns
+            .extend([("connect_time", false), ("remote_pid", true)]);
+        let (now, wall) = (Instant::now(), std::time::SystemTime::now());
+        let at = |i: Instant| {
+            humantime::format_rfc3339_seconds(wall - now.duration_since(i)).to_string()
+        };
+        for c in &self.clients {
+            if let Some((ep, pid)) = c.server() {
+                let row = vec![
+                    "S".into(),
+                    c.user.clone(),
+                    c.database.clone(),
+                    "active".into(),
+                ];
+                t.row(
+                    [
+                        row,
+                        vec![
+                            ep.host.clone(),
+                            ep.port.to_string(),
+                            String::new(),
+                            pid.to_string(),
+                        ],
+                    ]
+                    .concat(),
+                );
+            }
+        }
+        for (key, pid, opened, _) in &self.idle_servers {
+            t.row(vec![
+                "S".into(),
+                key.user.clone(),
+                key.database.clone(),
+                "idle".into(),
+                key.endpoint.host.clone(),
+                key.endpoint.port.to_string(),
+                at(*opened),
+                pid.to_string(),
+            ]);
+        }
+        t
+    }
+
     fn clusters(&self) -> Table {
         let v = crate::view::cluster(self.cluster, self.topology, None);
         let mut t = Table::new(
@@ -565,6 +655,8 @@ async fn answer(
             let topology = ctx.topology.borrow().clone();
             let console = Console {
                 pools: pools.views(),
+                clients: ctx.proxy.clients.all(),
+                idle_servers: pools.idle_servers(),
                 held: pools.held(),
                 stats: pools.stats(),
                 cluster: &ctx.cluster,
@@ -598,6 +690,10 @@ async fn answer(
         Command::Shutdown => {
             ctx.proxy.shutdown.cancel();
             "SHUTDOWN"
+        }
+        Command::Kill(db) => {
+            ctx.proxy.clients.kill(db.as_deref());
+            "KILL"
         }
         Command::ShutdownWaitForClients => {
             ctx.proxy.wait_for_clients.cancel();
@@ -652,6 +748,8 @@ mod tests {
         let config = crate::config::PoolConfig::default();
         let console = Console {
             pools: vec![view("a:5432", 2, 1), view("b:5432", 1, 3)],
+            clients: Vec::new(),
+            idle_servers: Vec::new(),
             held: BTreeMap::new(),
             stats: BTreeMap::new(),
             cluster: "demo",
@@ -679,11 +777,13 @@ mod tests {
             "CLUSTERS",
             "MEMBERS",
             "HELP",
+            "CLIENTS",
+            "SERVERS",
         ] {
             let t = console.show(what).unwrap();
             assert!(t.rows.iter().all(|r| r.len() == t.columns.len()), "{what}");
         }
-        assert!(console.show("CLIENTS").is_err());
+        assert!(console.show("FDS").is_err());
         let wire = encode(&t, "SHOW");
         assert_eq!(wire[0], b'T');
     }

@@ -35,6 +35,8 @@ pub struct ProxyContext {
     pub wait_for_clients: CancellationToken,
     /// Server connection pools, for pooled listeners.
     pub pools: Arc<Pools>,
+    /// The pooled clients connected now (the console's SHOW CLIENTS and KILL).
+    pub clients: super::clients::Clients,
     /// The tag in the pids of this instance's pooled cancel keys.
     pub cancel_tag: u16,
     /// The other instances, for cancel keys they issued.

@@ -4,6 +4,7 @@
 //! side is `backend/`.
 
 pub mod client_auth;
+pub mod clients;
 pub mod console;
 pub mod context;
 pub mod drain;

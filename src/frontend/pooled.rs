@@ -18,6 +18,7 @@ use tokio::time::{timeout_at, Instant};
 use tracing::{info, warn};
 
 use super::client_auth::authenticate;
+use super::clients::{self, Client};
 use super::context::ListenerContext;
 use super::negotiate::send_fatal;
 use super::relay::{relay, session_state, End, RelayContext};
@@ -33,6 +34,7 @@ use crate::protocol::prepared::{ClientStatements, Rewriter};
 use crate::protocol::startup::{CancelKey, StartupInfo};
 use crate::routing::{self, switchover, Target};
 use crate::stream::{send, Stream};
+use tokio_util::sync::CancellationToken;
 
 /// Startup parameters that are the connection's, not settings to apply.
 const NOT_SETTINGS: [&str; 3] = ["options", "replication", "_pq_.protocol_managed_params"];
@@ -181,6 +183,16 @@ pub async fn run_pooled(
     }
     drop(hello);
     crate::metrics::connected(&ctx.name, started.elapsed());
+    let listed = proxy.clients.add(Client {
+        user: user.clone(),
+        database: database.clone(),
+        addr: peer,
+        listener: ctx.name.clone(),
+        connected_at: std::time::SystemTime::now(),
+        state: clients::IDLE.into(),
+        server: Default::default(),
+        kill: CancellationToken::new(),
+    });
     let session = Session {
         ctx,
         peer,
@@ -189,6 +201,7 @@ pub async fn run_pooled(
         login: &login,
         key,
         started,
+        me: &listed.client,
     };
     let per_transaction = ctx.pool_mode == PoolMode::Transaction;
     let ended = session
@@ -248,6 +261,8 @@ struct Session<'a> {
     /// The cancel key the client was given.
     key: CancelKey,
     started: Instant,
+    /// Its entry in the console's list of clients.
+    me: &'a Client,
 }
 
 type Topo = tokio::sync::watch::Receiver<std::sync::Arc<crate::discovery::Topology>>;
@@ -290,6 +305,7 @@ impl Session<'_> {
                         total.end = End::Drained { cause: crate::routing::drain::DrainCause::Shutdown, forced: false };
                         return total;
                     }
+                    _ = self.me.kill.cancelled() => return self.killed(client, total).await,
                 }
             }
             if buf[..] == TERMINATE {
@@ -306,8 +322,10 @@ impl Session<'_> {
                     continue;
                 }
             }
+            self.me.set(clients::WAITING);
             let checked_out = tokio::select! {
                 r = Box::pin(checkout(self.ctx, self.login, self.user, self.database, topology)) => r,
+                _ = self.me.kill.cancelled() => return self.killed(client, total).await,
                 _ = proxy.shutdown.cancelled() => {
                     send_fatal(client, codes::ADMIN_SHUTDOWN, "terminating connection because patroxy is shutting down").await;
                     total.end = End::Drained { cause: crate::routing::drain::DrainCause::Shutdown, forced: false };
@@ -331,6 +349,9 @@ impl Session<'_> {
                 total.end = End::ServerClosed;
                 return total;
             }
+            self.me.set(clients::ACTIVE);
+            let pid = conn.key.as_ref().map_or(0, |k| k.pid);
+            self.me.hold(Some((conn.endpoint.clone(), pid)));
             let attached = Attached {
                 lease,
                 conn,
@@ -348,6 +369,8 @@ impl Session<'_> {
                 (&mut *wanted, &mut statements),
             ))
             .await;
+            self.me.set(clients::IDLE);
+            self.me.hold(None);
             total.transactions += 1;
             total.bytes_up += one.bytes_up;
             total.bytes_down += one.bytes_down;
@@ -356,6 +379,17 @@ impl Session<'_> {
                 return total;
             }
         }
+    }
+
+    /// Ends the session for the console's KILL.
+    async fn killed(&self, client: &mut Stream, mut total: Ended) -> Ended {
+        let msg = "terminating connection: killed from patroxy's admin console (KILL)";
+        send_fatal(client, codes::ADMIN_SHUTDOWN, msg).await;
+        total.end = End::Drained {
+            cause: crate::routing::drain::DrainCause::Shutdown,
+            forced: false,
+        };
+        total
     }
 
     /// Relays with a lent server connection until the client leaves, or (transaction mode)

@@ -1,0 +1,137 @@
+//! The pooled clients connected now, for the console: who they are, what they are doing and
+//! which server connection they hold (`SHOW CLIENTS`, `SHOW SERVERS`), and a way to end them
+//! (`KILL`). One entry per client, removed by its guard on every exit path.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::discovery::patroni::Endpoint;
+
+/// What a client is doing, in PgBouncer's words.
+pub const IDLE: u8 = 0;
+pub const ACTIVE: u8 = 1;
+pub const WAITING: u8 = 2;
+
+/// One connected client.
+#[derive(Debug)]
+pub struct Client {
+    pub user: String,
+    pub database: String,
+    pub addr: SocketAddr,
+    pub listener: String,
+    pub connected_at: SystemTime,
+    /// `IDLE`, `ACTIVE` (holds a server connection) or `WAITING` (for one).
+    pub state: AtomicU8,
+    /// The server connection it holds: where, and the backend's pid.
+    pub server: Mutex<Option<(Endpoint, i32)>>,
+    /// Cancelled by the console's KILL.
+    pub kill: CancellationToken,
+}
+
+impl Client {
+    pub fn set(&self, state: u8) {
+        self.state.store(state, Relaxed);
+    }
+
+    pub fn hold(&self, server: Option<(Endpoint, i32)>) {
+        *self.server.lock().unwrap_or_else(|p| p.into_inner()) = server;
+    }
+
+    pub fn server(&self) -> Option<(Endpoint, i32)> {
+        self.server
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Clients {
+    inner: Arc<Mutex<BTreeMap<u64, Arc<Client>>>>,
+    next: Arc<AtomicU64>,
+}
+
+/// Keeps a client listed while it lives.
+#[derive(Debug)]
+pub struct Listed {
+    clients: Clients,
+    id: u64,
+    pub client: Arc<Client>,
+}
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        self.clients.lock().remove(&self.id);
+    }
+}
+
+impl Clients {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, Arc<Client>>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn add(&self, client: Client) -> Listed {
+        let id = self.next.fetch_add(1, Relaxed);
+        let client = Arc::new(client);
+        self.lock().insert(id, client.clone());
+        Listed {
+            clients: self.clone(),
+            id,
+            client,
+        }
+    }
+
+    /// Every client, oldest first.
+    pub fn all(&self) -> Vec<Arc<Client>> {
+        self.lock().values().cloned().collect()
+    }
+
+    /// `KILL [db]`: ends the clients of `database` (all with `None`); how many.
+    pub fn kill(&self, database: Option<&str>) -> usize {
+        let mut n = 0;
+        for c in self.lock().values() {
+            if database.map_or(true, |d| c.database == d) {
+                c.kill.cancel();
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(db: &str) -> Client {
+        Client {
+            user: "u".into(),
+            database: db.into(),
+            addr: "127.0.0.1:5000".parse().unwrap(),
+            listener: "l".into(),
+            connected_at: SystemTime::now(),
+            state: AtomicU8::new(IDLE),
+            server: Mutex::default(),
+            kill: CancellationToken::new(),
+        }
+    }
+
+    #[test]
+    fn clients_are_listed_while_they_live_and_killed_by_database() {
+        let clients = Clients::default();
+        let a = clients.add(client("app"));
+        let b = clients.add(client("other"));
+        assert_eq!(clients.all().len(), 2);
+        assert_eq!(clients.kill(Some("app")), 1);
+        assert!(a.client.kill.is_cancelled());
+        assert!(!b.client.kill.is_cancelled());
+        drop(a);
+        assert_eq!(clients.all().len(), 1);
+        assert_eq!(clients.kill(None), 1);
+    }
+}
