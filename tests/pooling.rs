@@ -845,6 +845,54 @@ async fn shutdown_wait_for_clients_stops_accepting_and_stops_when_they_leave() {
     proxy.exited(LONG).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_freezes_while_settings_are_applied_is_replaced() {
+    let (root, etcd, pg) = one_primary("poolfreeze").await;
+    let file = users(&root, &pg).await;
+    let proxy = Proxy::start(&etcd, "poolfreeze", |cfg| {
+        transaction_pooled(cfg, file, 2);
+        cfg.timeouts.connect = Duration::from_secs(1);
+    })
+    .await;
+    let port = proxy.port();
+    let (a, _a) = login(port, "alice", "wonder", "application_name=first")
+        .await
+        .unwrap();
+    a.batch_execute("SELECT 1").await.unwrap();
+    let direct = connect(pg.port).await.unwrap();
+    let pid: i32 = direct
+        .query_one(
+            "SELECT pid FROM pg_stat_activity WHERE usename = 'alice'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // Frozen, its socket open: the next client with other settings gets it, idle and
+    // recently used (no check), and patroxy's SET to it never comes back.
+    signal(pid as u32, "STOP");
+    let (b, _b) = login(port, "alice", "wonder", "application_name=second")
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(
+        LONG,
+        b.query_one(
+            "SELECT pg_backend_pid(), current_setting('application_name')",
+            &[],
+        ),
+    )
+    .await;
+    signal(pid as u32, "CONT");
+    let row = answer.expect("not held by the frozen connection").unwrap();
+    assert_ne!(row.get::<_, i32>(0), pid);
+    assert_eq!(row.get::<_, String>(1), "second");
+    direct
+        .batch_execute(&format!("SELECT pg_terminate_backend({pid})"))
+        .await
+        .unwrap();
+    proxy.stop().await;
+}
+
 /// Sends a cancel request with `token` to patroxy on `port`.
 async fn cancel_via(token: &tokio_postgres::CancelToken, port: u16) {
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))

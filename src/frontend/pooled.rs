@@ -283,6 +283,8 @@ impl Session<'_> {
         let proxy = &self.ctx.proxy;
         // The client's named statements, carried from connection to connection.
         let mut statements = ClientStatements::default();
+        // Since when a transaction has failed to get a usable connection.
+        let mut retrying: Option<Instant> = None;
         let mut total = Ended {
             end: End::ClientClosed,
             transactions: 0,
@@ -343,12 +345,27 @@ impl Session<'_> {
                     return total;
                 }
             };
-            if let Err(e) = apply_params(&mut conn, wanted).await {
+            // Bounded: a server that froze without closing anything would hold the client
+            // here, where no drain reaches.
+            let limit = proxy.timeouts.connect.max(Duration::from_secs(1));
+            let applied = tokio::time::timeout(limit, apply_params(&mut conn, wanted))
+                .await
+                .unwrap_or(Err(ConnError::Timeout));
+            if let Err(e) = applied {
+                // The connection is closed; the client's transaction has not started, so it
+                // tries again with another one, within connect_wait.
+                warn!(client = %self.peer, server = %conn.endpoint, error = %e, "applying the session's parameters failed; server connection closed");
+                drop((lease, conn));
+                let first = *retrying.get_or_insert_with(Instant::now);
+                if first.elapsed() < proxy.timeouts.connect_wait {
+                    continue;
+                }
                 let msg = format!("patroxy: applying the session's parameters: {e}");
-                send_fatal(client, codes::PROTOCOL_VIOLATION, &msg).await;
+                send_fatal(client, codes::CONNECTION_FAILURE, &msg).await;
                 total.end = End::ServerClosed;
                 return total;
             }
+            retrying = None;
             self.me.set(clients::ACTIVE);
             let pid = conn.key.as_ref().map_or(0, |k| k.pid);
             self.me.hold(Some((conn.endpoint.clone(), pid)));
@@ -504,7 +521,11 @@ impl Session<'_> {
                         &msg,
                     )[..],
                 );
+                // Each request the client is waiting for ends with its own error and
+                // ReadyForQuery, as a server that failed them one by one would answer.
+                let error = answer.split().freeze();
                 for _ in 0..waiting.max(1) {
+                    answer.extend_from_slice(&error);
                     answer.extend_from_slice(&messages::ready_for_query_idle());
                 }
                 lost = Some(answer);
