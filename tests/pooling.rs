@@ -406,15 +406,7 @@ async fn an_idle_connection_that_stopped_answering_is_checked_and_not_lent() {
     let (c, _conn) = login(proxy.port(), "alice", "wonder", "").await.unwrap();
     c.batch_execute("SELECT 1").await.unwrap();
     // Its server freezes without closing anything: the socket looks fine.
-    let direct = connect(pg.port).await.unwrap();
-    let pid: i32 = direct
-        .query_one(
-            "SELECT pid FROM pg_stat_activity WHERE usename = 'alice'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let (direct, pid) = alices_backend(&pg).await;
     signal(pid as u32, "STOP");
     let answer = tokio::time::timeout(LONG, c.query_one("SELECT pg_backend_pid()", &[])).await;
     signal(pid as u32, "CONT");
@@ -638,6 +630,8 @@ async fn the_admin_console_answers_as_pgbouncer_does_and_the_exporter_reads_it()
     })
     .await;
     let port = proxy.port();
+    let admin_ok = move |sql: &'static str| console(port, "alice", "wonder", sql);
+    let admin = move |sql: &'static str| async move { admin_ok(sql).await.unwrap() };
     let (c, conn) = login(port, "alice", "wonder", "").await.unwrap();
     for _ in 0..3 {
         c.batch_execute("SELECT 1").await.unwrap();
@@ -657,24 +651,17 @@ async fn the_admin_console_answers_as_pgbouncer_does_and_the_exporter_reads_it()
     let pools = console(port, "bob", "builder", "SHOW POOLS").await.unwrap();
     assert!(pools.starts_with("postgres|alice|0|0|"), "{pools}");
     assert!(pools.ends_with("|transaction"), "{pools}");
-    let stats = console(port, "alice", "wonder", "SHOW STATS")
-        .await
-        .unwrap();
+    let stats = admin("SHOW STATS").await;
     let fields: Vec<&str> = stats.split('|').collect();
     assert_eq!((fields[0], fields[1]), ("postgres", "3"), "{stats}");
-    let members = console(port, "alice", "wonder", "SHOW MEMBERS")
-        .await
-        .unwrap();
+    let members = admin("SHOW MEMBERS").await;
     assert!(
         members.contains(&format!("|a|127.0.0.1:{}|Leader|running|", pg.port)),
         "{members}"
     );
 
     // PAUSE holds the next transaction; RESUME lets it run.
-    assert_eq!(
-        console(port, "alice", "wonder", "PAUSE").await.unwrap(),
-        "PAUSE"
-    );
+    assert_eq!(admin("PAUSE").await, "PAUSE");
     let held = tokio::spawn(async move {
         let r = c
             .query_one("SELECT 'after resume'", &[])
@@ -683,15 +670,15 @@ async fn the_admin_console_answers_as_pgbouncer_does_and_the_exporter_reads_it()
         (c, r)
     });
     wait_for("the transaction held", LONG, || async {
-        let pools = console(port, "alice", "wonder", "SHOW POOLS").await.ok()?;
+        let pools = admin_ok("SHOW POOLS").await.ok()?;
         pools.starts_with("postgres|alice|0|1|").then_some(())
     })
     .await;
-    console(port, "alice", "wonder", "RESUME").await.unwrap();
+    admin("RESUME").await;
     let (c, r) = tokio::time::timeout(LONG, held).await.unwrap().unwrap();
     assert_eq!(r.unwrap(), "after resume");
     // RECONNECT closes the idle server connections.
-    console(port, "alice", "wonder", "RECONNECT").await.unwrap();
+    admin("RECONNECT").await;
     assert_eq!(backends(&pg, "alice").await, 0);
     assert_eq!(one(&c, "SELECT 'new connection'").await, "new connection");
 
@@ -728,32 +715,24 @@ async fn the_admin_console_answers_as_pgbouncer_does_and_the_exporter_reads_it()
             .unwrap_or_else(|| panic!("no {name} in\n{scraped}"));
         line.rsplit(' ').next().unwrap().parse::<f64>().unwrap()
     };
-    let stats = console(port, "alice", "wonder", "SHOW STATS")
-        .await
-        .unwrap();
+    let stats = admin("SHOW STATS").await;
     let requests: f64 = stats.split('|').nth(2).unwrap().parse().unwrap();
     assert!(value("pgbouncer_requests_total") <= requests, "{scraped}");
     assert!(value("pgbouncer_requests_total") >= 5.0, "{scraped}");
     assert_eq!(value("pgbouncer_waiting_clients"), 0.0, "{scraped}");
     assert_eq!(value("pgbouncer_pool_size"), 2.0, "{scraped}");
     // Who is connected, on which server connections; and KILL ends a database's clients.
-    let listed = console(port, "alice", "wonder", "SHOW CLIENTS")
-        .await
-        .unwrap();
+    let listed = admin("SHOW CLIENTS").await;
     assert!(
         listed.starts_with("C|alice|postgres|idle|127.0.0.1|"),
         "{listed}"
     );
-    let servers = console(port, "alice", "wonder", "SHOW SERVERS")
-        .await
-        .unwrap();
+    let servers = admin("SHOW SERVERS").await;
     assert!(
         servers.contains("S|alice|postgres|idle|127.0.0.1|"),
         "{servers}"
     );
-    let killed = console(port, "alice", "wonder", "KILL postgres")
-        .await
-        .unwrap();
+    let killed = admin("KILL postgres").await;
     assert_eq!(killed, "KILL");
     assert_eq!(ended_within(conn, AT_REST).await.as_deref(), Some("57P01"));
     drop(c);
@@ -859,15 +838,7 @@ async fn a_connection_that_freezes_while_settings_are_applied_is_replaced() {
         .await
         .unwrap();
     a.batch_execute("SELECT 1").await.unwrap();
-    let direct = connect(pg.port).await.unwrap();
-    let pid: i32 = direct
-        .query_one(
-            "SELECT pid FROM pg_stat_activity WHERE usename = 'alice'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let (direct, pid) = alices_backend(&pg).await;
     // Frozen, its socket open: the next client with other settings gets it, idle and
     // recently used (no check), and patroxy's SET to it never comes back.
     signal(pid as u32, "STOP");
@@ -891,6 +862,14 @@ async fn a_connection_that_freezes_while_settings_are_applied_is_replaced() {
         .await
         .unwrap();
     proxy.stop().await;
+}
+
+/// A direct connection to `pg`, and the pid of alice's one server connection there.
+async fn alices_backend(pg: &Postgres) -> (tokio_postgres::Client, i32) {
+    let direct = connect(pg.port).await.unwrap();
+    let sql = "SELECT pid FROM pg_stat_activity WHERE usename = 'alice'";
+    let pid = direct.query_one(sql, &[]).await.unwrap().get(0);
+    (direct, pid)
 }
 
 /// Sends a cancel request with `token` to patroxy on `port`.
@@ -1406,13 +1385,17 @@ async fn pgbench_init(pg: &Postgres) {
 
 /// Runs a Python script with Debian's python3 (psycopg 3, asyncpg); its stdout.
 async fn python(script: &str, args: &[&str]) -> String {
-    let out = tokio::process::Command::new("/usr/bin/python3")
-        .arg("-c")
-        .arg(script)
-        .args(args)
+    let mut cmd = tokio::process::Command::new("/usr/bin/python3");
+    cmd.arg("-c").arg(script).args(args);
+    stdout_of(cmd, "python3").await
+}
+
+/// A client program's stdout, trimmed; its stdout and stderr in the failure if it fails.
+async fn stdout_of(mut cmd: tokio::process::Command, what: &str) -> String {
+    let out = cmd
         .output()
         .await
-        .expect("python3");
+        .unwrap_or_else(|e| panic!("{what} (install-deps.sh installs it): {e}"));
     assert!(
         out.status.success(),
         "{}\n{}",
@@ -1583,20 +1566,11 @@ async fn java(source: &str, root: &TempRoot, args: &[&str]) -> String {
         .expect("a public class");
     let file = root.path().join(format!("{class}.java"));
     std::fs::write(&file, source).unwrap();
-    let out = tokio::process::Command::new("java")
-        .args(["-cp", "/usr/share/java/postgresql.jar"])
+    let mut cmd = tokio::process::Command::new("java");
+    cmd.args(["-cp", "/usr/share/java/postgresql.jar"])
         .arg(&file)
-        .args(args)
-        .output()
-        .await
-        .expect("java (install-deps.sh installs it)");
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        .args(args);
+    stdout_of(cmd, "java").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

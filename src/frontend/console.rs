@@ -312,59 +312,38 @@ impl Console<'_> {
     }
 
     fn config(&self) -> Table {
-        let c = self.config;
+        type Get = fn(&crate::config::PoolConfig) -> String;
+        fn secs(v: Duration) -> String {
+            v.as_secs_f64().to_string()
+        }
+        let keys: [(&str, Get); 9] = [
+            ("default_pool_size", |p| p.pool_size.to_string()),
+            ("min_pool_size", |p| p.min_pool_size.to_string()),
+            ("max_db_connections", |p| p.max_db_connections.to_string()),
+            ("query_wait_timeout", |p| secs(p.query_wait_timeout)),
+            ("server_idle_timeout", |p| secs(p.server_idle_timeout)),
+            ("server_lifetime", |p| secs(p.server_lifetime)),
+            ("server_reset_query", |p| p.server_reset_query.clone()),
+            ("server_check_delay", |p| secs(p.server_check_delay)),
+            ("max_prepared_statements", |p| {
+                p.max_prepared_statements.to_string()
+            }),
+        ];
         let mut t = Table::new(&["key", "value", "default", "changeable"], &[]);
         let d = crate::config::PoolConfig::default();
-        let secs = |v: Duration| v.as_secs_f64().to_string();
-        for (key, value, default) in [
-            ("pool_mode", self.pool_mode.clone(), "none".to_owned()),
-            (
-                "default_pool_size",
-                c.pool_size.to_string(),
-                d.pool_size.to_string(),
-            ),
-            (
-                "min_pool_size",
-                c.min_pool_size.to_string(),
-                d.min_pool_size.to_string(),
-            ),
-            (
-                "max_db_connections",
-                c.max_db_connections.to_string(),
-                d.max_db_connections.to_string(),
-            ),
-            (
-                "query_wait_timeout",
-                secs(c.query_wait_timeout),
-                secs(d.query_wait_timeout),
-            ),
-            (
-                "server_idle_timeout",
-                secs(c.server_idle_timeout),
-                secs(d.server_idle_timeout),
-            ),
-            (
-                "server_lifetime",
-                secs(c.server_lifetime),
-                secs(d.server_lifetime),
-            ),
-            (
-                "server_reset_query",
-                c.server_reset_query.clone(),
-                d.server_reset_query.clone(),
-            ),
-            (
-                "server_check_delay",
-                secs(c.server_check_delay),
-                secs(d.server_check_delay),
-            ),
-            (
-                "max_prepared_statements",
-                c.max_prepared_statements.to_string(),
-                d.max_prepared_statements.to_string(),
-            ),
-        ] {
-            t.row(vec![key.to_owned(), value, default, "yes".to_owned()]);
+        t.row(vec![
+            "pool_mode".into(),
+            self.pool_mode.clone(),
+            "none".into(),
+            "yes".into(),
+        ]);
+        for (key, get) in keys {
+            t.row(vec![
+                key.to_owned(),
+                get(self.config),
+                get(&d),
+                "yes".into(),
+            ]);
         }
         t
     }
