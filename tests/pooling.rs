@@ -306,6 +306,31 @@ async fn cancels_reach_the_server_connection_the_client_holds() {
     proxy.stop().await;
 }
 
+/// A primary, its users and an auth_file, and patroxy in front with a transaction pool of
+/// `size` (`tune` adjusts the rest).
+struct Pooled {
+    pg: Postgres,
+    proxy: Proxy,
+    etcd: Etcd,
+    _root: TempRoot,
+}
+
+async fn pooled_primary(scope: &str, size: usize, tune: impl FnOnce(&mut Config)) -> Pooled {
+    let (root, etcd, pg) = one_primary(scope).await;
+    let file = users(&root, &pg).await;
+    let proxy = Proxy::start(&etcd, scope, |cfg| {
+        transaction_pooled(cfg, file, size);
+        tune(cfg);
+    })
+    .await;
+    Pooled {
+        pg,
+        proxy,
+        etcd,
+        _root: root,
+    }
+}
+
 /// Server connections the pools hold on `pg` for `users`, as PostgreSQL counts them.
 async fn backends(pg: &Postgres, users: &str) -> i64 {
     let c = connect(pg.port).await.unwrap();
@@ -360,10 +385,12 @@ async fn caps_over_several_pools_hold_and_make_room_from_idle_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn min_pool_size_keeps_connections_open_for_a_used_pool() {
-    let (root, etcd, pg) = one_primary("poolmin").await;
-    let file = users(&root, &pg).await;
-    let proxy = Proxy::start(&etcd, "poolmin", |cfg| {
-        transaction_pooled(cfg, file, 5);
+    let Pooled {
+        pg,
+        proxy,
+        etcd: _etcd,
+        _root,
+    } = pooled_primary("poolmin", 5, |cfg| {
         cfg.pool.min_pool_size = 3;
     })
     .await;
@@ -395,10 +422,12 @@ async fn min_pool_size_keeps_connections_open_for_a_used_pool() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_connection_that_stopped_answering_is_checked_and_not_lent() {
-    let (root, etcd, pg) = one_primary("poolcheck").await;
-    let file = users(&root, &pg).await;
-    let proxy = Proxy::start(&etcd, "poolcheck", |cfg| {
-        transaction_pooled(cfg, file, 2);
+    let Pooled {
+        pg,
+        proxy,
+        etcd: _etcd,
+        _root,
+    } = pooled_primary("poolcheck", 2, |cfg| {
         cfg.pool.server_check_delay = Duration::ZERO;
         cfg.timeouts.connect = Duration::from_secs(1);
     })
@@ -424,9 +453,12 @@ async fn an_idle_connection_that_stopped_answering_is_checked_and_not_lent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_state_in_a_transaction_pool_is_followed_undone_or_refused() {
-    let (root, etcd, pg) = one_primary("poolstate").await;
-    let file = users(&root, &pg).await;
-    let proxy = Proxy::start(&etcd, "poolstate", |cfg| transaction_pooled(cfg, file, 1)).await;
+    let Pooled {
+        pg: _pg,
+        proxy,
+        etcd: _etcd,
+        _root,
+    } = pooled_primary("poolstate", 1, |_| {}).await;
     let port = proxy.port();
     let (a, _ac) = login(port, "alice", "wonder", "").await.unwrap();
     let (b, _bc) = login(port, "alice", "wonder", "").await.unwrap();
@@ -525,10 +557,12 @@ async fn a_reload_reads_the_auth_file_again_and_resizes_open_pools() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_switchover_key_holds_transactions_until_it_goes_and_no_longer() {
-    let (root, etcd, pg) = one_primary("poolhold").await;
-    let file = users(&root, &pg).await;
-    let proxy = Proxy::start(&etcd, "poolhold", |cfg| {
-        transaction_pooled(cfg, file, 2);
+    let Pooled {
+        pg: _pg,
+        proxy,
+        etcd,
+        _root,
+    } = pooled_primary("poolhold", 2, |cfg| {
         cfg.timeouts.connect_wait = Duration::from_secs(3);
         cfg.admin.listen = Some("127.0.0.1:0".into());
     })
@@ -620,10 +654,12 @@ async fn console(port: u16, user: &str, password: &str, sql: &str) -> Result<Str
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_console_answers_as_pgbouncer_does_and_the_exporter_reads_it() {
-    let (root, etcd, pg) = one_primary("poolconsole").await;
-    let file = users(&root, &pg).await;
-    let proxy = Proxy::start(&etcd, "poolconsole", |cfg| {
-        transaction_pooled(cfg, file, 2);
+    let Pooled {
+        pg,
+        proxy,
+        etcd: _etcd,
+        _root,
+    } = pooled_primary("poolconsole", 2, |cfg| {
         cfg.auth.admin_users = vec!["alice".into()];
         cfg.auth.stats_users = vec!["bob".into()];
         cfg.timeouts.connect_wait = Duration::from_secs(20);
@@ -741,9 +777,12 @@ async fn the_admin_console_answers_as_pgbouncer_does_and_the_exporter_reads_it()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_lost_under_a_transaction_costs_the_client_an_error_not_its_connection() {
-    let (root, etcd, pg) = one_primary("poollost").await;
-    let file = users(&root, &pg).await;
-    let proxy = Proxy::start(&etcd, "poollost", |cfg| transaction_pooled(cfg, file, 2)).await;
+    let Pooled {
+        pg,
+        proxy,
+        etcd: _etcd,
+        _root,
+    } = pooled_primary("poollost", 2, |_| {}).await;
     let port = proxy.port();
     let direct = connect(pg.port).await.unwrap();
     let terminate = |query: &'static str| {
@@ -797,10 +836,12 @@ async fn a_server_lost_under_a_transaction_costs_the_client_an_error_not_its_con
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_wait_for_clients_stops_accepting_and_stops_when_they_leave() {
-    let (root, etcd, pg) = one_primary("poolquiesce").await;
-    let file = users(&root, &pg).await;
-    let proxy = Proxy::start(&etcd, "poolquiesce", |cfg| {
-        transaction_pooled(cfg, file, 2);
+    let Pooled {
+        pg: _pg,
+        proxy,
+        etcd: _etcd,
+        _root,
+    } = pooled_primary("poolquiesce", 2, |cfg| {
         cfg.auth.admin_users = vec!["alice".into()];
     })
     .await;
@@ -826,10 +867,12 @@ async fn shutdown_wait_for_clients_stops_accepting_and_stops_when_they_leave() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_freezes_while_settings_are_applied_is_replaced() {
-    let (root, etcd, pg) = one_primary("poolfreeze").await;
-    let file = users(&root, &pg).await;
-    let proxy = Proxy::start(&etcd, "poolfreeze", |cfg| {
-        transaction_pooled(cfg, file, 2);
+    let Pooled {
+        pg,
+        proxy,
+        etcd: _etcd,
+        _root,
+    } = pooled_primary("poolfreeze", 2, |cfg| {
         cfg.timeouts.connect = Duration::from_secs(1);
     })
     .await;
