@@ -34,6 +34,14 @@ pub enum AppError {
     Auth(String),
 }
 
+/// How the running proxy gets new configurations: the configurations themselves (SIGHUP
+/// reads the file and sends one), and requests to read the file again (the console's
+/// RELOAD), for whoever reads it.
+pub struct Reloads {
+    pub configs: mpsc::Receiver<Config>,
+    pub requests: Arc<tokio::sync::Notify>,
+}
+
 /// Runs patroxy: etcd discovery for every cluster, the admin endpoint if `admin` is given,
 /// and the listeners, until `shutdown`. Each configuration received on `reloads` replaces
 /// the listeners' settings (see `Server::reload`).
@@ -41,7 +49,7 @@ pub async fn run(
     config: Arc<Config>,
     listeners: Vec<BoundListener>,
     admin: Option<Admin>,
-    reloads: mpsc::Receiver<Config>,
+    reloads: Reloads,
     shutdown: CancellationToken,
 ) -> Result<(), AppError> {
     let tls = TlsMaterial::load(&config).await?;
@@ -95,6 +103,7 @@ pub async fn run(
         load,
         pools: pools.clone(),
         auth,
+        reload_requests: reloads.requests,
         cancel_tag,
         peers: crate::peers::Peers {
             etcd: etcd.clone(),
@@ -164,7 +173,7 @@ pub async fn run(
     };
     background.spawn(summary.log(stop_background.clone()));
     background.close();
-    server.serve(listeners, reloads).await;
+    server.serve(listeners, reloads.configs).await;
     stop_background.cancel();
     background.wait().await;
     Ok(())

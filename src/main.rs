@@ -215,8 +215,15 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         };
         let shutdown = CancellationToken::new();
         tokio::spawn(signals(shutdown.clone()));
-        let (reload_tx, reloads) = tokio::sync::mpsc::channel(1);
-        tokio::spawn(reload_on_sighup(file, overrides, reload_tx));
+        let (reload_tx, configs) = tokio::sync::mpsc::channel(1);
+        let requests = std::sync::Arc::new(tokio::sync::Notify::new());
+        tokio::spawn(reload_on_sighup(
+            file,
+            overrides,
+            reload_tx,
+            requests.clone(),
+        ));
+        let reloads = patroxy::app::Reloads { configs, requests };
         patroxy::app::run(config, listeners, admin, reloads, shutdown).await?;
         Ok(())
     })
@@ -233,20 +240,28 @@ fn load(file: Option<&std::path::Path>, overrides: Overrides) -> anyhow::Result<
     Ok(config)
 }
 
-/// SIGHUP reads the configuration file again (with the same flags on top) and hands it to
-/// the running proxy; a file that does not load or validate is refused here with a log line.
+/// SIGHUP (or the console's RELOAD, through `requests`) reads the configuration file again
+/// (with the same flags on top) and hands it to the running proxy; a file that does not load
+/// or validate is refused here with a log line.
 async fn reload_on_sighup(
     file: Option<PathBuf>,
     overrides: Overrides,
     tx: tokio::sync::mpsc::Sender<Config>,
+    requests: std::sync::Arc<tokio::sync::Notify>,
 ) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         tracing::error!("cannot install the SIGHUP handler: no configuration reloads");
         return;
     };
-    while hup.recv().await.is_some() {
-        tracing::info!("SIGHUP: reloading the configuration");
+    loop {
+        tokio::select! {
+            got = hup.recv() => match got {
+                Some(()) => tracing::info!("SIGHUP: reloading the configuration"),
+                None => return,
+            },
+            _ = requests.notified() => tracing::info!("RELOAD from the admin console: reloading the configuration"),
+        }
         // Read on a blocking thread: a slow disk must not stall the sessions on the runtime.
         let (f, o) = (file.clone(), overrides.clone());
         let loaded = tokio::task::spawn_blocking(move || load(f.as_deref(), o))

@@ -44,6 +44,8 @@ pub struct Backends {
     pub auth: crate::frontend::context::ClientAuth,
     pub cancel_tag: u16,
     pub peers: crate::peers::Peers,
+    /// Asks for the configuration file to be read again (the console's RELOAD).
+    pub reload_requests: Arc<tokio::sync::Notify>,
 }
 
 /// Where the server publishes what it runs, for the operator surfaces (`state::Running`).
@@ -86,6 +88,7 @@ impl Server {
             pools: backends.pools,
             clients: Default::default(),
             cancel_tag: backends.cancel_tag,
+            reload_requests: backends.reload_requests,
             peers: backends.peers,
         });
         Server {

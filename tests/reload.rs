@@ -334,3 +334,41 @@ async fn a_reload_stuck_on_a_slow_file_stalls_no_session() {
     let (status, log) = proxy.stop().await;
     assert!(status.success(), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_on_the_admin_console_reads_the_file_again() {
+    let root = TempRoot::new();
+    let etcd = Etcd::start(&root);
+    let pg = Postgres::primary(&root, "a");
+    let mut keys = Keys::new(&etcd, "consolereload").await;
+    keys.member("a", pg.port, "primary", "running").await;
+    keys.leader("a").await;
+    let dir = root.subdir("conf");
+    let file = dir.join("patroxy.toml");
+    let (main, added) = (free_port(), free_port());
+    let write = |extra: &str| {
+        let text = format!(
+            "[etcd]\nendpoints = [\"{}\"]\n[cluster]\nscope = \"consolereload\"\n\
+             [auth]\ntrust = [\"127.0.0.1/32\"]\nadmin_users = [\"postgres\"]\n\
+             [[listener]]\nname = \"main\"\nlisten = \"127.0.0.1:{main}\"\n{extra}",
+            etcd.url()
+        );
+        std::fs::write(&file, text).unwrap();
+    };
+    write("");
+    let proxy = Binary::start(&["run", "--config", file.to_str().unwrap()]);
+    wait_routed(main, pg.port).await;
+    write(&format!(
+        "[[listener]]\nname = \"added\"\nlisten = \"127.0.0.1:{added}\"\n"
+    ));
+    // RELOAD, as PgBouncer's console says it, over the PostgreSQL protocol.
+    let console = format!("host=127.0.0.1 port={main} user=postgres dbname=pgbouncer");
+    let (admin, conn) = tokio_postgres::connect(&console, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    admin.simple_query("RELOAD").await.unwrap();
+    proxy.wait_log("configuration reloaded", 1).await;
+    wait_routed(added, pg.port).await;
+    drop(proxy);
+}

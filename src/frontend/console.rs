@@ -46,6 +46,7 @@ pub enum Command {
     Reconnect(Option<String>),
     Shutdown,
     Kill(Option<String>),
+    Reload,
     /// Stop accepting; stop once every client has left.
     ShutdownWaitForClients,
 }
@@ -74,6 +75,7 @@ pub fn parse(sql: &str) -> Result<Command, String> {
         ["RECONNECT"] | ["RECONNECT", _] => Ok(Command::Reconnect(db(words.get(1)))),
         ["SHUTDOWN"] => Ok(Command::Shutdown),
         ["KILL"] | ["KILL", _] => Ok(Command::Kill(db(words.get(1)))),
+        ["RELOAD"] => Ok(Command::Reload),
         ["SHUTDOWN", "WAIT_FOR_CLIENTS"] => Ok(Command::ShutdownWaitForClients),
         [] => Err("an empty command".into()),
         _ => Err(format!(
@@ -146,6 +148,7 @@ impl Console<'_> {
                     "RESUME [db]",
                     "RECONNECT [db]",
                     "KILL [db]",
+                    "RELOAD",
                     "SHUTDOWN [WAIT_FOR_CLIENTS]",
                 ] {
                     t.row(vec![c.to_owned()]);
@@ -670,6 +673,10 @@ async fn answer(
             ctx.proxy.shutdown.cancel();
             "SHUTDOWN"
         }
+        Command::Reload => {
+            ctx.proxy.reload_requests.notify_one();
+            "RELOAD"
+        }
         Command::Kill(db) => {
             ctx.proxy.clients.kill(db.as_deref());
             "KILL"
@@ -703,6 +710,7 @@ mod tests {
         );
         assert_eq!(parse("reconnect"), Ok(Command::Reconnect(None)));
         assert_eq!(parse("SHUTDOWN"), Ok(Command::Shutdown));
+        assert_eq!(parse("reload;"), Ok(Command::Reload));
         assert_eq!(
             parse("shutdown wait_for_clients"),
             Ok(Command::ShutdownWaitForClients)

@@ -39,6 +39,8 @@ pub struct ProxyContext {
     pub clients: super::clients::Clients,
     /// The tag in the pids of this instance's pooled cancel keys.
     pub cancel_tag: u16,
+    /// Asks for the configuration file to be read again (the console's RELOAD).
+    pub reload_requests: Arc<tokio::sync::Notify>,
     /// The other instances, for cancel keys they issued.
     pub peers: crate::peers::Peers,
 }

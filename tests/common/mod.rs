@@ -796,7 +796,11 @@ impl Proxy {
             .collect();
         let shutdown = CancellationToken::new();
         let stop_limit = config.timeouts.shutdown + Duration::from_secs(10);
-        let (reload, reloads) = tokio::sync::mpsc::channel(1);
+        let (reload, configs) = tokio::sync::mpsc::channel(1);
+        let reloads = patroxy::app::Reloads {
+            configs,
+            requests: Default::default(),
+        };
         let task = tokio::spawn(patroxy::app::run(
             Arc::new(config),
             listeners,
