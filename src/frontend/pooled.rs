@@ -99,7 +99,9 @@ pub async fn run_pooled(
     let database = startup.database.clone().unwrap_or_else(|| user.clone());
     let deadline = started + proxy.timeouts.startup;
     let mut topology = ctx.topology.clone();
-    let authenticated = timeout_at(deadline, async {
+    // The login phases are boxed: an idle client's task keeps room only for what it does
+    // after them.
+    let authenticated = Box::pin(timeout_at(deadline, async {
         let secret = match ctx.auth.users.get(&user) {
             Some(s) => Some(s.clone()),
             None => lookup_secret(ctx, &user, &database, &mut topology).await,
@@ -114,7 +116,7 @@ pub async fn run_pooled(
             secret.as_ref(),
         )
         .await
-    })
+    }))
     .await;
     let (login, owed) = match authenticated {
         Ok(Ok(done)) => done,
@@ -136,7 +138,7 @@ pub async fn run_pooled(
     // patroxy answers the startup itself, from what it knows of the server the client will
     // use: the client holds no server connection until its first message.
     let welcomed = tokio::select! {
-        r = server_defaults(ctx, &login, &user, &database, &mut topology) => r,
+        r = Box::pin(server_defaults(ctx, &login, &user, &database, &mut topology)) => r,
         _ = proxy.shutdown.cancelled() => {
             send_fatal(&mut client, codes::ADMIN_SHUTDOWN, "patroxy is shutting down").await;
             return;
@@ -166,13 +168,13 @@ pub async fn run_pooled(
     if let Some((_, options)) = startup.params.iter().find(|(n, _)| n == "options") {
         asked.extend(option_settings(options));
     }
-    let mut wanted: BTreeMap<String, String> = defaults
-        .params
-        .iter()
-        .filter(|(name, _)| !SERVER_OWNED.contains(&name.as_str()))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    wanted.extend(asked.iter().cloned());
+    let mut wanted = Wanted {
+        defaults: defaults.clone(),
+        own: BTreeMap::new(),
+    };
+    for (name, value) in &asked {
+        wanted.insert(name.clone(), value.clone());
+    }
     // patroxy's own key: the server connection behind it changes from client to client.
     let key = crate::backend::cancel::tagged_key(proxy.cancel_tag);
     let hello = greeting(&owed, &defaults, &asked, &key);
@@ -276,7 +278,7 @@ impl Session<'_> {
         &self,
         client: &mut Stream,
         mut buf: BytesMut,
-        wanted: &mut BTreeMap<String, String>,
+        wanted: &mut Wanted,
         topology: &mut Topo,
         per_transaction: bool,
     ) -> Ended {
@@ -314,7 +316,7 @@ impl Session<'_> {
                 return total;
             }
             if per_transaction {
-                let context = wanted.get("search_path").cloned().unwrap_or_default();
+                let context = wanted.get("search_path").unwrap_or_default().to_owned();
                 if let Some(reply) = statements.answer_locally(&buf, &context) {
                     buf.clear();
                     if let Err(e) = send(client, &reply).await {
@@ -418,7 +420,7 @@ impl Session<'_> {
         attached: Attached,
         release_at_idle: bool,
         topology: &mut Topo,
-        (wanted, statements): (&mut BTreeMap<String, String>, &mut ClientStatements),
+        (wanted, statements): (&mut Wanted, &mut ClientStatements),
     ) -> Ended {
         let proxy = &self.ctx.proxy;
         let Attached {
@@ -434,7 +436,7 @@ impl Session<'_> {
                 .register(self.key.clone(), conn.endpoint.clone(), server_key)
         });
         // A statement means what it means under its search path: part of its identity.
-        let context = wanted.get("search_path").cloned().unwrap_or_default();
+        let context = wanted.get("search_path").unwrap_or_default().to_owned();
         let leftover = std::mem::take(&mut conn.buf);
         let cache_before = conn.prepared.stats;
         let rewrite = release_at_idle.then(|| Rewriter {
@@ -799,11 +801,7 @@ async fn lookup_secret(
 /// undoes what cannot follow the client (cursors, listens) and takes up the settings it
 /// `SET` as the client's own (set again on each connection it gets, reset on the others),
 /// so the next client finds none of it.
-async fn tidy(
-    conn: &mut ServerConn,
-    state: u8,
-    wanted: &mut BTreeMap<String, String>,
-) -> Result<(), ConnError> {
+async fn tidy(conn: &mut ServerConn, state: u8, wanted: &mut Wanted) -> Result<(), ConnError> {
     let mut undo = Vec::new();
     if state & session_state::CURSOR != 0 {
         undo.push("CLOSE ALL");
@@ -846,12 +844,56 @@ async fn tidy(
     Ok(())
 }
 
+/// The settings a client wants on whichever server connection serves it: its pool's login
+/// defaults (every reported setting, so no other client's choice survives on a connection
+/// this one gets), shared by the pool's clients, with the client's own values over them.
+struct Wanted {
+    defaults: Arc<Defaults>,
+    own: BTreeMap<String, String>,
+}
+
+impl Wanted {
+    fn default_of(&self, name: &str) -> Option<&String> {
+        (!SERVER_OWNED.contains(&name))
+            .then(|| self.defaults.params.get(name))
+            .flatten()
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.own
+            .get(name)
+            .or_else(|| self.default_of(name))
+            .map(String::as_str)
+    }
+
+    fn contains_key(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// A value of the client's own; kept only where it differs from the default.
+    fn insert(&mut self, name: String, value: String) {
+        match self.default_of(&name) == Some(&value) {
+            true => self.own.remove(&name),
+            false => self.own.insert(name, value),
+        };
+    }
+
+    fn remove(&mut self, name: &str) {
+        self.own.remove(name);
+    }
+
+    /// Every wanted setting, defaults first where the client has no value of its own.
+    fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
+        let defaults = self.defaults.params.iter().filter(|(name, _)| {
+            !SERVER_OWNED.contains(&name.as_str()) && !self.own.contains_key(*name)
+        });
+        defaults.chain(self.own.iter())
+    }
+}
+
 /// Sets the client's wanted parameters on the server connection where they differ, and
 /// resets those another client had applied that this one does not want.
-async fn apply_params(
-    conn: &mut ServerConn,
-    wanted: &BTreeMap<String, String>,
-) -> Result<(), ConnError> {
+async fn apply_params(conn: &mut ServerConn, wanted: &Wanted) -> Result<(), ConnError> {
     let current = |name: &str| conn.params.get(name).or_else(|| conn.extra.get(name));
     let mut sql: Vec<String> = wanted
         .iter()
@@ -861,7 +903,7 @@ async fn apply_params(
     let stale: Vec<String> = conn
         .extra
         .keys()
-        .filter(|name| !wanted.contains_key(*name))
+        .filter(|name| !wanted.contains_key(name))
         .cloned()
         .collect();
     sql.extend(
@@ -877,7 +919,7 @@ async fn apply_params(
         conn.extra.remove(name);
     }
     // What the server did not report back, patroxy remembers it applied.
-    for (name, value) in wanted {
+    for (name, value) in wanted.iter() {
         if !conn.params.contains_key(name) {
             conn.extra.insert(name.clone(), value.clone());
         }

@@ -25,7 +25,9 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ListenerContext>) 
     let started = Instant::now();
     let _gauge = crate::metrics::SessionGauge::new(&ctx.name, &ctx.policy.role.to_string());
     // TCP_NODELAY and keepalive came from the listening socket (`listener::bind_one`).
-    let Some(Negotiated { client, buf, first }) = negotiate(tcp, peer, &ctx, started).await else {
+    // Boxed: a connected client's task keeps no room for the negotiation.
+    let negotiated = Box::pin(negotiate(tcp, peer, &ctx, started)).await;
+    let Some(Negotiated { client, buf, first }) = negotiated else {
         return;
     };
     match first {
