@@ -22,12 +22,22 @@ pub(super) struct Watched {
 /// Waits until the session must be drained (its server left the listener's pool under the
 /// current topology and rules, or shutdown), and says why through `tx`.
 pub(super) async fn watch_for_drain(
-    mut policy: Arc<Policy>,
+    policy: Arc<Policy>,
     member: String,
     server: Endpoint,
-    mut w: Watched,
+    w: Watched,
     tx: oneshot::Sender<DrainCause>,
 ) {
+    let _ = tx.send(drain_cause_of(policy, &member, &server, w).await);
+}
+
+/// Why the session must be drained, once it must.
+pub(super) async fn drain_cause_of(
+    mut policy: Arc<Policy>,
+    member: &str,
+    server: &Endpoint,
+    mut w: Watched,
+) -> DrainCause {
     // The topology may have moved while this session was connecting.
     w.topology.mark_changed();
     let (mut topology_open, mut policy_open) = (true, true);
@@ -45,9 +55,9 @@ pub(super) async fn watch_for_drain(
             _ = w.shutdown.cancelled() => break DrainCause::Shutdown,
         }
         let t = w.topology.borrow_and_update().clone();
-        if let Some(cause) = drain_cause(&policy, &member, &server, &t) {
+        if let Some(cause) = drain_cause(&policy, member, server, &t) {
             break cause;
         }
     };
-    let _ = tx.send(cause);
+    cause
 }

@@ -316,19 +316,33 @@ pub async fn relay(
         // The topology and shutdown are watched by a task of their own: their futures take
         // locks shared by every session, so polling them on each data wake-up would serialise
         // busy sessions. The relay only sees a oneshot, which is lock-free to poll.
-        let (cause_tx, mut cause_rx) = oneshot::channel();
+        // A transaction-pooled relay lasts one transaction, a few wake-ups: it watches
+        // inline, and saves a task (and the wake-up of another thread) per transaction.
         let watched = drain::Watched {
             policy: ctx.policy_updates.clone(),
             topology: topology.clone(),
             shutdown: ctx.shutdown.clone(),
         };
-        let _control = AbortOnDropHandle::new(tokio::spawn(drain::watch_for_drain(
-            ctx.policy.clone(),
-            ctx.member.to_owned(),
-            ctx.server.clone(),
-            watched,
-            cause_tx,
-        )));
+        let (member, server, policy) = (ctx.member, ctx.server, ctx.policy.clone());
+        let (_control, cause_rx) = if ctx.release_at_idle {
+            let inline = async move {
+                Ok::<_, oneshot::error::RecvError>(
+                    drain::drain_cause_of(policy, member, server, watched).await,
+                )
+            };
+            (None, Either::Left(inline))
+        } else {
+            let (cause_tx, cause_rx) = oneshot::channel();
+            let task = tokio::spawn(drain::watch_for_drain(
+                policy,
+                member.to_owned(),
+                server.clone(),
+                watched,
+                cause_tx,
+            ));
+            (Some(AbortOnDropHandle::new(task)), Either::Right(cause_rx))
+        };
+        tokio::pin!(cause_rx);
         let mut control_open = true;
         loop {
             let deadline = draining.as_ref().map(|(_, d)| *d);
