@@ -56,6 +56,23 @@ impl Stream {
         }
     }
 
+    /// Waits for what a client sends next and reads it, taking room in `buf` only once
+    /// something has come (an idle client holds no buffer), and learning from a short read
+    /// that the socket is drained (no read that only returns EAGAIN afterwards).
+    pub async fn read_next(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        const ROOM: usize = 1024;
+        match self {
+            Stream::Plain(s) => {
+                s.readable().await?;
+                if buf.capacity() == buf.len() {
+                    buf.reserve(ROOM);
+                }
+                read_some(s, buf).await
+            }
+            Stream::Tls(s) => s.read_buf(buf).await,
+        }
+    }
+
     /// The two halves, which the relay's two pumps use at the same time.
     pub fn split(&mut self) -> (Reader<'_>, Writer<'_>) {
         match self {

@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncReadExt;
 use tokio::time::{timeout_at, Instant};
 use tracing::{info, warn};
 
@@ -296,7 +295,7 @@ impl Session<'_> {
         loop {
             if buf.is_empty() {
                 tokio::select! {
-                    read = client.read_buf(&mut buf) => match read {
+                    read = client.read_next(&mut buf) => match read {
                         Ok(0) => return total,
                         Ok(_) => {}
                         Err(e) => {

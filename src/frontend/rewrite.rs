@@ -66,8 +66,11 @@ pub(super) async fn pump_up(
                 out.extend_from_slice(&b);
             }
         }
-        // patroxy's own answers may be due now, with nothing for the server to answer.
-        wake.notify_one();
+        // patroxy's own answers may be due now, with nothing for the server to answer. Only
+        // then is the other pump woken: a wake-up for nothing costs a thread's sleep and wake.
+        if lock(responses).own_due() {
+            wake.notify_one();
+        }
         st.up_clean.store(false, Relaxed);
         if !out.is_empty() {
             if let Err(e) = wr.write_all(&out).await {

@@ -386,6 +386,11 @@ impl Responses {
     }
 
     /// patroxy's own answers now due (everything before them has passed).
+    /// patroxy's own answers are next in line: they can go without a server message.
+    pub fn own_due(&self) -> bool {
+        matches!(self.queue.front(), Some(Pending::Own(_)))
+    }
+
     pub fn due(&mut self) -> Vec<Bytes> {
         let mut out = Vec::new();
         while let Some(Pending::Own(b)) = self.queue.front() {
