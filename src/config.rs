@@ -547,6 +547,11 @@ pub struct Timeouts {
     /// On shutdown, open transactions get this long to finish.
     #[serde(with = "humantime_serde")]
     pub shutdown: Duration,
+    /// Data sent to a server and not acknowledged this long closes the connection
+    /// (TCP_USER_TIMEOUT): a server cut off mid-query is given up on, instead of after the
+    /// kernel's retransmissions (about 15 minutes). 0 leaves the system's default.
+    #[serde(with = "humantime_serde")]
+    pub tcp_user_timeout: Duration,
 }
 
 impl Default for Timeouts {
@@ -559,6 +564,7 @@ impl Default for Timeouts {
             replica_drain: Duration::from_secs(10),
             eject: Duration::from_secs(3),
             shutdown: Duration::from_secs(10),
+            tcp_user_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -683,6 +689,12 @@ impl Config {
             if d < floor {
                 bad.push(format!("{name}: {d:?} is too short (at least {floor:?})"));
             }
+        }
+        if !t.tcp_user_timeout.is_zero() && t.tcp_user_timeout < Duration::from_secs(1) {
+            bad.push(format!(
+                "timeouts.tcp_user_timeout: {:?} is too short (at least 1s, or 0 for the system's default)",
+                t.tcp_user_timeout
+            ));
         }
         if let Some(a) = &self.admin.listen {
             if a.parse::<SocketAddr>().is_err() {

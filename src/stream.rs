@@ -26,6 +26,35 @@ pub(crate) fn tune_socket(s: &impl std::os::fd::AsFd) {
     let _ = s.set_tcp_keepalive(&ka);
 }
 
+/// A server socket: tuned as any, and given up on once data sent stays unacknowledged for
+/// `user_timeout` (TCP_USER_TIMEOUT; keepalive does nothing while data is in flight).
+pub(crate) fn tune_server_socket(s: &TcpStream, user_timeout: Duration) {
+    tune_socket(s);
+    if !user_timeout.is_zero() {
+        let _ = SockRef::from(s).set_tcp_user_timeout(Some(user_timeout));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn server_sockets_give_up_on_unacknowledged_data() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let s = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        tune_server_socket(&s, Duration::from_secs(30));
+        let sock = SockRef::from(&s);
+        assert_eq!(
+            sock.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(30))
+        );
+        assert!(sock.tcp_nodelay().unwrap());
+    }
+}
+
 /// Read buffer per direction.
 pub const BUF_SIZE: usize = 16 * 1024;
 

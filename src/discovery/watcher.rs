@@ -21,7 +21,8 @@ use crate::backoff::Backoff;
 use crate::etcd::{read_prefix, relative, within, Etcd, EtcdError};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// At most this between two attempts to reach etcd: a healed link is noticed within it.
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Progress is asked for at least this far apart, whatever `watch_idle_timeout` says.
 const PROGRESS_FLOOR: Duration = Duration::from_millis(100);
 

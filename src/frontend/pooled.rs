@@ -690,6 +690,7 @@ async fn checkout(
                         login: login.clone(),
                         wants_standby: ctx.policy.role.wants_standby(),
                         limit: proxy.timeouts.connect.max(proxy.timeouts.startup),
+                        user_timeout: proxy.timeouts.tcp_user_timeout,
                     };
                     let opened = opener.open().await;
                     crate::metrics::server_connect(if opened.is_ok() { "ok" } else { "failed" });
