@@ -915,6 +915,39 @@ async fn alices_backend(pg: &Postgres) -> (tokio_postgres::Client, i32) {
     (direct, pid)
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_gives_up_waiting_for_a_primary_is_let_go_at_once() {
+    let Pooled {
+        pg: _pg,
+        proxy,
+        etcd,
+        _root,
+    } = pooled_primary("poolgone", 2, |cfg| {
+        cfg.timeouts.connect_wait = Duration::from_secs(60);
+        cfg.auth.admin_users = vec!["alice".into()];
+    })
+    .await;
+    let port = proxy.port();
+    let (c, conn) = login(port, "alice", "wonder", "").await.unwrap();
+    assert_eq!(one(&c, "SELECT 'before'").await, "before");
+    // No primary: the next transaction waits in patroxy.
+    Keys::new(&etcd, "poolgone").await.delete("leader").await;
+    let query = tokio::spawn(async move { c.simple_query("SELECT 1").await.map(drop) });
+    let clients = || console(port, "alice", "wonder", "SHOW CLIENTS");
+    wait_for("the client waiting", LONG, || async {
+        clients().await.ok()?.contains("|waiting|").then_some(())
+    })
+    .await;
+    // It gives up (its own timeout): patroxy lets it go now, not at connect_wait.
+    query.abort();
+    conn.abort();
+    wait_for("the client let go", Duration::from_secs(10), || async {
+        clients().await.ok()?.is_empty().then_some(())
+    })
+    .await;
+    proxy.stop().await;
+}
+
 /// Sends a cancel request with `token` to patroxy on `port`.
 async fn cancel_via(token: &tokio_postgres::CancelToken, port: u16) {
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))

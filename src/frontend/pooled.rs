@@ -326,15 +326,36 @@ impl Session<'_> {
                 }
             }
             self.me.set(clients::WAITING);
-            let checked_out = tokio::select! {
-                r = Box::pin(checkout(self.ctx, self.login, self.user, self.database, topology)) => r,
-                _ = self.me.kill.cancelled() => return self.killed(client, total).await,
-                _ = proxy.shutdown.cancelled() => {
-                    send_fatal(client, codes::ADMIN_SHUTDOWN, "terminating connection because patroxy is shutting down").await;
-                    total.end = End::Drained { cause: crate::routing::drain::DrainCause::Shutdown, forced: false };
-                    return total;
+            // While it waits for a server, the client is watched: one that gives up is not
+            // logged in for when a server appears (what it sends meanwhile is kept).
+            let mut waiting = Box::pin(checkout(
+                self.ctx,
+                self.login,
+                self.user,
+                self.database,
+                topology,
+            ));
+            let checked_out = loop {
+                tokio::select! {
+                    r = &mut waiting => break r,
+                    read = client.read_next(&mut buf) => match read {
+                        Ok(0) => return total,
+                        Ok(_) if buf.ends_with(&TERMINATE) => return total,
+                        Ok(_) => continue,
+                        Err(e) => {
+                            total.end = End::ClientIo(e);
+                            return total;
+                        }
+                    },
+                    _ = self.me.kill.cancelled() => return self.killed(client, total).await,
+                    _ = proxy.shutdown.cancelled() => {
+                        send_fatal(client, codes::ADMIN_SHUTDOWN, "terminating connection because patroxy is shutting down").await;
+                        total.end = End::Drained { cause: crate::routing::drain::DrainCause::Shutdown, forced: false };
+                        return total;
+                    }
                 }
             };
+            drop(waiting);
             let (lease, mut conn, target) = match checked_out {
                 Ok(c) => c,
                 Err(e) => {
