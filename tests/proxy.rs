@@ -606,3 +606,38 @@ async fn shutdown_ends_idle_sessions_and_lets_transactions_finish() {
         .get(0);
     assert_eq!(n, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_gives_up_between_connect_retries_is_let_go_at_once() {
+    install_metrics();
+    let root = TempRoot::new();
+    let etcd = Etcd::start(&root);
+    // The leader key names a server nobody listens on: every attempt fails, and patroxy
+    // retries within connect_wait.
+    let mut keys = Keys::new(&etcd, "gaveup").await;
+    keys.member("a", free_port(), "primary", "running").await;
+    keys.leader("a").await;
+    let proxy = Proxy::start(&etcd, "gaveup", |cfg| {
+        cfg.listeners = vec![listener("gaveup", ListenerRole::Primary)];
+        cfg.timeouts.connect_wait = Duration::from_secs(60);
+    })
+    .await;
+    let gone = || {
+        let labels = [r#"listener="gaveup""#, r#"reason="client_gone""#];
+        sample(&metrics_text(), "patroxy_connect_failures_total", &labels).unwrap_or(0.0)
+    };
+    // The client gives up after its own second (dropped, its socket closes).
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        proxy.port()
+    );
+    let attempt = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls);
+    assert!(tokio::time::timeout(Duration::from_secs(1), attempt)
+        .await
+        .is_err());
+    wait_for("the attempt abandoned", Duration::from_secs(10), || async {
+        (gone() >= 1.0).then_some(())
+    })
+    .await;
+    proxy.stop().await;
+}

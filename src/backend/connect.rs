@@ -103,11 +103,13 @@ pub async fn establish(
         if Instant::now() >= deadline {
             return Err(no_server(why));
         }
-        // Retry after a pause, or at once if the topology moves.
+        // Retry after a pause, or at once if the topology moves; a client that gives up
+        // meanwhile is not connected for later.
         let wake = (Instant::now() + pause.next_pause()).min(deadline);
         tokio::select! {
             _ = tokio::time::sleep_until(wake) => {}
             _ = topology.changed() => {}
+            r = read_client(client, client_buf) => r?,
         }
         if Instant::now() >= deadline {
             return Err(no_server(why));

@@ -385,9 +385,13 @@ impl Handshake<'_> {
                 return Ok(());
             }
             let next = (Instant::now() + PROMOTION_POLL).min(deadline);
+            // A client that gives up meanwhile ends the wait.
             tokio::select! {
                 _ = tokio::time::sleep_until(next) => {}
                 _ = topology.changed() => {}
+                r = super::connect::read_client(self.client, self.client_buf) => {
+                    r.map_err(Attempt::Fatal)?;
+                }
             }
         }
     }
