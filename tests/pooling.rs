@@ -948,6 +948,68 @@ async fn a_client_that_gives_up_waiting_for_a_primary_is_let_go_at_once() {
     proxy.stop().await;
 }
 
+/// One address in front of several: each connection goes to the first target that accepts
+/// it (a stand-in for a Kubernetes Service over two patroxy pods).
+async fn front(targets: Vec<u16>) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let targets = targets.clone();
+            tokio::spawn(async move {
+                for t in targets {
+                    if let Ok(mut out) = tokio::net::TcpStream::connect(("127.0.0.1", t)).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_behind_one_address_costs_clients_no_error() {
+    let (root, etcd, pg) = one_primary("poolroll").await;
+    let file = users(&root, &pg).await;
+    let start = |name: &'static str| {
+        let file = file.clone();
+        Proxy::start(&etcd, "poolroll", move |cfg| {
+            transaction_pooled(cfg, file, 2);
+            cfg.auth.admin_users = vec!["alice".into()];
+            cfg.report.instance = Some(name.into());
+        })
+    };
+    let (old, new) = (start("old").await, start("new").await);
+    let (old_port, new_port) = (old.port(), new.port());
+    let address = front(vec![old_port, new_port]).await;
+    // A client through the one address lands on the old instance.
+    let (c, conn) = login(address, "alice", "wonder", "").await.unwrap();
+    assert_eq!(one(&c, "SELECT 'on old'").await, "on old");
+    // The old instance is retired: it stops accepting, and serves its client until it leaves.
+    let said = console(old_port, "alice", "wonder", "SHUTDOWN WAIT_FOR_CLIENTS").await;
+    assert_eq!(said.unwrap(), "SHUTDOWN");
+    for i in 0..5 {
+        let sql = format!("SELECT 'still served {i}'");
+        assert_eq!(one(&c, &sql).await, format!("still served {i}"));
+    }
+    // The client reconnects (its pool recycles it): the same address now reaches the new
+    // instance, and the old one stops once its last client has gone. No error anywhere.
+    drop(c);
+    let _ = conn.await;
+    let (c, _conn) = login(address, "alice", "wonder", "").await.unwrap();
+    assert_eq!(one(&c, "SELECT 'on new'").await, "on new");
+    let on_new = console(new_port, "alice", "wonder", "SHOW CLIENTS").await;
+    assert!(
+        on_new.unwrap().starts_with("C|alice|"),
+        "the client is on the new instance"
+    );
+    old.exited(LONG).await;
+    assert_eq!(one(&c, "SELECT 'after'").await, "after");
+    new.stop().await;
+}
+
 /// Sends a cancel request with `token` to patroxy on `port`.
 async fn cancel_via(token: &tokio_postgres::CancelToken, port: u16) {
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
