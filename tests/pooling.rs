@@ -1482,9 +1482,22 @@ async fn no_exit_of_a_client_leaves_state_for_the_next_one() {
     assert_ne!(s[0], pid, "a connection left mid-pipeline was lent again");
     let pid = s[0].clone();
 
-    // 4. A protocol error from the client: the connection is closed.
+    // 4. A protocol error from the client, on the connection lent to it: the connection is
+    // closed. (The client stays until patroxy ends it: one that left at once would be let
+    // go before any connection was lent.)
     let mut raw = raw_login(port, "postgres").await;
     raw.write_all(&[b'Q', 0, 0, 0, 1]).await.unwrap();
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(
+        LONG,
+        tokio::io::AsyncReadExt::read_to_end(&mut raw, &mut rest),
+    )
+    .await;
+    assert!(
+        ended.is_ok(),
+        "patroxy ends a client that breaks the protocol"
+    );
+    assert!(rest.contains(&b'E'), "with an error");
     drop(raw);
     let s = next().await;
     clean(&s);
