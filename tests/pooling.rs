@@ -925,6 +925,7 @@ async fn a_client_that_gives_up_waiting_for_a_primary_is_let_go_at_once() {
     } = pooled_primary("poolgone", 2, |cfg| {
         cfg.timeouts.connect_wait = Duration::from_secs(60);
         cfg.auth.admin_users = vec!["alice".into()];
+        cfg.admin.listen = Some("127.0.0.1:0".into());
     })
     .await;
     let port = proxy.port();
@@ -932,6 +933,12 @@ async fn a_client_that_gives_up_waiting_for_a_primary_is_let_go_at_once() {
     assert_eq!(one(&c, "SELECT 'before'").await, "before");
     // No primary: the next transaction waits in patroxy.
     Keys::new(&etcd, "poolgone").await.delete("leader").await;
+    let admin = proxy.admin.unwrap();
+    wait_for("patroxy to see no leader", LONG, || async move {
+        let v = topology_json(admin).await?;
+        v["clusters"][0]["leader"].is_null().then_some(())
+    })
+    .await;
     let query = tokio::spawn(async move { c.simple_query("SELECT 1").await.map(drop) });
     let clients = || console(port, "alice", "wonder", "SHOW CLIENTS");
     wait_for("the client waiting", LONG, || async {
