@@ -1330,32 +1330,7 @@ async fn pgbench_runs_through_session_and_transaction_pools() {
             PoolMode::Session => vec!["-C", "-S", "-c", "4", "-j", "2", "-t", "50"],
             _ => vec!["-c", "8", "-j", "2", "-t", "50"],
         };
-        let out = tokio::process::Command::new(format!("{PG_BIN}/pgbench"))
-            .env("PGPASSWORD", "wonder")
-            .args([
-                "-n",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &proxy.port().to_string(),
-                "-U",
-                "alice",
-            ])
-            .args(&args)
-            .arg("postgres")
-            .output()
-            .await
-            .unwrap();
-        let report = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{mode}: {report}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            report.contains("number of failed transactions: 0"),
-            "{mode}: {report}"
-        );
+        pgbench_as_alice(proxy.port(), &args).await;
         proxy.stop().await;
     }
 }
@@ -1542,6 +1517,28 @@ async fn pgbench_init(pg: &Postgres) {
 }
 
 /// Runs a Python script with Debian's python3 (psycopg 3, asyncpg); its stdout.
+/// pgbench through patroxy on `port` as alice: it must succeed with no failed transaction.
+async fn pgbench_as_alice(port: u16, args: &[&str]) {
+    let mut cmd = tokio::process::Command::new(format!("{PG_BIN}/pgbench"));
+    cmd.env("PGPASSWORD", "wonder")
+        .args([
+            "-n",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            "alice",
+        ])
+        .args(args)
+        .arg("postgres");
+    let report = stdout_of(cmd, "pgbench").await;
+    assert!(
+        report.contains("number of failed transactions: 0"),
+        "{args:?}: {report}"
+    );
+}
+
 async fn python(script: &str, args: &[&str]) -> String {
     let mut cmd = tokio::process::Command::new("/usr/bin/python3");
     cmd.arg("-c").arg(script).args(args);
@@ -1572,31 +1569,7 @@ async fn prepared_statements_work_through_a_transaction_pool() {
     let port = proxy.port();
 
     // pgbench -M prepared: named statements, 20 clients on 2 server connections.
-    let out = tokio::process::Command::new(format!("{PG_BIN}/pgbench"))
-        .env("PGPASSWORD", "wonder")
-        .args(["-n", "-M", "prepared", "-c", "20", "-j", "2", "-t", "30"])
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            "alice",
-            "postgres",
-        ])
-        .output()
-        .await
-        .unwrap();
-    let report = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{report}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        report.contains("number of failed transactions: 0"),
-        "{report}"
-    );
+    pgbench_as_alice(port, &["-M", "prepared", "-c", "20", "-j", "2", "-t", "30"]).await;
 
     // tokio-postgres: statements prepared once, executed in later transactions, by 20
     // clients whose transactions land on either connection.
