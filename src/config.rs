@@ -126,6 +126,11 @@ pub struct PoolConfig {
     /// Transaction pooling: named prepared statements each server connection keeps for
     /// clients, the least recently used closed first.
     pub max_prepared_statements: usize,
+    /// A scheduled switchover (Patroni's `scheduled_at`) is held from this long before its
+    /// time: no new transaction starts on the old primary, and running ones have this long
+    /// to finish before Patroni's fast shutdown would kill them.
+    #[serde(with = "humantime_serde")]
+    pub switchover_grace: Duration,
 }
 
 impl Default for PoolConfig {
@@ -140,6 +145,7 @@ impl Default for PoolConfig {
             server_reset_query: "DISCARD ALL".into(),
             server_check_delay: Duration::from_secs(30),
             max_prepared_statements: 100,
+            switchover_grace: Duration::from_secs(2),
         }
     }
 }

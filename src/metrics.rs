@@ -33,6 +33,7 @@ pub const POOL_CHECKOUTS: &str = "patroxy_pool_checkouts_total";
 pub const SERVER_RESETS: &str = "patroxy_server_resets_total";
 pub const PREPARED: &str = "patroxy_prepared_statements_total";
 pub const SWITCHOVER_HOLDS: &str = "patroxy_switchover_holds_total";
+pub const SWITCHOVER_MOVES: &str = "patroxy_switchover_moves_total";
 
 /// Installs the Prometheus recorder for this process; its handle renders `/metrics`.
 pub fn install() -> Result<PrometheusHandle, String> {
@@ -272,6 +273,12 @@ pub fn pool_checkout(listener: &str, connection: &'static str) {
 /// A transaction of a pooled client of `listener` was held for a planned switchover.
 pub fn switchover_hold(listener: &str) {
     counter!(SWITCHOVER_HOLDS, "listener" => listener.to_owned()).increment(1);
+}
+
+/// A session-pooled client at rest on a primary Patroni is switching away from: `moved`
+/// to the next one, `stayed` (it holds state there), or `failed` (ended).
+pub fn switchover_move(result: &'static str) {
+    counter!(SWITCHOVER_MOVES, "result" => result).increment(1);
 }
 
 /// A server connection was reset for the next client: `ok`, or `failed` (then closed).

@@ -173,7 +173,12 @@ pub fn cluster(
         leader: t.leader.clone(),
         primary: primary.as_ref().ok().map(|p| p.endpoint.to_string()),
         unroutable: primary.err().map(|e| e.to_string()),
-        switchover: routing::switchover::under_way(t, std::time::SystemTime::now()).then(|| {
+        switchover: routing::switchover::under_way(
+            t,
+            std::time::SystemTime::now(),
+            std::time::Duration::ZERO,
+        )
+        .then(|| {
             let f = t.failover.clone().unwrap_or_default();
             let or_any = |m: Option<String>| m.unwrap_or_else(|| "any".into());
             format!("{} -> {}", or_any(t.leader.clone()), or_any(f.candidate))

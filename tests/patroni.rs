@@ -27,6 +27,22 @@ struct Attempt {
 const INSERT: &str = "INSERT INTO writes (id, port) VALUES ($1, inet_server_port()) RETURNING port";
 const READ: &str = "SELECT inet_server_port() WHERE $1::bigint IS NOT NULL";
 
+/// How a writer talks: as which user, with a statement prepared once or not.
+#[derive(Clone, Copy)]
+struct Script {
+    user: &'static str,
+    prepared: bool,
+}
+
+impl Default for Script {
+    fn default() -> Self {
+        Script {
+            user: "postgres",
+            prepared: false,
+        }
+    }
+}
+
 /// Commits a numbered row every 10 ms through patroxy, reconnecting on any error.
 struct Writer {
     log: Arc<Mutex<Vec<Attempt>>>,
@@ -50,34 +66,56 @@ impl Writer {
     }
 
     fn spawn_with(port: u16, base: i64, sql: &'static str) -> Writer {
+        Writer::spawn_as(port, base, sql, Script::default())
+    }
+
+    /// A writer as `user`; `prepared`: it prepares its statement once per connection and
+    /// keeps using it (a named statement on the server).
+    fn spawn_as(port: u16, base: i64, sql: &'static str, script: Script) -> Writer {
         let log = Arc::new(Mutex::new(Vec::new()));
         let stop = tokio_util::sync::CancellationToken::new();
-        let task = tokio::spawn(Self::run(port, base, sql, log.clone(), stop.clone()));
+        let task = tokio::spawn(Self::run(
+            port,
+            (base, sql, script),
+            log.clone(),
+            stop.clone(),
+        ));
         Writer { log, stop, task }
     }
 
     async fn run(
         port: u16,
-        base: i64,
-        sql: &'static str,
+        (base, sql, script): (i64, &'static str, Script),
         log: Arc<Mutex<Vec<Attempt>>>,
         stop: tokio_util::sync::CancellationToken,
     ) {
-        let mut client: Option<tokio_postgres::Client> = None;
+        let mut client: Option<(tokio_postgres::Client, Option<tokio_postgres::Statement>)> = None;
         let mut id = base;
         while !stop.is_cancelled() {
             id += 1;
             let result = async {
                 if client.is_none() {
-                    client = Some(
-                        connect(port)
-                            .await
-                            .map_err(|e| format!("connect: {}", message(&e)))?,
-                    );
+                    let (c, _) = connect_with(port, &format!("user={}", script.user))
+                        .await
+                        .map_err(|e| format!("connect: {}", message(&e)))?;
+                    let statement = match script.prepared {
+                        true => Some(
+                            c.prepare(sql)
+                                .await
+                                .map_err(|e| format!("prepare: {}", message(&e)))?,
+                        ),
+                        false => None,
+                    };
+                    client = Some((c, statement));
                 }
-                let c = client.as_ref().unwrap();
+                let (c, statement) = client.as_ref().unwrap();
                 let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
-                let insert = c.query_one(sql, &params);
+                let insert = async {
+                    match statement {
+                        Some(st) => c.query_one(st, &params).await,
+                        None => c.query_one(sql, &params).await,
+                    }
+                };
                 match tokio::time::timeout(Duration::from_secs(60), insert).await {
                     Ok(Ok(row)) => Ok(row.get::<_, i32>(0) as u16),
                     Ok(Err(e)) => Err(format!(
@@ -340,10 +378,16 @@ async fn fifty_pooled_writers_survive_a_switchover_and_a_crash() {
     let mut cluster = Cluster::start("pooled", 3).await;
     let proxy = Proxy::start(&cluster.etcd, "pooled", |cfg| {
         cfg.timeouts.connect_wait = Duration::from_secs(40);
-        cfg.listeners = vec![patroxy::config::ListenerConfig {
-            pool_mode: patroxy::config::PoolMode::Transaction,
-            ..listener("rw", ListenerRole::Primary)
-        }];
+        cfg.listeners = vec![
+            patroxy::config::ListenerConfig {
+                pool_mode: patroxy::config::PoolMode::Transaction,
+                ..listener("rw", ListenerRole::Primary)
+            },
+            patroxy::config::ListenerConfig {
+                pool_mode: patroxy::config::PoolMode::Session,
+                ..listener("sessions", ListenerRole::Primary)
+            },
+        ];
         cfg.pool.pool_size = 8;
         cfg.auth.trust = vec!["127.0.0.1/32".parse().unwrap()];
     })
@@ -355,13 +399,32 @@ async fn fifty_pooled_writers_survive_a_switchover_and_a_crash() {
     })
     .await;
     setup
-        .batch_execute("CREATE TABLE writes (id bigint PRIMARY KEY, port int NOT NULL)")
+        .batch_execute(
+            "CREATE TABLE writes (id bigint PRIMARY KEY, port int NOT NULL);
+             CREATE ROLE sessions LOGIN; GRANT ALL ON writes TO sessions",
+        )
         .await
         .unwrap();
     drop(setup);
-    let writers: Vec<Writer> = (0..50)
+    let mut writers: Vec<Writer> = (0..50)
         .map(|w| Writer::spawn_from(port, w * 1_000_000))
         .collect();
+    // Session-pooled writers (their own user, so their own pool), half of them with a
+    // statement prepared once and used throughout; and a session holding an advisory lock,
+    // which must not be moved to the next primary without it.
+    let sessions = proxy.port_of("sessions");
+    writers.extend((0..6).map(|w| {
+        let script = Script {
+            user: "sessions",
+            prepared: w % 2 == 1,
+        };
+        Writer::spawn_as(sessions, (100 + w) * 1_000_000, INSERT, script)
+    }));
+    let (locked, _) = connect_with(sessions, "user=sessions").await.unwrap();
+    locked
+        .batch_execute("SELECT pg_advisory_lock(42)")
+        .await
+        .unwrap();
     let readers: Vec<Writer> = (0..20).map(|_| Writer::spawn_reader(port)).collect();
     for w in writers.iter().chain(&readers) {
         w.wait_acked_on(cluster.port_of(&first), Instant::now())
@@ -372,7 +435,7 @@ async fn fifty_pooled_writers_survive_a_switchover_and_a_crash() {
             .iter()
             .map(|w| w.window(t))
             .fold((0, Duration::ZERO), |(f, g), (wf, wg)| (f + wf, g.max(wg)));
-        eprintln!("{name}: 50 pooled writers and 20 readers on 8 server connections: {failed} client-visible errors, longest gap {gap:?}");
+        eprintln!("{name}: 50 transaction-pooled writers and 20 readers on 8 server connections, 6 session-pooled writers: {failed} client-visible errors, longest gap {gap:?}");
         assert!(failed <= bound, "{name}: {failed} errors");
         assert!(
             gap < Duration::from_secs(30),
@@ -393,6 +456,26 @@ async fn fifty_pooled_writers_survive_a_switchover_and_a_crash() {
     event("switchover", &clients, t, 0);
     let held = sample(&metrics_text(), "patroxy_switchover_holds_total", &[]).unwrap_or(0.0);
     assert!(held >= 1.0, "no transaction was held:\n{}", metrics_text());
+    // The session writers left the old primary with their statements; the lock holder
+    // stayed, and its session ended with the server's.
+    let moves = |result| {
+        sample(&metrics_text(), "patroxy_switchover_moves_total", &[result]).unwrap_or(0.0)
+    };
+    assert!(
+        moves("result=\"moved\"") >= 6.0,
+        "moves:\n{}",
+        metrics_text()
+    );
+    assert!(
+        moves("result=\"stayed\"") >= 1.0,
+        "moves:\n{}",
+        metrics_text()
+    );
+    let lost_lock = locked.batch_execute("SELECT 1").await;
+    assert!(
+        lost_lock.is_err(),
+        "the session holding a lock went on elsewhere"
+    );
 
     // A crash of the new leader.
     cluster.wait_healthy(3, EVENT).await;

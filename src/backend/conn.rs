@@ -313,6 +313,18 @@ impl ServerConn {
         self.read_to_ready().await
     }
 
+    /// Sends these Parse frames and a Sync, and waits for the ReadyForQuery: each
+    /// statement prepared, or the first error.
+    pub async fn prepare_all(&mut self, parses: &[bytes::Bytes]) -> Result<(), ConnError> {
+        let mut out = BytesMut::with_capacity(parses.iter().map(|p| p.len()).sum::<usize>() + 5);
+        for p in parses {
+            out.extend_from_slice(p);
+        }
+        out.extend_from_slice(&[codes::SYNC, 0, 0, 0, 4]);
+        send(&mut self.stream, &out).await?;
+        self.read_to_ready().await.map(|_| ())
+    }
+
     /// Makes the connection clean for another client: a transaction left open is rolled
     /// back, then `reset_query` runs. Clean means idle at ReadyForQuery, nothing pending.
     pub async fn reset(

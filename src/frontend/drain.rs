@@ -3,6 +3,7 @@
 //! oneshot for it, which is lock-free; the decision itself is `routing::drain`.
 
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -10,13 +11,16 @@ use tokio_util::sync::CancellationToken;
 use crate::discovery::patroni::Endpoint;
 use crate::discovery::Topology;
 use crate::routing::drain::{drain_cause, DrainCause};
-use crate::routing::Policy;
+use crate::routing::{switchover, Policy};
 
 /// What can end a session from outside its two streams.
 pub(super) struct Watched {
     pub policy: watch::Receiver<Arc<Policy>>,
     pub topology: watch::Receiver<Arc<Topology>>,
     pub shutdown: CancellationToken,
+    /// Session pooling on a primary listener: the session leaves its server for a
+    /// switchover, from this long before a scheduled one's time.
+    pub switchover_grace: Option<Duration>,
 }
 
 /// Waits until the session must be drained (its server left the listener's pool under the
@@ -41,8 +45,13 @@ pub(super) async fn drain_cause_of(
     // The topology may have moved while this session was connecting.
     w.topology.mark_changed();
     let (mut topology_open, mut policy_open) = (true, true);
+    // When a scheduled switchover's hold begins, if one is announced.
+    let mut switchover_at: Option<SystemTime> = None;
     let cause = loop {
+        let until_switchover =
+            switchover_at.map(|at| at.duration_since(SystemTime::now()).unwrap_or_default());
         tokio::select! {
+            _ = tokio::time::sleep(until_switchover.unwrap_or_default()), if until_switchover.is_some() => {}
             changed = w.topology.changed(), if topology_open => {
                 topology_open = changed.is_ok();
             }
@@ -57,6 +66,15 @@ pub(super) async fn drain_cause_of(
         let t = w.topology.borrow_and_update().clone();
         if let Some(cause) = drain_cause(&policy, member, server, &t) {
             break cause;
+        }
+        if let Some(grace) = w.switchover_grace {
+            if switchover::moves_away_from(&t, member, SystemTime::now(), grace) {
+                break DrainCause::Switchover {
+                    from: member.to_owned(),
+                };
+            }
+            switchover_at =
+                switchover::starts_at(&t, grace).filter(|_| t.leader.as_deref() == Some(member));
         }
     };
     cause

@@ -8,6 +8,7 @@ pub mod clients;
 pub mod console;
 pub mod context;
 pub mod drain;
+pub mod moving;
 pub mod negotiate;
 pub mod pooled;
 pub mod relay;

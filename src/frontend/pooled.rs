@@ -19,6 +19,7 @@ use tracing::{info, warn};
 use super::client_auth::authenticate;
 use super::clients::{self, Client};
 use super::context::ListenerContext;
+use super::moving::{self, Verdict};
 use super::negotiate::send_fatal;
 use super::relay::{relay, session_state, End, RelayContext};
 use crate::auth::scram::Credential;
@@ -31,6 +32,7 @@ use crate::protocol::codes;
 use crate::protocol::messages::{self, Severity};
 use crate::protocol::prepared::{ClientStatements, Rewriter};
 use crate::protocol::startup::{CancelKey, StartupInfo};
+use crate::routing::drain::DrainCause;
 use crate::routing::{self, switchover, Target};
 use crate::stream::{send, Stream};
 use tokio_util::sync::CancellationToken;
@@ -284,6 +286,9 @@ impl Session<'_> {
         let proxy = &self.ctx.proxy;
         // The client's named statements, carried from connection to connection.
         let mut statements = ClientStatements::default();
+        // Session pooling: the Parse messages of the named statements a client that left
+        // its server for a switchover had there, for its next one.
+        let mut replay: Vec<Bytes> = Vec::new();
         // Since when a transaction has failed to get a usable connection.
         let mut retrying: Option<Instant> = None;
         let mut total = Ended {
@@ -370,7 +375,15 @@ impl Session<'_> {
             // Bounded: a server that froze without closing anything would hold the client
             // here, where no drain reaches.
             let limit = proxy.timeouts.connect.max(Duration::from_secs(1));
-            let applied = tokio::time::timeout(limit, apply_params(&mut conn, wanted))
+            // After a move, the client's named statements are prepared again first.
+            let prepared = async {
+                apply_params(&mut conn, wanted).await?;
+                match replay.is_empty() {
+                    true => Ok(()),
+                    false => conn.prepare_all(&replay).await,
+                }
+            };
+            let applied = tokio::time::timeout(limit, prepared)
                 .await
                 .unwrap_or(Err(ConnError::Timeout));
             if let Err(e) = applied {
@@ -388,6 +401,7 @@ impl Session<'_> {
                 return total;
             }
             retrying = None;
+            replay.clear();
             self.me.set(clients::ACTIVE);
             let pid = conn.key.as_ref().map_or(0, |k| k.pid);
             self.me.hold(Some((conn.endpoint.clone(), pid)));
@@ -405,7 +419,7 @@ impl Session<'_> {
                 attached,
                 per_transaction,
                 topology,
-                (&mut *wanted, &mut statements),
+                (&mut *wanted, &mut statements, &mut replay),
             ))
             .await;
             self.me.set(clients::IDLE);
@@ -413,9 +427,30 @@ impl Session<'_> {
             total.transactions += 1;
             total.bytes_up += one.bytes_up;
             total.bytes_down += one.bytes_down;
-            if !matches!(one.end, End::Released) {
+            if !matches!(one.end, End::Released | End::Moved) {
                 total.end = one.end;
                 return total;
+            }
+        }
+    }
+
+    /// Session pooling, at a planned switchover: whether the client may leave its server
+    /// connection for the next primary. If it may, the settings it made in its session
+    /// become its own (set on its next connection), and the Parse messages that recreate its
+    /// named statements come back.
+    async fn leave(
+        &self,
+        conn: &mut ServerConn,
+        wanted: &mut Wanted,
+    ) -> Result<Option<Vec<Bytes>>, ConnError> {
+        match moving::inspect(conn).await? {
+            Verdict::Stays(held) => {
+                info!(client = %self.peer, server = %conn.endpoint, %held, "session holds state on its server; it stays there through the switchover");
+                Ok(None)
+            }
+            Verdict::Moves(parses) => {
+                tidy(conn, session_state::SET, wanted).await?;
+                Ok(Some(parses))
             }
         }
     }
@@ -440,7 +475,7 @@ impl Session<'_> {
         attached: Attached,
         release_at_idle: bool,
         topology: &mut Topo,
-        (wanted, statements): (&mut Wanted, &mut ClientStatements),
+        (wanted, statements, replay): (&mut Wanted, &mut ClientStatements, &mut Vec<Bytes>),
     ) -> Ended {
         let proxy = &self.ctx.proxy;
         let Attached {
@@ -457,34 +492,87 @@ impl Session<'_> {
         });
         // A statement means what it means under its search path: part of its identity.
         let context = wanted.get("search_path").unwrap_or_default().to_owned();
-        let leftover = std::mem::take(&mut conn.buf);
         let cache_before = conn.prepared.stats;
-        let rewrite = release_at_idle.then(|| Rewriter {
-            client: statements,
-            server: &mut conn.prepared,
-            capacity: self.ctx.pool.max_prepared_statements,
-            context: &context,
-        });
-        let relay_ctx = RelayContext {
-            policy: &self.ctx.policy,
-            policy_updates: self.ctx.policy_updates.clone(),
-            member: &target.member,
-            server: &target.endpoint,
-            timeouts: &proxy.timeouts,
-            shutdown: &proxy.shutdown,
-            keep_server: true,
-            release_at_idle,
-            rewrite,
+        // Session pooling on a primary listener: the client leaves its server connection
+        // for the next primary when Patroni announces a switchover, if it holds nothing
+        // there that cannot follow it.
+        let mut movable = !release_at_idle && self.ctx.policy.role.wants_standby() == Some(false);
+        let mut client_buf = client_buf;
+        let (mut up_before, mut down_before, mut queries_before) = (0, 0, 0);
+        let mut reported_before = Vec::new();
+        let mut out = loop {
+            let leftover = std::mem::take(&mut conn.buf);
+            let rewrite = release_at_idle.then(|| Rewriter {
+                client: &mut *statements,
+                server: &mut conn.prepared,
+                capacity: self.ctx.pool.max_prepared_statements,
+                context: &context,
+            });
+            let relay_ctx = RelayContext {
+                policy: &self.ctx.policy,
+                policy_updates: self.ctx.policy_updates.clone(),
+                member: &target.member,
+                server: &target.endpoint,
+                timeouts: &proxy.timeouts,
+                shutdown: &proxy.shutdown,
+                keep_server: true,
+                release_at_idle,
+                rewrite,
+                switchover_grace: movable.then_some(self.ctx.pool.switchover_grace),
+            };
+            let out = relay(
+                client,
+                &mut conn.stream,
+                std::mem::take(&mut client_buf),
+                leftover,
+                relay_ctx,
+                topology,
+            )
+            .await;
+            let End::Drained {
+                cause: cause @ DrainCause::Switchover { .. },
+                ..
+            } = &out.end
+            else {
+                break out;
+            };
+            let limit = proxy.timeouts.connect.max(Duration::from_secs(1));
+            let verdict = match out.server_clean {
+                true => timeout_at(Instant::now() + limit, self.leave(&mut conn, wanted))
+                    .await
+                    .unwrap_or(Err(ConnError::Timeout)),
+                false => Err(ConnError::Protocol("a client message was cut".into())),
+            };
+            match verdict {
+                Ok(Some(parses)) => {
+                    crate::metrics::switchover_move("moved");
+                    info!(client = %self.peer, server = %target.endpoint, statements = parses.len(), "session leaves for the next primary (planned switchover)");
+                    *replay = parses;
+                    let mut out = out;
+                    out.end = End::Moved;
+                    break out;
+                }
+                Ok(None) => {
+                    crate::metrics::switchover_move("stayed");
+                    up_before += out.bytes_up;
+                    down_before += out.bytes_down;
+                    queries_before += out.queries;
+                    reported_before.extend(out.reported);
+                    movable = false;
+                }
+                Err(e) => {
+                    crate::metrics::switchover_move("failed");
+                    warn!(client = %self.peer, server = %target.endpoint, error = %e, "a session could not leave for the next primary; ended");
+                    send_fatal(client, codes::ADMIN_SHUTDOWN, &cause.client_message()).await;
+                    break out;
+                }
+            }
         };
-        let out = relay(
-            client,
-            &mut conn.stream,
-            client_buf,
-            leftover,
-            relay_ctx,
-            topology,
-        )
-        .await;
+        out.bytes_up += up_before;
+        out.bytes_down += down_before;
+        out.queries += queries_before;
+        reported_before.append(&mut out.reported);
+        out.reported = reported_before;
         crate::metrics::prepared(conn.prepared.stats - cache_before);
         proxy.pools.record(
             self.database,
@@ -656,16 +744,16 @@ async fn checkout(
     let turn = ctx.turn.fetch_add(1, Relaxed);
     let mut pause = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
     let mut why = String::new();
-    // Transaction pools of a primary listener hold new transactions while Patroni carries
-    // out a planned switchover: the old primary is about to stop.
-    let holds =
-        ctx.pool_mode == PoolMode::Transaction && ctx.policy.role.wants_standby() == Some(false);
+    // Pools of a primary listener hold new transactions (and new sessions) while Patroni
+    // carries out a planned switchover: the old primary is about to stop.
+    let holds = ctx.policy.role.wants_standby() == Some(false);
+    let grace = ctx.pool.switchover_grace;
     let (mut held, mut promoting) = (None, false);
     loop {
         let snapshot = topology.borrow_and_update().clone();
         let hold = if proxy.pools.is_paused(database) {
             Some("the database is paused (PAUSE on the admin console); held")
-        } else if holds && switchover::under_way(&snapshot, std::time::SystemTime::now()) {
+        } else if holds && switchover::under_way(&snapshot, std::time::SystemTime::now(), grace) {
             Some("a planned switchover is under way (Patroni's failover key); held")
         } else {
             None

@@ -47,11 +47,14 @@ pub enum End {
     /// Transaction pooling: the client used a feature that needs a server connection of
     /// its own across transactions (`LISTEN`).
     NeedsSession(&'static str),
+    /// Session pooling: the client left its server connection for the next primary at a
+    /// planned switchover; the client stays.
+    Moved,
 }
 
 impl End {
     /// Every `label()`, for metrics exported at zero before their first event.
-    pub const LABELS: [&'static str; 10] = [
+    pub const LABELS: [&'static str; 11] = [
         "client_closed",
         "server_closed",
         "client_error",
@@ -62,6 +65,7 @@ impl End {
         "drained_at_deadline",
         "released",
         "needs_session",
+        "moved",
     ];
 
     /// A short label for metrics.
@@ -77,6 +81,7 @@ impl End {
             End::Drained { forced: true, .. } => "drained_at_deadline",
             End::Released => "released",
             End::NeedsSession(_) => "needs_session",
+            End::Moved => "moved",
         }
     }
 }
@@ -100,6 +105,7 @@ impl std::fmt::Display for End {
             } => write!(f, "drained at deadline ({cause})"),
             End::Released => f.write_str("transaction ended; server connection released"),
             End::NeedsSession(what) => write!(f, "{what} needs session pooling"),
+            End::Moved => f.write_str("left for the next primary at a switchover"),
         }
     }
 }
@@ -121,6 +127,10 @@ pub struct RelayContext<'a> {
     pub release_at_idle: bool,
     /// Transaction pooling: named prepared statements are carried across connections.
     pub rewrite: Option<crate::protocol::prepared::Rewriter<'a>>,
+    /// Session pooling on a primary listener: at a switchover announced for this server,
+    /// end with `Drained { cause: Switchover }` at the next transaction end, saying nothing
+    /// to either side (the pooled session decides what follows).
+    pub switchover_grace: Option<Duration>,
 }
 
 /// Where the conversation stands, as both pumps see it; one task polls both, so relaxed
@@ -312,7 +322,7 @@ pub async fn relay(
             ),
         };
         tokio::pin!(up, down);
-        let mut draining: Option<(DrainCause, Instant)> = None;
+        let mut draining: Option<(DrainCause, Option<Instant>)> = None;
         // The topology and shutdown are watched by a task of their own: their futures take
         // locks shared by every session, so polling them on each data wake-up would serialise
         // busy sessions. The relay only sees a oneshot, which is lock-free to poll.
@@ -322,6 +332,7 @@ pub async fn relay(
             policy: ctx.policy_updates.clone(),
             topology: topology.clone(),
             shutdown: ctx.shutdown.clone(),
+            switchover_grace: ctx.switchover_grace,
         };
         let (member, server, policy) = (ctx.member, ctx.server, ctx.policy.clone());
         let (_control, cause_rx) = if ctx.release_at_idle {
@@ -345,7 +356,7 @@ pub async fn relay(
         tokio::pin!(cause_rx);
         let mut control_open = true;
         loop {
-            let deadline = draining.as_ref().map(|(_, d)| *d);
+            let deadline = draining.as_ref().and_then(|(_, d)| *d);
             tokio::select! {
                 biased;
                 end = &mut down => match end {
@@ -364,7 +375,7 @@ pub async fn relay(
                     };
                     tracing::debug!(server = %ctx.server, %cause, "draining session");
                     st.start_drain(&cause);
-                    let deadline = Instant::now() + cause.deadline(ctx.timeouts);
+                    let deadline = cause.deadline(ctx.timeouts).map(|d| Instant::now() + d);
                     draining = Some((cause, deadline));
                 }
                 _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
@@ -384,7 +395,16 @@ pub async fn relay(
         }
     };
     // Goodbyes: the client's FATAL only on a frame boundary, Terminate to the server likewise.
+    // A session leaving for a switchover is not ended here: both sides stay.
+    let moving = matches!(
+        &end,
+        End::Drained {
+            cause: DrainCause::Switchover { .. },
+            forced: false
+        }
+    );
     let goodbye = match &end {
+        _ if moving => None,
         End::Drained { cause, .. } => Some((codes::ADMIN_SHUTDOWN, cause.client_message())),
         End::ClientProtocol(e) => Some((codes::PROTOCOL_VIOLATION, format!("patroxy: {e}"))),
         End::ServerProtocol(e) => Some((
@@ -406,7 +426,7 @@ pub async fn relay(
     // Transaction pooling outlives a lost server connection: the pooled session tells the
     // client, which stays.
     let client_stays = st.release_at_idle && matches!(end, End::ServerClosed | End::ServerIo(_));
-    if !matches!(end, End::Released) && !client_stays {
+    if !matches!(end, End::Released) && !client_stays && !moving {
         let _ = timeout(GOODBYE_TIMEOUT, client_wr.shutdown()).await;
     }
     if told {
@@ -636,6 +656,7 @@ mod tests {
             drained(true),
             End::Released,
             End::NeedsSession("LISTEN"),
+            End::Moved,
         ];
         let labels: Vec<_> = all.iter().map(End::label).collect();
         assert_eq!(labels, End::LABELS);

@@ -145,6 +145,7 @@ async fn run_session(
         keep_server: false,
         release_at_idle: false,
         rewrite: None,
+        switchover_grace: None,
     };
 
     let leftover = std::mem::take(&mut backend.leftover);

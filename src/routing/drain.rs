@@ -18,6 +18,10 @@ pub enum DrainCause {
     LeftPool { member: String, why: String },
     /// patroxy is shutting down.
     Shutdown,
+    /// Session pooling: Patroni announced a switchover away from the session's primary.
+    /// The session leaves its server connection at its next transaction end, and is served
+    /// by the new primary if it holds no state there; the client sees nothing.
+    Switchover { from: String },
 }
 
 impl DrainCause {
@@ -34,11 +38,14 @@ impl DrainCause {
                 "terminating connection because {member} left this listener's pool: {why} (patroxy); reconnect"
             ),
             DrainCause::Shutdown => "terminating connection because patroxy is shutting down".into(),
+            DrainCause::Switchover { from } => format!(
+                "terminating connection because Patroni is switching over from {from} and this session holds state there (patroxy); reconnect"
+            ),
         }
     }
 
     /// Every `label()`, for metrics exported at zero before their first event.
-    pub const LABELS: [&'static str; 3] = ["primary_moved", "left_pool", "shutdown"];
+    pub const LABELS: [&'static str; 4] = ["primary_moved", "left_pool", "shutdown", "switchover"];
 
     /// A short label for logs and metrics.
     pub fn label(&self) -> &'static str {
@@ -46,6 +53,7 @@ impl DrainCause {
             DrainCause::PrimaryMoved { .. } => "primary_moved",
             DrainCause::LeftPool { .. } => "left_pool",
             DrainCause::Shutdown => "shutdown",
+            DrainCause::Switchover { .. } => "switchover",
         }
     }
 
@@ -55,12 +63,14 @@ impl DrainCause {
         !matches!(self, DrainCause::PrimaryMoved { .. })
     }
 
-    /// The deadline after which the session is closed whatever it is doing.
-    pub fn deadline(&self, t: &Timeouts) -> Duration {
+    /// The deadline after which the session is closed whatever it is doing; none for a
+    /// switchover, which the server's own shutdown ends if the transaction does not.
+    pub fn deadline(&self, t: &Timeouts) -> Option<Duration> {
         match self {
-            DrainCause::PrimaryMoved { .. } => t.drain,
-            DrainCause::LeftPool { .. } => t.replica_drain,
-            DrainCause::Shutdown => t.shutdown,
+            DrainCause::PrimaryMoved { .. } => Some(t.drain),
+            DrainCause::LeftPool { .. } => Some(t.replica_drain),
+            DrainCause::Shutdown => Some(t.shutdown),
+            DrainCause::Switchover { .. } => None,
         }
     }
 }
@@ -77,6 +87,7 @@ impl fmt::Display for DrainCause {
             }
             DrainCause::LeftPool { member, why } => write!(f, "{member} left the pool: {why}"),
             DrainCause::Shutdown => f.write_str("shutdown"),
+            DrainCause::Switchover { from } => write!(f, "switchover away from {from}"),
         }
     }
 }
@@ -277,13 +288,16 @@ mod tests {
             from: "a".into(),
             to: None,
         };
-        assert_eq!(moved.deadline(&t), t.drain);
+        assert_eq!(moved.deadline(&t), Some(t.drain));
         let left = DrainCause::LeftPool {
             member: "b".into(),
             why: String::new(),
         };
-        assert_eq!(left.deadline(&t), t.replica_drain);
-        assert_eq!(DrainCause::Shutdown.deadline(&t), t.shutdown);
+        assert_eq!(left.deadline(&t), Some(t.replica_drain));
+        assert_eq!(DrainCause::Shutdown.deadline(&t), Some(t.shutdown));
+        let switchover = DrainCause::Switchover { from: "a".into() };
+        assert_eq!(switchover.deadline(&t), None);
+        assert!(switchover.waits_for_transaction_end());
     }
 
     #[test]

@@ -6,22 +6,38 @@ use std::time::{Duration, SystemTime};
 
 use crate::discovery::Topology;
 
-/// The switchover the `failover` key announces is due and concerns the current leader: it
-/// names that leader (or no leader, as `patronictl failover` writes it), its candidate is
-/// another member, and it is not scheduled for later than `now`. A key that names another
-/// leader (left from an earlier switchover) or a time still to come holds nothing.
-pub fn under_way(t: &Topology, now: SystemTime) -> bool {
+/// The switchover the `failover` key announces is under way and concerns the current
+/// leader: it names that leader (or no leader, as `patronictl failover` writes it), its
+/// candidate is another member, and its time, less `grace`, has come. A key that names
+/// another leader (left from an earlier switchover) or a time still to come holds nothing.
+pub fn under_way(t: &Topology, now: SystemTime, grace: Duration) -> bool {
+    starts_at(t, grace).is_some_and(|at| at <= now)
+}
+
+/// When the hold for the announced switchover begins: at once for an immediate one,
+/// `grace` before a scheduled one's time. `None` when the key concerns no switchover away
+/// from the current leader.
+pub fn starts_at(t: &Topology, grace: Duration) -> Option<SystemTime> {
     let (Some(f), Some(leader)) = (&t.failover, &t.leader) else {
-        return false;
+        return None;
     };
     let names_leader = f.leader.as_deref().map_or(true, |l| l == leader);
     let moves_away = f.candidate.as_deref() != Some(leader.as_str());
-    let due = match &f.scheduled_at {
-        None => true,
+    if !(names_leader && moves_away) {
+        return None;
+    }
+    match f.scheduled_at.as_deref().map(parse_time) {
+        None => Some(SystemTime::UNIX_EPOCH),
         // Unreadable: assume due, as holding is bounded by connect_wait anyway.
-        Some(at) => parse_time(at).map_or(true, |at| at <= now),
-    };
-    names_leader && moves_away && due
+        Some(None) => Some(SystemTime::UNIX_EPOCH),
+        Some(Some(at)) => Some(at.checked_sub(grace).unwrap_or(SystemTime::UNIX_EPOCH)),
+    }
+}
+
+/// A session on `member` should leave it before the switchover stops it: `member` is the
+/// leader the switchover under way moves away from.
+pub fn moves_away_from(t: &Topology, member: &str, now: SystemTime, grace: Duration) -> bool {
+    t.leader.as_deref() == Some(member) && under_way(t, now, grace)
 }
 
 /// An ISO 8601 time as Patroni writes `scheduled_at` (`2026-11-30T10:00:00+01:00`, with
@@ -69,6 +85,10 @@ mod tests {
         })
     }
 
+    fn under_way(t: &Topology, now: SystemTime) -> bool {
+        super::under_way(t, now, Duration::ZERO)
+    }
+
     #[test]
     fn a_switchover_away_from_the_leader_holds_when_due() {
         let now = humantime::parse_rfc3339("2026-11-30T10:00:00Z").unwrap();
@@ -88,5 +108,20 @@ mod tests {
         assert!(!under_way(&with(later), now));
         let past = key(Some("a"), Some("b"), Some("2026-11-30T09:59:59Z"));
         assert!(under_way(&with(past), now));
+    }
+
+    #[test]
+    fn a_scheduled_switchover_is_held_from_its_grace_on() {
+        let now = humantime::parse_rfc3339("2026-11-30T10:00:00Z").unwrap();
+        let grace = Duration::from_secs(2);
+        let soon = with(key(Some("a"), Some("b"), Some("2026-11-30T10:00:01Z")));
+        assert!(super::under_way(&soon, now, grace));
+        assert!(moves_away_from(&soon, "a", now, grace));
+        assert!(!moves_away_from(&soon, "b", now, grace));
+        let later = with(key(Some("a"), Some("b"), Some("2026-11-30T10:00:03Z")));
+        assert!(!super::under_way(&later, now, grace));
+        let at = humantime::parse_rfc3339("2026-11-30T10:00:01Z").unwrap();
+        assert_eq!(starts_at(&later, grace), Some(at));
+        assert_eq!(starts_at(&with(None), grace), None);
     }
 }
