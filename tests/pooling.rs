@@ -768,9 +768,14 @@ async fn the_admin_console_answers_as_pgbouncer_does_and_the_exporter_reads_it()
         servers.contains("S|alice|postgres|idle|127.0.0.1|"),
         "{servers}"
     );
+    // KILL ends a client inside a transaction too, at once, as PgBouncer's does.
+    let (busy, busy_conn) = login(port, "alice", "wonder", "").await.unwrap();
+    busy.batch_execute("BEGIN; SELECT 1").await.unwrap();
     let killed = admin("KILL postgres").await;
     assert_eq!(killed, "KILL");
     assert_eq!(ended_within(conn, AT_REST).await.as_deref(), Some("57P01"));
+    let busy_end = ended_within(busy_conn, AT_REST).await;
+    assert_eq!(busy_end.as_deref(), Some("57P01"));
     drop(c);
     proxy.stop().await;
 }

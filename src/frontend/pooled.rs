@@ -457,10 +457,10 @@ impl Session<'_> {
 
     /// Ends the session for the console's KILL.
     async fn killed(&self, client: &mut Stream, mut total: Ended) -> Ended {
-        let msg = "terminating connection: killed from patroxy's admin console (KILL)";
-        send_fatal(client, codes::ADMIN_SHUTDOWN, msg).await;
+        let cause = DrainCause::Killed;
+        send_fatal(client, codes::ADMIN_SHUTDOWN, &cause.client_message()).await;
         total.end = End::Drained {
-            cause: crate::routing::drain::DrainCause::Shutdown,
+            cause,
             forced: false,
         };
         total
@@ -519,6 +519,7 @@ impl Session<'_> {
                 release_at_idle,
                 rewrite,
                 switchover_grace: movable.then_some(self.ctx.pool.switchover_grace),
+                kill: Some(self.me.kill.clone()),
             };
             let out = relay(
                 client,

@@ -131,6 +131,8 @@ pub struct RelayContext<'a> {
     /// end with `Drained { cause: Switchover }` at the next transaction end, saying nothing
     /// to either side (the pooled session decides what follows).
     pub switchover_grace: Option<Duration>,
+    /// The console's `KILL` for this client: the session ends at once.
+    pub kill: Option<CancellationToken>,
 }
 
 /// Where the conversation stands, as both pumps see it; one task polls both, so relaxed
@@ -354,6 +356,14 @@ pub async fn relay(
             (Some(AbortOnDropHandle::new(task)), Either::Right(cause_rx))
         };
         tokio::pin!(cause_rx);
+        let kill = ctx.kill.take();
+        let killed = async {
+            match &kill {
+                Some(k) => k.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(killed);
         let mut control_open = true;
         loop {
             let deadline = draining.as_ref().and_then(|(_, d)| *d);
@@ -368,6 +378,7 @@ pub async fn relay(
                     Pumped::End(end) => break end,
                 },
                 end = &mut up => break end,
+                _ = &mut killed => break End::Drained { cause: DrainCause::Killed, forced: true },
                 cause = &mut cause_rx, if control_open && draining.is_none() => {
                     let Ok(cause) = cause else {
                         control_open = false;

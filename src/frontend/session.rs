@@ -146,6 +146,7 @@ async fn run_session(
         release_at_idle: false,
         rewrite: None,
         switchover_grace: None,
+        kill: None,
     };
 
     let leftover = std::mem::take(&mut backend.leftover);

@@ -22,6 +22,8 @@ pub enum DrainCause {
     /// The session leaves its server connection at its next transaction end, and is served
     /// by the new primary if it holds no state there; the client sees nothing.
     Switchover { from: String },
+    /// The admin console's `KILL`: at once, inside a transaction too.
+    Killed,
 }
 
 impl DrainCause {
@@ -41,11 +43,20 @@ impl DrainCause {
             DrainCause::Switchover { from } => format!(
                 "terminating connection because Patroni is switching over from {from} and this session holds state there (patroxy); reconnect"
             ),
+            DrainCause::Killed => {
+                "terminating connection: killed from patroxy's admin console (KILL)".into()
+            }
         }
     }
 
     /// Every `label()`, for metrics exported at zero before their first event.
-    pub const LABELS: [&'static str; 4] = ["primary_moved", "left_pool", "shutdown", "switchover"];
+    pub const LABELS: [&'static str; 5] = [
+        "primary_moved",
+        "left_pool",
+        "shutdown",
+        "switchover",
+        "killed",
+    ];
 
     /// A short label for logs and metrics.
     pub fn label(&self) -> &'static str {
@@ -54,13 +65,14 @@ impl DrainCause {
             DrainCause::LeftPool { .. } => "left_pool",
             DrainCause::Shutdown => "shutdown",
             DrainCause::Switchover { .. } => "switchover",
+            DrainCause::Killed => "killed",
         }
     }
 
     /// A moved primary ends sessions at any rest point, inside a transaction too, since writes
     /// on a deposed primary may be lost. Read sessions and shutdown let a transaction finish.
     pub fn waits_for_transaction_end(&self) -> bool {
-        !matches!(self, DrainCause::PrimaryMoved { .. })
+        !matches!(self, DrainCause::PrimaryMoved { .. } | DrainCause::Killed)
     }
 
     /// The deadline after which the session is closed whatever it is doing; none for a
@@ -71,6 +83,7 @@ impl DrainCause {
             DrainCause::LeftPool { .. } => Some(t.replica_drain),
             DrainCause::Shutdown => Some(t.shutdown),
             DrainCause::Switchover { .. } => None,
+            DrainCause::Killed => Some(Duration::ZERO),
         }
     }
 }
@@ -88,6 +101,7 @@ impl fmt::Display for DrainCause {
             DrainCause::LeftPool { member, why } => write!(f, "{member} left the pool: {why}"),
             DrainCause::Shutdown => f.write_str("shutdown"),
             DrainCause::Switchover { from } => write!(f, "switchover away from {from}"),
+            DrainCause::Killed => f.write_str("killed (KILL)"),
         }
     }
 }
