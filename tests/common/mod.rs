@@ -19,7 +19,9 @@ use tokio_util::sync::CancellationToken;
 
 pub mod binary;
 pub mod gate;
+pub mod lab;
 pub mod patroni;
+pub mod spread;
 pub mod tls;
 
 /// The metrics handle of a test binary that installed a recorder (`install_metrics`).

@@ -83,7 +83,7 @@ impl Member {
 }
 
 /// `roots` and all their descendants, from `ps`.
-fn descendants(roots: &[u32]) -> Vec<u32> {
+pub fn descendants(roots: &[u32]) -> Vec<u32> {
     let out = Command::new("ps")
         .args(["-eo", "pid=,ppid="])
         .output()

@@ -1,0 +1,387 @@
+//! The fault suite, on separate hosts (network namespaces, see `common/lab.rs`): a real
+//! 3-member etcd cluster, three Patroni members, the patroxy binary, a client host and an
+//! observer. 20 writers on the client host commit numbered rows through patroxy (10 through
+//! the unpooled listener, 10 through the transaction pool) and record every answer, with the
+//! server and timeline that acknowledged it. After each fault: no acknowledged write lost, no
+//! write acknowledged by an old primary after one was acknowledged by its successor, and
+//! routing right within the bound the issue sets (printed; asserted with room for a loaded
+//! machine).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::lab::Net;
+use common::spread::{Spread, POOLED, SCOPE, UNPOOLED};
+use common::wait_for;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// What one write got back.
+#[derive(Debug, Clone)]
+struct Attempt {
+    sent: Instant,
+    done: Instant,
+    id: i64,
+    /// The server's data address and its timeline, or the error.
+    result: Result<(String, u32), String>,
+}
+
+const INSERT: &str = "INSERT INTO writes (id) VALUES ($1) \
+    RETURNING inet_server_addr()::text, substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)";
+
+/// The writers on the client host.
+struct Writers {
+    log: Arc<Mutex<Vec<Attempt>>>,
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Writers {
+    /// `per_listener` writers on each of patroxy's two listeners.
+    fn start(s: &Spread, per_listener: i64) -> Writers {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stop = CancellationToken::new();
+        let mut tasks = Vec::new();
+        for (l, port) in [UNPOOLED, POOLED].into_iter().enumerate() {
+            for w in 0..per_listener {
+                let at = s.px.socket(Net::Data, port);
+                let base = (l as i64 * per_listener + w) * 1_000_000_000;
+                let (log, stop) = (log.clone(), stop.clone());
+                tasks.push(s.client.spawn_task(write_loop(at, base, log, stop)));
+            }
+        }
+        Writers { log, stop, tasks }
+    }
+
+    /// Waits until every writer... at least `n` writes acknowledged by `addr` after `since`.
+    async fn wait_acked_by(&self, addr: &str, since: Instant, n: usize) {
+        wait_for(
+            &format!("{n} writes acknowledged by {addr}"),
+            Duration::from_secs(120),
+            || async move {
+                let log = self.log.lock().unwrap();
+                let acked = log
+                    .iter()
+                    .filter(|a| a.sent >= since)
+                    .filter(|a| matches!(&a.result, Ok((at, _)) if at == addr))
+                    .count();
+                (acked >= n).then_some(())
+            },
+        )
+        .await;
+    }
+
+    /// Errors and the longest time without an acknowledged write, since `since`.
+    fn window(&self, since: Instant) -> (usize, Duration) {
+        let log = self.log.lock().unwrap();
+        let mut acked: Vec<Instant> = Vec::new();
+        let mut failed = 0;
+        for a in log.iter().filter(|a| a.done >= since) {
+            match a.result {
+                Ok(_) => acked.push(a.done),
+                Err(_) => failed += 1,
+            }
+        }
+        acked.sort();
+        let mut gap = Duration::ZERO;
+        let mut last = since;
+        for t in acked {
+            gap = gap.max(t - last);
+            last = t;
+        }
+        (failed, gap)
+    }
+
+    async fn stop(self) -> Vec<Attempt> {
+        self.stop.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        Arc::try_unwrap(self.log).unwrap().into_inner().unwrap()
+    }
+}
+
+async fn write_loop(
+    at: SocketAddr,
+    base: i64,
+    log: Arc<Mutex<Vec<Attempt>>>,
+    stop: CancellationToken,
+) {
+    let mut client: Option<tokio_postgres::Client> = None;
+    let mut id = base;
+    let conninfo = format!(
+        "host={} port={} user=postgres dbname=postgres connect_timeout=10",
+        at.ip(),
+        at.port()
+    );
+    while !stop.is_cancelled() {
+        id += 1;
+        let sent = Instant::now();
+        let result = async {
+            if client.is_none() {
+                let (c, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+                    .await
+                    .map_err(|e| format!("connect: {}", common::message(&e)))?;
+                tokio::spawn(conn);
+                client = Some(c);
+            }
+            let c = client.as_ref().unwrap();
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
+            let insert = c.query_one(INSERT, &params);
+            match tokio::time::timeout(Duration::from_secs(60), insert).await {
+                Ok(Ok(row)) => {
+                    let addr: String = row.get(0);
+                    let timeline: String = row.get(1);
+                    let addr = addr.split('/').next().unwrap_or_default().to_owned();
+                    Ok((addr, u32::from_str_radix(&timeline, 16).unwrap_or(0)))
+                }
+                Ok(Err(e)) => Err(format!(
+                    "{} {}",
+                    common::sqlstate(&e).unwrap_or_default(),
+                    common::message(&e)
+                )),
+                Err(_) => Err("insert hung for 60 s".to_owned()),
+            }
+        }
+        .await;
+        if result.is_err() {
+            client = None;
+        }
+        let done = Instant::now();
+        log.lock().unwrap().push(Attempt {
+            sent,
+            done,
+            id,
+            result,
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Every acknowledged write is on the final primary, and no old primary acknowledged a write
+/// sent after its successor had acknowledged one.
+async fn check_history(s: &Spread, log: &[Attempt]) {
+    let leader = s.wait_healthy(3).await.leader.unwrap();
+    let direct = s.direct(&leader).await.unwrap();
+    let present: std::collections::BTreeSet<i64> = direct
+        .query("SELECT id FROM writes", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let acked: Vec<&Attempt> = log.iter().filter(|a| a.result.is_ok()).collect();
+    let lost: Vec<i64> = acked
+        .iter()
+        .map(|a| a.id)
+        .filter(|id| !present.contains(id))
+        .collect();
+    eprintln!(
+        "{} writes acknowledged, {} errors, {} lost",
+        acked.len(),
+        log.len() - acked.len(),
+        lost.len()
+    );
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    // The first acknowledgement on each timeline; then any later write on an older one.
+    let mut first_on: std::collections::BTreeMap<u32, Instant> = Default::default();
+    for a in &acked {
+        let (_, tl) = a.result.as_ref().unwrap();
+        let t = first_on.entry(*tl).or_insert(a.done);
+        *t = (*t).min(a.done);
+    }
+    for a in &acked {
+        let (addr, tl) = a.result.as_ref().unwrap();
+        for (newer, at) in first_on.range(tl + 1..) {
+            assert!(
+                a.sent < *at,
+                "two primaries: write {} sent after timeline {newer} had acknowledged one was acknowledged by {addr} on timeline {tl}",
+                a.id
+            );
+        }
+    }
+}
+
+/// When the leader key changed, and what it named after (none: deleted).
+type KeyEvent = (Instant, Option<String>);
+
+/// Records when the leader key changes, as the observer's own etcd watch sees it.
+struct LeaderWatch {
+    seen: Arc<Mutex<Vec<KeyEvent>>>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl LeaderWatch {
+    async fn start(s: &Spread) -> LeaderWatch {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let endpoints: Vec<String> = s.etcd_endpoints();
+        let record = seen.clone();
+        let task = s.obs.spawn_task(async move {
+            let key = format!("/service/{SCOPE}/leader");
+            loop {
+                // Any member will do; after an error, the next.
+                for url in &endpoints {
+                    let Ok(mut c) = etcd_client::Client::connect([url.clone()], None).await else {
+                        continue;
+                    };
+                    let Ok(mut stream) = c.watch(key.as_str(), None).await else {
+                        continue;
+                    };
+                    while let Ok(Some(resp)) = stream.message().await {
+                        for ev in resp.events() {
+                            let value = match ev.event_type() {
+                                etcd_client::EventType::Put => ev
+                                    .kv()
+                                    .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
+                                etcd_client::EventType::Delete => None,
+                            };
+                            record.lock().unwrap().push((Instant::now(), value));
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        LeaderWatch { seen, _task: task }
+    }
+
+    /// When the leader key first changed (deleted or replaced) after `since`.
+    fn first_change(&self, since: Instant) -> Option<Instant> {
+        let seen = self.seen.lock().unwrap();
+        seen.iter().map(|(t, _)| *t).find(|t| *t >= since)
+    }
+
+    /// When the leader key first named `leader` after `since`.
+    async fn when_named(&self, leader: &str, since: Instant) -> Instant {
+        wait_for(
+            &format!("the leader key to name {leader}"),
+            Duration::from_secs(120),
+            || async move {
+                let seen = self.seen.lock().unwrap();
+                seen.iter()
+                    .find(|(t, v)| *t >= since && v.as_deref() == Some(leader))
+                    .map(|(t, _)| *t)
+            },
+        )
+        .await
+    }
+}
+
+/// Correctness bounds for routing after a fault. The issue's targets (0.5 s for ending
+/// sessions, 1 s for a heal) are printed; the asserts leave room for a loaded machine.
+const ROUTING_BOUND: Duration = Duration::from_secs(3);
+
+const LAB_TIMEOUTS: &str = r#"[timeouts]
+connect = "2s"
+connect_wait = "30s"
+drain = "400ms"
+tcp_user_timeout = "5s"
+"#;
+
+async fn create_table(s: &Spread) {
+    let leader = s.leader().await;
+    let direct = s.direct(&leader).await.unwrap();
+    direct
+        .batch_execute("CREATE TABLE writes (id bigint PRIMARY KEY)")
+        .await
+        .unwrap();
+}
+
+/// Fault 1: the primary is cut from everyone (etcd, replicas, patroxy, clients). Patroni
+/// elects a new leader after its ttl; patroxy ends the sessions it had on the old primary,
+/// idle or blocked in a query, as soon as the new leader key appears, and new sessions reach
+/// the new primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_cut_from_everyone() {
+    let s = Spread::start(LAB_TIMEOUTS).await;
+    create_table(&s).await;
+    let watch = LeaderWatch::start(&s).await;
+    let old = s.leader().await;
+    s.wait_routed(&old, Duration::from_secs(60)).await;
+    let old_addr = s.member(&old).host.addr(Net::Data).to_string();
+    let writers = Writers::start(&s, 10);
+    writers.wait_acked_by(&old_addr, Instant::now(), 100).await;
+
+    // Two sessions on the old primary through patroxy: one idle, one blocked in a query.
+    let at = s.px.socket(Net::Data, UNPOOLED);
+    let sessions = s
+        .client
+        .run(async move {
+            let conninfo = format!(
+                "host={} port={} user=postgres dbname=postgres",
+                at.ip(),
+                at.port()
+            );
+            let mut ends = Vec::new();
+            for blocked in [false, true] {
+                let (c, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                let ended = tokio::spawn(async move {
+                    let _ = conn.await;
+                    Instant::now()
+                });
+                c.batch_execute("SELECT 1").await.unwrap();
+                match blocked {
+                    true => {
+                        let q = tokio::spawn(async move {
+                            let _ = c.batch_execute("SELECT pg_sleep(600)").await;
+                        });
+                        ends.push((ended, None, Some(q)));
+                    }
+                    false => ends.push((ended, Some(c), None)),
+                }
+            }
+            ends
+        })
+        .await;
+    // The blocked query is running on the old primary.
+    let direct = s.direct(&old).await.unwrap();
+    wait_for("the blocked query to run", Duration::from_secs(30), || {
+        let direct = &direct;
+        async move {
+            let sql = "SELECT 1 FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(600)'";
+            (!direct.query(sql, &[]).await.ok()?.is_empty()).then_some(())
+        }
+    })
+    .await;
+    drop(direct);
+
+    let t = Instant::now();
+    s.member(&old).host.isolate();
+    let new = s.new_leader(&old).await;
+    let keyed = watch.when_named(&new, t).await;
+    let new_addr = s.member(&new).host.addr(Net::Data).to_string();
+    writers.wait_acked_by(&new_addr, t, 100).await;
+    // The old key goes (its lease expires) just before the new one comes.
+    let gone = watch.first_change(t).unwrap_or(keyed);
+    let mut ended_after = Vec::new();
+    for (ended, _idle, _query) in sessions {
+        let at = tokio::time::timeout(Duration::from_secs(60), ended)
+            .await
+            .expect("a session on the cut primary is still open 60 s on")
+            .unwrap();
+        ended_after.push(at.saturating_duration_since(gone));
+    }
+    let (errors, gap) = writers.window(t);
+    eprintln!(
+        "primary {old} cut from everyone: its leader key went after {:?}, {new}'s came {:?} later; sessions on {old} ended {:?} after the old key went (idle, blocked); {errors} write errors, longest gap {gap:?}",
+        gone - t,
+        keyed - gone,
+        ended_after
+    );
+    for after in &ended_after {
+        assert!(
+            *after < ROUTING_BOUND,
+            "a session ended {after:?} after the new leader key"
+        );
+    }
+
+    // The old primary comes back and rejoins as a replica.
+    s.member(&old).host.rejoin();
+    let log = writers.stop().await;
+    check_history(&s, &log).await;
+}
