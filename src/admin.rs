@@ -57,7 +57,12 @@ async fn handle(
     Ok(match req.uri().path() {
         "/health" => text(StatusCode::OK, "ok\n".into()),
         "/metrics" => match &state.metrics {
-            Some(h) => text(StatusCode::OK, h.render()),
+            Some(h) => {
+                for (cluster, silent) in state.running.etcd_silence() {
+                    crate::metrics::etcd_silence(&cluster, silent);
+                }
+                text(StatusCode::OK, h.render())
+            }
             None => text(
                 StatusCode::NOT_FOUND,
                 "no metrics recorder installed\n".into(),

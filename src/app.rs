@@ -62,19 +62,19 @@ pub async fn run(
     let stop_background = CancellationToken::new();
     let background = TaskTracker::new();
     let mut topologies = Topologies::new();
-    let mut watching = BTreeMap::new();
+    let mut contacts = BTreeMap::new();
     for cluster in &config.clusters {
         let (name, prefix) = (cluster.name(), cluster.prefix());
         crate::metrics::cluster_started(&name);
         let (tx, rx) = watch::channel(Arc::new(Topology::default()));
         let tx = Arc::new(tx);
-        let flag: Arc<std::sync::atomic::AtomicBool> = Arc::default();
-        watching.insert(name.clone(), Arc::clone(&flag));
+        let contact: Arc<crate::discovery::EtcdContact> = Arc::default();
+        contacts.insert(name.clone(), Arc::clone(&contact));
         let (etcd, stop) = (etcd.clone(), stop_background.clone());
         let task = format!("etcd watcher of cluster {name}");
         background.spawn(supervise(task, stop.clone(), move || {
             let watcher =
-                EtcdWatcher::new(etcd.clone(), name.clone(), prefix.clone(), flag.clone());
+                EtcdWatcher::new(etcd.clone(), name.clone(), prefix.clone(), contact.clone());
             watcher.run(tx.clone(), stop.clone())
         }));
         topologies.insert(cluster.name(), rx);
@@ -88,7 +88,7 @@ pub async fn run(
     let running = Running {
         default_instance: crate::config::ReportConfig::default_instance(),
         topologies: topologies.clone(),
-        watching,
+        contacts,
         serving: serving.clone(),
         load: load.clone(),
         config: running_config,
@@ -109,6 +109,7 @@ pub async fn run(
             etcd: etcd.clone(),
             config: running.config.clone(),
         },
+        contacts: running.contacts.clone(),
     };
     let server = Server::new(
         config.clone(),

@@ -88,6 +88,20 @@ pub enum PoolMode {
     Transaction,
 }
 
+/// What new connections to a primary do while etcd cannot be reached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EtcdLoss {
+    /// Keep routing to the last known primary; each new server connection must still find
+    /// it writable (a demoted primary is refused).
+    #[default]
+    LastKnown,
+    /// After the cluster's `ttl` without etcd (when Patroni's own leader key would have
+    /// expired), refuse new connections to the primary, unless Patroni's `failsafe` key
+    /// listed the leader (failsafe mode keeps it primary while it reaches every member).
+    FailClosed,
+}
+
 impl fmt::Display for PoolMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -412,6 +426,9 @@ pub struct ClusterConfig {
     /// Pooled server connections to each member of the cluster, over all its pools (0: no
     /// cap). Keep it under the members' `max_connections`.
     pub max_server_connections: usize,
+    /// New connections to the primary while etcd cannot be reached: `last-known` or
+    /// `fail-closed`.
+    pub etcd_loss: EtcdLoss,
 }
 
 impl Default for ClusterConfig {
@@ -422,6 +439,7 @@ impl Default for ClusterConfig {
             scope: String::new(),
             group: None,
             max_server_connections: 0,
+            etcd_loss: EtcdLoss::LastKnown,
         }
     }
 }

@@ -59,20 +59,40 @@ impl Etcd {
         })
     }
 
-    /// A connected client, within `request_timeout`.
+    /// A client of every endpoint (etcd-client balances requests over them), within
+    /// `request_timeout`.
     pub async fn connect(&self) -> Result<Client, EtcdError> {
+        let e = &self.config;
+        within(
+            e.request_timeout,
+            Client::connect(&e.endpoints, Some(self.options())),
+        )
+        .await
+    }
+
+    /// A client of one endpoint only, within `request_timeout`.
+    pub async fn connect_to(&self, endpoint: &str) -> Result<Client, EtcdError> {
+        let limit = self.config.request_timeout;
+        within(limit, Client::connect([endpoint], Some(self.options()))).await
+    }
+
+    /// Requests require the member to have a raft leader (etcd's `hasleader`): a member cut
+    /// off from its quorum refuses them instead of answering from stale data. HTTP/2 pings
+    /// find a connection whose peer went silent.
+    fn options(&self) -> ConnectOptions {
         let e = &self.config;
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(e.dial_timeout)
             .with_keep_alive(Duration::from_secs(5), e.dial_timeout)
-            .with_keep_alive_while_idle(true);
+            .with_keep_alive_while_idle(true)
+            .with_require_leader(true);
         if let (Some(u), Some(p)) = (&e.username, &e.password) {
             opts = opts.with_user(u.clone(), p.expose().to_owned());
         }
         if let Some(tls) = &self.tls {
             opts = opts.with_tls(tls.clone());
         }
-        within(e.request_timeout, Client::connect(&e.endpoints, Some(opts))).await
+        opts
     }
 }
 

@@ -20,6 +20,7 @@ pub const TOPOLOGY_EPOCH: &str = "patroxy_topology_epoch";
 pub const LEADER_CHANGES: &str = "patroxy_leader_changes_total";
 pub const ETCD_LAST_EVENT: &str = "patroxy_etcd_last_event_timestamp_seconds";
 pub const ETCD_WATCH_ERRORS: &str = "patroxy_etcd_watch_errors_total";
+pub const ETCD_SILENCE: &str = "patroxy_etcd_silence_seconds";
 pub const ETCD_RESYNCS: &str = "patroxy_etcd_resyncs_total";
 pub const CONNECT_SECONDS: &str = "patroxy_backend_connect_seconds";
 pub const WAITING: &str = "patroxy_clients_waiting";
@@ -157,6 +158,13 @@ pub fn etcd_event(cluster: &str) {
     gauge!(ETCD_LAST_EVENT, "cluster" => cluster.to_owned()).set(now.as_secs_f64());
 }
 
+/// How long etcd has been silent for `cluster` (since its last answer on the watch);
+/// `NaN` before its first answer. Set when `/metrics` is rendered.
+pub fn etcd_silence(cluster: &str, silent: Option<std::time::Duration>) {
+    let value = silent.map_or(f64::NAN, |d| d.as_secs_f64());
+    gauge!(ETCD_SILENCE, "cluster" => cluster.to_owned()).set(value);
+}
+
 /// A full read of the cluster's keys: at start, and when the watch cannot be resumed.
 pub fn etcd_resync(cluster: &str) {
     counter!(ETCD_RESYNCS, "cluster" => cluster.to_owned()).increment(1);
@@ -241,6 +249,7 @@ pub fn cluster_started(cluster: &str) {
     counter!(LEADER_CHANGES, "cluster" => c.clone()).absolute(0);
     counter!(ETCD_WATCH_ERRORS, "cluster" => c.clone()).absolute(0);
     counter!(ETCD_RESYNCS, "cluster" => c.clone()).absolute(0);
+    gauge!(ETCD_SILENCE, "cluster" => c.clone()).set(f64::NAN);
     gauge!(ETCD_LAST_EVENT, "cluster" => c).increment(0.0);
 }
 
@@ -256,6 +265,9 @@ pub fn started() {
     }
     for result in ["hit", "miss", "evicted"] {
         counter!(PREPARED, "result" => result).absolute(0);
+    }
+    for result in ["moved", "stayed", "failed"] {
+        counter!(SWITCHOVER_MOVES, "result" => result).absolute(0);
     }
 }
 

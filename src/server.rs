@@ -46,6 +46,8 @@ pub struct Backends {
     pub peers: crate::peers::Peers,
     /// Asks for the configuration file to be read again (the console's RELOAD).
     pub reload_requests: Arc<tokio::sync::Notify>,
+    /// Each watched cluster's link to etcd.
+    pub contacts: std::collections::BTreeMap<String, Arc<crate::discovery::EtcdContact>>,
 }
 
 /// Where the server publishes what it runs, for the operator surfaces (`state::Running`).
@@ -90,6 +92,7 @@ impl Server {
             cancel_tag: backends.cancel_tag,
             reload_requests: backends.reload_requests,
             peers: backends.peers,
+            contacts: backends.contacts,
         });
         Server {
             config,

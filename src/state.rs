@@ -4,7 +4,6 @@
 //! write it; nothing here depends on them.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -12,7 +11,7 @@ use tokio::sync::watch;
 use crate::backend::pool::Pools;
 use crate::backend::ServerLoad;
 use crate::config::Config;
-use crate::discovery::Topology;
+use crate::discovery::{EtcdContact, Topology};
 use crate::view::{self, InstanceView, Served};
 
 /// Each cluster's topology, by cluster name.
@@ -27,8 +26,8 @@ pub struct Running {
     /// The instance name when `report.instance` is not set: `<hostname>-<pid>`.
     pub default_instance: String,
     pub topologies: Topologies,
-    /// Per cluster: is its etcd watch established right now?
-    pub watching: BTreeMap<String, Arc<AtomicBool>>,
+    /// Per cluster: its link to etcd (the watch, its endpoint, the last answer).
+    pub contacts: BTreeMap<String, Arc<EtcdContact>>,
     pub serving: Serving,
     /// Sessions per server, across listeners.
     pub load: ServerLoad,
@@ -86,21 +85,41 @@ impl Running {
         let listeners = self.serving.borrow().clone();
         let load = &self.load;
         let pools = self.pools.views();
-        view::instance(
+        let mut v = view::instance(
             &self.instance(),
             &topologies,
             &listeners,
             &|ep| load.sessions(ep),
             pools,
-        )
+        );
+        for c in &mut v.clusters {
+            c.etcd = self.contacts.get(&c.name).map(|contact| view::EtcdView {
+                endpoint: contact.endpoint(),
+                watching: contact.watching(),
+                silent_ms: contact.silent_for().map(|d| d.as_millis() as u64),
+            });
+        }
+        v
+    }
+
+    /// How long etcd has been silent for each cluster, for `/metrics`.
+    pub fn etcd_silence(&self) -> Vec<(String, Option<std::time::Duration>)> {
+        self.contacts
+            .iter()
+            .map(|(name, c)| (name.clone(), c.silent_for()))
+            .collect()
     }
 
     /// Ready when every cluster is watched and has a routable primary; otherwise the reasons.
     pub fn readiness(&self) -> Result<(), Vec<String>> {
         let mut problems = Vec::new();
-        for (name, watching) in &self.watching {
-            if !watching.load(Ordering::Relaxed) {
-                problems.push(format!("{name}: the etcd watch is down"));
+        for (name, contact) in &self.contacts {
+            if !contact.watching() {
+                let silent = match contact.silent_for() {
+                    Some(d) => format!("no answer from etcd for {:.1} s", d.as_secs_f64()),
+                    None => "etcd has not answered yet".to_owned(),
+                };
+                problems.push(format!("{name}: the etcd watch is down ({silent})"));
             }
         }
         for (name, rx) in &self.topologies {

@@ -27,7 +27,18 @@ pub struct ClusterView {
     /// pools hold new transactions meanwhile.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub switchover: Option<String>,
+    /// This instance's link to etcd for the cluster (`/topology` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd: Option<EtcdView>,
     pub members: Vec<MemberView>,
+}
+
+/// The watch's link to etcd: where, whether it is up, and how long etcd has been silent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EtcdView {
+    pub endpoint: Option<String>,
+    pub watching: bool,
+    pub silent_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -183,6 +194,7 @@ pub fn cluster(
             let or_any = |m: Option<String>| m.unwrap_or_else(|| "any".into());
             format!("{} -> {}", or_any(t.leader.clone()), or_any(f.candidate))
         }),
+        etcd: None,
         members,
     }
 }

@@ -240,9 +240,11 @@ fn the_etcd_password_never_reaches_errors_or_logs() {
         }
     });
     let mut log = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
         let line = rx
-            .recv_timeout(Duration::from_secs(20))
+            .recv_timeout(left)
             .expect("patroxy logged no etcd retry within 20 s");
         let retry = line.contains("etcd watch lost");
         log.push(line);

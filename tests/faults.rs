@@ -385,3 +385,199 @@ async fn a_primary_cut_from_everyone() {
     let log = writers.stop().await;
     check_history(&s, &log).await;
 }
+
+/// Waits until patroxy says it is not ready because of etcd; returns what it says.
+async fn wait_not_ready(s: &Spread) -> String {
+    wait_for(
+        "patroxy to report its etcd watch down",
+        Duration::from_secs(60),
+        || async {
+            let (code, body) = s.admin("/ready").await?;
+            (code == 503 && body.contains("etcd")).then_some(body)
+        },
+    )
+    .await
+}
+
+/// Fault 3: patroxy is cut from etcd (still reaching the servers) while Patroni switches
+/// over behind its back. By default patroxy keeps routing to the last primary it knew, whose
+/// demotion the server check catches (a read-only server is refused), says why it is not
+/// ready, and shows how long etcd has been silent; after the heal it routes to the new
+/// leader at once. With `etcd_loss = "fail-closed"` new connections are refused once etcd
+/// has been silent longer than the cluster's ttl, and accepted again after the heal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patroxy_cut_from_etcd() {
+    let mut s = Spread::start(LAB_TIMEOUTS).await;
+    create_table(&s).await;
+    let watch = LeaderWatch::start(&s).await;
+    let old = s.leader().await;
+    s.wait_routed(&old, Duration::from_secs(60)).await;
+    let writers = Writers::start(&s, 10);
+    let old_addr = s.member(&old).host.addr(Net::Data).to_string();
+    writers.wait_acked_by(&old_addr, Instant::now(), 100).await;
+
+    // Cut, and a switchover patroxy cannot see.
+    let t = Instant::now();
+    s.px.cut(Net::Dcs);
+    let why = wait_not_ready(&s).await;
+    let state = s.wait_healthy(3).await;
+    let candidate = state.sync_standby.unwrap();
+    s.switchover(&old, &candidate, None).await;
+    let keyed = watch.when_named(&candidate, t).await;
+    let silent = s
+        .metric("patroxy_etcd_silence_seconds", &[])
+        .await
+        .unwrap_or(0.0);
+    assert!(silent >= 1.0, "etcd silent for {silent} s by the metric");
+    assert_eq!(s.routed_leader().await.as_deref(), Some(old.as_str()));
+    // The old primary is read-only now: patroxy's server check refuses it, so nothing is
+    // written there (check_history would see a write on the old timeline after the new one).
+    let healed = Instant::now();
+    s.px.heal(Net::Dcs);
+    let routed = s.wait_routed(&candidate, Duration::from_secs(60)).await;
+    let new_addr = s.member(&candidate).host.addr(Net::Data).to_string();
+    writers.wait_acked_by(&new_addr, healed, 100).await;
+    let (errors, gap) = writers.window(t);
+    eprintln!(
+        "patroxy cut from etcd for {:?}, switchover {old} -> {candidate} {:?} into it; not ready: {:?}; routed to {candidate} {routed:?} after the heal; {errors} write errors, longest gap {gap:?}",
+        healed - t,
+        keyed - t,
+        why.trim()
+    );
+    assert!(
+        routed < ROUTING_BOUND,
+        "routing caught up {routed:?} after the heal"
+    );
+
+    // Fail closed: refused once etcd has been silent longer than the ttl (10 s).
+    s.restart_proxy("etcd_loss = \"fail-closed\"");
+    s.wait_routed(&candidate, Duration::from_secs(60)).await;
+    let at = s.px.socket(Net::Data, UNPOOLED);
+    let try_connect = move || async move {
+        let conninfo = format!(
+            "host={} port={} user=postgres dbname=postgres connect_timeout=5",
+            at.ip(),
+            at.port()
+        );
+        match tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await {
+            Ok((c, conn)) => {
+                tokio::spawn(conn);
+                c.simple_query("SELECT 1")
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| common::message(&e))
+            }
+            Err(e) => Err(common::message(&e)),
+        }
+    };
+    let cut = Instant::now();
+    s.px.cut(Net::Dcs);
+    let refused = wait_for(
+        "a refusal under fail-closed",
+        Duration::from_secs(60),
+        || {
+            let attempt = s.client.spawn_task(try_connect());
+            async move { attempt.await.ok()?.err() }
+        },
+    )
+    .await;
+    let refused_after = cut.elapsed();
+    assert!(refused.contains("fail-closed"), "{refused}");
+    assert!(
+        refused_after >= Duration::from_secs(10),
+        "refused {refused_after:?} into the cut, before the ttl"
+    );
+    s.px.heal(Net::Dcs);
+    let healed = Instant::now();
+    wait_for(
+        "a connection after the heal",
+        Duration::from_secs(60),
+        || {
+            let attempt = s.client.spawn_task(try_connect());
+            async move { attempt.await.ok()?.ok() }
+        },
+    )
+    .await;
+    eprintln!(
+        "fail-closed: refused {refused_after:?} into the cut ({refused}); accepted again {:?} after the heal",
+        healed.elapsed()
+    );
+    let log = writers.stop().await;
+    check_history(&s, &log).await;
+}
+
+/// Fault 4: the etcd member patroxy watches through is killed, frozen (a silent watch) and
+/// cut off; etcd's raft leader moves; a compaction runs under the watch. After each, a
+/// switchover: patroxy must have moved to another member and route to the new leader within
+/// 1 s of its key (the frozen and cut cases within `watch_idle_timeout`, 3 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_member_failures() {
+    let mut s = Spread::start(LAB_TIMEOUTS).await;
+    create_table(&s).await;
+    let watch = LeaderWatch::start(&s).await;
+    s.wait_routed(&s.leader().await, Duration::from_secs(60))
+        .await;
+    let writers = Writers::start(&s, 5);
+    let mut table = Vec::new();
+    for fault in ["kill", "freeze", "cut", "raft leader moves", "compaction"] {
+        let state = s.wait_healthy(3).await;
+        let (leader, candidate) = (state.leader.unwrap(), state.sync_standby.unwrap());
+        let used = s
+            .watched_etcd()
+            .await
+            .expect("patroxy names its etcd member");
+        let t = Instant::now();
+        let mut avoid = Some(used.clone());
+        match fault {
+            "kill" => s.etcd_node(&used).proc.as_mut().unwrap().kill(),
+            "freeze" => s.etcd_node(&used).proc.as_ref().unwrap().freeze(),
+            "cut" => s.etcd_node(&used).host.cut(Net::Dcs),
+            "raft leader moves" => {
+                avoid = None;
+                s.move_etcd_leader().await;
+            }
+            _ => {
+                avoid = None;
+                s.compact_etcd().await;
+            }
+        }
+        s.switchover(&leader, &candidate, avoid.as_deref()).await;
+        let keyed = watch.when_named(&candidate, t).await;
+        let routed = s.wait_routed(&candidate, Duration::from_secs(60)).await;
+        let after_key = (t + routed).saturating_duration_since(keyed);
+        let moved_to = s.watched_etcd().await;
+        eprintln!(
+            "etcd fault {fault:?} on {used}: patroxy watches {moved_to:?}; routed to {candidate} {after_key:?} after its key"
+        );
+        table.push((fault, after_key));
+        let bound = match fault {
+            "freeze" | "cut" => ROUTING_BOUND + Duration::from_secs(3),
+            _ => ROUTING_BOUND,
+        };
+        assert!(
+            after_key < bound,
+            "{fault}: routed {after_key:?} after the key"
+        );
+        if avoid.is_some() {
+            assert_ne!(
+                moved_to.as_deref(),
+                Some(used.as_str()),
+                "{fault}: still on {used}"
+            );
+        }
+        // Undo the fault.
+        match fault {
+            "kill" => s.restart_etcd(&used),
+            "freeze" => s.etcd_node(&used).proc.as_ref().unwrap().thaw(),
+            "cut" => s.etcd_node(&used).host.heal(Net::Dcs),
+            _ => {}
+        }
+        wait_for("3 etcd members", Duration::from_secs(60), || async {
+            (s.etcd_healthy().await.len() == 3).then_some(())
+        })
+        .await;
+    }
+    eprintln!("etcd faults, routing after the leader key: {table:?}");
+    let log = writers.stop().await;
+    check_history(&s, &log).await;
+}

@@ -40,6 +40,9 @@ pub struct ConnectParams<'a> {
     pub server_tls: &'a ServerTls,
     pub timeouts: &'a Timeouts,
     pub load: &'a ServerLoad,
+    /// Why the listener refuses new connections under this topology now, if it does (the
+    /// etcd-loss policy): the client is told at once.
+    pub refusal: &'a (dyn Fn(&Topology) -> Option<String> + Sync),
 }
 
 /// Connects the client to a server for the listener, authenticating end to end.
@@ -132,7 +135,11 @@ async fn wait_for_candidates(
 ) -> Result<Vec<Target>, WaitError> {
     let mut waiting = None;
     loop {
-        let why = match routing::candidates(params.policy, &topology.borrow_and_update()) {
+        let snapshot = topology.borrow_and_update().clone();
+        if let Some(why) = (params.refusal)(&snapshot) {
+            return Err(WaitError::Deadline(why));
+        }
+        let why = match routing::candidates(params.policy, &snapshot) {
             Ok(c) => return Ok(c),
             Err(why) => why.to_string(),
         };

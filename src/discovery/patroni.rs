@@ -287,6 +287,20 @@ pub fn parse_failsafe(value: &[u8]) -> Result<Vec<String>, PatroniError> {
     Ok(object("failsafe", value)?.keys().cloned().collect())
 }
 
+/// `config`: the cluster's dynamic configuration; only its `ttl` (seconds, a number or a
+/// numeric string) is read.
+pub fn parse_config_ttl(value: &[u8]) -> Result<Option<std::time::Duration>, PatroniError> {
+    let m = object("config", value)?;
+    let secs = match m.get("ttl") {
+        Some(Value::Number(n)) => n.as_f64(),
+        Some(Value::String(s)) => s.trim().parse().ok(),
+        _ => None,
+    };
+    Ok(secs
+        .filter(|s| s.is_finite() && *s > 0.0 && *s < 1e9)
+        .map(std::time::Duration::from_secs_f64))
+}
+
 fn object(key: &str, value: &[u8]) -> Result<serde_json::Map<String, Value>, PatroniError> {
     match serde_json::from_slice(value) {
         Ok(Value::Object(m)) => Ok(m),
@@ -301,6 +315,7 @@ fn object(key: &str, value: &[u8]) -> Result<serde_json::Map<String, Value>, Pat
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     const V4: &str = r#"{"conn_url":"postgres://127.0.0.1:5442/postgres","api_url":"http://127.0.0.1:8012/patroni",
         "state":"running","role":"replica","version":"4.1.4","tags":{"noloadbalance":true,"analytics":"yes"},
@@ -424,5 +439,14 @@ mod tests {
             parse_failsafe(br#"{"n1":"http://n1:8008/patroni"}"#),
             Ok(vec!["n1".into()])
         );
+        let ttl = |v: &[u8]| parse_config_ttl(v).unwrap();
+        assert_eq!(
+            ttl(br#"{"ttl":10,"loop_wait":2}"#),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(ttl(br#"{"ttl":"30"}"#), Some(Duration::from_secs(30)));
+        assert_eq!(ttl(br#"{"ttl":-1}"#), None);
+        assert_eq!(ttl(br#"{"loop_wait":2}"#), None);
+        assert!(parse_config_ttl(b"[]").is_err());
     }
 }

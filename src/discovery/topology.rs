@@ -23,6 +23,8 @@ pub struct Topology {
     pub sync: Option<SyncState>,
     pub failover: Option<Failover>,
     pub failsafe: Option<Vec<String>>,
+    /// The leader key's ttl, from the cluster's `config` key.
+    pub ttl: Option<std::time::Duration>,
 }
 
 impl Topology {
@@ -50,6 +52,10 @@ impl Topology {
                 },
                 "failsafe" => match patroni::parse_failsafe(value) {
                     Ok(f) => t.failsafe = Some(f),
+                    Err(e) => problems.push(e),
+                },
+                "config" => match patroni::parse_config_ttl(value) {
+                    Ok(ttl) => t.ttl = ttl,
                     Err(e) => problems.push(e),
                 },
                 k => {
@@ -80,6 +86,7 @@ impl Topology {
             && self.sync == other.sync
             && self.failover == other.failover
             && self.failsafe == other.failsafe
+            && self.ttl == other.ttl
     }
 }
 

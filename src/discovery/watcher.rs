@@ -1,28 +1,38 @@
 //! The etcd v3 watcher: range-read the cluster's prefix, watch it from the read's revision + 1,
 //! and publish a new `Topology` whenever the content changes. On any watch error,
-//! cancellation or silence it reconnects with backoff and resumes the watch from the last
-//! revision it applied, so no event is missed; when etcd has compacted that revision away, it
-//! reads the prefix again. It never stops quietly.
+//! cancellation or silence it moves to the next etcd endpoint and resumes the watch from the
+//! last revision it applied, so no event is missed; when etcd has compacted that revision
+//! away, it reads the prefix again. It never stops quietly.
+//!
+//! Endpoints are used one at a time, not through etcd-client's balancer: a balanced channel
+//! keeps sending to a member that accepts connections but answers nothing (frozen, or cut
+//! off behind a half-open connection), and gives no say in which member serves the watch.
+//! While no watch is up, a new attempt starts every `ATTEMPT_EVERY` on the next endpoint,
+//! earlier ones still pending: a fresh connection sends its SYN at once, so a healed link is
+//! used within that time instead of after a grown TCP retransmission backoff. Requests carry
+//! etcd's `hasleader` requirement, so a member cut off from its quorum refuses them (and ends
+//! its watches) instead of serving stale data.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use etcd_client::{EventType, WatchOptions};
+use etcd_client::{EventType, WatchOptions, WatchStream};
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::Topology;
-use crate::backoff::Backoff;
+use super::{EtcdContact, Topology};
 use crate::etcd::{read_prefix, relative, within, Etcd, EtcdError};
 
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-/// At most this between two attempts to reach etcd: a healed link is noticed within it.
-const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Between two attempts to reach etcd while the watch is down; a healed link or a member
+/// that came back is used within it.
+const ATTEMPT_EVERY: Duration = Duration::from_millis(500);
+/// A failing endpoint is logged at most this often.
+const REPORT_EVERY: Duration = Duration::from_secs(10);
 /// Progress is asked for at least this far apart, whatever `watch_idle_timeout` says.
 const PROGRESS_FLOOR: Duration = Duration::from_millis(100);
 
@@ -34,29 +44,40 @@ pub struct EtcdWatcher {
     prefix: String,
     epoch: u64,
     current: Option<Arc<Topology>>,
-    watching: Arc<AtomicBool>,
+    contact: Arc<EtcdContact>,
     /// The keys as of `revision`: where the next watch resumes, unless it must read again.
     keys: BTreeMap<String, Bytes>,
     revision: i64,
     /// False until the first read, and after etcd compacted the revision to resume from.
     resumable: bool,
+    /// The endpoint the next attempt tries first.
+    next_endpoint: usize,
+}
+
+/// A watch that is up: its endpoint, its stream, and the keys read first if they had to be.
+struct Established {
+    endpoint: usize,
+    stream: WatchStream,
+    read: Option<(BTreeMap<String, Bytes>, i64)>,
+    /// Kept for as long as the stream is used.
+    _client: etcd_client::Client,
 }
 
 impl EtcdWatcher {
     /// A watcher of the keys under `prefix` (`/<namespace>/<scope>/`), for the cluster
-    /// listeners call `name`.
-    /// `watching` is set while the watch is established, for readiness.
-    pub fn new(etcd: Etcd, name: String, prefix: String, watching: Arc<AtomicBool>) -> EtcdWatcher {
+    /// listeners call `name`. `contact` follows its link to etcd, for readiness and policy.
+    pub fn new(etcd: Etcd, name: String, prefix: String, contact: Arc<EtcdContact>) -> EtcdWatcher {
         EtcdWatcher {
             etcd,
             name,
             prefix,
             epoch: 0,
             current: None,
-            watching,
+            contact,
             keys: BTreeMap::new(),
             revision: 0,
             resumable: false,
+            next_endpoint: 0,
         }
     }
 
@@ -68,19 +89,13 @@ impl EtcdWatcher {
             self.epoch = last.epoch;
             self.current = Some(last);
         }
-        let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
         info!(prefix = %self.prefix, endpoints = ?self.etcd.config.endpoints, "watching Patroni keys in etcd");
         loop {
-            let mut synced = false;
             let result = tokio::select! {
-                r = self.sync_and_watch(&tx, &mut synced) => r,
+                r = self.sync_and_watch(&tx) => r,
                 _ = shutdown.cancelled() => return,
             };
-            self.watching.store(false, Ordering::Relaxed);
-            if synced {
-                backoff.reset();
-            }
-            let pause = backoff.next_pause();
+            self.contact.lost();
             if let Err(e) = result {
                 crate::metrics::etcd_watch_error(&self.name);
                 if matches!(e, EtcdError::Canceled { compact_revision, .. } if compact_revision > 0)
@@ -93,39 +108,82 @@ impl EtcdWatcher {
                 } else {
                     "read everything again"
                 };
-                warn!(error = %e, retry_in = ?pause, revision = self.revision, "etcd watch lost; will {how}");
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
-                _ = shutdown.cancelled() => return,
+                let next = self.etcd.config.endpoints.get(self.next_endpoint);
+                warn!(error = %e, revision = self.revision, next = ?next, "etcd watch lost; will {how}");
             }
         }
     }
 
-    /// One round: connect, read everything unless the last watch can be resumed, then follow
-    /// the watch until it fails.
-    async fn sync_and_watch(
-        &mut self,
-        tx: &watch::Sender<Arc<Topology>>,
-        synced: &mut bool,
-    ) -> Result<(), EtcdError> {
-        let mut client = self.etcd.connect().await?;
-        let request_timeout = self.etcd.config.request_timeout;
-        if !self.resumable {
-            let (keys, revision) = read_prefix(&mut client, &self.prefix, request_timeout).await?;
+    /// Attempts on one endpoint after another, a new one every `ATTEMPT_EVERY` while the
+    /// earlier ones are pending, until one has read (if it must) and opened the watch.
+    async fn establish(&mut self) -> Result<Established, EtcdError> {
+        let endpoints = self.etcd.config.endpoints.clone();
+        let n = endpoints.len().max(1);
+        let resume_from = self.resumable.then_some(self.revision);
+        let mut attempts = JoinSet::new();
+        let mut tick = tokio::time::interval(ATTEMPT_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reported: Vec<Option<Instant>> = vec![None; n];
+        loop {
+            tokio::select! {
+                // Attempts outlive a few ticks (a dial or request timeout): bounded.
+                _ = tick.tick(), if attempts.len() < 2 * n => {
+                    let i = self.next_endpoint % n;
+                    self.next_endpoint = (i + 1) % n;
+                    let (etcd, prefix) = (self.etcd.clone(), self.prefix.clone());
+                    attempts.spawn(attempt(etcd, i, prefix, resume_from));
+                }
+                Some(done) = attempts.join_next() => match done {
+                    Ok(Ok(up)) => return Ok(up),
+                    Ok(Err((i, e))) => {
+                        crate::metrics::etcd_watch_error(&self.name);
+                        // A line per endpoint every few seconds, not one per attempt.
+                        let now = Instant::now();
+                        let due = !reported.get(i).copied().flatten().is_some_and(|at| now - at < REPORT_EVERY);
+                        if due {
+                            if let Some(r) = reported.get_mut(i) {
+                                *r = Some(now);
+                            }
+                            let endpoint = endpoints.get(i).map_or("?", String::as_str);
+                            warn!(%endpoint, error = %e, "etcd watch lost; this endpoint failed, trying the others");
+                        }
+                        if let EtcdError::Rewound { .. } = e {
+                            self.resumable = false;
+                            return Err(e);
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "an etcd attempt panicked"),
+                },
+            }
+        }
+    }
+
+    /// One round: reach etcd, apply what was read if the watch could not be resumed, then
+    /// follow the watch until it fails.
+    async fn sync_and_watch(&mut self, tx: &watch::Sender<Arc<Topology>>) -> Result<(), EtcdError> {
+        let Established {
+            endpoint,
+            mut stream,
+            read,
+            _client,
+        } = self.establish().await?;
+        // The next round starts on the next endpoint: this one may be what failed.
+        self.next_endpoint = endpoint + 1;
+        let url = self
+            .etcd
+            .config
+            .endpoints
+            .get(endpoint)
+            .cloned()
+            .unwrap_or_default();
+        if let Some((keys, revision)) = read {
             (self.keys, self.revision, self.resumable) = (keys, revision, true);
             crate::metrics::etcd_resync(&self.name);
             self.publish(tx, self.revision);
         }
         crate::metrics::etcd_event(&self.name);
-        *synced = true;
-
-        let opts = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(self.revision + 1);
-        let watch = client.watch(self.prefix.as_str(), Some(opts));
-        let mut stream = within(request_timeout, watch).await?;
-        self.watching.store(true, Ordering::Relaxed);
+        self.contact.watching_on(&url);
+        debug!(endpoint = %url, revision = self.revision, "etcd watch up");
 
         let idle = self.etcd.config.watch_idle_timeout;
         // Ask for progress a few times per idle period: a healthy etcd always answers.
@@ -139,6 +197,7 @@ impl EtcdWatcher {
                         return Err(EtcdError::StreamEnded);
                     };
                     last_message = Instant::now();
+                    self.contact.touch();
                     crate::metrics::etcd_event(&self.name);
                     if resp.canceled() {
                         return Err(EtcdError::Canceled {
@@ -148,16 +207,9 @@ impl EtcdWatcher {
                     }
                     if resp.events().is_empty() {
                         // A progress notification says every event up to its revision has
-                        // been delivered; the "created" answer says nothing of the kind.
+                        // been delivered.
                         let at = resp.header().map_or(self.revision, |h| h.revision());
-                        if !resp.created() {
-                            self.revision = self.revision.max(at);
-                        } else if at < self.revision {
-                            // etcd is behind what was seen (restored, or rebuilt): the watch
-                            // would wait for a revision that may never mean the same thing.
-                            self.resumable = false;
-                            return Err(EtcdError::Rewound { seen: self.revision, now: at });
-                        }
+                        self.revision = self.revision.max(at);
                         continue;
                     }
                     for ev in resp.events() {
@@ -230,5 +282,61 @@ impl EtcdWatcher {
         let next = Arc::new(next);
         self.current = Some(next.clone());
         tx.send_replace(next);
+    }
+}
+
+/// One attempt on endpoint `i`: connect, read the prefix unless resuming from `resume_from`,
+/// open the watch and wait for etcd to confirm it, all within the request timeout.
+async fn attempt(
+    etcd: Etcd,
+    i: usize,
+    prefix: String,
+    resume_from: Option<i64>,
+) -> Result<Established, (usize, EtcdError)> {
+    let limit = etcd.config.request_timeout;
+    let up = async {
+        let endpoint = etcd.config.endpoints.get(i).cloned().unwrap_or_default();
+        let mut client = etcd.connect_to(&endpoint).await?;
+        let read = match resume_from {
+            Some(_) => None,
+            None => Some(read_prefix(&mut client, &prefix, limit).await?),
+        };
+        let from = resume_from
+            .or(read.as_ref().map(|(_, rev)| *rev))
+            .unwrap_or(0);
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(from + 1);
+        let mut stream = within(limit, client.watch(prefix.as_str(), Some(opts))).await?;
+        // The "created" answer proves the member serves the watch (and has a leader).
+        let created = within(limit, stream.message())
+            .await?
+            .ok_or(EtcdError::StreamEnded)?;
+        if created.canceled() {
+            return Err(EtcdError::Canceled {
+                compact_revision: created.compact_revision(),
+                reason: created.cancel_reason().to_owned(),
+            });
+        }
+        let at = created.header().map_or(from, |h| h.revision());
+        if resume_from.is_some() && at < from {
+            // etcd is behind what was seen (restored, or rebuilt): the watch would wait for
+            // a revision that may never mean the same thing.
+            return Err(EtcdError::Rewound {
+                seen: from,
+                now: at,
+            });
+        }
+        Ok(Established {
+            endpoint: i,
+            stream,
+            read,
+            _client: client,
+        })
+    };
+    // Bounded as a whole too: each step has its own limit, and three steps are plenty.
+    match tokio::time::timeout(limit * 3, up).await {
+        Ok(r) => r.map_err(|e| (i, e)),
+        Err(_) => Err((i, EtcdError::Timeout(limit * 3))),
     }
 }

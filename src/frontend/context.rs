@@ -16,9 +16,10 @@ use crate::auth::userlist::{self, Secret};
 use crate::backend::pool::Pools;
 use crate::backend::{CancelRegistry, ServerLoad};
 use crate::config::{
-    AuthConfig, ClientTlsMode, ClusterConfig, ListenerConfig, PoolConfig, PoolMode, Timeouts,
+    AuthConfig, ClientTlsMode, ClusterConfig, EtcdLoss, ListenerConfig, PoolConfig, PoolMode,
+    Timeouts,
 };
-use crate::discovery::Topology;
+use crate::discovery::{EtcdContact, Topology};
 use crate::limit::Limit;
 use crate::routing::Policy;
 use crate::tls::{ServerTls, TlsMaterial};
@@ -43,6 +44,8 @@ pub struct ProxyContext {
     pub reload_requests: Arc<tokio::sync::Notify>,
     /// The other instances, for cancel keys they issued.
     pub peers: crate::peers::Peers,
+    /// Each watched cluster's link to etcd, by cluster name.
+    pub contacts: std::collections::BTreeMap<String, Arc<EtcdContact>>,
 }
 
 /// How pooled listeners authenticate clients: the `auth_file` users, and the addresses
@@ -112,6 +115,9 @@ pub struct ListenerContext {
     pub pool: PoolConfig,
     /// The secrets pooled clients are checked against, as of this context.
     pub auth: Arc<ClientAuth>,
+    /// The cluster's link to etcd, and what new primary connections do when it is lost.
+    pub etcd: Arc<EtcdContact>,
+    pub etcd_loss: EtcdLoss,
     pub proxy: Arc<ProxyContext>,
 }
 
@@ -147,7 +153,22 @@ impl ListenerContext {
             max_server_connections: cluster.max_server_connections,
             pool: pool.clone(),
             auth,
+            etcd: proxy
+                .contacts
+                .get(&cluster.name())
+                .cloned()
+                .unwrap_or_default(),
+            etcd_loss: cluster.etcd_loss,
             proxy,
         }
+    }
+
+    /// Why a new connection to the primary is refused for want of etcd, if it is
+    /// (`etcd_loss = "fail-closed"`; primary listeners only).
+    pub fn etcd_refusal(&self, t: &Topology) -> Option<String> {
+        if self.policy.role != crate::routing::ListenerRole::Primary {
+            return None;
+        }
+        crate::routing::etcd_loss::refusal(self.etcd_loss, t, self.etcd.silent_for())
     }
 }

@@ -765,6 +765,13 @@ async fn checkout(
                 crate::metrics::switchover_hold(&ctx.name);
             }
             Err(why.to_owned())
+        } else if let Some(why) = ctx.etcd_refusal(&snapshot) {
+            // Fail closed: said at once, not after connect_wait.
+            return Err(CheckoutError::NoServer {
+                role: ctx.policy.role.to_string(),
+                waited: started.elapsed(),
+                why,
+            });
         } else {
             held = None;
             routing::candidates(&ctx.policy, &snapshot).map_err(|e| e.to_string())

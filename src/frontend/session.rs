@@ -103,6 +103,7 @@ async fn run_session(
         server_tls: &ctx.server_tls,
         timeouts: &proxy.timeouts,
         load: &proxy.load,
+        refusal: &|t| ctx.etcd_refusal(t),
     };
     let connected = tokio::select! {
         r = establish(&mut client, &mut client_buf, &startup, &params, &mut topology) => r,

@@ -3,6 +3,7 @@
 //! session must end). Pure, no I/O.
 
 pub mod drain;
+pub mod etcd_loss;
 pub mod switchover;
 
 use std::fmt;

@@ -375,11 +375,33 @@ impl Spread {
         .await
     }
 
-    /// `patronictl switchover`, from the observer.
-    pub async fn switchover(&self, leader: &str, candidate: &str) {
+    /// `patronictl switchover`, from the observer; `avoid`: an etcd member patronictl must
+    /// not use (one the test has frozen or cut).
+    pub async fn switchover(&self, leader: &str, candidate: &str, avoid: Option<&str>) {
+        let ctl = match avoid {
+            None => self.ctl.clone(),
+            Some(skip) => {
+                let hosts: Vec<String> = self
+                    .etcd
+                    .iter()
+                    .filter(|e| e.name != skip)
+                    .map(|e| e.host.socket(Net::Dcs, ETCD_CLIENT).to_string())
+                    .collect();
+                let path = self
+                    .root
+                    .path()
+                    .join(format!("patronictl-without-{skip}.yml"));
+                let text = format!(
+                    "scope: {SCOPE}\nnamespace: /service/\netcd3:\n  hosts: {}\n",
+                    hosts.join(",")
+                );
+                write_as_postgres(&path, &text);
+                path
+            }
+        };
         let mut cmd = self.obs.as_postgres("/usr/bin/patronictl");
         cmd.arg("-c")
-            .arg(&self.ctl)
+            .arg(&ctl)
             .args(["switchover", "--leader", leader, "--candidate", candidate])
             .args(["--force", SCOPE])
             .stdin(Stdio::null());
@@ -395,6 +417,98 @@ impl Spread {
             said.contains("Successfully switched over"),
             "patronictl switchover: {said}"
         );
+    }
+
+    /// `etcdctl` on the observer, against every member.
+    async fn etcdctl(&self, args: &[&str]) -> String {
+        let mut cmd = self.obs.command("etcdctl");
+        cmd.arg(format!("--endpoints={}", self.etcd_endpoints().join(",")))
+            .args(["--command-timeout=5s"])
+            .args(args)
+            .env("ETCDCTL_API", "3")
+            .stdin(Stdio::null());
+        let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+            .await
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {said}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        said
+    }
+
+    /// Moves etcd's raft leadership to another member.
+    pub async fn move_etcd_leader(&self) {
+        let leader = self.etcd_leader().await.expect("an etcd leader");
+        let list = self.etcdctl(&["member", "list", "-w", "simple"]).await;
+        // `id, started, name, peer urls, client urls, learner`
+        let target = list
+            .lines()
+            .map(|l| l.split(", ").collect::<Vec<_>>())
+            .find(|f| f.len() > 2 && f[2] != leader)
+            .map(|f| f[0].to_owned())
+            .expect("another etcd member");
+        let mut cmd = self.obs.command("etcdctl");
+        let at = self
+            .etcd
+            .iter()
+            .find(|e| e.name == leader)
+            .map(|e| format!("http://{}", e.host.socket(Net::Dcs, ETCD_CLIENT)))
+            .unwrap();
+        cmd.arg(format!("--endpoints={at}"))
+            .args(["move-leader", &target])
+            .env("ETCDCTL_API", "3")
+            .stdin(Stdio::null());
+        let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "etcdctl move-leader: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        wait_for("etcd's leader to move", Duration::from_secs(30), || async {
+            self.etcd_leader().await.filter(|l| *l != leader)
+        })
+        .await;
+    }
+
+    /// Compacts etcd's history up to its current revision.
+    pub async fn compact_etcd(&self) {
+        let revision = self.state().await.expect("etcd answers").revision;
+        self.etcdctl(&["compact", &revision.to_string()]).await;
+    }
+
+    /// The etcd member patroxy's watch uses, from `/topology`, by name.
+    pub async fn watched_etcd(&self) -> Option<String> {
+        let (_, body) = self.admin("/topology").await?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let cluster = v["clusters"]
+            .as_array()?
+            .iter()
+            .find(|c| c["name"] == SCOPE)?;
+        if cluster["etcd"]["watching"] != true {
+            return None;
+        }
+        let url = cluster["etcd"]["endpoint"].as_str()?.to_owned();
+        self.etcd
+            .iter()
+            .find(|e| url.contains(&e.host.socket(Net::Dcs, ETCD_CLIENT).to_string()))
+            .map(|e| e.name.clone())
+    }
+
+    /// Stops patroxy and starts it again with `cluster_lines` added to its `[cluster]`.
+    pub fn restart_proxy(&mut self, cluster_lines: &str) {
+        self.proxy = None;
+        let text = std::fs::read_to_string(&self.proxy_config).unwrap();
+        let text = text.replace(
+            &format!("scope = \"{SCOPE}\"\n"),
+            &format!("scope = \"{SCOPE}\"\n{cluster_lines}\n"),
+        );
+        std::fs::write(&self.proxy_config, text).unwrap();
+        self.start_proxy();
     }
 
     fn start_proxy(&mut self) {
