@@ -399,24 +399,37 @@ impl Spread {
                 path
             }
         };
-        let mut cmd = self.obs.as_postgres("/usr/bin/patronictl");
-        cmd.arg("-c")
-            .arg(&ctl)
-            .args(["switchover", "--leader", leader, "--candidate", candidate])
-            .args(["--force", SCOPE])
-            .stdin(Stdio::null());
-        let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
-            .await
-            .unwrap();
-        let said = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            said.contains("Successfully switched over"),
-            "patronictl switchover: {said}"
-        );
+        // Patroni itself may still be on a member the test broke ("failed to write
+        // switchover key into DCS") until its own retry moves it: try again, bounded.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            let mut cmd = self.obs.as_postgres("/usr/bin/patronictl");
+            cmd.arg("-c")
+                .arg(&ctl)
+                .args(["switchover", "--leader", leader, "--candidate", candidate])
+                .args(["--force", SCOPE])
+                .stdin(Stdio::null());
+            let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+                .await
+                .unwrap();
+            let said = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            if said.contains("Successfully switched over") {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "patronictl switchover: {said}"
+            );
+            eprintln!(
+                "patronictl switchover failed; again in 1 s: {}",
+                said.lines().last().unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
 
     /// `etcdctl` on the observer, against every member.
