@@ -597,3 +597,142 @@ async fn etcd_member_failures() {
     let log = writers.stop().await;
     check_history(&s, &log).await;
 }
+
+/// Waits until the server `name` is read-only (in recovery), from the observer.
+async fn wait_read_only(s: &Spread, name: &str) -> Instant {
+    wait_for(
+        &format!("{name} to be read-only"),
+        Duration::from_secs(120),
+        || async {
+            let direct = s.direct(name).await.ok()?;
+            let row = direct
+                .query_one("SELECT pg_is_in_recovery()", &[])
+                .await
+                .ok()?;
+            row.get::<_, bool>(0).then(Instant::now)
+        },
+    )
+    .await
+}
+
+/// Fault 2: the primary is cut from etcd only; patroxy and the replicas still reach it.
+/// Patroni demotes it after `retry_timeout` and elects another leader after the ttl; patroxy
+/// must never give a client the read-only old primary (its server check refuses it; a
+/// client that got one would see 25006) nor let two primaries acknowledge writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the full fault suite: bash scripts/faults.sh"]
+async fn a_primary_cut_from_etcd_only() {
+    let s = Spread::start(LAB_TIMEOUTS).await;
+    create_table(&s).await;
+    let watch = LeaderWatch::start(&s).await;
+    let old = s.leader().await;
+    s.wait_routed(&old, Duration::from_secs(60)).await;
+    let writers = Writers::start(&s, 10);
+    let old_addr = s.member(&old).host.addr(Net::Data).to_string();
+    writers.wait_acked_by(&old_addr, Instant::now(), 100).await;
+
+    let t = Instant::now();
+    s.member(&old).host.cut(Net::Dcs);
+    let demoted = wait_read_only(&s, &old).await;
+    let new = s.new_leader(&old).await;
+    let keyed = watch.when_named(&new, t).await;
+    let new_addr = s.member(&new).host.addr(Net::Data).to_string();
+    writers.wait_acked_by(&new_addr, t, 100).await;
+    let (errors, gap) = writers.window(t);
+    eprintln!(
+        "primary {old} cut from etcd: read-only after {:?}, {new}'s leader key after {:?}; {errors} write errors, longest gap {gap:?}",
+        demoted - t,
+        keyed - t
+    );
+    s.member(&old).host.heal(Net::Dcs);
+    let log = writers.stop().await;
+    let read_only: Vec<&Attempt> = log
+        .iter()
+        .filter(|a| matches!(&a.result, Err(e) if e.starts_with("25006")))
+        .collect();
+    assert!(
+        read_only.is_empty(),
+        "clients were given the read-only old primary: {read_only:?}"
+    );
+    check_history(&s, &log).await;
+}
+
+/// Fault 5: patroxy is cut from the primary (its data link goes down; etcd still names it
+/// leader). Writes in flight end when TCP_USER_TIMEOUT gives up on them; new connections
+/// wait for a reachable primary and get the clear error after `connect_wait`; nothing hangs.
+/// After the heal, writes resume on the same primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the full fault suite: bash scripts/faults.sh"]
+async fn patroxy_cut_from_the_primary() {
+    let timeouts = r#"[timeouts]
+connect = "2s"
+connect_wait = "8s"
+drain = "400ms"
+tcp_user_timeout = "5s"
+"#;
+    let s = Spread::start(timeouts).await;
+    create_table(&s).await;
+    let leader = s.leader().await;
+    s.wait_routed(&leader, Duration::from_secs(60)).await;
+    let writers = Writers::start(&s, 5);
+    let addr = s.member(&leader).host.addr(Net::Data).to_string();
+    writers.wait_acked_by(&addr, Instant::now(), 100).await;
+
+    let t = Instant::now();
+    s.member(&leader).host.cut(Net::Data);
+    // Every writer gets an answer (an error), none hangs: its first error after the cut.
+    let answered = wait_for(
+        "every writer to get an error",
+        Duration::from_secs(60),
+        || async {
+            let log = writers.log.lock().unwrap();
+            let mut latest = t;
+            for w in 0..10 {
+                let first = log
+                    .iter()
+                    .filter(|a| a.id / 1_000_000_000 == w && a.sent >= t && a.result.is_err())
+                    .map(|a| a.done)
+                    .min()?;
+                latest = latest.max(first);
+            }
+            Some(latest)
+        },
+    )
+    .await;
+    // A new connection waits connect_wait for a reachable primary, then is told.
+    let at = s.px.socket(Net::Data, UNPOOLED);
+    let asked = Instant::now();
+    let refused = s
+        .client
+        .run(async move {
+            let conninfo = format!(
+                "host={} port={} user=postgres dbname=postgres connect_timeout=60",
+                at.ip(),
+                at.port()
+            );
+            match tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await {
+                Ok(_) => None,
+                Err(e) => Some(format!(
+                    "{} {}",
+                    common::sqlstate(&e).unwrap_or_default(),
+                    common::message(&e)
+                )),
+            }
+        })
+        .await
+        .expect("a connection to an unreachable primary succeeded");
+    let waited = asked.elapsed();
+    eprintln!(
+        "patroxy cut from primary {leader}: every writer had its error {:?} after the cut; a new connection was refused after {waited:?}: {refused}",
+        answered - t
+    );
+    assert!(refused.starts_with("57P03"), "{refused}");
+    assert!(waited >= Duration::from_secs(8), "refused after {waited:?}");
+
+    let healed = Instant::now();
+    s.member(&leader).host.heal(Net::Data);
+    writers.wait_acked_by(&addr, healed, 100).await;
+    eprintln!("writes resumed {:?} after the heal", healed.elapsed());
+    let log = writers.stop().await;
+    check_history(&s, &log).await;
+}
