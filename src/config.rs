@@ -546,6 +546,27 @@ impl ListenerConfig {
     }
 }
 
+/// What every TCP socket of patroxy gets, to both sides. Keepalive (PgBouncer's
+/// `tcp_keepidle`, `tcp_keepintvl`, `tcp_keepcnt`): the first probe after `idle` without
+/// traffic, then one every `interval`, the peer given up on after `count` unanswered
+/// probes. `user_timeout` (TCP_USER_TIMEOUT, 0 for the system's): data sent and not
+/// acknowledged this long closes the connection, which keepalive does not cover (a peer
+/// that vanished right after it was sent something, or mid-query); with keepalive it also
+/// bounds the probes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpOptions {
+    pub idle: Duration,
+    pub interval: Duration,
+    pub count: u32,
+    pub user_timeout: Duration,
+}
+
+impl Default for TcpOptions {
+    fn default() -> Self {
+        Timeouts::default().tcp()
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Timeouts {
@@ -571,11 +592,33 @@ pub struct Timeouts {
     /// On shutdown, open transactions get this long to finish.
     #[serde(with = "humantime_serde")]
     pub shutdown: Duration,
-    /// Data sent to a server and not acknowledged this long closes the connection
-    /// (TCP_USER_TIMEOUT): a server cut off mid-query is given up on, instead of after the
-    /// kernel's retransmissions (about 15 minutes). 0 leaves the system's default.
+    /// Data sent to a server or a client and not acknowledged this long closes the
+    /// connection (TCP_USER_TIMEOUT): a peer cut off with data in flight is given up on,
+    /// instead of after the kernel's retransmissions (about 15 minutes). 0 leaves the
+    /// system's default.
     #[serde(with = "humantime_serde")]
     pub tcp_user_timeout: Duration,
+    /// TCP keepalive on client and server sockets (PgBouncer's names): the first probe after
+    /// this long idle...
+    #[serde(with = "humantime_serde")]
+    pub tcp_keepidle: Duration,
+    /// ...then one probe every this long...
+    #[serde(with = "humantime_serde")]
+    pub tcp_keepintvl: Duration,
+    /// ...and the peer is given up on after this many unanswered probes.
+    pub tcp_keepcnt: u32,
+}
+
+impl Timeouts {
+    /// The options for patroxy's TCP sockets.
+    pub fn tcp(&self) -> TcpOptions {
+        TcpOptions {
+            idle: self.tcp_keepidle,
+            interval: self.tcp_keepintvl,
+            count: self.tcp_keepcnt,
+            user_timeout: self.tcp_user_timeout,
+        }
+    }
 }
 
 impl Default for Timeouts {
@@ -589,6 +632,9 @@ impl Default for Timeouts {
             eject: Duration::from_secs(3),
             shutdown: Duration::from_secs(10),
             tcp_user_timeout: Duration::from_secs(30),
+            tcp_keepidle: Duration::from_secs(30),
+            tcp_keepintvl: Duration::from_secs(10),
+            tcp_keepcnt: 9,
         }
     }
 }
@@ -702,6 +748,8 @@ impl Config {
             ("timeouts.replica_drain", t.replica_drain, ms(10)),
             ("timeouts.eject", t.eject, ms(10)),
             ("timeouts.shutdown", t.shutdown, ms(10)),
+            ("timeouts.tcp_keepidle", t.tcp_keepidle, ms(1000)),
+            ("timeouts.tcp_keepintvl", t.tcp_keepintvl, ms(1000)),
             ("etcd.dial_timeout", self.etcd.dial_timeout, ms(100)),
             ("etcd.request_timeout", self.etcd.request_timeout, ms(100)),
             (
@@ -713,6 +761,12 @@ impl Config {
             if d < floor {
                 bad.push(format!("{name}: {d:?} is too short (at least {floor:?})"));
             }
+        }
+        if t.tcp_keepcnt == 0 || t.tcp_keepcnt > 127 {
+            bad.push(format!(
+                "timeouts.tcp_keepcnt: {} is out of range (1 to 127)",
+                t.tcp_keepcnt
+            ));
         }
         if !t.tcp_user_timeout.is_zero() && t.tcp_user_timeout < Duration::from_secs(1) {
             bad.push(format!(

@@ -24,7 +24,10 @@ pub struct BoundListener {
 }
 
 /// Binds one listener; the error names it and its address.
-pub async fn bind_one(l: &ListenerConfig) -> Result<BoundListener, std::io::Error> {
+pub async fn bind_one(
+    l: &ListenerConfig,
+    tcp: crate::stream::TcpOptions,
+) -> Result<BoundListener, std::io::Error> {
     let addr = l
         .addr()
         .map_err(|why| std::io::Error::new(std::io::ErrorKind::InvalidInput, why))?;
@@ -32,7 +35,7 @@ pub async fn bind_one(l: &ListenerConfig) -> Result<BoundListener, std::io::Erro
         std::io::Error::new(e.kind(), format!("listener {} on {addr}: {e}", l.name))
     })?;
     // Accepted connections inherit the listening socket's options.
-    crate::stream::tune_socket(&listener);
+    crate::stream::tune_socket(&listener, tcp);
     Ok(BoundListener {
         config: l.clone(),
         listener,
@@ -43,7 +46,7 @@ pub async fn bind_one(l: &ListenerConfig) -> Result<BoundListener, std::io::Erro
 pub async fn bind(config: &Config) -> Result<Vec<BoundListener>, std::io::Error> {
     let mut out = Vec::new();
     for l in &config.listeners {
-        out.push(bind_one(l).await?);
+        out.push(bind_one(l, config.timeouts.tcp()).await?);
     }
     Ok(out)
 }
@@ -144,12 +147,12 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn accepted_connections_get_nodelay_and_keepalive_from_the_listener() {
+    async fn accepted_connections_get_nodelay_keepalive_and_user_timeout_from_the_listener() {
         let config = ListenerConfig {
             listen: "127.0.0.1:0".into(),
             ..ListenerConfig::default()
         };
-        let bound = bind_one(&config).await.unwrap();
+        let bound = bind_one(&config, Default::default()).await.unwrap();
         let addr = bound.listener.local_addr().unwrap();
         let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
         let (accepted, _) = bound.listener.accept().await.unwrap();
@@ -159,6 +162,11 @@ mod tests {
         assert_eq!(
             s.tcp_keepalive_time().unwrap(),
             std::time::Duration::from_secs(30)
+        );
+        // And TCP_USER_TIMEOUT: a client that stops acknowledging is given up on.
+        assert_eq!(
+            s.tcp_user_timeout().unwrap(),
+            Some(std::time::Duration::from_secs(30))
         );
     }
 }

@@ -269,11 +269,13 @@ impl Server {
         let auth = Arc::new(ClientAuth::load(&new.auth).await?);
         let old = &self.config;
         // A cluster's connection cap applies at once; the rest of [cluster] needs a restart.
+        // What a reload applies to a cluster (new listener contexts take it) is left out.
         let uncapped = |c: &Config| {
             let mut clusters = c.clusters.clone();
-            clusters
-                .iter_mut()
-                .for_each(|c| c.max_server_connections = 0);
+            clusters.iter_mut().for_each(|c| {
+                c.max_server_connections = 0;
+                c.etcd_loss = Default::default();
+            });
             clusters
         };
         for (what, changed) in [
@@ -300,7 +302,11 @@ impl Server {
             let ctx = self.context(l, &new, &tls, &auth)?;
             match at {
                 Some(i) => updates.push((i, ctx)),
-                None => fresh.push((bind_one(l).await.map_err(|e| e.to_string())?, ctx)),
+                None => {
+                    // Timeouts change at a restart: the running ones apply.
+                    let bound = bind_one(l, self.config.timeouts.tcp()).await;
+                    fresh.push((bound.map_err(|e| e.to_string())?, ctx))
+                }
             }
         }
         let (mut kept, mut added, mut removed) = (Vec::new(), Vec::new(), Vec::new());

@@ -5,7 +5,6 @@
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::BytesMut;
 use socket2::{SockRef, TcpKeepalive};
@@ -14,44 +13,55 @@ use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsStream;
 
-/// TCP_NODELAY (every message is a round trip) and keepalive (an idle peer that vanished is
-/// noticed; it does not bound data left unacknowledged). Set on a listening socket, Linux
-/// gives them to every connection it accepts, at no cost per connection.
-pub(crate) fn tune_socket(s: &impl std::os::fd::AsFd) {
+pub use crate::config::TcpOptions;
+
+/// TCP_NODELAY (every message is a round trip), keepalive (an idle peer that vanished is
+/// noticed) and TCP_USER_TIMEOUT (a peer that stopped acknowledging data is given up on).
+/// Set on a listening socket, Linux gives them to every connection it accepts, at no cost
+/// per connection.
+pub(crate) fn tune_socket(s: &impl std::os::fd::AsFd, o: TcpOptions) {
     let s = SockRef::from(s);
     let _ = s.set_tcp_nodelay(true);
     let ka = TcpKeepalive::new()
-        .with_time(Duration::from_secs(30))
-        .with_interval(Duration::from_secs(10));
+        .with_time(o.idle)
+        .with_interval(o.interval)
+        .with_retries(o.count);
     let _ = s.set_tcp_keepalive(&ka);
-}
-
-/// A server socket: tuned as any, and given up on once data sent stays unacknowledged for
-/// `user_timeout` (TCP_USER_TIMEOUT; keepalive does nothing while data is in flight).
-pub(crate) fn tune_server_socket(s: &TcpStream, user_timeout: Duration) {
-    tune_socket(s);
-    if !user_timeout.is_zero() {
-        let _ = SockRef::from(s).set_tcp_user_timeout(Some(user_timeout));
+    if !o.user_timeout.is_zero() {
+        let _ = s.set_tcp_user_timeout(Some(o.user_timeout));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[tokio::test]
-    async fn server_sockets_give_up_on_unacknowledged_data() {
+    async fn sockets_give_up_on_unacknowledged_data_and_silent_peers() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let s = TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
-        tune_server_socket(&s, Duration::from_secs(30));
+        let o = TcpOptions {
+            idle: Duration::from_secs(7),
+            interval: Duration::from_secs(2),
+            count: 3,
+            user_timeout: Duration::from_secs(30),
+        };
+        tune_socket(&s, o);
         let sock = SockRef::from(&s);
         assert_eq!(
             sock.tcp_user_timeout().unwrap(),
             Some(Duration::from_secs(30))
         );
         assert!(sock.tcp_nodelay().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(7));
+        assert_eq!(
+            sock.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(2)
+        );
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), 3);
     }
 }
 

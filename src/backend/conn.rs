@@ -19,7 +19,7 @@ use crate::protocol::frame::{split_frame, Frame};
 use crate::protocol::messages;
 use crate::protocol::prepared::ServerStatements;
 use crate::protocol::startup::CancelKey;
-use crate::stream::{send, tune_server_socket, Stream};
+use crate::stream::{send, tune_socket, Stream};
 use crate::tls::ServerTls;
 
 /// Server frames outside a session's relay are small.
@@ -108,8 +108,8 @@ pub struct Opener {
     /// Checks `in_hot_standby` as the listener's role wants it.
     pub wants_standby: Option<bool>,
     pub limit: Duration,
-    /// TCP_USER_TIMEOUT for the socket (`timeouts.tcp_user_timeout`).
-    pub user_timeout: Duration,
+    /// Keepalive and TCP_USER_TIMEOUT for the socket (`timeouts.tcp_*`).
+    pub tcp: crate::stream::TcpOptions,
 }
 
 impl std::fmt::Debug for Opener {
@@ -128,7 +128,7 @@ impl Opener {
         timeout(self.limit, async {
             let endpoint = &self.endpoint;
             let tcp = TcpStream::connect((endpoint.host.as_str(), endpoint.port)).await?;
-            tune_server_socket(&tcp, self.user_timeout);
+            tune_socket(&tcp, self.tcp);
             let stream = crate::tls::open(tcp, &self.tls, &endpoint.host)
                 .await
                 .map_err(ConnError::Protocol)?;

@@ -22,7 +22,7 @@ use crate::protocol::frame::{split_frame, Frame, FrameError};
 use crate::protocol::messages;
 use crate::protocol::startup::{CancelKey, StartupInfo};
 use crate::routing::{self, ListenerRole, Target};
-use crate::stream::{send, tune_server_socket, Stream};
+use crate::stream::{send, tune_socket, Stream};
 use crate::tls::ServerTls;
 
 /// Server frames before the session is handed over are small: auth challenges, parameters.
@@ -97,7 +97,7 @@ pub(super) async fn attempt(
         let tcp = TcpStream::connect((ep.host.as_str(), ep.port))
             .await
             .map_err(|e| e.to_string())?;
-        tune_server_socket(&tcp, timeouts.tcp_user_timeout);
+        tune_socket(&tcp, timeouts.tcp());
         crate::tls::open(tcp, server_tls, &ep.host).await
     });
     let mut server = match opened.await {

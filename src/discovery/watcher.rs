@@ -91,11 +91,19 @@ impl EtcdWatcher {
         }
         info!(prefix = %self.prefix, endpoints = ?self.etcd.config.endpoints, "watching Patroni keys in etcd");
         loop {
+            let round = Instant::now();
             let result = tokio::select! {
                 r = self.sync_and_watch(&tx) => r,
                 _ = shutdown.cancelled() => return,
             };
             self.contact.lost();
+            // A watch that fails as soon as it is up must not become a busy loop.
+            if round.elapsed() < ATTEMPT_EVERY {
+                tokio::select! {
+                    _ = tokio::time::sleep(ATTEMPT_EVERY) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+            }
             if let Err(e) = result {
                 crate::metrics::etcd_watch_error(&self.name);
                 if matches!(e, EtcdError::Canceled { compact_revision, .. } if compact_revision > 0)

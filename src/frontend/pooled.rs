@@ -807,7 +807,7 @@ async fn checkout(
                         login: login.clone(),
                         wants_standby: ctx.policy.role.wants_standby(),
                         limit: proxy.timeouts.connect.max(proxy.timeouts.startup),
-                        user_timeout: proxy.timeouts.tcp_user_timeout,
+                        tcp: proxy.timeouts.tcp(),
                     };
                     let opened = opener.open().await;
                     crate::metrics::server_connect(if opened.is_ok() { "ok" } else { "failed" });
