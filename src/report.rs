@@ -77,7 +77,14 @@ impl Reporter {
         }
     }
 
+    /// The report to write; none while the cluster's watch is down or catching up: what
+    /// this instance knows may be stale then (after a heal, it is written once the watch
+    /// has caught up, never first with the old primary).
     fn report(&self) -> Option<Report> {
+        let contact = self.running.contacts.get(&self.cluster)?;
+        if !contact.watching() {
+            return None;
+        }
         let mut report = Report::of(&self.running.view(), &self.cluster)?;
         report.cancel = self.running.cancel_route(&self.cluster);
         Some(report)

@@ -286,6 +286,53 @@ impl LeaderWatch {
     }
 }
 
+/// Records when patroxy's routed leader changes, polling its `/topology` from the observer
+/// every 10 ms (timing a switchover from after `patronictl` returns would add the ~0.7 s it
+/// takes to confirm).
+struct RouteWatch {
+    seen: Arc<Mutex<Vec<KeyEvent>>>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl RouteWatch {
+    fn start(s: &Spread) -> RouteWatch {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let at = s.admin_addr();
+        let task = s.obs.spawn_task(async move {
+            let mut last = None;
+            loop {
+                if let Some(now) = common::spread::routed_leader_at(at).await {
+                    if last.as_ref() != Some(&now) {
+                        record
+                            .lock()
+                            .unwrap()
+                            .push((Instant::now(), Some(now.clone())));
+                        last = Some(now);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        RouteWatch { seen, _task: task }
+    }
+
+    /// When patroxy first routed to `leader` after `since`.
+    async fn when_routed(&self, leader: &str, since: Instant) -> Instant {
+        wait_for(
+            &format!("patroxy to route to {leader}"),
+            Duration::from_secs(120),
+            || async move {
+                let seen = self.seen.lock().unwrap();
+                seen.iter()
+                    .find(|(t, v)| *t >= since && v.as_deref() == Some(leader))
+                    .map(|(t, _)| *t)
+            },
+        )
+        .await
+    }
+}
+
 /// Correctness bounds for routing after a fault. The targets (0.5 s for ending
 /// sessions, 1 s for a heal) are printed; the asserts leave room for a loaded machine.
 const ROUTING_BOUND: Duration = Duration::from_secs(3);
@@ -531,6 +578,7 @@ async fn etcd_member_failures() {
     let mut s = Spread::start(LAB_TIMEOUTS).await;
     create_table(&s).await;
     let watch = LeaderWatch::start(&s).await;
+    let routes = RouteWatch::start(&s);
     s.wait_routed(&s.leader().await, Duration::from_secs(60))
         .await;
     let writers = Writers::start(&s, 5);
@@ -559,8 +607,8 @@ async fn etcd_member_failures() {
         }
         s.switchover(&leader, &candidate, avoid.as_deref()).await;
         let keyed = watch.when_named(&candidate, t).await;
-        s.wait_routed(&candidate, Duration::from_secs(60)).await;
-        let after_key = Instant::now().saturating_duration_since(keyed);
+        let routed_at = routes.when_routed(&candidate, t).await;
+        let after_key = routed_at.saturating_duration_since(keyed);
         let moved_to = s.watched_etcd().await;
         eprintln!(
             "etcd fault {fault:?} on {used}: patroxy watches {moved_to:?}; routed to {candidate} {after_key:?} after its key"
@@ -814,6 +862,7 @@ async fn soak() {
     let mut s = Spread::start(LAB_TIMEOUTS).await;
     create_table(&s).await;
     let watch = LeaderWatch::start(&s).await;
+    let routes = RouteWatch::start(&s);
     s.wait_routed(&s.leader().await, Duration::from_secs(60))
         .await;
     let start = Instant::now();
@@ -825,16 +874,15 @@ async fn soak() {
         let (leader, candidate) = (state.leader.unwrap(), state.sync_standby.unwrap());
         let t = Instant::now();
         let mut undo: Option<Undo> = None;
-        let what = match *kind {
-            "switchover" => {
-                s.switchover(&leader, &candidate, None).await;
-                format!("switchover {leader} -> {candidate}")
-            }
+        // The fault first; a switchover (after an etcd fault too) runs while the promotion
+        // is timed: patronictl returns only once it has seen the new leader run.
+        let (what, switch) = match *kind {
+            "switchover" => (format!("switchover {leader} -> {candidate}"), Some(None)),
             "partition" => {
                 s.member(&leader).host.isolate();
                 let host = s.member(&leader).host.clone();
                 undo = Some(Box::new(move |_| host.rejoin()));
-                format!("leader {leader} partitioned")
+                (format!("leader {leader} partitioned"), None)
             }
             _ => {
                 // Each kind in turn, on a member drawn at random.
@@ -853,18 +901,26 @@ async fn soak() {
                     "freeze" => s.etcd_node(&name).proc.as_ref().unwrap().thaw(),
                     _ => s.etcd_node(&name).host.heal(Net::Dcs),
                 }));
-                s.switchover(&leader, &candidate, Some(&e)).await;
-                format!("etcd {e} {fault}, then switchover {leader} -> {candidate}")
+                let what = format!("etcd {e} {fault}, then switchover {leader} -> {candidate}");
+                (what, Some(Some(e)))
             }
         };
-        let new = s.new_leader(&leader).await;
-        let keyed = watch.when_named(&new, t).await;
-        // Both followed from the key on: when the server took writes, when patroxy routed.
-        let (writable, routed_at) = tokio::join!(wait_writable(&s, &new), async {
-            s.wait_routed(&new, Duration::from_secs(60)).await;
-            Instant::now()
-        });
-        let routed = routed_at.saturating_duration_since(keyed);
+        let timed = async {
+            let new = s.new_leader(&leader).await;
+            let keyed = watch.when_named(&new, t).await;
+            let writable = wait_writable(&s, &new).await;
+            (new, keyed, writable)
+        };
+        let switched = async {
+            if let Some(avoid) = &switch {
+                s.switchover(&leader, &candidate, avoid.as_deref()).await;
+            }
+        };
+        let ((new, keyed, writable), ()) = tokio::join!(timed, switched);
+        let routed = routes
+            .when_routed(&new, t)
+            .await
+            .saturating_duration_since(keyed);
         let new_addr = s.member(&new).host.addr(Net::Data).to_string();
         writers.wait_acked_by(&new_addr, t, 20).await;
         let (errors, gap) = writers.window(t);

@@ -59,6 +59,8 @@ struct Established {
     endpoint: usize,
     stream: WatchStream,
     read: Option<(BTreeMap<String, Bytes>, i64)>,
+    /// etcd's revision when the watch was created: what it must deliver to be caught up.
+    created_at: i64,
     /// Kept for as long as the stream is used.
     _client: etcd_client::Client,
 }
@@ -173,6 +175,7 @@ impl EtcdWatcher {
             endpoint,
             mut stream,
             read,
+            created_at,
             _client,
         } = self.establish().await?;
         // The next round starts on the next endpoint: this one may be what failed.
@@ -190,8 +193,14 @@ impl EtcdWatcher {
             self.publish(tx, self.revision);
         }
         crate::metrics::etcd_event(&self.name);
-        self.contact.watching_on(&url);
-        debug!(endpoint = %url, revision = self.revision, "etcd watch up");
+        // Resumed behind etcd: up (for readiness and the routing report) only once the
+        // events missed meanwhile are applied, or a progress notice says there were none.
+        let mut behind = created_at > self.revision;
+        match behind {
+            true => stream.request_progress().await?,
+            false => self.contact.watching_on(&url),
+        }
+        debug!(endpoint = %url, revision = self.revision, behind, "etcd watch up");
 
         let idle = self.etcd.config.watch_idle_timeout;
         // Ask for progress a few times per idle period: a healthy etcd always answers.
@@ -218,6 +227,10 @@ impl EtcdWatcher {
                         // been delivered.
                         let at = resp.header().map_or(self.revision, |h| h.revision());
                         self.revision = self.revision.max(at);
+                        if behind && self.revision >= created_at {
+                            behind = false;
+                            self.contact.watching_on(&url);
+                        }
                         continue;
                     }
                     for ev in resp.events() {
@@ -237,6 +250,10 @@ impl EtcdWatcher {
                     }
                     let rev = resp.header().map_or(self.revision, |h| h.revision());
                     self.publish(tx, rev);
+                    if behind && self.revision.max(rev) >= created_at {
+                        behind = false;
+                        self.contact.watching_on(&url);
+                    }
                 }
                 _ = progress.tick() => {
                     if last_message.elapsed() > idle {
@@ -339,6 +356,7 @@ async fn attempt(
             endpoint: i,
             stream,
             read,
+            created_at: at,
             _client: client,
         })
     };

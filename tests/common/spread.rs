@@ -547,37 +547,21 @@ impl Spread {
     /// A GET on patroxy's admin endpoint from the observer: status code and body.
     pub async fn admin(&self, path: &str) -> Option<(u16, String)> {
         let at = self.px.socket(Net::Data, ADMIN);
-        let request = format!("GET {path} HTTP/1.0\r\nHost: px\r\n\r\n");
-        self.obs
-            .run(async move {
-                use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                let limit = Duration::from_secs(2);
-                let mut s = tokio::time::timeout(limit, tokio::net::TcpStream::connect(at))
-                    .await
-                    .ok()?
-                    .ok()?;
-                s.write_all(request.as_bytes()).await.ok()?;
-                let mut out = String::new();
-                tokio::time::timeout(limit, s.read_to_string(&mut out))
-                    .await
-                    .ok()?
-                    .ok()?;
-                let code = out.split_whitespace().nth(1)?.parse().ok()?;
-                let body = out.split_once("\r\n\r\n")?.1.to_owned();
-                Some((code, body))
-            })
-            .await
+        let path = path.to_owned();
+        self.obs.run(async move { get(at, &path).await }).await
+    }
+
+    /// patroxy's admin endpoint, as the observer reaches it.
+    pub fn admin_addr(&self) -> std::net::SocketAddr {
+        self.px.socket(Net::Data, ADMIN)
     }
 
     /// The leader patroxy routes the cluster's primary listener to, from `/topology`.
     pub async fn routed_leader(&self) -> Option<String> {
-        let (_, body) = self.admin("/topology").await?;
-        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-        let cluster = v["clusters"]
-            .as_array()?
-            .iter()
-            .find(|c| c["name"] == SCOPE)?;
-        cluster["leader"].as_str().map(str::to_owned)
+        let at = self.admin_addr();
+        self.obs
+            .run(async move { routed_leader_at(at).await })
+            .await
     }
 
     /// Waits until patroxy's view names `leader`; returns how long that took.
@@ -761,4 +745,35 @@ enabled = false
 "#,
         endpoints = endpoints.join(", ")
     )
+}
+
+/// A GET on an admin endpoint: status code and body (run it on the observer).
+pub async fn get(at: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let limit = Duration::from_secs(2);
+    let request = format!("GET {path} HTTP/1.0\r\nHost: px\r\n\r\n");
+    let mut s = tokio::time::timeout(limit, tokio::net::TcpStream::connect(at))
+        .await
+        .ok()?
+        .ok()?;
+    s.write_all(request.as_bytes()).await.ok()?;
+    let mut out = String::new();
+    tokio::time::timeout(limit, s.read_to_string(&mut out))
+        .await
+        .ok()?
+        .ok()?;
+    let code = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out.split_once("\r\n\r\n")?.1.to_owned();
+    Some((code, body))
+}
+
+/// The leader the patroxy at `at` routes the cluster to, from its `/topology`.
+pub async fn routed_leader_at(at: std::net::SocketAddr) -> Option<String> {
+    let (_, body) = get(at, "/topology").await?;
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    let cluster = v["clusters"]
+        .as_array()?
+        .iter()
+        .find(|c| c["name"] == SCOPE)?;
+    cluster["leader"].as_str().map(str::to_owned)
 }
