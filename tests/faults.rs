@@ -34,6 +34,8 @@ const INSERT: &str = "INSERT INTO writes (id) VALUES ($1) \
 
 /// The writers on the client host.
 struct Writers {
+    /// Writers per listener: ids below `per_listener` billions are the unpooled ones.
+    per_listener: i64,
     log: Arc<Mutex<Vec<Attempt>>>,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -53,7 +55,12 @@ impl Writers {
                 tasks.push(s.client.spawn_task(write_loop(at, base, log, stop)));
             }
         }
-        Writers { log, stop, tasks }
+        Writers {
+            per_listener,
+            log,
+            stop,
+            tasks,
+        }
     }
 
     /// Waits until every writer... at least `n` writes acknowledged by `addr` after `since`.
@@ -95,6 +102,18 @@ impl Writers {
         (failed, gap)
     }
 
+    /// Errors since `since`: through the unpooled listener, through the pool.
+    fn errors_by_listener(&self, since: Instant) -> (usize, usize) {
+        let log = self.log.lock().unwrap();
+        let failed = log.iter().filter(|a| a.done >= since && a.result.is_err());
+        failed.fold((0, 0), |(u, p), a| {
+            match a.id / 1_000_000_000 < self.per_listener {
+                true => (u + 1, p),
+                false => (u, p + 1),
+            }
+        })
+    }
+
     async fn stop(self) -> Vec<Attempt> {
         self.stop.cancel();
         for t in self.tasks {
@@ -112,20 +131,14 @@ async fn write_loop(
 ) {
     let mut client: Option<tokio_postgres::Client> = None;
     let mut id = base;
-    let conninfo = format!(
-        "host={} port={} user=postgres dbname=postgres connect_timeout=10",
-        at.ip(),
-        at.port()
-    );
     while !stop.is_cancelled() {
         id += 1;
         let sent = Instant::now();
         let result = async {
             if client.is_none() {
-                let (c, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+                let (c, _) = pg_connect(at, 10)
                     .await
                     .map_err(|e| format!("connect: {}", common::message(&e)))?;
-                tokio::spawn(conn);
                 client = Some(c);
             }
             let c = client.as_ref().unwrap();
@@ -159,6 +172,25 @@ async fn write_loop(
         });
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// A connection as `postgres` to `at`, made on the lab host whose runtime runs this (its
+/// socket is that host's). The handle resolves, with the time, when the connection ends.
+async fn pg_connect(
+    at: SocketAddr,
+    connect_timeout_s: u64,
+) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<Instant>), tokio_postgres::Error> {
+    let conninfo = format!(
+        "host={} port={} user=postgres dbname=postgres connect_timeout={connect_timeout_s}",
+        at.ip(),
+        at.port()
+    );
+    let (c, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await?;
+    let ended = tokio::spawn(async move {
+        let _ = conn.await;
+        Instant::now()
+    });
+    Ok((c, ended))
 }
 
 /// Every acknowledged write is on the final primary, and no old primary acknowledged a write
@@ -344,6 +376,19 @@ drain = "400ms"
 tcp_user_timeout = "5s"
 "#;
 
+/// A lab with `config`, the table, and `per_listener` writers on each listener whose writes
+/// the leader has acknowledged (100 of them); with the leader's name.
+async fn writing(config: &str, per_listener: i64) -> (Spread, Writers, String) {
+    let s = Spread::start(config).await;
+    create_table(&s).await;
+    let leader = s.leader().await;
+    s.wait_routed(&leader, Duration::from_secs(60)).await;
+    let writers = Writers::start(&s, per_listener);
+    let addr = s.member(&leader).host.addr(Net::Data).to_string();
+    writers.wait_acked_by(&addr, Instant::now(), 100).await;
+    (s, writers, leader)
+}
+
 async fn create_table(s: &Spread) {
     let leader = s.leader().await;
     let direct = s.direct(&leader).await.unwrap();
@@ -359,34 +404,17 @@ async fn create_table(s: &Spread) {
 /// the new primary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_cut_from_everyone() {
-    let s = Spread::start(LAB_TIMEOUTS).await;
-    create_table(&s).await;
+    let (s, writers, old) = writing(LAB_TIMEOUTS, 10).await;
     let watch = LeaderWatch::start(&s).await;
-    let old = s.leader().await;
-    s.wait_routed(&old, Duration::from_secs(60)).await;
-    let old_addr = s.member(&old).host.addr(Net::Data).to_string();
-    let writers = Writers::start(&s, 10);
-    writers.wait_acked_by(&old_addr, Instant::now(), 100).await;
 
     // Two sessions on the old primary through patroxy: one idle, one blocked in a query.
     let at = s.px.socket(Net::Data, UNPOOLED);
     let sessions = s
         .client
         .run(async move {
-            let conninfo = format!(
-                "host={} port={} user=postgres dbname=postgres",
-                at.ip(),
-                at.port()
-            );
             let mut ends = Vec::new();
             for blocked in [false, true] {
-                let (c, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
-                    .await
-                    .unwrap();
-                let ended = tokio::spawn(async move {
-                    let _ = conn.await;
-                    Instant::now()
-                });
+                let (c, ended) = pg_connect(at, 10).await.unwrap();
                 c.batch_execute("SELECT 1").await.unwrap();
                 match blocked {
                     true => {
@@ -470,14 +498,8 @@ async fn wait_not_ready(s: &Spread) -> String {
 /// has been silent longer than the cluster's ttl, and accepted again after the heal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn patroxy_cut_from_etcd() {
-    let mut s = Spread::start(LAB_TIMEOUTS).await;
-    create_table(&s).await;
+    let (mut s, writers, old) = writing(LAB_TIMEOUTS, 10).await;
     let watch = LeaderWatch::start(&s).await;
-    let old = s.leader().await;
-    s.wait_routed(&old, Duration::from_secs(60)).await;
-    let writers = Writers::start(&s, 10);
-    let old_addr = s.member(&old).host.addr(Net::Data).to_string();
-    writers.wait_acked_by(&old_addr, Instant::now(), 100).await;
 
     // Cut, and a switchover patroxy cannot see.
     let t = Instant::now();
@@ -517,19 +539,12 @@ async fn patroxy_cut_from_etcd() {
     s.wait_routed(&candidate, Duration::from_secs(60)).await;
     let at = s.px.socket(Net::Data, UNPOOLED);
     let try_connect = move || async move {
-        let conninfo = format!(
-            "host={} port={} user=postgres dbname=postgres connect_timeout=5",
-            at.ip(),
-            at.port()
-        );
-        match tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await {
-            Ok((c, conn)) => {
-                tokio::spawn(conn);
-                c.simple_query("SELECT 1")
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| common::message(&e))
-            }
+        match pg_connect(at, 5).await {
+            Ok((c, _)) => c
+                .simple_query("SELECT 1")
+                .await
+                .map(|_| ())
+                .map_err(|e| common::message(&e)),
             Err(e) => Err(common::message(&e)),
         }
     };
@@ -646,10 +661,15 @@ async fn etcd_member_failures() {
     check_history(&s, &log).await;
 }
 
-/// Waits until the server `name` is read-only (in recovery), from the observer.
-async fn wait_read_only(s: &Spread, name: &str) -> Instant {
+/// Waits until the server `name` is read-only (in recovery) or, with `false`, accepts
+/// writes; asked from the observer. Returns when it first was.
+async fn wait_in_recovery(s: &Spread, name: &str, recovering: bool) -> Instant {
+    let what = match recovering {
+        true => "be read-only",
+        false => "accept writes",
+    };
     wait_for(
-        &format!("{name} to be read-only"),
+        &format!("{name} to {what}"),
         Duration::from_secs(120),
         || async {
             let direct = s.direct(name).await.ok()?;
@@ -657,7 +677,7 @@ async fn wait_read_only(s: &Spread, name: &str) -> Instant {
                 .query_one("SELECT pg_is_in_recovery()", &[])
                 .await
                 .ok()?;
-            row.get::<_, bool>(0).then(Instant::now)
+            (row.get::<_, bool>(0) == recovering).then(Instant::now)
         },
     )
     .await
@@ -670,18 +690,12 @@ async fn wait_read_only(s: &Spread, name: &str) -> Instant {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "the full fault suite: bash scripts/faults.sh"]
 async fn a_primary_cut_from_etcd_only() {
-    let s = Spread::start(LAB_TIMEOUTS).await;
-    create_table(&s).await;
+    let (s, writers, old) = writing(LAB_TIMEOUTS, 10).await;
     let watch = LeaderWatch::start(&s).await;
-    let old = s.leader().await;
-    s.wait_routed(&old, Duration::from_secs(60)).await;
-    let writers = Writers::start(&s, 10);
-    let old_addr = s.member(&old).host.addr(Net::Data).to_string();
-    writers.wait_acked_by(&old_addr, Instant::now(), 100).await;
 
     let t = Instant::now();
     s.member(&old).host.cut(Net::Dcs);
-    let demoted = wait_read_only(&s, &old).await;
+    let demoted = wait_in_recovery(&s, &old, true).await;
     let new = s.new_leader(&old).await;
     let keyed = watch.when_named(&new, t).await;
     let new_addr = s.member(&new).host.addr(Net::Data).to_string();
@@ -718,13 +732,8 @@ connect_wait = "8s"
 drain = "400ms"
 tcp_user_timeout = "5s"
 "#;
-    let s = Spread::start(timeouts).await;
-    create_table(&s).await;
-    let leader = s.leader().await;
-    s.wait_routed(&leader, Duration::from_secs(60)).await;
-    let writers = Writers::start(&s, 5);
+    let (s, writers, leader) = writing(timeouts, 5).await;
     let addr = s.member(&leader).host.addr(Net::Data).to_string();
-    writers.wait_acked_by(&addr, Instant::now(), 100).await;
 
     let t = Instant::now();
     s.member(&leader).host.cut(Net::Data);
@@ -753,12 +762,7 @@ tcp_user_timeout = "5s"
     let refused = s
         .client
         .run(async move {
-            let conninfo = format!(
-                "host={} port={} user=postgres dbname=postgres connect_timeout=60",
-                at.ip(),
-                at.port()
-            );
-            match tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await {
+            match pg_connect(at, 60).await {
                 Ok(_) => None,
                 Err(e) => Some(format!(
                     "{} {}",
@@ -785,23 +789,6 @@ tcp_user_timeout = "5s"
     check_history(&s, &log).await;
 }
 
-/// Waits until `name` accepts writes (out of recovery), from the observer.
-async fn wait_writable(s: &Spread, name: &str) -> Instant {
-    wait_for(
-        &format!("{name} to accept writes"),
-        Duration::from_secs(120),
-        || async {
-            let direct = s.direct(name).await.ok()?;
-            let row = direct
-                .query_one("SELECT pg_is_in_recovery()", &[])
-                .await
-                .ok()?;
-            (!row.get::<_, bool>(0)).then(Instant::now)
-        },
-    )
-    .await
-}
-
 /// A small deterministic generator (xorshift64*), so that a seed replays a soak's order.
 struct Rng(u64);
 
@@ -822,7 +809,8 @@ struct Row {
     n: usize,
     what: String,
     gap: Duration,
-    errors: usize,
+    /// Client errors through the unpooled listener, and through the pool.
+    errors: (usize, usize),
     floor: Duration,
     routed: Duration,
     at: Duration,
@@ -908,7 +896,7 @@ async fn soak() {
         let timed = async {
             let new = s.new_leader(&leader).await;
             let keyed = watch.when_named(&new, t).await;
-            let writable = wait_writable(&s, &new).await;
+            let writable = wait_in_recovery(&s, &new, false).await;
             (new, keyed, writable)
         };
         let switched = async {
@@ -923,12 +911,13 @@ async fn soak() {
             .saturating_duration_since(keyed);
         let new_addr = s.member(&new).host.addr(Net::Data).to_string();
         writers.wait_acked_by(&new_addr, t, 20).await;
-        let (errors, gap) = writers.window(t);
+        let (_, gap) = writers.window(t);
+        let errors = writers.errors_by_listener(t);
         if let Some(undo) = undo {
             undo(&mut s);
         }
         eprintln!(
-            "soak {n}: {what}: gap {gap:?}, {errors} errors, floor {:?}, routed {routed:?} after the key",
+            "soak {n}: {what}: gap {gap:?}, errors {errors:?} (unpooled, pooled), floor {:?}, routed {routed:?} after the key",
             writable.saturating_duration_since(keyed)
         );
         rows.push(Row {
@@ -958,15 +947,16 @@ fn write_soak_results(seed: u64, rows: &[Row], log: &[Attempt], start: Instant) 
     let ms = |d: Duration| d.as_millis();
     let mut md = format!(
         "# Soak (seed {seed})\n\n20 writers through patroxy (10 unpooled, 10 transaction-pooled), committing a numbered row every 10 ms each.\n\n\
-         | # | event | write gap (ms) | client errors | floor: key to writable (ms) | routed after key (ms) |\n|---|---|---|---|---|---|\n"
+         | # | event | write gap (ms) | client errors, unpooled | client errors, pooled | floor: key to writable (ms) | routed after key (ms) |\n|---|---|---|---|---|---|---|\n"
     );
     for r in rows {
         md += &format!(
-            "| {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
             r.n,
             r.what,
             ms(r.gap),
-            r.errors,
+            r.errors.0,
+            r.errors.1,
             ms(r.floor),
             ms(r.routed)
         );
@@ -1048,15 +1038,7 @@ async fn a_client_vanishes_mid_transaction() {
         .run(async move {
             let mut kept = Vec::new();
             for (addr, id) in at {
-                let conninfo = format!(
-                    "host={} port={} user=postgres dbname=postgres",
-                    addr.ip(),
-                    addr.port()
-                );
-                let (c, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
-                    .await
-                    .unwrap();
-                tokio::spawn(conn);
+                let (c, _) = pg_connect(addr, 10).await.unwrap();
                 c.batch_execute(&format!("BEGIN; INSERT INTO writes (id) VALUES ({id})"))
                     .await
                     .unwrap();
