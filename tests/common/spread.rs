@@ -345,17 +345,35 @@ impl Spread {
 
     /// Waits until there is a leader, `n` running members and (with n > 1) a sync standby.
     pub async fn wait_healthy(&self, n: usize) -> State {
-        wait_for(
-            &format!("a healthy {n}-member cluster"),
-            Duration::from_secs(180),
-            || async move {
-                let s = self.state().await?;
+        let start = tokio::time::Instant::now();
+        loop {
+            let state = self.state().await;
+            if let Some(s) = &state {
                 let running = s.running.values().filter(|r| **r).count();
                 let ok = s.leader.is_some() && running >= n && (n == 1 || s.sync_standby.is_some());
-                ok.then_some(s)
-            },
-        )
-        .await
+                if ok {
+                    return s.clone();
+                }
+            }
+            if start.elapsed() > Duration::from_secs(180) {
+                let logs: Vec<String> = self
+                    .members
+                    .iter()
+                    .map(|m| {
+                        format!(
+                            "--- {}:\n{}",
+                            m.name,
+                            m.patroni.as_ref().map(|p| p.tail(30)).unwrap_or_default()
+                        )
+                    })
+                    .collect();
+                panic!(
+                    "no healthy {n}-member cluster within 180 s: {state:?}\n{}",
+                    logs.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     pub async fn leader(&self) -> String {
