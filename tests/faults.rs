@@ -239,33 +239,42 @@ async fn check_history(s: &Spread, log: &[Attempt]) {
     }
 }
 
-/// When the leader key changed, and what it named after (none: deleted).
+/// When a watched value changed, and what it became (none: gone).
 type KeyEvent = (Instant, Option<String>);
 
-/// Records when the leader key changes, as the observer sees it (within 10 ms).
-struct LeaderWatch {
+/// The changes of one value over time, as the observer sees them by polling it every 10 ms:
+/// Patroni's leader key, or the leader patroxy routes to.
+struct Timeline {
     seen: Arc<Mutex<Vec<KeyEvent>>>,
     _task: tokio::task::JoinHandle<()>,
 }
 
-impl LeaderWatch {
-    async fn start(s: &Spread) -> LeaderWatch {
+/// Notes `now` if it differs from the last value seen (the first value is the start, not a
+/// change).
+fn note(seen: &Mutex<Vec<KeyEvent>>, last: &mut Option<Option<String>>, now: Option<String>) {
+    if last.as_ref() != Some(&now) {
+        if last.is_some() {
+            seen.lock().unwrap().push((Instant::now(), now.clone()));
+        }
+        *last = Some(now);
+    }
+}
+
+impl Timeline {
+    /// Patroni's leader key. Polled, not watched: a watch on a member the test froze would
+    /// just go quiet; each read is bounded, and a member that does not answer is skipped.
+    fn leader_key(s: &Spread) -> Timeline {
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let endpoints: Vec<String> = s.etcd_endpoints();
-        let record = seen.clone();
+        let (record, endpoints) = (seen.clone(), s.etcd_endpoints());
         let task = s.obs.spawn_task(async move {
-            // Polled, not watched: a watch on a member the test froze would just go quiet.
-            // Each read is bounded, and a member that does not answer is skipped.
             let key = format!("/service/{SCOPE}/leader");
             let mut clients: Vec<Option<etcd_client::Client>> = vec![None; endpoints.len()];
-            let mut good = 0;
-            let mut last: Option<Option<String>> = None;
+            let (mut good, mut last) = (0, None);
             loop {
                 let i = good % endpoints.len();
                 if clients[i].is_none() {
-                    clients[i] = etcd_client::Client::connect([endpoints[i].clone()], None)
-                        .await
-                        .ok();
+                    let url = endpoints[i].clone();
+                    clients[i] = etcd_client::Client::connect([url], None).await.ok();
                 }
                 let read = match clients[i].as_mut() {
                     Some(c) => {
@@ -286,80 +295,45 @@ impl LeaderWatch {
                     .kvs()
                     .first()
                     .map(|kv| String::from_utf8_lossy(kv.value()).into_owned());
-                if last.as_ref() != Some(&value) {
-                    if last.is_some() {
-                        record.lock().unwrap().push((Instant::now(), value.clone()));
-                    }
-                    last = Some(value);
+                note(&record, &mut last, value);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        Timeline { seen, _task: task }
+    }
+
+    /// The leader patroxy routes to, from its `/topology` (timing a switchover from after
+    /// `patronictl` returns would add the ~0.7 s it takes to confirm).
+    fn routed(s: &Spread) -> Timeline {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (record, at) = (seen.clone(), s.admin_addr());
+        let task = s.obs.spawn_task(async move {
+            let mut last = None;
+            loop {
+                if let Some(now) = common::spread::routed_leader_at(at).await {
+                    note(&record, &mut last, Some(now));
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         });
-        LeaderWatch { seen, _task: task }
+        Timeline { seen, _task: task }
     }
 
-    /// When the leader key first changed (deleted or replaced) after `since`.
+    /// When the value first changed after `since`.
     fn first_change(&self, since: Instant) -> Option<Instant> {
         let seen = self.seen.lock().unwrap();
         seen.iter().map(|(t, _)| *t).find(|t| *t >= since)
     }
 
-    /// When the leader key first named `leader` after `since`.
-    async fn when_named(&self, leader: &str, since: Instant) -> Instant {
+    /// When the value first became `value` after `since`.
+    async fn when(&self, value: &str, since: Instant) -> Instant {
         wait_for(
-            &format!("the leader key to name {leader}"),
+            &format!("{value} to be seen"),
             Duration::from_secs(120),
             || async move {
                 let seen = self.seen.lock().unwrap();
                 seen.iter()
-                    .find(|(t, v)| *t >= since && v.as_deref() == Some(leader))
-                    .map(|(t, _)| *t)
-            },
-        )
-        .await
-    }
-}
-
-/// Records when patroxy's routed leader changes, polling its `/topology` from the observer
-/// every 10 ms (timing a switchover from after `patronictl` returns would add the ~0.7 s it
-/// takes to confirm).
-struct RouteWatch {
-    seen: Arc<Mutex<Vec<KeyEvent>>>,
-    _task: tokio::task::JoinHandle<()>,
-}
-
-impl RouteWatch {
-    fn start(s: &Spread) -> RouteWatch {
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let record = seen.clone();
-        let at = s.admin_addr();
-        let task = s.obs.spawn_task(async move {
-            let mut last = None;
-            loop {
-                if let Some(now) = common::spread::routed_leader_at(at).await {
-                    if last.as_ref() != Some(&now) {
-                        record
-                            .lock()
-                            .unwrap()
-                            .push((Instant::now(), Some(now.clone())));
-                        last = Some(now);
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        });
-        RouteWatch { seen, _task: task }
-    }
-
-    /// When patroxy first routed to `leader` after `since`.
-    async fn when_routed(&self, leader: &str, since: Instant) -> Instant {
-        wait_for(
-            &format!("patroxy to route to {leader}"),
-            Duration::from_secs(120),
-            || async move {
-                let seen = self.seen.lock().unwrap();
-                seen.iter()
-                    .find(|(t, v)| *t >= since && v.as_deref() == Some(leader))
+                    .find(|(t, v)| *t >= since && v.as_deref() == Some(value))
                     .map(|(t, _)| *t)
             },
         )
@@ -407,7 +381,7 @@ async fn create_table(s: &Spread) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_cut_from_everyone() {
     let (s, writers, old) = writing(LAB_TIMEOUTS, 10).await;
-    let watch = LeaderWatch::start(&s).await;
+    let watch = Timeline::leader_key(&s);
 
     // Two sessions on the old primary through patroxy: one idle, one blocked in a query.
     let at = s.px.socket(Net::Data, UNPOOLED);
@@ -446,7 +420,7 @@ async fn a_primary_cut_from_everyone() {
     let t = Instant::now();
     s.member(&old).host.isolate();
     let new = s.new_leader(&old).await;
-    let keyed = watch.when_named(&new, t).await;
+    let keyed = watch.when(&new, t).await;
     let new_addr = s.member(&new).host.addr(Net::Data).to_string();
     writers.wait_acked_by(&new_addr, t, 100).await;
     // The old key goes (its lease expires) just before the new one comes.
@@ -501,7 +475,7 @@ async fn wait_not_ready(s: &Spread) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn patroxy_cut_from_etcd() {
     let (mut s, writers, old) = writing(LAB_TIMEOUTS, 10).await;
-    let watch = LeaderWatch::start(&s).await;
+    let watch = Timeline::leader_key(&s);
 
     // Cut, and a switchover patroxy cannot see.
     let t = Instant::now();
@@ -510,7 +484,7 @@ async fn patroxy_cut_from_etcd() {
     let state = s.wait_healthy(3).await;
     let candidate = state.sync_standby.unwrap();
     s.switchover(&old, &candidate, None).await;
-    let keyed = watch.when_named(&candidate, t).await;
+    let keyed = watch.when(&candidate, t).await;
     let silent = s
         .metric("patroxy_etcd_silence_seconds", &[])
         .await
@@ -600,8 +574,8 @@ async fn patroxy_cut_from_etcd() {
 async fn etcd_member_failures() {
     let mut s = Spread::start(LAB_TIMEOUTS).await;
     create_table(&s).await;
-    let watch = LeaderWatch::start(&s).await;
-    let routes = RouteWatch::start(&s);
+    let watch = Timeline::leader_key(&s);
+    let routes = Timeline::routed(&s);
     s.wait_routed(&s.leader().await, Duration::from_secs(60))
         .await;
     let writers = Writers::start(&s, 5);
@@ -629,8 +603,8 @@ async fn etcd_member_failures() {
             }
         }
         s.switchover(&leader, &candidate, avoid.as_deref()).await;
-        let keyed = watch.when_named(&candidate, t).await;
-        let routed_at = routes.when_routed(&candidate, t).await;
+        let keyed = watch.when(&candidate, t).await;
+        let routed_at = routes.when(&candidate, t).await;
         let after_key = routed_at.saturating_duration_since(keyed);
         let moved_to = s.watched_etcd().await;
         eprintln!(
@@ -699,13 +673,13 @@ async fn wait_in_recovery(s: &Spread, name: &str, recovering: bool) -> Instant {
 #[ignore = "the full fault suite: bash scripts/faults.sh"]
 async fn a_primary_cut_from_etcd_only() {
     let (s, writers, old) = writing(LAB_TIMEOUTS, 10).await;
-    let watch = LeaderWatch::start(&s).await;
+    let watch = Timeline::leader_key(&s);
 
     let t = Instant::now();
     s.member(&old).host.cut(Net::Dcs);
     let demoted = wait_in_recovery(&s, &old, true).await;
     let new = s.new_leader(&old).await;
-    let keyed = watch.when_named(&new, t).await;
+    let keyed = watch.when(&new, t).await;
     let new_addr = s.member(&new).host.addr(Net::Data).to_string();
     writers.wait_acked_by(&new_addr, t, 100).await;
     let (errors, gap) = writers.window(t);
@@ -857,8 +831,8 @@ async fn soak() {
     }
     let mut s = Spread::start(LAB_TIMEOUTS).await;
     create_table(&s).await;
-    let watch = LeaderWatch::start(&s).await;
-    let routes = RouteWatch::start(&s);
+    let watch = Timeline::leader_key(&s);
+    let routes = Timeline::routed(&s);
     s.wait_routed(&s.leader().await, Duration::from_secs(60))
         .await;
     let start = Instant::now();
@@ -903,7 +877,7 @@ async fn soak() {
         };
         let timed = async {
             let new = s.new_leader(&leader).await;
-            let keyed = watch.when_named(&new, t).await;
+            let keyed = watch.when(&new, t).await;
             let writable = wait_in_recovery(&s, &new, false).await;
             (new, keyed, writable)
         };
@@ -913,10 +887,7 @@ async fn soak() {
             }
         };
         let ((new, keyed, writable), ()) = tokio::join!(timed, switched);
-        let routed = routes
-            .when_routed(&new, t)
-            .await
-            .saturating_duration_since(keyed);
+        let routed = routes.when(&new, t).await.saturating_duration_since(keyed);
         let new_addr = s.member(&new).host.addr(Net::Data).to_string();
         writers.wait_acked_by(&new_addr, t, 20).await;
         let (_, gap) = writers.window(t);

@@ -134,14 +134,21 @@ impl EtcdWatcher {
         let mut tick = tokio::time::interval(ATTEMPT_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut reported: Vec<Option<Instant>> = vec![None; n];
+        let mut started = std::collections::VecDeque::new();
         loop {
             tokio::select! {
-                // Attempts outlive a few ticks (a dial or request timeout): bounded.
-                _ = tick.tick(), if attempts.len() < 2 * n => {
+                _ = tick.tick() => {
                     let i = self.next_endpoint % n;
                     self.next_endpoint = (i + 1) % n;
                     let (etcd, prefix) = (self.etcd.clone(), self.prefix.clone());
-                    attempts.spawn(attempt(etcd, i, prefix, resume_from));
+                    started.push_back(attempts.spawn(attempt(etcd, i, prefix, resume_from)));
+                    // Attempts outlive a few ticks (a dial or request timeout): the oldest
+                    // go, never the new one, whose fresh SYN is what finds a healed link.
+                    while started.len() > 2 * n {
+                        if let Some(oldest) = started.pop_front() {
+                            oldest.abort();
+                        }
+                    }
                 }
                 Some(done) = attempts.join_next() => match done {
                     Ok(Ok(up)) => return Ok(up),
@@ -162,6 +169,7 @@ impl EtcdWatcher {
                             return Err(e);
                         }
                     }
+                    Err(e) if e.is_cancelled() => {}
                     Err(e) => warn!(error = %e, "an etcd attempt panicked"),
                 },
             }

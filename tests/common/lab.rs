@@ -123,6 +123,16 @@ impl Lab {
             let addr = format!("{}/24", address(*net, id));
             ip(&["-n", &ns, "addr", "add", &addr, "dev", net.name()]);
             ip(&["-n", &ns, "link", "set", net.name(), "up"]);
+            // The lab is one flat L2 segment: after a heal, a host finds its peers again at
+            // the next ARP retransmission, 1 s apart by default. A routed network does not
+            // add that second (its gateway's entry stays fresh), so the lab retries ARP every
+            // 100 ms, and a heal measures the software, not the lab's wiring.
+            let knob = format!("net.ipv4.neigh.{}.retrans_time_ms=100", net.name());
+            let arp = Command::new(IP)
+                .args(["netns", "exec", &ns, "sysctl", "-qw", &knob])
+                .status()
+                .expect("sysctl (procps)");
+            assert!(arp.success(), "sysctl {knob} in {ns} failed");
         }
         Arc::new(Host {
             name: name.to_owned(),
