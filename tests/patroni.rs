@@ -437,9 +437,24 @@ async fn fifty_pooled_writers_survive_a_switchover_and_a_crash() {
             .fold((0, Duration::ZERO), |(f, g), (wf, wg)| (f + wf, g.max(wg)));
         eprintln!("{name}: 50 transaction-pooled writers and 20 readers on 8 server connections, 6 session-pooled writers: {failed} client-visible errors, longest gap {gap:?}");
         assert!(failed <= bound, "{name}: {failed} errors");
+        // Which client waited, and what it was told, to say where the time went.
+        let worst = clients
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, w)| w.window(t).1)
+            .map(|(i, w)| {
+                let log = w.log.lock().unwrap();
+                let errors: Vec<String> = log
+                    .iter()
+                    .filter(|a| a.done >= t)
+                    .filter_map(|a| a.result.clone().err())
+                    .collect();
+                format!("client {i} (0-49 transaction-pooled writers, 50-55 session-pooled writers, 56-75 readers), its errors: {errors:?}")
+            })
+            .unwrap_or_default();
         assert!(
             gap < Duration::from_secs(30),
-            "{name}: writes stopped for {gap:?}"
+            "{name}: writes stopped for {gap:?}: {worst}"
         );
     };
 
