@@ -331,12 +331,6 @@ impl Proc {
         self.child.as_ref().map(Child::id).unwrap_or_default()
     }
 
-    pub fn running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
-    }
-
     /// SIGSTOP: it keeps its sockets and answers nothing.
     pub fn freeze(&self) {
         signal(self.pid(), "STOP");

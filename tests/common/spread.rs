@@ -297,31 +297,12 @@ impl Spread {
         self.members[i].patroni = Some(proc);
     }
 
-    /// Starts a crashed member's Patroni again; it rejoins as a replica.
-    pub fn restart_patroni(&mut self, name: &str) {
-        let i = self.index(name);
-        self.start_patroni(i);
-    }
-
     fn index(&self, name: &str) -> usize {
         self.members.iter().position(|m| m.name == name).unwrap()
     }
 
     pub fn member(&self, name: &str) -> &PgNode {
         &self.members[self.index(name)]
-    }
-
-    pub fn member_mut(&mut self, name: &str) -> &mut PgNode {
-        let i = self.index(name);
-        &mut self.members[i]
-    }
-
-    /// The member whose data address is `addr` (as `inet_server_addr()` prints it).
-    pub fn name_of_addr(&self, addr: &str) -> Option<&str> {
-        self.members
-            .iter()
-            .find(|m| m.host.addr(Net::Data).to_string() == addr)
-            .map(|m| m.name.as_str())
     }
 
     /// The cluster's keys, read by the observer from whichever etcd member answers.
