@@ -208,6 +208,71 @@ async fn new_leader(cluster: &Cluster, old: &str) -> String {
     .await
 }
 
+/// Notes, once a second, statements that have run on any member for more than 15 s: when a
+/// client waits too long, this says whether its statement was on a server (and waiting for
+/// what) or never got there.
+struct Watchdog {
+    seen: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Watchdog {
+    fn spawn(ports: Vec<u16>) -> Watchdog {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let sql = "SELECT pid, wait_event_type, wait_event, \
+                   extract(epoch FROM now() - query_start)::int, query \
+                   FROM pg_stat_activity WHERE state = 'active' AND pid <> pg_backend_pid() \
+                   AND backend_type = 'client backend' AND now() - query_start > '15 s'";
+        let task = tokio::spawn(async move {
+            loop {
+                for &port in &ports {
+                    let Ok(Ok(c)) =
+                        tokio::time::timeout(Duration::from_secs(2), connect(port)).await
+                    else {
+                        continue;
+                    };
+                    let Ok(Ok(rows)) =
+                        tokio::time::timeout(Duration::from_secs(2), c.query(sql, &[])).await
+                    else {
+                        continue;
+                    };
+                    let mut log = log.lock().unwrap();
+                    for r in rows.iter().take(5) {
+                        let note = format!(
+                            "port {port}: pid {} waiting on {:?}/{:?} for {} s: {}",
+                            r.get::<_, i32>(0),
+                            r.get::<_, Option<String>>(1),
+                            r.get::<_, Option<String>>(2),
+                            r.get::<_, i32>(3),
+                            r.get::<_, String>(4)
+                        );
+                        if log.len() < 40 {
+                            log.push(note);
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        Watchdog { seen, task }
+    }
+
+    fn report(&self) -> String {
+        let seen = self.seen.lock().unwrap();
+        match seen.is_empty() {
+            true => "no statement ran for more than 15 s on any member".to_owned(),
+            false => format!("statements long on a server: {seen:#?}"),
+        }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_survive_switchover_silent_loss_and_crash() {
     let mut cluster = Cluster::start("e2e", 3).await;
@@ -430,6 +495,8 @@ async fn fifty_pooled_writers_survive_a_switchover_and_a_crash() {
         w.wait_acked_on(cluster.port_of(&first), Instant::now())
             .await;
     }
+    let ports: Vec<u16> = cluster.members.iter().map(|m| m.pg_port).collect();
+    let watchdog = Watchdog::spawn(ports);
     let event = |name: &str, clients: &[&Writer], t: Instant, bound: usize| {
         let (failed, gap) = clients
             .iter()
@@ -454,7 +521,8 @@ async fn fifty_pooled_writers_survive_a_switchover_and_a_crash() {
             .unwrap_or_default();
         assert!(
             gap < Duration::from_secs(30),
-            "{name}: writes stopped for {gap:?}: {worst}"
+            "{name}: writes stopped for {gap:?}: {worst}; {}",
+            watchdog.report()
         );
     };
 

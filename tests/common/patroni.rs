@@ -225,18 +225,36 @@ impl Cluster {
     }
 
     /// Waits until there is a leader, `n` running members and (with n > 1) a sync standby.
+    /// On timeout it says what it last saw and what each member's Patroni logged last.
     pub async fn wait_healthy(&self, n: usize, limit: Duration) -> ClusterState {
-        wait_for(
-            &format!("a healthy {n}-member cluster"),
-            limit,
-            || async move {
-                let s = self.state().await?;
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let s = self.state().await;
+            if let Some(s) = &s {
                 let running = s.running.values().filter(|r| **r).count();
-                let ok = s.leader.is_some() && running >= n && (n == 1 || s.sync_standby.is_some());
-                ok.then_some(s)
-            },
-        )
-        .await
+                if s.leader.is_some() && running >= n && (n == 1 || s.sync_standby.is_some()) {
+                    return s.clone();
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let logs: Vec<String> = self
+                    .members
+                    .iter()
+                    .map(|m| {
+                        let text =
+                            std::fs::read_to_string(m.dir.join("patroni.log")).unwrap_or_default();
+                        let lines: Vec<&str> = text.lines().collect();
+                        let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+                        format!("--- {}'s patroni.log, last lines:\n{tail}", m.name)
+                    })
+                    .collect();
+                panic!(
+                    "timed out after {limit:?} waiting for a healthy {n}-member cluster; last seen {s:?}\n{}",
+                    logs.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// `patronictl switchover` to `candidate`.
