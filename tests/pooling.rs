@@ -1317,6 +1317,59 @@ async fn a_client_between_transactions_rides_out_a_leader_change() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_queued_behind_the_old_primary_goes_to_the_new_one_at_once() {
+    let Moving {
+        _root,
+        etcd,
+        a,
+        b,
+        mut keys,
+        file,
+    } = moving("poolqueued").await;
+    let proxy = Proxy::start(&etcd, "poolqueued", |cfg| {
+        transaction_pooled(cfg, file, 1);
+        cfg.timeouts.drain = Duration::from_secs(60);
+        cfg.auth.admin_users = vec!["alice".into()];
+    })
+    .await;
+    let port = proxy.port();
+    // The pool's only server connection is held by a statement running on a...
+    let (busy, busy_conn) = login(port, "alice", "wonder", "").await.unwrap();
+    let sleep = "SELECT pg_sleep(30)";
+    let running = tokio::spawn(async move { busy.simple_query(sleep).await.map(drop) });
+    wait_query_running(a.port, sleep).await;
+    // ...so the next client's statement waits in line for it.
+    let (queued, _queued_conn) = login(port, "alice", "wonder", "").await.unwrap();
+    let answer = tokio::spawn(async move {
+        let r = queued
+            .query_one("SELECT inet_server_port()", &[])
+            .await
+            .map(|r| r.get::<_, i32>(0));
+        (queued, r)
+    });
+    let clients = || console(port, "alice", "wonder", "SHOW CLIENTS");
+    wait_for("the client waiting for the slot", LONG, || async {
+        clients().await.ok()?.contains("|waiting|").then_some(())
+    })
+    .await;
+    // The leader changes: the statement on a may finish (up to the 60 s drain deadline),
+    // and the waiting client does not wait for it: b serves it now.
+    keys.leader("b").await;
+    let (_queued, r) = tokio::time::timeout(Duration::from_secs(20), answer)
+        .await
+        .expect("the queued client still waits for the old primary's pool")
+        .unwrap();
+    assert_eq!(r.unwrap(), i32::from(b.port));
+    assert!(
+        !running.is_finished(),
+        "the statement on the old primary was cut, not let finish"
+    );
+    running.abort();
+    busy_conn.abort();
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_runs_through_session_and_transaction_pools() {
     let (root, etcd, pg) = one_primary("poolbench").await;
     let file = users(&root, &pg).await;

@@ -745,36 +745,30 @@ async fn checkout(
     let turn = ctx.turn.fetch_add(1, Relaxed);
     let mut pause = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
     let mut why = String::new();
-    // Pools of a primary listener hold new transactions (and new sessions) while Patroni
-    // carries out a planned switchover: the old primary is about to stop.
-    let holds = ctx.policy.role.wants_standby() == Some(false);
-    let grace = ctx.pool.switchover_grace;
-    let (mut held, mut promoting) = (None, false);
+    let mut held = None;
+    let mut promoting = false;
     loop {
         let snapshot = topology.borrow_and_update().clone();
-        let hold = if proxy.pools.is_paused(database) {
-            Some("the database is paused (PAUSE on the admin console); held")
-        } else if holds && switchover::under_way(&snapshot, std::time::SystemTime::now(), grace) {
-            Some("a planned switchover is under way (Patroni's failover key); held")
-        } else {
-            None
-        };
-        let candidates = if let Some(why) = hold {
-            if held.is_none() {
-                held = Some(proxy.pools.hold(database, user));
-                crate::metrics::switchover_hold(&ctx.name);
+        let candidates = match admission(ctx, &snapshot, database) {
+            Admission::Hold(why) => {
+                if held.is_none() {
+                    held = Some(proxy.pools.hold(database, user));
+                    crate::metrics::switchover_hold(&ctx.name);
+                }
+                Err(why.to_owned())
             }
-            Err(why.to_owned())
-        } else if let Some(why) = ctx.etcd_refusal(&snapshot) {
             // Fail closed: said at once, not after connect_wait.
-            return Err(CheckoutError::NoServer {
-                role: ctx.policy.role.to_string(),
-                waited: started.elapsed(),
-                why,
-            });
-        } else {
-            held = None;
-            routing::candidates(&ctx.policy, &snapshot).map_err(|e| e.to_string())
+            Admission::Refuse(why) => {
+                return Err(CheckoutError::NoServer {
+                    role: ctx.policy.role.to_string(),
+                    waited: started.elapsed(),
+                    why,
+                })
+            }
+            Admission::Route(candidates) => {
+                held = None;
+                candidates.map_err(|e| e.to_string())
+            }
         };
         match candidates {
             Err(e) => why = e,
@@ -782,52 +776,20 @@ async fn checkout(
                 let load = &proxy.load;
                 let ordered = routing::order(candidates, &ctx.policy, |ep| load.sessions(ep), turn);
                 for target in ordered {
-                    let key = pool_key(ctx, &target, user, database);
-                    let pool = proxy.pools.get(key);
-                    let (lease, idle) = pool.lease().await?;
-                    crate::metrics::pool_wait(&ctx.name, lease.waited);
-                    if let Some(conn) = checked(idle, &ctx.pool, proxy.timeouts.connect).await {
-                        crate::metrics::pool_checkout(&ctx.name, "idle");
-                        return Ok((lease, conn, target));
-                    }
-                    let caps = Caps {
-                        per_server: ctx.max_server_connections,
-                        per_database: ctx.pool.max_db_connections,
+                    // A wait for this member's pool (its slots, a cap, a connect that gets
+                    // no answer) ends when routing stops choosing it: a client queued
+                    // behind a primary that died goes to the next one at once, and none
+                    // is handed the old primary once a switchover is under way.
+                    let mut watch = topology.clone();
+                    let opened = tokio::select! {
+                        opened = open_on(ctx, login, user, database, &target, &mut promoting) => opened?,
+                        () = unrouted(ctx, &mut watch, database, &target) => {
+                            Err(format!("{}: no longer routed to while waiting for it", target.endpoint))
+                        }
                     };
-                    let wait_until = Instant::now() + ctx.pool.query_wait_timeout;
-                    let permits = proxy
-                        .pools
-                        .reserve(&pool.key, caps, wait_until, true)
-                        .await?;
-                    let opener = Opener {
-                        endpoint: target.endpoint.clone(),
-                        tls: ctx.server_tls.clone(),
-                        user: user.to_owned(),
-                        database: database.to_owned(),
-                        login: login.clone(),
-                        wants_standby: ctx.policy.role.wants_standby(),
-                        limit: proxy.timeouts.connect.max(proxy.timeouts.startup),
-                        tcp: proxy.timeouts.tcp(),
-                    };
-                    let opened = opener.open().await;
-                    crate::metrics::server_connect(if opened.is_ok() { "ok" } else { "failed" });
                     match opened {
-                        Ok(mut conn) => {
-                            crate::metrics::pool_checkout(&ctx.name, "new");
-                            conn.permits = permits;
-                            conn.generation = pool.generation();
-                            pool.remember_defaults(&conn.defaults);
-                            pool.remember_opener(&opener, caps);
-                            return Ok((lease, conn, target));
-                        }
-                        Err(e) if e.is_transient() => {
-                            promoting |= matches!(e, ConnError::InRecovery);
-                            why = format!("{}: {e}", target.endpoint);
-                        }
-                        Err(source) => {
-                            let server = target.endpoint.to_string();
-                            return Err(CheckoutError::Server { server, source });
-                        }
+                        Ok((lease, conn)) => return Ok((lease, conn, target)),
+                        Err(e) => why = e,
                     }
                 }
             }
@@ -849,6 +811,113 @@ async fn checkout(
                 waited: started.elapsed(),
                 why,
             });
+        }
+    }
+}
+
+/// What routing allows a checkout right now.
+enum Admission {
+    /// Wait, and say why: the database is paused, or a planned switchover is under way.
+    Hold(&'static str),
+    /// Refuse at once (etcd lost under `fail-closed`).
+    Refuse(String),
+    Route(Result<Vec<Target>, routing::Unroutable>),
+}
+
+fn admission(
+    ctx: &ListenerContext,
+    snapshot: &crate::discovery::Topology,
+    database: &str,
+) -> Admission {
+    // Pools of a primary listener hold new transactions (and new sessions) while Patroni
+    // carries out a planned switchover: the old primary is about to stop.
+    let holds = ctx.policy.role.wants_standby() == Some(false);
+    let now = std::time::SystemTime::now();
+    if ctx.proxy.pools.is_paused(database) {
+        Admission::Hold("the database is paused (PAUSE on the admin console); held")
+    } else if holds && switchover::under_way(snapshot, now, ctx.pool.switchover_grace) {
+        Admission::Hold("a planned switchover is under way (Patroni's failover key); held")
+    } else if let Some(why) = ctx.etcd_refusal(snapshot) {
+        Admission::Refuse(why)
+    } else {
+        Admission::Route(routing::candidates(&ctx.policy, snapshot))
+    }
+}
+
+/// Resolves once routing no longer admits `target`: another member, a hold, a refusal.
+async fn unrouted(ctx: &ListenerContext, watch: &mut Topo, database: &str, target: &Target) {
+    loop {
+        if watch.changed().await.is_err() {
+            // The topology's sender is gone only at shutdown; nothing changes any more.
+            return std::future::pending().await;
+        }
+        let snapshot = watch.borrow_and_update().clone();
+        let routed = match admission(ctx, &snapshot, database) {
+            Admission::Route(Ok(c)) => c.iter().any(|t| t.endpoint == target.endpoint),
+            _ => false,
+        };
+        if !routed {
+            return;
+        }
+    }
+}
+
+/// A connection on `target`'s pool: an idle one that is still usable, or a new one.
+/// `Ok(Err(why))`: none now, try again (a transient failure, such as a server still in
+/// recovery: `promoting` is then set).
+async fn open_on(
+    ctx: &ListenerContext,
+    login: &Login,
+    user: &str,
+    database: &str,
+    target: &Target,
+    promoting: &mut bool,
+) -> Result<Result<(Lease, ServerConn), String>, CheckoutError> {
+    let proxy = &ctx.proxy;
+    let pool = proxy.pools.get(pool_key(ctx, target, user, database));
+    let (lease, idle) = pool.lease().await?;
+    crate::metrics::pool_wait(&ctx.name, lease.waited);
+    if let Some(conn) = checked(idle, &ctx.pool, proxy.timeouts.connect).await {
+        crate::metrics::pool_checkout(&ctx.name, "idle");
+        return Ok(Ok((lease, conn)));
+    }
+    let caps = Caps {
+        per_server: ctx.max_server_connections,
+        per_database: ctx.pool.max_db_connections,
+    };
+    let wait_until = Instant::now() + ctx.pool.query_wait_timeout;
+    let permits = proxy
+        .pools
+        .reserve(&pool.key, caps, wait_until, true)
+        .await?;
+    let opener = Opener {
+        endpoint: target.endpoint.clone(),
+        tls: ctx.server_tls.clone(),
+        user: user.to_owned(),
+        database: database.to_owned(),
+        login: login.clone(),
+        wants_standby: ctx.policy.role.wants_standby(),
+        limit: proxy.timeouts.connect.max(proxy.timeouts.startup),
+        tcp: proxy.timeouts.tcp(),
+    };
+    let opened = opener.open().await;
+    crate::metrics::server_connect(if opened.is_ok() { "ok" } else { "failed" });
+    match opened {
+        Ok(mut conn) => {
+            crate::metrics::pool_checkout(&ctx.name, "new");
+            conn.permits = permits;
+            conn.generation = pool.generation();
+            pool.remember_defaults(&conn.defaults);
+            pool.remember_opener(&opener, caps);
+            Ok(Ok((lease, conn)))
+        }
+        Err(e) if e.is_transient() => {
+            *promoting |= matches!(e, ConnError::InRecovery);
+            Ok(Err(format!("{}: {e}", target.endpoint)))
+        }
+        Err(source) => {
+            let server = target.endpoint.to_string();
+            Err(CheckoutError::Server { server, source })
         }
     }
 }
