@@ -32,6 +32,7 @@ pub const POOL_WAIT_SECONDS: &str = "patroxy_pool_wait_seconds";
 pub const SERVER_CONNECTS: &str = "patroxy_server_connects_total";
 pub const POOL_CHECKOUTS: &str = "patroxy_pool_checkouts_total";
 pub const SERVER_RESETS: &str = "patroxy_server_resets_total";
+pub const SERVER_UNSENT: &str = "patroxy_server_unsent_total";
 pub const PREPARED: &str = "patroxy_prepared_statements_total";
 pub const SWITCHOVER_HOLDS: &str = "patroxy_switchover_holds_total";
 pub const SWITCHOVER_MOVES: &str = "patroxy_switchover_moves_total";
@@ -236,6 +237,7 @@ pub fn listener_started(listener: &str, role: &str, reasons: &Reasons) {
     let _ = histogram!(CONNECT_SECONDS, "listener" => l.clone());
     let _ = histogram!(POOL_WAIT_SECONDS, "listener" => l.clone());
     counter!(SWITCHOVER_HOLDS, "listener" => l.clone()).absolute(0);
+    counter!(SERVER_UNSENT, "listener" => l.clone()).absolute(0);
     for connection in ["idle", "new"] {
         counter!(POOL_CHECKOUTS, "listener" => l.clone(), "connection" => connection).absolute(0);
     }
@@ -291,6 +293,12 @@ pub fn switchover_hold(listener: &str) {
 /// to the next one, `stayed` (it holds state there), or `failed` (ended).
 pub fn switchover_move(result: &'static str) {
     counter!(SWITCHOVER_MOVES, "result" => result).increment(1);
+}
+
+/// A pooled server connection was found closed before the client's request reached it;
+/// the request went to another connection, unseen by the client.
+pub fn server_unsent(listener: &str) {
+    counter!(SERVER_UNSENT, "listener" => listener.to_owned()).increment(1);
 }
 
 /// A server connection was reset for the next client: `ok`, or `failed` (then closed).

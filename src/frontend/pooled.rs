@@ -391,8 +391,7 @@ impl Session<'_> {
                 // tries again with another one, within connect_wait.
                 warn!(client = %self.peer, server = %conn.endpoint, error = %e, "applying the session's parameters failed; server connection closed");
                 drop((lease, conn));
-                let first = *retrying.get_or_insert_with(Instant::now);
-                if first.elapsed() < proxy.timeouts.connect_wait {
+                if may_retry(&mut retrying, proxy.timeouts.connect_wait) {
                     continue;
                 }
                 let msg = format!("patroxy: applying the session's parameters: {e}");
@@ -400,8 +399,8 @@ impl Session<'_> {
                 total.end = End::ServerClosed;
                 return total;
             }
-            retrying = None;
-            replay.clear();
+            // Kept until the request is sent: a connection found dead takes none of it.
+            let replayed = std::mem::take(&mut replay);
             self.me.set(clients::ACTIVE);
             let pid = conn.key.as_ref().map_or(0, |k| k.pid);
             self.me.hold(Some((conn.endpoint.clone(), pid)));
@@ -424,6 +423,22 @@ impl Session<'_> {
             .await;
             self.me.set(clients::IDLE);
             self.me.hold(None);
+            let one = match one {
+                Ok(one) => one,
+                // Nothing reached the dead connection: the same request goes to another.
+                Err(unsent) if may_retry(&mut retrying, proxy.timeouts.connect_wait) => {
+                    buf = unsent;
+                    replay = replayed;
+                    continue;
+                }
+                Err(_) => {
+                    let msg = "patroxy: every server connection tried was closed before the request reached it";
+                    send_fatal(client, codes::CONNECTION_FAILURE, msg).await;
+                    total.end = End::ServerClosed;
+                    return total;
+                }
+            };
+            retrying = None;
             total.transactions += 1;
             total.bytes_up += one.bytes_up;
             total.bytes_down += one.bytes_down;
@@ -468,6 +483,8 @@ impl Session<'_> {
 
     /// Relays with a lent server connection until the client leaves, or (transaction mode)
     /// the transaction ends; then gives the connection back if it is clean.
+    /// `Err`: the connection was found closed before any of the client's bytes went to it
+    /// (a pooled connection that died a moment ago); they come back, for another one.
     async fn attach(
         &self,
         client: &mut Stream,
@@ -476,7 +493,7 @@ impl Session<'_> {
         release_at_idle: bool,
         topology: &mut Topo,
         (wanted, statements, replay): (&mut Wanted, &mut ClientStatements, &mut Vec<Bytes>),
-    ) -> Ended {
+    ) -> Result<Ended, BytesMut> {
         let proxy = &self.ctx.proxy;
         let Attached {
             lease,
@@ -569,6 +586,11 @@ impl Session<'_> {
                 }
             }
         };
+        if let Some(unsent) = out.unsent.take() {
+            info!(client = %self.peer, server = %target.endpoint, end = %out.end, "server connection closed before the client's request reached it; another one is used");
+            crate::metrics::server_unsent(&self.ctx.name);
+            return Err(unsent);
+        }
         out.bytes_up += up_before;
         out.bytes_down += down_before;
         out.queries += queries_before;
@@ -698,13 +720,19 @@ impl Session<'_> {
             );
             send_fatal(client, codes::FEATURE_NOT_SUPPORTED, &msg).await;
         }
-        Ended {
+        Ok(Ended {
             end,
             transactions: 0,
             bytes_up: out.bytes_up,
             bytes_down: out.bytes_down,
-        }
+        })
     }
+}
+
+/// Whether a transaction that has not started may try another server connection: within
+/// `connect_wait` of its first failed attempt.
+fn may_retry(retrying: &mut Option<Instant>, connect_wait: Duration) -> bool {
+    retrying.get_or_insert_with(Instant::now).elapsed() < connect_wait
 }
 
 /// SQLSTATE 08007: the connection was lost while a transaction was being committed, or

@@ -163,6 +163,9 @@ pub(super) struct RelayState {
     /// Session state the client's commands left on the server (`session_state` bits),
     /// as their CommandComplete tags say (transaction pooling only).
     pub(super) session_state: AtomicU8,
+    /// The client-to-server pump has run: until then no client byte was sent, rewritten or
+    /// counted.
+    pub(super) up_started: AtomicBool,
 }
 
 /// Session state a command leaves behind its transaction, by its CommandComplete tag:
@@ -260,6 +263,10 @@ pub struct Outcome {
     pub queries: u64,
     /// The FATAL error the server ended with, if it did (transaction pooling).
     pub server_fatal: Option<messages::ErrorFields>,
+    /// Kept servers: the client's bytes given to the relay, back, when the server
+    /// connection ended before any of them was sent (a pooled connection found dead at
+    /// once); the client's request can go to another connection as if nothing happened.
+    pub unsent: Option<BytesMut>,
 }
 
 /// Relays until one side closes or a drain ends the session.
@@ -273,6 +280,8 @@ pub async fn relay(
     topology: &mut watch::Receiver<Arc<Topology>>,
 ) -> Outcome {
     let rewrite = ctx.rewrite.take();
+    // A copy, for a server connection that turns out dead before the first byte goes.
+    let resend = (ctx.keep_server && !client_leftover.is_empty()).then(|| client_leftover.clone());
     let responses = std::sync::Mutex::new(crate::protocol::prepared::Responses::default());
     let wake = tokio::sync::Notify::new();
     let st = RelayState {
@@ -435,8 +444,12 @@ pub async fn relay(
         }
     }
     // Transaction pooling outlives a lost server connection: the pooled session tells the
-    // client, which stays.
-    let client_stays = st.release_at_idle && matches!(end, End::ServerClosed | End::ServerIo(_));
+    // client, which stays; so does a pooled client none of whose bytes reached the server.
+    let unsent = resend.filter(|_| {
+        !st.up_started.load(Relaxed) && matches!(end, End::ServerClosed | End::ServerIo(_))
+    });
+    let client_stays = (st.release_at_idle || unsent.is_some())
+        && matches!(end, End::ServerClosed | End::ServerIo(_));
     if !matches!(end, End::Released) && !client_stays && !moving {
         let _ = timeout(GOODBYE_TIMEOUT, client_wr.shutdown()).await;
     }
@@ -470,6 +483,7 @@ pub async fn relay(
         session_state: st.session_state.load(Relaxed),
         queries: st.queries.load(Relaxed),
         server_fatal,
+        unsent,
     }
 }
 
@@ -543,6 +557,7 @@ async fn pump_up(
     st: &RelayState,
     keep_server: bool,
 ) -> End {
+    st.up_started.store(true, Relaxed);
     let mut scanner = Scanner::new(MAX_DECLARED_LEN);
     let mut counter = UpCounter::default();
     buf.reserve(BUF_SIZE);
@@ -647,6 +662,66 @@ pub(super) fn released(st: &RelayState) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connected pair of loopback sockets.
+    async fn pair() -> (Stream, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let near = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let (near, far) = tokio::join!(near, listener.accept());
+        (Stream::Plain(near.unwrap()), far.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn a_request_for_a_server_found_closed_comes_back_unsent() {
+        use tokio::io::AsyncReadExt;
+        let (mut client, mut client_far) = pair().await;
+        let (mut server, server_far) = pair().await;
+        // The server connection died just before it was lent: its end is already read.
+        drop(server_far);
+        let request = BytesMut::from(&b"Q\0\0\0\x0dSELECT 1\0"[..]);
+        let policy = Arc::new(Policy::default());
+        let (_policy_tx, policy_updates) = watch::channel(policy.clone());
+        let (_topology_tx, mut topology) = watch::channel(Arc::new(Topology::default()));
+        let endpoint = Endpoint {
+            host: "127.0.0.1".into(),
+            port: 1,
+        };
+        let (timeouts, shutdown) = (Timeouts::default(), CancellationToken::new());
+        server.tcp().readable().await.unwrap();
+        for release_at_idle in [true, false] {
+            let ctx = RelayContext {
+                policy: &policy,
+                policy_updates: policy_updates.clone(),
+                member: "m",
+                server: &endpoint,
+                timeouts: &timeouts,
+                shutdown: &shutdown,
+                keep_server: true,
+                release_at_idle,
+                rewrite: None,
+                switchover_grace: None,
+                kill: None,
+            };
+            let out = relay(
+                &mut client,
+                &mut server,
+                request.clone(),
+                BytesMut::new(),
+                ctx,
+                &mut topology,
+            )
+            .await;
+            assert!(matches!(out.end, End::ServerClosed), "{}", out.end);
+            assert_eq!(out.unsent.as_deref(), Some(&request[..]));
+        }
+        // The client was told nothing and its connection stays open: the next byte it
+        // reads is one sent now.
+        let (_, mut writer) = client.split();
+        writer.write_all(b"x").await.unwrap();
+        let mut byte = [0u8; 1];
+        client_far.read_exact(&mut byte).await.unwrap();
+        assert_eq!(&byte, b"x", "the client was sent something first");
+    }
 
     #[test]
     fn every_end_has_its_label_listed() {

@@ -34,6 +34,7 @@ pub(super) async fn pump_up(
     responses: &Mutex<Responses>,
     wake: &Notify,
 ) -> End {
+    st.up_started.store(true, Relaxed);
     let mut scanner = Scanner::new(MAX_DECLARED_LEN);
     let mut counter = UpCounter::default();
     // Bytes already read before the relay began are counted like any others.

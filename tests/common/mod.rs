@@ -575,6 +575,40 @@ impl Postgres {
         self.child.as_ref().map(Child::id)
     }
 
+    /// kill -9 of the postmaster. Returns once it is reaped and its children (which exit
+    /// when they notice) are gone, so that `start` finds neither its pid nor its shared
+    /// memory still in use.
+    pub fn crash(&mut self) {
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        let children = Command::new("pgrep")
+            .args(["-P", &c.id().to_string()])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        signal(c.id(), "KILL");
+        let _ = c.wait();
+        untrack(c.id());
+        // Gone, or a zombie nobody reaps (as PID 1 in some containers leaves them).
+        let alive = |pid: &str| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                stat.rsplit(')')
+                    .next()
+                    .is_some_and(|r| !r.trim_start().starts_with('Z'))
+            })
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while children.split_whitespace().any(alive) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "postgres {}: backends still running 30 s after the postmaster was killed",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Fast shutdown: sessions are terminated, the server exits cleanly.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
