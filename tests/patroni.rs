@@ -338,7 +338,7 @@ async fn writes_survive_switchover_silent_loss_and_crash() {
     .await;
 
     // 2. Silent loss: the leader freezes. Its idle and busy sessions must not hang.
-    cluster.wait_healthy(3, EVENT).await;
+    cluster.wait_healthy_rejoining(3, EVENT, &[]).await;
     let frozen = leader(&cluster).await;
     let (idle, idle_conn) = connect_with(proxy.port(), "").await.unwrap();
     let port: i32 = idle
@@ -383,7 +383,7 @@ async fn writes_survive_switchover_silent_loss_and_crash() {
 
     // 3. Crash: kill -9 of the new leader's Patroni and postmaster. The frozen node stays
     // frozen (so it cannot take the key back); the remaining member takes over.
-    cluster.wait_healthy(2, EVENT).await;
+    cluster.wait_healthy_rejoining(2, EVENT, &[&frozen]).await;
     let crashed = leader(&cluster).await;
     let t = Instant::now();
     cluster.member_mut(&crashed).crash();
@@ -561,7 +561,7 @@ async fn fifty_pooled_writers_survive_a_switchover_and_a_crash() {
     );
 
     // A crash of the new leader.
-    cluster.wait_healthy(3, EVENT).await;
+    cluster.wait_healthy_rejoining(3, EVENT, &[]).await;
     let crashed = leader(&cluster).await;
     let t = Instant::now();
     cluster.member_mut(&crashed).crash();
