@@ -163,9 +163,6 @@ pub(super) struct RelayState {
     /// Session state the client's commands left on the server (`session_state` bits),
     /// as their CommandComplete tags say (transaction pooling only).
     pub(super) session_state: AtomicU8,
-    /// The client-to-server pump has run: until then no client byte was sent, rewritten or
-    /// counted.
-    pub(super) up_started: AtomicBool,
 }
 
 /// Session state a command leaves behind its transaction, by its CommandComplete tag:
@@ -274,14 +271,13 @@ pub struct Outcome {
 pub async fn relay(
     client: &mut Stream,
     server: &mut Stream,
-    client_leftover: BytesMut,
+    mut client_leftover: BytesMut,
     server_leftover: BytesMut,
     mut ctx: RelayContext<'_>,
     topology: &mut watch::Receiver<Arc<Topology>>,
 ) -> Outcome {
     let rewrite = ctx.rewrite.take();
-    // A copy, for a server connection that turns out dead before the first byte goes.
-    let resend = (ctx.keep_server && !client_leftover.is_empty()).then(|| client_leftover.clone());
+    let keep_server = ctx.keep_server;
     let responses = std::sync::Mutex::new(crate::protocol::prepared::Responses::default());
     let wake = tokio::sync::Notify::new();
     let st = RelayState {
@@ -300,7 +296,7 @@ pub async fn relay(
                 Either::Left(super::rewrite::pump_up(
                     &mut client_rd,
                     &mut server_wr,
-                    client_leftover,
+                    &mut client_leftover,
                     &st,
                     rw,
                     &responses,
@@ -319,7 +315,7 @@ pub async fn relay(
                 Either::Right(pump_up(
                     &mut client_rd,
                     &mut server_wr,
-                    client_leftover,
+                    &mut client_leftover,
                     &st,
                     ctx.keep_server,
                 )),
@@ -445,9 +441,12 @@ pub async fn relay(
     }
     // Transaction pooling outlives a lost server connection: the pooled session tells the
     // client, which stays; so does a pooled client none of whose bytes reached the server.
-    let unsent = resend.filter(|_| {
-        !st.up_started.load(Relaxed) && matches!(end, End::ServerClosed | End::ServerIo(_))
-    });
+    // The client-to-server pump takes the client's bytes when it first runs: if it never
+    // ran (the server side ended first), none of them went anywhere.
+    let unsent = (keep_server
+        && !client_leftover.is_empty()
+        && matches!(end, End::ServerClosed | End::ServerIo(_)))
+    .then(|| std::mem::take(&mut client_leftover));
     let client_stays = (st.release_at_idle || unsent.is_some())
         && matches!(end, End::ServerClosed | End::ServerIo(_));
     if !matches!(end, End::Released) && !client_stays && !moving {
@@ -553,11 +552,11 @@ pub(super) fn count_down(st: &RelayState, seen: Seen) {
 async fn pump_up(
     rd: &mut Reader<'_>,
     wr: &mut Writer<'_>,
-    mut buf: BytesMut,
+    leftover: &mut BytesMut,
     st: &RelayState,
     keep_server: bool,
 ) -> End {
-    st.up_started.store(true, Relaxed);
+    let mut buf = std::mem::take(leftover);
     let mut scanner = Scanner::new(MAX_DECLARED_LEN);
     let mut counter = UpCounter::default();
     buf.reserve(BUF_SIZE);

@@ -28,13 +28,13 @@ fn lock(r: &Mutex<Responses>) -> std::sync::MutexGuard<'_, Responses> {
 pub(super) async fn pump_up(
     rd: &mut Reader<'_>,
     wr: &mut Writer<'_>,
-    mut pending: BytesMut,
+    leftover: &mut BytesMut,
     st: &RelayState,
     mut rewriter: Rewriter<'_>,
     responses: &Mutex<Responses>,
     wake: &Notify,
 ) -> End {
-    st.up_started.store(true, Relaxed);
+    let mut pending = std::mem::take(leftover);
     let mut scanner = Scanner::new(MAX_DECLARED_LEN);
     let mut counter = UpCounter::default();
     // Bytes already read before the relay began are counted like any others.
