@@ -1,6 +1,6 @@
-//! Transaction-pooled writers through repeated crashes (`kill -9` of the postmaster) of the
-//! primary, the leader key moving to the other server each time: no request is left
-//! unanswered, and no acknowledged write is lost.
+//! Pooled writers (transaction and session pooling) through repeated crashes (`kill -9` of
+//! the postmaster) of the primary, the leader key moving to the other server each time: no
+//! request is left unanswered, and no acknowledged write is lost.
 //!
 //! Found by it: a pooled server connection that died a moment before it was lent ended
 //! its relay before the client's request was even read, and the request was dropped: the
@@ -17,7 +17,10 @@ use patroxy::config::{ListenerConfig, PoolMode};
 use patroxy::policy::ListenerRole;
 use tokio::time::Instant;
 
+/// Transaction-pooled writers, on 8 server connections.
 const WRITERS: usize = 50;
+/// Session-pooled writers (as user `sessions`, a pool of their own), after those.
+const SESSION_WRITERS: usize = 6;
 const CRASHES: usize = 40;
 /// Far beyond any answer in this test: a request not answered by then never will be.
 const NO_ANSWER: Duration = Duration::from_secs(20);
@@ -32,15 +35,21 @@ struct Answer {
 
 type Log = Arc<Mutex<Vec<Answer>>>;
 
-/// Inserts numbered rows through `port`, reconnecting after any error, until `stop`.
-async fn write(writer: usize, port: u16, log: Log, stop: tokio_util::sync::CancellationToken) {
+/// Inserts numbered rows through `port` as `user`, reconnecting after any error, until
+/// `stop`.
+async fn write(
+    writer: usize,
+    (port, user): (u16, &'static str),
+    log: Log,
+    stop: tokio_util::sync::CancellationToken,
+) {
     let mut client = None;
     let mut id = writer as i64 * 100_000_000;
     while !stop.is_cancelled() {
         id += 1;
         let result = async {
             if client.is_none() {
-                let (c, _) = connect_with(port, "")
+                let (c, _) = connect_with(port, &format!("user={user}"))
                     .await
                     .map_err(|e| format!("connect: {e}"))?;
                 client = Some(c);
@@ -80,7 +89,7 @@ async fn all_writing_on(log: &Log, server: u16, since: Instant) {
                 .filter(|a| a.at >= since && a.result == Ok(server))
                 .map(|a| a.writer)
                 .collect();
-            (writers.len() == WRITERS).then_some(())
+            (writers.len() == WRITERS + SESSION_WRITERS).then_some(())
         },
     )
     .await;
@@ -96,7 +105,10 @@ async fn pooled_writers_ride_out_forty_crashes_with_every_request_answered() {
         connect(s.port)
             .await
             .unwrap()
-            .batch_execute("CREATE TABLE writes (id bigint PRIMARY KEY, port int NOT NULL)")
+            .batch_execute(
+                "CREATE TABLE writes (id bigint PRIMARY KEY, port int NOT NULL);
+                 CREATE ROLE sessions LOGIN; GRANT ALL ON writes TO sessions",
+            )
             .await
             .unwrap();
     }
@@ -109,18 +121,31 @@ async fn pooled_writers_ride_out_forty_crashes_with_every_request_answered() {
     keys.leader("a").await;
     let proxy = Proxy::start(&etcd, "crashes", |cfg| {
         cfg.timeouts.connect_wait = Duration::from_secs(40);
-        cfg.listeners = vec![ListenerConfig {
-            pool_mode: PoolMode::Transaction,
-            ..listener("crashes", ListenerRole::Primary)
-        }];
+        cfg.listeners = vec![
+            ListenerConfig {
+                pool_mode: PoolMode::Transaction,
+                ..listener("crashes", ListenerRole::Primary)
+            },
+            ListenerConfig {
+                pool_mode: PoolMode::Session,
+                ..listener("sessions", ListenerRole::Primary)
+            },
+        ];
         cfg.pool.pool_size = 8;
         cfg.auth.trust = vec!["127.0.0.1/32".parse().unwrap()];
     })
     .await;
     let log: Log = Arc::default();
     let stop = tokio_util::sync::CancellationToken::new();
-    let writers: Vec<_> = (0..WRITERS)
-        .map(|w| tokio::spawn(write(w, proxy.port(), log.clone(), stop.clone())))
+    let (port, sessions) = (proxy.port(), proxy.port_of("sessions"));
+    let writers: Vec<_> = (0..WRITERS + SESSION_WRITERS)
+        .map(|w| {
+            let to = match w < WRITERS {
+                true => (port, "postgres"),
+                false => (sessions, "sessions"),
+            };
+            tokio::spawn(write(w, to, log.clone(), stop.clone()))
+        })
         .collect();
 
     let mut leader = 0;
@@ -148,7 +173,13 @@ async fn pooled_writers_ride_out_forty_crashes_with_every_request_answered() {
         .filter(|e| e.starts_with("no answer"))
         .cloned()
         .collect();
-    let failed = log.iter().filter(|a| a.result.is_err()).count();
+    let errors = |session: bool| -> Vec<&String> {
+        log.iter()
+            .filter(|a| (a.writer >= WRITERS) == session)
+            .filter_map(|a| a.result.as_ref().err())
+            .collect()
+    };
+    let (failed, session_failed) = (errors(false), errors(true));
     let acked: Vec<i64> = log
         .iter()
         .filter(|a| a.result.is_ok())
@@ -157,23 +188,26 @@ async fn pooled_writers_ride_out_forty_crashes_with_every_request_answered() {
     let metrics = metrics_text();
     let resent = sample(&metrics, "patroxy_server_unsent_total", &[]).unwrap_or(0.0);
     eprintln!(
-        "{CRASHES} crashes, {WRITERS} transaction-pooled writers on 8 server connections: {} requests, {} acknowledged, {failed} errors (at most those in flight at each crash), {resent} sent again on another connection",
+        "{CRASHES} crashes; {WRITERS} transaction-pooled writers on 8 server connections and {SESSION_WRITERS} session-pooled: {} requests, {} acknowledged; errors: {} transaction-pooled (at most those in flight at each crash), {} session-pooled (a session ends with its server); {resent} requests sent again on another connection",
         log.len(),
-        acked.len()
+        acked.len(),
+        failed.len(),
+        session_failed.len()
     );
     assert!(
         unanswered.is_empty(),
         "requests never answered: {unanswered:?}"
     );
-    // Only requests running on the crashed server fail (8 server connections), each
-    // saying that its outcome is unknown.
-    let other: Vec<&String> = log
-        .iter()
-        .filter_map(|a| a.result.as_ref().err())
-        .filter(|e| !e.starts_with("08007"))
-        .collect();
+    // In transaction pooling only requests running on the crashed server fail (8 server
+    // connections), each saying that its outcome is unknown. A session ends with its
+    // server (once per crash; twice if its next first request meets the dead server too).
+    let other: Vec<&&String> = failed.iter().filter(|e| !e.starts_with("08007")).collect();
     assert!(other.is_empty(), "errors other than 08007: {other:?}");
-    assert!(failed <= CRASHES * 8, "{failed} errors");
+    assert!(failed.len() <= CRASHES * 8, "{} errors", failed.len());
+    assert!(
+        session_failed.len() <= 2 * CRASHES * SESSION_WRITERS,
+        "{session_failed:?}"
+    );
     let mut present = BTreeSet::new();
     for s in &servers {
         let rows = connect(s.port)
