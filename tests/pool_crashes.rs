@@ -43,21 +43,29 @@ async fn write(
     log: Log,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let mut client = None;
+    let mut client: Option<(tokio_postgres::Client, ConnTask)> = None;
     let mut id = writer as i64 * 100_000_000;
     while !stop.is_cancelled() {
         id += 1;
         let result = async {
             if client.is_none() {
-                let (c, _) = connect_with(port, &format!("user={user}"))
+                let c = connect_with(port, &format!("user={user}"))
                     .await
                     .map_err(|e| format!("connect: {e}"))?;
                 client = Some(c);
             }
-            let c = client.as_ref().unwrap();
+            let (c, conn) = client.as_mut().unwrap();
             let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
             match tokio::time::timeout(NO_ANSWER, c.query_one(INSERT, &params)).await {
                 Ok(Ok(row)) => Ok(row.get::<_, i32>(0) as u16),
+                // A FATAL that came while the client was idle ended its connection: the
+                // connection's own error says what it was.
+                Ok(Err(e)) if e.is_closed() => match tokio::time::timeout(NO_ANSWER, conn).await {
+                    Ok(Ok(Err(fatal))) => {
+                        Err(format!("{} {fatal}", sqlstate(&fatal).unwrap_or_default()))
+                    }
+                    _ => Err(format!(" {e}")),
+                },
                 Ok(Err(e)) => Err(format!("{} {e}", sqlstate(&e).unwrap_or_default())),
                 Err(_) => Err(format!("no answer in {NO_ANSWER:?}")),
             }

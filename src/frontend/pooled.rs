@@ -650,7 +650,7 @@ impl Session<'_> {
                 let mut answer = BytesMut::from(
                     &messages::error_response(
                         Severity::Error,
-                        TRANSACTION_RESOLUTION_UNKNOWN,
+                        codes::TRANSACTION_RESOLUTION_UNKNOWN,
                         &msg,
                     )[..],
                 );
@@ -668,7 +668,7 @@ impl Session<'_> {
                 lost = Some(BytesMut::new());
             } else {
                 let msg = format!("patroxy: the server connection was lost inside a transaction block ({why}); the transaction may or may not have committed");
-                send_fatal(client, TRANSACTION_RESOLUTION_UNKNOWN, &msg).await;
+                send_fatal(client, codes::TRANSACTION_RESOLUTION_UNKNOWN, &msg).await;
             }
         }
         let returned = match &end {
@@ -734,10 +734,6 @@ impl Session<'_> {
 fn may_retry(retrying: &mut Option<Instant>, connect_wait: Duration) -> bool {
     retrying.get_or_insert_with(Instant::now).elapsed() < connect_wait
 }
-
-/// SQLSTATE 08007: the connection was lost while a transaction was being committed, or
-/// ran; whether it committed is not known.
-const TRANSACTION_RESOLUTION_UNKNOWN: &str = "08007";
 
 /// The client's Terminate, alone.
 const TERMINATE: [u8; 5] = [codes::TERMINATE, 0, 0, 0, 4];

@@ -53,6 +53,9 @@ pub const ADMIN_SHUTDOWN: &str = "57P01";
 pub const CANNOT_CONNECT_NOW: &str = "57P03";
 pub const PROTOCOL_VIOLATION: &str = "08P01";
 pub const CONNECTION_FAILURE: &str = "08006";
+/// The connection was lost while a transaction was being committed, or ran: whether it
+/// committed is not known.
+pub const TRANSACTION_RESOLUTION_UNKNOWN: &str = "08007";
 pub const SQLCLIENT_UNABLE_TO_ESTABLISH: &str = "08001";
 pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
 pub const SYNTAX_ERROR: &str = "42601";
