@@ -277,7 +277,6 @@ pub async fn relay(
     topology: &mut watch::Receiver<Arc<Topology>>,
 ) -> Outcome {
     let rewrite = ctx.rewrite.take();
-    let keep_server = ctx.keep_server;
     let responses = std::sync::Mutex::new(crate::protocol::prepared::Responses::default());
     let wake = tokio::sync::Notify::new();
     let st = RelayState {
@@ -443,12 +442,10 @@ pub async fn relay(
     // client, which stays; so does a pooled client none of whose bytes reached the server.
     // The client-to-server pump takes the client's bytes when it first runs: if it never
     // ran (the server side ended first), none of them went anywhere.
-    let unsent = (keep_server
-        && !client_leftover.is_empty()
-        && matches!(end, End::ServerClosed | End::ServerIo(_)))
-    .then(|| std::mem::take(&mut client_leftover));
-    let client_stays = (st.release_at_idle || unsent.is_some())
-        && matches!(end, End::ServerClosed | End::ServerIo(_));
+    let died = matches!(end, End::ServerClosed | End::ServerIo(_));
+    let unsent = (ctx.keep_server && died && !client_leftover.is_empty())
+        .then(|| std::mem::take(&mut client_leftover));
+    let client_stays = died && (st.release_at_idle || unsent.is_some());
     if !matches!(end, End::Released) && !client_stays && !moving {
         let _ = timeout(GOODBYE_TIMEOUT, client_wr.shutdown()).await;
     }
