@@ -285,7 +285,13 @@ impl ServerConn {
 
     /// Runs one simple query and returns its rows (text values, `None` for NULL).
     pub async fn query_rows(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, ConnError> {
-        send(&mut self.stream, &messages::query(sql)).await?;
+        self.rows_of(&messages::query(sql)).await
+    }
+
+    /// Sends one request (a simple Query, or extended-protocol messages ending with a Sync)
+    /// and returns the rows of its answer.
+    pub async fn rows_of(&mut self, request: &[u8]) -> Result<Vec<Vec<Option<String>>>, ConnError> {
+        send(&mut self.stream, request).await?;
         let mut rows = Vec::new();
         let mut failed = None;
         loop {

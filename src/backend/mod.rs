@@ -1,15 +1,18 @@
 //! The server side of the proxy: getting a client a server connection (the connect loop in
 //! `connect.rs`, the handshake with one server in `handshake.rs`), per-server load and
 //! ejections, cancel requests delivered to servers, and for pooled listeners the server
-//! connections patroxy authenticates itself (`conn.rs`) and their pools (`pool.rs`).
+//! connections patroxy authenticates itself (`conn.rs`), the session state they carry
+//! (`session.rs`), their pools (`pool.rs`) and how a client gets one (`checkout.rs`).
 
 pub mod cancel;
+pub mod checkout;
 pub mod conn;
 pub mod connect;
 pub mod error;
 pub mod handshake;
 pub mod load;
 pub mod pool;
+pub mod session;
 
 use bytes::BytesMut;
 

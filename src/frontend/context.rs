@@ -163,6 +163,26 @@ impl ListenerContext {
         }
     }
 
+    /// How this listener lends pooled server connections.
+    pub fn lender(&self) -> crate::backend::checkout::Lender<'_> {
+        crate::backend::checkout::Lender {
+            listener: &self.name,
+            policy: &self.policy,
+            pools: &self.proxy.pools,
+            settings: &self.pool,
+            caps: crate::backend::pool::Caps {
+                per_server: self.max_server_connections,
+                per_database: self.pool.max_db_connections,
+            },
+            server_tls: &self.server_tls,
+            timeouts: &self.proxy.timeouts,
+            load: &self.proxy.load,
+            turn: &self.turn,
+            etcd: &self.etcd,
+            etcd_loss: self.etcd_loss,
+        }
+    }
+
     /// Why a new connection to the primary is refused for want of etcd, if it is
     /// (`etcd_loss = "fail-closed"`; primary listeners only).
     pub fn etcd_refusal(&self, t: &Topology) -> Option<String> {

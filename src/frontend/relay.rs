@@ -266,6 +266,23 @@ pub struct Outcome {
     pub unsent: Option<BytesMut>,
 }
 
+impl Outcome {
+    /// This relay's figures, then a later relay's on the same connection: the sums, and the
+    /// later one's end and state.
+    pub fn then(self, later: Outcome) -> Outcome {
+        let mut reported = self.reported;
+        reported.extend(later.reported);
+        Outcome {
+            bytes_up: self.bytes_up + later.bytes_up,
+            bytes_down: self.bytes_down + later.bytes_down,
+            queries: self.queries + later.queries,
+            session_state: self.session_state | later.session_state,
+            reported,
+            ..later
+        }
+    }
+}
+
 /// Relays until one side closes or a drain ends the session.
 /// `client_leftover` and `server_leftover` are bytes already read in the startup phase.
 pub async fn relay(

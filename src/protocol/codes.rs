@@ -63,3 +63,13 @@ pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
 pub const TOO_MANY_CONNECTIONS: &str = "53300";
 pub const INVALID_AUTHORIZATION: &str = "28000";
 pub const INVALID_PASSWORD: &str = "28P01";
+
+/// The SQLSTATE a pooled client is told when a server refused patroxy's login on its
+/// behalf: the server's own where it speaks of the client's credentials, else 08006.
+pub fn refusal_passed_on(sqlstate: &str) -> &'static str {
+    match sqlstate {
+        INVALID_PASSWORD => INVALID_PASSWORD,
+        INVALID_AUTHORIZATION => INVALID_AUTHORIZATION,
+        _ => CONNECTION_FAILURE,
+    }
+}

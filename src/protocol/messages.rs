@@ -160,6 +160,79 @@ pub fn encode<M: Message>(m: &M) -> Bytes {
     buf.freeze()
 }
 
+/// A frame with this tag and body.
+pub fn frame(tag: u8, body: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(5 + body.len());
+    out.put_u8(tag);
+    out.put_u32(body.len() as u32 + 4);
+    out.put_slice(body);
+    out.freeze()
+}
+
+/// A Parse of the statement `name` with its parameter types.
+pub fn parse(name: &str, sql: &str, oids: &[u32]) -> Bytes {
+    let mut body = BytesMut::with_capacity(name.len() + sql.len() + 4 + 4 * oids.len());
+    body.put_slice(name.as_bytes());
+    body.put_u8(0);
+    body.put_slice(sql.as_bytes());
+    body.put_u8(0);
+    body.put_u16(oids.len() as u16);
+    for oid in oids {
+        body.put_u32(*oid);
+    }
+    frame(codes::PARSE, &body)
+}
+
+/// A Bind of the unnamed portal to the unnamed statement, with text parameters (`None` is
+/// NULL) and text results.
+pub fn bind_unnamed(params: &[Option<&str>]) -> Bytes {
+    let mut body = BytesMut::new();
+    body.put_slice(&[0, 0]); // portal, statement: both unnamed
+    body.put_u16(0); // parameter formats: all text
+    body.put_u16(params.len() as u16);
+    for p in params {
+        match p {
+            Some(v) => {
+                body.put_i32(v.len() as i32);
+                body.put_slice(v.as_bytes());
+            }
+            None => body.put_i32(-1),
+        }
+    }
+    body.put_u16(0); // result formats: all text
+    frame(codes::BIND, &body)
+}
+
+/// An Execute of the unnamed portal, every row, then a Sync: the end of a request.
+pub fn execute_unnamed_and_sync() -> [u8; 15] {
+    [
+        codes::EXECUTE,
+        0,
+        0,
+        0,
+        9,
+        0,
+        0,
+        0,
+        0,
+        0,
+        codes::SYNC,
+        0,
+        0,
+        0,
+        4,
+    ]
+}
+
+/// A Close of the prepared statement `name`.
+pub fn close_statement(name: &str) -> Bytes {
+    let mut body = Vec::with_capacity(name.len() + 2);
+    body.push(b'S');
+    body.extend_from_slice(name.as_bytes());
+    body.push(0);
+    frame(codes::CLOSE, &body)
+}
+
 /// A simple Query.
 pub fn query(sql: &str) -> Bytes {
     encode(&pgwire::messages::simplequery::Query::new(sql.to_owned()))
@@ -270,6 +343,22 @@ pub fn data_row(body: &[u8]) -> Option<Vec<Option<String>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_parse_carries_its_name_text_and_types() {
+        let frame = parse("s1", "SELECT $1", &[23]);
+        assert_eq!(
+            &frame[..],
+            b"P\0\0\0\x17s1\0SELECT $1\0\0\x01\0\0\0\x17".as_slice()
+        );
+        let close = close_statement("s1");
+        assert_eq!(&close[..], b"C\0\0\0\x08Ss1\0".as_slice());
+        let bind = bind_unnamed(&[Some("ab"), None]);
+        assert_eq!(
+            &bind[..],
+            b"B\0\0\0\x16\0\0\0\0\0\x02\0\0\0\x02ab\xff\xff\xff\xff\0\0".as_slice()
+        );
+    }
 
     #[test]
     fn parameter_status_encodes_as_pgwire_does() {

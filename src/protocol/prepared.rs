@@ -14,9 +14,10 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 
 use crate::protocol::codes;
+use crate::protocol::messages::{self, frame};
 
 /// A statement a client prepared, as the server knows it.
 #[derive(Debug)]
@@ -181,14 +182,6 @@ fn cstr(b: &[u8]) -> Option<(&str, &[u8])> {
     Some((std::str::from_utf8(&b[..nul]).ok()?, &b[nul + 1..]))
 }
 
-fn frame(tag: u8, body: &[u8]) -> Bytes {
-    let mut out = BytesMut::with_capacity(5 + body.len());
-    out.put_u8(tag);
-    out.put_u32(body.len() as u32 + 4);
-    out.put_slice(body);
-    out.freeze()
-}
-
 fn server_name(query: &str, types: &[u8], context: &str) -> String {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     (query, types, context).hash(&mut h);
@@ -253,10 +246,7 @@ impl Rewriter<'_> {
         if self.server.names.len() >= self.capacity.max(1) {
             if let Some(old) = self.server.names.pop_front() {
                 self.server.stats.evictions += 1;
-                let mut body = vec![b'S'];
-                body.extend_from_slice(old.as_bytes());
-                body.push(0);
-                out.send.push(frame(codes::CLOSE, &body));
+                out.send.push(messages::close_statement(&old));
                 out.expect.push(Pending::Server {
                     ends: Ends::Extended(b"3"),
                     swallow: true,

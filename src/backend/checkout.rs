@@ -1,0 +1,351 @@
+//! Getting a pooled client a server connection: what routing admits now (a hold for a pause
+//! or a planned switchover, a refusal while etcd is lost under `fail-closed`, or the
+//! candidates), then the chosen member's pool (a slot in line, an idle connection that is
+//! still usable or a new one under the caps), all within `connect_wait`. A wait on one
+//! member's pool ends as soon as routing stops choosing that member.
+
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::warn;
+
+use super::conn::{ConnError, Login, Opener, ServerConn};
+use super::pool::{Caps, Defaults, Lease, PoolKey, Pools};
+use super::ServerLoad;
+use crate::backoff::Backoff;
+use crate::config::{EtcdLoss, PoolConfig, Timeouts};
+use crate::discovery::{EtcdContact, Topology};
+use crate::protocol::codes;
+use crate::routing::{self, switchover, ListenerRole, Policy, Target};
+use crate::tls::ServerTls;
+
+type Topo = watch::Receiver<Arc<Topology>>;
+
+/// How often a checkout looks again at a leader that is still being promoted.
+const PROMOTION_PROBE: Duration = Duration::from_millis(10);
+
+/// Why a pooled client got no server connection.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckoutError {
+    #[error("no {role} server after waiting {waited:?}: {why}")]
+    NoServer {
+        role: String,
+        waited: Duration,
+        why: String,
+    },
+    #[error("{0}")]
+    Pool(#[from] super::pool::PoolError),
+    #[error("server {server}: {source}")]
+    Server { server: String, source: ConnError },
+}
+
+impl CheckoutError {
+    pub fn label(&self) -> &'static str {
+        match self {
+            CheckoutError::NoServer { .. } => "no_server",
+            CheckoutError::Pool(_) => "pool_wait_timeout",
+            CheckoutError::Server { .. } => "server_refused",
+        }
+    }
+
+    /// The SQLSTATE and message the client is told.
+    pub fn client_error(&self) -> (&'static str, String) {
+        match self {
+            CheckoutError::NoServer { .. } => (
+                codes::CANNOT_CONNECT_NOW,
+                format!("patroxy: {self}; retry later"),
+            ),
+            CheckoutError::Pool(_) => (codes::TOO_MANY_CONNECTIONS, format!("patroxy: {self}")),
+            CheckoutError::Server {
+                source: ConnError::Refused { sqlstate, message },
+                ..
+            } => (
+                codes::refusal_passed_on(sqlstate),
+                format!("patroxy: the server refused: {message}"),
+            ),
+            CheckoutError::Server { .. } => (codes::CONNECTION_FAILURE, format!("patroxy: {self}")),
+        }
+    }
+}
+
+/// Who a server connection is for: the pool is per (member, database, user), and patroxy
+/// logs in as that user.
+#[derive(Clone, Copy)]
+pub struct Who<'a> {
+    pub login: &'a Login,
+    pub user: &'a str,
+    pub database: &'a str,
+}
+
+/// One pooled listener's way to lend server connections: its routing rules, the pools and
+/// their settings, and what a new server connection takes.
+pub struct Lender<'a> {
+    /// The listener's name, for metrics.
+    pub listener: &'a str,
+    pub policy: &'a Policy,
+    pub pools: &'a Pools,
+    pub settings: &'a PoolConfig,
+    pub caps: Caps,
+    pub server_tls: &'a ServerTls,
+    pub timeouts: &'a Timeouts,
+    pub load: &'a ServerLoad,
+    /// Advances once per checkout; balancing takes turns with it.
+    pub turn: &'a AtomicUsize,
+    pub etcd: &'a EtcdContact,
+    pub etcd_loss: EtcdLoss,
+}
+
+/// What routing allows a checkout right now.
+enum Admission {
+    /// Wait, and say why: the database is paused, or a planned switchover is under way.
+    Hold(&'static str),
+    /// Refuse at once (etcd lost under `fail-closed`).
+    Refuse(String),
+    Route(Result<Vec<Target>, routing::Unroutable>),
+}
+
+impl Lender<'_> {
+    /// A server connection for `who`, from the pool of the member routing picks, within
+    /// `connect_wait`.
+    pub async fn checkout(
+        &self,
+        who: Who<'_>,
+        topology: &mut Topo,
+    ) -> Result<(Lease, ServerConn, Target), CheckoutError> {
+        let started = Instant::now();
+        let deadline = started + self.timeouts.connect_wait;
+        let turn = self.turn.fetch_add(1, Relaxed);
+        let mut pause = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+        let mut why = String::new();
+        let mut held = None;
+        let mut promoting = false;
+        loop {
+            let snapshot = topology.borrow_and_update().clone();
+            let candidates = match self.admission(&snapshot, who.database) {
+                Admission::Hold(why) => {
+                    if held.is_none() {
+                        held = Some(self.pools.hold(who.database, who.user));
+                        crate::metrics::switchover_hold(self.listener);
+                    }
+                    Err(why.to_owned())
+                }
+                // Fail closed: said at once, not after connect_wait.
+                Admission::Refuse(why) => return Err(self.no_server(started, why)),
+                Admission::Route(candidates) => {
+                    held = None;
+                    candidates.map_err(|e| e.to_string())
+                }
+            };
+            match candidates {
+                Err(e) => why = e,
+                Ok(candidates) => {
+                    let load = self.load;
+                    let ordered =
+                        routing::order(candidates, self.policy, |ep| load.sessions(ep), turn);
+                    for target in ordered {
+                        match self
+                            .open_routed(who, &target, topology, &mut promoting)
+                            .await?
+                        {
+                            Ok((lease, conn)) => return Ok((lease, conn, target)),
+                            Err(e) => why = e,
+                        }
+                    }
+                }
+            }
+            // The leader key names a server still in recovery: its promotion takes moments,
+            // so look again soon (as the unpooled promotion probe does).
+            let next = match std::mem::take(&mut promoting) {
+                true => PROMOTION_PROBE,
+                false => pause.next_pause(),
+            };
+            let wake = (Instant::now() + next).min(deadline);
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake) => {}
+                _ = topology.changed() => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(self.no_server(started, why));
+            }
+        }
+    }
+
+    fn no_server(&self, started: Instant, why: String) -> CheckoutError {
+        CheckoutError::NoServer {
+            role: self.policy.role.to_string(),
+            waited: started.elapsed(),
+            why,
+        }
+    }
+
+    /// A wait for this member's pool (its slots, a cap, a connect that gets no answer) ends
+    /// when routing stops choosing it: a client queued behind a primary that died goes to
+    /// the next one at once, and none is handed the old primary once a switchover is under
+    /// way.
+    async fn open_routed(
+        &self,
+        who: Who<'_>,
+        target: &Target,
+        topology: &Topo,
+        promoting: &mut bool,
+    ) -> Result<Result<(Lease, ServerConn), String>, CheckoutError> {
+        let mut watch = topology.clone();
+        tokio::select! {
+            opened = self.open_on(who, target, promoting) => opened,
+            () = self.unrouted(&mut watch, who.database, target) => {
+                Ok(Err(format!("{}: no longer routed to while waiting for it", target.endpoint)))
+            }
+        }
+    }
+
+    fn admission(&self, snapshot: &Topology, database: &str) -> Admission {
+        // Pools of a primary listener hold new transactions (and new sessions) while Patroni
+        // carries out a planned switchover: the old primary is about to stop.
+        let holds = self.policy.role.wants_standby() == Some(false);
+        let now = std::time::SystemTime::now();
+        if self.pools.is_paused(database) {
+            Admission::Hold("the database is paused (PAUSE on the admin console); held")
+        } else if holds && switchover::under_way(snapshot, now, self.settings.switchover_grace) {
+            Admission::Hold("a planned switchover is under way (Patroni's failover key); held")
+        } else if let Some(why) = self.etcd_refusal(snapshot) {
+            Admission::Refuse(why)
+        } else {
+            Admission::Route(routing::candidates(self.policy, snapshot))
+        }
+    }
+
+    /// Why a new connection to the primary is refused for want of etcd, if it is.
+    fn etcd_refusal(&self, t: &Topology) -> Option<String> {
+        if self.policy.role != ListenerRole::Primary {
+            return None;
+        }
+        routing::etcd_loss::refusal(self.etcd_loss, t, self.etcd.silent_for())
+    }
+
+    /// Resolves once routing no longer admits `target`: another member, a hold, a refusal.
+    async fn unrouted(&self, watch: &mut Topo, database: &str, target: &Target) {
+        loop {
+            if watch.changed().await.is_err() {
+                // The topology's sender is gone only at shutdown; nothing changes any more.
+                return std::future::pending().await;
+            }
+            let snapshot = watch.borrow_and_update().clone();
+            let routed = match self.admission(&snapshot, database) {
+                Admission::Route(Ok(c)) => c.iter().any(|t| t.endpoint == target.endpoint),
+                _ => false,
+            };
+            if !routed {
+                return;
+            }
+        }
+    }
+
+    pub fn pool_key(&self, target: &Target, who: Who<'_>) -> PoolKey {
+        PoolKey {
+            endpoint: target.endpoint.clone(),
+            database: who.database.to_owned(),
+            user: who.user.to_owned(),
+            wants_standby: self.policy.role.wants_standby(),
+        }
+    }
+
+    /// A connection on `target`'s pool: an idle one that is still usable, or a new one.
+    /// `Ok(Err(why))`: none now, try again (a transient failure, such as a server still in
+    /// recovery: `promoting` is then set).
+    async fn open_on(
+        &self,
+        who: Who<'_>,
+        target: &Target,
+        promoting: &mut bool,
+    ) -> Result<Result<(Lease, ServerConn), String>, CheckoutError> {
+        let pool = self.pools.get(self.pool_key(target, who));
+        let (lease, idle) = pool.lease().await?;
+        crate::metrics::pool_wait(self.listener, lease.waited);
+        if let Some(conn) = checked(idle, self.settings, self.timeouts.connect).await {
+            crate::metrics::pool_checkout(self.listener, "idle");
+            return Ok(Ok((lease, conn)));
+        }
+        let wait_until = Instant::now() + self.settings.query_wait_timeout;
+        let permits = self
+            .pools
+            .reserve(&pool.key, self.caps, wait_until, true)
+            .await?;
+        let opener = self.opener(target, who);
+        let opened = opener.open().await;
+        crate::metrics::server_connect(if opened.is_ok() { "ok" } else { "failed" });
+        match opened {
+            Ok(mut conn) => {
+                crate::metrics::pool_checkout(self.listener, "new");
+                conn.permits = permits;
+                conn.generation = pool.generation();
+                pool.remember_defaults(&conn.defaults);
+                pool.remember_opener(&opener, self.caps);
+                Ok(Ok((lease, conn)))
+            }
+            Err(e) if e.is_transient() => {
+                *promoting |= matches!(e, ConnError::InRecovery);
+                Ok(Err(format!("{}: {e}", target.endpoint)))
+            }
+            Err(source) => {
+                let server = target.endpoint.to_string();
+                Err(CheckoutError::Server { server, source })
+            }
+        }
+    }
+
+    /// How a connection to `target` for `who` is opened and logged in.
+    pub fn opener(&self, target: &Target, who: Who<'_>) -> Opener {
+        Opener {
+            endpoint: target.endpoint.clone(),
+            tls: self.server_tls.clone(),
+            user: who.user.to_owned(),
+            database: who.database.to_owned(),
+            login: who.login.clone(),
+            wants_standby: self.policy.role.wants_standby(),
+            limit: self.timeouts.connect.max(self.timeouts.startup),
+            tcp: self.timeouts.tcp(),
+        }
+    }
+
+    /// The login defaults of the server a new client would get: remembered by its pool, or
+    /// learnt from a connection lent and given back at once.
+    pub async fn defaults(
+        &self,
+        who: Who<'_>,
+        topology: &mut Topo,
+    ) -> Result<Arc<Defaults>, CheckoutError> {
+        let candidates = routing::candidates(self.policy, &topology.borrow());
+        if let Some(first) = candidates.ok().and_then(|c| c.into_iter().next()) {
+            if let Some(d) = self.pools.get(self.pool_key(&first, who)).defaults() {
+                return Ok(d);
+            }
+        }
+        let (lease, conn, _) = self.checkout(who, topology).await?;
+        let defaults = lease.pool.remember_defaults(&conn.defaults);
+        lease.give_back(conn);
+        Ok(defaults)
+    }
+}
+
+/// An idle connection, if it is still usable: one idle past `server_check_delay` must
+/// answer an empty query first (a failed one is closed).
+async fn checked(
+    idle: Option<ServerConn>,
+    settings: &PoolConfig,
+    limit: Duration,
+) -> Option<ServerConn> {
+    let mut conn = idle?;
+    if conn.last_used.elapsed() <= settings.server_check_delay {
+        return Some(conn);
+    }
+    match conn.check(limit).await {
+        Ok(()) => Some(conn),
+        Err(e) => {
+            warn!(server = %conn.endpoint, error = %e, "idle server connection failed its check; closed");
+            None
+        }
+    }
+}

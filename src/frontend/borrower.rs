@@ -1,0 +1,319 @@
+//! An authenticated pooled client's session: it borrows a server connection for each request
+//! that needs one (until it leaves in session mode, until the transaction ends in
+//! transaction mode), fitted first with the client's settings. Between loans it holds
+//! nothing; a leader change does not touch it. A request whose connection turned out dead
+//! before any of it was sent goes to another one.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::time::Instant;
+use tracing::warn;
+
+use super::clients::{self, Client};
+use super::context::ListenerContext;
+use super::negotiate::send_fatal;
+use super::relay::End;
+use crate::backend::checkout::Who;
+use crate::backend::conn::{ConnError, ServerConn};
+use crate::backend::pool::Lease;
+use crate::backend::session::Wanted;
+use crate::protocol::codes;
+use crate::protocol::prepared::ClientStatements;
+use crate::protocol::startup::CancelKey;
+use crate::routing::drain::DrainCause;
+use crate::routing::Target;
+use crate::stream::{send, Stream};
+
+pub(super) type Topo = tokio::sync::watch::Receiver<std::sync::Arc<crate::discovery::Topology>>;
+
+/// The client's Terminate, alone.
+const TERMINATE: [u8; 5] = [codes::TERMINATE, 0, 0, 0, 4];
+
+/// One authenticated pooled client.
+pub(super) struct Session<'a> {
+    pub ctx: &'a ListenerContext,
+    pub peer: SocketAddr,
+    pub who: Who<'a>,
+    /// The cancel key the client was given.
+    pub key: CancelKey,
+    pub started: Instant,
+    /// Its entry in the console's list of clients.
+    pub me: &'a Client,
+}
+
+/// How a pooled client's session ended, in all.
+pub(super) struct Ended {
+    pub end: End,
+    pub transactions: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
+/// What a pooled client carries from one server connection to the next.
+pub(super) struct Carried {
+    pub wanted: Wanted,
+    /// Its named statements (transaction mode).
+    pub statements: ClientStatements,
+    /// Session mode, after a switchover move: the Parse messages that recreate the named
+    /// statements it had on its last server, for its next one.
+    pub replay: Vec<Bytes>,
+}
+
+/// A server connection lent to the client, and where it is.
+pub(super) struct Attached {
+    pub lease: Lease,
+    pub conn: ServerConn,
+    pub target: Target,
+}
+
+/// What the client's next bytes call for.
+enum Next {
+    /// A request that needs a server connection (in the buffer).
+    Borrow,
+    /// patroxy answered it; read on.
+    Answered,
+    Over(End),
+}
+
+impl Session<'_> {
+    /// Lends the client a server connection from its first message on: until it leaves
+    /// (session mode), or (`per_transaction`) until the ReadyForQuery that ends each
+    /// transaction.
+    pub async fn serve(
+        &self,
+        client: &mut Stream,
+        mut buf: BytesMut,
+        wanted: Wanted,
+        topology: &mut Topo,
+        per_transaction: bool,
+    ) -> Ended {
+        let mut carried = Carried {
+            wanted,
+            statements: ClientStatements::default(),
+            replay: Vec::new(),
+        };
+        // Since when a transaction has failed to get a usable connection.
+        let mut retrying: Option<Instant> = None;
+        let mut total = Ended {
+            end: End::ClientClosed,
+            transactions: 0,
+            bytes_up: 0,
+            bytes_down: 0,
+        };
+        let connect_wait = self.ctx.proxy.timeouts.connect_wait;
+        loop {
+            match self
+                .next(client, &mut buf, per_transaction, &mut carried)
+                .await
+            {
+                Next::Borrow => {}
+                Next::Answered => continue,
+                Next::Over(end) => return total.ending(end),
+            }
+            let attached = match self.borrow(client, &mut buf, topology).await {
+                Ok(a) => a,
+                Err(end) => return total.ending(end),
+            };
+            let attached = match self.fit(attached, &mut carried).await {
+                Ok(a) => a,
+                Err(_) if may_retry(&mut retrying, connect_wait) => continue,
+                Err(e) => {
+                    let msg = format!("patroxy: applying the session's parameters: {e}");
+                    send_fatal(client, codes::CONNECTION_FAILURE, &msg).await;
+                    return total.ending(End::ServerClosed);
+                }
+            };
+            // Kept until the request is sent: a connection found dead takes none of it.
+            let replayed = std::mem::take(&mut carried.replay);
+            self.me.set(clients::ACTIVE);
+            let pid = attached.conn.key.as_ref().map_or(0, |k| k.pid);
+            self.me.hold(Some((attached.conn.endpoint.clone(), pid)));
+            let pending = std::mem::take(&mut buf);
+            // Boxed: between transactions an idle client keeps only this loop's small state,
+            // not room for a relay.
+            let one = Box::pin(self.attach(
+                client,
+                pending,
+                attached,
+                per_transaction,
+                topology,
+                &mut carried,
+            ))
+            .await;
+            self.me.set(clients::IDLE);
+            self.me.hold(None);
+            let one = match one {
+                Ok(one) => one,
+                // Nothing reached the dead connection: the same request goes to another.
+                Err(unsent) if may_retry(&mut retrying, connect_wait) => {
+                    buf = unsent;
+                    carried.replay = replayed;
+                    continue;
+                }
+                Err(_) => {
+                    let msg = "patroxy: every server connection tried was closed before the request reached it";
+                    send_fatal(client, codes::CONNECTION_FAILURE, msg).await;
+                    return total.ending(End::ServerClosed);
+                }
+            };
+            retrying = None;
+            total.transactions += 1;
+            total.bytes_up += one.bytes_up;
+            total.bytes_down += one.bytes_down;
+            if !matches!(one.end, End::Released | End::Moved) {
+                return total.ending(one.end);
+            }
+        }
+    }
+
+    /// Waits for the client's next request, between loans, and answers it without a server
+    /// when it can: a batch that only prepares named statements (transaction mode).
+    async fn next(
+        &self,
+        client: &mut Stream,
+        buf: &mut BytesMut,
+        per_transaction: bool,
+        carried: &mut Carried,
+    ) -> Next {
+        if buf.is_empty() {
+            tokio::select! {
+                read = client.read_next(buf) => match read {
+                    Ok(0) => return Next::Over(End::ClientClosed),
+                    Ok(_) => {}
+                    Err(e) => return Next::Over(End::ClientIo(e)),
+                },
+                _ = self.ctx.proxy.shutdown.cancelled() => return Next::Over(self.shut_down(client).await),
+                _ = self.me.kill.cancelled() => return Next::Over(self.killed(client).await),
+            }
+        }
+        if buf[..] == TERMINATE {
+            return Next::Over(End::ClientClosed);
+        }
+        if per_transaction {
+            let context = carried
+                .wanted
+                .get("search_path")
+                .unwrap_or_default()
+                .to_owned();
+            if let Some(reply) = carried.statements.answer_locally(buf, &context) {
+                buf.clear();
+                return match send(client, &reply).await {
+                    Ok(()) => Next::Answered,
+                    Err(e) => Next::Over(End::ClientIo(e)),
+                };
+            }
+        }
+        Next::Borrow
+    }
+
+    /// A server connection for the client's request. While it waits, the client is
+    /// watched: one that gives up is not logged in for when a server appears (what it sends
+    /// meanwhile is kept).
+    async fn borrow(
+        &self,
+        client: &mut Stream,
+        buf: &mut BytesMut,
+        topology: &mut Topo,
+    ) -> Result<Attached, End> {
+        self.me.set(clients::WAITING);
+        let lender = self.ctx.lender();
+        let mut waiting = Box::pin(lender.checkout(self.who, topology));
+        let checked_out = loop {
+            tokio::select! {
+                r = &mut waiting => break r,
+                read = client.read_next(buf) => match read {
+                    Ok(0) => return Err(End::ClientClosed),
+                    Ok(_) if buf.ends_with(&TERMINATE) => return Err(End::ClientClosed),
+                    Ok(_) => continue,
+                    Err(e) => return Err(End::ClientIo(e)),
+                },
+                _ = self.me.kill.cancelled() => return Err(self.killed(client).await),
+                _ = self.ctx.proxy.shutdown.cancelled() => return Err(self.shut_down(client).await),
+            }
+        };
+        drop(waiting);
+        match checked_out {
+            Ok((lease, conn, target)) => Ok(Attached {
+                lease,
+                conn,
+                target,
+            }),
+            Err(e) => {
+                crate::metrics::connect_failure(&self.ctx.name, e.label());
+                let (code, msg) = e.client_error();
+                send_fatal(client, code, &msg).await;
+                warn!(client = %self.peer, listener = %self.ctx.name, user = self.who.user, reason = %e, "no server for a transaction");
+                Err(End::ServerClosed)
+            }
+        }
+    }
+
+    /// Makes the connection fit the client: its settings, and after a move its named
+    /// statements. On failure the connection is closed; the client's transaction has not
+    /// started, so it may try again with another one.
+    async fn fit(&self, attached: Attached, carried: &mut Carried) -> Result<Attached, ConnError> {
+        let Attached {
+            lease,
+            mut conn,
+            target,
+        } = attached;
+        // Bounded: a server that froze without closing anything would hold the client here,
+        // where no drain reaches.
+        let limit = self.ctx.proxy.timeouts.connect.max(Duration::from_secs(1));
+        let fitted = async {
+            conn.fit(&carried.wanted).await?;
+            match carried.replay.is_empty() {
+                true => Ok(()),
+                false => conn.prepare_all(&carried.replay).await,
+            }
+        };
+        let fitted = tokio::time::timeout(limit, fitted)
+            .await
+            .unwrap_or(Err(ConnError::Timeout));
+        match fitted {
+            Ok(()) => Ok(Attached {
+                lease,
+                conn,
+                target,
+            }),
+            Err(e) => {
+                warn!(client = %self.peer, server = %conn.endpoint, error = %e, "applying the session's parameters failed; server connection closed");
+                Err(e)
+            }
+        }
+    }
+
+    /// Ends the session for the console's KILL.
+    pub(super) async fn killed(&self, client: &mut Stream) -> End {
+        let cause = DrainCause::Killed;
+        send_fatal(client, codes::ADMIN_SHUTDOWN, &cause.client_message()).await;
+        End::Drained {
+            cause,
+            forced: false,
+        }
+    }
+
+    async fn shut_down(&self, client: &mut Stream) -> End {
+        let msg = "terminating connection because patroxy is shutting down";
+        send_fatal(client, codes::ADMIN_SHUTDOWN, msg).await;
+        End::Drained {
+            cause: DrainCause::Shutdown,
+            forced: false,
+        }
+    }
+}
+
+impl Ended {
+    fn ending(mut self, end: End) -> Ended {
+        self.end = end;
+        self
+    }
+}
+
+/// Whether a transaction that has not started may try another server connection: within
+/// `connect_wait` of its first failed attempt.
+fn may_retry(retrying: &mut Option<Instant>, connect_wait: Duration) -> bool {
+    retrying.get_or_insert_with(Instant::now).elapsed() < connect_wait
+}

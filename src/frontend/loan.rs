@@ -1,0 +1,425 @@
+//! One loan of a server connection to a pooled client: the relay (with, in session mode, a
+//! move to the next primary at a planned switchover), its figures, the session state the
+//! client's commands left (taken up, undone, or refused), what the client is told when the
+//! connection died under it, and whether the connection goes back to its pool clean or is
+//! closed.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::time::{timeout_at, Instant};
+use tracing::{info, warn};
+
+use super::borrower::{Attached, Carried, Ended, Session, Topo};
+use super::negotiate::send_fatal;
+use super::relay::{relay, session_state, End, Outcome, RelayContext};
+use crate::backend::conn::{ConnError, ServerConn};
+use crate::backend::pool::{DbStats, Lease};
+use crate::backend::session::Verdict;
+use crate::protocol::codes;
+use crate::protocol::messages::{self, ErrorFields, Severity};
+use crate::protocol::prepared::{CacheStats, Rewriter};
+use crate::routing::drain::{DrainCause, Progress};
+use crate::routing::Target;
+use crate::stream::{send, Stream};
+
+/// What a transaction-pooled client is told when its server connection died under it.
+#[derive(Debug, PartialEq, Eq)]
+enum Lost {
+    /// It waits for answers: each request gets an error saying the outcome is unknown, and
+    /// its ReadyForQuery, as a server that failed them one by one would answer; it stays.
+    Answered(BytesMut),
+    /// Nothing was in flight and no transaction open: it stays, told nothing.
+    Quiet,
+    /// Between statements of a transaction block: it cannot be told in time, so its
+    /// session ends with this FATAL.
+    Fatal(String),
+}
+
+impl Session<'_> {
+    /// Relays with a lent server connection until the client leaves, or (transaction mode)
+    /// the transaction ends; then gives the connection back if it is clean.
+    /// `Err`: the connection was found closed before any of the client's bytes went to it
+    /// (a pooled connection that died a moment ago); they come back, for another one.
+    pub(super) async fn attach(
+        &self,
+        client: &mut Stream,
+        client_buf: BytesMut,
+        attached: Attached,
+        release_at_idle: bool,
+        topology: &mut Topo,
+        carried: &mut Carried,
+    ) -> Result<Ended, BytesMut> {
+        let proxy = &self.ctx.proxy;
+        let Attached {
+            lease,
+            mut conn,
+            target,
+        } = attached;
+        let lent_at = Instant::now();
+        let _load = proxy.load.claim(&target.endpoint);
+        let _registration = conn.key.clone().map(|server_key| {
+            proxy
+                .cancels
+                .register(self.key.clone(), conn.endpoint.clone(), server_key)
+        });
+        let cache_before = conn.prepared.stats;
+        let lent = Lent {
+            conn: &mut conn,
+            target: &target,
+            release_at_idle,
+        };
+        let mut out = self
+            .relay_lent(client, client_buf, lent, topology, carried)
+            .await;
+        if let Some(unsent) = out.unsent.take() {
+            info!(client = %self.peer, server = %target.endpoint, end = %out.end, "server connection closed before the client's request reached it; another one is used");
+            crate::metrics::server_unsent(&self.ctx.name);
+            return Err(unsent);
+        }
+        self.account(&lease, &conn, lent_at, cache_before, &out);
+        let reported = std::mem::take(&mut out.reported);
+        carried.wanted.follow_reported(&mut conn, reported);
+        let mut end = std::mem::replace(&mut out.end, End::ClientClosed);
+        let mut tidied = Ok(());
+        if matches!(end, End::Released) && out.session_state != 0 {
+            let limit = self.reset_limit();
+            let tidy = tidy(&mut conn, out.session_state, carried);
+            tidied = timeout_at(Instant::now() + limit, tidy)
+                .await
+                .unwrap_or(Err(ConnError::Timeout));
+            if out.session_state & session_state::LISTEN != 0 {
+                end = End::NeedsSession("LISTEN");
+            }
+        }
+        let died = matches!(end, End::ServerClosed | End::ServerIo(_));
+        let lost = (release_at_idle && died).then(|| lost(&end, out.progress, out.server_fatal));
+        match &lost {
+            Some(Lost::Answered(_)) | Some(Lost::Quiet) => end = End::Released,
+            Some(Lost::Fatal(msg)) => {
+                send_fatal(client, codes::TRANSACTION_RESOLUTION_UNKNOWN, msg).await
+            }
+            None => {}
+        }
+        let at_rest = out.server_clean && out.progress.in_flight == 0 && !out.progress.unsynced;
+        let returned = match lost {
+            Some(_) => false,
+            None => {
+                self.reusable(&mut conn, &end, tidied, at_rest, out.progress)
+                    .await
+            }
+        };
+        if !matches!(end, End::Released) {
+            tracing::debug!(
+                client = %self.peer,
+                server = %target.endpoint,
+                connected_ms = self.started.elapsed().as_millis() as u64,
+                returned,
+                "server connection let go"
+            );
+        }
+        if returned {
+            lease.give_back(conn);
+        }
+        if let Some(Lost::Answered(answer)) = lost {
+            warn!(client = %self.peer, server = %target.endpoint, "server connection lost during a transaction; the client was told and stays");
+            if let Err(e) = send(client, &answer).await {
+                end = End::ClientIo(e);
+            }
+        }
+        if let End::NeedsSession(what) = end {
+            let msg = format!(
+                "patroxy: {what} needs a server connection of its own, and listener {} pools transactions (pool_mode = transaction); use a session-pooled listener",
+                self.ctx.name
+            );
+            send_fatal(client, codes::FEATURE_NOT_SUPPORTED, &msg).await;
+        }
+        Ok(Ended {
+            end,
+            transactions: 0,
+            bytes_up: out.bytes_up,
+            bytes_down: out.bytes_down,
+        })
+    }
+
+    /// How long patroxy's own statements on a lent connection may take.
+    fn reset_limit(&self) -> Duration {
+        self.ctx.proxy.timeouts.connect.max(Duration::from_secs(1))
+    }
+
+    /// The relay, and in session mode on a primary listener the moves it allows: when
+    /// Patroni announces a switchover, a client at rest that holds nothing there that cannot
+    /// follow it leaves its server connection for the next primary. The figures of every
+    /// relay on this connection are summed.
+    async fn relay_lent(
+        &self,
+        client: &mut Stream,
+        mut client_buf: BytesMut,
+        lent: Lent<'_>,
+        topology: &mut Topo,
+        carried: &mut Carried,
+    ) -> Outcome {
+        let Lent {
+            conn,
+            target,
+            release_at_idle,
+        } = lent;
+        let proxy = &self.ctx.proxy;
+        // A statement means what it means under its search path: part of its identity.
+        let context = carried
+            .wanted
+            .get("search_path")
+            .unwrap_or_default()
+            .to_owned();
+        let mut movable = !release_at_idle && self.ctx.policy.role.wants_standby() == Some(false);
+        let mut before: Option<Outcome> = None;
+        loop {
+            let leftover = std::mem::take(&mut conn.buf);
+            let rewrite = release_at_idle.then(|| Rewriter {
+                client: &mut carried.statements,
+                server: &mut conn.prepared,
+                capacity: self.ctx.pool.max_prepared_statements,
+                context: &context,
+            });
+            let relay_ctx = RelayContext {
+                policy: &self.ctx.policy,
+                policy_updates: self.ctx.policy_updates.clone(),
+                member: &target.member,
+                server: &target.endpoint,
+                timeouts: &proxy.timeouts,
+                shutdown: &proxy.shutdown,
+                keep_server: true,
+                release_at_idle,
+                rewrite,
+                switchover_grace: movable.then_some(self.ctx.pool.switchover_grace),
+                kill: Some(self.me.kill.clone()),
+            };
+            let client_bytes = std::mem::take(&mut client_buf);
+            let out = relay(
+                client,
+                &mut conn.stream,
+                client_bytes,
+                leftover,
+                relay_ctx,
+                topology,
+            )
+            .await;
+            let mut out = match before.take() {
+                Some(b) => b.then(out),
+                None => out,
+            };
+            let End::Drained {
+                cause: cause @ DrainCause::Switchover { .. },
+                ..
+            } = &out.end
+            else {
+                return out;
+            };
+            let cause = cause.clone();
+            match self.leave(conn, out.server_clean, carried).await {
+                Ok(true) => {
+                    out.end = End::Moved;
+                    return out;
+                }
+                Ok(false) => {
+                    movable = false;
+                    before = Some(out);
+                }
+                Err(e) => {
+                    crate::metrics::switchover_move("failed");
+                    warn!(client = %self.peer, server = %target.endpoint, error = %e, "a session could not leave for the next primary; ended");
+                    send_fatal(client, codes::ADMIN_SHUTDOWN, &cause.client_message()).await;
+                    return out;
+                }
+            }
+        }
+    }
+
+    /// Session pooling, at a planned switchover: whether the client leaves its server
+    /// connection for the next primary. If it does, the settings it made in its session
+    /// become its own (set on its next connection), and the Parse messages that recreate its
+    /// named statements are kept for it.
+    async fn leave(
+        &self,
+        conn: &mut ServerConn,
+        server_clean: bool,
+        carried: &mut Carried,
+    ) -> Result<bool, ConnError> {
+        if !server_clean {
+            return Err(ConnError::Protocol("a client message was cut".into()));
+        }
+        let deadline = Instant::now() + self.reset_limit();
+        let verdict = timeout_at(deadline, conn.inspect())
+            .await
+            .unwrap_or(Err(ConnError::Timeout))?;
+        match verdict {
+            Verdict::Stays(held) => {
+                crate::metrics::switchover_move("stayed");
+                info!(client = %self.peer, server = %conn.endpoint, %held, "session holds state on its server; it stays there through the switchover");
+                Ok(false)
+            }
+            Verdict::Moves(parses) => {
+                timeout_at(deadline, conn.take_up(&mut carried.wanted))
+                    .await
+                    .unwrap_or(Err(ConnError::Timeout))?;
+                crate::metrics::switchover_move("moved");
+                info!(client = %self.peer, server = %conn.endpoint, statements = parses.len(), "session leaves for the next primary (planned switchover)");
+                carried.replay = parses;
+                Ok(true)
+            }
+        }
+    }
+
+    /// The loan's figures: the statement cache's, and the console's per database.
+    fn account(
+        &self,
+        lease: &Lease,
+        conn: &ServerConn,
+        lent_at: Instant,
+        cache_before: CacheStats,
+        out: &Outcome,
+    ) {
+        crate::metrics::prepared(conn.prepared.stats - cache_before);
+        self.ctx.proxy.pools.record(
+            self.who.database,
+            DbStats {
+                xact_count: 1,
+                query_count: out.queries,
+                received: out.bytes_up,
+                sent: out.bytes_down,
+                xact_time_us: lent_at.elapsed().as_micros() as u64,
+                wait_time_us: lease.waited.as_micros() as u64,
+            },
+        );
+    }
+
+    /// Whether the connection may go back to its pool: after a transaction whose session
+    /// state was undone, or (a session-mode client that left at rest) after its reset.
+    async fn reusable(
+        &self,
+        conn: &mut ServerConn,
+        end: &End,
+        tidied: Result<(), ConnError>,
+        at_rest: bool,
+        progress: Progress,
+    ) -> bool {
+        let server = &conn.endpoint;
+        match end {
+            End::Released | End::NeedsSession(_) => match tidied {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!(%server, error = %e, "server connection not reusable after its session state was undone; closed");
+                    false
+                }
+            },
+            End::ClientClosed if at_rest => {
+                let reset = &self.ctx.pool.server_reset_query;
+                let limit = self.reset_limit();
+                let reset = conn.reset(progress.tx_status, reset, limit).await;
+                crate::metrics::server_reset(if reset.is_ok() { "ok" } else { "failed" });
+                match reset {
+                    Ok(()) => true,
+                    Err(e) => {
+                        let server = &conn.endpoint;
+                        warn!(%server, error = %e, "server connection not reusable after its reset; closed");
+                        false
+                    }
+                }
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A lent connection, where it is, and whether it goes back at each transaction's end.
+struct Lent<'a> {
+    conn: &'a mut ServerConn,
+    target: &'a Target,
+    release_at_idle: bool,
+}
+
+/// Transaction pooling: after a transaction that left session state on the connection,
+/// undoes what cannot follow the client (cursors, listens) and takes up the settings it
+/// `SET` as the client's own (set again on each connection it gets, reset on the others),
+/// so the next client finds none of it.
+async fn tidy(conn: &mut ServerConn, state: u8, carried: &mut Carried) -> Result<(), ConnError> {
+    let mut undo = Vec::new();
+    if state & session_state::CURSOR != 0 {
+        undo.push("CLOSE ALL");
+    }
+    if state & session_state::LISTEN != 0 {
+        undo.push("UNLISTEN *");
+    }
+    if !undo.is_empty() {
+        conn.execute(&undo.join("; ")).await?;
+    }
+    if state & session_state::SET == 0 {
+        return Ok(());
+    }
+    conn.take_up(&mut carried.wanted).await
+}
+
+/// Transaction pooling: the server connection died under the client (a fast shutdown, a
+/// crash). A client waiting for answers gets an error it can survive, saying the outcome is
+/// unknown, and keeps its connection; one between statements of a transaction block cannot
+/// be told in time, so its session ends.
+fn lost(end: &End, p: Progress, server_fatal: Option<ErrorFields>) -> Lost {
+    let why = match &server_fatal {
+        Some(f) => format!("{} {}", f.sqlstate, f.message),
+        None => end.to_string(),
+    };
+    let waiting = p.in_flight + u32::from(p.unsynced);
+    if waiting > 0 && p.client_at_boundary {
+        let msg = format!(
+            "patroxy: the server connection was lost during the transaction ({why}); the transaction may or may not have committed"
+        );
+        let error =
+            messages::error_response(Severity::Error, codes::TRANSACTION_RESOLUTION_UNKNOWN, &msg);
+        let mut answer = BytesMut::new();
+        for _ in 0..waiting {
+            answer.extend_from_slice(&error);
+            answer.extend_from_slice(&messages::ready_for_query_idle());
+        }
+        Lost::Answered(answer)
+    } else if p.tx_status == codes::TX_IDLE && p.client_at_boundary {
+        Lost::Quiet
+    } else {
+        Lost::Fatal(format!("patroxy: the server connection was lost inside a transaction block ({why}); the transaction may or may not have committed"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn progress(tx_status: u8, in_flight: u32, at_boundary: bool) -> Progress {
+        Progress {
+            tx_status,
+            in_flight,
+            unsynced: false,
+            client_at_boundary: at_boundary,
+        }
+    }
+
+    #[test]
+    fn a_client_whose_server_died_is_answered_when_it_waits_and_can_be() {
+        let end = End::ServerClosed;
+        let Lost::Answered(answer) = lost(&end, progress(codes::TX_IN_BLOCK, 2, true), None) else {
+            panic!("two requests waited");
+        };
+        let readies = answer.windows(6).filter(|w| *w == b"Z\0\0\0\x05I").count();
+        assert_eq!(readies, 2, "one error and ReadyForQuery per request");
+        assert_eq!(
+            lost(&end, progress(codes::TX_IDLE, 0, true), None),
+            Lost::Quiet
+        );
+        assert!(matches!(
+            lost(&end, progress(codes::TX_IN_BLOCK, 0, true), None),
+            Lost::Fatal(_)
+        ));
+        assert!(matches!(
+            lost(&end, progress(codes::TX_IDLE, 1, false), None),
+            Lost::Fatal(_)
+        ));
+    }
+}
