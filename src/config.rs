@@ -145,6 +145,22 @@ pub struct PoolConfig {
     /// to finish before Patroni's fast shutdown would kill them.
     #[serde(with = "humantime_serde")]
     pub switchover_grace: Duration,
+    /// Transaction pooling: at every transaction's end, ask the server what the session
+    /// holds (one more round trip), instead of only after statements that change it; it
+    /// finds what a function changed that no statement shows.
+    pub verify_release: bool,
+    /// A client idle inside a transaction longer than this is disconnected (its server
+    /// connection rolled back), PgBouncer's `idle_transaction_timeout` (0: never).
+    #[serde(with = "humantime_serde")]
+    pub idle_transaction_timeout: Duration,
+    /// A request running longer than this ends the client's session and closes its server
+    /// connection, PgBouncer's `query_timeout` (0: never).
+    #[serde(with = "humantime_serde")]
+    pub query_timeout: Duration,
+    /// A client that holds no server connection and sends nothing for this long is
+    /// disconnected, PgBouncer's `client_idle_timeout` (0: never).
+    #[serde(with = "humantime_serde")]
+    pub client_idle_timeout: Duration,
 }
 
 impl Default for PoolConfig {
@@ -160,6 +176,10 @@ impl Default for PoolConfig {
             server_check_delay: Duration::from_secs(30),
             max_prepared_statements: 100,
             switchover_grace: Duration::from_secs(2),
+            verify_release: false,
+            idle_transaction_timeout: Duration::ZERO,
+            query_timeout: Duration::ZERO,
+            client_idle_timeout: Duration::ZERO,
         }
     }
 }
@@ -841,6 +861,18 @@ impl Config {
         ] {
             if d < Duration::from_millis(10) {
                 bad.push(format!("{name}: {d:?} is too short (at least 10ms)"));
+            }
+        }
+        // 0 turns these off; anything else below the floor is taken for a typo.
+        for (name, d) in [
+            ("pool.idle_transaction_timeout", p.idle_transaction_timeout),
+            ("pool.query_timeout", p.query_timeout),
+            ("pool.client_idle_timeout", p.client_idle_timeout),
+        ] {
+            if !d.is_zero() && d < Duration::from_millis(100) {
+                bad.push(format!(
+                    "{name}: {d:?} is too short (0 turns it off; else at least 100ms)"
+                ));
             }
         }
         let pooled = self.listeners.iter().any(|l| l.pool_mode != PoolMode::None);

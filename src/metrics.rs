@@ -36,6 +36,20 @@ pub const SERVER_UNSENT: &str = "patroxy_server_unsent_total";
 pub const PREPARED: &str = "patroxy_prepared_statements_total";
 pub const SWITCHOVER_HOLDS: &str = "patroxy_switchover_holds_total";
 pub const SWITCHOVER_MOVES: &str = "patroxy_switchover_moves_total";
+pub const PINS: &str = "patroxy_pins_total";
+pub const RELEASE_CHECKS: &str = "patroxy_release_checks_total";
+pub const TIMEOUTS: &str = "patroxy_client_timeouts_total";
+
+/// Why a transaction-pooled client keeps its server connection (`patroxy_pins_total`).
+pub const PIN_REASONS: [&str; 7] = [
+    "temp", "advisory", "cursor", "prepare", "listen", "load", "unknown",
+];
+/// The three timeouts, as PgBouncer names them (`patroxy_client_timeouts_total`).
+pub const TIMEOUT_KINDS: [&str; 3] = [
+    "idle_transaction_timeout",
+    "query_timeout",
+    "client_idle_timeout",
+];
 
 /// Installs the Prometheus recorder for this process; its handle renders `/metrics`.
 pub fn install() -> Result<PrometheusHandle, String> {
@@ -271,6 +285,31 @@ pub fn started() {
     for result in ["moved", "stayed", "failed"] {
         counter!(SWITCHOVER_MOVES, "result" => result).absolute(0);
     }
+    for reason in PIN_REASONS {
+        counter!(PINS, "reason" => reason).absolute(0);
+    }
+    for result in ["clean", "found"] {
+        counter!(RELEASE_CHECKS, "result" => result).absolute(0);
+    }
+    for kind in TIMEOUT_KINDS {
+        counter!(TIMEOUTS, "timeout" => kind).absolute(0);
+    }
+}
+
+/// A transaction-pooled client was pinned to its server connection, for `reason`.
+pub fn pinned(reason: &'static str) {
+    counter!(PINS, "reason" => reason).increment(1);
+}
+
+/// `pool.verify_release` asked the server at a transaction's end: it found the session
+/// as the statements showed it (`clean`), or state they did not show (`found`).
+pub fn release_check(result: &'static str) {
+    counter!(RELEASE_CHECKS, "result" => result).increment(1);
+}
+
+/// A pooled client was disconnected by one of PgBouncer's timeouts.
+pub fn client_timeout(kind: &'static str) {
+    counter!(TIMEOUTS, "timeout" => kind).increment(1);
 }
 
 /// A client of `listener` waited `waited` in line for a pooled server connection.

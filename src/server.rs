@@ -93,6 +93,7 @@ impl Server {
             reload_requests: backends.reload_requests,
             peers: backends.peers,
             contacts: backends.contacts,
+            classifier: Default::default(),
         });
         Server {
             config,

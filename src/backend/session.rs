@@ -1,8 +1,14 @@
 //! The session state a pooled server connection carries beyond its login, and how it is
-//! made to fit the client that borrows it: the settings that client wants (`Wanted`), set on
-//! the connection where they differ and reset where another client left them (`fit`); the
-//! settings a client's own commands left there, taken up as that client's (`take_up`); and
-//! what the session holds that cannot follow a client elsewhere (`inspect`).
+//! made to fit the client that borrows it: the settings that client wants (`Wanted`: its
+//! pool's login defaults, under its startup values, under what its own commands set), set on
+//! the connection where they differ and reset where another client left them (`fit`); what
+//! the session has now, as the server says (`inspect`, one round trip); and the settings a
+//! client's commands left there, taken up as that client's own (`take_up`).
+//!
+//! Settings are applied with `set_config()`, which reads a value as PostgreSQL's own
+//! configuration does: `search_path = 'a, public'` is two schemas, where `SET search_path TO
+//! 'a, public'` would be one schema of that name. The role and the session authorization are
+//! settings like the others here (`role`, `session_authorization`), set in that order.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,23 +20,28 @@ use super::pool::Defaults;
 use crate::protocol::messages;
 
 /// Reported parameters that describe the server, not a setting a client chose.
-pub const SERVER_OWNED: [&str; 9] = [
+pub const SERVER_OWNED: [&str; 8] = [
     "in_hot_standby",
     "server_version",
     "server_encoding",
     "integer_datetimes",
     "is_superuser",
-    "session_authorization",
     "default_transaction_read_only",
     "scram_iterations",
     "standard_conforming_strings",
 ];
 
+const ROLE: &str = "role";
+const SESSION_AUTHORIZATION: &str = "session_authorization";
+
 /// The settings a client wants on whichever server connection serves it: its pool's login
 /// defaults (every reported setting, so no other client's choice survives on a connection
-/// this one gets), shared by the pool's clients, with the client's own values over them.
+/// this one gets), under the values of its startup packet (what `RESET` returns to), under
+/// what its own commands set since.
+#[derive(Debug)]
 pub struct Wanted {
     defaults: Arc<Defaults>,
+    startup: BTreeMap<String, String>,
     own: BTreeMap<String, String>,
 }
 
@@ -38,8 +49,14 @@ impl Wanted {
     pub fn new(defaults: Arc<Defaults>) -> Wanted {
         Wanted {
             defaults,
+            startup: BTreeMap::new(),
             own: BTreeMap::new(),
         }
+    }
+
+    /// A value from the client's startup packet.
+    pub fn startup(&mut self, name: String, value: String) {
+        self.startup.insert(name, value);
     }
 
     fn default_of(&self, name: &str) -> Option<&String> {
@@ -48,35 +65,45 @@ impl Wanted {
             .flatten()
     }
 
+    /// What `RESET name` gives the client: its startup value, or the login default.
+    fn reset_value(&self, name: &str) -> Option<&String> {
+        self.startup.get(name).or_else(|| self.default_of(name))
+    }
+
     pub fn get(&self, name: &str) -> Option<&str> {
         self.own
             .get(name)
-            .or_else(|| self.default_of(name))
+            .or_else(|| self.reset_value(name))
             .map(String::as_str)
     }
 
-    fn contains_key(&self, name: &str) -> bool {
-        self.get(name).is_some()
-    }
-
-    /// A value of the client's own; kept only where it differs from the default.
+    /// A value the client's commands set; kept only where it differs from what `RESET`
+    /// would give.
     pub fn insert(&mut self, name: String, value: String) {
-        match self.default_of(&name) == Some(&value) {
+        match self.reset_value(&name) == Some(&value) {
             true => self.own.remove(&name),
             false => self.own.insert(name, value),
         };
     }
 
-    fn remove(&mut self, name: &str) {
+    /// The client reset `name`.
+    fn reset(&mut self, name: &str) {
         self.own.remove(name);
     }
 
-    /// Every wanted setting, defaults first where the client has no value of its own.
-    fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
-        let defaults = self.defaults.params.iter().filter(|(name, _)| {
-            !SERVER_OWNED.contains(&name.as_str()) && !self.own.contains_key(*name)
-        });
-        defaults.chain(self.own.iter())
+    /// Every wanted setting, each once: the client's own over its startup values over the
+    /// login defaults.
+    fn all(&self) -> BTreeMap<&str, &str> {
+        let mut out: BTreeMap<&str, &str> = BTreeMap::new();
+        for (name, value) in &self.defaults.params {
+            if !SERVER_OWNED.contains(&name.as_str()) {
+                out.insert(name, value);
+            }
+        }
+        for (name, value) in self.startup.iter().chain(&self.own) {
+            out.insert(name, value);
+        }
+        out
     }
 
     /// The server reported these during a loan: they are true of the connection now, and
@@ -89,138 +116,324 @@ impl Wanted {
             }
         }
     }
-}
 
-impl ServerConn {
-    /// Sets the client's wanted parameters on the connection where they differ, and resets
-    /// those another client had applied that this one does not want.
-    pub async fn fit(&mut self, wanted: &Wanted) -> Result<(), ConnError> {
-        let current = |name: &str| self.params.get(name).or_else(|| self.extra.get(name));
-        let mut sql: Vec<String> = wanted
-            .iter()
-            .filter(|(name, value)| current(name) != Some(*value))
-            .map(|(name, value)| format!("SET {} TO {}", quote_ident(name), quote_literal(value)))
-            .collect();
-        let stale: Vec<String> = self
-            .extra
-            .keys()
-            .filter(|name| !wanted.contains_key(name))
-            .cloned()
-            .collect();
-        sql.extend(
-            stale
-                .iter()
-                .map(|name| format!("RESET {}", quote_ident(name))),
-        );
-        if sql.is_empty() {
-            return Ok(());
-        }
-        self.execute(&sql.join("; ")).await?;
-        for name in &stale {
-            self.extra.remove(name);
-        }
-        // What the server did not report back, patroxy remembers it applied.
-        for (name, value) in wanted.iter() {
-            if !self.params.contains_key(name) {
-                self.extra.insert(name.clone(), value.clone());
+    /// Takes up what a client's commands left in its session (`now`: its session-level
+    /// settings, as `inspect` reads them) as the client's own, so that they follow it to its
+    /// next connections; what it reset goes back to its startup value or the default.
+    pub fn take_up(&mut self, conn: &mut ServerConn, now: &BTreeMap<String, String>) {
+        for (name, value) in now {
+            // Reported settings are followed through ParameterStatus already.
+            if !conn.params.contains_key(name) {
+                self.insert(name.clone(), value.clone());
+                conn.extra.insert(name.clone(), value.clone());
             }
         }
-        Ok(())
-    }
-
-    /// Takes up the session settings the client's commands left on the connection as the
-    /// client's own (set again on each connection it gets, reset on the others).
-    pub async fn take_up(&mut self, wanted: &mut Wanted) -> Result<(), ConnError> {
-        let sql = "SELECT name, current_setting(name) FROM pg_settings WHERE source = 'session'";
-        let now: BTreeMap<String, String> = self
-            .query_rows(sql)
-            .await?
-            .into_iter()
-            .filter_map(|mut row| {
-                let value = row.pop()??;
-                Some((row.pop()??, value))
-            })
-            .collect();
-        // Reported settings are followed through ParameterStatus already.
-        for (name, value) in now.iter().filter(|(n, _)| !self.params.contains_key(*n)) {
-            wanted.insert(name.clone(), value.clone());
-            self.extra.insert(name.clone(), value.clone());
-        }
-        // What patroxy had set that is back at its default: the client reset it.
-        let reset: Vec<String> = self
+        let gone: Vec<String> = conn
             .extra
             .keys()
             .filter(|n| !now.contains_key(*n))
             .cloned()
             .collect();
+        for name in gone {
+            conn.extra.remove(&name);
+            self.reset(&name);
+        }
+        // A reported setting the client had set that is no longer the session's own: it
+        // was reset (to the login value; its startup value is set again on its next loan).
+        let reset: Vec<String> = self
+            .own
+            .keys()
+            .filter(|n| conn.params.contains_key(*n) && !now.contains_key(*n))
+            .cloned()
+            .collect();
         for name in reset {
-            self.extra.remove(&name);
-            wanted.remove(&name);
+            self.reset(&name);
+        }
+    }
+}
+
+impl ServerConn {
+    /// Sets the client's wanted settings on the connection where they differ, and resets
+    /// those another client left that this one does not want. One round trip, or none.
+    pub async fn fit(&mut self, wanted: &Wanted) -> Result<(), ConnError> {
+        let plan = self.plan(wanted);
+        if plan.is_empty() {
+            return Ok(());
+        }
+        self.execute(&plan.sql()).await?;
+        for name in &plan.reset {
+            self.extra.remove(name);
+        }
+        for (name, value) in plan.set {
+            // What the server reports, it says itself; the rest patroxy remembers.
+            if !self.params.contains_key(&name) {
+                self.extra.insert(name, value);
+            }
         }
         Ok(())
     }
 
-    /// What the session holds (idle, at rest): state that cannot follow its client to
-    /// another server, or the Parse frames that recreate its named statements there. Two
-    /// round trips.
-    pub async fn inspect(&mut self) -> Result<Verdict, ConnError> {
-        let row = self.query_rows(STATE).await?.pop().unwrap_or_default();
-        if let Some(why) = holds(&row) {
-            return Ok(Verdict::Stays(why));
+    /// What `fit` does, without doing it.
+    fn plan(&mut self, wanted: &Wanted) -> Plan {
+        let want = wanted.all();
+        let mut plan = Plan::default();
+        let current = |conn: &ServerConn, name: &str| -> Option<String> {
+            conn.params
+                .get(name)
+                .or_else(|| conn.extra.get(name))
+                .cloned()
+        };
+        // A new session authorization also ends any role: the role is set again after it.
+        let auth_now = current(self, SESSION_AUTHORIZATION);
+        let auth_wanted = want.get(SESSION_AUTHORIZATION).map(|v| v.to_string());
+        if auth_wanted.is_some() && auth_now != auth_wanted {
+            self.extra.remove(ROLE);
         }
-        let mut frames = Vec::new();
-        for row in self.query_rows(STATEMENTS).await? {
-            let [Some(name), Some(sql), Some(types)] = &row[..] else {
-                return Err(ConnError::Protocol("pg_prepared_statements: a null".into()));
+        for (name, value) in &want {
+            if current(self, name).as_deref() == Some(*value) {
+                continue;
+            }
+            match self.defaults.get(*name).map(String::as_str) == Some(*value) {
+                true => plan.reset.push((*name).to_owned()),
+                false => plan.set.push(((*name).to_owned(), (*value).to_owned())),
+            }
+        }
+        for name in self.extra.keys() {
+            if !want.contains_key(name.as_str()) {
+                plan.reset.push(name.clone());
+            }
+        }
+        // The session authorization first, then the role, then the rest.
+        let rank = |n: &str| match n {
+            SESSION_AUTHORIZATION => 0,
+            ROLE => 1,
+            _ => 2,
+        };
+        plan.set.sort_by_key(|(n, _)| rank(n));
+        plan
+    }
+
+    /// What the session has now, as the server says: the parts `look` asks for. The
+    /// session must be idle. The query runs in a transaction of its own with the timeouts
+    /// off, so that no timeout the client set cuts it short; the timeouts' own values are
+    /// read first, in the cheapest statement there is, and set back to the login's for a
+    /// moment, to compare. A client's timeout can still cut that first statement short (one
+    /// of a millisecond, say): then it is asked once more.
+    pub async fn inspect(&mut self, look: Look) -> Result<Snapshot, ConnError> {
+        let sql = look.sql();
+        let rows = match self.query_rows(&sql).await {
+            // Cut short before its transaction began, or (a client's late cancel) in it.
+            Err(ConnError::Refused { sqlstate, .. }) if sqlstate == QUERY_CANCELED => {
+                self.query_rows(&format!("ROLLBACK; {sql}")).await?
+            }
+            r => r?,
+        };
+        let login = self.defaults.get(SESSION_AUTHORIZATION).cloned();
+        Snapshot::read(rows, login.as_deref())
+    }
+}
+
+/// The statements that make a connection fit a client.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Plan {
+    reset: Vec<String>,
+    set: Vec<(String, String)>,
+}
+
+impl Plan {
+    fn is_empty(&self) -> bool {
+        self.reset.is_empty() && self.set.is_empty()
+    }
+
+    fn sql(&self) -> String {
+        let mut sql: Vec<String> = self
+            .reset
+            .iter()
+            .map(|n| format!("RESET {}", quote_ident(n)))
+            .collect();
+        if !self.set.is_empty() {
+            let calls: Vec<String> = self
+                .set
+                .iter()
+                .map(|(n, v)| {
+                    format!(
+                        "pg_catalog.set_config({}, {}, false)",
+                        quote_literal(n),
+                        quote_literal(v)
+                    )
+                })
+                .collect();
+            sql.push(format!("SELECT {}", calls.join(", ")));
+        }
+        sql.join("; ")
+    }
+}
+
+/// What to read of a session, in one query.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Look {
+    /// Its session-level settings, role and session authorization.
+    pub settings: bool,
+    /// What it holds that cannot follow a client elsewhere.
+    pub objects: bool,
+    /// The channels it listens on.
+    pub listens: bool,
+    /// Its protocol-level prepared statements.
+    pub statements: bool,
+}
+
+impl Look {
+    pub const ALL: Look = Look {
+        settings: true,
+        objects: true,
+        listens: true,
+        statements: true,
+    };
+
+    pub fn any(self) -> bool {
+        self.settings || self.objects || self.listens || self.statements
+    }
+
+    /// The query: rows of (kind, name, value, more), every name schema-qualified, so that
+    /// nothing a client put on its search path stands in for the catalogs.
+    fn sql(self) -> String {
+        let (first, login) = match self.settings {
+            true => (TIMEOUTS_SQL, LOGIN_TIMEOUTS_SQL),
+            false => ("", ""),
+        };
+        format!(
+            "{first}BEGIN; {login}SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0; {}; COMMIT",
+            self.parts()
+        )
+    }
+
+    fn parts(self) -> String {
+        let mut parts = Vec::new();
+        if self.settings {
+            parts.push(SETTINGS_SQL);
+        }
+        if self.objects {
+            parts.push(OBJECTS_SQL);
+        }
+        if self.listens {
+            parts.push(LISTENS_SQL);
+        }
+        if self.statements {
+            parts.push(STATEMENTS_SQL);
+        }
+        parts.join(" UNION ALL ")
+    }
+}
+
+/// The client's timeouts, read before patroxy's own transaction turns them off for itself.
+const TIMEOUTS_SQL: &str =
+    "SELECT 't', 'statement_timeout', pg_catalog.current_setting('statement_timeout'), '' \
+    UNION ALL SELECT 't', 'lock_timeout', pg_catalog.current_setting('lock_timeout'), ''; ";
+
+/// The login's values of the timeouts: a client's that differ are its own.
+const LOGIN_TIMEOUTS_SQL: &str = "SET LOCAL statement_timeout TO DEFAULT; \
+    SET LOCAL lock_timeout TO DEFAULT; \
+    SELECT 'r', 'statement_timeout', pg_catalog.current_setting('statement_timeout'), '' \
+    UNION ALL SELECT 'r', 'lock_timeout', pg_catalog.current_setting('lock_timeout'), ''; ";
+
+const QUERY_CANCELED: &str = "57014";
+
+const SETTINGS_SQL: &str = "SELECT 's', name::text, pg_catalog.current_setting(name), '' \
+    FROM pg_catalog.pg_settings WHERE source = 'session' \
+    AND name NOT IN ('statement_timeout', 'lock_timeout') \
+    UNION ALL SELECT 's', 'role', pg_catalog.current_setting('role'), '' \
+    UNION ALL SELECT 's', 'session_authorization', pg_catalog.current_setting('session_authorization'), ''";
+
+const OBJECTS_SQL: &str = "SELECT 'o', 'advisory locks', pg_catalog.count(*)::text, '' \
+    FROM pg_catalog.pg_locks WHERE pid = pg_catalog.pg_backend_pid() AND locktype = 'advisory' \
+    UNION ALL SELECT 'o', 'temporary objects', ( \
+      (SELECT pg_catalog.count(*) FROM pg_catalog.pg_class WHERE relnamespace = pg_catalog.pg_my_temp_schema()) \
+    + (SELECT pg_catalog.count(*) FROM pg_catalog.pg_proc WHERE pronamespace = pg_catalog.pg_my_temp_schema()) \
+    + (SELECT pg_catalog.count(*) FROM pg_catalog.pg_type WHERE typnamespace = pg_catalog.pg_my_temp_schema()) \
+    )::text, '' \
+    UNION ALL SELECT 'o', 'open cursors', pg_catalog.count(*)::text, '' FROM pg_catalog.pg_cursors \
+    UNION ALL SELECT 'o', 'SQL-level prepared statements', pg_catalog.count(*)::text, '' \
+    FROM pg_catalog.pg_prepared_statements WHERE from_sql";
+
+const LISTENS_SQL: &str =
+    "SELECT 'l', c::text, '', '' FROM pg_catalog.pg_listening_channels() AS c";
+
+const STATEMENTS_SQL: &str =
+    "SELECT 'p', name::text, statement, parameter_types::pg_catalog.oid[]::text \
+    FROM pg_catalog.pg_prepared_statements WHERE NOT from_sql";
+
+/// A session as the server described it.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Its session-level settings, with the role (when one is set) and the session
+    /// authorization (when it is not the login's).
+    pub settings: BTreeMap<String, String>,
+    /// What it holds that cannot follow its client, with how many.
+    pub held: Vec<(String, u64)>,
+    pub listens: Vec<String>,
+    /// Its protocol-level prepared statements: name, text and parameter types.
+    pub statements: Vec<(String, String, Vec<u32>)>,
+}
+
+impl Snapshot {
+    fn read(rows: Vec<Vec<Option<String>>>, login: Option<&str>) -> Result<Snapshot, ConnError> {
+        let mut out = Snapshot::default();
+        let bad = |what: &str| ConnError::Protocol(format!("reading the session's state: {what}"));
+        let mut timeouts = BTreeMap::new();
+        let mut login_timeouts = BTreeMap::new();
+        for row in rows {
+            let [Some(kind), Some(name), Some(value), more] = &row[..] else {
+                return Err(bad("a row of the wrong shape"));
             };
-            let oids = oids(types)
-                .ok_or_else(|| ConnError::Protocol(format!("parameter types {types:?}")))?;
-            frames.push(messages::parse(name, sql, &oids));
+            match kind.as_str() {
+                "s" if name == ROLE && value == "none" => {}
+                "s" if name == SESSION_AUTHORIZATION && Some(value.as_str()) == login => {}
+                "s" => {
+                    out.settings.insert(name.clone(), value.clone());
+                }
+                "t" => {
+                    timeouts.insert(name.clone(), value.clone());
+                }
+                "r" => {
+                    login_timeouts.insert(name.clone(), value.clone());
+                }
+                "o" => {
+                    let n: u64 = value.parse().map_err(|_| bad("a count"))?;
+                    if n > 0 {
+                        out.held.push((name.clone(), n));
+                    }
+                }
+                "l" => out.listens.push(name.clone()),
+                "p" => {
+                    let types = more.as_deref().unwrap_or_default();
+                    let oids = oids(types).ok_or_else(|| bad("parameter types"))?;
+                    out.statements.push((name.clone(), value.clone(), oids));
+                }
+                _ => return Err(bad("a row of the wrong kind")),
+            }
         }
-        Ok(Verdict::Moves(frames))
+        for (name, value) in timeouts {
+            if login_timeouts.get(&name) != Some(&value) {
+                out.settings.insert(name, value);
+            }
+        }
+        Ok(out)
     }
-}
 
-/// What a client holds on its server connection.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Verdict {
-    /// Nothing that cannot follow: these Parse frames recreate its named statements.
-    Moves(Vec<Bytes>),
-    /// Something that cannot follow, said in words for the log.
-    Stays(String),
-}
-
-const STATE: &str = "SELECT \
-    (SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid() AND locktype = 'advisory'), \
-    (SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema()), \
-    (SELECT count(*) FROM pg_cursors), \
-    (SELECT count(*) FROM pg_listening_channels()), \
-    (SELECT count(*) FROM pg_prepared_statements WHERE from_sql)";
-
-const STATEMENTS: &str = "SELECT name, statement, parameter_types::oid[]::text \
-    FROM pg_prepared_statements WHERE NOT from_sql";
-
-/// The state that pins the session to its server, from the counts `STATE` returns.
-fn holds(counts: &[Option<String>]) -> Option<String> {
-    const WHAT: [&str; 5] = [
-        "advisory locks",
-        "temporary tables",
-        "open cursors",
-        "LISTEN channels",
-        "SQL-level prepared statements",
-    ];
-    let held: Vec<String> = WHAT
-        .iter()
-        .zip(counts)
-        .filter_map(|(what, n)| {
-            let n = n.as_deref()?.parse::<u64>().ok()?;
-            (n > 0).then(|| format!("{n} {what}"))
-        })
-        .collect();
-    if counts.len() != WHAT.len() {
-        return Some("its state could not be read".into());
+    /// What it holds that cannot follow its client, in words for the log; `None` if
+    /// nothing.
+    pub fn holds(&self) -> Option<String> {
+        let held: Vec<String> = self.held.iter().map(|(w, n)| format!("{n} {w}")).collect();
+        (!held.is_empty()).then(|| held.join(", "))
     }
-    (!held.is_empty()).then(|| held.join(", "))
+
+    /// The Parse frames that recreate its protocol-level prepared statements elsewhere.
+    pub fn parses(&self) -> Vec<Bytes> {
+        self.statements
+            .iter()
+            .map(|(name, sql, oids)| messages::parse(name, sql, oids))
+            .collect()
+    }
 }
 
 /// `{23,25}` as PostgreSQL prints an `oid[]`.
@@ -247,16 +460,63 @@ pub fn quote_literal(s: &str) -> String {
 mod tests {
     use super::*;
 
-    fn counts(n: [u64; 5]) -> Vec<Option<String>> {
-        n.iter().map(|n| Some(n.to_string())).collect()
+    fn row(cells: [&str; 4]) -> Vec<Option<String>> {
+        cells.iter().map(|c| Some(c.to_string())).collect()
     }
 
     #[test]
-    fn a_session_holding_nothing_moves() {
-        assert_eq!(holds(&counts([0; 5])), None);
-        let why = holds(&counts([1, 0, 0, 2, 0])).unwrap();
-        assert_eq!(why, "1 advisory locks, 2 LISTEN channels");
-        assert!(holds(&counts([0; 5])[..4]).is_some());
+    fn a_snapshot_reads_settings_objects_listens_and_statements() {
+        let rows = vec![
+            row(["s", "search_path", "a, public", ""]),
+            row(["s", "role", "none", ""]),
+            row(["s", "session_authorization", "sam", ""]),
+            row(["o", "advisory locks", "1", ""]),
+            row(["o", "open cursors", "0", ""]),
+            row(["l", "news", "", ""]),
+            row(["p", "patroxy_1", "SELECT $1", "{23,25}"]),
+        ];
+        let s = Snapshot::read(rows, Some("sam")).unwrap();
+        assert_eq!(
+            s.settings.len(),
+            1,
+            "no role, the login's own authorization"
+        );
+        assert_eq!(s.holds().as_deref(), Some("1 advisory locks"));
+        assert_eq!(s.listens, vec!["news".to_owned()]);
+        assert_eq!(s.statements[0].2, vec![23, 25]);
+        assert_eq!(s.parses().len(), 1);
+        let s = Snapshot::read(vec![row(["s", "role", "tenant_x", ""])], Some("sam")).unwrap();
+        assert_eq!(s.settings.get("role").map(String::as_str), Some("tenant_x"));
+        assert!(Snapshot::read(vec![vec![None]], None).is_err());
+        assert!(Snapshot::read(vec![row(["o", "x", "many", ""])], None).is_err());
+    }
+
+    #[test]
+    fn a_look_asks_only_for_its_parts_with_catalogs_named_in_full() {
+        let sql = Look {
+            settings: true,
+            listens: true,
+            ..Look::default()
+        }
+        .parts();
+        assert!(sql.contains("pg_catalog.pg_settings") && sql.contains("pg_listening_channels"));
+        assert!(!sql.contains("pg_locks") && !sql.contains("pg_prepared_statements"));
+        assert!(!Look::default().any());
+    }
+
+    #[test]
+    fn a_plan_resets_to_the_login_value_and_sets_with_set_config_authorization_first() {
+        let plan = Plan {
+            reset: vec!["work_mem".into()],
+            set: vec![
+                ("session_authorization".into(), "alice".into()),
+                ("search_path".into(), "a, public".into()),
+            ],
+        };
+        assert_eq!(
+            plan.sql(),
+            "RESET \"work_mem\"; SELECT pg_catalog.set_config('session_authorization', 'alice', false), pg_catalog.set_config('search_path', 'a, public', false)"
+        );
     }
 
     #[test]

@@ -59,13 +59,40 @@ pub(super) struct Carried {
     /// Session mode, after a switchover move: the Parse messages that recreate the named
     /// statements it had on its last server, for its next one.
     pub replay: Vec<Bytes>,
+    /// Transaction mode: the server connection it keeps between transactions, while its
+    /// session holds objects that cannot follow it elsewhere.
+    pub pinned: Option<Attached>,
 }
 
-/// A server connection lent to the client, and where it is.
+/// A server connection lent to the client, where it is, and why the client keeps it
+/// between transactions, if it does.
 pub(super) struct Attached {
     pub lease: Lease,
     pub conn: ServerConn,
     pub target: Target,
+    pub pin: Option<Pin>,
+}
+
+/// Why a transaction-pooled client keeps its server connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Pin {
+    /// The label of `patroxy_pins_total`.
+    pub reason: &'static str,
+    /// A library was loaded (`LOAD`): nothing unloads it, so the connection is closed
+    /// when the client leaves, never lent again.
+    pub loaded: bool,
+}
+
+/// The connection for the client's next request, or why there is none. Not boxed: it
+/// moves once per transaction, and a box would allocate once per transaction.
+#[allow(clippy::large_enum_variant)]
+enum Step {
+    Go(Attached),
+    /// patroxy answered the request itself; read on.
+    Answered,
+    /// None usable now; try again (within connect_wait).
+    Again,
+    Over(End),
 }
 
 /// What the client's next bytes call for.
@@ -93,6 +120,7 @@ impl Session<'_> {
             wanted,
             statements: ClientStatements::default(),
             replay: Vec::new(),
+            pinned: None,
         };
         // Since when a transaction has failed to get a usable connection.
         let mut retrying: Option<Instant> = None;
@@ -104,26 +132,19 @@ impl Session<'_> {
         };
         let connect_wait = self.ctx.proxy.timeouts.connect_wait;
         loop {
-            match self
-                .next(client, &mut buf, per_transaction, &mut carried)
-                .await
-            {
-                Next::Borrow => {}
-                Next::Answered => continue,
-                Next::Over(end) => return total.ending(end),
-            }
-            let attached = match self.borrow(client, &mut buf, topology).await {
-                Ok(a) => a,
-                Err(end) => return total.ending(end),
-            };
-            let attached = match self.fit(attached, &mut carried).await {
-                Ok(a) => a,
-                Err(_) if may_retry(&mut retrying, connect_wait) => continue,
-                Err(e) => {
-                    let msg = format!("patroxy: applying the session's parameters: {e}");
-                    send_fatal(client, codes::CONNECTION_FAILURE, &msg).await;
+            let step = self
+                .connection(client, &mut buf, per_transaction, topology, &mut carried)
+                .await;
+            let attached = match step {
+                Step::Go(a) => a,
+                Step::Answered => continue,
+                Step::Again if may_retry(&mut retrying, connect_wait) => continue,
+                Step::Again => {
+                    let msg = "patroxy: applying the session's parameters failed on every server connection tried";
+                    send_fatal(client, codes::CONNECTION_FAILURE, msg).await;
                     return total.ending(End::ServerClosed);
                 }
+                Step::Over(end) => return total.ending(end),
             };
             // Kept until the request is sent: a connection found dead takes none of it.
             let replayed = std::mem::take(&mut carried.replay);
@@ -142,8 +163,10 @@ impl Session<'_> {
                 &mut carried,
             ))
             .await;
-            self.me.set(clients::IDLE);
-            self.me.hold(None);
+            if carried.pinned.is_none() {
+                self.me.set(clients::IDLE);
+                self.me.hold(None);
+            }
             let one = match one {
                 Ok(one) => one,
                 // Nothing reached the dead connection: the same request goes to another.
@@ -165,6 +188,36 @@ impl Session<'_> {
             if !matches!(one.end, End::Released | End::Moved) {
                 return total.ending(one.end);
             }
+        }
+    }
+
+    /// The connection for the client's next request: the one it is pinned to, or one
+    /// borrowed for it and fitted with its settings. A pinned connection is used at once:
+    /// its relay watches both sides (the server's notices, its end, a drain) while the
+    /// client is quiet.
+    async fn connection(
+        &self,
+        client: &mut Stream,
+        buf: &mut BytesMut,
+        per_transaction: bool,
+        topology: &mut Topo,
+        carried: &mut Carried,
+    ) -> Step {
+        if let Some(pinned) = carried.pinned.take() {
+            return Step::Go(pinned);
+        }
+        match self.next(client, buf, per_transaction, carried).await {
+            Next::Borrow => {}
+            Next::Answered => return Step::Answered,
+            Next::Over(end) => return Step::Over(end),
+        }
+        let attached = match self.borrow(client, buf, topology).await {
+            Ok(a) => a,
+            Err(end) => return Step::Over(end),
+        };
+        match self.fit(attached, carried).await {
+            Ok(a) => Step::Go(a),
+            Err(_) => Step::Again,
         }
     }
 
@@ -197,7 +250,8 @@ impl Session<'_> {
                 .get("search_path")
                 .unwrap_or_default()
                 .to_owned();
-            if let Some(reply) = carried.statements.answer_locally(buf, &context) {
+            let classifier = &self.ctx.proxy.classifier;
+            if let Some(reply) = carried.statements.answer_locally(buf, &context, classifier) {
                 buf.clear();
                 return match send(client, &reply).await {
                     Ok(()) => Next::Answered,
@@ -239,6 +293,7 @@ impl Session<'_> {
                 lease,
                 conn,
                 target,
+                pin: None,
             }),
             Err(e) => {
                 crate::metrics::connect_failure(&self.ctx.name, e.label());
@@ -258,6 +313,7 @@ impl Session<'_> {
             lease,
             mut conn,
             target,
+            pin,
         } = attached;
         // Bounded: a server that froze without closing anything would hold the client here,
         // where no drain reaches.
@@ -277,6 +333,7 @@ impl Session<'_> {
                 lease,
                 conn,
                 target,
+                pin,
             }),
             Err(e) => {
                 warn!(client = %self.peer, server = %conn.endpoint, error = %e, "applying the session's parameters failed; server connection closed");

@@ -29,6 +29,8 @@ pub struct Client {
     pub state: AtomicU8,
     /// The server connection it holds: where, and the backend's pid.
     pub server: Mutex<Option<(Endpoint, i32)>>,
+    /// Why it keeps its server connection between transactions, when it does.
+    pub pinned: Mutex<Option<String>>,
     /// Cancelled by the console's KILL.
     pub kill: CancellationToken,
 }
@@ -40,6 +42,17 @@ impl Client {
 
     pub fn hold(&self, server: Option<(Endpoint, i32)>) {
         *self.server.lock().unwrap_or_else(|p| p.into_inner()) = server;
+    }
+
+    pub fn pin(&self, why: Option<String>) {
+        *self.pinned.lock().unwrap_or_else(|p| p.into_inner()) = why;
+    }
+
+    pub fn pinned(&self) -> Option<String> {
+        self.pinned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn server(&self) -> Option<(Endpoint, i32)> {
@@ -117,6 +130,7 @@ mod tests {
             connected_at: SystemTime::now(),
             state: AtomicU8::new(IDLE),
             server: Mutex::default(),
+            pinned: Mutex::default(),
             kill: CancellationToken::new(),
         }
     }

@@ -359,6 +359,7 @@ impl Console<'_> {
             ("link", false),
             ("remote_pid", true),
             ("listener", false),
+            ("pinned", false),
         ]);
         for c in &self.clients {
             let state = match c.state.load(std::sync::atomic::Ordering::Relaxed) {
@@ -381,6 +382,7 @@ impl Console<'_> {
                     .unwrap_or_default(),
                 server.map(|(_, pid)| pid.to_string()).unwrap_or_default(),
                 c.listener.clone(),
+                c.pinned().unwrap_or_default(),
             ]);
         }
         t

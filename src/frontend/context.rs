@@ -46,6 +46,8 @@ pub struct ProxyContext {
     pub peers: crate::peers::Peers,
     /// Each watched cluster's link to etcd, by cluster name.
     pub contacts: std::collections::BTreeMap<String, Arc<EtcdContact>>,
+    /// What statements do to their sessions (transaction pooling), with its cache.
+    pub classifier: crate::protocol::classify::Classifier,
 }
 
 /// How pooled listeners authenticate clients: the `auth_file` users, and the addresses

@@ -1,8 +1,9 @@
 //! One loan of a server connection to a pooled client: the relay (with, in session mode, a
 //! move to the next primary at a planned switchover), its figures, the session state the
-//! client's commands left (taken up, undone, or refused), what the client is told when the
-//! connection died under it, and whether the connection goes back to its pool clean or is
-//! closed.
+//! client's statements left (transaction mode: settings taken up as the client's own, and
+//! objects that pin the client to its connection until they are gone), what the client is
+//! told when the connection died under it, and whether the connection goes back to its pool
+//! clean, stays with the client, or is closed.
 
 use std::time::Duration;
 
@@ -10,12 +11,13 @@ use bytes::BytesMut;
 use tokio::time::{timeout_at, Instant};
 use tracing::{info, warn};
 
-use super::borrower::{Attached, Carried, Ended, Session, Topo};
+use super::borrower::{Attached, Carried, Ended, Pin, Session, Topo};
 use super::negotiate::send_fatal;
-use super::relay::{relay, session_state, End, Outcome, RelayContext};
+use super::relay::{relay, End, Outcome, RelayContext};
 use crate::backend::conn::{ConnError, ServerConn};
 use crate::backend::pool::{DbStats, Lease};
-use crate::backend::session::Verdict;
+use crate::backend::session::{Look, Snapshot};
+use crate::protocol::classify::{Effects, Seen};
 use crate::protocol::codes;
 use crate::protocol::messages::{self, ErrorFields, Severity};
 use crate::protocol::prepared::{CacheStats, Rewriter};
@@ -55,6 +57,7 @@ impl Session<'_> {
             lease,
             mut conn,
             target,
+            pin,
         } = attached;
         let lent_at = Instant::now();
         let _load = proxy.load.claim(&target.endpoint);
@@ -64,10 +67,12 @@ impl Session<'_> {
                 .register(self.key.clone(), conn.endpoint.clone(), server_key)
         });
         let cache_before = conn.prepared.stats;
+        let mut seen = Seen::default();
         let lent = Lent {
             conn: &mut conn,
             target: &target,
             release_at_idle,
+            seen: &mut seen,
         };
         let mut out = self
             .relay_lent(client, client_buf, lent, topology, carried)
@@ -80,20 +85,25 @@ impl Session<'_> {
         self.account(&lease, &conn, lent_at, cache_before, &out);
         let reported = std::mem::take(&mut out.reported);
         carried.wanted.follow_reported(&mut conn, reported);
+        let failed = std::mem::take(&mut out.failed_parses);
+        conn.prepared
+            .forget(failed.iter().map(|f| f.server_name.as_str()));
+        carried.statements.forget(&failed);
         let mut end = std::mem::replace(&mut out.end, End::ClientClosed);
-        let mut tidied = Ok(());
-        if matches!(end, End::Released) && out.session_state != 0 {
-            let limit = self.reset_limit();
-            let tidy = tidy(&mut conn, out.session_state, carried);
-            tidied = timeout_at(Instant::now() + limit, tidy)
-                .await
-                .unwrap_or(Err(ConnError::Timeout));
-            if out.session_state & session_state::LISTEN != 0 {
-                end = End::NeedsSession("LISTEN");
+        // Transaction mode, at the transaction's end: what its statements left.
+        let settled = match end {
+            End::Released => {
+                let limit = Instant::now() + self.reset_limit();
+                let settle = self.settle(&mut conn, &seen, pin, carried);
+                timeout_at(limit, settle)
+                    .await
+                    .unwrap_or(Err(ConnError::Timeout))
             }
-        }
+            _ => Ok(pin),
+        };
         let died = matches!(end, End::ServerClosed | End::ServerIo(_));
-        let lost = (release_at_idle && died).then(|| lost(&end, out.progress, out.server_fatal));
+        let fatal = out.server_fatal.take();
+        let lost = (release_at_idle && died).then(|| lost(&end, out.progress, fatal));
         match &lost {
             Some(Lost::Answered(_)) | Some(Lost::Quiet) => end = End::Released,
             Some(Lost::Fatal(msg)) => {
@@ -102,12 +112,27 @@ impl Session<'_> {
             None => {}
         }
         let at_rest = out.server_clean && out.progress.in_flight == 0 && !out.progress.unsynced;
-        let returned = match lost {
-            Some(_) => false,
-            None => {
-                self.reusable(&mut conn, &end, tidied, at_rest, out.progress)
-                    .await
+        let returned = match (&lost, &end, settled) {
+            (Some(_), _, _) => false,
+            (None, End::Released, Ok(Some(pin))) => {
+                // The client keeps the connection until its session objects are gone.
+                carried.pinned = Some(Attached {
+                    lease,
+                    conn,
+                    target,
+                    pin: Some(pin),
+                });
+                return Ok(self.ended(end, &out));
             }
+            (None, End::Released, Ok(None)) => true,
+            (None, End::Released, Err(e)) => {
+                warn!(server = %target.endpoint, error = %e, "server connection not reusable after its session state was read; closed");
+                false
+            }
+            (None, End::ClientClosed, Ok(pin)) if at_rest => {
+                self.reset(&mut conn, pin, out.progress.tx_status).await
+            }
+            _ => false,
         };
         if !matches!(end, End::Released) {
             tracing::debug!(
@@ -127,19 +152,16 @@ impl Session<'_> {
                 end = End::ClientIo(e);
             }
         }
-        if let End::NeedsSession(what) = end {
-            let msg = format!(
-                "patroxy: {what} needs a server connection of its own, and listener {} pools transactions (pool_mode = transaction); use a session-pooled listener",
-                self.ctx.name
-            );
-            send_fatal(client, codes::FEATURE_NOT_SUPPORTED, &msg).await;
-        }
-        Ok(Ended {
+        Ok(self.ended(end, &out))
+    }
+
+    fn ended(&self, end: End, out: &Outcome) -> Ended {
+        Ended {
             end,
             transactions: 0,
             bytes_up: out.bytes_up,
             bytes_down: out.bytes_down,
-        })
+        }
     }
 
     /// How long patroxy's own statements on a lent connection may take.
@@ -163,6 +185,7 @@ impl Session<'_> {
             conn,
             target,
             release_at_idle,
+            seen,
         } = lent;
         let proxy = &self.ctx.proxy;
         // A statement means what it means under its search path: part of its identity.
@@ -180,6 +203,8 @@ impl Session<'_> {
                 server: &mut conn.prepared,
                 capacity: self.ctx.pool.max_prepared_statements,
                 context: &context,
+                classifier: &proxy.classifier,
+                seen: &mut *seen,
             });
             let relay_ctx = RelayContext {
                 policy: &self.ctx.policy,
@@ -249,25 +274,21 @@ impl Session<'_> {
             return Err(ConnError::Protocol("a client message was cut".into()));
         }
         let deadline = Instant::now() + self.reset_limit();
-        let verdict = timeout_at(deadline, conn.inspect())
+        let snapshot = timeout_at(deadline, conn.inspect(Look::ALL))
             .await
             .unwrap_or(Err(ConnError::Timeout))?;
-        match verdict {
-            Verdict::Stays(held) => {
-                crate::metrics::switchover_move("stayed");
-                info!(client = %self.peer, server = %conn.endpoint, %held, "session holds state on its server; it stays there through the switchover");
-                Ok(false)
-            }
-            Verdict::Moves(parses) => {
-                timeout_at(deadline, conn.take_up(&mut carried.wanted))
-                    .await
-                    .unwrap_or(Err(ConnError::Timeout))?;
-                crate::metrics::switchover_move("moved");
-                info!(client = %self.peer, server = %conn.endpoint, statements = parses.len(), "session leaves for the next primary (planned switchover)");
-                carried.replay = parses;
-                Ok(true)
-            }
+        let held = snapshot.holds().or_else(|| listens(&snapshot));
+        if let Some(held) = held {
+            crate::metrics::switchover_move("stayed");
+            info!(client = %self.peer, server = %conn.endpoint, %held, "session holds state on its server; it stays there through the switchover");
+            return Ok(false);
         }
+        carried.wanted.take_up(conn, &snapshot.settings);
+        let parses = snapshot.parses();
+        crate::metrics::switchover_move("moved");
+        info!(client = %self.peer, server = %conn.endpoint, statements = parses.len(), "session leaves for the next primary (planned switchover)");
+        carried.replay = parses;
+        Ok(true)
     }
 
     /// The loan's figures: the statement cache's, and the console's per database.
@@ -293,70 +314,144 @@ impl Session<'_> {
         );
     }
 
-    /// Whether the connection may go back to its pool: after a transaction whose session
-    /// state was undone, or (a session-mode client that left at rest) after its reset.
-    async fn reusable(
+    /// A client that left at rest: its transaction is rolled back and its session reset
+    /// (`server_reset_query`; `DISCARD ALL` for a pinned one, whatever that says), and the
+    /// connection goes back if the server is then idle. One that loaded a library is
+    /// closed: nothing unloads it.
+    async fn reset(&self, conn: &mut ServerConn, pin: Option<Pin>, tx_status: u8) -> bool {
+        let query = match pin {
+            Some(Pin { loaded: true, .. }) => return false,
+            Some(_) => "DISCARD ALL",
+            None => &self.ctx.pool.server_reset_query,
+        };
+        let reset = conn.reset(tx_status, query, self.reset_limit()).await;
+        crate::metrics::server_reset(if reset.is_ok() { "ok" } else { "failed" });
+        match reset {
+            Ok(()) => true,
+            Err(e) => {
+                let server = &conn.endpoint;
+                warn!(%server, error = %e, "server connection not reusable after its reset; closed");
+                false
+            }
+        }
+    }
+
+    /// Transaction mode, at a transaction's end: when its statements may have left state
+    /// in the session (or `pool.verify_release` says to look every time), the server is
+    /// asked what the session holds. Settings become the client's own, to follow it to its
+    /// next connections; objects that cannot follow it pin it to this connection (the
+    /// pin returned), until a later transaction ends them.
+    async fn settle(
         &self,
         conn: &mut ServerConn,
-        end: &End,
-        tidied: Result<(), ConnError>,
-        at_rest: bool,
-        progress: Progress,
-    ) -> bool {
-        let server = &conn.endpoint;
-        match end {
-            End::Released | End::NeedsSession(_) => match tidied {
-                Ok(()) => true,
-                Err(e) => {
-                    warn!(%server, error = %e, "server connection not reusable after its session state was undone; closed");
-                    false
+        seen: &Seen,
+        pin: Option<Pin>,
+        carried: &mut Carried,
+    ) -> Result<Option<Pin>, ConnError> {
+        let e = seen.effects;
+        let verify = self.ctx.pool.verify_release;
+        let look = match pin {
+            // Nothing unloads a library.
+            Some(p) if p.loaded => return Ok(pin),
+            Some(_) if e.intersects(Effects::ENDS | Effects::UNKNOWN) => Look::ALL,
+            Some(_) => return Ok(pin),
+            None if verify => Look::ALL,
+            None => look_after(e),
+        };
+        let loaded = e.contains(Effects::LOAD);
+        if !look.any() && !loaded {
+            return Ok(None);
+        }
+        let snapshot = conn.inspect(look).await?;
+        if look.statements {
+            let names: Vec<&str> = snapshot.statements.iter().map(|s| s.0.as_str()).collect();
+            conn.prepared.keep_only(&names);
+        }
+        let held = held_by(&snapshot, loaded);
+        if verify && pin.is_none() {
+            let unseen = held.is_some() && !e.intersects(Effects::OBJECTS | Effects::LISTEN);
+            let changed = !e.contains(Effects::SETTINGS) && settings_changed(conn, &snapshot);
+            let result = if unseen || changed { "found" } else { "clean" };
+            crate::metrics::release_check(result);
+        }
+        match held {
+            Some((reason, what)) => {
+                if pin.is_none() {
+                    crate::metrics::pinned(reason);
+                    info!(client = %self.peer, server = %conn.endpoint, held = %what, "client pinned to its server connection (transaction pooling): its session holds state that cannot follow it");
                 }
-            },
-            End::ClientClosed if at_rest => {
-                let reset = &self.ctx.pool.server_reset_query;
-                let limit = self.reset_limit();
-                let reset = conn.reset(progress.tx_status, reset, limit).await;
-                crate::metrics::server_reset(if reset.is_ok() { "ok" } else { "failed" });
-                match reset {
-                    Ok(()) => true,
-                    Err(e) => {
-                        let server = &conn.endpoint;
-                        warn!(%server, error = %e, "server connection not reusable after its reset; closed");
-                        false
-                    }
-                }
+                self.me.pin(Some(what));
+                Ok(Some(Pin {
+                    reason,
+                    loaded: loaded || pin.is_some_and(|p| p.loaded),
+                }))
             }
-            _ => false,
+            None => {
+                if pin.is_some() {
+                    info!(client = %self.peer, server = %conn.endpoint, "client unpinned: its session holds nothing that cannot follow it");
+                    self.me.pin(None);
+                }
+                carried.wanted.take_up(conn, &snapshot.settings);
+                Ok(None)
+            }
         }
     }
 }
 
-/// A lent connection, where it is, and whether it goes back at each transaction's end.
+/// A lent connection, where it is, whether it goes back at each transaction's end, and
+/// what the client's statements do to the session.
 struct Lent<'a> {
     conn: &'a mut ServerConn,
     target: &'a Target,
     release_at_idle: bool,
+    seen: &'a mut Seen,
 }
 
-/// Transaction pooling: after a transaction that left session state on the connection,
-/// undoes what cannot follow the client (cursors, listens) and takes up the settings it
-/// `SET` as the client's own (set again on each connection it gets, reset on the others),
-/// so the next client finds none of it.
-async fn tidy(conn: &mut ServerConn, state: u8, carried: &mut Carried) -> Result<(), ConnError> {
-    let mut undo = Vec::new();
-    if state & session_state::CURSOR != 0 {
-        undo.push("CLOSE ALL");
+/// What to ask the server after a transaction whose statements had these effects.
+fn look_after(e: Effects) -> Look {
+    let unknown = e.contains(Effects::UNKNOWN);
+    Look {
+        settings: unknown || e.contains(Effects::SETTINGS),
+        objects: unknown || e.intersects(Effects::OBJECTS),
+        listens: unknown || e.contains(Effects::LISTEN),
+        statements: unknown || e.contains(Effects::STATEMENTS),
     }
-    if state & session_state::LISTEN != 0 {
-        undo.push("UNLISTEN *");
+}
+
+/// What pins the client: the first thing its session holds, as a metric label and in
+/// words.
+fn held_by(s: &Snapshot, loaded: bool) -> Option<(&'static str, String)> {
+    if loaded {
+        return Some(("load", "a library loaded with LOAD".into()));
     }
-    if !undo.is_empty() {
-        conn.execute(&undo.join("; ")).await?;
+    if let Some(what) = listens(s) {
+        return Some(("listen", what));
     }
-    if state & session_state::SET == 0 {
-        return Ok(());
-    }
-    conn.take_up(&mut carried.wanted).await
+    let (first, _) = s.held.first()?;
+    let reason = match first.as_str() {
+        "temporary objects" => "temp",
+        "advisory locks" => "advisory",
+        "open cursors" => "cursor",
+        "SQL-level prepared statements" => "prepare",
+        _ => "unknown",
+    };
+    Some((reason, s.holds().unwrap_or_default()))
+}
+
+fn listens(s: &Snapshot) -> Option<String> {
+    (!s.listens.is_empty()).then(|| format!("{} LISTEN channels", s.listens.len()))
+}
+
+/// Whether the session's settings differ from what patroxy knows it applied.
+fn settings_changed(conn: &ServerConn, s: &Snapshot) -> bool {
+    let unreported = s
+        .settings
+        .iter()
+        .filter(|(n, _)| !conn.params.contains_key(*n));
+    unreported.count() != conn.extra.len()
+        || s.settings
+            .iter()
+            .any(|(n, v)| !conn.params.contains_key(n) && conn.extra.get(n) != Some(v))
 }
 
 /// Transaction pooling: the server connection died under the client (a fast shutdown, a

@@ -115,7 +115,7 @@ pub async fn run_pooled(
     // client's own changes, as the server reports them, are followed.
     let mut wanted = Wanted::new(defaults.clone());
     for (name, value) in &asked {
-        wanted.insert(name.clone(), value.clone());
+        wanted.startup(name.clone(), value.clone());
     }
     // patroxy's own key: the server connection behind it changes from client to client.
     let key = crate::backend::cancel::tagged_key(proxy.cancel_tag);
@@ -135,6 +135,7 @@ pub async fn run_pooled(
         connected_at: std::time::SystemTime::now(),
         state: clients::IDLE.into(),
         server: Default::default(),
+        pinned: Default::default(),
         kill: CancellationToken::new(),
     });
     let session = Session {

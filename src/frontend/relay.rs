@@ -44,9 +44,6 @@ pub enum End {
     /// Transaction pooling: the transaction ended and the server connection is let go; the
     /// client stays.
     Released,
-    /// Transaction pooling: the client used a feature that needs a server connection of
-    /// its own across transactions (`LISTEN`).
-    NeedsSession(&'static str),
     /// Session pooling: the client left its server connection for the next primary at a
     /// planned switchover; the client stays.
     Moved,
@@ -54,7 +51,7 @@ pub enum End {
 
 impl End {
     /// Every `label()`, for metrics exported at zero before their first event.
-    pub const LABELS: [&'static str; 11] = [
+    pub const LABELS: [&'static str; 10] = [
         "client_closed",
         "server_closed",
         "client_error",
@@ -64,7 +61,6 @@ impl End {
         "drained",
         "drained_at_deadline",
         "released",
-        "needs_session",
         "moved",
     ];
 
@@ -80,7 +76,6 @@ impl End {
             End::Drained { forced: false, .. } => "drained",
             End::Drained { forced: true, .. } => "drained_at_deadline",
             End::Released => "released",
-            End::NeedsSession(_) => "needs_session",
             End::Moved => "moved",
         }
     }
@@ -104,7 +99,6 @@ impl std::fmt::Display for End {
                 forced: true,
             } => write!(f, "drained at deadline ({cause})"),
             End::Released => f.write_str("transaction ended; server connection released"),
-            End::NeedsSession(what) => write!(f, "{what} needs session pooling"),
             End::Moved => f.write_str("left for the next primary at a switchover"),
         }
     }
@@ -160,36 +154,7 @@ pub(super) struct RelayState {
     /// The server's last words, when it ended the connection with a FATAL error
     /// (transaction pooling: kept from the client, which stays).
     pub(super) server_fatal: std::sync::Mutex<Option<messages::ErrorFields>>,
-    /// Session state the client's commands left on the server (`session_state` bits),
-    /// as their CommandComplete tags say (transaction pooling only).
-    pub(super) session_state: AtomicU8,
 }
-
-/// Session state a command leaves behind its transaction, by its CommandComplete tag:
-/// what transaction pooling must undo, follow or refuse before another client gets the
-/// connection.
-pub mod session_state {
-    /// `LISTEN`: notifications would reach whoever holds the connection next.
-    pub const LISTEN: u8 = 1;
-    /// `SET` (or `RESET`): a setting that may outlive the transaction.
-    pub const SET: u8 = 2;
-    /// `DECLARE CURSOR`: a `WITH HOLD` cursor outlives its transaction.
-    pub const CURSOR: u8 = 4;
-
-    /// The bits for one CommandComplete body (`TAG\0`).
-    pub fn of(body: &[u8]) -> u8 {
-        let tag = body.split(|b| *b == 0).next().unwrap_or_default();
-        match tag {
-            b"LISTEN" => LISTEN,
-            b"SET" | b"RESET" => SET,
-            b"DECLARE CURSOR" => CURSOR,
-            _ => 0,
-        }
-    }
-}
-
-/// CommandComplete tags longer than this say nothing about session state.
-pub(super) const COMMAND_TAG_PREFIX: usize = 16;
 
 const DRAIN_AT_REST: u8 = 1;
 const DRAIN_AT_TX_END: u8 = 2;
@@ -204,22 +169,14 @@ impl RelayState {
         }
     }
 
-    /// Keeps what the scanner captured: ParameterStatus messages, and the session state
-    /// CommandComplete tags announce.
+    /// Keeps the ParameterStatus messages the scanner captured.
     pub(super) fn record_captured(&self, captured: Vec<(u8, Vec<u8>)>) {
         if captured.is_empty() {
             return;
         }
         let mut params = self.reported.lock().unwrap_or_else(|p| p.into_inner());
-        for (tag, body) in &captured {
-            match *tag {
-                codes::PARAMETER_STATUS => params.extend(messages::parameter_status(body)),
-                codes::COMMAND_COMPLETE => {
-                    self.session_state
-                        .fetch_or(session_state::of(body), Relaxed);
-                }
-                _ => {}
-            }
+        for (_, body) in &captured {
+            params.extend(messages::parameter_status(body));
         }
     }
 
@@ -254,8 +211,8 @@ pub struct Outcome {
     pub server_clean: bool,
     /// ParameterStatus the server reported during the relay (kept servers only).
     pub reported: Vec<(String, String)>,
-    /// `session_state` bits the client's commands set (transaction pooling only).
-    pub session_state: u8,
+    /// Transaction pooling: Parses the server refused or skipped, which prepared nothing.
+    pub failed_parses: Vec<crate::protocol::prepared::Prepared>,
     /// Requests the server answered (ReadyForQuery messages relayed).
     pub queries: u64,
     /// The FATAL error the server ended with, if it did (transaction pooling).
@@ -276,7 +233,6 @@ impl Outcome {
             bytes_up: self.bytes_up + later.bytes_up,
             bytes_down: self.bytes_down + later.bytes_down,
             queries: self.queries + later.queries,
-            session_state: self.session_state | later.session_state,
             reported,
             ..later
         }
@@ -481,6 +437,7 @@ pub async fn relay(
         .await;
     }
     let reported = std::mem::take(&mut *st.reported.lock().unwrap_or_else(|p| p.into_inner()));
+    let failed_parses = lock_responses(&responses).take_failed();
     let server_fatal = st
         .server_fatal
         .lock()
@@ -493,11 +450,17 @@ pub async fn relay(
         progress: st.progress(),
         server_clean: st.up_clean.load(Relaxed),
         reported,
-        session_state: st.session_state.load(Relaxed),
+        failed_parses,
         queries: st.queries.load(Relaxed),
         server_fatal,
         unsent,
     }
+}
+
+fn lock_responses(
+    r: &std::sync::Mutex<crate::protocol::prepared::Responses>,
+) -> std::sync::MutexGuard<'_, crate::protocol::prepared::Responses> {
+    r.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 pub(super) const TERMINATE: [u8; 5] = [codes::TERMINATE, 0, 0, 0, 4];
@@ -754,22 +717,9 @@ mod tests {
             drained(false),
             drained(true),
             End::Released,
-            End::NeedsSession("LISTEN"),
             End::Moved,
         ];
         let labels: Vec<_> = all.iter().map(End::label).collect();
         assert_eq!(labels, End::LABELS);
-    }
-
-    #[test]
-    fn command_tags_say_what_outlives_the_transaction() {
-        use session_state::*;
-        assert_eq!(of(b"LISTEN\0"), LISTEN);
-        assert_eq!(of(b"SET\0"), SET);
-        assert_eq!(of(b"RESET\0"), SET);
-        assert_eq!(of(b"DECLARE CURSOR\0"), CURSOR);
-        for plain in [&b"SELECT 1\0"[..], b"SETTLE\0", b"", b"INSERT 0 1\0"] {
-            assert_eq!(of(plain), 0);
-        }
     }
 }

@@ -44,6 +44,9 @@ pub(super) async fn pump_up(
     let mut read = BytesMut::with_capacity(BUF_SIZE);
     loop {
         let mut out = BytesMut::new();
+        // What the server refused since the last batch is not prepared there.
+        let failed = lock(responses).take_failed();
+        rewriter.forget(&failed);
         loop {
             let frame = match split_frame(&mut pending, FRAME_LIMIT) {
                 Ok(Some(f)) => f,
@@ -103,12 +106,10 @@ pub(super) async fn pump_down(
     responses: &Mutex<Responses>,
     wake: &Notify,
 ) -> Pumped {
-    let mut scanner = Scanner::new(MAX_DECLARED_LEN)
-        .capturing(
-            codes::PARAMETER_STATUS,
-            super::relay::PARAMETER_STATUS_PREFIX,
-        )
-        .capturing(codes::COMMAND_COMPLETE, super::relay::COMMAND_TAG_PREFIX);
+    let mut scanner = Scanner::new(MAX_DECLARED_LEN).capturing(
+        codes::PARAMETER_STATUS,
+        super::relay::PARAMETER_STATUS_PREFIX,
+    );
     let mut read = BytesMut::with_capacity(BUF_SIZE);
     loop {
         let mut out = BytesMut::new();

@@ -1,7 +1,9 @@
 //! The PostgreSQL wire protocol as patroxy needs it: frame splitting by header, first-packet
-//! parsing, the few control messages it reads or writes, and the renaming of prepared
-//! statements for transaction pooling. Nothing here does I/O.
+//! parsing, the few control messages it reads or writes, the renaming of prepared
+//! statements for transaction pooling, and what a statement does to its session
+//! (`classify.rs`). Nothing here does I/O.
 
+pub mod classify;
 pub mod codes;
 pub mod frame;
 pub mod messages;

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
+use crate::protocol::classify::{Classified, Classifier, Seen};
 use crate::protocol::codes;
 use crate::protocol::messages::{self, frame};
 
@@ -25,6 +26,26 @@ pub struct Statement {
     pub server_name: String,
     /// The whole Parse message under `server_name`.
     pub parse: Bytes,
+    /// What running it does to the session.
+    pub classified: Arc<Classified>,
+}
+
+impl Statement {
+    /// The statement `query` (with `rest`, the Parse body after its name: text and types)
+    /// under its server name.
+    fn new(query: &str, rest: &[u8], context: &str, classifier: &Classifier) -> Statement {
+        let types = rest.get(query.len() + 1..).unwrap_or_default();
+        let server_name = server_name(query, types, context);
+        let mut parse_body = Vec::with_capacity(rest.len() + 24);
+        parse_body.extend_from_slice(server_name.as_bytes());
+        parse_body.push(0);
+        parse_body.extend_from_slice(rest);
+        Statement {
+            server_name,
+            parse: frame(codes::PARSE, &parse_body),
+            classified: classifier.classify(query.as_bytes()),
+        }
+    }
 }
 
 /// The client's named statements, by the client's names.
@@ -39,7 +60,12 @@ impl ClientStatements {
     /// statements are remembered and prepared on a server at their first Bind or Describe.
     /// Between transactions that spares the client a wait for a server connection. `None`
     /// when the batch is anything else; the bytes are then left as they are.
-    pub fn answer_locally(&mut self, batch: &[u8], context: &str) -> Option<Bytes> {
+    pub fn answer_locally(
+        &mut self,
+        batch: &[u8],
+        context: &str,
+        classifier: &Classifier,
+    ) -> Option<Bytes> {
         let mut rest = batch;
         let mut parsed = Vec::new();
         let mut closed = Vec::new();
@@ -55,16 +81,12 @@ impl ClientStatements {
             match tag {
                 codes::PARSE => {
                     let (name, after_name) = cstr(body)?;
-                    let (query, types) = cstr(after_name)?;
+                    let (query, _) = cstr(after_name)?;
                     if name.is_empty() {
                         return None;
                     }
-                    let server_name = server_name(query, types, context);
-                    let mut parse_body = server_name.as_bytes().to_vec();
-                    parse_body.push(0);
-                    parse_body.extend_from_slice(after_name);
-                    let parse = frame(codes::PARSE, &parse_body);
-                    parsed.push((name.to_owned(), Statement { server_name, parse }));
+                    let s = Statement::new(query, after_name, context, classifier);
+                    parsed.push((name.to_owned(), s));
                     reply.extend_from_slice(&PARSE_COMPLETE);
                 }
                 codes::CLOSE if body.first() == Some(&b'S') => {
@@ -84,6 +106,31 @@ impl ClientStatements {
         }
         reply.extend_from_slice(&[codes::READY_FOR_QUERY, 0, 0, 0, 5, codes::TX_IDLE]);
         Some(reply.freeze())
+    }
+
+    /// A Parse of `failed` (by the client `name`, or quietly) failed on the server: the
+    /// client's name is gone too if it still means that statement, as it would be direct.
+    fn forget_failed(&mut self, failed: &Prepared) {
+        let Some(name) = &failed.client_name else {
+            return;
+        };
+        if self
+            .by_name
+            .get(name)
+            .is_some_and(|s| s.server_name == failed.server_name)
+        {
+            self.by_name.remove(name);
+        }
+    }
+
+    /// Every statement is gone (`DISCARD ALL`, `DEALLOCATE ALL`).
+    pub fn clear(&mut self) {
+        self.by_name.clear();
+    }
+
+    /// Forgets the Parses that failed on the server.
+    pub fn forget(&mut self, failed: &[Prepared]) {
+        failed.iter().for_each(|f| self.forget_failed(f));
     }
 }
 
@@ -138,6 +185,18 @@ impl ServerStatements {
     pub fn clear(&mut self) {
         self.names.clear();
     }
+
+    /// The server does not have these (their Parse failed, or they were deallocated).
+    pub fn forget<'n>(&mut self, names: impl IntoIterator<Item = &'n str>) {
+        for name in names {
+            self.names.retain(|n| n != name);
+        }
+    }
+
+    /// Keeps only the statements the server says it has.
+    pub fn keep_only(&mut self, on_server: &[&str]) {
+        self.names.retain(|n| on_server.contains(&n.as_str()));
+    }
 }
 
 /// What ends the server's answer to one message.
@@ -149,12 +208,24 @@ pub enum Ends {
     Ready,
 }
 
+/// A Parse sent to the server: the statement's server name, and the client's name for it
+/// when the client asked for the Parse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prepared {
+    pub server_name: String,
+    pub client_name: Option<String>,
+}
+
 /// One expected answer, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Pending {
     /// The server's answer to a message, passed to the client or (for patroxy's own Parse
-    /// and Close) swallowed.
-    Server { ends: Ends, swallow: bool },
+    /// and Close) swallowed; for a Parse, what it prepares.
+    Server {
+        ends: Ends,
+        swallow: bool,
+        prepares: Option<Prepared>,
+    },
     /// An answer patroxy gives the client itself, once everything before it has passed.
     Own(Bytes),
 }
@@ -195,6 +266,9 @@ pub struct Rewriter<'a> {
     pub capacity: usize,
     /// Settings that change what a statement means (its search path), part of its identity.
     pub context: &'a str,
+    pub classifier: &'a Classifier,
+    /// What the client's statements may do to the session, gathered as they pass.
+    pub seen: &'a mut Seen,
 }
 
 /// What to send for one client frame, and what to expect back.
@@ -204,12 +278,15 @@ pub struct Rewritten {
     pub expect: Vec<Pending>,
 }
 
+const COMMAND_COMPLETE_DEALLOCATE: &[u8] = b"C\0\0\0\x0fDEALLOCATE\0";
+
 impl Rewriter<'_> {
     /// Rewrites one whole client frame (`tag`, `body`; `whole` is the frame as it came).
     /// Malformed bodies pass untouched: the server refuses them.
     pub fn rewrite(&mut self, tag: u8, body: &[u8], whole: Bytes) -> Rewritten {
         let mut out = Rewritten::default();
         let named = match tag {
+            codes::QUERY => self.query(body, &mut out),
             codes::PARSE => self.parse(body, &mut out),
             codes::BIND => self.bind(body, &mut out),
             codes::DESCRIBE => self.describe(body, &mut out),
@@ -222,10 +299,60 @@ impl Rewriter<'_> {
                 out.expect.push(Pending::Server {
                     ends,
                     swallow: false,
+                    prepares: None,
                 });
             }
         }
         out
+    }
+
+    /// Parses the server refused (or skipped after an error): the connection does not have
+    /// those statements, and a client's own failed Parse leaves it without the name.
+    pub fn forget(&mut self, failed: &[Prepared]) {
+        self.server
+            .forget(failed.iter().map(|f| f.server_name.as_str()));
+        self.client.forget(failed);
+    }
+
+    /// A simple Query: what it does to the session is noted; one that only deallocates a
+    /// statement the client prepared through the protocol is answered by patroxy (the
+    /// server knows it under another name), in its place in the conversation.
+    fn query(&mut self, body: &[u8], out: &mut Rewritten) -> bool {
+        let text = body.strip_suffix(&[0]).unwrap_or(body);
+        let c = self.classifier.classify(text);
+        self.seen.add(&c);
+        self.statements_dropped(&c);
+        let name = match &c.deallocated[..] {
+            [name] if c.only_deallocates => name,
+            _ => return false,
+        };
+        if self.client.by_name.remove(name).is_none() {
+            return false;
+        }
+        // A Sync gets the ReadyForQuery, with the transaction status as it is by then.
+        out.send
+            .push(Bytes::from_static(&[codes::SYNC, 0, 0, 0, 4]));
+        out.expect.push(Pending::Own(Bytes::from_static(
+            COMMAND_COMPLETE_DEALLOCATE,
+        )));
+        out.expect.push(Pending::Server {
+            ends: Ends::Ready,
+            swallow: false,
+            prepares: None,
+        });
+        true
+    }
+
+    /// `DISCARD ALL`, `DEALLOCATE`: what the server drops, the caches drop too (and the
+    /// pooled session asks the server afterwards, in case the statement failed).
+    fn statements_dropped(&mut self, c: &Classified) {
+        if c.drops_all_statements() {
+            self.server.clear();
+            self.client.clear();
+            return;
+        }
+        let ours = c.deallocated.iter().filter(|n| n.starts_with("patroxy_"));
+        self.server.forget(ours.map(String::as_str));
     }
 
     /// The client's statement called `name`; `None` for the unnamed statement or an unknown
@@ -236,8 +363,9 @@ impl Rewriter<'_> {
             .flatten()
     }
 
-    /// Makes sure the connection has `s` prepared, preparing it quietly if not.
-    fn ensure(&mut self, s: &Statement, out: &mut Rewritten) {
+    /// Makes sure the connection has `s` prepared, preparing it quietly if not (for the
+    /// client's name `client_name`, when the client asked for the Parse).
+    fn ensure(&mut self, s: &Statement, client_name: Option<&str>, out: &mut Rewritten) {
         if self.server.touch(&s.server_name) {
             self.server.stats.hits += 1;
             return;
@@ -250,6 +378,7 @@ impl Rewriter<'_> {
                 out.expect.push(Pending::Server {
                     ends: Ends::Extended(b"3"),
                     swallow: true,
+                    prepares: None,
                 });
             }
         }
@@ -257,6 +386,10 @@ impl Rewriter<'_> {
         out.expect.push(Pending::Server {
             ends: Ends::Extended(b"1"),
             swallow: true,
+            prepares: Some(Prepared {
+                server_name: s.server_name.clone(),
+                client_name: client_name.map(str::to_owned),
+            }),
         });
         self.server.names.push_back(s.server_name.clone());
     }
@@ -265,23 +398,18 @@ impl Rewriter<'_> {
         let Some((name, rest)) = cstr(body) else {
             return false;
         };
-        let Some((query, types)) = cstr(rest) else {
+        let Some((query, _)) = cstr(rest) else {
             return false;
         };
         if name.is_empty() {
+            // The unnamed statement runs at once (in practice): its effects count now.
+            let c = self.classifier.classify(query.as_bytes());
+            self.seen.add(&c);
             return false;
         }
-        let server_name = server_name(query, types, self.context);
-        let mut parse_body = Vec::with_capacity(body.len() + 24);
-        parse_body.extend_from_slice(server_name.as_bytes());
-        parse_body.push(0);
-        parse_body.extend_from_slice(rest);
-        let s = Arc::new(Statement {
-            server_name,
-            parse: frame(codes::PARSE, &parse_body),
-        });
+        let s = Arc::new(Statement::new(query, rest, self.context, self.classifier));
         self.client.by_name.insert(name.to_owned(), s.clone());
-        self.ensure(&s, out);
+        self.ensure(&s, Some(name), out);
         // The client asked for a Parse: it gets its ParseComplete, whoever prepared it.
         out.expect
             .push(Pending::Own(Bytes::from_static(&PARSE_COMPLETE)));
@@ -298,7 +426,8 @@ impl Rewriter<'_> {
         let Some(s) = self.named(name) else {
             return false;
         };
-        self.ensure(&s, out);
+        self.seen.add(&s.classified);
+        self.ensure(&s, None, out);
         let mut b = Vec::with_capacity(body.len() + 24);
         b.extend_from_slice(portal.as_bytes());
         b.push(0);
@@ -309,6 +438,7 @@ impl Rewriter<'_> {
         out.expect.push(Pending::Server {
             ends: Ends::Extended(b"2"),
             swallow: false,
+            prepares: None,
         });
         true
     }
@@ -323,7 +453,7 @@ impl Rewriter<'_> {
         let Some(s) = self.named(name) else {
             return false;
         };
-        self.ensure(&s, out);
+        self.ensure(&s, None, out);
         let mut b = vec![b'S'];
         b.extend_from_slice(s.server_name.as_bytes());
         b.push(0);
@@ -331,6 +461,7 @@ impl Rewriter<'_> {
         out.expect.push(Pending::Server {
             ends: Ends::Extended(b"nT"),
             swallow: false,
+            prepares: None,
         });
         true
     }
@@ -357,6 +488,8 @@ impl Rewriter<'_> {
 #[derive(Debug, Default)]
 pub struct Responses {
     queue: VecDeque<Pending>,
+    /// Parses the server refused or skipped, not yet taken.
+    failed: Vec<Prepared>,
 }
 
 /// What to do with one server message.
@@ -375,12 +508,12 @@ impl Responses {
         self.queue.is_empty()
     }
 
-    /// patroxy's own answers now due (everything before them has passed).
     /// patroxy's own answers are next in line: they can go without a server message.
     pub fn own_due(&self) -> bool {
         matches!(self.queue.front(), Some(Pending::Own(_)))
     }
 
+    /// patroxy's own answers now due (everything before them has passed).
     pub fn due(&mut self) -> Vec<Bytes> {
         let mut out = Vec::new();
         while let Some(Pending::Own(b)) = self.queue.front() {
@@ -390,32 +523,25 @@ impl Responses {
         out
     }
 
+    /// The Parses that failed since the last call.
+    pub fn take_failed(&mut self) -> Vec<Prepared> {
+        std::mem::take(&mut self.failed)
+    }
+
     /// Routes one server message by its tag.
     pub fn route(&mut self, tag: u8) -> Route {
         // Notices, parameter changes and notifications come at any time.
         if matches!(tag, b'N' | b'S' | b'A') {
             return Route::Pass;
         }
-        let Some(Pending::Server { ends, swallow }) = self.queue.front().cloned() else {
+        let Some(Pending::Server { ends, swallow, .. }) = self.queue.front().cloned() else {
             return Route::Pass;
         };
         match (ends, tag) {
             // An error ends the message; in the extended protocol the server then skips
             // everything up to the next Sync, and so do the answers expected for them.
             (Ends::Extended(_), codes::ERROR_RESPONSE) => {
-                self.queue.pop_front();
-                while let Some(p) = self.queue.front() {
-                    if matches!(
-                        p,
-                        Pending::Server {
-                            ends: Ends::Ready,
-                            ..
-                        }
-                    ) {
-                        break;
-                    }
-                    self.queue.pop_front();
-                }
+                self.skip_to_sync();
                 Route::Pass
             }
             (Ends::Extended(set), t) if set.contains(&t) => {
@@ -433,11 +559,35 @@ impl Responses {
             _ => Route::Pass,
         }
     }
+
+    /// After an error: the failed message and everything up to the next Sync is done, and
+    /// none of the Parses among them prepared anything.
+    fn skip_to_sync(&mut self) {
+        while let Some(p) = self.queue.front() {
+            if matches!(
+                p,
+                Pending::Server {
+                    ends: Ends::Ready,
+                    ..
+                }
+            ) {
+                break;
+            }
+            if let Some(Pending::Server {
+                prepares: Some(prepared),
+                ..
+            }) = self.queue.pop_front()
+            {
+                self.failed.push(prepared);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::classify::{Classifier, Seen};
 
     fn parse(name: &str, query: &str) -> (Vec<u8>, Bytes) {
         let mut b = Vec::new();
@@ -459,6 +609,7 @@ mod tests {
 
     #[test]
     fn a_named_statement_is_prepared_once_per_connection_and_rebound_anywhere() {
+        let (classifier, mut seen) = (Classifier::default(), Seen::default());
         let mut client = ClientStatements::default();
         let (mut conn1, mut conn2) = (ServerStatements::default(), ServerStatements::default());
         let mut rw = Rewriter {
@@ -466,18 +617,21 @@ mod tests {
             server: &mut conn1,
             capacity: 10,
             context: "",
+            classifier: &classifier,
+            seen: &mut seen,
         };
         let (b, w) = parse("s1", "SELECT 1");
         let out = rw.rewrite(codes::PARSE, &b, w);
         assert_eq!(out.send.len(), 1, "prepared under its server name");
         assert!(out.send[0].windows(8).any(|w| w == b"patroxy_"));
-        assert_eq!(
-            out.expect[0],
+        assert!(matches!(
+            &out.expect[0],
             Pending::Server {
                 ends: Ends::Extended(b"1"),
-                swallow: true
-            }
-        );
+                swallow: true,
+                prepares: Some(Prepared { client_name: Some(n), .. }),
+            } if n == "s1"
+        ));
         assert_eq!(
             out.expect[1],
             Pending::Own(Bytes::from_static(&PARSE_COMPLETE))
@@ -488,6 +642,8 @@ mod tests {
             server: &mut conn2,
             capacity: 10,
             context: "",
+            classifier: &classifier,
+            seen: &mut seen,
         };
         let (b, w) = bind("s1");
         let out = rw.rewrite(codes::BIND, &b, w);
@@ -506,7 +662,107 @@ mod tests {
     }
 
     #[test]
+    fn a_parse_the_server_refused_leaves_nothing_prepared_for_the_next_client() {
+        let (classifier, mut seen) = (Classifier::default(), Seen::default());
+        let (mut a, mut b) = (ClientStatements::default(), ClientStatements::default());
+        let mut conn = ServerStatements::default();
+        let mut responses = Responses::default();
+        let mut rw = Rewriter {
+            client: &mut a,
+            server: &mut conn,
+            capacity: 10,
+            context: "",
+            classifier: &classifier,
+            seen: &mut seen,
+        };
+        // A's Parse and a Bind of another statement in one batch; the server refuses the
+        // Parse (its table does not exist yet) and skips the rest up to the Sync.
+        let (p, w) = parse("s1", "SELECT * FROM later");
+        responses.extend(rw.rewrite(codes::PARSE, &p, w).expect);
+        let (p2, w2) = parse("s2", "SELECT 2");
+        responses.extend(rw.rewrite(codes::PARSE, &p2, w2).expect);
+        responses.extend(
+            rw.rewrite(codes::SYNC, &[], Bytes::from_static(b"S\0\0\0\x04"))
+                .expect,
+        );
+        assert_eq!(responses.route(b'E'), Route::Pass);
+        assert_eq!(responses.route(b'Z'), Route::Pass);
+        let failed = responses.take_failed();
+        assert_eq!(failed.len(), 2, "the refused Parse and the skipped one");
+        rw.forget(&failed);
+        assert!(
+            rw.server.is_empty(),
+            "nothing is prepared on the connection"
+        );
+        assert!(
+            rw.client.by_name.is_empty(),
+            "as direct, the client has no s1"
+        );
+        // B, later, on the same connection: its Parse goes to the server.
+        let mut seen = Seen::default();
+        let mut rw = Rewriter {
+            client: &mut b,
+            server: &mut conn,
+            capacity: 10,
+            context: "",
+            classifier: &classifier,
+            seen: &mut seen,
+        };
+        let (p, w) = parse("b1", "SELECT * FROM later");
+        let out = rw.rewrite(codes::PARSE, &p, w);
+        assert_eq!(out.send.len(), 1, "prepared again, not taken for prepared");
+        assert_eq!(out.send[0][0], codes::PARSE);
+    }
+
+    #[test]
+    fn discard_all_and_deallocate_keep_the_caches_in_step_with_the_server() {
+        let (classifier, mut seen) = (Classifier::default(), Seen::default());
+        let mut client = ClientStatements::default();
+        let mut conn = ServerStatements::default();
+        let mut rw = Rewriter {
+            client: &mut client,
+            server: &mut conn,
+            capacity: 10,
+            context: "",
+            classifier: &classifier,
+            seen: &mut seen,
+        };
+        let (p, w) = parse("s1", "SELECT 1");
+        rw.rewrite(codes::PARSE, &p, w);
+        let (p, w) = parse("s2", "SELECT 2");
+        rw.rewrite(codes::PARSE, &p, w);
+        // DEALLOCATE of one of the client's statements: answered by patroxy, the server
+        // sent only a Sync.
+        let q = b"DEALLOCATE s1\0";
+        let out = rw.rewrite(codes::QUERY, q, frame(codes::QUERY, q));
+        assert_eq!(
+            out.send,
+            vec![Bytes::from_static(&[codes::SYNC, 0, 0, 0, 4])]
+        );
+        assert_eq!(
+            out.expect[0],
+            Pending::Own(Bytes::from_static(COMMAND_COMPLETE_DEALLOCATE))
+        );
+        assert!(!rw.client.by_name.contains_key("s1"));
+        assert_eq!(
+            rw.server.len(),
+            2,
+            "the server's statements are shared; they stay"
+        );
+        // DISCARD ALL: the server drops every statement; so do both caches.
+        let q = b"DISCARD ALL\0";
+        let out = rw.rewrite(codes::QUERY, q, frame(codes::QUERY, q));
+        assert_eq!(out.send.len(), 1, "DISCARD ALL itself goes to the server");
+        assert!(rw.server.is_empty() && rw.client.by_name.is_empty());
+        assert!(rw
+            .seen
+            .effects
+            .contains(crate::protocol::classify::Effects::SETTINGS));
+    }
+
+    #[test]
     fn a_full_connection_closes_its_least_recently_used_statement() {
+        let (classifier, mut seen) = (Classifier::default(), Seen::default());
         let mut client = ClientStatements::default();
         let mut conn = ServerStatements::default();
         let mut rw = Rewriter {
@@ -514,6 +770,8 @@ mod tests {
             server: &mut conn,
             capacity: 2,
             context: "",
+            classifier: &classifier,
+            seen: &mut seen,
         };
         for (name, q) in [("a", "SELECT 1"), ("b", "SELECT 2"), ("c", "SELECT 3")] {
             let (b, w) = parse(name, q);
@@ -542,19 +800,23 @@ mod tests {
             Pending::Server {
                 ends: Ends::Extended(b"1"),
                 swallow: true,
+                prepares: None,
             },
             Pending::Own(Bytes::from_static(&PARSE_COMPLETE)),
             Pending::Server {
                 ends: Ends::Extended(b"2"),
                 swallow: false,
+                prepares: None,
             },
             Pending::Server {
                 ends: Ends::Extended(b"CIs"),
                 swallow: false,
+                prepares: None,
             },
             Pending::Server {
                 ends: Ends::Ready,
                 swallow: false,
+                prepares: None,
             },
         ]);
         assert!(r.due().is_empty());
@@ -575,15 +837,18 @@ mod tests {
             Pending::Server {
                 ends: Ends::Extended(b"1"),
                 swallow: true,
+                prepares: None,
             },
             Pending::Own(Bytes::from_static(&PARSE_COMPLETE)),
             Pending::Server {
                 ends: Ends::Extended(b"2"),
                 swallow: false,
+                prepares: None,
             },
             Pending::Server {
                 ends: Ends::Ready,
                 swallow: false,
+                prepares: None,
             },
         ]);
         // The quiet Parse failed (the table is gone, say): the client sees the error.
@@ -598,26 +863,28 @@ mod tests {
 
     #[test]
     fn a_prepare_only_batch_is_answered_without_a_server() {
+        let classifier = Classifier::default();
         let mut client = ClientStatements::default();
         let (_, p) = parse("s1", "SELECT 1");
         let mut batch = p.to_vec();
         batch.extend_from_slice(&[codes::SYNC, 0, 0, 0, 4]);
-        let reply = client.answer_locally(&batch, "").unwrap();
+        let reply = client.answer_locally(&batch, "", &classifier).unwrap();
         assert_eq!(&reply[..], &[b'1', 0, 0, 0, 4, b'Z', 0, 0, 0, 5, b'I']);
         assert!(client.by_name.contains_key("s1"));
         // Anything else, or no Sync at the end, goes to a server.
         let (_, b) = bind("s1");
         let mut other = b.to_vec();
         other.extend_from_slice(&[codes::SYNC, 0, 0, 0, 4]);
-        assert!(client.answer_locally(&other, "").is_none());
-        assert!(client.answer_locally(&p, "").is_none());
+        assert!(client.answer_locally(&other, "", &classifier).is_none());
+        assert!(client.answer_locally(&p, "", &classifier).is_none());
         assert!(client
-            .answer_locally(&batch[..batch.len() - 1], "")
+            .answer_locally(&batch[..batch.len() - 1], "", &classifier)
             .is_none());
     }
 
     #[test]
     fn close_is_answered_by_patroxy_and_forgets_the_name() {
+        let (classifier, mut seen) = (Classifier::default(), Seen::default());
         let mut client = ClientStatements::default();
         let mut conn = ServerStatements::default();
         let mut rw = Rewriter {
@@ -625,6 +892,8 @@ mod tests {
             server: &mut conn,
             capacity: 5,
             context: "",
+            classifier: &classifier,
+            seen: &mut seen,
         };
         let (b, w) = parse("s", "SELECT 1");
         rw.rewrite(codes::PARSE, &b, w);

@@ -1,0 +1,532 @@
+//! What a statement does to the session it runs in, decided from its text (a simple Query's,
+//! or a Parse's) with PostgreSQL's own parser (libpg_query, through `pg_query`): settings it
+//! may change, objects it makes that live in the session, what it may end, and the prepared
+//! statements it drops. Pure: text in, `Classified` out; a cache keyed by the text keeps the
+//! parser off the hot path, and a scan for the few words that can matter keeps most texts
+//! (pgbench's among them) off the parser altogether.
+
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, RwLock};
+
+use pg_query::protobuf::{self, node::Node as N};
+use serde_json::Value;
+
+/// What a statement may do to its session, as bits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Effects(u16);
+
+impl Effects {
+    pub const NONE: Effects = Effects(0);
+    /// Session settings, the role or the session authorization may have changed (`SET`,
+    /// `RESET`, `set_config(.., false)`, `SET ROLE`, `SET SESSION AUTHORIZATION`, `DISCARD
+    /// ALL`).
+    pub const SETTINGS: Effects = Effects(1);
+    /// A temporary object may have been made.
+    pub const TEMP: Effects = Effects(1 << 1);
+    /// A session-level advisory lock may have been taken.
+    pub const ADVISORY: Effects = Effects(1 << 2);
+    /// A `WITH HOLD` cursor, which outlives its transaction.
+    pub const CURSOR: Effects = Effects(1 << 3);
+    /// An SQL-level `PREPARE`.
+    pub const PREPARE: Effects = Effects(1 << 4);
+    /// `LISTEN`.
+    pub const LISTEN: Effects = Effects(1 << 5);
+    /// `LOAD`: a library loaded into the session, which nothing unloads.
+    pub const LOAD: Effects = Effects(1 << 6);
+    /// May end session objects: `DROP`, `CLOSE`, `DEALLOCATE`, `UNLISTEN`, advisory
+    /// unlocks, `DISCARD`.
+    pub const ENDS: Effects = Effects(1 << 7);
+    /// Drops prepared statements (`DEALLOCATE`, `DISCARD ALL`), protocol-level ones too.
+    pub const STATEMENTS: Effects = Effects(1 << 8);
+    /// Cannot be told from the text (it does not parse, is too long to parse, or is a `DO`
+    /// block): anything may have happened.
+    pub const UNKNOWN: Effects = Effects(1 << 9);
+
+    /// What makes a session's state unable to follow its client to another connection.
+    pub const OBJECTS: Effects =
+        Effects(Self::TEMP.0 | Self::ADVISORY.0 | Self::CURSOR.0 | Self::PREPARE.0 | Self::LOAD.0);
+
+    pub fn contains(self, other: Effects) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    pub fn intersects(self, other: Effects) -> bool {
+        self.0 & other.0 != 0
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+}
+
+impl std::ops::BitOr for Effects {
+    type Output = Effects;
+    fn bitor(self, rhs: Effects) -> Effects {
+        Effects(self.0 | rhs.0)
+    }
+}
+
+impl std::ops::BitOrAssign for Effects {
+    fn bitor_assign(&mut self, rhs: Effects) {
+        self.0 |= rhs.0;
+    }
+}
+
+/// What one text does, with the names its statements end.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Classified {
+    pub effects: Effects,
+    /// `UNLISTEN` channels; `""` is every channel.
+    pub unlisten: Vec<String>,
+    /// `DEALLOCATE`d statements; `""` is every statement (`DEALLOCATE ALL`, `DISCARD ALL`).
+    pub deallocated: Vec<String>,
+    /// The text is one `DEALLOCATE name` and nothing else.
+    pub only_deallocates: bool,
+}
+
+impl Classified {
+    fn of(effects: Effects) -> Classified {
+        Classified {
+            effects,
+            ..Classified::default()
+        }
+    }
+
+    /// Every prepared statement of the session is dropped.
+    pub fn drops_all_statements(&self) -> bool {
+        self.deallocated.iter().any(String::is_empty)
+    }
+}
+
+/// What the statements of one loan may have done to the session, gathered as they pass.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Seen {
+    pub effects: Effects,
+    /// `UNLISTEN`ed channels (`""`: all), up to `MAX_NAMES`.
+    pub unlisten: Vec<String>,
+    /// `DEALLOCATE`d statements (`""`: all), up to `MAX_NAMES`; past it, `""`.
+    pub deallocated: Vec<String>,
+}
+
+/// Names kept per loan; a client that ends more in one transaction is read as ending all
+/// its statements (which the server is then asked about).
+const MAX_NAMES: usize = 64;
+
+impl Seen {
+    pub fn add(&mut self, c: &Classified) {
+        self.effects |= c.effects;
+        for name in &c.unlisten {
+            if self.unlisten.len() < MAX_NAMES && !self.unlisten.contains(name) {
+                self.unlisten.push(name.clone());
+            }
+        }
+        for name in &c.deallocated {
+            match self.deallocated.len() < MAX_NAMES {
+                true if !self.deallocated.contains(name) => self.deallocated.push(name.clone()),
+                true => {}
+                false if !self.deallocated.iter().any(String::is_empty) => {
+                    self.deallocated.push(String::new())
+                }
+                false => {}
+            }
+        }
+    }
+
+    /// Every prepared statement of the session may be gone.
+    pub fn dropped_all_statements(&self) -> bool {
+        self.deallocated.iter().any(String::is_empty)
+    }
+}
+
+/// Texts longer than this are not parsed: if they contain a word that can matter, they
+/// count as `UNKNOWN`.
+pub const MAX_PARSED: usize = 64 * 1024;
+/// Texts longer than this are classified but not cached.
+const MAX_CACHED: usize = 4 * 1024;
+/// The cache is emptied when its texts come to more than this.
+const CACHE_BYTES: usize = 8 << 20;
+
+/// Words one of which a statement with an effect must contain (ASCII, any case): `set`
+/// covers `SET`, `RESET`, `set_config` and `SET ROLE`; `temp` covers `TEMPORARY` and
+/// `pg_temp`; `u&` is a Unicode-escaped identifier, which could spell any of them.
+const WORDS: [&[u8]; 13] = [
+    b"set",
+    b"temp",
+    b"advisory",
+    b"prepare",
+    b"deallocate",
+    b"listen",
+    b"hold",
+    b"discard",
+    b"load",
+    b"close",
+    b"drop",
+    b"do",
+    b"u&",
+];
+
+/// Words that call for a walk of the whole tree (function calls, temporary objects).
+const DEEP_WORDS: [&[u8]; 4] = [b"set_config", b"advisory", b"temp", b"u&"];
+
+/// Statement types whose effects the parse tree's top level shows.
+const TOP_LEVEL: [&str; 11] = [
+    "VariableSetStmt",
+    "DiscardStmt",
+    "DeallocateStmt",
+    "PrepareStmt",
+    "ListenStmt",
+    "UnlistenStmt",
+    "DeclareCursorStmt",
+    "ClosePortalStmt",
+    "DropStmt",
+    "LoadStmt",
+    "DoStmt",
+];
+
+static NOTHING: LazyLock<Arc<Classified>> = LazyLock::new(|| Arc::new(Classified::default()));
+
+/// Classifies statement texts, with a cache shared by every session.
+#[derive(Debug, Default)]
+pub struct Classifier {
+    cache: RwLock<Cache>,
+}
+
+#[derive(Debug, Default)]
+struct Cache {
+    by_text: HashMap<Box<str>, Arc<Classified>>,
+    bytes: usize,
+}
+
+impl Classifier {
+    /// What `sql` (a frame's text, up to its NUL) does to the session.
+    pub fn classify(&self, sql: &[u8]) -> Arc<Classified> {
+        if !may_matter(sql) {
+            return NOTHING.clone();
+        }
+        let Ok(text) = std::str::from_utf8(sql) else {
+            return Arc::new(Classified::of(Effects::UNKNOWN));
+        };
+        if let Some(c) = self.read().by_text.get(text) {
+            return c.clone();
+        }
+        let c = Arc::new(classify_text(text));
+        if text.len() <= MAX_CACHED {
+            let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
+            if cache.bytes + text.len() > CACHE_BYTES {
+                cache.by_text.clear();
+                cache.bytes = 0;
+            }
+            cache.bytes += text.len();
+            cache.by_text.insert(text.into(), c.clone());
+        }
+        c
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Cache> {
+        self.cache.read().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Whether the text contains one of the words an effect needs.
+fn may_matter(sql: &[u8]) -> bool {
+    WORDS.iter().any(|w| contains_word(sql, w))
+}
+
+fn contains_word(sql: &[u8], word: &[u8]) -> bool {
+    sql.windows(word.len())
+        .any(|w| w.eq_ignore_ascii_case(word))
+}
+
+/// Classifies one text (uncached).
+pub fn classify_text(sql: &str) -> Classified {
+    if sql.len() > MAX_PARSED || sql.contains('\0') {
+        return Classified::of(Effects::UNKNOWN);
+    }
+    let deep = DEEP_WORDS.iter().any(|w| contains_word(sql.as_bytes(), w));
+    // The summary (statement types, from the parser's C side) is cheaper than the tree:
+    // an UPDATE ... SET, say, stops here.
+    if !deep {
+        match pg_query::summary(sql, 0, -1) {
+            Ok(s)
+                if !s
+                    .statement_types
+                    .iter()
+                    .any(|t| TOP_LEVEL.contains(&t.as_str())) =>
+            {
+                return Classified::default();
+            }
+            Ok(_) => {}
+            // What PostgreSQL's parser refuses, the server refuses too.
+            Err(_) => return Classified::default(),
+        }
+    }
+    let tree = match pg_query::parse(sql, 0) {
+        Ok(t) => t.protobuf,
+        Err(_) => return Classified::default(),
+    };
+    let mut out = Classified::default();
+    let statements: Vec<&N> = tree
+        .stmts
+        .iter()
+        .filter_map(|s| s.stmt.as_ref()?.node.as_ref())
+        .collect();
+    for node in &statements {
+        top_level(node, &mut out);
+    }
+    out.only_deallocates =
+        matches!(&statements[..], [N::DeallocateStmt(d)] if !d.isall && !d.name.is_empty());
+    if deep {
+        match serde_json::to_value(&tree) {
+            Ok(v) => walk(&v, false, &mut out.effects),
+            Err(_) => out.effects |= Effects::UNKNOWN,
+        }
+    }
+    out
+}
+
+/// The effects a statement shows at its top level.
+fn top_level(node: &N, out: &mut Classified) {
+    use protobuf::{DiscardMode, VariableSetKind};
+    let effects = match node {
+        N::VariableSetStmt(s) => {
+            let transaction =
+                s.kind == VariableSetKind::VarSetMulti as i32 && s.name == "TRANSACTION";
+            match s.is_local || transaction {
+                true => Effects::NONE,
+                false => Effects::SETTINGS,
+            }
+        }
+        N::DiscardStmt(d) if d.target == DiscardMode::DiscardAll as i32 => {
+            out.deallocated.push(String::new());
+            out.unlisten.push(String::new());
+            Effects::SETTINGS | Effects::ENDS | Effects::STATEMENTS
+        }
+        N::DiscardStmt(d) if d.target == DiscardMode::DiscardTemp as i32 => Effects::ENDS,
+        N::DeallocateStmt(d) => {
+            out.deallocated.push(if d.isall {
+                String::new()
+            } else {
+                d.name.clone()
+            });
+            Effects::ENDS | Effects::STATEMENTS
+        }
+        N::PrepareStmt(_) => Effects::PREPARE,
+        N::ListenStmt(_) => Effects::LISTEN,
+        N::UnlistenStmt(u) => {
+            out.unlisten.push(u.conditionname.clone());
+            Effects::ENDS
+        }
+        // CURSOR_OPT_HOLD: the cursor outlives its transaction.
+        N::DeclareCursorStmt(d) if d.options & 0x0020 != 0 => Effects::CURSOR,
+        N::ClosePortalStmt(_) | N::DropStmt(_) => Effects::ENDS,
+        N::LoadStmt(_) => Effects::LOAD,
+        // The parser cannot see into a DO block.
+        N::DoStmt(_) => Effects::UNKNOWN,
+        _ => Effects::NONE,
+    };
+    out.effects |= effects;
+}
+
+/// Walks a parse tree (as JSON: every node type, without a walker per type) for function
+/// calls with session effects and for temporary objects. `drops_at_commit`: inside a
+/// statement whose object goes at commit (`ON COMMIT DROP`).
+fn walk(v: &Value, drops_at_commit: bool, effects: &mut Effects) {
+    match v {
+        Value::Array(items) => items.iter().for_each(|i| walk(i, drops_at_commit, effects)),
+        Value::Object(map) => {
+            let on_commit_drop = protobuf::OnCommitAction::OncommitDrop as i64;
+            let drops = drops_at_commit
+                || ["oncommit", "on_commit"]
+                    .iter()
+                    .any(|k| map.get(*k).and_then(Value::as_i64) == Some(on_commit_drop));
+            if map.get("relpersistence").and_then(Value::as_str) == Some("t") && !drops {
+                *effects |= Effects::TEMP;
+            }
+            if let Some(call) = map.get("FuncCall") {
+                *effects |= function_call(call);
+            }
+            if let Some(Value::String(s)) = map.get("sval") {
+                if s.starts_with("pg_temp") {
+                    *effects |= Effects::TEMP;
+                }
+            }
+            if let Some(Value::String(s)) = map.get("schemaname") {
+                if s.starts_with("pg_temp") {
+                    *effects |= Effects::TEMP;
+                }
+            }
+            map.values().for_each(|child| walk(child, drops, effects));
+        }
+        _ => {}
+    }
+}
+
+/// The effects of calling a function, by its name (any schema) and arguments.
+fn function_call(call: &Value) -> Effects {
+    let name = call["funcname"]
+        .as_array()
+        .and_then(|parts| parts.last())
+        .and_then(|p| p["node"]["String"]["sval"].as_str())
+        .unwrap_or_default();
+    match name {
+        "set_config" => match call["args"].as_array().and_then(|a| a.get(2)) {
+            Some(is_local) if is_true(is_local) => Effects::NONE,
+            _ => Effects::SETTINGS,
+        },
+        "pg_advisory_lock"
+        | "pg_advisory_lock_shared"
+        | "pg_try_advisory_lock"
+        | "pg_try_advisory_lock_shared" => Effects::ADVISORY,
+        "pg_advisory_unlock" | "pg_advisory_unlock_shared" | "pg_advisory_unlock_all" => {
+            Effects::ENDS
+        }
+        _ => Effects::NONE,
+    }
+}
+
+/// A constant argument that PostgreSQL reads as `true`.
+fn is_true(arg: &Value) -> bool {
+    let val = &arg["node"]["AConst"]["val"];
+    if let Some(b) = val["Boolval"]["boolval"].as_bool() {
+        return b;
+    }
+    val["Sval"]["sval"].as_str().is_some_and(|s| {
+        ["t", "true", "y", "yes", "on", "1"].contains(&s.trim().to_ascii_lowercase().as_str())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn effects(sql: &str) -> Effects {
+        Classifier::default().classify(sql.as_bytes()).effects
+    }
+
+    #[test]
+    fn settings_are_seen_in_every_form() {
+        for sql in [
+            "SET work_mem = '7MB'",
+            "set search_path = a, public",
+            "RESET ALL",
+            "RESET statement_timeout",
+            "SET ROLE tenant_x",
+            "SET SESSION AUTHORIZATION tenant_y",
+            "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "SET TIME ZONE 'UTC'",
+            "SELECT pg_catalog.set_config('search_path', '', false)",
+            "SELECT set_config('statement_timeout', '1', $1)",
+            "SELECT 1; SELECT CASE WHEN true THEN set_config('a.b', 'c', 'off') END",
+            "SELECT * FROM (SELECT set_config('x.y', '1', false)) s",
+            "EXPLAIN ANALYZE SELECT set_config('x.y', '1', false)",
+            "DISCARD ALL",
+            "SELECT U&\"s\\0065t_config\"('a.b', '1', false)",
+        ] {
+            assert!(effects(sql).contains(Effects::SETTINGS), "{sql}");
+        }
+        for sql in [
+            "SET LOCAL work_mem = '7MB'",
+            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "SELECT set_config('request.jwt.claims', $1, true)",
+            "SELECT set_config('a.b', 'c', 'on')",
+            "UPDATE pgbench_accounts SET abalance = abalance + 5 WHERE aid = 1",
+            "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
+            "SELECT 'SET ROLE x'",
+            "not sql at all; set",
+        ] {
+            assert!(!effects(sql).contains(Effects::SETTINGS), "{sql}");
+        }
+    }
+
+    #[test]
+    fn objects_that_live_in_the_session_are_seen() {
+        let cases = [
+            ("CREATE TEMP TABLE t (x int)", Effects::TEMP),
+            ("create temporary table t as select 1", Effects::TEMP),
+            ("SELECT 1 AS x INTO TEMP TABLE made", Effects::TEMP),
+            ("CREATE TABLE pg_temp.t (x int)", Effects::TEMP),
+            ("CREATE TEMP VIEW v AS SELECT 1", Effects::TEMP),
+            ("CREATE TEMP SEQUENCE s", Effects::TEMP),
+            (
+                "CREATE FUNCTION pg_temp.f() RETURNS int AS 'SELECT 1' LANGUAGE sql",
+                Effects::TEMP,
+            ),
+            ("SELECT pg_advisory_lock(42)", Effects::ADVISORY),
+            (
+                "SELECT pg_try_advisory_lock_shared(1, 2)",
+                Effects::ADVISORY,
+            ),
+            ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", Effects::CURSOR),
+            ("PREPARE p1 AS SELECT 1", Effects::PREPARE),
+            ("LISTEN news", Effects::LISTEN),
+            ("LOAD 'auto_explain'", Effects::LOAD),
+            ("DO $$ BEGIN PERFORM 1; END $$", Effects::UNKNOWN),
+        ];
+        for (sql, want) in cases {
+            assert!(effects(sql).contains(want), "{sql}: {:?}", effects(sql));
+        }
+        for sql in [
+            "CREATE TEMP TABLE t (x int) ON COMMIT DROP",
+            "CREATE TEMP TABLE mine ON COMMIT DROP AS SELECT 1 AS id",
+            "DECLARE c CURSOR FOR SELECT 1",
+            "SELECT pg_advisory_xact_lock(42)",
+            "CREATE TABLE t (x int)",
+            "SELECT 'temp'",
+        ] {
+            assert!(!effects(sql).intersects(Effects::OBJECTS), "{sql}");
+        }
+    }
+
+    #[test]
+    fn what_ends_session_objects_and_statements_is_seen_with_its_names() {
+        let c = Classifier::default();
+        let d = c.classify(b"DEALLOCATE p1");
+        assert!(d.effects.contains(Effects::ENDS | Effects::STATEMENTS));
+        assert_eq!(d.deallocated, vec!["p1".to_owned()]);
+        assert!(d.only_deallocates);
+        let all = c.classify(b"DEALLOCATE ALL");
+        assert!(all.drops_all_statements() && !all.only_deallocates);
+        let discard = c.classify(b"discard all");
+        assert!(discard.drops_all_statements());
+        assert_eq!(discard.unlisten, vec![String::new()]);
+        let u = c.classify(b"UNLISTEN news; UNLISTEN *");
+        assert_eq!(u.unlisten, vec!["news".to_owned(), String::new()]);
+        for sql in [
+            "DROP TABLE mine",
+            "CLOSE held",
+            "SELECT pg_advisory_unlock(42)",
+            "SELECT pg_advisory_unlock_all()",
+            "DISCARD TEMP",
+        ] {
+            assert!(effects(sql).contains(Effects::ENDS), "{sql}");
+        }
+        assert!(!c.classify(b"SELECT 1; DEALLOCATE p1").only_deallocates);
+    }
+
+    #[test]
+    fn texts_it_cannot_read_count_as_unknown_and_the_cache_is_bounded() {
+        let long = format!("SELECT '{}' -- set", "x".repeat(MAX_PARSED));
+        assert!(effects(&long).contains(Effects::UNKNOWN));
+        assert!(Classifier::default()
+            .classify(b"SET x = '\xff'")
+            .effects
+            .contains(Effects::UNKNOWN));
+        let c = Classifier::default();
+        for i in 0..3000 {
+            c.classify(format!("SET application_name = '{i:>3000}'").as_bytes());
+        }
+        assert!(c.read().bytes <= CACHE_BYTES);
+    }
+
+    #[test]
+    fn texts_without_the_words_never_reach_the_parser() {
+        assert!(!may_matter(
+            b"SELECT abalance FROM pgbench_accounts WHERE aid = $1"
+        ));
+        assert!(!may_matter(
+            b"INSERT INTO pgbench_history (tid, bid) VALUES ($1, $2)"
+        ));
+        assert!(may_matter(b"update t SET x = 1"));
+        assert!(may_matter(b"select PG_ADVISORY_LOCK(1)"));
+    }
+}
