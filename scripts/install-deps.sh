@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs, only when missing, what patroxy's build, tests, demo and benchmarks need on
-# Debian 12: protoc (etcd-client's build), etcd, PostgreSQL 15, Patroni, the test clients
-# (psycopg, asyncpg, pgjdbc, prometheus-pgbouncer-exporter), and the Rust toolchain.
+# Debian 12: protoc (etcd-client's build), libclang (pg_query's bindings), etcd, PostgreSQL
+# 15, Patroni, the test clients (psycopg, asyncpg, pgjdbc, prometheus-pgbouncer-exporter),
+# and the Rust toolchain.
 # Package scripts must not start the distro's own etcd (2379) or Postgres (5432), so a
 # policy-rc.d that refuses service starts is in place while apt runs.
 set -euo pipefail
@@ -10,7 +11,7 @@ need_pkgs=()
 have() { command -v "$1" >/dev/null 2>&1; }
 pkg_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 
-for p in protobuf-compiler libprotobuf-dev etcd-server etcd-client postgresql-15 postgresql-client-15 \
+for p in protobuf-compiler libprotobuf-dev libclang-dev etcd-server etcd-client postgresql-15 postgresql-client-15 \
          patroni python3-etcd python3-psycopg2 python3-psycopg python3-asyncpg python3-yaml iproute2 procps; do
   pkg_installed "$p" || need_pkgs+=("$p")
 done
