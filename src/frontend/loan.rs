@@ -218,6 +218,7 @@ impl Session<'_> {
                 rewrite,
                 switchover_grace: movable.then_some(self.ctx.pool.switchover_grace),
                 kill: Some(self.me.kill.clone()),
+                watch_resets: (!release_at_idle).then_some(&proxy.classifier),
             };
             let client_bytes = std::mem::take(&mut client_buf);
             let out = relay(
@@ -233,6 +234,18 @@ impl Session<'_> {
                 Some(b) => b.then(out),
                 None => out,
             };
+            // Session mode: a statement reset settings, and the session is at rest.
+            if !release_at_idle && matches!(out.end, End::Released) {
+                if let Err(e) = self.restore(conn, carried).await {
+                    warn!(client = %self.peer, server = %target.endpoint, error = %e, "the client's startup settings could not be set again; session ended");
+                    let msg = format!("patroxy: setting the session's parameters again: {e}");
+                    send_fatal(client, codes::CONNECTION_FAILURE, &msg).await;
+                    out.end = End::ServerClosed;
+                    return out;
+                }
+                before = Some(out);
+                continue;
+            }
             let End::Drained {
                 cause: cause @ DrainCause::Switchover { .. },
                 ..
@@ -258,6 +271,25 @@ impl Session<'_> {
                 }
             }
         }
+    }
+
+    /// Session pooling, after a statement that reset settings to the session's start (which,
+    /// for a connection patroxy logged in, is the login's): the client's startup values
+    /// are set again, as `RESET` would leave them direct.
+    async fn restore(&self, conn: &mut ServerConn, carried: &mut Carried) -> Result<(), ConnError> {
+        let deadline = Instant::now() + self.reset_limit();
+        let look = Look {
+            settings: true,
+            ..Look::default()
+        };
+        let restored = async {
+            let snapshot = conn.inspect(look).await?;
+            carried.wanted.take_up(conn, &snapshot.settings);
+            conn.fit(&carried.wanted).await
+        };
+        timeout_at(deadline, restored)
+            .await
+            .unwrap_or(Err(ConnError::Timeout))
     }
 
     /// Session pooling, at a planned switchover: whether the client leaves its server

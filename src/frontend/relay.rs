@@ -127,6 +127,10 @@ pub struct RelayContext<'a> {
     pub switchover_grace: Option<Duration>,
     /// The console's `KILL` for this client: the session ends at once.
     pub kill: Option<CancellationToken>,
+    /// Session pooling: the client's statements are read as they pass (up to a prefix),
+    /// and one that resets settings to the session's start ends the relay at the next
+    /// transaction end (`Released`), for patroxy to set the client's startup values again.
+    pub watch_resets: Option<&'a crate::protocol::classify::Classifier>,
 }
 
 /// Where the conversation stands, as both pumps see it; one task polls both, so relaxed
@@ -147,6 +151,8 @@ pub(super) struct RelayState {
     /// 0: not draining; else the pump returns as soon as the session is at rest.
     pub(super) drain_mode: AtomicU8,
     pub(super) release_at_idle: bool,
+    /// Session pooling: a statement reset settings; end at the next transaction end.
+    pub(super) settle_at_rest: AtomicBool,
     /// ParameterStatus the server reported during the relay (kept servers only).
     pub(super) reported: std::sync::Mutex<Vec<(String, String)>>,
     /// ReadyForQuery messages relayed: requests answered (the console's query count).
@@ -289,7 +295,7 @@ pub async fn relay(
                     &mut server_wr,
                     &mut client_leftover,
                     &st,
-                    ctx.keep_server,
+                    (ctx.keep_server, ctx.watch_resets),
                 )),
                 Either::Right(pump_down(
                     &mut server_rd,
@@ -531,10 +537,13 @@ async fn pump_up(
     wr: &mut Writer<'_>,
     leftover: &mut BytesMut,
     st: &RelayState,
-    keep_server: bool,
+    (keep_server, resets): (bool, Option<&crate::protocol::classify::Classifier>),
 ) -> End {
     let mut buf = std::mem::take(leftover);
     let mut scanner = Scanner::new(MAX_DECLARED_LEN);
+    if resets.is_some() {
+        scanner = scanner.capturing(codes::QUERY, STATEMENT_PREFIX);
+    }
     let mut counter = UpCounter::default();
     buf.reserve(BUF_SIZE);
     loop {
@@ -548,6 +557,9 @@ async fn pump_up(
         let scanned = scanner.scan(&buf, |seen| counter.see(st, seen));
         if let Err(e) = scanned {
             return End::ClientProtocol(e);
+        }
+        if let Some(classifier) = resets {
+            watch_resets(st, classifier, scanner.take_captured());
         }
         // A client's last word is its Terminate. A kept server must not see it: everything
         // before it goes on; a Terminate that is not whole at the end of this read leaves
@@ -567,6 +579,30 @@ async fn pump_up(
         buf.clear();
         if keep_server && terminated {
             return End::ClientClosed;
+        }
+    }
+}
+
+/// Session pooling reads this much of each Query for statements that reset settings; a
+/// longer text with a word that can matter counts as one.
+const STATEMENT_PREFIX: usize = 8 * 1024;
+
+/// Session pooling: whether one of these Query texts resets settings to the session's
+/// start; then the relay ends at the next transaction end.
+fn watch_resets(
+    st: &RelayState,
+    classifier: &crate::protocol::classify::Classifier,
+    captured: Vec<(u8, Vec<u8>)>,
+) {
+    use crate::protocol::classify::Effects;
+    for (_, body) in captured {
+        let effects = match body.strip_suffix(&[0]) {
+            Some(text) => classifier.classify(text).effects,
+            // Cut at the prefix: the worst, if what was read could matter.
+            None => classifier.classify_cut(&body),
+        };
+        if effects.intersects(Effects::RESETS | Effects::UNKNOWN) {
+            st.settle_at_rest.store(true, Relaxed);
         }
     }
 }
@@ -620,7 +656,8 @@ async fn pump_down(
         }
         // The whole client stream reached the server too: nothing of the next transaction
         // is half-sent when the server is let go.
-        if st.release_at_idle && at_drain_point(true, st.progress()) && st.up_clean.load(Relaxed) {
+        let settle = st.release_at_idle || st.settle_at_rest.load(Relaxed);
+        if settle && at_drain_point(true, st.progress()) && st.up_clean.load(Relaxed) {
             return Pumped::Released;
         }
     }
@@ -677,6 +714,7 @@ mod tests {
                 rewrite: None,
                 switchover_grace: None,
                 kill: None,
+                watch_resets: None,
             };
             let out = relay(
                 &mut client,

@@ -148,6 +148,7 @@ async fn run_session(
         rewrite: None,
         switchover_grace: None,
         kill: None,
+        watch_resets: None,
     };
 
     let leftover = std::mem::take(&mut backend.leftover);

@@ -41,6 +41,9 @@ impl Effects {
     /// Cannot be told from the text (it does not parse, is too long to parse, or is a `DO`
     /// block): anything may have happened.
     pub const UNKNOWN: Effects = Effects(1 << 9);
+    /// Settings go back to what the session started with (`RESET`, `SET .. TO DEFAULT`,
+    /// `DISCARD ALL`): for a pooled client, the values of its startup packet.
+    pub const RESETS: Effects = Effects(1 << 10);
 
     /// What makes a session's state unable to follow its client to another connection.
     pub const OBJECTS: Effects =
@@ -222,6 +225,15 @@ impl Classifier {
         c
     }
 
+    /// What a statement of which only `prefix` was read may do: anything, if the part read
+    /// has a word that can matter.
+    pub fn classify_cut(&self, prefix: &[u8]) -> Effects {
+        match may_matter(prefix) {
+            true => Effects::UNKNOWN,
+            false => Effects::NONE,
+        }
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Cache> {
         self.cache.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -291,15 +303,23 @@ fn top_level(node: &N, out: &mut Classified) {
         N::VariableSetStmt(s) => {
             let transaction =
                 s.kind == VariableSetKind::VarSetMulti as i32 && s.name == "TRANSACTION";
-            match s.is_local || transaction {
-                true => Effects::NONE,
-                false => Effects::SETTINGS,
+            let resets = [
+                VariableSetKind::VarSetDefault,
+                VariableSetKind::VarReset,
+                VariableSetKind::VarResetAll,
+            ]
+            .iter()
+            .any(|k| s.kind == *k as i32);
+            match (s.is_local || transaction, resets) {
+                (true, _) => Effects::NONE,
+                (false, true) => Effects::SETTINGS | Effects::RESETS,
+                (false, false) => Effects::SETTINGS,
             }
         }
         N::DiscardStmt(d) if d.target == DiscardMode::DiscardAll as i32 => {
             out.deallocated.push(String::new());
             out.unlisten.push(String::new());
-            Effects::SETTINGS | Effects::ENDS | Effects::STATEMENTS
+            Effects::SETTINGS | Effects::RESETS | Effects::ENDS | Effects::STATEMENTS
         }
         N::DiscardStmt(d) if d.target == DiscardMode::DiscardTemp as i32 => Effects::ENDS,
         N::DeallocateStmt(d) => {
@@ -424,6 +444,15 @@ mod tests {
         ] {
             assert!(effects(sql).contains(Effects::SETTINGS), "{sql}");
         }
+        for sql in [
+            "RESET ALL",
+            "RESET work_mem",
+            "SET work_mem TO DEFAULT",
+            "DISCARD ALL",
+        ] {
+            assert!(effects(sql).contains(Effects::RESETS), "{sql}");
+        }
+        assert!(!effects("SET work_mem = 1").contains(Effects::RESETS));
         for sql in [
             "SET LOCAL work_mem = '7MB'",
             "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",

@@ -1,0 +1,527 @@
+//! Pooled sessions never leak: on a transaction pool and on a session pool of one server
+//! connection, client A changes its session (settings, role, session authorization, objects
+//! that live in the session) and client B, on the same server connection, finds a clean one,
+//! while A keeps seeing its own state. Real PostgreSQL, real clients.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::*;
+use patroxy::config::PoolMode;
+use patroxy::policy::ListenerRole;
+
+/// How long a client may wait for an answer that should come at once.
+const PROMPT: Duration = Duration::from_secs(10);
+
+/// One PostgreSQL primary with the suite's roles, and patroxy in front of it with one
+/// pooled listener (`mode`) on a pool of one server connection.
+struct Suite {
+    _pg: Postgres,
+    proxy: Proxy,
+    _etcd: Etcd,
+    _root: TempRoot,
+}
+
+impl Suite {
+    async fn start(scope: &str, mode: PoolMode, tune: impl FnOnce(&mut Config)) -> Suite {
+        let (root, etcd, pg) = one_primary(scope).await;
+        let file = roles(&root, &pg).await;
+        let proxy = Proxy::start(&etcd, scope, |cfg| {
+            cfg.listeners = vec![ListenerConfig {
+                pool_mode: mode,
+                ..listener("pooled", ListenerRole::Primary)
+            }];
+            cfg.auth.auth_file = Some(file);
+            cfg.pool.pool_size = 1;
+            tune(cfg);
+        })
+        .await;
+        Suite {
+            _pg: pg,
+            proxy,
+            _etcd: etcd,
+            _root: root,
+        }
+    }
+
+    fn port(&self) -> u16 {
+        self.proxy.port()
+    }
+}
+
+/// alice (SCRAM) may become tenant_x; sam is a superuser (a password in the file), who may
+/// take any session authorization; schemas foo and a; and the auth_file with their secrets.
+async fn roles(root: &TempRoot, pg: &Postgres) -> PathBuf {
+    let c = connect(pg.port).await.unwrap();
+    c.batch_execute(
+        "SET password_encryption = 'scram-sha-256';
+         CREATE ROLE alice LOGIN PASSWORD 'wonder';
+         CREATE ROLE sam LOGIN SUPERUSER PASSWORD 'secret';
+         CREATE ROLE tenant_x; GRANT tenant_x TO alice;
+         CREATE ROLE tenant_y LOGIN;
+         CREATE SCHEMA foo; CREATE SCHEMA a;
+         GRANT ALL ON SCHEMA foo, a, public TO alice, tenant_x;",
+    )
+    .await
+    .unwrap();
+    // A fixed TimeZone, so that the cases can say what a clean session shows.
+    c.batch_execute("ALTER SYSTEM SET TimeZone = 'UTC'")
+        .await
+        .unwrap();
+    c.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    wait_for("the server's TimeZone", PROMPT, || async {
+        let c = connect(pg.port).await.ok()?;
+        let tz: String = c.query_one("SHOW TimeZone", &[]).await.ok()?.get(0);
+        (tz == "UTC").then_some(())
+    })
+    .await;
+    let verifier: String = c
+        .query_one(
+            "SELECT rolpassword FROM pg_authid WHERE rolname = 'alice'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let file = root.path().join("userlist.txt");
+    std::fs::write(
+        &file,
+        format!("\"alice\" \"{verifier}\"\n\"sam\" \"secret\"\n"),
+    )
+    .unwrap();
+    file
+}
+
+/// A client of the suite's listener.
+struct Client {
+    c: tokio_postgres::Client,
+    conn: ConnTask,
+}
+
+impl Client {
+    async fn login(port: u16, user: &str, extra: &str) -> Client {
+        let password = match user {
+            "sam" => "secret",
+            _ => "wonder",
+        };
+        let s = format!(
+            "host=127.0.0.1 port={port} user={user} password={password} dbname=postgres {extra}"
+        );
+        let (c, conn) =
+            tokio::time::timeout(PROMPT, tokio_postgres::connect(&s, tokio_postgres::NoTls))
+                .await
+                .expect("login in time")
+                .unwrap_or_else(|e| panic!("login as {user}: {e}"));
+        Client {
+            c,
+            conn: tokio::spawn(conn),
+        }
+    }
+
+    /// The first column of the last row of a simple query, as text.
+    async fn one(&self, sql: &str) -> String {
+        self.try_one(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    async fn try_one(&self, sql: &str) -> Result<String, tokio_postgres::Error> {
+        let messages = tokio::time::timeout(PROMPT, self.c.simple_query(sql))
+            .await
+            .unwrap_or_else(|_| panic!("{sql}: no answer within {PROMPT:?}"))?;
+        let last = messages.into_iter().rev().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("").to_owned()),
+            _ => None,
+        });
+        Ok(last.unwrap_or_default())
+    }
+
+    async fn run(&self, sql: &str) {
+        tokio::time::timeout(PROMPT, self.c.batch_execute(sql))
+            .await
+            .unwrap_or_else(|_| panic!("{sql}: no answer within {PROMPT:?}"))
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    async fn pid(&self) -> String {
+        self.one("SELECT pg_backend_pid()::text").await
+    }
+
+    /// Leaves, and waits until patroxy has taken its server connection back.
+    async fn leave(self) {
+        drop(self.c);
+        let _ = tokio::time::timeout(PROMPT, self.conn).await;
+    }
+}
+
+/// One way to change a session: what A runs, the query that shows it, what a clean session
+/// shows and what A's own shows.
+struct Case {
+    name: &'static str,
+    user: &'static str,
+    /// Connection string options for A (startup parameters).
+    options: &'static str,
+    change: &'static str,
+    show: &'static str,
+    clean: &'static str,
+    own: &'static str,
+}
+
+const SETTINGS: &[Case] = &[
+    Case {
+        name: "SET ROLE",
+        user: "alice",
+        options: "",
+        change: "SET ROLE tenant_x",
+        show: "SELECT current_user::text",
+        clean: "alice",
+        own: "tenant_x",
+    },
+    Case {
+        name: "SET SESSION AUTHORIZATION",
+        user: "sam",
+        options: "",
+        change: "SET SESSION AUTHORIZATION tenant_y",
+        show: "SELECT session_user || '/' || current_user",
+        clean: "sam/sam",
+        own: "tenant_y/tenant_y",
+    },
+    Case {
+        name: "SET SESSION AUTHORIZATION, then SET ROLE",
+        user: "sam",
+        options: "",
+        change: "SET SESSION AUTHORIZATION alice; SET ROLE tenant_x",
+        show: "SELECT session_user || '/' || current_user",
+        clean: "sam/sam",
+        own: "alice/tenant_x",
+    },
+    Case {
+        name: "set_config('search_path', '', false), as pg_dump and pg_basebackup send it",
+        user: "alice",
+        options: "",
+        change: "SELECT pg_catalog.set_config('search_path', '', false)",
+        show: "SELECT current_setting('search_path')",
+        clean: "\"$user\", public",
+        own: "",
+    },
+    Case {
+        name: "set_config('statement_timeout', '1', false)",
+        user: "alice",
+        options: "",
+        change: "SELECT set_config('statement_timeout', '1', false)",
+        show: "SELECT current_setting('statement_timeout')",
+        clean: "0",
+        own: "1ms",
+    },
+    Case {
+        name: "options=-c search_path=foo,public (a list)",
+        user: "alice",
+        options: "options='-c search_path=foo,public'",
+        change: "",
+        show: "SELECT current_schemas(false)::text",
+        clean: "{public}",
+        own: "{foo,public}",
+    },
+    Case {
+        name: "SET search_path = a, public inside a transaction",
+        user: "alice",
+        options: "",
+        change: "BEGIN; SET search_path = a, public; COMMIT",
+        show: "SELECT current_schemas(false)::text",
+        clean: "{public}",
+        own: "{a,public}",
+    },
+    Case {
+        name: "SET work_mem",
+        user: "alice",
+        options: "",
+        change: "SET work_mem = '7MB'",
+        show: "SHOW work_mem",
+        clean: "4MB",
+        own: "7MB",
+    },
+    Case {
+        name: "SET SESSION CHARACTERISTICS",
+        user: "alice",
+        options: "",
+        change: "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+        show: "SHOW default_transaction_isolation",
+        clean: "read committed",
+        own: "serializable",
+    },
+    Case {
+        name: "SET, then RESET ALL",
+        user: "alice",
+        options: "options='-c work_mem=5MB'",
+        change: "SET work_mem = '7MB'; SET TimeZone = 'Asia/Tokyo'; RESET ALL",
+        show: "SELECT current_setting('work_mem') || ' ' || current_setting('TimeZone')",
+        clean: "4MB UTC",
+        own: "5MB UTC",
+    },
+    Case {
+        name: "SET LOCAL and set_config(..., true) end with their transaction",
+        user: "alice",
+        options: "",
+        change:
+            "BEGIN; SET LOCAL work_mem = '9MB'; SELECT set_config('search_path', 'a', true); COMMIT",
+        show: "SELECT current_setting('work_mem') || ' ' || current_setting('search_path')",
+        clean: "4MB \"$user\", public",
+        own: "4MB \"$user\", public",
+    },
+    Case {
+        name: "a reported setting (TimeZone)",
+        user: "alice",
+        options: "",
+        change: "SET TimeZone = 'Asia/Tokyo'",
+        show: "SHOW TimeZone",
+        clean: "UTC",
+        own: "Asia/Tokyo",
+    },
+];
+
+/// Transaction pool of one: A changes its session and stays; B, on the same server
+/// connection, sees a clean session; A still sees its own, in its next transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_follow_their_client_on_a_transaction_pool_of_one() {
+    let s = Suite::start("leaktx", PoolMode::Transaction, |_| {}).await;
+    let mut failures = Vec::new();
+    for case in SETTINGS {
+        let a = Client::login(s.port(), case.user, case.options).await;
+        let b = Client::login(s.port(), case.user, "").await;
+        if !case.change.is_empty() {
+            a.run(case.change).await;
+        }
+        let (pid_b, seen_b) = (b.pid().await, b.one(case.show).await);
+        let (pid_a, seen_a) = (a.pid().await, a.one(case.show).await);
+        assert_eq!(
+            pid_a, pid_b,
+            "{}: one server connection for both",
+            case.name
+        );
+        if seen_b != case.clean {
+            failures.push(format!(
+                "{}: B saw {seen_b:?}, not {:?}",
+                case.name, case.clean
+            ));
+        }
+        if seen_a != case.own {
+            failures.push(format!(
+                "{}: A saw {seen_a:?}, not {:?}",
+                case.name, case.own
+            ));
+        }
+        // A leaves: a client after it finds a clean session too.
+        a.leave().await;
+        let c = Client::login(s.port(), case.user, "").await;
+        let seen_c = c.one(case.show).await;
+        if seen_c != case.clean {
+            failures.push(format!("{}: after A left, C saw {seen_c:?}", case.name));
+        }
+        b.leave().await;
+        c.leave().await;
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    s.proxy.stop().await;
+}
+
+/// Session pool of one: A changes its session and leaves; B, on the same server connection,
+/// sees a clean session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_never_outlive_their_client_on_a_session_pool_of_one() {
+    let s = Suite::start("leaksession", PoolMode::Session, |_| {}).await;
+    let mut failures = Vec::new();
+    for case in SETTINGS {
+        let a = Client::login(s.port(), case.user, case.options).await;
+        if !case.change.is_empty() {
+            a.run(case.change).await;
+        }
+        let (pid_a, seen_a) = (a.pid().await, a.one(case.show).await);
+        if seen_a != case.own {
+            failures.push(format!(
+                "{}: A saw {seen_a:?}, not {:?}",
+                case.name, case.own
+            ));
+        }
+        a.leave().await;
+        let b = Client::login(s.port(), case.user, "").await;
+        let (pid_b, seen_b) = (b.pid().await, b.one(case.show).await);
+        assert_eq!(
+            pid_a, pid_b,
+            "{}: one server connection for both",
+            case.name
+        );
+        if seen_b != case.clean {
+            failures.push(format!(
+                "{}: B saw {seen_b:?}, not {:?}",
+                case.name, case.clean
+            ));
+        }
+        b.leave().await;
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    s.proxy.stop().await;
+}
+
+/// An object that lives in the session: how A makes it, how it shows, and how A ends it.
+struct Object {
+    name: &'static str,
+    make: &'static str,
+    show: &'static str,
+    drop: &'static str,
+}
+
+const OBJECTS: &[Object] = &[
+    Object {
+        name: "temporary table",
+        make: "CREATE TEMP TABLE mine (x int); INSERT INTO mine VALUES (1)",
+        show: "SELECT count(*)::text FROM pg_class WHERE relnamespace = pg_my_temp_schema() AND relkind = 'r'",
+        drop: "DROP TABLE mine",
+    },
+    Object {
+        name: "temporary table made with SELECT INTO",
+        make: "SELECT 1 AS x INTO TEMP TABLE made",
+        show: "SELECT count(*)::text FROM pg_class WHERE relnamespace = pg_my_temp_schema() AND relkind = 'r'",
+        drop: "DROP TABLE made",
+    },
+    Object {
+        name: "session advisory lock",
+        make: "SELECT pg_advisory_lock(42)",
+        show: "SELECT count(*)::text FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
+        drop: "SELECT pg_advisory_unlock(42)",
+    },
+    Object {
+        name: "SQL PREPARE",
+        make: "PREPARE p1 AS SELECT 1",
+        show: "SELECT count(*)::text FROM pg_prepared_statements WHERE from_sql",
+        drop: "DEALLOCATE p1",
+    },
+    Object {
+        name: "WITH HOLD cursor",
+        make: "DECLARE held CURSOR WITH HOLD FOR SELECT generate_series(1, 3)",
+        show: "SELECT count(*)::text FROM pg_cursors",
+        drop: "CLOSE held",
+    },
+    Object {
+        name: "everything, ended with DISCARD ALL",
+        make: "CREATE TEMP TABLE t2 (x int); SELECT pg_advisory_lock(7); PREPARE p2 AS SELECT 2",
+        show: "SELECT (SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema() AND relkind = 'r')
+                    + (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid())
+                    + (SELECT count(*) FROM pg_prepared_statements WHERE from_sql)",
+        drop: "DISCARD ALL",
+    },
+];
+
+/// Transaction pool of one: A makes an object that lives in the session; it keeps its
+/// server connection (pinned, shown by SHOW CLIENTS and counted) and finds the object in its
+/// next transactions, while B waits for the only connection; when A ends the object, the
+/// connection goes to B, clean. A client that leaves while pinned leaves nothing either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_objects_pin_their_client_and_are_never_lent_on_a_transaction_pool() {
+    install_metrics();
+    let s = Suite::start("leakpins", PoolMode::Transaction, |cfg| {
+        cfg.auth.admin_users = vec!["sam".into()];
+    })
+    .await;
+    let mut failures = Vec::new();
+    for object in OBJECTS {
+        let a = Client::login(s.port(), "alice", "").await;
+        a.run(object.make).await;
+        let own = a.one(object.show).await;
+        if own == "0" {
+            failures.push(format!("{}: A lost its own object", object.name));
+        }
+        if object.name == "WITH HOLD cursor" {
+            // Its cursor works in the next transaction, as it does direct.
+            let fetched = a.try_one("FETCH 2 FROM held").await;
+            if fetched.as_deref().ok() != Some("2") {
+                failures.push(format!("{}: FETCH gave {fetched:?}", object.name));
+            }
+        }
+        // SHOW CLIENTS' last column says why a client is pinned.
+        let clients = console(s.port(), "SHOW CLIENTS").await;
+        let pinned = clients
+            .lines()
+            .any(|l| l.rsplit('|').next().is_some_and(|w| !w.is_empty()));
+        if !pinned {
+            failures.push(format!(
+                "{}: SHOW CLIENTS shows no pin:\n{clients}",
+                object.name
+            ));
+        }
+        // B waits for the only server connection, which A keeps.
+        let b = Client::login(s.port(), "alice", "").await;
+        let b_sees = tokio::spawn(async move {
+            let seen = b.one(object.show).await;
+            (b, seen)
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if b_sees.is_finished() {
+            failures.push(format!(
+                "{}: B got the connection A is pinned to",
+                object.name
+            ));
+        }
+        if let Err(e) = a.try_one(object.drop).await {
+            failures.push(format!("{}: {}: {e}", object.name, object.drop));
+        }
+        let (b, seen) = tokio::time::timeout(PROMPT, b_sees)
+            .await
+            .unwrap_or_else(|_| panic!("{}: B never got the connection", object.name))
+            .unwrap();
+        if seen != "0" {
+            failures.push(format!("{}: B saw {seen}", object.name));
+        }
+        // A leaves while pinned: nothing of it reaches the next client.
+        let a2 = Client::login(s.port(), "alice", "").await;
+        a2.run(object.make).await;
+        a2.leave().await;
+        let seen = b.one(object.show).await;
+        if seen != "0" {
+            failures.push(format!(
+                "{}: after A left pinned, B saw {seen}",
+                object.name
+            ));
+        }
+        b.leave().await;
+        a.leave().await;
+    }
+    let pins = sample(&metrics_text(), "patroxy_pins_total", &[]).unwrap_or(0.0);
+    if pins < OBJECTS.len() as f64 {
+        failures.push(format!("patroxy_pins_total = {pins}"));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    s.proxy.stop().await;
+}
+
+/// Session pool of one: whatever A left in its session, B finds none of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_objects_never_outlive_their_client_on_a_session_pool() {
+    let s = Suite::start("leakobjects", PoolMode::Session, |_| {}).await;
+    for object in OBJECTS {
+        let a = Client::login(s.port(), "alice", "").await;
+        a.run(object.make).await;
+        assert_ne!(a.one(object.show).await, "0", "{}", object.name);
+        a.leave().await;
+        let b = Client::login(s.port(), "alice", "").await;
+        assert_eq!(b.one(object.show).await, "0", "{}", object.name);
+        b.leave().await;
+    }
+    s.proxy.stop().await;
+}
+
+/// The admin console, as sam.
+async fn console(port: u16, sql: &str) -> String {
+    let out = tokio::process::Command::new(format!("{PG_BIN}/psql"))
+        .env("PGPASSWORD", "secret")
+        .arg(format!(
+            "host=127.0.0.1 port={port} user=sam dbname=pgbouncer"
+        ))
+        .args(["-XAtF", "|", "-c", sql])
+        .output()
+        .await
+        .expect("psql");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        + String::from_utf8_lossy(&out.stderr).trim()
+}
