@@ -525,3 +525,112 @@ async fn console(port: u16, sql: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
         + String::from_utf8_lossy(&out.stderr).trim()
 }
+
+/// A cancel still on its way when its client's transaction ends must not cancel the next
+/// client's query on that server connection (PgBouncer's `sv_being_canceled`): the cancel
+/// is held in a gate in front of the server while the connection is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_on_its_way_never_reaches_the_next_client_of_the_connection() {
+    let root = TempRoot::new();
+    let etcd = Etcd::start(&root);
+    let pg = Postgres::primary(&root, "a");
+    let file = roles(&root, &pg).await;
+    let gate = common::gate::Gate::start(pg.port).await;
+    let mut keys = Keys::new(&etcd, "cancelrace").await;
+    keys.member("a", gate.port, "primary", "running").await;
+    keys.leader("a").await;
+    let proxy = Proxy::start(&etcd, "cancelrace", |cfg| {
+        cfg.listeners = vec![ListenerConfig {
+            pool_mode: PoolMode::Transaction,
+            ..listener("pooled", ListenerRole::Primary)
+        }];
+        cfg.auth.auth_file = Some(file);
+        cfg.auth.admin_users = vec!["sam".into()];
+        cfg.pool.pool_size = 1;
+    })
+    .await;
+    let port = proxy.port();
+    let (a, b) = (
+        Client::login(port, "alice", "").await,
+        Client::login(port, "alice", "").await,
+    );
+    assert_eq!(
+        a.one("SELECT 'open'").await,
+        "open",
+        "the pool's one connection is open"
+    );
+    // From now on the gate holds new connections: the cancel waits there.
+    gate.hold();
+    let token = a.c.cancel_token();
+    let sleep_a = "SELECT pg_sleep(0.5)::text";
+    let cancel = async {
+        wait_query_running(pg.port, sleep_a).await;
+        tokio::spawn(async move { token.cancel_query(tokio_postgres::NoTls).await })
+    };
+    let (a_done, cancel) = tokio::join!(a.try_one(sleep_a), cancel);
+    assert!(
+        a_done.is_ok(),
+        "A's query ran to its end: the cancel is still held"
+    );
+    // B asks for the connection; it either runs its query at once or waits for it.
+    let sleep_b = "SELECT pg_sleep(1)::text";
+    let release =
+        async {
+            wait_for("B running, or waiting for the connection", PROMPT, || async {
+            let direct = connect(pg.port).await.ok()?;
+            let sql = "SELECT count(*) FROM pg_stat_activity WHERE query = $1 AND state = 'active'";
+            let running: i64 = direct.query_one(sql, &[&sleep_b]).await.ok()?.get(0);
+            let waiting = console(port, "SHOW CLIENTS").await.contains("|waiting|");
+            (running > 0 || waiting).then_some(())
+        })
+        .await;
+            gate.release();
+        };
+    let (b_done, ()) = tokio::join!(b.try_one(sleep_b), release);
+    assert!(
+        b_done.is_ok(),
+        "A's late cancel reached B's query: {:?}",
+        b_done.err().map(|e| e.to_string())
+    );
+    cancel.await.unwrap().unwrap();
+    assert_eq!(b.one("SELECT 'b goes on'").await, "b goes on");
+    proxy.stop().await;
+}
+
+/// PgBouncer's three timeouts, with its meanings, on a transaction pool of one: a client
+/// sitting in a transaction, one whose request runs too long, and one idle between
+/// transactions are disconnected (with PostgreSQL's SQLSTATEs for the same), and the one
+/// server connection serves the next client at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_sit_on_a_connection_are_let_go_by_pgbouncers_timeouts() {
+    let s = Suite::start("leaktimeouts", PoolMode::Transaction, |cfg| {
+        cfg.pool.idle_transaction_timeout = Duration::from_millis(500);
+        cfg.pool.query_timeout = Duration::from_millis(1500);
+        cfg.pool.client_idle_timeout = Duration::from_secs(3);
+    })
+    .await;
+    let port = s.port();
+    // BEGIN, then nothing: the client is let go, its transaction rolled back.
+    let sitting = Client::login(port, "alice", "").await;
+    sitting.run("BEGIN; CREATE TABLE never (x int)").await;
+    let code = ended_within(sitting.conn, Duration::from_secs(5)).await;
+    assert_eq!(code.as_deref(), Some("25P03"), "idle_transaction_timeout");
+    let next = Client::login(port, "alice", "").await;
+    assert_eq!(
+        next.one("SELECT (to_regclass('never') IS NULL)::text")
+            .await,
+        "true",
+        "its transaction was rolled back"
+    );
+    // A request that runs too long: the client is told and its server connection closed.
+    let slow = Client::login(port, "alice", "").await;
+    let e = slow.try_one("SELECT pg_sleep(10)").await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "query_timeout: {e}");
+    assert_eq!(next.one("SELECT 'served'").await, "served");
+    // Idle between transactions, holding nothing: let go after client_idle_timeout.
+    let idle = Client::login(port, "alice", "").await;
+    idle.run("SELECT 1").await;
+    let code = ended_within(idle.conn, Duration::from_secs(8)).await;
+    assert_eq!(code.as_deref(), Some("57P05"), "client_idle_timeout");
+    s.proxy.stop().await;
+}

@@ -71,7 +71,10 @@ fn image() -> Image {
     let stages = lines.iter().filter(|l| l.starts_with("FROM ")).count();
     assert!(stages >= 2, "a multi-stage build");
     assert!(text.contains("protobuf-compiler"), "protoc for etcd-client");
-    assert!(text.contains("libclang-dev"), "libclang for pg_query's bindings");
+    assert!(
+        text.contains("libclang-dev"),
+        "libclang for pg_query's bindings"
+    );
     assert!(text.contains("cargo build --release --locked"));
     let last = lines.iter().rposition(|l| l.starts_with("FROM ")).unwrap();
     let runtime = &lines[last..];

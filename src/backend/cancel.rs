@@ -7,12 +7,14 @@
 //! instances.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio::time::timeout;
 
@@ -22,17 +24,95 @@ use crate::protocol::messages;
 use crate::protocol::startup::CancelKey;
 
 /// Where each live session's cancel key goes: the server, and the key to send it (the
-/// server's own; for a pooled session, the key of the server connection it holds).
+/// server's own; for a pooled session, the key of the server connection it holds), with the
+/// cancels on their way to that server connection.
 #[derive(Debug, Clone, Default)]
 pub struct CancelRegistry {
-    keys: Arc<Mutex<HashMap<CancelKey, (Endpoint, CancelKey)>>>,
+    keys: Arc<Mutex<HashMap<CancelKey, Entry>>>,
 }
 
-/// Removes its key from the registry when the session ends, on every exit path.
+#[derive(Debug)]
+struct Entry {
+    server: Endpoint,
+    server_key: CancelKey,
+    in_flight: Arc<InFlight>,
+}
+
+/// The cancel requests on their way to one server connection. A connection that one is on
+/// its way to is not lent to another client before it has arrived (PgBouncer's
+/// `sv_being_canceled`): it would cancel that client's query.
+#[derive(Debug, Default)]
+pub struct InFlight {
+    count: AtomicUsize,
+    /// A delivery ended without the server saying it had the request (a timeout): it may
+    /// still arrive.
+    unconfirmed: AtomicBool,
+    done: Notify,
+}
+
+impl InFlight {
+    /// Waits until no cancel is on its way, up to `limit`; whether the connection is then
+    /// safe to lend: every cancel arrived (or none was sent).
+    pub async fn settled(&self, limit: Duration) -> bool {
+        let waited = timeout(limit, async {
+            loop {
+                let done = self.done.notified();
+                if self.count.load(Relaxed) == 0 {
+                    return;
+                }
+                done.await;
+            }
+        })
+        .await;
+        waited.is_ok() && !self.unconfirmed.load(Relaxed)
+    }
+
+    pub fn busy(&self) -> bool {
+        self.count.load(Relaxed) > 0 || self.unconfirmed.load(Relaxed)
+    }
+}
+
+/// A cancel on its way to a server connection, until it is dropped; `delivered` says it
+/// arrived.
+#[derive(Debug)]
+pub struct Sending {
+    in_flight: Arc<InFlight>,
+    delivered: bool,
+}
+
+impl Sending {
+    pub fn delivered(&mut self) {
+        self.delivered = true;
+    }
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        if !self.delivered {
+            self.in_flight.unconfirmed.store(true, Relaxed);
+        }
+        self.in_flight.count.fetch_sub(1, Relaxed);
+        self.in_flight.done.notify_waiters();
+    }
+}
+
+/// Removes its key from the registry when the session (or, pooled, the loan) ends, on
+/// every exit path.
 #[derive(Debug)]
 pub struct Registration {
     registry: CancelRegistry,
     key: CancelKey,
+    in_flight: Arc<InFlight>,
+}
+
+impl Registration {
+    /// Ends the registration: no cancel is sent to this server connection from now on. The
+    /// cancels already on their way, if any, to wait for before the connection goes to
+    /// anyone else.
+    pub fn end(self) -> Arc<InFlight> {
+        self.registry.lock().remove(&self.key);
+        self.in_flight.clone()
+    }
 }
 
 impl Drop for Registration {
@@ -42,7 +122,7 @@ impl Drop for Registration {
 }
 
 impl CancelRegistry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CancelKey, (Endpoint, CancelKey)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CancelKey, Entry>> {
         // A panic elsewhere while holding the lock leaves a usable map.
         self.keys.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -54,15 +134,32 @@ impl CancelRegistry {
         server: Endpoint,
         server_key: CancelKey,
     ) -> Registration {
-        self.lock().insert(key.clone(), (server, server_key));
+        let in_flight = Arc::new(InFlight::default());
+        let entry = Entry {
+            server,
+            server_key,
+            in_flight: in_flight.clone(),
+        };
+        self.lock().insert(key.clone(), entry);
         Registration {
             registry: self.clone(),
             key,
+            in_flight,
         }
     }
 
-    pub fn lookup(&self, key: &CancelKey) -> Option<(Endpoint, CancelKey)> {
-        self.lock().get(key).cloned()
+    /// Where `key` cancels, and the cancel counted as on its way there until the returned
+    /// guard drops. Counted under the registry's lock: a registration that ends after
+    /// this sees it.
+    pub fn lookup(&self, key: &CancelKey) -> Option<(Endpoint, CancelKey, Sending)> {
+        let keys = self.lock();
+        let e = keys.get(key)?;
+        e.in_flight.count.fetch_add(1, Relaxed);
+        let sending = Sending {
+            in_flight: e.in_flight.clone(),
+            delivered: false,
+        };
+        Some((e.server.clone(), e.server_key.clone(), sending))
     }
 
     pub fn len(&self) -> usize {
@@ -166,10 +263,41 @@ mod tests {
         let reg = CancelRegistry::default();
         let ep = Endpoint::parse("127.0.0.1:5001").unwrap();
         let guard = reg.register(key(1), ep.clone(), key(7));
-        assert_eq!(reg.lookup(&key(1)), Some((ep, key(7))));
-        assert_eq!(reg.lookup(&key(2)), None);
+        let (server, server_key, _) = reg.lookup(&key(1)).unwrap();
+        assert_eq!((server, server_key), (ep, key(7)));
+        assert!(reg.lookup(&key(2)).is_none());
         drop(guard);
         assert!(reg.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_connection_with_a_cancel_on_its_way_waits_for_it() {
+        let reg = CancelRegistry::default();
+        let ep = Endpoint::parse("127.0.0.1:5001").unwrap();
+        let registration = reg.register(key(1), ep, key(7));
+        let (_, _, mut sending) = reg.lookup(&key(1)).unwrap();
+        let in_flight = registration.end();
+        assert!(
+            reg.lookup(&key(1)).is_none(),
+            "no cancel goes there any more"
+        );
+        assert!(in_flight.busy());
+        let waiting = tokio::spawn({
+            let in_flight = in_flight.clone();
+            async move { in_flight.settled(Duration::from_secs(5)).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(
+            !waiting.is_finished(),
+            "held back while the cancel is on its way"
+        );
+        sending.delivered();
+        drop(sending);
+        assert!(waiting.await.unwrap(), "lendable once it arrived");
+        // A cancel that may not have arrived keeps the connection from being lent.
+        let registration = reg.register(key(2), Endpoint::parse("127.0.0.1:5001").unwrap(), key(8));
+        drop(reg.lookup(&key(2)).unwrap());
+        assert!(!registration.end().settled(Duration::from_millis(10)).await);
     }
 
     #[test]

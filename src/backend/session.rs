@@ -17,7 +17,7 @@ use bytes::Bytes;
 
 use super::conn::{ConnError, ServerConn};
 use super::pool::Defaults;
-use crate::protocol::messages;
+use crate::protocol::{codes, messages};
 
 /// Reported parameters that describe the server, not a setting a client chose.
 pub const SERVER_OWNED: [&str; 8] = [
@@ -223,7 +223,7 @@ impl ServerConn {
         let sql = look.sql();
         let rows = match self.query_rows(&sql).await {
             // Cut short before its transaction began, or (a client's late cancel) in it.
-            Err(ConnError::Refused { sqlstate, .. }) if sqlstate == QUERY_CANCELED => {
+            Err(ConnError::Refused { sqlstate, .. }) if sqlstate == codes::QUERY_CANCELED => {
                 self.query_rows(&format!("ROLLBACK; {sql}")).await?
             }
             r => r?,
@@ -335,8 +335,6 @@ const LOGIN_TIMEOUTS_SQL: &str = "SET LOCAL statement_timeout TO DEFAULT; \
     SET LOCAL lock_timeout TO DEFAULT; \
     SELECT 'r', 'statement_timeout', pg_catalog.current_setting('statement_timeout'), '' \
     UNION ALL SELECT 'r', 'lock_timeout', pg_catalog.current_setting('lock_timeout'), ''; ";
-
-const QUERY_CANCELED: &str = "57014";
 
 const SETTINGS_SQL: &str = "SELECT 's', name::text, pg_catalog.current_setting(name), '' \
     FROM pg_catalog.pg_settings WHERE source = 'session' \

@@ -231,6 +231,15 @@ impl Session<'_> {
         carried: &mut Carried,
     ) -> Next {
         if buf.is_empty() {
+            // PgBouncer's client_idle_timeout: a client that holds no server connection
+            // and sends nothing this long is let go.
+            let idle_limit = self.ctx.pool.client_idle_timeout;
+            let idle = async {
+                match idle_limit.is_zero() {
+                    true => std::future::pending().await,
+                    false => tokio::time::sleep(idle_limit).await,
+                }
+            };
             tokio::select! {
                 read = client.read_next(buf) => match read {
                     Ok(0) => return Next::Over(End::ClientClosed),
@@ -239,6 +248,7 @@ impl Session<'_> {
                 },
                 _ = self.ctx.proxy.shutdown.cancelled() => return Next::Over(self.shut_down(client).await),
                 _ = self.me.kill.cancelled() => return Next::Over(self.killed(client).await),
+                _ = idle => return Next::Over(self.idle_too_long(client, idle_limit).await),
             }
         }
         if buf[..] == TERMINATE {
@@ -350,6 +360,15 @@ impl Session<'_> {
             cause,
             forced: false,
         }
+    }
+
+    async fn idle_too_long(&self, client: &mut Stream, limit: Duration) -> End {
+        crate::metrics::client_timeout("client_idle_timeout");
+        let msg = format!(
+            "patroxy: terminating connection due to idle-session timeout (client_idle_timeout, {limit:?})"
+        );
+        send_fatal(client, codes::IDLE_SESSION_TIMEOUT, &msg).await;
+        End::ClientIdle
     }
 
     async fn shut_down(&self, client: &mut Stream) -> End {

@@ -61,7 +61,7 @@ impl Session<'_> {
         } = attached;
         let lent_at = Instant::now();
         let _load = proxy.load.claim(&target.endpoint);
-        let _registration = conn.key.clone().map(|server_key| {
+        let registration = conn.key.clone().map(|server_key| {
             proxy
                 .cancels
                 .register(self.key.clone(), conn.endpoint.clone(), server_key)
@@ -77,6 +77,9 @@ impl Session<'_> {
         let mut out = self
             .relay_lent(client, client_buf, lent, topology, carried)
             .await;
+        // The client's requests are over: a cancel from now on cancels nothing; one already
+        // on its way keeps the connection from the next client until it arrives.
+        let in_flight = registration.map(|r| r.end());
         if let Some(unsent) = out.unsent.take() {
             info!(client = %self.peer, server = %target.endpoint, end = %out.end, "server connection closed before the client's request reached it; another one is used");
             crate::metrics::server_unsent(&self.ctx.name);
@@ -90,6 +93,10 @@ impl Session<'_> {
             .forget(failed.iter().map(|f| f.server_name.as_str()));
         carried.statements.forget(&failed);
         let mut end = std::mem::replace(&mut out.end, End::ClientClosed);
+        if let End::TimedOut(over) = &end {
+            crate::metrics::client_timeout(over.label());
+            warn!(client = %self.peer, server = %target.endpoint, timeout = over.label(), "pooled client disconnected by a timeout; its server connection closed");
+        }
         // Transaction mode, at the transaction's end: what its statements left.
         let settled = match end {
             End::Released => {
@@ -144,7 +151,8 @@ impl Session<'_> {
             );
         }
         if returned {
-            lease.give_back(conn);
+            let limit = proxy.timeouts.connect;
+            give_back(lease, conn, in_flight.filter(|f| f.busy()), limit);
         }
         if let Some(Lost::Answered(answer)) = lost {
             warn!(client = %self.peer, server = %target.endpoint, "server connection lost during a transaction; the client was told and stays");
@@ -219,6 +227,10 @@ impl Session<'_> {
                 switchover_grace: movable.then_some(self.ctx.pool.switchover_grace),
                 kill: Some(self.me.kill.clone()),
                 watch_resets: (!release_at_idle).then_some(&proxy.classifier),
+                limits: crate::routing::timeouts::Limits {
+                    query: self.ctx.pool.query_timeout,
+                    idle_in_transaction: self.ctx.pool.idle_transaction_timeout,
+                },
             };
             let client_bytes = std::mem::take(&mut client_buf);
             let out = relay(
@@ -428,6 +440,28 @@ impl Session<'_> {
             }
         }
     }
+}
+
+/// Gives a connection back to its pool, at once or, with a cancel on its way to it, once
+/// that has arrived (within `limit`; if it may not have, the connection is closed): lent to
+/// another client before, it could cancel that client's query.
+fn give_back(
+    lease: Lease,
+    conn: ServerConn,
+    in_flight: Option<std::sync::Arc<crate::backend::cancel::InFlight>>,
+    limit: Duration,
+) {
+    let Some(in_flight) = in_flight else {
+        return lease.give_back(conn);
+    };
+    tokio::spawn(async move {
+        match in_flight.settled(limit).await {
+            true => lease.give_back(conn),
+            false => {
+                warn!(server = %conn.endpoint, "a cancel request to a server connection may not have arrived; closed rather than lent again")
+            }
+        }
+    });
 }
 
 /// A lent connection, where it is, whether it goes back at each transaction's end, and

@@ -21,6 +21,7 @@ use crate::protocol::codes;
 use crate::protocol::frame::{FrameError, Scanner, Seen, MAX_DECLARED_LEN};
 use crate::protocol::messages::{self, Severity};
 use crate::routing::drain::{at_drain_point, can_send_error, DrainCause, Progress};
+use crate::routing::timeouts::{Limits, Over, Watch};
 use crate::routing::Policy;
 use crate::stream::{Reader, Stream, Writer, BUF_SIZE};
 
@@ -47,11 +48,15 @@ pub enum End {
     /// Session pooling: the client left its server connection for the next primary at a
     /// planned switchover; the client stays.
     Moved,
+    /// Pooling: PgBouncer's `query_timeout` or `idle_transaction_timeout` ran out.
+    TimedOut(Over),
+    /// Transaction pooling: PgBouncer's `client_idle_timeout` ran out.
+    ClientIdle,
 }
 
 impl End {
     /// Every `label()`, for metrics exported at zero before their first event.
-    pub const LABELS: [&'static str; 10] = [
+    pub const LABELS: [&'static str; 12] = [
         "client_closed",
         "server_closed",
         "client_error",
@@ -62,6 +67,8 @@ impl End {
         "drained_at_deadline",
         "released",
         "moved",
+        "timed_out",
+        "client_idle",
     ];
 
     /// A short label for metrics.
@@ -77,6 +84,8 @@ impl End {
             End::Drained { forced: true, .. } => "drained_at_deadline",
             End::Released => "released",
             End::Moved => "moved",
+            End::TimedOut(_) => "timed_out",
+            End::ClientIdle => "client_idle",
         }
     }
 }
@@ -100,6 +109,8 @@ impl std::fmt::Display for End {
             } => write!(f, "drained at deadline ({cause})"),
             End::Released => f.write_str("transaction ended; server connection released"),
             End::Moved => f.write_str("left for the next primary at a switchover"),
+            End::TimedOut(over) => write!(f, "{}", over.label()),
+            End::ClientIdle => f.write_str("client_idle_timeout"),
         }
     }
 }
@@ -131,6 +142,8 @@ pub struct RelayContext<'a> {
     /// and one that resets settings to the session's start ends the relay at the next
     /// transaction end (`Released`), for patroxy to set the client's startup values again.
     pub watch_resets: Option<&'a crate::protocol::classify::Classifier>,
+    /// Pooling: PgBouncer's `query_timeout` and `idle_transaction_timeout` (zero: off).
+    pub limits: Limits,
 }
 
 /// Where the conversation stands, as both pumps see it; one task polls both, so relaxed
@@ -348,6 +361,10 @@ pub async fn relay(
         };
         tokio::pin!(killed);
         let mut control_open = true;
+        // PgBouncer's timeouts: the conversation is sampled every tick.
+        let (limits, tick) = (ctx.limits, ctx.limits.tick());
+        let mut watch = Watch::default();
+        let mut next_tick = Instant::now() + tick;
         loop {
             let deadline = draining.as_ref().and_then(|(_, d)| *d);
             tokio::select! {
@@ -376,6 +393,13 @@ pub async fn relay(
                     let (cause, _) = draining.take().expect("deadline implies draining");
                     break End::Drained { cause, forced: true };
                 }
+                _ = sleep_until(next_tick), if limits.any() => {
+                    next_tick += tick;
+                    let (up, answered) = (st.bytes_up.load(Relaxed), st.queries.load(Relaxed));
+                    if let Some(over) = watch.sample(&limits, st.progress(), up, answered, tick) {
+                        break End::TimedOut(over);
+                    }
+                }
             }
             // A drain that began while the session was already at rest ends it now.
             if st.drain_reached() {
@@ -401,6 +425,13 @@ pub async fn relay(
         _ if moving => None,
         End::Drained { cause, .. } => Some((codes::ADMIN_SHUTDOWN, cause.client_message())),
         End::ClientProtocol(e) => Some((codes::PROTOCOL_VIOLATION, format!("patroxy: {e}"))),
+        End::TimedOut(over) => {
+            let limit = match over {
+                Over::Query => ctx.limits.query,
+                Over::IdleInTransaction => ctx.limits.idle_in_transaction,
+            };
+            Some(over.client_error(limit))
+        }
         End::ServerProtocol(e) => Some((
             codes::CONNECTION_FAILURE,
             format!("patroxy: server sent {e}"),
@@ -715,6 +746,7 @@ mod tests {
                 switchover_grace: None,
                 kill: None,
                 watch_resets: None,
+                limits: Limits::default(),
             };
             let out = relay(
                 &mut client,
@@ -756,6 +788,8 @@ mod tests {
             drained(true),
             End::Released,
             End::Moved,
+            End::TimedOut(Over::Query),
+            End::ClientIdle,
         ];
         let labels: Vec<_> = all.iter().map(End::label).collect();
         assert_eq!(labels, End::LABELS);

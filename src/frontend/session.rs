@@ -62,8 +62,14 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ListenerContext>) 
 /// another instance issued to that instance; any other key to every member of the cluster.
 async fn forward_cancel(key: CancelKey, peer: SocketAddr, ctx: &ListenerContext) {
     let proxy = &ctx.proxy;
+    // A local cancel is counted as on its way to its server connection until it has
+    // arrived: the connection is not lent to another client meanwhile.
+    let mut sending = None;
     let (routed, targets, send) = match proxy.cancels.lookup(&key) {
-        Some((server, server_key)) => ("local", vec![server], server_key),
+        Some((server, server_key, guard)) => {
+            sending = Some(guard);
+            ("local", vec![server], server_key)
+        }
         None => match cancel::tag_of(&key) {
             // Ours, but its session has ended: nothing to cancel.
             Some(tag) if tag == proxy.cancel_tag => ("stale", Vec::new(), key.clone()),
@@ -81,6 +87,10 @@ async fn forward_cancel(key: CancelKey, peer: SocketAddr, ctx: &ListenerContext)
     // Counted before it is sent: whoever sees the query canceled sees the count too.
     crate::metrics::cancel_request(&ctx.name, routed);
     let delivered = cancel::deliver(&send, targets, proxy.timeouts.connect).await;
+    if let Some(s) = sending.as_mut().filter(|_| delivered > 0) {
+        s.delivered();
+    }
+    drop(sending);
     info!(client = %peer, listener = %ctx.name, pid = key.pid, routed, sent_to, delivered, "cancel request forwarded");
 }
 
@@ -149,6 +159,7 @@ async fn run_session(
         switchover_grace: None,
         kill: None,
         watch_resets: None,
+        limits: Default::default(),
     };
 
     let leftover = std::mem::take(&mut backend.leftover);

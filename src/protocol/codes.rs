@@ -58,6 +58,14 @@ pub const CONNECTION_FAILURE: &str = "08006";
 pub const TRANSACTION_RESOLUTION_UNKNOWN: &str = "08007";
 pub const SQLCLIENT_UNABLE_TO_ESTABLISH: &str = "08001";
 pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
+/// A statement canceled (PostgreSQL's `statement_timeout`, a cancel request).
+pub const QUERY_CANCELED: &str = "57014";
+/// PostgreSQL's `idle_in_transaction_session_timeout`.
+pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
+/// PostgreSQL's `idle_session_timeout`.
+pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
+/// A database that does not exist.
+pub const INVALID_CATALOG_NAME: &str = "3D000";
 pub const SYNTAX_ERROR: &str = "42601";
 pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
 pub const TOO_MANY_CONNECTIONS: &str = "53300";

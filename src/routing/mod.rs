@@ -1,10 +1,12 @@
 //! Routing decisions: which members a listener's new sessions may go to, in which order,
 //! and whether a live session's member is still eligible (`drain.rs`: when and where a live
-//! session must end). Pure, no I/O.
+//! session must end; `timeouts.rs`: PgBouncer's timeouts inside a pooled loan). Pure, no
+//! I/O.
 
 pub mod drain;
 pub mod etcd_loss;
 pub mod switchover;
+pub mod timeouts;
 
 use std::fmt;
 

@@ -1,6 +1,7 @@
 //! A gate: a TCP forwarder on a free loopback port that a test can cut (every connection
 //! through it closed, new ones refused) and heal, to separate patroxy from a server (etcd,
-//! PostgreSQL) while the server itself runs on.
+//! PostgreSQL) while the server itself runs on; or hold, so that new connections are taken
+//! but reach the server only when it lets them go (connections already through it go on).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,6 +12,8 @@ use tokio::task::{AbortHandle, JoinHandle};
 pub struct Gate {
     pub port: u16,
     open: Arc<AtomicBool>,
+    /// While true, new connections wait before they are forwarded.
+    held: tokio::sync::watch::Sender<bool>,
     links: Arc<Mutex<Vec<AbortHandle>>>,
     task: JoinHandle<()>,
 }
@@ -22,13 +25,16 @@ impl Gate {
         let port = listener.local_addr().unwrap().port();
         let open = Arc::new(AtomicBool::new(true));
         let links: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
+        let (held, holding) = tokio::sync::watch::channel(false);
         let (o, l) = (open.clone(), links.clone());
         let task = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 if !o.load(Ordering::SeqCst) {
                     continue; // dropped: closed at once
                 }
+                let mut holding = holding.clone();
                 let link = tokio::spawn(async move {
+                    let _ = holding.wait_for(|held| !held).await;
                     if let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", target)).await {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                     }
@@ -39,6 +45,7 @@ impl Gate {
         Gate {
             port,
             open,
+            held,
             links,
             task,
         }
@@ -50,6 +57,15 @@ impl Gate {
         for link in self.links.lock().unwrap().drain(..) {
             link.abort();
         }
+    }
+
+    /// New connections wait at the gate until `release`.
+    pub fn hold(&self) {
+        self.held.send_replace(true);
+    }
+
+    pub fn release(&self) {
+        self.held.send_replace(false);
     }
 
     pub fn heal(&self) {
