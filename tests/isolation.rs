@@ -563,11 +563,12 @@ async fn a_cancel_on_its_way_never_reaches_the_next_client_of_the_connection() {
     gate.hold();
     let token = a.c.cancel_token();
     let sleep_a = "SELECT pg_sleep(0.5)::text";
-    let cancel = async {
-        wait_query_running(pg.port, sleep_a).await;
-        tokio::spawn(async move { token.cancel_query(tokio_postgres::NoTls).await })
-    };
-    let (a_done, cancel) = tokio::join!(a.try_one(sleep_a), cancel);
+    let server = pg.port;
+    let cancel = tokio::spawn(async move {
+        wait_query_running(server, sleep_a).await;
+        token.cancel_query(tokio_postgres::NoTls).await
+    });
+    let a_done = a.try_one(sleep_a).await;
     assert!(
         a_done.is_ok(),
         "A's query ran to its end: the cancel is still held"
