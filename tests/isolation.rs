@@ -635,3 +635,84 @@ async fn clients_that_sit_on_a_connection_are_let_go_by_pgbouncers_timeouts() {
     assert_eq!(code.as_deref(), Some("57P05"), "client_idle_timeout");
     s.proxy.stop().await;
 }
+
+/// The startup as PostgreSQL answers it: a database that does not exist is `3D000` right
+/// after authentication (and only after: a wrong password is told first), a role the
+/// server does not have is `28P01`; a newer minor version or a protocol option gets a
+/// NegotiateProtocolVersion before authentication.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_is_answered_as_postgresql_answers_it() {
+    let s = Suite::start("startup", PoolMode::Transaction, |cfg| {
+        let file = cfg.auth.auth_file.clone().unwrap();
+        let mut users = std::fs::read_to_string(&file).unwrap();
+        users.push_str("\"ghost\" \"boo\"\n");
+        std::fs::write(&file, users).unwrap();
+    })
+    .await;
+    let port = s.port();
+    let attempt = |user: &'static str, password: &'static str, db: &'static str| async move {
+        let started = std::time::Instant::now();
+        let conn =
+            format!("host=127.0.0.1 port={port} user={user} password={password} dbname={db}");
+        let e = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+            .await
+            .err()
+            .expect("refused");
+        (sqlstate(&e), message(&e), started.elapsed())
+    };
+    let (code, msg, took) = attempt("alice", "wonder", "nope").await;
+    assert_eq!(code.as_deref(), Some("3D000"), "{msg}");
+    assert_eq!(msg, "database \"nope\" does not exist");
+    assert!(
+        took < Duration::from_secs(2),
+        "told at once, not after a wait: {took:?}"
+    );
+    let (code, _, _) = attempt("alice", "wrong", "nope").await;
+    assert_eq!(
+        code.as_deref(),
+        Some("28P01"),
+        "the password is checked first"
+    );
+    let (code, msg, _) = attempt("ghost", "boo", "postgres").await;
+    assert_eq!(code.as_deref(), Some("28P01"), "{msg}");
+    assert_eq!(msg, "password authentication failed for user \"ghost\"");
+
+    // Protocol 3.2 with an option patroxy does not know: NegotiateProtocolVersion, then
+    // the authentication request.
+    let mut body = Vec::new();
+    body.extend_from_slice(&196_610u32.to_be_bytes());
+    for (k, v) in [
+        ("user", "alice"),
+        ("database", "postgres"),
+        ("_pq_.hope", "1"),
+    ] {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&body);
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    raw.write_all(&packet).await.unwrap();
+    let mut head = [0u8; 5];
+    raw.read_exact(&mut head).await.unwrap();
+    assert_eq!(head[0], b'v', "NegotiateProtocolVersion first");
+    let len = u32::from_be_bytes(head[1..5].try_into().unwrap()) as usize;
+    let mut v = vec![0u8; len - 4];
+    raw.read_exact(&mut v).await.unwrap();
+    assert_eq!(
+        &v[..8],
+        &[0, 3, 0, 2, 0, 0, 0, 1],
+        "3.2, one option not recognized"
+    );
+    assert_eq!(&v[8..], b"_pq_.hope\0");
+    raw.read_exact(&mut head).await.unwrap();
+    assert_eq!(head[0], b'R', "then authentication");
+    drop(raw);
+    s.proxy.stop().await;
+}

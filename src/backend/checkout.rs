@@ -62,13 +62,30 @@ impl CheckoutError {
             CheckoutError::Server {
                 source: ConnError::Refused { sqlstate, message },
                 ..
-            } => (
-                codes::refusal_passed_on(sqlstate),
-                format!("patroxy: the server refused: {message}"),
-            ),
+            } => match (codes::refusal_passed_on(sqlstate), missing_role(message)) {
+                // The client proved a password to patroxy: a role the server does not have
+                // is a failed password, as PostgreSQL answers it under password methods
+                // (who exists is not told).
+                (codes::INVALID_AUTHORIZATION, Some(role)) => (
+                    codes::INVALID_PASSWORD,
+                    format!("password authentication failed for user \"{role}\""),
+                ),
+                // What PostgreSQL says of the client's login, in its own words.
+                (code @ (codes::INVALID_CATALOG_NAME | codes::INVALID_PASSWORD), _) => {
+                    (code, message.clone())
+                }
+                (code, _) => (code, format!("patroxy: the server refused: {message}")),
+            },
             CheckoutError::Server { .. } => (codes::CONNECTION_FAILURE, format!("patroxy: {self}")),
         }
     }
+}
+
+/// The role in PostgreSQL's `role "name" does not exist`.
+fn missing_role(message: &str) -> Option<&str> {
+    message
+        .strip_prefix("role \"")?
+        .strip_suffix("\" does not exist")
 }
 
 /// Who a server connection is for: the pool is per (member, database, user), and patroxy
@@ -347,5 +364,36 @@ async fn checked(
             warn!(server = %conn.endpoint, error = %e, "idle server connection failed its check; closed");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(sqlstate: &str, message: &str) -> CheckoutError {
+        CheckoutError::Server {
+            server: "127.0.0.1:5432".into(),
+            source: ConnError::Refused {
+                sqlstate: sqlstate.into(),
+                message: message.into(),
+            },
+        }
+    }
+
+    #[test]
+    fn a_login_the_server_refuses_is_told_as_postgresql_tells_it() {
+        let (code, msg) = refused("3D000", "database \"nope\" does not exist").client_error();
+        assert_eq!(
+            (code, msg.as_str()),
+            ("3D000", "database \"nope\" does not exist")
+        );
+        let (code, msg) = refused("28000", "role \"ghost\" does not exist").client_error();
+        assert_eq!(code, "28P01");
+        assert_eq!(msg, "password authentication failed for user \"ghost\"");
+        let (code, _) = refused("28000", "pg_hba.conf rejects connection").client_error();
+        assert_eq!(code, "28000");
+        let (code, _) = refused("53300", "too many clients").client_error();
+        assert_eq!(code, codes::CONNECTION_FAILURE);
     }
 }

@@ -262,7 +262,16 @@ impl ServerConn {
     pub async fn read_to_ready(&mut self) -> Result<u8, ConnError> {
         let mut failed = None;
         loop {
-            let frame = self.frame().await?;
+            // A server that closes after an error (a FATAL: the database does not exist,
+            // say) has said why.
+            let frame = match (self.frame().await, failed.take()) {
+                (Ok(frame), f) => {
+                    failed = f;
+                    frame
+                }
+                (Err(_), Some(refused)) => return Err(refused),
+                (Err(e), None) => return Err(e),
+            };
             match frame.tag {
                 codes::PARAMETER_STATUS => {
                     if let Some((name, value)) = messages::parameter_status(frame.body()) {

@@ -29,8 +29,12 @@ use crate::protocol::messages;
 use crate::protocol::startup::{CancelKey, StartupInfo};
 use crate::stream::{send, Stream};
 
-/// Startup parameters that are the connection's, not settings to apply.
-const NOT_SETTINGS: [&str; 3] = ["options", "replication", "_pq_.protocol_managed_params"];
+/// Startup parameters that are the connection's, not settings to apply (and `_pq_.`
+/// protocol options).
+const NOT_SETTINGS: [&str; 2] = ["options", "replication"];
+
+/// The newest minor version of protocol 3 patroxy speaks to pooled clients.
+const NEWEST_MINOR: u16 = 2;
 
 type Topo = tokio::sync::watch::Receiver<std::sync::Arc<crate::discovery::Topology>>;
 
@@ -47,6 +51,12 @@ pub async fn run_pooled(
     let database = startup.database.clone().unwrap_or_else(|| user.clone());
     let deadline = started + proxy.timeouts.startup;
     let mut topology = ctx.topology.clone();
+    // As PostgreSQL does, before authentication.
+    if let Some(v) = negotiation(&startup) {
+        if send(&mut client, &v).await.is_err() {
+            return;
+        }
+    }
     // The login phases are boxed: an idle client's task keeps room only for what it does
     // after them.
     let authenticated = Box::pin(timeout_at(deadline, async {
@@ -189,13 +199,29 @@ fn asked_settings(startup: &StartupInfo) -> Vec<(String, String)> {
     let mut asked: Vec<(String, String)> = startup
         .params
         .iter()
-        .filter(|(name, _)| !NOT_SETTINGS.contains(&name.as_str()))
+        .filter(|(name, _)| !NOT_SETTINGS.contains(&name.as_str()) && !name.starts_with("_pq_."))
         .cloned()
         .collect();
     if let Some((_, options)) = startup.params.iter().find(|(n, _)| n == "options") {
         asked.extend(option_settings(options));
     }
     asked
+}
+
+/// NegotiateProtocolVersion, for a client that asked for a newer minor version than
+/// patroxy speaks, or for protocol options (`_pq_.`), none of which patroxy knows.
+fn negotiation(startup: &StartupInfo) -> Option<Bytes> {
+    let options: Vec<&str> = startup
+        .params
+        .iter()
+        .map(|(name, _)| name.as_str())
+        .filter(|name| name.starts_with("_pq_."))
+        .collect();
+    if startup.minor <= NEWEST_MINOR && options.is_empty() {
+        return None;
+    }
+    let newest = (3 << 16) | u32::from(startup.minor.min(NEWEST_MINOR));
+    Some(messages::negotiate_protocol_version(newest, &options))
 }
 
 /// The secret of a user the auth_file does not have, from `auth_query` run as `auth_user`
@@ -302,6 +328,32 @@ fn greeting(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn startup(minor: u16, params: &[(&str, &str)]) -> StartupInfo {
+        StartupInfo {
+            major: 3,
+            minor,
+            user: Some("u".into()),
+            database: None,
+            params: params
+                .iter()
+                .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+                .collect(),
+            raw: Bytes::new(),
+        }
+    }
+
+    #[test]
+    fn newer_versions_and_protocol_options_are_negotiated_as_postgresql_does() {
+        assert_eq!(negotiation(&startup(0, &[("application_name", "x")])), None);
+        assert_eq!(negotiation(&startup(2, &[])), None);
+        let v = negotiation(&startup(2, &[("_pq_.foo", "1")])).unwrap();
+        assert_eq!(&v[..], b"v\0\0\0\x15\0\x03\0\x02\0\0\0\x01_pq_.foo\0");
+        let v = negotiation(&startup(7, &[])).unwrap();
+        assert_eq!(&v[5..9], &[0, 3, 0, 2], "3.2 is the newest");
+        let asked = asked_settings(&startup(2, &[("_pq_.foo", "1"), ("work_mem", "1MB")]));
+        assert_eq!(asked, vec![("work_mem".to_owned(), "1MB".to_owned())]);
+    }
 
     #[test]
     fn options_are_read_as_postgresql_reads_them() {

@@ -78,6 +78,7 @@ pub fn refusal_passed_on(sqlstate: &str) -> &'static str {
     match sqlstate {
         INVALID_PASSWORD => INVALID_PASSWORD,
         INVALID_AUTHORIZATION => INVALID_AUTHORIZATION,
+        INVALID_CATALOG_NAME => INVALID_CATALOG_NAME,
         _ => CONNECTION_FAILURE,
     }
 }

@@ -224,6 +224,20 @@ pub fn execute_unnamed_and_sync() -> [u8; 15] {
     ]
 }
 
+/// A backend NegotiateProtocolVersion: the newest protocol version (the whole number, as
+/// PostgreSQL sends it) for the one the client asked for, and the protocol options
+/// (`_pq_.`) not recognized.
+pub fn negotiate_protocol_version(newest: u32, unrecognized: &[&str]) -> Bytes {
+    let mut body = BytesMut::new();
+    body.put_u32(newest);
+    body.put_u32(unrecognized.len() as u32);
+    for name in unrecognized {
+        body.put_slice(name.as_bytes());
+        body.put_u8(0);
+    }
+    frame(codes::NEGOTIATE_PROTOCOL_VERSION, &body)
+}
+
 /// A Close of the prepared statement `name`.
 pub fn close_statement(name: &str) -> Bytes {
     let mut body = Vec::with_capacity(name.len() + 2);
