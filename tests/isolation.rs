@@ -18,10 +18,10 @@ const PROMPT: Duration = Duration::from_secs(10);
 /// One PostgreSQL primary with the suite's roles, and patroxy in front of it with one
 /// pooled listener (`mode`) on a pool of one server connection.
 struct Suite {
-    _pg: Postgres,
+    pg: Postgres,
     proxy: Proxy,
     _etcd: Etcd,
-    _root: TempRoot,
+    root: TempRoot,
 }
 
 impl Suite {
@@ -39,10 +39,10 @@ impl Suite {
         })
         .await;
         Suite {
-            _pg: pg,
+            pg,
             proxy,
             _etcd: etcd,
-            _root: root,
+            root,
         }
     }
 
@@ -714,5 +714,91 @@ async fn startup_is_answered_as_postgresql_answers_it() {
     raw.read_exact(&mut head).await.unwrap();
     assert_eq!(head[0], b'R', "then authentication");
     drop(raw);
+    s.proxy.stop().await;
+}
+
+/// Runs a PostgreSQL client program as alice (with her password) and returns its stdout;
+/// fails the test if it fails.
+async fn tool(program: &str, args: &[&str]) -> String {
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(format!("{PG_BIN}/{program}"))
+            .env("PGPASSWORD", "wonder")
+            .env("PGCONNECT_TIMEOUT", "10")
+            .args(args)
+            .output(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{program} {args:?} did not finish"))
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Replication connections through a transaction-pooled listener go unpooled, on the
+/// member the listener routes to, authenticated as pooled clients are: pg_basebackup (with
+/// its WAL stream) makes a backup pg_verifybackup accepts, pg_recvlogical decodes rows,
+/// IDENTIFY_SYSTEM answers; and pgbench -i works through the same listener after them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_clients_work_through_a_pooled_listener() {
+    let s = Suite::start("replication", PoolMode::Transaction, |_| {}).await;
+    let port = s.port().to_string();
+    let direct = connect(s.pg.port).await.unwrap();
+    direct
+        .batch_execute("ALTER ROLE alice REPLICATION; GRANT CREATE ON DATABASE postgres TO alice; CREATE TABLE decoded (x int); GRANT ALL ON decoded TO alice")
+        .await
+        .unwrap();
+    let base = ["-h", "127.0.0.1", "-p", &port, "-U", "alice"];
+    let identify = tool(
+        "psql",
+        &[
+            &format!("host=127.0.0.1 port={port} user=alice dbname=postgres replication=database"),
+            "-XAtc",
+            "IDENTIFY_SYSTEM",
+        ],
+    )
+    .await;
+    assert!(identify.contains('|'), "{identify}");
+    let backup = s.root.subdir("backup");
+    let dir = backup.to_str().unwrap();
+    tool(
+        "pg_basebackup",
+        &[&base[..], &["-D", dir, "-X", "stream", "--no-sync"]].concat(),
+    )
+    .await;
+    tool("pg_verifybackup", &["-n", dir]).await;
+    // Logical decoding of rows written meanwhile, up to a known position.
+    let slot = [&base[..], &["-d", "postgres", "--slot", "decode"]].concat();
+    tool(
+        "pg_recvlogical",
+        &[&slot[..], &["--create-slot", "-P", "test_decoding"]].concat(),
+    )
+    .await;
+    direct
+        .batch_execute("INSERT INTO decoded VALUES (41), (42)")
+        .await
+        .unwrap();
+    let end: String = direct
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let decoded = tool(
+        "pg_recvlogical",
+        &[&slot[..], &["--start", "-n", "-f", "-", "-E", &end]].concat(),
+    )
+    .await;
+    assert!(decoded.contains("x[integer]:42"), "{decoded}");
+    tool("pg_recvlogical", &[&slot[..], &["--drop-slot"]].concat()).await;
+    // The pooled listener serves as before, with nothing of them left on its connections.
+    tool(
+        "pgbench",
+        &[&base[..], &["-i", "-s", "1", "-q", "postgres"]].concat(),
+    )
+    .await;
     s.proxy.stop().await;
 }

@@ -124,6 +124,14 @@ enum Admission {
     Route(Result<Vec<Target>, routing::Unroutable>),
 }
 
+/// How a connection is had: lent from the member's pool, or opened for the client alone
+/// with these startup parameters (a replication connection: never pooled).
+#[derive(Clone, Copy)]
+enum Way<'p> {
+    Pooled,
+    Own(&'p [(String, String)]),
+}
+
 impl Lender<'_> {
     /// A server connection for `who`, from the pool of the member routing picks, within
     /// `connect_wait`.
@@ -132,6 +140,31 @@ impl Lender<'_> {
         who: Who<'_>,
         topology: &mut Topo,
     ) -> Result<(Lease, ServerConn, Target), CheckoutError> {
+        let (lease, conn, target) = self.route(who, Way::Pooled, topology).await?;
+        let lease = lease.expect("a pooled connection comes with its lease");
+        Ok((lease, conn, target))
+    }
+
+    /// A server connection of the client's own, outside every pool, opened with `params`
+    /// in its startup packet (a replication connection), on the member routing picks,
+    /// within `connect_wait`.
+    pub async fn open_own(
+        &self,
+        who: Who<'_>,
+        params: &[(String, String)],
+        topology: &mut Topo,
+    ) -> Result<(ServerConn, Target), CheckoutError> {
+        let (_, conn, target) = self.route(who, Way::Own(params), topology).await?;
+        Ok((conn, target))
+    }
+
+    /// Routing, its holds and its waits, for either way of having a connection.
+    async fn route(
+        &self,
+        who: Who<'_>,
+        way: Way<'_>,
+        topology: &mut Topo,
+    ) -> Result<(Option<Lease>, ServerConn, Target), CheckoutError> {
         let started = Instant::now();
         let deadline = started + self.timeouts.connect_wait;
         let turn = self.turn.fetch_add(1, Relaxed);
@@ -164,7 +197,7 @@ impl Lender<'_> {
                         routing::order(candidates, self.policy, |ep| load.sessions(ep), turn);
                     for target in ordered {
                         match self
-                            .open_routed(who, &target, topology, &mut promoting)
+                            .open_routed(who, way, &target, topology, &mut promoting)
                             .await?
                         {
                             Ok((lease, conn)) => return Ok((lease, conn, target)),
@@ -205,13 +238,28 @@ impl Lender<'_> {
     async fn open_routed(
         &self,
         who: Who<'_>,
+        way: Way<'_>,
         target: &Target,
         topology: &Topo,
         promoting: &mut bool,
-    ) -> Result<Result<(Lease, ServerConn), String>, CheckoutError> {
+    ) -> Result<Result<(Option<Lease>, ServerConn), String>, CheckoutError> {
         let mut watch = topology.clone();
+        let opened = async {
+            match way {
+                Way::Pooled => Ok(self
+                    .open_on(who, target, promoting)
+                    .await?
+                    .map(|(lease, conn)| (Some(lease), conn))),
+                Way::Own(params) => {
+                    let mut opener = self.opener(target, who);
+                    opener.params = params.to_vec();
+                    let opened = self.opened(opener.open().await, target, promoting)?;
+                    Ok(opened.map(|conn| (None, conn)))
+                }
+            }
+        };
         tokio::select! {
-            opened = self.open_on(who, target, promoting) => opened,
+            opened = opened => opened,
             () = self.unrouted(&mut watch, who.database, target) => {
                 Ok(Err(format!("{}: no longer routed to while waiting for it", target.endpoint)))
             }
@@ -293,15 +341,27 @@ impl Lender<'_> {
         let opener = self.opener(target, who);
         let opened = opener.open().await;
         crate::metrics::server_connect(if opened.is_ok() { "ok" } else { "failed" });
+        let opened = self.opened(opened, target, promoting)?;
+        Ok(opened.map(|mut conn| {
+            crate::metrics::pool_checkout(self.listener, "new");
+            conn.permits = permits;
+            conn.generation = pool.generation();
+            pool.remember_defaults(&conn.defaults);
+            pool.remember_opener(&opener, self.caps);
+            (lease, conn)
+        }))
+    }
+
+    /// What an open came to: the connection; `Ok(Err(why))` for a failure worth another
+    /// try (`promoting` set for a server still in recovery); an error for a refusal.
+    fn opened(
+        &self,
+        opened: Result<ServerConn, ConnError>,
+        target: &Target,
+        promoting: &mut bool,
+    ) -> Result<Result<ServerConn, String>, CheckoutError> {
         match opened {
-            Ok(mut conn) => {
-                crate::metrics::pool_checkout(self.listener, "new");
-                conn.permits = permits;
-                conn.generation = pool.generation();
-                pool.remember_defaults(&conn.defaults);
-                pool.remember_opener(&opener, self.caps);
-                Ok(Ok((lease, conn)))
-            }
+            Ok(conn) => Ok(Ok(conn)),
             Err(e) if e.is_transient() => {
                 *promoting |= matches!(e, ConnError::InRecovery);
                 Ok(Err(format!("{}: {e}", target.endpoint)))
@@ -324,6 +384,7 @@ impl Lender<'_> {
             wants_standby: self.policy.role.wants_standby(),
             limit: self.timeouts.connect.max(self.timeouts.startup),
             tcp: self.timeouts.tcp(),
+            params: Vec::new(),
         }
     }
 

@@ -110,6 +110,8 @@ pub struct Opener {
     pub limit: Duration,
     /// Keepalive and TCP_USER_TIMEOUT for the socket (`timeouts.tcp_*`).
     pub tcp: crate::stream::TcpOptions,
+    /// More startup parameters (a client's own connection: `replication`, its settings).
+    pub params: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for Opener {
@@ -147,7 +149,9 @@ impl Opener {
                 generation: 0,
             };
             let (user, database) = (self.user.as_str(), self.database.as_str());
-            let startup = messages::startup(&[("user", user), ("database", database)]);
+            let mut params = vec![("user", user), ("database", database)];
+            params.extend(self.params.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+            let startup = messages::startup(&params);
             send(&mut conn.stream, &startup).await?;
             conn.authenticate(user, &self.login).await?;
             conn.read_to_ready().await?;

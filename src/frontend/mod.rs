@@ -2,7 +2,8 @@
 //! (`context.rs`), negotiation up to the first packet (`negotiate.rs`), the session driver
 //! (`session.rs`), the relay (`relay.rs`) and its drain control (`drain.rs`); for pooled
 //! listeners, the login (`pooled.rs`, `client_auth.rs`), the session that borrows server
-//! connections (`borrower.rs`) and each loan (`loan.rs`). The server side is `backend/`.
+//! connections (`borrower.rs`), each loan (`loan.rs`), and replication connections, never
+//! pooled (`replication.rs`). The server side is `backend/`.
 
 pub mod borrower;
 pub mod client_auth;
@@ -14,6 +15,7 @@ pub mod loan;
 pub mod negotiate;
 pub mod pooled;
 pub mod relay;
+pub mod replication;
 pub mod rewrite;
 pub mod session;
 

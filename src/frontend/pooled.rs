@@ -1,7 +1,8 @@
 //! One client of a pooled listener, up to its session: patroxy authenticates it (a secret
 //! from the auth_file, or looked up with `auth_query`), learns the parameters of the server
 //! it will use, and greets it with them, the client's own settings and patroxy's cancel key.
-//! Then the client's session borrows server connections (`borrower.rs`).
+//! Then the client's session borrows server connections (`borrower.rs`); a replication
+//! connection gets one of its own (`replication.rs`).
 
 use std::net::SocketAddr;
 
@@ -98,6 +99,18 @@ pub async fn run_pooled(
         user: &user,
         database: &database,
     };
+    // A replication connection gets a server connection of its own, never pooled.
+    if super::replication::wanted(&startup) {
+        let run = super::replication::run(
+            client,
+            peer,
+            client_buf,
+            &startup,
+            (ctx, who, owed),
+            started,
+        );
+        return Box::pin(run).await;
+    }
     // patroxy answers the startup itself, from what it knows of the server the client will
     // use: the client holds no server connection until its first message.
     let lender = ctx.lender();

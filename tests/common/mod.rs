@@ -520,7 +520,7 @@ impl Postgres {
     fn write_conf(&self) {
         let conf = format!(
             "port = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
-             fsync = off\nwal_level = replica\nmax_wal_senders = 5\nhot_standby = on\n\
+             fsync = off\nwal_level = logical\nmax_wal_senders = 10\nhot_standby = on\n\
              max_connections = 100\nshared_buffers = 16MB\nlog_min_messages = warning\n",
             self.port,
             self.data.display()
