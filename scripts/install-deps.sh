@@ -18,6 +18,8 @@ done
 # pgjdbc, a real JDBC client for the pooling tests; java runs its test program from source.
 pkg_installed libpostgresql-jdbc-java || need_pkgs+=(libpostgresql-jdbc-java)
 have javac || need_pkgs+=(default-jdk-headless)
+# Node.js and npm, for node-postgres (below).
+have npm || need_pkgs+=(nodejs npm)
 # Debian's PgBouncer exporter, a third-party client of the admin console.
 pkg_installed prometheus-pgbouncer-exporter || need_pkgs+=(prometheus-pgbouncer-exporter)
 for p in "$@"; do                      # extra packages a caller asks for (bench: haproxy pgbouncer)
@@ -47,6 +49,13 @@ if have pg_lsclusters && pg_lsclusters -h 2>/dev/null | grep -q online; then
   pg_lsclusters -h | awk '$4=="online"{print $1, $2}' | while read -r v c; do
     pg_ctlcluster "$v" "$c" stop || true
   done
+fi
+
+# node-postgres, a real client of the pooling tests (the lock file pins its version).
+node_tests="$(cd "$(dirname "$0")/.." && pwd)/tests/node"
+if [ ! -d "$node_tests/node_modules/pg" ]; then
+  echo "install-deps: installing node-postgres (npm ci in tests/node)"
+  npm ci --prefix "$node_tests" --no-audit --no-fund >/dev/null
 fi
 
 if ! have cargo; then

@@ -94,6 +94,7 @@ impl Server {
             peers: backends.peers,
             contacts: backends.contacts,
             classifier: Default::default(),
+            hubs: Default::default(),
         });
         Server {
             config,

@@ -802,3 +802,239 @@ async fn replication_clients_work_through_a_pooled_listener() {
     .await;
     s.proxy.stop().await;
 }
+
+/// A client of the suite's listener whose notifications come out of a channel.
+async fn listener_client(
+    port: u16,
+) -> (
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>,
+) {
+    use futures_util::StreamExt;
+    let s = format!("host=127.0.0.1 port={port} user=alice password=wonder dbname=postgres");
+    let (c, mut conn) = tokio_postgres::connect(&s, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(m)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                let _ = tx.send(n);
+            }
+        }
+    });
+    (c, rx)
+}
+
+/// LISTEN on a transaction pool of one connection: the client keeps no server connection
+/// (another client uses the only one meanwhile, and finds no LISTEN on it), and gets every
+/// notification, in order, with its channel, payload and sender's pid; after UNLISTEN,
+/// none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_on_a_transaction_pool_takes_no_connection_and_misses_nothing() {
+    let s = Suite::start("listenhub", PoolMode::Transaction, |cfg| {
+        cfg.auth.admin_users = vec!["sam".into()];
+    })
+    .await;
+    let port = s.port();
+    let (l, mut notes) = listener_client(port).await;
+    l.batch_execute("LISTEN news; LISTEN other").await.unwrap();
+    let clients = console(port, "SHOW CLIENTS").await;
+    assert!(
+        clients.lines().all(|r| r.rsplit('|').next() == Some("")),
+        "a listening client is not pinned:\n{clients}"
+    );
+    let b = Client::login(port, "alice", "").await;
+    assert_eq!(
+        b.one("SELECT count(*)::text FROM pg_listening_channels()")
+            .await,
+        "0",
+        "the LISTEN is not left on the pool's connection"
+    );
+    let sender_pid: i32 = b.one("SELECT pg_backend_pid()").await.parse().unwrap();
+    for i in 0..100 {
+        b.run(&format!("NOTIFY news, 'n{i}'")).await;
+    }
+    for i in 0..100 {
+        let n = tokio::time::timeout(PROMPT, notes.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (n.channel(), n.payload()),
+            ("news", format!("n{i}").as_str())
+        );
+        assert_eq!(n.process_id(), sender_pid);
+    }
+    b.run("NOTIFY other, 'x'").await;
+    let n = tokio::time::timeout(PROMPT, notes.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(n.channel(), "other");
+    l.batch_execute("UNLISTEN news").await.unwrap();
+    b.run("NOTIFY news, 'after'; NOTIFY other, 'last'").await;
+    let n = tokio::time::timeout(PROMPT, notes.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (n.channel(), n.payload()),
+        ("other", "last"),
+        "nothing on news after UNLISTEN"
+    );
+    s.proxy.stop().await;
+}
+
+/// psycopg2 LISTENs on `channel` and prints each notification (`payload pid`) until the
+/// one whose payload is `last`; `ready` once it listens.
+const PSYCOPG2_LISTEN: &str = r#"
+import select, sys, psycopg2
+conn = psycopg2.connect(sys.argv[1])
+conn.autocommit = True
+conn.cursor().execute("LISTEN " + sys.argv[2])
+print("ready", flush=True)
+while True:
+    if select.select([conn], [], [], 60) == ([], [], []):
+        sys.exit("timed out waiting for notifications")
+    conn.poll()
+    while conn.notifies:
+        n = conn.notifies.pop(0)
+        print(n.payload, n.pid, flush=True)
+        if n.payload == sys.argv[3]:
+            sys.exit(0)
+"#;
+
+/// A client program that prints lines; its stdout comes line by line.
+struct Program {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Program {
+    fn spawn(mut cmd: tokio::process::Command) -> Program {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("a client program (install-deps.sh installs it)");
+        let out = child.stdout.take().unwrap();
+        Program {
+            child,
+            lines: tokio::io::BufReader::new(out).lines(),
+        }
+    }
+
+    async fn line(&mut self) -> String {
+        tokio::time::timeout(Duration::from_secs(60), self.lines.next_line())
+            .await
+            .expect("a line in time")
+            .unwrap()
+            .expect("the program is still printing")
+    }
+
+    /// Every line until it exits, which it must do successfully.
+    async fn rest(mut self) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(Some(l)) = self.lines.next_line().await {
+            out.push(l);
+        }
+        let status = self.child.wait().await.unwrap();
+        assert!(status.success(), "{status}: {out:?}");
+        out
+    }
+}
+
+/// psycopg2 and node-postgres LISTEN through a transaction pool while the leader moves
+/// from a to b: the listening connection follows routing, and each client gets every
+/// notification sent through patroxy before and after the move, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_get_their_notifications_in_order_across_a_leader_change() {
+    let root = TempRoot::new();
+    let etcd = Etcd::start(&root);
+    let (a, b) = (Postgres::primary(&root, "a"), Postgres::primary(&root, "b"));
+    roles(&root, &b).await;
+    let file = roles(&root, &a).await;
+    // The members share alice's verifier, as Patroni members do.
+    let verifier: String = connect(a.port)
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT rolpassword FROM pg_authid WHERE rolname = 'alice'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    connect(b.port)
+        .await
+        .unwrap()
+        .batch_execute(&format!("ALTER ROLE alice PASSWORD '{verifier}'"))
+        .await
+        .unwrap();
+    let mut keys = Keys::new(&etcd, "listenmove").await;
+    keys.member("a", a.port, "primary", "running").await;
+    keys.member("b", b.port, "replica", "running").await;
+    keys.leader("a").await;
+    let proxy = Proxy::start(&etcd, "listenmove", |cfg| {
+        cfg.listeners = vec![ListenerConfig {
+            pool_mode: PoolMode::Transaction,
+            ..listener("pooled", ListenerRole::Primary)
+        }];
+        cfg.auth.auth_file = Some(file);
+        cfg.pool.pool_size = 1;
+    })
+    .await;
+    let port = proxy.port();
+    let url = format!("postgresql://alice:wonder@127.0.0.1:{port}/postgres");
+    let mut py = tokio::process::Command::new("/usr/bin/python3");
+    py.arg("-c").arg(PSYCOPG2_LISTEN).args([&url, "news", "b9"]);
+    let mut node = tokio::process::Command::new("node");
+    node.current_dir("tests/node")
+        .args(["listen.js", &url, "news", "b9"]);
+    let mut clients = [Program::spawn(py), Program::spawn(node)];
+    for c in &mut clients {
+        assert_eq!(c.line().await, "ready");
+    }
+    let sender = Client::login(port, "alice", "").await;
+    for i in 0..10 {
+        sender.run(&format!("NOTIFY news, 'a{i}'")).await;
+    }
+    keys.member("a", a.port, "replica", "running").await;
+    keys.member("b", b.port, "primary", "running").await;
+    keys.leader("b").await;
+    // The listening connection moves to b; notifications sent there after it listens.
+    wait_for("patroxy's listening connection on b", PROMPT, || async {
+        let c = connect(b.port).await.ok()?;
+        let sql = "SELECT count(*) FROM pg_stat_activity WHERE usename = 'alice' AND query LIKE 'LISTEN%'";
+        (c.query_one(sql, &[]).await.ok()?.get::<_, i64>(0) > 0).then_some(())
+    })
+    .await;
+    wait_for("writes through patroxy to reach b", PROMPT, || async {
+        let port: String = sender
+            .try_one("SELECT inet_server_port()::text")
+            .await
+            .ok()?;
+        (port == b.port.to_string()).then_some(())
+    })
+    .await;
+    for i in 0..10 {
+        sender.run(&format!("NOTIFY news, 'b{i}'")).await;
+    }
+    let want: Vec<String> = (0..10)
+        .map(|i| format!("a{i}"))
+        .chain((0..10).map(|i| format!("b{i}")))
+        .collect();
+    for c in clients {
+        let got: Vec<String> = c
+            .rest()
+            .await
+            .iter()
+            .map(|l| l.split(' ').next().unwrap_or_default().to_owned())
+            .collect();
+        assert_eq!(got, want, "every notification, in order");
+    }
+    proxy.stop().await;
+}

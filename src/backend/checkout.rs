@@ -17,6 +17,7 @@ use super::pool::{Caps, Defaults, Lease, PoolKey, Pools};
 use super::ServerLoad;
 use crate::backoff::Backoff;
 use crate::config::{EtcdLoss, PoolConfig, Timeouts};
+use crate::discovery::patroni::Endpoint;
 use crate::discovery::{EtcdContact, Topology};
 use crate::protocol::codes;
 use crate::routing::{self, switchover, ListenerRole, Policy, Target};
@@ -260,7 +261,7 @@ impl Lender<'_> {
         };
         tokio::select! {
             opened = opened => opened,
-            () = self.unrouted(&mut watch, who.database, target) => {
+            () = self.unrouted(&mut watch, who.database, &target.endpoint) => {
                 Ok(Err(format!("{}: no longer routed to while waiting for it", target.endpoint)))
             }
         }
@@ -290,8 +291,8 @@ impl Lender<'_> {
         routing::etcd_loss::refusal(self.etcd_loss, t, self.etcd.silent_for())
     }
 
-    /// Resolves once routing no longer admits `target`: another member, a hold, a refusal.
-    async fn unrouted(&self, watch: &mut Topo, database: &str, target: &Target) {
+    /// Resolves once routing no longer admits `endpoint`: another member, a hold, a refusal.
+    pub async fn unrouted(&self, watch: &mut Topo, database: &str, endpoint: &Endpoint) {
         loop {
             if watch.changed().await.is_err() {
                 // The topology's sender is gone only at shutdown; nothing changes any more.
@@ -299,7 +300,7 @@ impl Lender<'_> {
             }
             let snapshot = watch.borrow_and_update().clone();
             let routed = match self.admission(&snapshot, database) {
-                Admission::Route(Ok(c)) => c.iter().any(|t| t.endpoint == target.endpoint),
+                Admission::Route(Ok(c)) => c.iter().any(|t| t.endpoint == *endpoint),
                 _ => false,
             };
             if !routed {

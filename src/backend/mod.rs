@@ -2,7 +2,8 @@
 //! `connect.rs`, the handshake with one server in `handshake.rs`), per-server load and
 //! ejections, cancel requests delivered to servers, and for pooled listeners the server
 //! connections patroxy authenticates itself (`conn.rs`), the session state they carry
-//! (`session.rs`), their pools (`pool.rs`) and how a client gets one (`checkout.rs`).
+//! (`session.rs`), their pools (`pool.rs`), how a client gets one (`checkout.rs`), and the
+//! listening connections that carry transaction-pooled clients' `LISTEN`s (`notify.rs`).
 
 pub mod cancel;
 pub mod checkout;
@@ -11,6 +12,7 @@ pub mod connect;
 pub mod error;
 pub mod handshake;
 pub mod load;
+pub mod notify;
 pub mod pool;
 pub mod session;
 

@@ -5,6 +5,7 @@
 //! before any of it was sent goes to another one.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -13,6 +14,7 @@ use tracing::warn;
 
 use super::clients::{self, Client};
 use super::context::ListenerContext;
+use super::listening::Listening;
 use super::negotiate::send_fatal;
 use super::relay::End;
 use crate::backend::checkout::Who;
@@ -33,7 +35,7 @@ const TERMINATE: [u8; 5] = [codes::TERMINATE, 0, 0, 0, 4];
 
 /// One authenticated pooled client.
 pub(super) struct Session<'a> {
-    pub ctx: &'a ListenerContext,
+    pub ctx: &'a Arc<ListenerContext>,
     pub peer: SocketAddr,
     pub who: Who<'a>,
     /// The cancel key the client was given.
@@ -41,6 +43,8 @@ pub(super) struct Session<'a> {
     pub started: Instant,
     /// Its entry in the console's list of clients.
     pub me: &'a Client,
+    /// Unique among this instance's clients.
+    pub id: u64,
 }
 
 /// How a pooled client's session ended, in all.
@@ -62,6 +66,8 @@ pub(super) struct Carried {
     /// Transaction mode: the server connection it keeps between transactions, while its
     /// session holds objects that cannot follow it elsewhere.
     pub pinned: Option<Attached>,
+    /// Transaction mode: the channels it listens on, and its notifications.
+    pub listening: Listening,
 }
 
 /// A server connection lent to the client, where it is, and why the client keeps it
@@ -121,6 +127,7 @@ impl Session<'_> {
             statements: ClientStatements::default(),
             replay: Vec::new(),
             pinned: None,
+            listening: Listening::new(self.ctx, self.who.database, self.who.user, self.id),
         };
         // Since when a transaction has failed to get a usable connection.
         let mut retrying: Option<Instant> = None;
@@ -240,15 +247,33 @@ impl Session<'_> {
                     false => tokio::time::sleep(idle_limit).await,
                 }
             };
-            tokio::select! {
-                read = client.read_next(buf) => match read {
-                    Ok(0) => return Next::Over(End::ClientClosed),
-                    Ok(_) => {}
-                    Err(e) => return Next::Over(End::ClientIo(e)),
-                },
-                _ = self.ctx.proxy.shutdown.cancelled() => return Next::Over(self.shut_down(client).await),
-                _ = self.me.kill.cancelled() => return Next::Over(self.killed(client).await),
-                _ = idle => return Next::Over(self.idle_too_long(client, idle_limit).await),
+            tokio::pin!(idle);
+            let listening = &mut carried.listening;
+            loop {
+                tokio::select! {
+                    read = client.read_next(buf) => match read {
+                        Ok(0) => return Next::Over(End::ClientClosed),
+                        Ok(_) => break,
+                        Err(e) => return Next::Over(End::ClientIo(e)),
+                    },
+                    // Between transactions: the client's notifications, as PostgreSQL
+                    // gives them to an idle session.
+                    n = listening.next(), if listening.is_listening() => {
+                        let Some(first) = n else {
+                            return Next::Over(self.overflowed(client).await);
+                        };
+                        let mut out = BytesMut::from(&first[..]);
+                        while let Some(more) = listening.queued() {
+                            out.extend_from_slice(&more);
+                        }
+                        if let Err(e) = send(client, &out).await {
+                            return Next::Over(End::ClientIo(e));
+                        }
+                    }
+                    _ = self.ctx.proxy.shutdown.cancelled() => return Next::Over(self.shut_down(client).await),
+                    _ = self.me.kill.cancelled() => return Next::Over(self.killed(client).await),
+                    _ = &mut idle => return Next::Over(self.idle_too_long(client, idle_limit).await),
+                }
             }
         }
         if buf[..] == TERMINATE {
@@ -360,6 +385,18 @@ impl Session<'_> {
             cause,
             forced: false,
         }
+    }
+
+    /// Its queue of notifications filled (it did not read them): it is let go, as a
+    /// PostgreSQL session whose client stops reading would block its server's queue.
+    async fn overflowed(&self, client: &mut Stream) -> End {
+        let msg = format!(
+            "patroxy: terminating connection: more than {} notifications were waiting for this client",
+            crate::backend::notify::CLIENT_QUEUE
+        );
+        warn!(client = %self.peer, listener = %self.ctx.name, "{msg}");
+        send_fatal(client, codes::PROGRAM_LIMIT_EXCEEDED, &msg).await;
+        End::Overflowed
     }
 
     async fn idle_too_long(&self, client: &mut Stream, limit: Duration) -> End {

@@ -73,7 +73,8 @@ pub struct Clients {
 #[derive(Debug)]
 pub struct Listed {
     clients: Clients,
-    id: u64,
+    /// Unique among this instance's clients, for as long as it runs.
+    pub id: u64,
     pub client: Arc<Client>,
 }
 

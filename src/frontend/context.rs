@@ -48,6 +48,8 @@ pub struct ProxyContext {
     pub contacts: std::collections::BTreeMap<String, Arc<EtcdContact>>,
     /// What statements do to their sessions (transaction pooling), with its cache.
     pub classifier: crate::protocol::classify::Classifier,
+    /// The listening connections of transaction-pooled clients' LISTENs.
+    pub hubs: crate::backend::notify::Hubs,
 }
 
 /// How pooled listeners authenticate clients: the `auth_file` users, and the addresses

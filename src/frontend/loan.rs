@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::time::{timeout_at, Instant};
+use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{info, warn};
 
 use super::borrower::{Attached, Carried, Ended, Pin, Session, Topo};
@@ -99,13 +99,7 @@ impl Session<'_> {
         }
         // Transaction mode, at the transaction's end: what its statements left.
         let settled = match end {
-            End::Released => {
-                let limit = Instant::now() + self.reset_limit();
-                let settle = self.settle(&mut conn, &seen, pin, carried);
-                timeout_at(limit, settle)
-                    .await
-                    .unwrap_or(Err(ConnError::Timeout))
-            }
+            End::Released => self.settle(&mut conn, &seen, pin, carried).await,
             _ => Ok(pin),
         };
         let died = matches!(end, End::ServerClosed | End::ServerIo(_));
@@ -393,6 +387,7 @@ impl Session<'_> {
         carried: &mut Carried,
     ) -> Result<Option<Pin>, ConnError> {
         let e = seen.effects;
+        carried.listening.unlisten(&seen.unlisten);
         let verify = self.ctx.pool.verify_release;
         let look = match pin {
             // Nothing unloads a library.
@@ -406,12 +401,20 @@ impl Session<'_> {
         if !look.any() && !loaded {
             return Ok(None);
         }
-        let snapshot = conn.inspect(look).await?;
+        let limit = self.reset_limit();
+        let snapshot = timeout(limit, conn.inspect(look))
+            .await
+            .unwrap_or(Err(ConnError::Timeout))?;
         if look.statements {
             let names: Vec<&str> = snapshot.statements.iter().map(|s| s.0.as_str()).collect();
             conn.prepared.keep_only(&names);
         }
-        let held = held_by(&snapshot, loaded);
+        let mut held = held_by(&snapshot, loaded);
+        // Listens with nothing else held go to the listener's hub, and the connection is
+        // clean again; if that fails, they pin the client like the rest.
+        if held.is_none() && !snapshot.listens.is_empty() {
+            held = self.to_hub(conn, snapshot.listens.clone(), carried).await?;
+        }
         if verify && pin.is_none() {
             let unseen = held.is_some() && !e.intersects(Effects::OBJECTS | Effects::LISTEN);
             let changed = !e.contains(Effects::SETTINGS) && settings_changed(conn, &snapshot);
@@ -437,6 +440,39 @@ impl Session<'_> {
                 }
                 carried.wanted.take_up(conn, &snapshot.settings);
                 Ok(None)
+            }
+        }
+    }
+}
+
+impl Session<'_> {
+    /// Moves the client's listens from its connection to its listener's hub: listened
+    /// there first, then `UNLISTEN *` here. What pins the client if the hub cannot take
+    /// them.
+    async fn to_hub(
+        &self,
+        conn: &mut ServerConn,
+        channels: Vec<String>,
+        carried: &mut Carried,
+    ) -> Result<Option<(&'static str, String)>, ConnError> {
+        let limit = self.reset_limit();
+        let n = channels.len();
+        let route: std::sync::Arc<dyn crate::backend::notify::Route> = self.ctx.clone();
+        let listened = carried.listening.listen(route, self.who.login, channels);
+        match timeout(limit, listened).await {
+            Ok(Ok(())) => {
+                timeout(limit, conn.execute("UNLISTEN *"))
+                    .await
+                    .unwrap_or(Err(ConnError::Timeout))?;
+                Ok(None)
+            }
+            Ok(Err(e)) => {
+                warn!(client = %self.peer, error = %e, "the listening connection could not take the client's LISTENs; it keeps its server connection");
+                Ok(Some(("listen", format!("{n} LISTEN channels"))))
+            }
+            Err(_) => {
+                warn!(client = %self.peer, "the listening connection took too long; the client keeps its server connection");
+                Ok(Some(("listen", format!("{n} LISTEN channels"))))
             }
         }
     }
@@ -489,9 +525,6 @@ fn look_after(e: Effects) -> Look {
 fn held_by(s: &Snapshot, loaded: bool) -> Option<(&'static str, String)> {
     if loaded {
         return Some(("load", "a library loaded with LOAD".into()));
-    }
-    if let Some(what) = listens(s) {
-        return Some(("listen", what));
     }
     let (first, _) = s.held.first()?;
     let reason = match first.as_str() {

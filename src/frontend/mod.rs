@@ -11,6 +11,7 @@ pub mod clients;
 pub mod console;
 pub mod context;
 pub mod drain;
+pub mod listening;
 pub mod loan;
 pub mod negotiate;
 pub mod pooled;

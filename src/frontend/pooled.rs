@@ -5,6 +5,7 @@
 //! connection gets one of its own (`replication.rs`).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use tokio::time::{timeout_at, Instant};
@@ -44,7 +45,7 @@ pub async fn run_pooled(
     peer: SocketAddr,
     mut client_buf: BytesMut,
     startup: StartupInfo,
-    ctx: &ListenerContext,
+    ctx: &Arc<ListenerContext>,
     started: Instant,
 ) {
     let proxy = &ctx.proxy;
@@ -168,6 +169,7 @@ pub async fn run_pooled(
         key,
         started,
         me: &listed.client,
+        id: listed.id,
     };
     let per_transaction = ctx.pool_mode == PoolMode::Transaction;
     let ended = session

@@ -52,11 +52,13 @@ pub enum End {
     TimedOut(Over),
     /// Transaction pooling: PgBouncer's `client_idle_timeout` ran out.
     ClientIdle,
+    /// Transaction pooling: the client left its notifications unread past its queue.
+    Overflowed,
 }
 
 impl End {
     /// Every `label()`, for metrics exported at zero before their first event.
-    pub const LABELS: [&'static str; 12] = [
+    pub const LABELS: [&'static str; 13] = [
         "client_closed",
         "server_closed",
         "client_error",
@@ -69,6 +71,7 @@ impl End {
         "moved",
         "timed_out",
         "client_idle",
+        "overflowed",
     ];
 
     /// A short label for metrics.
@@ -86,6 +89,7 @@ impl End {
             End::Moved => "moved",
             End::TimedOut(_) => "timed_out",
             End::ClientIdle => "client_idle",
+            End::Overflowed => "overflowed",
         }
     }
 }
@@ -111,6 +115,7 @@ impl std::fmt::Display for End {
             End::Moved => f.write_str("left for the next primary at a switchover"),
             End::TimedOut(over) => write!(f, "{}", over.label()),
             End::ClientIdle => f.write_str("client_idle_timeout"),
+            End::Overflowed => f.write_str("its notifications were not read"),
         }
     }
 }
@@ -790,6 +795,7 @@ mod tests {
             End::Moved,
             End::TimedOut(Over::Query),
             End::ClientIdle,
+            End::Overflowed,
         ];
         let labels: Vec<_> = all.iter().map(End::label).collect();
         assert_eq!(labels, End::LABELS);

@@ -64,6 +64,8 @@ pub const QUERY_CANCELED: &str = "57014";
 pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
 /// PostgreSQL's `idle_session_timeout`.
 pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
+/// A limit of patroxy's was reached.
+pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
 /// A database that does not exist.
 pub const INVALID_CATALOG_NAME: &str = "3D000";
 pub const SYNTAX_ERROR: &str = "42601";
