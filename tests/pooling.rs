@@ -1730,6 +1730,109 @@ public class Jdbc {
     proxy.stop().await;
 }
 
+/// On a transaction pool of one server connection, with each real driver: a Parse the
+/// server refuses (its table does not exist yet) leaves nothing prepared, so a second
+/// client's same statement, once the table exists, is prepared and runs; and after a
+/// client's `DISCARD ALL`, which drops every statement on the connection, the next
+/// client's prepared statements are prepared again. Both failed before (`26000`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_stay_in_step_with_the_server_for_every_driver() {
+    let (root, etcd, pg) = one_primary("poolprepstep").await;
+    let file = users(&root, &pg).await;
+    connect(pg.port)
+        .await
+        .unwrap()
+        .batch_execute("GRANT CREATE ON SCHEMA public TO alice")
+        .await
+        .unwrap();
+    let proxy = Proxy::start(&etcd, "poolprepstep", |cfg| {
+        transaction_pooled(cfg, file, 1)
+    })
+    .await;
+    let port = proxy.port().to_string();
+    let conninfo = format!("host=127.0.0.1 port={port} user=alice password=wonder dbname=postgres");
+    let psycopg = python(
+        r#"
+import sys, psycopg
+a = psycopg.connect(sys.argv[1], autocommit=True)
+b = psycopg.connect(sys.argv[1], autocommit=True)
+try:
+    a.execute("SELECT x FROM later_py", prepare=True)
+    sys.exit("the table exists already")
+except psycopg.errors.UndefinedTable:
+    pass
+a.execute("CREATE TABLE later_py (x int); INSERT INTO later_py VALUES (7)")
+print(b.execute("SELECT x FROM later_py", prepare=True).fetchone()[0])
+print(a.execute("SELECT %s::int + 1", (1,), prepare=True).fetchone()[0])
+a.execute("DISCARD ALL")
+print(b.execute("SELECT %s::int + 1", (2,), prepare=True).fetchone()[0])
+"#,
+        &[&conninfo],
+    )
+    .await;
+    assert_eq!(psycopg, "7\n2\n3");
+    let asyncpg = python(
+        r#"
+import asyncio, sys, asyncpg
+async def main():
+    args = dict(host="127.0.0.1", port=int(sys.argv[1]), user="alice", password="wonder", database="postgres")
+    a, b = await asyncpg.connect(**args), await asyncpg.connect(**args)
+    try:
+        await a.fetchval("SELECT x FROM later_apg")
+        sys.exit("the table exists already")
+    except asyncpg.exceptions.UndefinedTableError:
+        pass
+    await a.execute("CREATE TABLE later_apg (x int); INSERT INTO later_apg VALUES (8)")
+    print(await b.fetchval("SELECT x FROM later_apg"))
+    print(await a.fetchval("SELECT $1::int + 1", 1))
+    await a.execute("DISCARD ALL")
+    print(await b.fetchval("SELECT $1::int + 1", 2))
+asyncio.run(main())
+"#,
+        &[&port],
+    )
+    .await;
+    assert_eq!(asyncpg, "8\n2\n3");
+    let mut node = tokio::process::Command::new("node");
+    node.current_dir("tests/node").args(["prepared.js", &port]);
+    assert_eq!(stdout_of(node, "node").await, "9\n2\n3");
+    let jdbc = java(
+        r#"
+import java.sql.*;
+public class Step {
+    public static void main(String[] args) throws Exception {
+        String url = "jdbc:postgresql://127.0.0.1:" + args[0] + "/postgres?prepareThreshold=1";
+        try (Connection a = DriverManager.getConnection(url, "alice", "wonder");
+             Connection b = DriverManager.getConnection(url, "alice", "wonder")) {
+            try (PreparedStatement p = a.prepareStatement("SELECT x FROM later_jdbc")) {
+                p.executeQuery();
+                throw new RuntimeException("the table exists already");
+            } catch (SQLException e) {
+                if (!"42P01".equals(e.getSQLState())) throw e;
+            }
+            a.createStatement().execute("CREATE TABLE later_jdbc (x int); INSERT INTO later_jdbc VALUES (10)");
+            System.out.println(one(b, "SELECT x FROM later_jdbc", 0));
+            System.out.println(one(a, "SELECT ?::int + 1", 1));
+            a.createStatement().execute("DISCARD ALL");
+            System.out.println(one(b, "SELECT ?::int + 1", 2));
+        }
+    }
+    static int one(Connection c, String sql, int arg) throws SQLException {
+        try (PreparedStatement p = c.prepareStatement(sql)) {
+            if (sql.contains("?")) p.setInt(1, arg);
+            try (ResultSet r = p.executeQuery()) { r.next(); return r.getInt(1); }
+        }
+    }
+}
+"#,
+        &root,
+        &[&port],
+    )
+    .await;
+    assert_eq!(jdbc, "10\n2\n3");
+    proxy.stop().await;
+}
+
 /// Runs a Java program (its class named in the source's first `public class`) from source
 /// with Debian's pgjdbc on the class path; its stdout.
 async fn java(source: &str, root: &TempRoot, args: &[&str]) -> String {
