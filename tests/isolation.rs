@@ -887,6 +887,110 @@ async fn listen_on_a_transaction_pool_takes_no_connection_and_misses_nothing() {
     s.proxy.stop().await;
 }
 
+/// Two servers that share the suite's roles and alice's verifier, as the members of a
+/// Patroni cluster do, described with `a` the leader; patroxy in front of them with one
+/// pooled listener (`mode`) on pools of one connection.
+struct Members {
+    _root: TempRoot,
+    _etcd: Etcd,
+    a: Postgres,
+    b: Postgres,
+    keys: Keys,
+    proxy: Proxy,
+}
+
+impl Members {
+    async fn start(scope: &str, mode: PoolMode) -> Members {
+        let root = TempRoot::new();
+        let etcd = Etcd::start(&root);
+        let (a, b) = (Postgres::primary(&root, "a"), Postgres::primary(&root, "b"));
+        roles(&root, &b).await;
+        let file = roles(&root, &a).await;
+        let verifier: String = connect(a.port)
+            .await
+            .unwrap()
+            .query_one(
+                "SELECT rolpassword FROM pg_authid WHERE rolname = 'alice'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        connect(b.port)
+            .await
+            .unwrap()
+            .batch_execute(&format!("ALTER ROLE alice PASSWORD '{verifier}'"))
+            .await
+            .unwrap();
+        let mut keys = Keys::new(&etcd, scope).await;
+        keys.member("a", a.port, "primary", "running").await;
+        keys.member("b", b.port, "replica", "running").await;
+        keys.leader("a").await;
+        let proxy = Proxy::start(&etcd, scope, |cfg| {
+            cfg.listeners = vec![ListenerConfig {
+                pool_mode: mode,
+                ..listener("pooled", ListenerRole::Primary)
+            }];
+            cfg.auth.auth_file = Some(file);
+            cfg.pool.pool_size = 1;
+        })
+        .await;
+        Members {
+            _root: root,
+            _etcd: etcd,
+            a,
+            b,
+            keys,
+            proxy,
+        }
+    }
+
+    /// b becomes the leader.
+    async fn move_leader(&mut self) {
+        self.keys
+            .member("a", self.a.port, "replica", "running")
+            .await;
+        self.keys
+            .member("b", self.b.port, "primary", "running")
+            .await;
+        self.keys.leader("b").await;
+    }
+}
+
+/// Session pooling through a planned switchover: a client at rest that holds nothing on
+/// the old primary leaves it when Patroni announces the switchover, and its next
+/// transaction runs on the new primary with its settings and its role as they were (the
+/// role was lost before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_moved_at_a_switchover_keeps_its_role_and_settings() {
+    let mut m = Members::start("sessionmove", PoolMode::Session).await;
+    let port = m.proxy.port();
+    let c = Client::login(port, "alice", "options='-c search_path=foo,public'").await;
+    c.run("SET ROLE tenant_x; SET work_mem = '7MB'").await;
+    let show = "SELECT current_user || ' ' || current_setting('work_mem') || ' ' || current_setting('search_path')";
+    assert_eq!(c.one(show).await, "tenant_x 7MB foo,public");
+    m.keys
+        .put("failover", r#"{"leader":"a","member":"b"}"#)
+        .await;
+    let a_port = m.a.port;
+    wait_for("the session to leave a", PROMPT, || async move {
+        let direct = connect(a_port).await.ok()?;
+        let sql = "SELECT count(*) FROM pg_stat_activity WHERE usename = 'alice'";
+        (direct.query_one(sql, &[]).await.ok()?.get::<_, i64>(0) == 0).then_some(())
+    })
+    .await;
+    m.move_leader().await;
+    m.keys.put("failover", "{}").await;
+    let moved = c.one("SELECT inet_server_port()::text").await;
+    assert_eq!(moved, m.b.port.to_string(), "the next transaction ran on b");
+    assert_eq!(
+        c.one(show).await,
+        "tenant_x 7MB foo,public",
+        "as it was on a"
+    );
+    m.proxy.stop().await;
+}
+
 /// psycopg2 LISTENs on `channel` and prints each notification (`payload pid`) until the
 /// one whose payload is `last`; `ready` once it listens.
 const PSYCOPG2_LISTEN: &str = r#"
@@ -952,42 +1056,8 @@ impl Program {
 /// notification sent through patroxy before and after the move, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listeners_get_their_notifications_in_order_across_a_leader_change() {
-    let root = TempRoot::new();
-    let etcd = Etcd::start(&root);
-    let (a, b) = (Postgres::primary(&root, "a"), Postgres::primary(&root, "b"));
-    roles(&root, &b).await;
-    let file = roles(&root, &a).await;
-    // The members share alice's verifier, as Patroni members do.
-    let verifier: String = connect(a.port)
-        .await
-        .unwrap()
-        .query_one(
-            "SELECT rolpassword FROM pg_authid WHERE rolname = 'alice'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    connect(b.port)
-        .await
-        .unwrap()
-        .batch_execute(&format!("ALTER ROLE alice PASSWORD '{verifier}'"))
-        .await
-        .unwrap();
-    let mut keys = Keys::new(&etcd, "listenmove").await;
-    keys.member("a", a.port, "primary", "running").await;
-    keys.member("b", b.port, "replica", "running").await;
-    keys.leader("a").await;
-    let proxy = Proxy::start(&etcd, "listenmove", |cfg| {
-        cfg.listeners = vec![ListenerConfig {
-            pool_mode: PoolMode::Transaction,
-            ..listener("pooled", ListenerRole::Primary)
-        }];
-        cfg.auth.auth_file = Some(file);
-        cfg.pool.pool_size = 1;
-    })
-    .await;
-    let port = proxy.port();
+    let mut m = Members::start("listenmove", PoolMode::Transaction).await;
+    let port = m.proxy.port();
     let url = format!("postgresql://alice:wonder@127.0.0.1:{port}/postgres");
     let mut py = tokio::process::Command::new("/usr/bin/python3");
     py.arg("-c").arg(PSYCOPG2_LISTEN).args([&url, "news", "b9"]);
@@ -1002,12 +1072,10 @@ async fn listeners_get_their_notifications_in_order_across_a_leader_change() {
     for i in 0..10 {
         sender.run(&format!("NOTIFY news, 'a{i}'")).await;
     }
-    keys.member("a", a.port, "replica", "running").await;
-    keys.member("b", b.port, "primary", "running").await;
-    keys.leader("b").await;
+    m.move_leader().await;
     // The listening connection moves to b; notifications sent there after it listens.
     wait_for("patroxy's listening connection on b", PROMPT, || async {
-        let c = connect(b.port).await.ok()?;
+        let c = connect(m.b.port).await.ok()?;
         let sql = "SELECT count(*) FROM pg_stat_activity WHERE usename = 'alice' AND query LIKE 'LISTEN%'";
         (c.query_one(sql, &[]).await.ok()?.get::<_, i64>(0) > 0).then_some(())
     })
@@ -1017,7 +1085,7 @@ async fn listeners_get_their_notifications_in_order_across_a_leader_change() {
             .try_one("SELECT inet_server_port()::text")
             .await
             .ok()?;
-        (port == b.port.to_string()).then_some(())
+        (port == m.b.port.to_string()).then_some(())
     })
     .await;
     for i in 0..10 {
@@ -1036,5 +1104,5 @@ async fn listeners_get_their_notifications_in_order_across_a_leader_change() {
             .collect();
         assert_eq!(got, want, "every notification, in order");
     }
-    proxy.stop().await;
+    m.proxy.stop().await;
 }
