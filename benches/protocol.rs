@@ -1,5 +1,6 @@
 //! Micro-benchmarks of the per-message work: the frame scanner and splitter on the forwarding
-//! path, and first-packet parsing on the connect path.
+//! path, first-packet parsing on the connect path, and what transaction pooling does per
+//! statement to know its effects (the word scan, the cache, the parser on a miss).
 
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -92,5 +93,44 @@ fn first_packet(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, scanner, splitter, first_packet);
+fn classify(c: &mut Criterion) {
+    use patroxy::protocol::classify::{classify_text, Classifier};
+    let mut g = c.benchmark_group("classify");
+    let classifier = Classifier::default();
+    for (name, sql) in [
+        // pgbench -S: no word that can matter, never parsed.
+        (
+            "select_no_words",
+            "SELECT abalance FROM pgbench_accounts WHERE aid = $1;",
+        ),
+        // pgbench's UPDATE has SET: parsed once, then from the cache.
+        (
+            "update_cached",
+            "UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = $2;",
+        ),
+        ("set_cached", "SET search_path = app, public"),
+    ] {
+        classifier.classify(sql.as_bytes());
+        g.bench_function(name, |b| {
+            b.iter(|| classifier.classify(black_box(sql.as_bytes())).effects)
+        });
+    }
+    // A cache miss: what a statement never seen before costs.
+    for (name, sql) in [
+        (
+            "miss_update",
+            "UPDATE pgbench_accounts SET abalance = abalance + 5 WHERE aid = 42;",
+        ),
+        ("miss_set", "SET search_path = app, public"),
+        (
+            "miss_set_config",
+            "SELECT pg_catalog.set_config('search_path', '', false)",
+        ),
+    ] {
+        g.bench_function(name, |b| b.iter(|| classify_text(black_box(sql)).effects));
+    }
+    g.finish();
+}
+
+criterion_group!(benches, scanner, splitter, first_packet, classify);
 criterion_main!(benches);

@@ -16,6 +16,11 @@
 #   bash scripts/bench.sh pool               pooling: connection speed and many clients on few
 #                                            servers, patroxy against direct and PgBouncer
 #   bash scripts/bench.sh up                 set everything up and wait (for profiling)
+#   BASELINE=<git ref> bash scripts/bench.sh baseline
+#                                            pooled pgbench (-S, -M prepared, -C) through this
+#                                            patroxy and through the one built at <ref>, in
+#                                            the same run, interleaved: tps and CPU per
+#                                            transaction; and pool.verify_release's cost
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -28,7 +33,7 @@ export PATROXY_MAX_CONNECTIONS=1200
 bash scripts/install-deps.sh haproxy pgbouncer openssl
 echo "bench: building (release)"
 cargo build --release --locked --quiet --workspace --bins
-for port in 6432 6433 6442 6443 6452 6453 6454 6455 6532 6632 6633 6634 6635; do
+for port in 6432 6433 6442 6443 6452 6453 6454 6455 6456 6457 6458 6532 6632 6633 6634 6635; do
   if (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; then
     echo "bench: port $port on 127.0.0.1 is in use; stop whatever holds it" >&2
     exit 1
@@ -247,6 +252,92 @@ CFG
     --endpoint "patroxy-tls-both=$(conn 6443) sslmode=require" | tee "$OUT/tls/latency.txt"
   patronictl -c "$DIR/patronictl.yml" edit-config --force --pg ssl=off demo >/dev/null
 fi
+if [ "$WHAT" = baseline ]; then
+  # patroxy at HEAD (6456) and at $BASELINE (6457), the same transaction pool of 8 on the
+  # leader, and HEAD again with pool.verify_release (6458); rounds interleaved. CPU per
+  # transaction is each proxy's user+sys time (/proc/PID/stat) over pgbench's transactions.
+  : "${BASELINE:?set BASELINE to the git ref to compare with}"
+  B=$DIR/baseline
+  mkdir -p "$B"
+  if [ ! -x "$REPO/target/baseline/release/patroxy" ] || [ "$(cat "$B/ref" 2>/dev/null)" != "$(git rev-parse "$BASELINE")" ]; then
+    echo "bench: building patroxy at $BASELINE"
+    rm -rf "$B/src"
+    git worktree add -f --detach "$B/src" "$BASELINE" >/dev/null
+    (cd "$B/src" && CARGO_TARGET_DIR="$REPO/target/baseline" cargo build --release --locked --quiet --bin patroxy)
+    git worktree remove --force "$B/src"
+    git rev-parse "$BASELINE" >"$B/ref"
+  fi
+  start_proxy() { # binary, port, verify_release
+    cat >"$B/patroxy-$2.toml" <<CFG
+[cluster]
+scope = "demo"
+[[listener]]
+name = "transaction"
+listen = "127.0.0.1:$2"
+pool_mode = "transaction"
+[pool]
+pool_size = ${POOL_SIZE:-8}
+$([ "$3" = yes ] && echo "verify_release = true")
+[auth]
+auth_file = "$DIR/userlist.txt"
+trust = ["127.0.0.1/32"]
+[report]
+enabled = false
+CFG
+    "$1" run --config "$B/patroxy-$2.toml" --log warn >"$B/patroxy-$2.log" 2>&1 &
+    PIDS+=($!)
+    eval "PID_$2=$!"
+  }
+  start_proxy "$REPO/target/release/patroxy" 6456 no
+  start_proxy "$REPO/target/baseline/release/patroxy" 6457 no
+  start_proxy "$REPO/target/release/patroxy" 6458 yes
+  for port in 6456 6457 6458; do
+    end=$((SECONDS + 60))
+    until psql "$(conn $port) connect_timeout=5" -XAtc "SELECT 1" >/dev/null 2>&1; do
+      [ $SECONDS -lt $end ] || { echo "bench: nothing answers on $port" >&2; exit 1; }
+      sleep 0.2
+    done
+  done
+  ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+  T=${POOL_SECONDS:-10}
+  measure() { # port, pgbench args... -> "tps us_per_tx"
+    local pid_var=PID_$1 port=$1; shift
+    local pid=${!pid_var} before after out n tps
+    before=$(ticks "$pid")
+    out=$(/usr/lib/postgresql/15/bin/pgbench -n -h 127.0.0.1 -p "$port" -U postgres -T "$T" "$@" postgres 2>&1 || true)
+    after=$(ticks "$pid")
+    n=$(awk '/number of transactions actually processed/ {print $NF}' <<<"$out" | cut -d/ -f1)
+    tps=$(awk '/^tps/ {print $3; exit}' <<<"$out")
+    awk -v t="$((after - before))" -v n="${n:-0}" -v hz="$(getconf CLK_TCK)" -v tps="${tps:-0}" \
+      'BEGIN { printf "%.0f %.1f\n", tps, (n > 0 ? t / hz * 1e6 / n : 0) }'
+  }
+  median() { sort -n | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}'; }
+  {
+    echo "pooled pgbench through patroxy at HEAD ($(git rev-parse --short HEAD)) and at $BASELINE ($(git rev-parse --short "$BASELINE")),"
+    echo "a transaction pool of ${POOL_SIZE:-8}, -T $T, ${BASELINE_ROUNDS:-3} rounds interleaved; medians"
+    printf '%-34s %12s %12s %8s %14s %14s %8s\n' workload "tps HEAD" "tps base" ratio "us/tx HEAD" "us/tx base" ratio
+    for w in "-S -c 50 -j 2" "-S -M prepared -c 50 -j 2" "-C -S -c 4 -j 2" "-S -c 8 -j 2" "-c 8 -j 2"; do
+      : >"$B/head.txt"; : >"$B/base.txt"; : >"$B/verify.txt"
+      for round in $(seq "${BASELINE_ROUNDS:-3}"); do
+        # shellcheck disable=SC2086
+        measure 6456 $w >>"$B/head.txt"
+        # shellcheck disable=SC2086
+        measure 6457 $w >>"$B/base.txt"
+        # shellcheck disable=SC2086
+        measure 6458 $w >>"$B/verify.txt"
+      done
+      ht=$(cut -d' ' -f1 "$B/head.txt" | median); bt=$(cut -d' ' -f1 "$B/base.txt" | median)
+      hc=$(cut -d' ' -f2 "$B/head.txt" | median); bc=$(cut -d' ' -f2 "$B/base.txt" | median)
+      vt=$(cut -d' ' -f1 "$B/verify.txt" | median); vc=$(cut -d' ' -f2 "$B/verify.txt" | median)
+      awk -v w="$w" -v ht="$ht" -v bt="$bt" -v hc="$hc" -v bc="$bc" -v vt="$vt" -v vc="$vc" 'BEGIN {
+        printf "%-34s %12s %12s %8.3f %14s %14s %8.3f\n", w, ht, bt, ht / bt, hc, bc, hc / bc
+        printf "%-34s %12s %12s %8.3f %14s %14s %8.3f\n", "  with verify_release", vt, bt, vt / bt, vc, bc, vc / bc
+      }'
+    done
+  } | tee "$OUT/baseline.txt"
+  exit 0
+fi
+
 if [ "$WHAT" = pool ]; then
   # patroxy and PgBouncer with the same client authentication, both pointing at the leader
   # directly (neither pays for a hop the other does not): trust, and SCRAM against a stored

@@ -1106,3 +1106,67 @@ async fn listeners_get_their_notifications_in_order_across_a_leader_change() {
     }
     m.proxy.stop().await;
 }
+
+/// What the parser cannot see (a function calling set_config, a function making a
+/// temporary table) stays on the connection for the next client, the documented limit;
+/// `pool.verify_release` asks the server at every transaction's end and finds it: the
+/// setting becomes its client's own, the table pins its client, both counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_release_finds_what_functions_did_to_the_session() {
+    install_metrics();
+    let found = || {
+        sample(
+            &metrics_text(),
+            "patroxy_release_checks_total",
+            &[r#"result="found""#],
+        )
+        .unwrap_or(0.0)
+    };
+    for verify in [false, true] {
+        let scope = if verify { "verifyon" } else { "verifyoff" };
+        let s = Suite::start(scope, PoolMode::Transaction, |cfg| {
+            cfg.pool.verify_release = verify;
+        })
+        .await;
+        connect(s.pg.port)
+            .await
+            .unwrap()
+            .batch_execute(
+                "CREATE FUNCTION sneaky() RETURNS text LANGUAGE sql AS $$ SELECT set_config('work_mem', '9MB', false) $$;
+                 CREATE FUNCTION scratch() RETURNS int LANGUAGE plpgsql AS $$ BEGIN CREATE TEMP TABLE IF NOT EXISTS scratchpad (x int); RETURN 1; END $$;",
+            )
+            .await
+            .unwrap();
+        let (a, b) = (
+            Client::login(s.port(), "alice", "").await,
+            Client::login(s.port(), "alice", "").await,
+        );
+        let before = found();
+        a.run("SELECT sneaky()").await;
+        let seen_by_b = b.one("SHOW work_mem").await;
+        assert_eq!(a.one("SHOW work_mem").await, "9MB", "A keeps its own");
+        match verify {
+            false => assert_eq!(
+                seen_by_b, "9MB",
+                "the documented limit: the next client sees it"
+            ),
+            true => assert_eq!(seen_by_b, "4MB", "verify_release found it"),
+        }
+        if verify {
+            a.run("SELECT scratch()").await;
+            let b_sees = tokio::spawn(async move {
+                b.one(
+                    "SELECT count(*)::text FROM pg_class WHERE relnamespace = pg_my_temp_schema()",
+                )
+                .await
+            });
+            a.run("DROP TABLE scratchpad").await;
+            assert_eq!(
+                tokio::time::timeout(PROMPT, b_sees).await.unwrap().unwrap(),
+                "0"
+            );
+            assert!(found() >= before + 2.0, "both were counted as found");
+        }
+        s.proxy.stop().await;
+    }
+}

@@ -250,7 +250,7 @@ async fn patroxy_verifies_the_servers_certificate_as_configured() {
     ] {
         let proxy = Proxy::start(&s.etcd, "stls", |cfg| {
             cfg.server_tls.mode = mode;
-            cfg.timeouts.connect_wait = Duration::from_millis(500);
+            cfg.timeouts.connect_wait = Duration::from_secs(3);
         })
         .await;
         match connect(proxy.port()).await {
@@ -319,7 +319,7 @@ async fn patroxy_verifies_the_servers_certificate_as_configured() {
         let proxy = Proxy::start(&s.etcd, "stls", |cfg| {
             cfg.server_tls.mode = mode;
             cfg.server_tls.ca_file = Some(ca.clone());
-            cfg.timeouts.connect_wait = Duration::from_millis(500);
+            cfg.timeouts.connect_wait = Duration::from_secs(3);
         })
         .await;
         let got = connect(proxy.port()).await;
