@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, RwLock};
 
+use aho_corasick::AhoCorasick;
 use pg_query::protobuf::{self, node::Node as N};
 use serde_json::Value;
 
@@ -188,6 +189,17 @@ const TOP_LEVEL: [&str; 11] = [
 
 static NOTHING: LazyLock<Arc<Classified>> = LazyLock::new(|| Arc::new(Classified::default()));
 
+/// The scans for those words: every text on the hot path goes through the first.
+static MAY_MATTER: LazyLock<AhoCorasick> = LazyLock::new(|| words(&WORDS));
+static DEEP: LazyLock<AhoCorasick> = LazyLock::new(|| words(&DEEP_WORDS));
+
+fn words(words: &[&[u8]]) -> AhoCorasick {
+    AhoCorasick::builder()
+        .ascii_case_insensitive(true)
+        .build(words)
+        .expect("a handful of short words always builds")
+}
+
 /// Classifies statement texts, with a cache shared by every session.
 #[derive(Debug, Default)]
 pub struct Classifier {
@@ -241,12 +253,7 @@ impl Classifier {
 
 /// Whether the text contains one of the words an effect needs.
 fn may_matter(sql: &[u8]) -> bool {
-    WORDS.iter().any(|w| contains_word(sql, w))
-}
-
-fn contains_word(sql: &[u8], word: &[u8]) -> bool {
-    sql.windows(word.len())
-        .any(|w| w.eq_ignore_ascii_case(word))
+    MAY_MATTER.is_match(sql)
 }
 
 /// Classifies one text (uncached).
@@ -254,7 +261,7 @@ pub fn classify_text(sql: &str) -> Classified {
     if sql.len() > MAX_PARSED || sql.contains('\0') {
         return Classified::of(Effects::UNKNOWN);
     }
-    let deep = DEEP_WORDS.iter().any(|w| contains_word(sql.as_bytes(), w));
+    let deep = DEEP.is_match(sql);
     // The summary (statement types, from the parser's C side) is cheaper than the tree:
     // an UPDATE ... SET, say, stops here.
     if !deep {
