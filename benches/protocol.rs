@@ -94,7 +94,7 @@ fn first_packet(c: &mut Criterion) {
 }
 
 fn classify(c: &mut Criterion) {
-    use patroxy::protocol::classify::{classify_text, Classifier};
+    use patroxy::protocol::classify::{classify_text, Classifier, Strings};
     let mut g = c.benchmark_group("classify");
     let classifier = Classifier::default();
     for (name, sql) in [
@@ -110,9 +110,13 @@ fn classify(c: &mut Criterion) {
         ),
         ("set_cached", "SET search_path = app, public"),
     ] {
-        classifier.classify(sql.as_bytes());
+        classifier.classify(sql.as_bytes(), Strings::Standard);
         g.bench_function(name, |b| {
-            b.iter(|| classifier.classify(black_box(sql.as_bytes())).effects)
+            b.iter(|| {
+                classifier
+                    .classify(black_box(sql.as_bytes()), Strings::Standard)
+                    .effects
+            })
         });
     }
     // A cache miss: what a statement never seen before costs.
@@ -127,7 +131,9 @@ fn classify(c: &mut Criterion) {
             "SELECT pg_catalog.set_config('search_path', '', false)",
         ),
     ] {
-        g.bench_function(name, |b| b.iter(|| classify_text(black_box(sql)).effects));
+        g.bench_function(name, |b| {
+            b.iter(|| classify_text(black_box(sql), Strings::Standard).effects)
+        });
     }
     g.finish();
 }

@@ -95,6 +95,7 @@ impl Server {
             contacts: backends.contacts,
             classifier: Default::default(),
             hubs: Default::default(),
+            naming: Default::default(),
         });
         Server {
             config,

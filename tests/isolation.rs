@@ -279,7 +279,61 @@ const SETTINGS: &[Case] = &[
         clean: "UTC",
         own: "Asia/Tokyo",
     },
+    Case {
+        name: "reported settings PostgreSQL lets a client change",
+        user: "alice",
+        options: "",
+        change: "SET standard_conforming_strings = off; SET default_transaction_read_only = on",
+        show: "SELECT current_setting('standard_conforming_strings') || ' ' || current_setting('default_transaction_read_only')",
+        clean: "on off",
+        own: "off on",
+    },
+    Case {
+        name: "SET ROLE in a text nested deeper than the parser's result goes",
+        user: "alice",
+        options: "",
+        change: DEEP_SET_ROLE,
+        show: "SELECT current_user::text",
+        clean: "alice",
+        own: "tenant_x",
+    },
+    Case {
+        name: "SET ROLE hidden by a backslash, with standard_conforming_strings off",
+        user: "alice",
+        options: "options='-c standard_conforming_strings=off'",
+        change: r"SELECT 'a\' -- '; SET ROLE tenant_x; --",
+        show: "SELECT current_user::text",
+        clean: "alice",
+        own: "tenant_x",
+    },
+    Case {
+        name: "SET, then LISTEN",
+        user: "alice",
+        options: "",
+        change: "SET work_mem = '77MB'; LISTEN somewhere",
+        show: "SHOW work_mem",
+        clean: "4MB",
+        own: "77MB",
+    },
+    Case {
+        name: "a superuser-only setting, then SET ROLE",
+        user: "sam",
+        options: "",
+        change: "SET log_statement = 'all'; SET ROLE tenant_y",
+        show: "SELECT current_setting('log_statement') || ' ' || current_user",
+        clean: "none sam",
+        own: "all tenant_y",
+    },
 ];
+
+/// `SET ROLE tenant_x`, then a SELECT of 200 terms: deeper than pg_query's result can
+/// carry; the server takes it.
+const DEEP_SET_ROLE: &str = concat!(
+    "SET ROLE tenant_x; SELECT 1",
+    "+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1",
+    "+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1",
+    "+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1",
+);
 
 /// Transaction pool of one: A changes its session and stays; B, on the same server
 /// connection, sees a clean session; A still sees its own, in its next transaction.
@@ -1169,4 +1223,237 @@ async fn verify_release_finds_what_functions_did_to_the_session() {
         }
         s.proxy.stop().await;
     }
+}
+
+/// Review findings, each on a transaction pool of one connection (or a session pool), each
+/// a way one client's state reached another or broke the pool before it was fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_hostile_or_unusual_client_leaves_never_reaches_the_next() {
+    let s = Suite::start("leakreview", PoolMode::Transaction, |cfg| {
+        cfg.timeouts.connect_wait = Duration::from_secs(10);
+    })
+    .await;
+    let port = s.port();
+    // Operators of its own ahead of pg_catalog on its search path: patroxy's questions
+    // about the session are not fooled (a temporary table still pins).
+    connect(s.pg.port)
+        .await
+        .unwrap()
+        .batch_execute("CREATE SCHEMA evil AUTHORIZATION alice")
+        .await
+        .unwrap();
+    let a = Client::login(port, "alice", "").await;
+    a.run(
+        "CREATE FUNCTION evil.never(oid, oid) RETURNS bool LANGUAGE sql AS 'SELECT false';
+         CREATE OPERATOR evil.= (leftarg = oid, rightarg = oid, function = evil.never)",
+    )
+    .await;
+    a.run("SET search_path = evil, pg_catalog, public").await;
+    a.run("CREATE TEMP TABLE hidden (x int)").await;
+    let b = Client::login(port, "alice", "").await;
+    let b_sees = tokio::spawn(async move {
+        let seen = b
+            .one("SELECT (to_regclass('pg_temp.hidden') IS NOT NULL)::text")
+            .await;
+        (b, seen)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !b_sees.is_finished(),
+        "A's temporary table pins it, operators or not"
+    );
+    a.run("DROP TABLE hidden").await;
+    let (_b, seen) = tokio::time::timeout(PROMPT, b_sees).await.unwrap().unwrap();
+    assert_eq!(seen, "false");
+    a.leave().await;
+
+    // A DISCARD ALL that fails (inside a transaction block) drops nothing: B's prepared
+    // statement, the same as A's, runs on the connection that still has it.
+    let (a, _conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} user=alice password=wonder dbname=postgres"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .map(|(c, conn)| (c, tokio::spawn(conn)))
+    .unwrap();
+    let st = a.prepare("SELECT $1::int + 5").await.unwrap();
+    let v: i32 = a.query_one(&st, &[&1]).await.unwrap().get(0);
+    assert_eq!(v, 6);
+    let e = a.batch_execute("BEGIN; DISCARD ALL").await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("25001"));
+    a.batch_execute("ROLLBACK").await.unwrap();
+    let (b2, _conn2) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} user=alice password=wonder dbname=postgres"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .map(|(c, conn)| (c, tokio::spawn(conn)))
+    .unwrap();
+    let st = b2.prepare("SELECT $1::int + 5").await.unwrap();
+    let v: i32 = b2.query_one(&st, &[&2]).await.unwrap().get(0);
+    assert_eq!(v, 7, "B's statement was prepared without 42P05");
+
+    // A setting the server refuses (from the startup packet): told at once, as PostgreSQL
+    // tells it, not retried with new server connections for connect_wait.
+    let started = std::time::Instant::now();
+    let bad = Client::login(port, "alice", "options='-c work_mem=bogus'").await;
+    let e = bad.try_one("SELECT 1").await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("22023"), "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // LOAD in a transaction the client never ends: the connection is closed, not lent.
+    let loader = Client::login(port, "sam", "").await;
+    loader.run("BEGIN; LOAD 'auto_explain'").await;
+    loader.leave().await;
+    let next = Client::login(port, "sam", "").await;
+    let loaded = next
+        .one("SELECT count(*)::text FROM pg_settings WHERE name LIKE 'auto_explain.%'")
+        .await;
+    assert_eq!(
+        loaded, "0",
+        "the next client's backend has no library of A's"
+    );
+
+    s.proxy.stop().await;
+}
+
+/// A statement named in bytes that are not UTF-8 is still renamed: its name never reaches
+/// the server, where the next client of the connection could bind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_named_in_any_bytes_is_renamed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = Suite::start("leakbytes", PoolMode::Transaction, |cfg| {
+        cfg.auth.trust = vec!["127.0.0.1/32".parse().unwrap()];
+    })
+    .await;
+    let port = s.port();
+    let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut body = 196_608u32.to_be_bytes().to_vec();
+    body.extend_from_slice(b"user\0sam\0database\0postgres\0\0");
+    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&body);
+    raw.write_all(&packet).await.unwrap();
+    read_to_ready(&mut raw).await;
+    let mut parse = b"P\0\0\0\0s\xff\0SELECT 42\0\0\0".to_vec();
+    let len = (parse.len() - 1) as u32;
+    parse[1..5].copy_from_slice(&len.to_be_bytes());
+    parse.extend_from_slice(b"S\0\0\0\x04");
+    raw.write_all(&parse).await.unwrap();
+    let mut answer = [0u8; 11];
+    raw.read_exact(&mut answer).await.unwrap();
+    assert_eq!(
+        &answer[..],
+        b"1\0\0\0\x04Z\0\0\0\x05I",
+        "ParseComplete, ReadyForQuery"
+    );
+    let b = Client::login(port, "sam", "").await;
+    let named = b
+        .one("SELECT count(*)::text FROM pg_prepared_statements WHERE name NOT LIKE 'patroxy_%'")
+        .await;
+    assert_eq!(named, "0");
+    drop(raw);
+    s.proxy.stop().await;
+}
+
+/// Reads a raw client's socket up to a ReadyForQuery; an ErrorResponse fails the test.
+async fn read_to_ready(raw: &mut tokio::net::TcpStream) {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 5];
+    loop {
+        raw.read_exact(&mut head).await.unwrap();
+        let len = u32::from_be_bytes(head[1..5].try_into().unwrap()) as usize;
+        let mut rest = vec![0u8; len - 4];
+        raw.read_exact(&mut rest).await.unwrap();
+        assert_ne!(head[0], b'E', "{}", String::from_utf8_lossy(&rest));
+        if head[0] == b'Z' {
+            return;
+        }
+    }
+}
+
+/// Session pooling with PgBouncer's advice for transaction pooling, an empty
+/// `server_reset_query`: what a client set stays on the server, and patroxy, which asks the
+/// server after the reset, resets it for the next client. A RESET sent through the extended
+/// protocol goes back to the startup values, as a simple one does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_pool_without_discard_all_still_hands_over_clean_sessions() {
+    let s = Suite::start("leaknoreset", PoolMode::Session, |cfg| {
+        cfg.pool.server_reset_query = String::new();
+    })
+    .await;
+    let port = s.port();
+    let a = Client::login(port, "alice", "").await;
+    a.run("SET work_mem = '7MB'; SET ROLE tenant_x").await;
+    a.leave().await;
+    let b = Client::login(port, "alice", "").await;
+    assert_eq!(
+        b.one("SELECT current_setting('work_mem') || ' ' || current_user")
+            .await,
+        "4MB alice"
+    );
+    b.leave().await;
+    let (c, _conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} user=alice password=wonder dbname=postgres options='-c work_mem=5MB'"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .map(|(c, conn)| (c, tokio::spawn(conn)))
+    .unwrap();
+    c.batch_execute("SET work_mem = '9MB'").await.unwrap();
+    c.query_typed("RESET ALL", &[]).await.unwrap();
+    let now: String = c.query_one("SHOW work_mem", &[]).await.unwrap().get(0);
+    assert_eq!(now, "5MB", "back to its startup value");
+    s.proxy.stop().await;
+}
+
+/// A client listening through the listening connection that then pins itself to its
+/// server connection (a job queue: LISTEN, then an advisory lock) still gets its
+/// notifications, now on its own connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_that_pins_itself_keeps_getting_notifications() {
+    let s = Suite::start("listenpin", PoolMode::Transaction, |cfg| {
+        cfg.pool.pool_size = 2;
+    })
+    .await;
+    let port = s.port();
+    let (l, mut notes) = listener_client(port).await;
+    l.batch_execute("LISTEN jobs").await.unwrap();
+    let sender = Client::login(port, "alice", "").await;
+    sender.run("NOTIFY jobs, 'before'").await;
+    let n = tokio::time::timeout(PROMPT, notes.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(n.payload(), "before");
+    l.batch_execute("SELECT pg_advisory_lock(7)").await.unwrap();
+    for i in 0..5 {
+        sender.run(&format!("NOTIFY jobs, 'pinned{i}'")).await;
+    }
+    for i in 0..5 {
+        let n = tokio::time::timeout(PROMPT, notes.recv())
+            .await
+            .expect("a notification while pinned")
+            .unwrap();
+        assert_eq!(n.payload(), format!("pinned{i}"));
+    }
+    l.batch_execute("SELECT pg_advisory_unlock(7)")
+        .await
+        .unwrap();
+    sender.run("NOTIFY jobs, 'after'").await;
+    let n = tokio::time::timeout(PROMPT, notes.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        n.payload(),
+        "after",
+        "and again through the listening connection"
+    );
+    s.proxy.stop().await;
 }

@@ -252,10 +252,20 @@ impl Lender<'_> {
                     .await?
                     .map(|(lease, conn)| (Some(lease), conn))),
                 Way::Own(params) => {
+                    // Outside the pools' slots, but under the caps on server connections.
+                    let key = self.pool_key(target, who);
+                    let wait_until = Instant::now() + self.settings.query_wait_timeout;
+                    let permits = self
+                        .pools
+                        .reserve(&key, self.caps, wait_until, true)
+                        .await?;
                     let mut opener = self.opener(target, who);
                     opener.params = params.to_vec();
                     let opened = self.opened(opener.open().await, target, promoting)?;
-                    Ok(opened.map(|conn| (None, conn)))
+                    Ok(opened.map(|mut conn| {
+                        conn.permits = permits;
+                        (None, conn)
+                    }))
                 }
             }
         };

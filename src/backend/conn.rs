@@ -24,6 +24,10 @@ use crate::tls::ServerTls;
 
 /// Server frames outside a session's relay are small.
 const FRAME_LIMIT: usize = 1 << 20;
+/// The backend NotificationResponse tag.
+const NOTIFICATION_RESPONSE: u8 = b'A';
+/// Notifications kept that arrived while patroxy had the connection to itself.
+const MAX_KEPT_NOTIFICATIONS: usize = 1024;
 
 /// How patroxy proves itself to PostgreSQL as a client's user.
 #[derive(Clone, Debug)]
@@ -61,6 +65,9 @@ pub struct ServerConn {
     pub permits: Vec<tokio::sync::OwnedSemaphorePermit>,
     /// Its pool's generation when it opened (the console's RECONNECT advances it).
     pub generation: u64,
+    /// Notifications that came while patroxy had the connection to itself (between a
+    /// client's transaction and its listens moving elsewhere): the client's, to pass on.
+    pub notifications: Vec<bytes::Bytes>,
 }
 
 /// What the server said or did instead of accepting the connection.
@@ -147,6 +154,7 @@ impl Opener {
                 buf: BytesMut::with_capacity(4096),
                 permits: Vec::new(),
                 generation: 0,
+                notifications: Vec::new(),
             };
             let (user, database) = (self.user.as_str(), self.database.as_str());
             let mut params = vec![("user", user), ("database", database)];
@@ -266,34 +274,47 @@ impl ServerConn {
     pub async fn read_to_ready(&mut self) -> Result<u8, ConnError> {
         let mut failed = None;
         loop {
-            // A server that closes after an error (a FATAL: the database does not exist,
-            // say) has said why.
-            let frame = match (self.frame().await, failed.take()) {
-                (Ok(frame), f) => {
-                    failed = f;
-                    frame
-                }
-                (Err(_), Some(refused)) => return Err(refused),
-                (Err(e), None) => return Err(e),
-            };
-            match frame.tag {
-                codes::PARAMETER_STATUS => {
-                    if let Some((name, value)) = messages::parameter_status(frame.body()) {
-                        self.params.insert(name, value);
-                    }
-                }
-                codes::BACKEND_KEY_DATA => self.key = messages::backend_key(frame.body()),
-                codes::ERROR_RESPONSE => failed = Some(Self::refused(&frame)),
-                codes::READY_FOR_QUERY => {
-                    let status = frame.body().first().copied().unwrap_or(codes::TX_IDLE);
-                    return match failed {
-                        Some(e) => Err(e),
-                        None => Ok(status),
-                    };
-                }
-                _ => {}
+            let frame = self.next_frame(&failed).await?;
+            if let Some(status) = self.note(&frame, &mut failed) {
+                return failed.map_or(Ok(status), Err);
             }
         }
+    }
+
+    /// The next frame; when the server closes after an error (a FATAL: the database does
+    /// not exist, say), the error it gave.
+    async fn next_frame(&mut self, failed: &Option<ConnError>) -> Result<Frame, ConnError> {
+        match (self.frame().await, failed) {
+            (Ok(frame), _) => Ok(frame),
+            (Err(_), Some(ConnError::Refused { sqlstate, message })) => Err(ConnError::Refused {
+                sqlstate: sqlstate.clone(),
+                message: message.clone(),
+            }),
+            (Err(e), _) => Err(e),
+        }
+    }
+
+    /// What a frame read outside a relay says: a parameter's value, the cancel key, an
+    /// error, a notification (kept for the client listening); the transaction status, at
+    /// ReadyForQuery.
+    fn note(&mut self, frame: &Frame, failed: &mut Option<ConnError>) -> Option<u8> {
+        match frame.tag {
+            codes::PARAMETER_STATUS => {
+                if let Some((name, value)) = messages::parameter_status(frame.body()) {
+                    self.params.insert(name, value);
+                }
+            }
+            codes::BACKEND_KEY_DATA => self.key = messages::backend_key(frame.body()),
+            codes::ERROR_RESPONSE => *failed = failed.take().or(Some(Self::refused(frame))),
+            NOTIFICATION_RESPONSE if self.notifications.len() < MAX_KEPT_NOTIFICATIONS => {
+                self.notifications.push(frame.bytes.clone())
+            }
+            codes::READY_FOR_QUERY => {
+                return Some(frame.body().first().copied().unwrap_or(codes::TX_IDLE))
+            }
+            _ => {}
+        }
+        None
     }
 
     /// Runs one simple query and returns its rows (text values, `None` for NULL).
@@ -308,22 +329,35 @@ impl ServerConn {
         let mut rows = Vec::new();
         let mut failed = None;
         loop {
-            let frame = self.frame().await?;
-            match frame.tag {
-                codes::DATA_ROW => rows.push(
-                    messages::data_row(frame.body())
-                        .ok_or_else(|| ConnError::Protocol("a malformed DataRow".into()))?,
-                ),
-                codes::ERROR_RESPONSE => failed = Some(Self::refused(&frame)),
-                codes::READY_FOR_QUERY => {
-                    return match failed {
-                        Some(e) => Err(e),
-                        None => Ok(rows),
-                    }
-                }
-                _ => {}
+            let frame = self.next_frame(&failed).await?;
+            if frame.tag == codes::DATA_ROW {
+                let row = messages::data_row(frame.body())
+                    .ok_or_else(|| ConnError::Protocol("a malformed DataRow".into()))?;
+                rows.push(row);
+            } else if self.note(&frame, &mut failed).is_some() {
+                return failed.map_or(Ok(rows), Err);
             }
         }
+    }
+
+    /// Runs these simple queries, one after the other, in one write; the last one's
+    /// transaction status, or the first error.
+    pub async fn execute_each(&mut self, sqls: &[&str]) -> Result<u8, ConnError> {
+        let mut out = BytesMut::new();
+        for sql in sqls {
+            out.extend_from_slice(&messages::query(sql));
+        }
+        send(&mut self.stream, &out).await?;
+        let mut first_error = None;
+        let mut status = codes::TX_IDLE;
+        for _ in sqls {
+            match self.read_to_ready().await {
+                Ok(s) => status = s,
+                Err(e @ ConnError::Refused { .. }) => first_error = first_error.or(Some(e)),
+                Err(e) => return Err(e),
+            }
+        }
+        first_error.map_or(Ok(status), Err)
     }
 
     /// Runs `sql` (a simple query, possibly several statements) and waits for its end.
@@ -359,12 +393,23 @@ impl ServerConn {
             let status = if reset_query.is_empty() {
                 codes::TX_IDLE
             } else {
-                self.execute(reset_query).await?
+                self.run_own(reset_query).await?
             };
             // DISCARD ALL resets every setting and statement: what patroxy applied or
-            // prepared is gone too.
-            self.extra.clear();
-            self.prepared.clear();
+            // prepared is gone too. After anything else, the server says what is left.
+            if reset_query.trim().eq_ignore_ascii_case("DISCARD ALL") {
+                self.extra.clear();
+                self.prepared.clear();
+            } else if status == codes::TX_IDLE {
+                let look = crate::backend::session::Look {
+                    settings: true,
+                    statements: true,
+                    ..Default::default()
+                };
+                let snapshot = self.inspect(look).await?;
+                self.resync(&snapshot);
+            }
+            self.notifications.clear();
             match (status, self.buf.is_empty()) {
                 (codes::TX_IDLE, true) => Ok(()),
                 _ => Err(ConnError::Protocol("not idle after the reset".into())),

@@ -392,9 +392,10 @@ impl Hub {
     }
 
     /// The frames read: notifications go out; each ReadyForQuery answers the requests
-    /// owed up to it.
+    /// owed up to it. A request the server refused leaves what it listens on unknown (its
+    /// statements ran in one implicit transaction, all or none): the connection is let go
+    /// and listens again from the start.
     fn read_frames(&mut self, conn: &mut ServerConn, owed: &mut Owed) -> Result<(), String> {
-        let mut failed: Option<String> = None;
         while let Some(frame) =
             split_frame(&mut conn.buf, FRAME_LIMIT).map_err(|e| e.to_string())?
         {
@@ -402,15 +403,14 @@ impl Hub {
                 NOTIFICATION_RESPONSE => self.fan_out(frame.bytes),
                 codes::ERROR_RESPONSE => {
                     let f = messages::error_fields(frame.body()).unwrap_or_default();
-                    failed = Some(format!("{} {}", f.sqlstate, f.message));
+                    return Err(format!("{} {}", f.sqlstate, f.message));
                 }
                 codes::READY_FOR_QUERY => {
                     // Everything owed up to this request's marker is answered.
                     while let Some(done) = owed.pop_front() {
                         let Some(done) = done else { break };
-                        let _ = done.send(failed.clone().map_or(Ok(()), Err));
+                        let _ = done.send(Ok(()));
                     }
-                    failed = None;
                 }
                 _ => {}
             }
@@ -467,7 +467,7 @@ async fn connect(
 pub const NOTIFICATION_RESPONSE: u8 = b'A';
 
 /// The channel of a NotificationResponse body: pid, then channel and payload strings.
-fn channel_of(body: &[u8]) -> Option<&str> {
+pub fn channel_of(body: &[u8]) -> Option<&str> {
     let rest = body.get(4..)?;
     let nul = rest.iter().position(|b| *b == 0)?;
     std::str::from_utf8(&rest[..nul]).ok()

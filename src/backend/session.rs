@@ -19,16 +19,14 @@ use super::conn::{ConnError, ServerConn};
 use super::pool::Defaults;
 use crate::protocol::{codes, messages};
 
-/// Reported parameters that describe the server, not a setting a client chose.
-pub const SERVER_OWNED: [&str; 8] = [
+/// Reported parameters that describe the server (or follow from the role), not a setting a
+/// client chose. Every other reported parameter is a setting, followed like the rest.
+pub const SERVER_OWNED: [&str; 5] = [
     "in_hot_standby",
     "server_version",
     "server_encoding",
     "integer_datetimes",
     "is_superuser",
-    "default_transaction_read_only",
-    "scram_iterations",
-    "standard_conforming_strings",
 ];
 
 const ROLE: &str = "role";
@@ -160,11 +158,18 @@ impl ServerConn {
         if plan.is_empty() {
             return Ok(());
         }
-        self.execute(&plan.sql()).await?;
+        self.run_own(&plan.sql()).await?;
+        if plan.reset_role {
+            self.extra.remove(ROLE);
+        }
         for name in &plan.reset {
             self.extra.remove(name);
         }
-        for (name, value) in plan.set {
+        for (name, value) in plan
+            .set
+            .into_iter()
+            .chain(plan.role.map(|r| (ROLE.to_owned(), r)))
+        {
             // What the server reports, it says itself; the rest patroxy remembers.
             if !self.params.contains_key(&name) {
                 self.extra.insert(name, value);
@@ -174,23 +179,28 @@ impl ServerConn {
     }
 
     /// What `fit` does, without doing it.
-    fn plan(&mut self, wanted: &Wanted) -> Plan {
+    fn plan(&self, wanted: &Wanted) -> Plan {
         let want = wanted.all();
         let mut plan = Plan::default();
-        let current = |conn: &ServerConn, name: &str| -> Option<String> {
-            conn.params
+        let current = |name: &str| -> Option<&str> {
+            self.params
                 .get(name)
-                .or_else(|| conn.extra.get(name))
-                .cloned()
+                .or_else(|| self.extra.get(name))
+                .map(String::as_str)
         };
-        // A new session authorization also ends any role: the role is set again after it.
-        let auth_now = current(self, SESSION_AUTHORIZATION);
-        let auth_wanted = want.get(SESSION_AUTHORIZATION).map(|v| v.to_string());
-        if auth_wanted.is_some() && auth_now != auth_wanted {
-            self.extra.remove(ROLE);
-        }
+        let differs = |name: &str| current(name) != want.get(name).copied();
+        // The role goes first, so that nothing below runs as another client's role, and
+        // comes back last; a new session authorization ends any role too.
+        let auth_changes =
+            want.contains_key(SESSION_AUTHORIZATION) && differs(SESSION_AUTHORIZATION);
+        plan.reset_role = self.extra.contains_key(ROLE) && (auth_changes || differs(ROLE));
+        let role_now = current(ROLE).filter(|_| !plan.reset_role);
+        plan.role = want
+            .get(ROLE)
+            .filter(|r| role_now != Some(**r))
+            .map(|r| (*r).to_owned());
         for (name, value) in &want {
-            if current(self, name).as_deref() == Some(*value) {
+            if *name == ROLE || current(name) == Some(*value) {
                 continue;
             }
             match self.defaults.get(*name).map(String::as_str) == Some(*value) {
@@ -199,18 +209,51 @@ impl ServerConn {
             }
         }
         for name in self.extra.keys() {
-            if !want.contains_key(name.as_str()) {
+            if name != ROLE && !want.contains_key(name.as_str()) {
                 plan.reset.push(name.clone());
             }
         }
-        // The session authorization first, then the role, then the rest.
+        // The session authorization first (it ends the role), the client's encoding last
+        // (patroxy speaks UTF-8 to the server until then).
         let rank = |n: &str| match n {
             SESSION_AUTHORIZATION => 0,
-            ROLE => 1,
-            _ => 2,
+            "client_encoding" => 2,
+            _ => 1,
         };
+        plan.reset.sort_by_key(|n| rank(n));
         plan.set.sort_by_key(|(n, _)| rank(n));
         plan
+    }
+
+    /// What patroxy knows of the session, as the server says it (after a reset that was
+    /// not `DISCARD ALL`): the settings it has beyond the login's, and the statements.
+    pub fn resync(&mut self, s: &Snapshot) {
+        self.extra = s
+            .settings
+            .iter()
+            .filter(|(name, _)| !self.params.contains_key(*name))
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
+        let names: Vec<&str> = s.statements.iter().map(|st| st.0.as_str()).collect();
+        self.prepared.resync(&names);
+    }
+
+    /// Runs one of patroxy's own requests, in UTF-8 (what patroxy writes and reads): a
+    /// connection left in another client encoding is switched first, in the same write.
+    pub async fn run_own(&mut self, sql: &str) -> Result<u8, ConnError> {
+        match self.speaks_utf8() {
+            true => self.execute(sql).await,
+            false => {
+                let switch = "SET client_encoding TO 'UTF8'";
+                self.execute_each(&[switch, sql]).await
+            }
+        }
+    }
+
+    fn speaks_utf8(&self) -> bool {
+        self.params.get("client_encoding").map_or(true, |e| {
+            e.eq_ignore_ascii_case("UTF8") || e.eq_ignore_ascii_case("UTF-8")
+        })
     }
 
     /// What the session has now, as the server says: the parts `look` asks for. The
@@ -220,6 +263,9 @@ impl ServerConn {
     /// moment, to compare. A client's timeout can still cut that first statement short (one
     /// of a millisecond, say): then it is asked once more.
     pub async fn inspect(&mut self, look: Look) -> Result<Snapshot, ConnError> {
+        if !self.speaks_utf8() {
+            self.execute("SET client_encoding TO 'UTF8'").await?;
+        }
         let sql = look.sql();
         let rows = match self.query_rows(&sql).await {
             // Cut short before its transaction began, or (a client's late cancel) in it.
@@ -233,37 +279,50 @@ impl ServerConn {
     }
 }
 
-/// The statements that make a connection fit a client.
+/// The statements that make a connection fit a client, in their order: the old role
+/// ended, then resets, then the settings (session authorization first), the role last.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Plan {
+    reset_role: bool,
     reset: Vec<String>,
     set: Vec<(String, String)>,
+    role: Option<String>,
 }
 
 impl Plan {
     fn is_empty(&self) -> bool {
-        self.reset.is_empty() && self.set.is_empty()
+        !self.reset_role && self.reset.is_empty() && self.set.is_empty() && self.role.is_none()
     }
 
     fn sql(&self) -> String {
-        let mut sql: Vec<String> = self
-            .reset
-            .iter()
-            .map(|n| format!("RESET {}", quote_ident(n)))
-            .collect();
-        if !self.set.is_empty() {
-            let calls: Vec<String> = self
-                .set
+        let mut sql: Vec<String> = Vec::new();
+        if self.reset_role {
+            sql.push("RESET ROLE".into());
+        }
+        sql.extend(
+            self.reset
                 .iter()
-                .map(|(n, v)| {
-                    format!(
-                        "pg_catalog.set_config({}, {}, false)",
-                        quote_literal(n),
-                        quote_literal(v)
-                    )
-                })
-                .collect();
+                .map(|n| format!("RESET {}", quote_ident(n))),
+        );
+        let calls: Vec<String> = self
+            .set
+            .iter()
+            .map(|(n, v)| {
+                format!(
+                    "pg_catalog.set_config({}, {}, false)",
+                    quote_literal(n),
+                    quote_literal(v)
+                )
+            })
+            .collect();
+        if !calls.is_empty() {
             sql.push(format!("SELECT {}", calls.join(", ")));
+        }
+        if let Some(role) = &self.role {
+            sql.push(format!(
+                "SELECT pg_catalog.set_config('role', {}, false)",
+                quote_literal(role)
+            ));
         }
         sql.join("; ")
     }
@@ -302,7 +361,7 @@ impl Look {
             false => ("", ""),
         };
         format!(
-            "{first}BEGIN; {login}SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0; {}; COMMIT",
+            "{first}BEGIN; {login}{NO_TIMEOUTS_SQL}{}; COMMIT",
             self.parts()
         )
     }
@@ -325,9 +384,12 @@ impl Look {
     }
 }
 
+// Every name, type and operator below is schema-qualified: a client's search path (its
+// own functions, operators, types or views named like the catalogs') stands in for none.
+
 /// The client's timeouts, read before patroxy's own transaction turns them off for itself.
-const TIMEOUTS_SQL: &str =
-    "SELECT 't', 'statement_timeout', pg_catalog.current_setting('statement_timeout'), '' \
+const TIMEOUTS_SQL: &str = "SELECT 't', 'statement_timeout', \
+    pg_catalog.current_setting('statement_timeout'), '' \
     UNION ALL SELECT 't', 'lock_timeout', pg_catalog.current_setting('lock_timeout'), ''; ";
 
 /// The login's values of the timeouts: a client's that differ are its own.
@@ -336,28 +398,45 @@ const LOGIN_TIMEOUTS_SQL: &str = "SET LOCAL statement_timeout TO DEFAULT; \
     SELECT 'r', 'statement_timeout', pg_catalog.current_setting('statement_timeout'), '' \
     UNION ALL SELECT 'r', 'lock_timeout', pg_catalog.current_setting('lock_timeout'), ''; ";
 
-const SETTINGS_SQL: &str = "SELECT 's', name::text, pg_catalog.current_setting(name), '' \
-    FROM pg_catalog.pg_settings WHERE source = 'session' \
-    AND name NOT IN ('statement_timeout', 'lock_timeout') \
+/// Patroxy's own transaction: no timeout of the client's cuts it short (PostgreSQL 17's
+/// `transaction_timeout` where there is one).
+const NO_TIMEOUTS_SQL: &str = "SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0; \
+    SELECT 'x', '', pg_catalog.set_config(name, '0', true), '' FROM pg_catalog.pg_settings \
+    WHERE name OPERATOR(pg_catalog.=) 'transaction_timeout'; ";
+
+const SETTINGS_SQL: &str = "SELECT 's', name::pg_catalog.text, \
+    pg_catalog.current_setting(name), '' FROM pg_catalog.pg_settings \
+    WHERE source OPERATOR(pg_catalog.=) 'session' \
+    AND name OPERATOR(pg_catalog.<>) 'statement_timeout' \
+    AND name OPERATOR(pg_catalog.<>) 'lock_timeout' \
+    AND name OPERATOR(pg_catalog.<>) 'transaction_timeout' \
     UNION ALL SELECT 's', 'role', pg_catalog.current_setting('role'), '' \
-    UNION ALL SELECT 's', 'session_authorization', pg_catalog.current_setting('session_authorization'), ''";
+    UNION ALL SELECT 's', 'session_authorization', \
+    pg_catalog.current_setting('session_authorization'), ''";
 
-const OBJECTS_SQL: &str = "SELECT 'o', 'advisory locks', pg_catalog.count(*)::text, '' \
-    FROM pg_catalog.pg_locks WHERE pid = pg_catalog.pg_backend_pid() AND locktype = 'advisory' \
+const OBJECTS_SQL: &str = "SELECT 'o', 'advisory locks', \
+    pg_catalog.count(*)::pg_catalog.text, '' FROM pg_catalog.pg_locks \
+    WHERE pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid() \
+    AND locktype OPERATOR(pg_catalog.=) 'advisory' \
     UNION ALL SELECT 'o', 'temporary objects', ( \
-      (SELECT pg_catalog.count(*) FROM pg_catalog.pg_class WHERE relnamespace = pg_catalog.pg_my_temp_schema()) \
-    + (SELECT pg_catalog.count(*) FROM pg_catalog.pg_proc WHERE pronamespace = pg_catalog.pg_my_temp_schema()) \
-    + (SELECT pg_catalog.count(*) FROM pg_catalog.pg_type WHERE typnamespace = pg_catalog.pg_my_temp_schema()) \
-    )::text, '' \
-    UNION ALL SELECT 'o', 'open cursors', pg_catalog.count(*)::text, '' FROM pg_catalog.pg_cursors \
-    UNION ALL SELECT 'o', 'SQL-level prepared statements', pg_catalog.count(*)::text, '' \
-    FROM pg_catalog.pg_prepared_statements WHERE from_sql";
+      (SELECT pg_catalog.count(*) FROM pg_catalog.pg_class \
+       WHERE relnamespace OPERATOR(pg_catalog.=) pg_catalog.pg_my_temp_schema()) \
+    OPERATOR(pg_catalog.+) (SELECT pg_catalog.count(*) FROM pg_catalog.pg_proc \
+       WHERE pronamespace OPERATOR(pg_catalog.=) pg_catalog.pg_my_temp_schema()) \
+    OPERATOR(pg_catalog.+) (SELECT pg_catalog.count(*) FROM pg_catalog.pg_type \
+       WHERE typnamespace OPERATOR(pg_catalog.=) pg_catalog.pg_my_temp_schema()) \
+    )::pg_catalog.text, '' \
+    UNION ALL SELECT 'o', 'open cursors', pg_catalog.count(*)::pg_catalog.text, '' \
+    FROM pg_catalog.pg_cursors \
+    UNION ALL SELECT 'o', 'SQL-level prepared statements', \
+    pg_catalog.count(*)::pg_catalog.text, '' FROM pg_catalog.pg_prepared_statements \
+    WHERE from_sql";
 
-const LISTENS_SQL: &str =
-    "SELECT 'l', c::text, '', '' FROM pg_catalog.pg_listening_channels() AS c";
+const LISTENS_SQL: &str = "SELECT 'l', c::pg_catalog.text, '', '' \
+    FROM pg_catalog.pg_listening_channels() AS c";
 
-const STATEMENTS_SQL: &str =
-    "SELECT 'p', name::text, statement, parameter_types::pg_catalog.oid[]::text \
+const STATEMENTS_SQL: &str = "SELECT 'p', name::pg_catalog.text, statement, \
+    parameter_types::pg_catalog.oid[]::pg_catalog.text \
     FROM pg_catalog.pg_prepared_statements WHERE NOT from_sql";
 
 /// A session as the server described it.
@@ -389,6 +468,8 @@ impl Snapshot {
                 "s" => {
                     out.settings.insert(name.clone(), value.clone());
                 }
+                // patroxy's own transaction_timeout, switched off.
+                "x" => {}
                 "t" => {
                     timeouts.insert(name.clone(), value.clone());
                 }
@@ -505,15 +586,17 @@ mod tests {
     #[test]
     fn a_plan_resets_to_the_login_value_and_sets_with_set_config_authorization_first() {
         let plan = Plan {
+            reset_role: true,
             reset: vec!["work_mem".into()],
             set: vec![
                 ("session_authorization".into(), "alice".into()),
                 ("search_path".into(), "a, public".into()),
             ],
+            role: Some("tenant_x".into()),
         };
         assert_eq!(
             plan.sql(),
-            "RESET \"work_mem\"; SELECT pg_catalog.set_config('session_authorization', 'alice', false), pg_catalog.set_config('search_path', 'a, public', false)"
+            "RESET ROLE; RESET \"work_mem\"; SELECT pg_catalog.set_config('session_authorization', 'alice', false), pg_catalog.set_config('search_path', 'a, public', false); SELECT pg_catalog.set_config('role', 'tenant_x', false)"
         );
     }
 

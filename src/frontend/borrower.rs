@@ -21,8 +21,9 @@ use crate::backend::checkout::Who;
 use crate::backend::conn::{ConnError, ServerConn};
 use crate::backend::pool::Lease;
 use crate::backend::session::Wanted;
+use crate::protocol::classify::Strings;
 use crate::protocol::codes;
-use crate::protocol::prepared::ClientStatements;
+use crate::protocol::prepared::{ClientStatements, Reading};
 use crate::protocol::startup::CancelKey;
 use crate::routing::drain::DrainCause;
 use crate::routing::Target;
@@ -96,8 +97,11 @@ enum Step {
     Go(Attached),
     /// patroxy answered the request itself; read on.
     Answered,
-    /// None usable now; try again (within connect_wait).
+    /// None usable now (fitting one failed on the way); try again, within connect_wait.
     Again,
+    /// The server refused the client's own settings (its SQLSTATE and message): told as
+    /// PostgreSQL would tell it.
+    Refused(String, String),
     Over(End),
 }
 
@@ -129,8 +133,11 @@ impl Session<'_> {
             pinned: None,
             listening: Listening::new(self.ctx, self.who.database, self.who.user, self.id),
         };
-        // Since when a transaction has failed to get a usable connection.
+        // Since when a transaction has failed to get a usable connection, and the pause
+        // between tries (a storm of new server connections helps nobody).
         let mut retrying: Option<Instant> = None;
+        let mut pause =
+            crate::backoff::Backoff::new(Duration::from_millis(20), Duration::from_secs(1));
         let mut total = Ended {
             end: End::ClientClosed,
             transactions: 0,
@@ -145,10 +152,18 @@ impl Session<'_> {
             let attached = match step {
                 Step::Go(a) => a,
                 Step::Answered => continue,
-                Step::Again if may_retry(&mut retrying, connect_wait) => continue,
+                Step::Again if may_retry(&mut retrying, connect_wait) => {
+                    tokio::time::sleep(pause.next_pause()).await;
+                    continue;
+                }
                 Step::Again => {
                     let msg = "patroxy: applying the session's parameters failed on every server connection tried";
                     send_fatal(client, codes::CONNECTION_FAILURE, msg).await;
+                    return total.ending(End::ServerClosed);
+                }
+                Step::Refused(sqlstate, message) => {
+                    warn!(client = %self.peer, listener = %self.ctx.name, user = self.who.user, %sqlstate, %message, "the server refused the client's settings; session ended");
+                    send_fatal(client, &sqlstate, &message).await;
                     return total.ending(End::ServerClosed);
                 }
                 Step::Over(end) => return total.ending(end),
@@ -224,6 +239,8 @@ impl Session<'_> {
         };
         match self.fit(attached, carried).await {
             Ok(a) => Step::Go(a),
+            // The client's own values, refused: trying elsewhere would not change that.
+            Err(ConnError::Refused { sqlstate, message }) => Step::Refused(sqlstate, message),
             Err(_) => Step::Again,
         }
     }
@@ -285,8 +302,14 @@ impl Session<'_> {
                 .get("search_path")
                 .unwrap_or_default()
                 .to_owned();
-            let classifier = &self.ctx.proxy.classifier;
-            if let Some(reply) = carried.statements.answer_locally(buf, &context, classifier) {
+            let proxy = &self.ctx.proxy;
+            let reading = Reading {
+                naming: &proxy.naming,
+                classifier: &proxy.classifier,
+                strings: Strings::of(carried.wanted.get("standard_conforming_strings")),
+                context: &context,
+            };
+            if let Some(reply) = carried.statements.answer_locally(buf, reading) {
                 buf.clear();
                 return match send(client, &reply).await {
                     Ok(()) => Next::Answered,

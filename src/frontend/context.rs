@@ -50,6 +50,8 @@ pub struct ProxyContext {
     pub classifier: crate::protocol::classify::Classifier,
     /// The listening connections of transaction-pooled clients' LISTENs.
     pub hubs: crate::backend::notify::Hubs,
+    /// How clients' named statements are named on the servers.
+    pub naming: crate::protocol::prepared::Naming,
 }
 
 /// How pooled listeners authenticate clients: the `auth_file` users, and the addresses

@@ -111,19 +111,51 @@ impl Listening {
         }
     }
 
+    /// The channels it listens on through the hub.
+    pub fn channels(&self) -> Vec<String> {
+        self.channels.iter().cloned().collect()
+    }
+
+    /// The hub forgets these channels for this client (a listen that was given up on).
+    pub fn forget(&mut self, channels: &[String]) {
+        for c in channels {
+            self.channels.remove(c);
+        }
+        self.proxy
+            .hubs
+            .unlisten(&self.key, self.id, channels.to_vec());
+    }
+
     /// The next notification for the client; `None` when its hub let it go while it
     /// listens (its queue was full). Waits forever while it listens on nothing.
     pub async fn next(&mut self) -> Option<Bytes> {
-        match self.incoming.recv().await {
-            Some(n) => Some(n),
-            None if self.channels.is_empty() => std::future::pending().await,
-            None => None,
+        loop {
+            match self.incoming.recv().await {
+                Some(n) if self.wants(&n) => return Some(n),
+                Some(_) => {}
+                None if self.channels.is_empty() => return std::future::pending().await,
+                None => return None,
+            }
         }
     }
 
     /// A notification already queued, without waiting.
     pub fn queued(&mut self) -> Option<Bytes> {
-        self.incoming.try_recv().ok()
+        while let Ok(n) = self.incoming.try_recv() {
+            if self.wants(&n) {
+                return Some(n);
+            }
+        }
+        None
+    }
+
+    /// Only the channels the client listens on now: an UNLISTEN the hub has not taken yet
+    /// (or lost, its queue full) lets nothing through.
+    fn wants(&self, notification: &[u8]) -> bool {
+        notification
+            .get(5..)
+            .and_then(crate::backend::notify::channel_of)
+            .is_some_and(|c| self.channels.contains(c))
     }
 }
 

@@ -17,10 +17,11 @@ use super::relay::{relay, End, Outcome, RelayContext};
 use crate::backend::conn::{ConnError, ServerConn};
 use crate::backend::pool::{DbStats, Lease};
 use crate::backend::session::{Look, Snapshot};
+use crate::protocol::classify::Strings;
 use crate::protocol::classify::{Effects, Seen};
 use crate::protocol::codes;
 use crate::protocol::messages::{self, ErrorFields, Severity};
-use crate::protocol::prepared::{CacheStats, Rewriter};
+use crate::protocol::prepared::{CacheStats, Reading, Rewriter};
 use crate::routing::drain::{DrainCause, Progress};
 use crate::routing::Target;
 use crate::stream::{send, Stream};
@@ -92,15 +93,34 @@ impl Session<'_> {
         conn.prepared
             .forget(failed.iter().map(|f| f.server_name.as_str()));
         carried.statements.forget(&failed);
+        if out.all_statements_dropped {
+            conn.prepared.clear();
+            carried.statements.clear();
+        }
         let mut end = std::mem::replace(&mut out.end, End::ClientClosed);
         if let End::TimedOut(over) = &end {
             crate::metrics::client_timeout(over.label());
             warn!(client = %self.peer, server = %target.endpoint, timeout = over.label(), "pooled client disconnected by a timeout; its server connection closed");
+            // The request still runs on the server: it is canceled, not left to finish.
+            if let (crate::routing::timeouts::Over::Query, Some(key)) = (over, conn.key.clone()) {
+                let (endpoint, limit) = (conn.endpoint.clone(), proxy.timeouts.connect);
+                tokio::spawn(async move {
+                    crate::backend::cancel::deliver(&key, vec![endpoint], limit).await;
+                });
+            }
         }
         // Transaction mode, at the transaction's end: what its statements left.
         let settled = match end {
-            End::Released => self.settle(&mut conn, &seen, pin, carried).await,
-            _ => Ok(pin),
+            End::Released => {
+                let settled = self.settle(&mut conn, &seen, pin, carried).await;
+                if let Err(e) = self.pass_notifications(client, &mut conn, carried).await {
+                    end = End::ClientIo(e);
+                }
+                settled
+            }
+            // A client that leaves in a transaction that made session objects: its reset
+            // is DISCARD ALL (and a LOAD closes the connection).
+            _ => Ok(pin.or_else(|| held_by_seen(&seen))),
         };
         let died = matches!(end, End::ServerClosed | End::ServerIo(_));
         let fatal = out.server_fatal.take();
@@ -157,6 +177,28 @@ impl Session<'_> {
         Ok(self.ended(end, &out))
     }
 
+    /// Notifications that came while patroxy had the connection to itself, and those
+    /// queued from the listening connection for a client now pinned: the client is
+    /// between transactions, where PostgreSQL gives them.
+    async fn pass_notifications(
+        &self,
+        client: &mut Stream,
+        conn: &mut ServerConn,
+        carried: &mut Carried,
+    ) -> std::io::Result<()> {
+        let mut out = BytesMut::new();
+        while let Some(n) = carried.listening.queued() {
+            out.extend_from_slice(&n);
+        }
+        for n in conn.notifications.drain(..) {
+            out.extend_from_slice(&n);
+        }
+        match out.is_empty() {
+            true => Ok(()),
+            false => send(client, &out).await,
+        }
+    }
+
     fn ended(&self, end: End, out: &Outcome) -> Ended {
         Ended {
             end,
@@ -200,13 +242,24 @@ impl Session<'_> {
         let mut before: Option<Outcome> = None;
         loop {
             let leftover = std::mem::take(&mut conn.buf);
+            // The connection reads strings as the client's session does (fitted to it).
+            let strings = Strings::of(
+                conn.params
+                    .get("standard_conforming_strings")
+                    .map(String::as_str),
+            );
             let rewrite = release_at_idle.then(|| Rewriter {
                 client: &mut carried.statements,
                 server: &mut conn.prepared,
                 capacity: self.ctx.pool.max_prepared_statements,
-                context: &context,
-                classifier: &proxy.classifier,
+                reading: Reading {
+                    naming: &proxy.naming,
+                    classifier: &proxy.classifier,
+                    strings,
+                    context: &context,
+                },
                 seen: &mut *seen,
+                unsynced: false,
             });
             let relay_ctx = RelayContext {
                 policy: &self.ctx.policy,
@@ -407,7 +460,7 @@ impl Session<'_> {
             .unwrap_or(Err(ConnError::Timeout))?;
         if look.statements {
             let names: Vec<&str> = snapshot.statements.iter().map(|s| s.0.as_str()).collect();
-            conn.prepared.keep_only(&names);
+            conn.prepared.resync(&names);
         }
         let mut held = held_by(&snapshot, loaded);
         // Listens with nothing else held go to the listener's hub, and the connection is
@@ -426,6 +479,8 @@ impl Session<'_> {
                 if pin.is_none() {
                     crate::metrics::pinned(reason);
                     info!(client = %self.peer, server = %conn.endpoint, held = %what, "client pinned to its server connection (transaction pooling): its session holds state that cannot follow it");
+                    // Its notifications come on its own connection while it is pinned.
+                    self.listens_to_conn(conn, carried).await?;
                 }
                 self.me.pin(Some(what));
                 Ok(Some(Pin {
@@ -438,7 +493,9 @@ impl Session<'_> {
                     info!(client = %self.peer, server = %conn.endpoint, "client unpinned: its session holds nothing that cannot follow it");
                     self.me.pin(None);
                 }
-                carried.wanted.take_up(conn, &snapshot.settings);
+                if look.settings {
+                    carried.wanted.take_up(conn, &snapshot.settings);
+                }
                 Ok(None)
             }
         }
@@ -446,6 +503,36 @@ impl Session<'_> {
 }
 
 impl Session<'_> {
+    /// A client pinned to its connection listens there, not through the listening
+    /// connection (where its notifications would wait for a `next()` it no longer goes
+    /// through): `LISTEN` on its connection first, then the listening connection lets go.
+    async fn listens_to_conn(
+        &self,
+        conn: &mut ServerConn,
+        carried: &mut Carried,
+    ) -> Result<(), ConnError> {
+        let channels = carried.listening.channels();
+        if channels.is_empty() {
+            return Ok(());
+        }
+        let sql: Vec<String> = channels
+            .iter()
+            .map(|c| format!("LISTEN {}", crate::backend::session::quote_ident(c)))
+            .collect();
+        timeout(self.reset_limit(), conn.run_own(&sql.join("; ")))
+            .await
+            .unwrap_or(Err(ConnError::Timeout))?;
+        // What the listening connection queued for it meanwhile comes first.
+        let mut queued = Vec::new();
+        while let Some(n) = carried.listening.queued() {
+            queued.push(n);
+        }
+        queued.append(&mut conn.notifications);
+        conn.notifications = queued;
+        carried.listening.unlisten(&[String::new()]);
+        Ok(())
+    }
+
     /// Moves the client's listens from its connection to its listener's hub: listened
     /// there first, then `UNLISTEN *` here. What pins the client if the hub cannot take
     /// them.
@@ -458,6 +545,7 @@ impl Session<'_> {
         let limit = self.reset_limit();
         let n = channels.len();
         let route: std::sync::Arc<dyn crate::backend::notify::Route> = self.ctx.clone();
+        let channels_asked = channels.clone();
         let listened = carried.listening.listen(route, self.who.login, channels);
         match timeout(limit, listened).await {
             Ok(Ok(())) => {
@@ -472,6 +560,8 @@ impl Session<'_> {
             }
             Err(_) => {
                 warn!(client = %self.peer, "the listening connection took too long; the client keeps its server connection");
+                // Whatever the hub took of it meanwhile, it lets go.
+                carried.listening.forget(&channels_asked);
                 Ok(Some(("listen", format!("{n} LISTEN channels"))))
             }
         }
@@ -539,6 +629,23 @@ fn held_by(s: &Snapshot, loaded: bool) -> Option<(&'static str, String)> {
 
 fn listens(s: &Snapshot) -> Option<String> {
     (!s.listens.is_empty()).then(|| format!("{} LISTEN channels", s.listens.len()))
+}
+
+/// What pins a client whose transaction did not end (it left in it): what its statements
+/// may have made, by their effects alone.
+fn held_by_seen(seen: &Seen) -> Option<Pin> {
+    let e = seen.effects;
+    if e.contains(Effects::LOAD) {
+        return Some(Pin {
+            reason: "load",
+            loaded: true,
+        });
+    }
+    e.intersects(Effects::OBJECTS | Effects::LISTEN | Effects::UNKNOWN)
+        .then_some(Pin {
+            reason: "unknown",
+            loaded: false,
+        })
 }
 
 /// Whether the session's settings differ from what patroxy knows it applied.

@@ -267,6 +267,11 @@ async fn lookup_secret(
             .checkout(who, topology)
             .await
             .map_err(|e| e.to_string())?;
+        // As its login left it: no other client's search path or timeout.
+        let defaults = lease.pool.remember_defaults(&conn.defaults);
+        conn.fit(&Wanted::new(defaults))
+            .await
+            .map_err(|e| e.to_string())?;
         let request = lookup::request(&auth.auth_query, user);
         let rows = conn.rows_of(&request).await.map_err(|e| e.to_string())?;
         lease.give_back(conn);

@@ -17,6 +17,7 @@ use super::drain;
 use crate::config::Timeouts;
 use crate::discovery::patroni::Endpoint;
 use crate::discovery::Topology;
+use crate::protocol::classify::Strings;
 use crate::protocol::codes;
 use crate::protocol::frame::{FrameError, Scanner, Seen, MAX_DECLARED_LEN};
 use crate::protocol::messages::{self, Severity};
@@ -237,6 +238,8 @@ pub struct Outcome {
     pub reported: Vec<(String, String)>,
     /// Transaction pooling: Parses the server refused or skipped, which prepared nothing.
     pub failed_parses: Vec<crate::protocol::prepared::Prepared>,
+    /// Transaction pooling: a `DISCARD ALL` or `DEALLOCATE ALL` completed.
+    pub all_statements_dropped: bool,
     /// Requests the server answered (ReadyForQuery messages relayed).
     pub queries: u64,
     /// The FATAL error the server ended with, if it did (transaction pooling).
@@ -479,7 +482,10 @@ pub async fn relay(
         .await;
     }
     let reported = std::mem::take(&mut *st.reported.lock().unwrap_or_else(|p| p.into_inner()));
-    let failed_parses = lock_responses(&responses).take_failed();
+    let (failed_parses, all_statements_dropped) = {
+        let mut r = lock_responses(&responses);
+        (r.take_failed(), r.take_all_dropped())
+    };
     let server_fatal = st
         .server_fatal
         .lock()
@@ -493,6 +499,7 @@ pub async fn relay(
         server_clean: st.up_clean.load(Relaxed),
         reported,
         failed_parses,
+        all_statements_dropped,
         queries: st.queries.load(Relaxed),
         server_fatal,
         unsent,
@@ -578,7 +585,9 @@ async fn pump_up(
     let mut buf = std::mem::take(leftover);
     let mut scanner = Scanner::new(MAX_DECLARED_LEN);
     if resets.is_some() {
-        scanner = scanner.capturing(codes::QUERY, STATEMENT_PREFIX);
+        scanner = scanner
+            .capturing(codes::QUERY, STATEMENT_PREFIX)
+            .capturing(codes::PARSE, STATEMENT_PREFIX);
     }
     let mut counter = UpCounter::default();
     buf.reserve(BUF_SIZE);
@@ -631,11 +640,19 @@ fn watch_resets(
     captured: Vec<(u8, Vec<u8>)>,
 ) {
     use crate::protocol::classify::Effects;
-    for (_, body) in captured {
-        let effects = match body.strip_suffix(&[0]) {
-            Some(text) => classifier.classify(text).effects,
+    for (tag, body) in captured {
+        // A Parse: its statement's name, then its text, then its types.
+        let text = match tag {
+            codes::PARSE => match body.iter().position(|b| *b == 0) {
+                Some(nul) => &body[nul + 1..],
+                None => &body[..],
+            },
+            _ => &body[..],
+        };
+        let effects = match text.iter().position(|b| *b == 0) {
+            Some(end) => classifier.classify(&text[..end], Strings::Either).effects,
             // Cut at the prefix: the worst, if what was read could matter.
-            None => classifier.classify_cut(&body),
+            None => classifier.classify_cut(text),
         };
         if effects.intersects(Effects::RESETS | Effects::UNKNOWN) {
             st.settle_at_rest.store(true, Relaxed);

@@ -44,9 +44,16 @@ pub(super) async fn pump_up(
     let mut read = BytesMut::with_capacity(BUF_SIZE);
     loop {
         let mut out = BytesMut::new();
-        // What the server refused since the last batch is not prepared there.
-        let failed = lock(responses).take_failed();
+        // What the server refused since the last batch is not prepared there; what it
+        // dropped is gone.
+        let (failed, dropped) = {
+            let mut r = lock(responses);
+            (r.take_failed(), r.take_all_dropped())
+        };
         rewriter.forget(&failed);
+        if dropped {
+            rewriter.all_dropped();
+        }
         loop {
             let frame = match split_frame(&mut pending, FRAME_LIMIT) {
                 Ok(Some(f)) => f,
@@ -134,6 +141,9 @@ pub(super) async fn pump_down(
                         st.record_server_fatal(f);
                         continue;
                     }
+                }
+                if frame.tag == codes::COMMAND_COMPLETE {
+                    r.completed(frame.body());
                 }
                 if r.route(frame.tag) == Route::Pass {
                     out.extend_from_slice(&frame.bytes);

@@ -100,6 +100,22 @@ impl Classified {
     pub fn drops_all_statements(&self) -> bool {
         self.deallocated.iter().any(String::is_empty)
     }
+
+    /// What another reading of the text does, too.
+    fn add(&mut self, other: &Classified) {
+        self.effects |= other.effects;
+        for name in &other.unlisten {
+            if !self.unlisten.contains(name) {
+                self.unlisten.push(name.clone());
+            }
+        }
+        for name in &other.deallocated {
+            if !self.deallocated.contains(name) {
+                self.deallocated.push(name.clone());
+            }
+        }
+        self.only_deallocates &= other.only_deallocates;
+    }
 }
 
 /// What the statements of one loan may have done to the session, gathered as they pass.
@@ -112,9 +128,10 @@ pub struct Seen {
     pub deallocated: Vec<String>,
 }
 
-/// Names kept per loan; a client that ends more in one transaction is read as ending all
-/// its statements (which the server is then asked about).
-const MAX_NAMES: usize = 64;
+/// Names kept per loan (a client listens on at most as many channels); a client that
+/// deallocates more in one transaction is read as dropping all its statements (which the
+/// server is then asked about).
+const MAX_NAMES: usize = 1024;
 
 impl Seen {
     pub fn add(&mut self, c: &Classified) {
@@ -208,31 +225,45 @@ pub struct Classifier {
 
 #[derive(Debug, Default)]
 struct Cache {
-    by_text: HashMap<Box<str>, Arc<Classified>>,
+    /// By text, then by how its strings read (`Strings as usize`).
+    by_text: HashMap<Box<str>, [Option<Arc<Classified>>; 3]>,
     bytes: usize,
 }
 
 impl Classifier {
-    /// What `sql` (a frame's text, up to its NUL) does to the session.
-    pub fn classify(&self, sql: &[u8]) -> Arc<Classified> {
+    /// What `sql` (a frame's text, up to its NUL) does to the session, as the server reads
+    /// it under `strings`.
+    pub fn classify(&self, sql: &[u8], strings: Strings) -> Arc<Classified> {
+        // Too long to read through on every execution: anything may happen.
+        if sql.len() > MAX_PARSED {
+            return Arc::new(Classified::of(Effects::UNKNOWN));
+        }
         if !may_matter(sql) {
             return NOTHING.clone();
         }
         let Ok(text) = std::str::from_utf8(sql) else {
             return Arc::new(Classified::of(Effects::UNKNOWN));
         };
-        if let Some(c) = self.read().by_text.get(text) {
-            return c.clone();
+        let found = self
+            .read()
+            .by_text
+            .get(text)
+            .and_then(|e| e[strings as usize].clone());
+        if let Some(c) = found {
+            return c;
         }
-        let c = Arc::new(classify_text(text));
+        let c = Arc::new(classify_text(text, strings));
         if text.len() <= MAX_CACHED {
             let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
             if cache.bytes + text.len() > CACHE_BYTES {
                 cache.by_text.clear();
                 cache.bytes = 0;
             }
-            cache.bytes += text.len();
-            cache.by_text.insert(text.into(), c.clone());
+            if !cache.by_text.contains_key(text) {
+                cache.bytes += text.len();
+            }
+            let entry = cache.by_text.entry(text.into()).or_default();
+            entry[strings as usize] = Some(c.clone());
         }
         c
     }
@@ -256,16 +287,46 @@ fn may_matter(sql: &[u8]) -> bool {
     MAY_MATTER.is_match(sql)
 }
 
-/// Classifies one text (uncached).
-pub fn classify_text(sql: &str) -> Classified {
+/// How the server reads string literals: with `standard_conforming_strings` on (backslashes
+/// are plain characters in `'...'`), or off (they escape), which changes where a literal
+/// ends, and so which statements a text holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Strings {
+    Standard,
+    Backslash,
+    /// Either: the session may have changed the setting since it was last known.
+    Either,
+}
+
+impl Strings {
+    /// As a session's `standard_conforming_strings` says.
+    pub fn of(standard_conforming_strings: Option<&str>) -> Strings {
+        match standard_conforming_strings {
+            Some("off") => Strings::Backslash,
+            _ => Strings::Standard,
+        }
+    }
+}
+
+/// Classifies one text (uncached) as the server reads it under `strings`.
+pub fn classify_text(sql: &str, strings: Strings) -> Classified {
+    if strings == Strings::Either {
+        let mut out = classify_text(sql, Strings::Standard);
+        out.add(&classify_text(sql, Strings::Backslash));
+        return out;
+    }
     if sql.len() > MAX_PARSED || sql.contains('\0') {
         return Classified::of(Effects::UNKNOWN);
     }
+    let options = match strings {
+        Strings::Backslash => pg_query::ParserOptions::DISABLE_STANDARD_CONFORMING_STRINGS,
+        _ => pg_query::ParserOptions::DEFAULT,
+    };
     let deep = DEEP.is_match(sql);
     // The summary (statement types, from the parser's C side) is cheaper than the tree:
     // an UPDATE ... SET, say, stops here.
     if !deep {
-        match pg_query::summary(sql, 0, -1) {
+        match pg_query::summary(sql, options, -1) {
             Ok(s)
                 if !s
                     .statement_types
@@ -275,13 +336,14 @@ pub fn classify_text(sql: &str) -> Classified {
                 return Classified::default();
             }
             Ok(_) => {}
-            // What PostgreSQL's parser refuses, the server refuses too.
-            Err(_) => return Classified::default(),
+            // Too deep for the parser's result, or syntax this parser does not know: the
+            // server may still take it. Anything may happen.
+            Err(_) => return Classified::of(Effects::UNKNOWN),
         }
     }
-    let tree = match pg_query::parse(sql, 0) {
+    let tree = match pg_query::parse(sql, options) {
         Ok(t) => t.protobuf,
-        Err(_) => return Classified::default(),
+        Err(_) => return Classified::of(Effects::UNKNOWN),
     };
     let mut out = Classified::default();
     let statements: Vec<&N> = tree
@@ -427,7 +489,9 @@ mod tests {
     use super::*;
 
     fn effects(sql: &str) -> Effects {
-        Classifier::default().classify(sql.as_bytes()).effects
+        Classifier::default()
+            .classify(sql.as_bytes(), Strings::Standard)
+            .effects
     }
 
     #[test]
@@ -516,16 +580,16 @@ mod tests {
     #[test]
     fn what_ends_session_objects_and_statements_is_seen_with_its_names() {
         let c = Classifier::default();
-        let d = c.classify(b"DEALLOCATE p1");
+        let d = c.classify_std(b"DEALLOCATE p1");
         assert!(d.effects.contains(Effects::ENDS | Effects::STATEMENTS));
         assert_eq!(d.deallocated, vec!["p1".to_owned()]);
         assert!(d.only_deallocates);
-        let all = c.classify(b"DEALLOCATE ALL");
+        let all = c.classify_std(b"DEALLOCATE ALL");
         assert!(all.drops_all_statements() && !all.only_deallocates);
-        let discard = c.classify(b"discard all");
+        let discard = c.classify_std(b"discard all");
         assert!(discard.drops_all_statements());
         assert_eq!(discard.unlisten, vec![String::new()]);
-        let u = c.classify(b"UNLISTEN news; UNLISTEN *");
+        let u = c.classify_std(b"UNLISTEN news; UNLISTEN *");
         assert_eq!(u.unlisten, vec!["news".to_owned(), String::new()]);
         for sql in [
             "DROP TABLE mine",
@@ -536,7 +600,7 @@ mod tests {
         ] {
             assert!(effects(sql).contains(Effects::ENDS), "{sql}");
         }
-        assert!(!c.classify(b"SELECT 1; DEALLOCATE p1").only_deallocates);
+        assert!(!c.classify_std(b"SELECT 1; DEALLOCATE p1").only_deallocates);
     }
 
     #[test]
@@ -544,14 +608,57 @@ mod tests {
         let long = format!("SELECT '{}' -- set", "x".repeat(MAX_PARSED));
         assert!(effects(&long).contains(Effects::UNKNOWN));
         assert!(Classifier::default()
-            .classify(b"SET x = '\xff'")
+            .classify(b"SET x = '\xff'", Strings::Standard)
             .effects
             .contains(Effects::UNKNOWN));
         let c = Classifier::default();
         for i in 0..3000 {
-            c.classify(format!("SET application_name = '{i:>3000}'").as_bytes());
+            c.classify(
+                format!("SET application_name = '{i:>3000}'").as_bytes(),
+                Strings::Standard,
+            );
         }
         assert!(c.read().bytes <= CACHE_BYTES);
+    }
+
+    impl Classifier {
+        fn classify_std(&self, sql: &[u8]) -> Arc<Classified> {
+            self.classify(sql, Strings::Standard)
+        }
+    }
+
+    #[test]
+    fn a_text_is_read_as_the_server_reads_its_strings() {
+        // With standard_conforming_strings off, the backslash escapes the quote: the text
+        // holds a SET ROLE, which the standard reading hides in a comment.
+        let sql = b"SELECT 'a\\' -- '; SET ROLE evil; --";
+        let c = Classifier::default();
+        assert!(!c
+            .classify(sql, Strings::Standard)
+            .effects
+            .contains(Effects::SETTINGS));
+        assert!(c
+            .classify(sql, Strings::Backslash)
+            .effects
+            .contains(Effects::SETTINGS));
+        assert!(c
+            .classify(sql, Strings::Either)
+            .effects
+            .contains(Effects::SETTINGS));
+        assert_eq!(Strings::of(Some("off")), Strings::Backslash);
+        assert_eq!(Strings::of(Some("on")), Strings::Standard);
+    }
+
+    #[test]
+    fn a_text_the_parser_refuses_counts_as_unknown() {
+        // Nested deeper than the parser's result can carry: the server may still run it.
+        let deep = format!("SET ROLE tenant_x; SELECT {}1", "1+".repeat(200));
+        assert!(
+            effects(&deep).contains(Effects::UNKNOWN),
+            "{:?}",
+            effects(&deep)
+        );
+        assert!(effects("SET ROLE (").contains(Effects::UNKNOWN));
     }
 
     #[test]

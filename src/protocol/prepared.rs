@@ -11,12 +11,11 @@
 //! patroxy's own answers go in between.
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
-use crate::protocol::classify::{Classified, Classifier, Seen};
+use crate::protocol::classify::{Classified, Classifier, Effects, Seen, Strings};
 use crate::protocol::codes;
 use crate::protocol::messages::{self, frame};
 
@@ -30,12 +29,35 @@ pub struct Statement {
     pub classified: Arc<Classified>,
 }
 
+/// How statements are named on the servers: a hash of their text, types and search path,
+/// keyed at random per process, so that no client can name a statement another will use.
+#[derive(Debug, Default)]
+pub struct Naming(std::hash::RandomState);
+
+impl Naming {
+    fn name(&self, query: &[u8], types: &[u8], context: &str) -> String {
+        use std::hash::BuildHasher;
+        format!("patroxy_{:016x}", self.0.hash_one((query, types, context)))
+    }
+}
+
+/// What naming and reading a client's statements takes.
+#[derive(Clone, Copy)]
+pub struct Reading<'a> {
+    pub naming: &'a Naming,
+    pub classifier: &'a Classifier,
+    /// How the server reads string literals in them.
+    pub strings: Strings,
+    /// Settings that change what a statement means (its search path), part of its identity.
+    pub context: &'a str,
+}
+
 impl Statement {
     /// The statement `query` (with `rest`, the Parse body after its name: text and types)
     /// under its server name.
-    fn new(query: &str, rest: &[u8], context: &str, classifier: &Classifier) -> Statement {
+    fn new(query: &[u8], rest: &[u8], reading: Reading<'_>) -> Statement {
         let types = rest.get(query.len() + 1..).unwrap_or_default();
-        let server_name = server_name(query, types, context);
+        let server_name = reading.naming.name(query, types, reading.context);
         let mut parse_body = Vec::with_capacity(rest.len() + 24);
         parse_body.extend_from_slice(server_name.as_bytes());
         parse_body.push(0);
@@ -43,7 +65,7 @@ impl Statement {
         Statement {
             server_name,
             parse: frame(codes::PARSE, &parse_body),
-            classified: classifier.classify(query.as_bytes()),
+            classified: reading.classifier.classify(query, reading.strings),
         }
     }
 }
@@ -51,7 +73,7 @@ impl Statement {
 /// The client's named statements, by the client's names.
 #[derive(Debug, Default)]
 pub struct ClientStatements {
-    by_name: HashMap<String, Arc<Statement>>,
+    by_name: HashMap<Vec<u8>, Arc<Statement>>,
 }
 
 impl ClientStatements {
@@ -60,12 +82,7 @@ impl ClientStatements {
     /// statements are remembered and prepared on a server at their first Bind or Describe.
     /// Between transactions that spares the client a wait for a server connection. `None`
     /// when the batch is anything else; the bytes are then left as they are.
-    pub fn answer_locally(
-        &mut self,
-        batch: &[u8],
-        context: &str,
-        classifier: &Classifier,
-    ) -> Option<Bytes> {
+    pub fn answer_locally(&mut self, batch: &[u8], reading: Reading<'_>) -> Option<Bytes> {
         let mut rest = batch;
         let mut parsed = Vec::new();
         let mut closed = Vec::new();
@@ -85,7 +102,7 @@ impl ClientStatements {
                     if name.is_empty() {
                         return None;
                     }
-                    let s = Statement::new(query, after_name, context, classifier);
+                    let s = Statement::new(query, after_name, reading);
                     parsed.push((name.to_owned(), s));
                     reply.extend_from_slice(&PARSE_COMPLETE);
                 }
@@ -193,9 +210,16 @@ impl ServerStatements {
         }
     }
 
-    /// Keeps only the statements the server says it has.
-    pub fn keep_only(&mut self, on_server: &[&str]) {
+    /// What the server says it has of patroxy's statements, in place of what was thought:
+    /// those gone are forgotten, and any patroxy had given up on (a `DEALLOCATE` of it
+    /// that failed) are known again, least recently used.
+    pub fn resync(&mut self, on_server: &[&str]) {
         self.names.retain(|n| on_server.contains(&n.as_str()));
+        for name in on_server.iter().filter(|n| n.starts_with("patroxy_")) {
+            if !self.names.iter().any(|n| n == name) {
+                self.names.push_front((*name).to_owned());
+            }
+        }
     }
 }
 
@@ -213,7 +237,7 @@ pub enum Ends {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Prepared {
     pub server_name: String,
-    pub client_name: Option<String>,
+    pub client_name: Option<Vec<u8>>,
 }
 
 /// One expected answer, in order.
@@ -248,15 +272,11 @@ pub fn ends_of(tag: u8, body: &[u8]) -> Option<Ends> {
 }
 
 /// A NUL-terminated string at the start of `b`, and what follows it.
-fn cstr(b: &[u8]) -> Option<(&str, &[u8])> {
+/// A NUL-terminated string at the start of `b`, as bytes (in the client's encoding), and
+/// what follows it.
+fn cstr(b: &[u8]) -> Option<(&[u8], &[u8])> {
     let nul = b.iter().position(|c| *c == 0)?;
-    Some((std::str::from_utf8(&b[..nul]).ok()?, &b[nul + 1..]))
-}
-
-fn server_name(query: &str, types: &[u8], context: &str) -> String {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    (query, types, context).hash(&mut h);
-    format!("patroxy_{:016x}", h.finish())
+    Some((&b[..nul], &b[nul + 1..]))
 }
 
 /// The rewriter for one client on one server connection.
@@ -264,11 +284,11 @@ pub struct Rewriter<'a> {
     pub client: &'a mut ClientStatements,
     pub server: &'a mut ServerStatements,
     pub capacity: usize,
-    /// Settings that change what a statement means (its search path), part of its identity.
-    pub context: &'a str,
-    pub classifier: &'a Classifier,
+    pub reading: Reading<'a>,
     /// What the client's statements may do to the session, gathered as they pass.
     pub seen: &'a mut Seen,
+    /// Extended-protocol messages sent since the last Sync.
+    pub unsynced: bool,
 }
 
 /// What to send for one client frame, and what to expect back.
@@ -291,8 +311,23 @@ impl Rewriter<'_> {
             codes::BIND => self.bind(body, &mut out),
             codes::DESCRIBE => self.describe(body, &mut out),
             codes::CLOSE => self.close(body, &mut out),
+            // A function called by its oid (set_config, an advisory lock...): unseen.
+            codes::FUNCTION_CALL => {
+                self.seen.effects |= Effects::UNKNOWN;
+                false
+            }
             _ => false,
         };
+        match tag {
+            codes::SYNC => self.unsynced = false,
+            codes::PARSE
+            | codes::BIND
+            | codes::DESCRIBE
+            | codes::EXECUTE
+            | codes::CLOSE
+            | codes::FLUSH => self.unsynced = true,
+            _ => {}
+        }
         if !named {
             out.send.push(whole);
             if let Some(ends) = ends_of(tag, body) {
@@ -314,19 +349,44 @@ impl Rewriter<'_> {
         self.client.forget(failed);
     }
 
+    /// The server dropped every prepared statement (its `DISCARD ALL` or `DEALLOCATE ALL`
+    /// completed): so do both caches, as direct.
+    pub fn all_dropped(&mut self) {
+        self.server.clear();
+        self.client.clear();
+    }
+
+    /// What a text does, as the server reads it: under the connection's string setting,
+    /// or either way once the client's statements may have changed it.
+    fn classify(&self, text: &[u8]) -> std::sync::Arc<Classified> {
+        let strings = match self.seen.effects.contains(Effects::SETTINGS) {
+            true => Strings::Either,
+            false => self.reading.strings,
+        };
+        let c = self.reading.classifier.classify(text, strings);
+        // A search path that puts pg_temp first makes any CREATE a temporary object.
+        if self.reading.context.contains("pg_temp") && !c.effects.contains(Effects::TEMP) {
+            let mut c = (*c).clone();
+            c.effects |= Effects::TEMP;
+            return std::sync::Arc::new(c);
+        }
+        c
+    }
+
     /// A simple Query: what it does to the session is noted; one that only deallocates a
     /// statement the client prepared through the protocol is answered by patroxy (the
     /// server knows it under another name), in its place in the conversation.
     fn query(&mut self, body: &[u8], out: &mut Rewritten) -> bool {
         let text = body.strip_suffix(&[0]).unwrap_or(body);
-        let c = self.classifier.classify(text);
+        let c = self.classify(text);
         self.seen.add(&c);
-        self.statements_dropped(&c);
+        self.deallocated(&c);
         let name = match &c.deallocated[..] {
-            [name] if c.only_deallocates => name,
+            // Not inside an extended-protocol batch: patroxy's Sync would end it.
+            [name] if c.only_deallocates && !self.unsynced => name,
             _ => return false,
         };
-        if self.client.by_name.remove(name).is_none() {
+        if self.client.by_name.remove(name.as_bytes()).is_none() {
             return false;
         }
         // A Sync gets the ReadyForQuery, with the transaction status as it is by then.
@@ -343,21 +403,18 @@ impl Rewriter<'_> {
         true
     }
 
-    /// `DISCARD ALL`, `DEALLOCATE`: what the server drops, the caches drop too (and the
-    /// pooled session asks the server afterwards, in case the statement failed).
-    fn statements_dropped(&mut self, c: &Classified) {
-        if c.drops_all_statements() {
-            self.server.clear();
-            self.client.clear();
-            return;
-        }
+    /// `DEALLOCATE` of one of patroxy's own names: the server no longer has it (if the
+    /// statement fails, the connection's statements are read again at the transaction's
+    /// end). Every statement dropped (`DISCARD ALL`, `DEALLOCATE ALL`) is seen when the
+    /// server says it completed (`all_dropped`).
+    fn deallocated(&mut self, c: &Classified) {
         let ours = c.deallocated.iter().filter(|n| n.starts_with("patroxy_"));
         self.server.forget(ours.map(String::as_str));
     }
 
     /// The client's statement called `name`; `None` for the unnamed statement or an unknown
     /// name, which pass to the server untouched.
-    fn named(&self, name: &str) -> Option<Arc<Statement>> {
+    fn named(&self, name: &[u8]) -> Option<Arc<Statement>> {
         (!name.is_empty())
             .then(|| self.client.by_name.get(name).cloned())
             .flatten()
@@ -365,7 +422,7 @@ impl Rewriter<'_> {
 
     /// Makes sure the connection has `s` prepared, preparing it quietly if not (for the
     /// client's name `client_name`, when the client asked for the Parse).
-    fn ensure(&mut self, s: &Statement, client_name: Option<&str>, out: &mut Rewritten) {
+    fn ensure(&mut self, s: &Statement, client_name: Option<&[u8]>, out: &mut Rewritten) {
         if self.server.touch(&s.server_name) {
             self.server.stats.hits += 1;
             return;
@@ -388,7 +445,7 @@ impl Rewriter<'_> {
             swallow: true,
             prepares: Some(Prepared {
                 server_name: s.server_name.clone(),
-                client_name: client_name.map(str::to_owned),
+                client_name: client_name.map(<[u8]>::to_vec),
             }),
         });
         self.server.names.push_back(s.server_name.clone());
@@ -403,12 +460,15 @@ impl Rewriter<'_> {
         };
         if name.is_empty() {
             // The unnamed statement runs at once (in practice): its effects count now.
-            let c = self.classifier.classify(query.as_bytes());
+            let c = self.classify(query);
             self.seen.add(&c);
+            self.deallocated(&c);
             return false;
         }
-        let s = Arc::new(Statement::new(query, rest, self.context, self.classifier));
-        self.client.by_name.insert(name.to_owned(), s.clone());
+        let mut s = Statement::new(query, rest, self.reading);
+        s.classified = self.classify(query);
+        let s = Arc::new(s);
+        self.client.by_name.insert(name.to_vec(), s.clone());
         self.ensure(&s, Some(name), out);
         // The client asked for a Parse: it gets its ParseComplete, whoever prepared it.
         out.expect
@@ -429,7 +489,7 @@ impl Rewriter<'_> {
         self.seen.add(&s.classified);
         self.ensure(&s, None, out);
         let mut b = Vec::with_capacity(body.len() + 24);
-        b.extend_from_slice(portal.as_bytes());
+        b.extend_from_slice(portal);
         b.push(0);
         b.extend_from_slice(s.server_name.as_bytes());
         b.push(0);
@@ -490,6 +550,8 @@ pub struct Responses {
     queue: VecDeque<Pending>,
     /// Parses the server refused or skipped, not yet taken.
     failed: Vec<Prepared>,
+    /// A `DISCARD ALL` or `DEALLOCATE ALL` completed, not yet taken.
+    all_dropped: bool,
 }
 
 /// What to do with one server message.
@@ -526,6 +588,19 @@ impl Responses {
     /// The Parses that failed since the last call.
     pub fn take_failed(&mut self) -> Vec<Prepared> {
         std::mem::take(&mut self.failed)
+    }
+
+    /// Notes a CommandComplete: `DISCARD ALL` and `DEALLOCATE ALL` drop every statement.
+    pub fn completed(&mut self, body: &[u8]) {
+        let tag = body.strip_suffix(&[0]).unwrap_or(body);
+        if tag == b"DISCARD ALL" || tag == b"DEALLOCATE ALL" {
+            self.all_dropped = true;
+        }
+    }
+
+    /// Whether every statement was dropped since the last call.
+    pub fn take_all_dropped(&mut self) -> bool {
+        std::mem::take(&mut self.all_dropped)
     }
 
     /// Routes one server message by its tag.
@@ -587,7 +662,16 @@ impl Responses {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::classify::{Classifier, Seen};
+    use crate::protocol::classify::{Classifier, Seen, Strings};
+
+    fn reading<'a>(naming: &'a Naming, classifier: &'a Classifier) -> Reading<'a> {
+        Reading {
+            naming,
+            classifier,
+            strings: Strings::Standard,
+            context: "",
+        }
+    }
 
     fn parse(name: &str, query: &str) -> (Vec<u8>, Bytes) {
         let mut b = Vec::new();
@@ -609,16 +693,17 @@ mod tests {
 
     #[test]
     fn a_named_statement_is_prepared_once_per_connection_and_rebound_anywhere() {
-        let (classifier, mut seen) = (Classifier::default(), Seen::default());
+        let (classifier, naming, mut seen) =
+            (Classifier::default(), Naming::default(), Seen::default());
         let mut client = ClientStatements::default();
         let (mut conn1, mut conn2) = (ServerStatements::default(), ServerStatements::default());
         let mut rw = Rewriter {
             client: &mut client,
             server: &mut conn1,
             capacity: 10,
-            context: "",
-            classifier: &classifier,
+            reading: reading(&naming, &classifier),
             seen: &mut seen,
+            unsynced: false,
         };
         let (b, w) = parse("s1", "SELECT 1");
         let out = rw.rewrite(codes::PARSE, &b, w);
@@ -630,7 +715,7 @@ mod tests {
                 ends: Ends::Extended(b"1"),
                 swallow: true,
                 prepares: Some(Prepared { client_name: Some(n), .. }),
-            } if n == "s1"
+            } if n == b"s1"
         ));
         assert_eq!(
             out.expect[1],
@@ -641,9 +726,9 @@ mod tests {
             client: &mut client,
             server: &mut conn2,
             capacity: 10,
-            context: "",
-            classifier: &classifier,
+            reading: reading(&naming, &classifier),
             seen: &mut seen,
+            unsynced: false,
         };
         let (b, w) = bind("s1");
         let out = rw.rewrite(codes::BIND, &b, w);
@@ -663,7 +748,8 @@ mod tests {
 
     #[test]
     fn a_parse_the_server_refused_leaves_nothing_prepared_for_the_next_client() {
-        let (classifier, mut seen) = (Classifier::default(), Seen::default());
+        let (classifier, naming, mut seen) =
+            (Classifier::default(), Naming::default(), Seen::default());
         let (mut a, mut b) = (ClientStatements::default(), ClientStatements::default());
         let mut conn = ServerStatements::default();
         let mut responses = Responses::default();
@@ -671,9 +757,9 @@ mod tests {
             client: &mut a,
             server: &mut conn,
             capacity: 10,
-            context: "",
-            classifier: &classifier,
+            reading: reading(&naming, &classifier),
             seen: &mut seen,
+            unsynced: false,
         };
         // A's Parse and a Bind of another statement in one batch; the server refuses the
         // Parse (its table does not exist yet) and skips the rest up to the Sync.
@@ -704,9 +790,9 @@ mod tests {
             client: &mut b,
             server: &mut conn,
             capacity: 10,
-            context: "",
-            classifier: &classifier,
+            reading: reading(&naming, &classifier),
             seen: &mut seen,
+            unsynced: false,
         };
         let (p, w) = parse("b1", "SELECT * FROM later");
         let out = rw.rewrite(codes::PARSE, &p, w);
@@ -716,21 +802,27 @@ mod tests {
 
     #[test]
     fn discard_all_and_deallocate_keep_the_caches_in_step_with_the_server() {
-        let (classifier, mut seen) = (Classifier::default(), Seen::default());
+        let (classifier, naming, mut seen) =
+            (Classifier::default(), Naming::default(), Seen::default());
         let mut client = ClientStatements::default();
         let mut conn = ServerStatements::default();
         let mut rw = Rewriter {
             client: &mut client,
             server: &mut conn,
             capacity: 10,
-            context: "",
-            classifier: &classifier,
+            reading: reading(&naming, &classifier),
             seen: &mut seen,
+            unsynced: false,
         };
         let (p, w) = parse("s1", "SELECT 1");
         rw.rewrite(codes::PARSE, &p, w);
         let (p, w) = parse("s2", "SELECT 2");
         rw.rewrite(codes::PARSE, &p, w);
+        rw.rewrite(
+            codes::SYNC,
+            &[],
+            Bytes::from_static(&[codes::SYNC, 0, 0, 0, 4]),
+        );
         // DEALLOCATE of one of the client's statements: answered by patroxy, the server
         // sent only a Sync.
         let q = b"DEALLOCATE s1\0";
@@ -743,16 +835,25 @@ mod tests {
             out.expect[0],
             Pending::Own(Bytes::from_static(COMMAND_COMPLETE_DEALLOCATE))
         );
-        assert!(!rw.client.by_name.contains_key("s1"));
+        assert!(!rw.client.by_name.contains_key(&b"s1"[..]));
         assert_eq!(
             rw.server.len(),
             2,
             "the server's statements are shared; they stay"
         );
-        // DISCARD ALL: the server drops every statement; so do both caches.
+        // DISCARD ALL: once the server says it completed, both caches are empty too.
         let q = b"DISCARD ALL\0";
         let out = rw.rewrite(codes::QUERY, q, frame(codes::QUERY, q));
         assert_eq!(out.send.len(), 1, "DISCARD ALL itself goes to the server");
+        assert_eq!(
+            rw.server.len(),
+            2,
+            "nothing is dropped before the server says so"
+        );
+        let mut r = Responses::default();
+        r.completed(b"DISCARD ALL\0");
+        assert!(r.take_all_dropped());
+        rw.all_dropped();
         assert!(rw.server.is_empty() && rw.client.by_name.is_empty());
         assert!(rw
             .seen
@@ -762,16 +863,17 @@ mod tests {
 
     #[test]
     fn a_full_connection_closes_its_least_recently_used_statement() {
-        let (classifier, mut seen) = (Classifier::default(), Seen::default());
+        let (classifier, naming, mut seen) =
+            (Classifier::default(), Naming::default(), Seen::default());
         let mut client = ClientStatements::default();
         let mut conn = ServerStatements::default();
         let mut rw = Rewriter {
             client: &mut client,
             server: &mut conn,
             capacity: 2,
-            context: "",
-            classifier: &classifier,
+            reading: reading(&naming, &classifier),
             seen: &mut seen,
+            unsynced: false,
         };
         for (name, q) in [("a", "SELECT 1"), ("b", "SELECT 2"), ("c", "SELECT 3")] {
             let (b, w) = parse(name, q);
@@ -863,37 +965,44 @@ mod tests {
 
     #[test]
     fn a_prepare_only_batch_is_answered_without_a_server() {
-        let classifier = Classifier::default();
+        let (classifier, naming) = (Classifier::default(), Naming::default());
         let mut client = ClientStatements::default();
         let (_, p) = parse("s1", "SELECT 1");
         let mut batch = p.to_vec();
         batch.extend_from_slice(&[codes::SYNC, 0, 0, 0, 4]);
-        let reply = client.answer_locally(&batch, "", &classifier).unwrap();
+        let reply = client
+            .answer_locally(&batch, reading(&naming, &classifier))
+            .unwrap();
         assert_eq!(&reply[..], &[b'1', 0, 0, 0, 4, b'Z', 0, 0, 0, 5, b'I']);
-        assert!(client.by_name.contains_key("s1"));
+        assert!(client.by_name.contains_key(&b"s1"[..]));
         // Anything else, or no Sync at the end, goes to a server.
         let (_, b) = bind("s1");
         let mut other = b.to_vec();
         other.extend_from_slice(&[codes::SYNC, 0, 0, 0, 4]);
-        assert!(client.answer_locally(&other, "", &classifier).is_none());
-        assert!(client.answer_locally(&p, "", &classifier).is_none());
         assert!(client
-            .answer_locally(&batch[..batch.len() - 1], "", &classifier)
+            .answer_locally(&other, reading(&naming, &classifier))
+            .is_none());
+        assert!(client
+            .answer_locally(&p, reading(&naming, &classifier))
+            .is_none());
+        assert!(client
+            .answer_locally(&batch[..batch.len() - 1], reading(&naming, &classifier))
             .is_none());
     }
 
     #[test]
     fn close_is_answered_by_patroxy_and_forgets_the_name() {
-        let (classifier, mut seen) = (Classifier::default(), Seen::default());
+        let (classifier, naming, mut seen) =
+            (Classifier::default(), Naming::default(), Seen::default());
         let mut client = ClientStatements::default();
         let mut conn = ServerStatements::default();
         let mut rw = Rewriter {
             client: &mut client,
             server: &mut conn,
             capacity: 5,
-            context: "",
-            classifier: &classifier,
+            reading: reading(&naming, &classifier),
             seen: &mut seen,
+            unsynced: false,
         };
         let (b, w) = parse("s", "SELECT 1");
         rw.rewrite(codes::PARSE, &b, w);
