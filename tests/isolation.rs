@@ -1225,17 +1225,12 @@ async fn verify_release_finds_what_functions_did_to_the_session() {
     }
 }
 
-/// Review findings, each on a transaction pool of one connection (or a session pool), each
-/// a way one client's state reached another or broke the pool before it was fixed.
+/// Operators of a client's own ahead of pg_catalog on its search path do not fool
+/// patroxy's questions about the session: a temporary table still pins its client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn what_a_hostile_or_unusual_client_leaves_never_reaches_the_next() {
-    let s = Suite::start("leakreview", PoolMode::Transaction, |cfg| {
-        cfg.timeouts.connect_wait = Duration::from_secs(10);
-    })
-    .await;
+async fn a_search_path_of_the_clients_own_operators_fools_nothing() {
+    let s = Suite::start("leakoperators", PoolMode::Transaction, |_| {}).await;
     let port = s.port();
-    // Operators of its own ahead of pg_catalog on its search path: patroxy's questions
-    // about the session are not fooled (a temporary table still pins).
     connect(s.pg.port)
         .await
         .unwrap()
@@ -1266,9 +1261,15 @@ async fn what_a_hostile_or_unusual_client_leaves_never_reaches_the_next() {
     let (_b, seen) = tokio::time::timeout(PROMPT, b_sees).await.unwrap().unwrap();
     assert_eq!(seen, "false");
     a.leave().await;
+    s.proxy.stop().await;
+}
 
-    // A DISCARD ALL that fails (inside a transaction block) drops nothing: B's prepared
-    // statement, the same as A's, runs on the connection that still has it.
+/// A DISCARD ALL that fails (inside a transaction block) drops nothing: B's prepared
+/// statement, the same as A's, runs on the connection that still has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_discard_all_that_fails_drops_nothing() {
+    let s = Suite::start("leakdiscard", PoolMode::Transaction, |_| {}).await;
+    let port = s.port();
     let (a, _conn) = tokio_postgres::connect(
         &format!("host=127.0.0.1 port={port} user=alice password=wonder dbname=postgres"),
         tokio_postgres::NoTls,
@@ -1292,9 +1293,18 @@ async fn what_a_hostile_or_unusual_client_leaves_never_reaches_the_next() {
     let st = b2.prepare("SELECT $1::int + 5").await.unwrap();
     let v: i32 = b2.query_one(&st, &[&2]).await.unwrap().get(0);
     assert_eq!(v, 7, "B's statement was prepared without 42P05");
+    s.proxy.stop().await;
+}
 
-    // A setting the server refuses (from the startup packet): told at once, as PostgreSQL
-    // tells it, not retried with new server connections for connect_wait.
+/// A setting the server refuses (from the startup packet) is told at once, as PostgreSQL
+/// tells it, not retried with new server connections for connect_wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_setting_the_server_refuses_is_told_at_once() {
+    let s = Suite::start("leakrefused", PoolMode::Transaction, |cfg| {
+        cfg.timeouts.connect_wait = Duration::from_secs(10);
+    })
+    .await;
+    let port = s.port();
     let started = std::time::Instant::now();
     let bad = Client::login(port, "alice", "options='-c work_mem=bogus'").await;
     let e = bad.try_one("SELECT 1").await.unwrap_err();
@@ -1304,8 +1314,14 @@ async fn what_a_hostile_or_unusual_client_leaves_never_reaches_the_next() {
         "{:?}",
         started.elapsed()
     );
+    s.proxy.stop().await;
+}
 
-    // LOAD in a transaction the client never ends: the connection is closed, not lent.
+/// LOAD in a transaction the client never ends: the connection is closed, not lent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_library_loaded_in_an_unfinished_transaction_closes_the_connection() {
+    let s = Suite::start("leakload", PoolMode::Transaction, |_| {}).await;
+    let port = s.port();
     let loader = Client::login(port, "sam", "").await;
     loader.run("BEGIN; LOAD 'auto_explain'").await;
     loader.leave().await;
@@ -1321,8 +1337,8 @@ async fn what_a_hostile_or_unusual_client_leaves_never_reaches_the_next() {
     s.proxy.stop().await;
 }
 
-/// A statement named in bytes that are not UTF-8 is still renamed: its name never reaches
-/// the server, where the next client of the connection could bind it.
+/// A statement named in bytes that are not UTF-8 (a client in LATIN1) is still renamed: its
+/// name never reaches the server, where the next client of the connection could bind it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_named_in_any_bytes_is_renamed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1335,7 +1351,8 @@ async fn a_statement_named_in_any_bytes_is_renamed() {
         .await
         .unwrap();
     let mut body = 196_608u32.to_be_bytes().to_vec();
-    body.extend_from_slice(b"user\0sam\0database\0postgres\0\0");
+    // In LATIN1, where the byte 0xff is a letter (ÿ) and so a valid name.
+    body.extend_from_slice(b"user\0sam\0database\0postgres\0client_encoding\0LATIN1\0\0");
     let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
     packet.extend_from_slice(&body);
     raw.write_all(&packet).await.unwrap();
