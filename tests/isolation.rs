@@ -1105,9 +1105,10 @@ impl Program {
     }
 }
 
-/// psycopg2 and node-postgres LISTEN through a transaction pool while the leader moves
-/// from a to b: the listening connection follows routing, and each client gets every
-/// notification sent through patroxy before and after the move, in order.
+/// psycopg2 and node-postgres LISTEN through a transaction pool through a switchover from
+/// a to b (Patroni's announcement, then the leader key): the listening connection follows
+/// routing, and each client gets every notification sent through patroxy before and after
+/// it, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listeners_get_their_notifications_in_order_across_a_leader_change() {
     let mut m = Members::start("listenmove", PoolMode::Transaction).await;
@@ -1126,7 +1127,11 @@ async fn listeners_get_their_notifications_in_order_across_a_leader_change() {
     for i in 0..10 {
         sender.run(&format!("NOTIFY news, 'a{i}'")).await;
     }
+    m.keys
+        .put("failover", r#"{"leader":"a","member":"b"}"#)
+        .await;
     m.move_leader().await;
+    m.keys.put("failover", "{}").await;
     // The listening connection moves to b; notifications sent there after it listens.
     wait_for("patroxy's listening connection on b", PROMPT, || async {
         let c = connect(m.b.port).await.ok()?;

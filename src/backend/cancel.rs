@@ -64,7 +64,8 @@ impl InFlight {
             }
         })
         .await;
-        waited.is_ok() && !self.unconfirmed.load(Relaxed)
+        // A client's counter serves its next loans: what it said of this one is taken.
+        waited.is_ok() && !self.unconfirmed.swap(false, Relaxed)
     }
 
     pub fn busy(&self) -> bool {
@@ -103,21 +104,25 @@ pub struct Registration {
     registry: CancelRegistry,
     key: CancelKey,
     in_flight: Arc<InFlight>,
+    ended: bool,
 }
 
 impl Registration {
     /// Ends the registration: no cancel is sent to this server connection from now on. The
     /// cancels already on their way, if any, to wait for before the connection goes to
     /// anyone else.
-    pub fn end(self) -> Arc<InFlight> {
+    pub fn end(mut self) -> Arc<InFlight> {
         self.registry.lock().remove(&self.key);
+        self.ended = true;
         self.in_flight.clone()
     }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.registry.lock().remove(&self.key);
+        if !self.ended {
+            self.registry.lock().remove(&self.key);
+        }
     }
 }
 
@@ -127,14 +132,15 @@ impl CancelRegistry {
         self.keys.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The client's `key` cancels on `server` with `server_key`.
+    /// The client's `key` cancels on `server` with `server_key`; its cancels on their way
+    /// are counted in `in_flight` (one a pooled client keeps from loan to loan).
     pub fn register(
         &self,
         key: CancelKey,
         server: Endpoint,
         server_key: CancelKey,
+        in_flight: Arc<InFlight>,
     ) -> Registration {
-        let in_flight = Arc::new(InFlight::default());
         let entry = Entry {
             server,
             server_key,
@@ -145,6 +151,7 @@ impl CancelRegistry {
             registry: self.clone(),
             key,
             in_flight,
+            ended: false,
         }
     }
 
@@ -262,7 +269,7 @@ mod tests {
     fn registrations_end_with_their_guard() {
         let reg = CancelRegistry::default();
         let ep = Endpoint::parse("127.0.0.1:5001").unwrap();
-        let guard = reg.register(key(1), ep.clone(), key(7));
+        let guard = reg.register(key(1), ep.clone(), key(7), Default::default());
         let (server, server_key, _) = reg.lookup(&key(1)).unwrap();
         assert_eq!((server, server_key), (ep, key(7)));
         assert!(reg.lookup(&key(2)).is_none());
@@ -274,7 +281,7 @@ mod tests {
     async fn a_connection_with_a_cancel_on_its_way_waits_for_it() {
         let reg = CancelRegistry::default();
         let ep = Endpoint::parse("127.0.0.1:5001").unwrap();
-        let registration = reg.register(key(1), ep, key(7));
+        let registration = reg.register(key(1), ep, key(7), Default::default());
         let (_, _, mut sending) = reg.lookup(&key(1)).unwrap();
         let in_flight = registration.end();
         assert!(
@@ -295,7 +302,12 @@ mod tests {
         drop(sending);
         assert!(waiting.await.unwrap(), "lendable once it arrived");
         // A cancel that may not have arrived keeps the connection from being lent.
-        let registration = reg.register(key(2), Endpoint::parse("127.0.0.1:5001").unwrap(), key(8));
+        let registration = reg.register(
+            key(2),
+            Endpoint::parse("127.0.0.1:5001").unwrap(),
+            key(8),
+            Default::default(),
+        );
         drop(reg.lookup(&key(2)).unwrap());
         assert!(!registration.end().settled(Duration::from_millis(10)).await);
     }

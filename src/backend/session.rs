@@ -90,18 +90,21 @@ impl Wanted {
     }
 
     /// Every wanted setting, each once: the client's own over its startup values over the
-    /// login defaults.
-    fn all(&self) -> BTreeMap<&str, &str> {
-        let mut out: BTreeMap<&str, &str> = BTreeMap::new();
-        for (name, value) in &self.defaults.params {
-            if !SERVER_OWNED.contains(&name.as_str()) {
-                out.insert(name, value);
-            }
-        }
-        for (name, value) in self.startup.iter().chain(&self.own) {
-            out.insert(name, value);
-        }
-        out
+    /// login defaults. Nothing allocated: it is walked at every loan.
+    fn each(&self) -> impl Iterator<Item = (&str, &str)> {
+        let defaults = self.defaults.params.iter().filter(|(name, _)| {
+            !SERVER_OWNED.contains(&name.as_str())
+                && !self.startup.contains_key(*name)
+                && !self.own.contains_key(*name)
+        });
+        let startup = self
+            .startup
+            .iter()
+            .filter(|(name, _)| !self.own.contains_key(*name));
+        defaults
+            .chain(startup)
+            .chain(self.own.iter())
+            .map(|(n, v)| (n.as_str(), v.as_str()))
     }
 
     /// The server reported these during a loan: they are true of the connection now, and
@@ -180,7 +183,6 @@ impl ServerConn {
 
     /// What `fit` does, without doing it.
     fn plan(&self, wanted: &Wanted) -> Plan {
-        let want = wanted.all();
         let mut plan = Plan::default();
         let current = |name: &str| -> Option<&str> {
             self.params
@@ -188,28 +190,28 @@ impl ServerConn {
                 .or_else(|| self.extra.get(name))
                 .map(String::as_str)
         };
-        let differs = |name: &str| current(name) != want.get(name).copied();
+        let differs = |name: &str| current(name) != wanted.get(name);
         // The role goes first, so that nothing below runs as another client's role, and
         // comes back last; a new session authorization ends any role too.
         let auth_changes =
-            want.contains_key(SESSION_AUTHORIZATION) && differs(SESSION_AUTHORIZATION);
+            wanted.get(SESSION_AUTHORIZATION).is_some() && differs(SESSION_AUTHORIZATION);
         plan.reset_role = self.extra.contains_key(ROLE) && (auth_changes || differs(ROLE));
         let role_now = current(ROLE).filter(|_| !plan.reset_role);
-        plan.role = want
+        plan.role = wanted
             .get(ROLE)
-            .filter(|r| role_now != Some(**r))
-            .map(|r| (*r).to_owned());
-        for (name, value) in &want {
-            if *name == ROLE || current(name) == Some(*value) {
+            .filter(|r| role_now != Some(*r))
+            .map(str::to_owned);
+        for (name, value) in wanted.each() {
+            if name == ROLE || current(name) == Some(value) {
                 continue;
             }
-            match self.defaults.get(*name).map(String::as_str) == Some(*value) {
-                true => plan.reset.push((*name).to_owned()),
-                false => plan.set.push(((*name).to_owned(), (*value).to_owned())),
+            match self.defaults.get(name).map(String::as_str) == Some(value) {
+                true => plan.reset.push(name.to_owned()),
+                false => plan.set.push((name.to_owned(), value.to_owned())),
             }
         }
         for name in self.extra.keys() {
-            if name != ROLE && !want.contains_key(name.as_str()) {
+            if name != ROLE && wanted.get(name).is_none() {
                 plan.reset.push(name.clone());
             }
         }

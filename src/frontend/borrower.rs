@@ -69,6 +69,8 @@ pub(super) struct Carried {
     pub pinned: Option<Attached>,
     /// Transaction mode: the channels it listens on, and its notifications.
     pub listening: Listening,
+    /// Its cancels on their way to its server connection of the moment.
+    pub cancels: Arc<crate::backend::cancel::InFlight>,
 }
 
 /// A server connection lent to the client, where it is, and why the client keeps it
@@ -131,7 +133,8 @@ impl Session<'_> {
             statements: ClientStatements::default(),
             replay: Vec::new(),
             pinned: None,
-            listening: Listening::new(self.ctx, self.who.database, self.who.user, self.id),
+            listening: Listening::new(self.id),
+            cancels: Default::default(),
         };
         // Since when a transaction has failed to get a usable connection, and the pause
         // between tries (a storm of new server connections helps nobody).

@@ -1,6 +1,7 @@
 //! A transaction-pooled client's `LISTEN`s: the channels it listens on, through its
 //! listener's hub (`backend/notify.rs`), and the notifications queued for it, which it is
-//! given between its transactions, when PostgreSQL would give them.
+//! given between its transactions, when PostgreSQL would give them. A client that never
+//! listens pays for none of it.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -15,67 +16,37 @@ use crate::backend::notify::{HubKey, Route, CLIENT_QUEUE};
 /// Channels one client may listen on.
 pub const MAX_CHANNELS: usize = 1024;
 
-/// What a client listens on, and its queue of notifications. The hub holds the queue's
-/// sending end (the client only a weak one): when the hub lets the client go, the queue
-/// ends.
+/// What a client listens on, and (once it has listened) its queue of notifications.
 pub struct Listening {
-    proxy: Arc<ProxyContext>,
-    key: HubKey,
     id: u64,
     channels: BTreeSet<String>,
+    hub: Option<Box<HubSide>>,
+}
+
+/// The client's side of its hub. The hub holds the queue's sending end (the client only a
+/// weak one): when the hub lets the client go, the queue ends.
+struct HubSide {
+    proxy: Arc<ProxyContext>,
+    key: HubKey,
     /// The sending end, until the hub holds it.
     queue: Option<mpsc::Sender<Bytes>>,
     weak: mpsc::WeakSender<Bytes>,
     incoming: mpsc::Receiver<Bytes>,
 }
 
-impl Listening {
-    pub fn new(ctx: &ListenerContext, database: &str, user: &str, id: u64) -> Listening {
+impl HubSide {
+    fn new(ctx: &ListenerContext, database: &str, user: &str) -> HubSide {
         let (queue, incoming) = mpsc::channel(CLIENT_QUEUE);
-        Listening {
+        HubSide {
             proxy: ctx.proxy.clone(),
             key: HubKey {
                 listener: ctx.name.clone(),
                 database: database.to_owned(),
                 user: user.to_owned(),
             },
-            id,
-            channels: BTreeSet::new(),
             weak: queue.downgrade(),
             queue: Some(queue),
             incoming,
-        }
-    }
-
-    pub fn is_listening(&self) -> bool {
-        !self.channels.is_empty()
-    }
-
-    /// Listens on these channels too, through the hub; once its server connection does.
-    pub async fn listen(
-        &mut self,
-        route: Arc<dyn Route>,
-        login: &Login,
-        channels: Vec<String>,
-    ) -> Result<(), String> {
-        if self.channels.len() + channels.len() > MAX_CHANNELS {
-            return Err(format!("more than {MAX_CHANNELS} channels"));
-        }
-        let queue = self.sender();
-        let hubs = &self.proxy.hubs;
-        let asked = (self.id, channels.clone(), queue);
-        match hubs.listen(&self.key, route, login, asked).await {
-            Ok(()) => {
-                self.channels.extend(channels);
-                // The hub holds the queue now.
-                self.queue = None;
-                Ok(())
-            }
-            Err(e) => {
-                // Nothing half done: the hub forgets these channels for this client.
-                hubs.unlisten(&self.key, self.id, channels);
-                Err(e)
-            }
         }
     }
 
@@ -91,9 +62,56 @@ impl Listening {
         self.queue = Some(queue.clone());
         queue
     }
+}
+
+impl Listening {
+    pub fn new(id: u64) -> Listening {
+        Listening {
+            id,
+            channels: BTreeSet::new(),
+            hub: None,
+        }
+    }
+
+    pub fn is_listening(&self) -> bool {
+        !self.channels.is_empty()
+    }
+
+    /// Listens on these channels too, through the hub of the client's listener, database
+    /// and user (`who`); once its server connection does.
+    pub async fn listen(
+        &mut self,
+        ctx: &Arc<ListenerContext>,
+        (database, user, login): (&str, &str, &Login),
+        channels: Vec<String>,
+    ) -> Result<(), String> {
+        if self.channels.len() + channels.len() > MAX_CHANNELS {
+            return Err(format!("more than {MAX_CHANNELS} channels"));
+        }
+        let hub = self
+            .hub
+            .get_or_insert_with(|| Box::new(HubSide::new(ctx, database, user)));
+        let queue = hub.sender();
+        let route: Arc<dyn Route> = ctx.clone();
+        let asked = (self.id, channels.clone(), queue);
+        match hub.proxy.hubs.listen(&hub.key, route, login, asked).await {
+            Ok(()) => {
+                self.channels.extend(channels);
+                // The hub holds the queue now.
+                hub.queue = None;
+                Ok(())
+            }
+            Err(e) => {
+                // Nothing half done: the hub forgets these channels for this client.
+                hub.proxy.hubs.unlisten(&hub.key, self.id, channels);
+                Err(e)
+            }
+        }
+    }
 
     /// `UNLISTEN` of these channels; `""` is every channel.
     pub fn unlisten(&mut self, channels: &[String]) {
+        let Some(hub) = &self.hub else { return };
         if self.channels.is_empty() || channels.is_empty() {
             return;
         }
@@ -107,7 +125,7 @@ impl Listening {
                 .collect(),
         };
         if !gone.is_empty() {
-            self.proxy.hubs.unlisten(&self.key, self.id, gone);
+            hub.proxy.hubs.unlisten(&hub.key, self.id, gone);
         }
     }
 
@@ -121,17 +139,22 @@ impl Listening {
         for c in channels {
             self.channels.remove(c);
         }
-        self.proxy
-            .hubs
-            .unlisten(&self.key, self.id, channels.to_vec());
+        if let Some(hub) = &self.hub {
+            hub.proxy
+                .hubs
+                .unlisten(&hub.key, self.id, channels.to_vec());
+        }
     }
 
     /// The next notification for the client; `None` when its hub let it go while it
     /// listens (its queue was full). Waits forever while it listens on nothing.
     pub async fn next(&mut self) -> Option<Bytes> {
+        let Some(hub) = self.hub.as_mut() else {
+            return std::future::pending().await;
+        };
         loop {
-            match self.incoming.recv().await {
-                Some(n) if self.wants(&n) => return Some(n),
+            match hub.incoming.recv().await {
+                Some(n) if wanted(&self.channels, &n) => return Some(n),
                 Some(_) => {}
                 None if self.channels.is_empty() => return std::future::pending().await,
                 None => return None,
@@ -141,28 +164,31 @@ impl Listening {
 
     /// A notification already queued, without waiting.
     pub fn queued(&mut self) -> Option<Bytes> {
-        while let Ok(n) = self.incoming.try_recv() {
-            if self.wants(&n) {
+        let hub = self.hub.as_mut()?;
+        while let Ok(n) = hub.incoming.try_recv() {
+            if wanted(&self.channels, &n) {
                 return Some(n);
             }
         }
         None
     }
+}
 
-    /// Only the channels the client listens on now: an UNLISTEN the hub has not taken yet
-    /// (or lost, its queue full) lets nothing through.
-    fn wants(&self, notification: &[u8]) -> bool {
-        notification
-            .get(5..)
-            .and_then(crate::backend::notify::channel_of)
-            .is_some_and(|c| self.channels.contains(c))
-    }
+/// Only the channels the client listens on now: an UNLISTEN the hub has not taken yet (or
+/// lost, its queue full) lets nothing through.
+fn wanted(channels: &BTreeSet<String>, notification: &[u8]) -> bool {
+    notification
+        .get(5..)
+        .and_then(crate::backend::notify::channel_of)
+        .is_some_and(|c| channels.contains(c))
 }
 
 impl Drop for Listening {
     fn drop(&mut self) {
-        if !self.channels.is_empty() {
-            self.proxy.hubs.unlisten(&self.key, self.id, Vec::new());
+        if let Some(hub) = &self.hub {
+            if !self.channels.is_empty() {
+                hub.proxy.hubs.unlisten(&hub.key, self.id, Vec::new());
+            }
         }
     }
 }

@@ -63,9 +63,12 @@ impl Session<'_> {
         let lent_at = Instant::now();
         let _load = proxy.load.claim(&target.endpoint);
         let registration = conn.key.clone().map(|server_key| {
-            proxy
-                .cancels
-                .register(self.key.clone(), conn.endpoint.clone(), server_key)
+            proxy.cancels.register(
+                self.key.clone(),
+                conn.endpoint.clone(),
+                server_key,
+                carried.cancels.clone(),
+            )
         });
         let cache_before = conn.prepared.stats;
         let mut seen = Seen::default();
@@ -260,6 +263,7 @@ impl Session<'_> {
                 },
                 seen: &mut *seen,
                 unsynced: false,
+                in_failed_transaction: false,
             });
             let relay_ctx = RelayContext {
                 policy: &self.ctx.policy,
@@ -544,9 +548,9 @@ impl Session<'_> {
     ) -> Result<Option<(&'static str, String)>, ConnError> {
         let limit = self.reset_limit();
         let n = channels.len();
-        let route: std::sync::Arc<dyn crate::backend::notify::Route> = self.ctx.clone();
         let channels_asked = channels.clone();
-        let listened = carried.listening.listen(route, self.who.login, channels);
+        let who = (self.who.database, self.who.user, self.who.login);
+        let listened = carried.listening.listen(self.ctx, who, channels);
         match timeout(limit, listened).await {
             Ok(Ok(())) => {
                 timeout(limit, conn.execute("UNLISTEN *"))

@@ -85,7 +85,7 @@ pub async fn run(
     let _registration = conn.key.clone().map(|k| {
         proxy
             .cancels
-            .register(k.clone(), target.endpoint.clone(), k)
+            .register(k.clone(), target.endpoint.clone(), k, Default::default())
     });
     let relay_ctx = RelayContext {
         policy: &ctx.policy,

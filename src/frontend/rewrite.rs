@@ -50,6 +50,7 @@ pub(super) async fn pump_up(
             let mut r = lock(responses);
             (r.take_failed(), r.take_all_dropped())
         };
+        rewriter.in_failed_transaction = st.tx_status.load(Relaxed) == codes::TX_FAILED;
         rewriter.forget(&failed);
         if dropped {
             rewriter.all_dropped();

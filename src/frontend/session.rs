@@ -142,9 +142,12 @@ async fn run_session(
     let connected_ms = started.elapsed().as_millis() as u64;
     crate::metrics::connected(&ctx.name, started.elapsed());
     let _registration = backend.key.clone().map(|k| {
-        proxy
-            .cancels
-            .register(k.clone(), backend.target.endpoint.clone(), k)
+        proxy.cancels.register(
+            k.clone(),
+            backend.target.endpoint.clone(),
+            k,
+            Default::default(),
+        )
     });
     let relay_ctx = RelayContext {
         policy: &ctx.policy,

@@ -244,6 +244,10 @@ impl Classifier {
         let Ok(text) = std::str::from_utf8(sql) else {
             return Arc::new(Classified::of(Effects::UNKNOWN));
         };
+        // pgbench's UPDATE ... SET, with literals new each time: neither parsed nor cached.
+        if !DEEP.is_match(text) && one_data_statement(text) {
+            return NOTHING.clone();
+        }
         let found = self
             .read()
             .by_text
@@ -280,6 +284,29 @@ impl Classifier {
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Cache> {
         self.cache.read().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Whether the text is one data statement (no `;` but a last one, and it starts with
+/// SELECT, INSERT, UPDATE, DELETE, MERGE, WITH, VALUES or TABLE): such a statement does
+/// nothing to the session itself; only a function call or a temporary object in it could,
+/// and their words are looked for apart. A text that starts otherwise (a comment, say) is
+/// parsed.
+fn one_data_statement(sql: &str) -> bool {
+    let body = sql.trim_end();
+    let body = body.strip_suffix(';').unwrap_or(body);
+    if body.contains(';') {
+        return false;
+    }
+    let start = body.trim_start();
+    let word_end = start
+        .find(|c: char| !c.is_ascii_alphabetic())
+        .unwrap_or(start.len());
+    let (word, after) = start.split_at(word_end);
+    let data = [
+        "select", "insert", "update", "delete", "merge", "with", "values", "table",
+    ];
+    data.iter().any(|d| word.eq_ignore_ascii_case(d))
+        && after.starts_with(|c: char| c.is_ascii_whitespace() || c == '(')
 }
 
 /// Whether the text contains one of the words an effect needs.
@@ -659,6 +686,29 @@ mod tests {
             effects(&deep)
         );
         assert!(effects("SET ROLE (").contains(Effects::UNKNOWN));
+    }
+
+    #[test]
+    fn one_data_statement_is_told_apart_without_the_parser() {
+        for sql in [
+            "UPDATE pgbench_accounts SET abalance = abalance + 5 WHERE aid = 42;",
+            "select * from t where x = 'a'",
+            "WITH d AS (DELETE FROM t RETURNING *) SELECT count(*) FROM d",
+            "INSERT INTO t (settings) VALUES ('x')  ;  ",
+        ] {
+            assert!(one_data_statement(sql), "{sql}");
+        }
+        for sql in [
+            "UPDATE t SET x = 1; SET ROLE evil",
+            "/* */ SET ROLE evil",
+            "SET ROLE evil",
+            "SELECT 1 INTO TEMP t",
+            "updated",
+            "SELECT 'a;b'",
+        ] {
+            let both = one_data_statement(sql) && !DEEP.is_match(sql);
+            assert!(!both, "{sql}");
+        }
     }
 
     #[test]

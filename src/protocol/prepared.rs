@@ -289,6 +289,9 @@ pub struct Rewriter<'a> {
     pub seen: &'a mut Seen,
     /// Extended-protocol messages sent since the last Sync.
     pub unsynced: bool,
+    /// The session's transaction has failed (as of the server's last ReadyForQuery):
+    /// a `DEALLOCATE` there fails, as the server would fail it.
+    pub in_failed_transaction: bool,
 }
 
 /// What to send for one client frame, and what to expect back.
@@ -383,7 +386,7 @@ impl Rewriter<'_> {
         self.deallocated(&c);
         let name = match &c.deallocated[..] {
             // Not inside an extended-protocol batch: patroxy's Sync would end it.
-            [name] if c.only_deallocates && !self.unsynced => name,
+            [name] if c.only_deallocates && !self.unsynced && !self.in_failed_transaction => name,
             _ => return false,
         };
         if self.client.by_name.remove(name.as_bytes()).is_none() {
@@ -704,6 +707,7 @@ mod tests {
             reading: reading(&naming, &classifier),
             seen: &mut seen,
             unsynced: false,
+            in_failed_transaction: false,
         };
         let (b, w) = parse("s1", "SELECT 1");
         let out = rw.rewrite(codes::PARSE, &b, w);
@@ -729,6 +733,7 @@ mod tests {
             reading: reading(&naming, &classifier),
             seen: &mut seen,
             unsynced: false,
+            in_failed_transaction: false,
         };
         let (b, w) = bind("s1");
         let out = rw.rewrite(codes::BIND, &b, w);
@@ -760,6 +765,7 @@ mod tests {
             reading: reading(&naming, &classifier),
             seen: &mut seen,
             unsynced: false,
+            in_failed_transaction: false,
         };
         // A's Parse and a Bind of another statement in one batch; the server refuses the
         // Parse (its table does not exist yet) and skips the rest up to the Sync.
@@ -793,6 +799,7 @@ mod tests {
             reading: reading(&naming, &classifier),
             seen: &mut seen,
             unsynced: false,
+            in_failed_transaction: false,
         };
         let (p, w) = parse("b1", "SELECT * FROM later");
         let out = rw.rewrite(codes::PARSE, &p, w);
@@ -813,6 +820,7 @@ mod tests {
             reading: reading(&naming, &classifier),
             seen: &mut seen,
             unsynced: false,
+            in_failed_transaction: false,
         };
         let (p, w) = parse("s1", "SELECT 1");
         rw.rewrite(codes::PARSE, &p, w);
@@ -874,6 +882,7 @@ mod tests {
             reading: reading(&naming, &classifier),
             seen: &mut seen,
             unsynced: false,
+            in_failed_transaction: false,
         };
         for (name, q) in [("a", "SELECT 1"), ("b", "SELECT 2"), ("c", "SELECT 3")] {
             let (b, w) = parse(name, q);
@@ -1003,6 +1012,7 @@ mod tests {
             reading: reading(&naming, &classifier),
             seen: &mut seen,
             unsynced: false,
+            in_failed_transaction: false,
         };
         let (b, w) = parse("s", "SELECT 1");
         rw.rewrite(codes::PARSE, &b, w);
