@@ -403,8 +403,8 @@ const LOGIN_TIMEOUTS_SQL: &str = "SET LOCAL statement_timeout TO DEFAULT; \
 /// Patroxy's own transaction: no timeout of the client's cuts it short (PostgreSQL 17's
 /// `transaction_timeout` where there is one).
 const NO_TIMEOUTS_SQL: &str = "SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0; \
-    SELECT 'x', '', pg_catalog.set_config(name, '0', true), '' FROM pg_catalog.pg_settings \
-    WHERE name OPERATOR(pg_catalog.=) 'transaction_timeout'; ";
+    SELECT 'x', '', pg_catalog.set_config('transaction_timeout', '0', true), '' \
+    WHERE pg_catalog.current_setting('transaction_timeout', true) IS NOT NULL; ";
 
 const SETTINGS_SQL: &str = "SELECT 's', name::pg_catalog.text, \
     pg_catalog.current_setting(name), '' FROM pg_catalog.pg_settings \
@@ -420,14 +420,15 @@ const OBJECTS_SQL: &str = "SELECT 'o', 'advisory locks', \
     pg_catalog.count(*)::pg_catalog.text, '' FROM pg_catalog.pg_locks \
     WHERE pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid() \
     AND locktype OPERATOR(pg_catalog.=) 'advisory' \
-    UNION ALL SELECT 'o', 'temporary objects', ( \
+    UNION ALL SELECT 'o', 'temporary objects', (CASE \
+      WHEN pg_catalog.pg_my_temp_schema() OPERATOR(pg_catalog.=) 0 THEN 0 ELSE \
       (SELECT pg_catalog.count(*) FROM pg_catalog.pg_class \
        WHERE relnamespace OPERATOR(pg_catalog.=) pg_catalog.pg_my_temp_schema()) \
     OPERATOR(pg_catalog.+) (SELECT pg_catalog.count(*) FROM pg_catalog.pg_proc \
        WHERE pronamespace OPERATOR(pg_catalog.=) pg_catalog.pg_my_temp_schema()) \
     OPERATOR(pg_catalog.+) (SELECT pg_catalog.count(*) FROM pg_catalog.pg_type \
        WHERE typnamespace OPERATOR(pg_catalog.=) pg_catalog.pg_my_temp_schema()) \
-    )::pg_catalog.text, '' \
+    END)::pg_catalog.text, '' \
     UNION ALL SELECT 'o', 'open cursors', pg_catalog.count(*)::pg_catalog.text, '' \
     FROM pg_catalog.pg_cursors \
     UNION ALL SELECT 'o', 'SQL-level prepared statements', \
