@@ -124,7 +124,7 @@ impl Client {
     async fn one(&self, sql: &str) -> String {
         self.try_one(sql)
             .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .unwrap_or_else(|e| panic!("{sql}: {e}: {:?}", e.as_db_error()))
     }
 
     async fn try_one(&self, sql: &str) -> Result<String, tokio_postgres::Error> {
@@ -142,7 +142,7 @@ impl Client {
         tokio::time::timeout(PROMPT, self.c.batch_execute(sql))
             .await
             .unwrap_or_else(|_| panic!("{sql}: no answer within {PROMPT:?}"))
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            .unwrap_or_else(|e| panic!("{sql}: {e}: {:?}", e.as_db_error()));
     }
 
     async fn pid(&self) -> String {
@@ -163,6 +163,7 @@ struct Case {
     user: &'static str,
     /// Connection string options for A (startup parameters).
     options: &'static str,
+    /// What A runs: each line a query of its own.
     change: &'static str,
     show: &'static str,
     clean: &'static str,
@@ -324,7 +325,66 @@ const SETTINGS: &[Case] = &[
         clean: "none sam",
         own: "all tenant_y",
     },
+    Case {
+        name: "a custom setting (SET app.tenant), as row-level security reads it",
+        user: "alice",
+        options: "",
+        change: "SET app.tenant = '42'",
+        show: TENANT,
+        clean: "unset",
+        own: "42",
+    },
+    Case {
+        name: "a custom setting set with set_config",
+        user: "alice",
+        options: "",
+        change: "SELECT set_config('app.tenant', '9', false)",
+        show: TENANT,
+        clean: "unset",
+        own: "9",
+    },
+    Case {
+        name: "a custom setting from the startup packet",
+        user: "alice",
+        options: "options='-c app.tenant=7'",
+        change: "",
+        show: TENANT,
+        clean: "unset",
+        own: "7",
+    },
+    Case {
+        name: "a custom setting from the startup packet, then another set",
+        user: "alice",
+        options: "options='-c app.tenant=7'",
+        change: "SET app.person = 'u1'",
+        show: "SELECT coalesce(nullif(current_setting('app.tenant', true), ''), 'unset') || ' ' || coalesce(nullif(current_setting('app.person', true), ''), 'unset')",
+        clean: "unset unset",
+        own: "7 u1",
+    },
+    Case {
+        name: "UPDATE pg_settings (its rule calls set_config)",
+        user: "alice",
+        options: "",
+        change: "UPDATE pg_settings SET setting = 'a, public' WHERE name = 'search_path'",
+        show: "SELECT current_schemas(false)::text",
+        clean: "{public}",
+        own: "{a,public}",
+    },
+    Case {
+        name: "SET ROLE hidden by a character of SJIS whose second byte is a backslash",
+        user: "alice",
+        options: "",
+        // U+3041 is E3 81 81 in UTF-8; in SJIS, E3 81 and 81 5C are two characters, and
+        // the string ends at the quote after them.
+        change: "SET client_encoding = 'SJIS'\nSELECT E'\u{3041}\\'; SET ROLE tenant_x; -- '",
+        show: "SELECT current_user::text",
+        clean: "alice",
+        own: "tenant_x",
+    },
 ];
+
+/// A custom setting as an application reads it (unset: never set, or reset).
+const TENANT: &str = "SELECT coalesce(nullif(current_setting('app.tenant', true), ''), 'unset')";
 
 /// `SET ROLE tenant_x`, then a SELECT of 200 terms: deeper than pg_query's result can
 /// carry; the server takes it.
@@ -344,8 +404,8 @@ async fn settings_follow_their_client_on_a_transaction_pool_of_one() {
     for case in SETTINGS {
         let a = Client::login(s.port(), case.user, case.options).await;
         let b = Client::login(s.port(), case.user, "").await;
-        if !case.change.is_empty() {
-            a.run(case.change).await;
+        for change in case.change.lines() {
+            a.run(change).await;
         }
         let (pid_b, seen_b) = (b.pid().await, b.one(case.show).await);
         let (pid_a, seen_a) = (a.pid().await, a.one(case.show).await);
@@ -388,8 +448,8 @@ async fn settings_never_outlive_their_client_on_a_session_pool_of_one() {
     let mut failures = Vec::new();
     for case in SETTINGS {
         let a = Client::login(s.port(), case.user, case.options).await;
-        if !case.change.is_empty() {
-            a.run(case.change).await;
+        for change in case.change.lines() {
+            a.run(change).await;
         }
         let (pid_a, seen_a) = (a.pid().await, a.one(case.show).await);
         if seen_a != case.own {
@@ -427,6 +487,18 @@ struct Object {
 }
 
 const OBJECTS: &[Object] = &[
+    Object {
+        name: "a table made temporary by a search path that starts with pg_temp, set just before",
+        make: "SELECT set_config('search_path', concat('pg_t', 'emp'), false); CREATE TABLE sneaky (x int)",
+        show: "SELECT count(*)::text FROM pg_class WHERE relnamespace = pg_my_temp_schema() AND relkind = 'r'",
+        drop: "DROP TABLE pg_temp.sneaky",
+    },
+    Object {
+        name: "a temporary function",
+        make: "CREATE FUNCTION pg_temp.f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+        show: "SELECT count(*)::text FROM pg_proc WHERE pronamespace = pg_my_temp_schema()",
+        drop: "DROP FUNCTION pg_temp.f()",
+    },
     Object {
         name: "temporary table",
         make: "CREATE TEMP TABLE mine (x int); INSERT INTO mine VALUES (1)",
@@ -1476,6 +1548,300 @@ async fn a_listener_that_pins_itself_keeps_getting_notifications() {
         n.payload(),
         "after",
         "and again through the listening connection"
+    );
+    s.proxy.stop().await;
+}
+
+/// A raw client of the suite's listener (trusted), logged in and ready.
+async fn raw_login(port: u16, user: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut body = 196_608u32.to_be_bytes().to_vec();
+    body.extend_from_slice(format!("user\0{user}\0database\0postgres\0\0").as_bytes());
+    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&body);
+    raw.write_all(&packet).await.unwrap();
+    read_to_ready(&mut raw).await;
+    raw
+}
+
+/// A protocol message: its tag, length and body.
+fn frame_of(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![tag];
+    m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+/// Parse of `sql` as `name`, no parameter types.
+fn parse_msg(name: &str, sql: &str) -> Vec<u8> {
+    frame_of(b'P', format!("{name}\0{sql}\0\0\0").as_bytes())
+}
+
+/// Bind of statement `name` to the unnamed portal (no parameters, text results), Execute
+/// of it, and Sync.
+fn bind_execute_sync(name: &str) -> Vec<u8> {
+    let mut m = frame_of(b'B', format!("\0{name}\0\0\0\0\0\0\0").as_bytes());
+    m.extend(frame_of(b'E', b"\0\0\0\0\0"));
+    m.extend(frame_of(b'S', b""));
+    m
+}
+
+/// Reads up to a ReadyForQuery: the first column of the last DataRow, or the error's
+/// SQLSTATE and message.
+async fn read_answer(raw: &mut tokio::net::TcpStream) -> Result<String, String> {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 5];
+    let mut answer = Ok(String::new());
+    loop {
+        tokio::time::timeout(PROMPT, raw.read_exact(&mut head))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        let len = u32::from_be_bytes(head[1..5].try_into().unwrap()) as usize;
+        let mut rest = vec![0u8; len - 4];
+        raw.read_exact(&mut rest).await.unwrap();
+        match head[0] {
+            b'D' => {
+                let n = i32::from_be_bytes(rest[2..6].try_into().unwrap()) as usize;
+                answer = Ok(String::from_utf8_lossy(&rest[6..6 + n]).into_owned());
+            }
+            b'E' => answer = Err(String::from_utf8_lossy(&rest).into_owned()),
+            b'Z' => return answer,
+            _ => {}
+        }
+    }
+}
+
+async fn raw_send(raw: &mut tokio::net::TcpStream, bytes: &[u8]) {
+    use tokio::io::AsyncWriteExt;
+    raw.write_all(bytes).await.unwrap();
+}
+
+/// The unnamed statement is the client's own, as direct: A's follows it to a later
+/// transaction (whoever used the connection's meanwhile), and what it does when bound then
+/// is seen; so is what a statement bound by a name A never prepared does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unnamed_statement_is_its_clients_own() {
+    let s = Suite::start("leakunnamed", PoolMode::Transaction, |cfg| {
+        cfg.auth.trust = vec!["127.0.0.1/32".parse().unwrap()];
+    })
+    .await;
+    let port = s.port();
+    let mut a = raw_login(port, "sam").await;
+    raw_send(
+        &mut a,
+        &[parse_msg("", "SELECT 'a-own'"), frame_of(b'S', b"")].concat(),
+    )
+    .await;
+    assert_eq!(read_answer(&mut a).await, Ok(String::new()));
+    // B uses the unnamed statement on the same server connection.
+    let b = Client::login(port, "sam", "").await;
+    let row = b.c.query_typed("SELECT 'b-own'", &[]).await.unwrap();
+    assert_eq!(row[0].get::<_, &str>(0), "b-own");
+    raw_send(&mut a, &bind_execute_sync("")).await;
+    assert_eq!(read_answer(&mut a).await.as_deref(), Ok("a-own"));
+
+    // Prepared in one transaction, run in the next.
+    let sql = "SET SESSION AUTHORIZATION tenant_y";
+    raw_send(&mut a, &[parse_msg("", sql), frame_of(b'S', b"")].concat()).await;
+    assert_eq!(read_answer(&mut a).await, Ok(String::new()));
+    raw_send(&mut a, &bind_execute_sync("")).await;
+    assert_eq!(read_answer(&mut a).await, Ok(String::new()));
+    assert_eq!(b.one("SELECT session_user::text").await, "sam");
+    raw_send(&mut a, &frame_of(b'Q', b"SELECT session_user::text\0")).await;
+    assert_eq!(read_answer(&mut a).await.as_deref(), Ok("tenant_y"));
+    raw_send(&mut a, &frame_of(b'Q', b"RESET SESSION AUTHORIZATION\0")).await;
+    read_answer(&mut a).await.unwrap();
+
+    // Bound by the name the server knows another client's statement by.
+    let c = Client::login(port, "sam", "").await;
+    c.c.prepare(sql).await.unwrap();
+    let find = format!("SELECT name FROM pg_prepared_statements WHERE statement = '{sql}'\0");
+    raw_send(&mut a, &frame_of(b'Q', find.as_bytes())).await;
+    let name = read_answer(&mut a).await.unwrap();
+    assert!(name.starts_with("patroxy_"), "{name}");
+    raw_send(&mut a, &bind_execute_sync(&name)).await;
+    assert_eq!(read_answer(&mut a).await, Ok(String::new()));
+    assert_eq!(b.one("SELECT session_user::text").await, "sam");
+    raw_send(&mut a, &frame_of(b'Q', b"SELECT session_user::text\0")).await;
+    assert_eq!(read_answer(&mut a).await.as_deref(), Ok("tenant_y"));
+    s.proxy.stop().await;
+}
+
+/// A statement's meaning is fixed when it is parsed (its literals read under DateStyle and
+/// TimeZone): the same text prepared by clients with other settings is another statement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_text_under_other_settings_is_another_statement() {
+    let s = Suite::start("leakmeaning", PoolMode::Transaction, |_| {}).await;
+    let port = s.port();
+    let dmy = Client::login(
+        port,
+        "alice",
+        "options='-c DateStyle=ISO,DMY -c TimeZone=UTC'",
+    )
+    .await;
+    let mdy = Client::login(
+        port,
+        "alice",
+        "options='-c DateStyle=ISO,MDY -c TimeZone=Asia/Tokyo'",
+    )
+    .await;
+    let sql = "SELECT '01/02/2024'::date::text || ' ' || '2024-01-01 00:00'::timestamptz::text";
+    let first: String = dmy.c.query_one(sql, &[]).await.unwrap().get(0);
+    assert_eq!(first, "2024-02-01 2024-01-01 00:00:00+00");
+    let second: String = mdy.c.query_one(sql, &[]).await.unwrap().get(0);
+    assert_eq!(second, "2024-01-02 2024-01-01 00:00:00+09");
+    s.proxy.stop().await;
+}
+
+/// COPY FROM STDIN through the extended protocol (tokio-postgres, libpq's PQexecParams):
+/// the server ignores the Sync sent with it, and the connection still comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_in_through_the_extended_protocol_gives_the_connection_back() {
+    use futures_util::SinkExt;
+    let s = Suite::start("leakcopy", PoolMode::Transaction, |_| {}).await;
+    let port = s.port();
+    let a = Client::login(port, "alice", "").await;
+    a.run("CREATE TABLE copied (x int)").await;
+    for round in 0..2 {
+        let sink = a.c.copy_in("COPY copied FROM STDIN").await.unwrap();
+        let mut sink = Box::pin(sink);
+        sink.send(bytes::Bytes::from_static(b"1\n2\n3\n"))
+            .await
+            .unwrap();
+        let rows = tokio::time::timeout(PROMPT, sink.as_mut().finish())
+            .await
+            .expect("COPY done in time")
+            .unwrap();
+        assert_eq!(rows, 3, "round {round}");
+        let b = Client::login(port, "alice", "").await;
+        assert_eq!(
+            b.one("SELECT count(*)::text FROM copied").await,
+            ((round + 1) * 3).to_string()
+        );
+        b.leave().await;
+    }
+    s.proxy.stop().await;
+}
+
+/// A client that sends the first bytes of its next message and stops holds no server
+/// connection: the bytes wait with it, and the message goes when it is whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_cut_between_transactions_holds_no_connection() {
+    let s = Suite::start("leakpartial", PoolMode::Transaction, |cfg| {
+        cfg.auth.trust = vec!["127.0.0.1/32".parse().unwrap()];
+    })
+    .await;
+    let port = s.port();
+    let mut a = raw_login(port, "sam").await;
+    let second = frame_of(b'Q', b"SELECT 2\0");
+    // Cut in the same write as a whole query, then on its own.
+    for with_query in [true, false] {
+        let mut first = Vec::new();
+        if with_query {
+            first.extend(frame_of(b'Q', b"SELECT 1\0"));
+        }
+        first.extend_from_slice(&second[..3]);
+        raw_send(&mut a, &first).await;
+        if with_query {
+            assert_eq!(read_answer(&mut a).await.as_deref(), Ok("1"));
+        }
+        let b = Client::login(port, "sam", "").await;
+        assert_eq!(b.one("SELECT 3::text").await, "3", "B gets the connection");
+        b.leave().await;
+        raw_send(&mut a, &second[3..]).await;
+        assert_eq!(read_answer(&mut a).await.as_deref(), Ok("2"));
+    }
+    s.proxy.stop().await;
+}
+
+/// A client pinned to its connection whose connection is lost is told: its temporary
+/// tables and locks are gone with it, and it does not go on without them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_client_that_loses_its_connection_is_told() {
+    let s = Suite::start("leakpinlost", PoolMode::Transaction, |_| {}).await;
+    let port = s.port();
+    let a = Client::login(port, "alice", "").await;
+    a.run("SELECT pg_advisory_lock(11)").await;
+    let pid = a.pid().await;
+    let direct = connect(s.pg.port).await.unwrap();
+    direct
+        .batch_execute(&format!("SELECT pg_terminate_backend({pid})"))
+        .await
+        .unwrap();
+    wait_for("the backend gone", PROMPT, || async {
+        let c = connect(s.pg.port).await.ok()?;
+        let n: i64 = c
+            .query_one(
+                &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"),
+                &[],
+            )
+            .await
+            .ok()?
+            .get(0);
+        (n == 0).then_some(())
+    })
+    .await;
+    let after = a.try_one("SELECT pg_advisory_unlock(11)::text").await;
+    assert!(after.is_err(), "A went on without its lock: {after:?}");
+    s.proxy.stop().await;
+}
+
+/// A pinned client keeps its client encoding through patroxy's own statements on its
+/// connection (which speak UTF-8).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_client_keeps_its_encoding() {
+    let s = Suite::start("leakpinenc", PoolMode::Transaction, |_| {}).await;
+    let a = Client::login(s.port(), "alice", "").await;
+    a.run("SET client_encoding = 'LATIN1'").await;
+    a.run("SELECT pg_advisory_lock(12)").await;
+    assert_eq!(a.one("SHOW client_encoding").await, "LATIN1");
+    a.run("CREATE TEMP TABLE t (x int)").await;
+    assert_eq!(a.one("SHOW client_encoding").await, "LATIN1");
+    s.proxy.stop().await;
+}
+
+/// Session pooling with an empty `server_reset_query`: objects A left in its session
+/// (temporary tables, locks, cursors, statements, LISTEN) mean the connection is closed,
+/// not handed to B; so does a library A loaded, whatever the reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_pool_without_discard_all_never_hands_over_objects() {
+    let s = Suite::start("leaknoresetobj", PoolMode::Session, |cfg| {
+        cfg.pool.server_reset_query = String::new();
+    })
+    .await;
+    let port = s.port();
+    for object in OBJECTS {
+        let a = Client::login(port, "alice", "").await;
+        a.run(object.make).await;
+        a.leave().await;
+        let b = Client::login(port, "alice", "").await;
+        assert_eq!(b.one(object.show).await, "0", "{}", object.name);
+        b.leave().await;
+    }
+    let a = Client::login(port, "alice", "").await;
+    a.run("LISTEN left_behind").await;
+    a.leave().await;
+    let b = Client::login(port, "alice", "").await;
+    assert_eq!(
+        b.one("SELECT count(*)::text FROM pg_listening_channels()")
+            .await,
+        "0"
+    );
+    b.leave().await;
+    let loader = Client::login(port, "sam", "").await;
+    loader.run("LOAD 'auto_explain'").await;
+    loader.leave().await;
+    let next = Client::login(port, "sam", "").await;
+    let loaded = next
+        .one("SELECT count(*)::text FROM pg_settings WHERE name LIKE 'auto_explain.%'")
+        .await;
+    assert_eq!(
+        loaded, "0",
+        "the next client's backend has no library of A's"
     );
     s.proxy.stop().await;
 }

@@ -384,6 +384,7 @@ impl ServerConn {
         &mut self,
         tx_status: u8,
         reset_query: &str,
+        custom: &[String],
         limit: Duration,
     ) -> Result<(), ConnError> {
         timeout(limit, async {
@@ -396,17 +397,27 @@ impl ServerConn {
                 self.run_own(reset_query).await?
             };
             // DISCARD ALL resets every setting and statement: what patroxy applied or
-            // prepared is gone too. After anything else, the server says what is left.
+            // prepared is gone too. After anything else, the server says what is left:
+            // settings and statements are known again, and a session that still holds
+            // objects or listens is not handed to anyone.
             if reset_query.trim().eq_ignore_ascii_case("DISCARD ALL") {
                 self.extra.clear();
                 self.prepared.clear();
             } else if status == codes::TX_IDLE {
-                let look = crate::backend::session::Look {
-                    settings: true,
-                    statements: true,
-                    ..Default::default()
-                };
+                let mut look = crate::backend::session::Look::ALL;
+                look.ask_for(custom.iter().map(String::as_str));
                 let snapshot = self.inspect(look).await?;
+                if let Some(held) = snapshot.holds() {
+                    return Err(ConnError::Protocol(format!(
+                        "the session still holds {held}"
+                    )));
+                }
+                if !snapshot.listens.is_empty() {
+                    let n = snapshot.listens.len();
+                    return Err(ConnError::Protocol(format!(
+                        "the session still listens on {n} channels"
+                    )));
+                }
                 self.resync(&snapshot);
             }
             self.notifications.clear();

@@ -84,6 +84,37 @@ impl Wanted {
         };
     }
 
+    /// The custom settings (`app.tenant`) the client has, from its startup packet or its
+    /// own commands: asked for by name when its session is read.
+    pub fn custom(&self) -> impl Iterator<Item = &str> {
+        self.startup
+            .keys()
+            .chain(self.own.keys())
+            .map(String::as_str)
+            .filter(|n| n.contains('.'))
+    }
+
+    /// What a statement's text means depends on these: its identity on the servers.
+    /// Literals are read when it is parsed (a date under DateStyle, a time under
+    /// TimeZone, bytes under client_encoding, backslashes under
+    /// standard_conforming_strings), names under search_path.
+    pub fn statement_context(&self) -> String {
+        const MEANING: [&str; 6] = [
+            "search_path",
+            "DateStyle",
+            "TimeZone",
+            "IntervalStyle",
+            "client_encoding",
+            "standard_conforming_strings",
+        ];
+        let mut context = String::new();
+        for name in MEANING {
+            context.push_str(self.get(name).unwrap_or_default());
+            context.push('\0');
+        }
+        context
+    }
+
     /// The client reset `name`.
     fn reset(&mut self, name: &str) {
         self.own.remove(name);
@@ -252,6 +283,21 @@ impl ServerConn {
         }
     }
 
+    /// Sets the client's encoding again where patroxy's own statements left UTF-8 (on a
+    /// connection the client keeps, which is not fitted again).
+    pub async fn fit_encoding(&mut self, wanted: &Wanted) -> Result<(), ConnError> {
+        let want = wanted.get("client_encoding").unwrap_or("UTF8");
+        let now = self.params.get("client_encoding").map(String::as_str);
+        if now.is_some_and(|now| now.eq_ignore_ascii_case(want)) {
+            return Ok(());
+        }
+        let sql = format!(
+            "SELECT pg_catalog.set_config('client_encoding', {}, false)",
+            quote_literal(want)
+        );
+        self.execute(&sql).await.map(|_| ())
+    }
+
     fn speaks_utf8(&self) -> bool {
         self.params.get("client_encoding").map_or(true, |e| {
             e.eq_ignore_ascii_case("UTF8") || e.eq_ignore_ascii_case("UTF-8")
@@ -264,10 +310,12 @@ impl ServerConn {
     /// read first, in the cheapest statement there is, and set back to the login's for a
     /// moment, to compare. A client's timeout can still cut that first statement short (one
     /// of a millisecond, say): then it is asked once more.
-    pub async fn inspect(&mut self, look: Look) -> Result<Snapshot, ConnError> {
+    pub async fn inspect(&mut self, mut look: Look) -> Result<Snapshot, ConnError> {
         if !self.speaks_utf8() {
             self.execute("SET client_encoding TO 'UTF8'").await?;
         }
+        // The custom settings patroxy knows the session has are asked for by name too.
+        look.ask_for(self.extra.keys().map(String::as_str));
         let sql = look.sql();
         let rows = match self.query_rows(&sql).await {
             // Cut short before its transaction began, or (a client's late cancel) in it.
@@ -331,7 +379,7 @@ impl Plan {
 }
 
 /// What to read of a session, in one query.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Look {
     /// Its session-level settings, role and session authorization.
     pub settings: bool,
@@ -341,6 +389,9 @@ pub struct Look {
     pub listens: bool,
     /// Its protocol-level prepared statements.
     pub statements: bool,
+    /// With the settings: the custom ones (`app.tenant`) to ask for by name, as
+    /// `pg_settings` lists none.
+    pub custom: Vec<String>,
 }
 
 impl Look {
@@ -349,18 +400,38 @@ impl Look {
         objects: true,
         listens: true,
         statements: true,
+        custom: Vec::new(),
     };
 
-    pub fn any(self) -> bool {
+    pub fn any(&self) -> bool {
         self.settings || self.objects || self.listens || self.statements
     }
 
+    /// Adds the custom settings among `names` to those asked for.
+    pub fn ask_for<'n>(&mut self, names: impl IntoIterator<Item = &'n str>) {
+        for name in names {
+            let name = name.to_ascii_lowercase();
+            if name.contains('.') && !self.custom.contains(&name) {
+                self.custom.push(name);
+            }
+        }
+    }
+
     /// The query: rows of (kind, name, value, more), every name schema-qualified, so that
-    /// nothing a client put on its search path stands in for the catalogs.
-    fn sql(self) -> String {
+    /// nothing a client put on its search path stands in for the catalogs. The settings no
+    /// catalog shows as the session's own (the timeouts, which patroxy's own transaction
+    /// turns off, and custom settings) are read before it begins and again, reset, in it:
+    /// where the two differ, the value is the session's.
+    fn sql(&self) -> String {
         let (first, login) = match self.settings {
-            true => (TIMEOUTS_SQL, LOGIN_TIMEOUTS_SQL),
-            false => ("", ""),
+            true => {
+                let names = self.compared();
+                (
+                    format!("SELECT 't', n, pg_catalog.current_setting(n, true), '' {names}; "),
+                    format!("SELECT 'r', n, pg_catalog.set_config(n, NULL, true), '' {names}; "),
+                )
+            }
+            false => (String::new(), String::new()),
         };
         format!(
             "{first}BEGIN; {login}{NO_TIMEOUTS_SQL}{}; COMMIT",
@@ -368,7 +439,21 @@ impl Look {
         )
     }
 
-    fn parts(self) -> String {
+    /// The settings read twice, as a FROM clause: those the session has.
+    fn compared(&self) -> String {
+        let names: Vec<String> = COMPARED
+            .iter()
+            .map(|n| quote_literal(n))
+            .chain(self.custom.iter().map(|n| quote_literal(n)))
+            .collect();
+        format!(
+            "FROM pg_catalog.unnest(ARRAY[{}]::pg_catalog.text[]) AS n \
+             WHERE pg_catalog.current_setting(n, true) IS NOT NULL",
+            names.join(", ")
+        )
+    }
+
+    fn parts(&self) -> String {
         let mut parts = Vec::new();
         if self.settings {
             parts.push(SETTINGS_SQL);
@@ -389,16 +474,10 @@ impl Look {
 // Every name, type and operator below is schema-qualified: a client's search path (its
 // own functions, operators, types or views named like the catalogs') stands in for none.
 
-/// The client's timeouts, read before patroxy's own transaction turns them off for itself.
-const TIMEOUTS_SQL: &str = "SELECT 't', 'statement_timeout', \
-    pg_catalog.current_setting('statement_timeout'), '' \
-    UNION ALL SELECT 't', 'lock_timeout', pg_catalog.current_setting('lock_timeout'), ''; ";
-
-/// The login's values of the timeouts: a client's that differ are its own.
-const LOGIN_TIMEOUTS_SQL: &str = "SET LOCAL statement_timeout TO DEFAULT; \
-    SET LOCAL lock_timeout TO DEFAULT; \
-    SELECT 'r', 'statement_timeout', pg_catalog.current_setting('statement_timeout'), '' \
-    UNION ALL SELECT 'r', 'lock_timeout', pg_catalog.current_setting('lock_timeout'), ''; ";
+/// The timeouts, which patroxy's own transaction turns off for itself: read before it
+/// begins, and compared with the login's values (`transaction_timeout` where the server
+/// has it, PostgreSQL 17 on).
+const COMPARED: [&str; 3] = ["statement_timeout", "lock_timeout", "transaction_timeout"];
 
 /// Patroxy's own transaction: no timeout of the client's cuts it short (PostgreSQL 17's
 /// `transaction_timeout` where there is one).
@@ -409,9 +488,8 @@ const NO_TIMEOUTS_SQL: &str = "SET LOCAL statement_timeout = 0; SET LOCAL lock_t
 const SETTINGS_SQL: &str = "SELECT 's', name::pg_catalog.text, \
     pg_catalog.current_setting(name), '' FROM pg_catalog.pg_settings \
     WHERE source OPERATOR(pg_catalog.=) 'session' \
-    AND name OPERATOR(pg_catalog.<>) 'statement_timeout' \
-    AND name OPERATOR(pg_catalog.<>) 'lock_timeout' \
-    AND name OPERATOR(pg_catalog.<>) 'transaction_timeout' \
+    AND name::pg_catalog.text OPERATOR(pg_catalog.<>) ALL (ARRAY['statement_timeout', 'lock_timeout', \
+      'transaction_timeout']::pg_catalog.text[]) \
     UNION ALL SELECT 's', 'role', pg_catalog.current_setting('role'), '' \
     UNION ALL SELECT 's', 'session_authorization', \
     pg_catalog.current_setting('session_authorization'), ''";
@@ -420,15 +498,14 @@ const OBJECTS_SQL: &str = "SELECT 'o', 'advisory locks', \
     pg_catalog.count(*)::pg_catalog.text, '' FROM pg_catalog.pg_locks \
     WHERE pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid() \
     AND locktype OPERATOR(pg_catalog.=) 'advisory' \
-    UNION ALL SELECT 'o', 'temporary objects', (CASE \
-      WHEN pg_catalog.pg_my_temp_schema() OPERATOR(pg_catalog.=) 0 THEN 0 ELSE \
-      (SELECT pg_catalog.count(*) FROM pg_catalog.pg_class \
-       WHERE relnamespace OPERATOR(pg_catalog.=) pg_catalog.pg_my_temp_schema()) \
-    OPERATOR(pg_catalog.+) (SELECT pg_catalog.count(*) FROM pg_catalog.pg_proc \
-       WHERE pronamespace OPERATOR(pg_catalog.=) pg_catalog.pg_my_temp_schema()) \
-    OPERATOR(pg_catalog.+) (SELECT pg_catalog.count(*) FROM pg_catalog.pg_type \
-       WHERE typnamespace OPERATOR(pg_catalog.=) pg_catalog.pg_my_temp_schema()) \
-    END)::pg_catalog.text, '' \
+    UNION ALL SELECT 'o', 'temporary objects', pg_catalog.count(*)::pg_catalog.text, '' \
+    FROM pg_catalog.pg_depend WHERE refclassid OPERATOR(pg_catalog.=) \
+      'pg_catalog.pg_namespace'::pg_catalog.regclass \
+    AND refobjid OPERATOR(pg_catalog.=) pg_catalog.pg_my_temp_schema() \
+    AND pg_catalog.pg_my_temp_schema() OPERATOR(pg_catalog.<>) 0 \
+    UNION ALL SELECT 'o', 'temporary replication slots', \
+    pg_catalog.count(*)::pg_catalog.text, '' FROM pg_catalog.pg_replication_slots \
+    WHERE temporary AND active_pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid() \
     UNION ALL SELECT 'o', 'open cursors', pg_catalog.count(*)::pg_catalog.text, '' \
     FROM pg_catalog.pg_cursors \
     UNION ALL SELECT 'o', 'SQL-level prepared statements', \
@@ -575,15 +652,21 @@ mod tests {
 
     #[test]
     fn a_look_asks_only_for_its_parts_with_catalogs_named_in_full() {
-        let sql = Look {
+        let mut look = Look {
             settings: true,
             listens: true,
             ..Look::default()
-        }
-        .parts();
+        };
+        let sql = look.parts();
         assert!(sql.contains("pg_catalog.pg_settings") && sql.contains("pg_listening_channels"));
         assert!(!sql.contains("pg_locks") && !sql.contains("pg_prepared_statements"));
         assert!(!Look::default().any());
+        look.ask_for(["work_mem", "App.Tenant", "app.tenant"]);
+        assert_eq!(look.custom, vec!["app.tenant".to_owned()]);
+        let sql = look.sql();
+        assert!(sql
+            .contains("'statement_timeout', 'lock_timeout', 'transaction_timeout', 'app.tenant'"));
+        assert!(sql.contains("pg_catalog.set_config(n, NULL, true)"));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::backend::checkout::Who;
 use crate::backend::conn::{ConnError, ServerConn};
 use crate::backend::pool::Lease;
 use crate::backend::session::Wanted;
-use crate::protocol::classify::Strings;
+use crate::protocol::classify::{ascii_safe, Strings};
 use crate::protocol::codes;
 use crate::protocol::prepared::{ClientStatements, Reading};
 use crate::protocol::startup::CancelKey;
@@ -87,9 +87,12 @@ pub(super) struct Attached {
 pub(super) struct Pin {
     /// The label of `patroxy_pins_total`.
     pub reason: &'static str,
-    /// A library was loaded (`LOAD`): nothing unloads it, so the connection is closed
-    /// when the client leaves, never lent again.
-    pub loaded: bool,
+    /// Until the client leaves: what it holds is not seen on the server (a library, the
+    /// random seed, a setting under a computed name), so it is never seen gone either.
+    pub for_good: bool,
+    /// Nothing resets what it holds (`LOAD`, `setseed()`): the connection is closed when
+    /// the client leaves, never lent again.
+    pub closes: bool,
 }
 
 /// The connection for the client's next request, or why there is none. Not boxed: it
@@ -300,16 +303,13 @@ impl Session<'_> {
             return Next::Over(End::ClientClosed);
         }
         if per_transaction {
-            let context = carried
-                .wanted
-                .get("search_path")
-                .unwrap_or_default()
-                .to_owned();
+            let context = carried.wanted.statement_context();
             let proxy = &self.ctx.proxy;
             let reading = Reading {
                 naming: &proxy.naming,
                 classifier: &proxy.classifier,
                 strings: Strings::of(carried.wanted.get("standard_conforming_strings")),
+                ascii_safe: ascii_safe(carried.wanted.get("client_encoding")),
                 context: &context,
             };
             if let Some(reply) = carried.statements.answer_locally(buf, reading) {

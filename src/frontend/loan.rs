@@ -17,7 +17,7 @@ use super::relay::{relay, End, Outcome, RelayContext};
 use crate::backend::conn::{ConnError, ServerConn};
 use crate::backend::pool::{DbStats, Lease};
 use crate::backend::session::{Look, Snapshot};
-use crate::protocol::classify::Strings;
+use crate::protocol::classify::{ascii_safe, Strings};
 use crate::protocol::classify::{Effects, Seen};
 use crate::protocol::codes;
 use crate::protocol::messages::{self, ErrorFields, Severity};
@@ -154,7 +154,9 @@ impl Session<'_> {
                 false
             }
             (None, End::ClientClosed, Ok(pin)) if at_rest => {
-                self.reset(&mut conn, pin, out.progress.tx_status).await
+                seen.merge(&out.watched);
+                self.reset(&mut conn, pin, &seen, out.progress.tx_status)
+                    .await
             }
             _ => false,
         };
@@ -235,22 +237,16 @@ impl Session<'_> {
             seen,
         } = lent;
         let proxy = &self.ctx.proxy;
-        // A statement means what it means under its search path: part of its identity.
-        let context = carried
-            .wanted
-            .get("search_path")
-            .unwrap_or_default()
-            .to_owned();
+        // A statement means what it means under these settings: part of its identity.
+        let context = carried.wanted.statement_context();
         let mut movable = !release_at_idle && self.ctx.policy.role.wants_standby() == Some(false);
         let mut before: Option<Outcome> = None;
         loop {
             let leftover = std::mem::take(&mut conn.buf);
             // The connection reads strings as the client's session does (fitted to it).
-            let strings = Strings::of(
-                conn.params
-                    .get("standard_conforming_strings")
-                    .map(String::as_str),
-            );
+            let param = |name: &str| conn.params.get(name).map(String::as_str);
+            let strings = Strings::of(param("standard_conforming_strings"));
+            let ascii_safe = ascii_safe(param("client_encoding"));
             let rewrite = release_at_idle.then(|| Rewriter {
                 client: &mut carried.statements,
                 server: &mut conn.prepared,
@@ -259,6 +255,7 @@ impl Session<'_> {
                     naming: &proxy.naming,
                     classifier: &proxy.classifier,
                     strings,
+                    ascii_safe,
                     context: &context,
                 },
                 seen: &mut *seen,
@@ -341,10 +338,11 @@ impl Session<'_> {
     /// are set again, as `RESET` would leave them direct.
     async fn restore(&self, conn: &mut ServerConn, carried: &mut Carried) -> Result<(), ConnError> {
         let deadline = Instant::now() + self.reset_limit();
-        let look = Look {
+        let mut look = Look {
             settings: true,
             ..Look::default()
         };
+        look.ask_for(carried.wanted.custom());
         let restored = async {
             let snapshot = conn.inspect(look).await?;
             carried.wanted.take_up(conn, &snapshot.settings);
@@ -369,7 +367,9 @@ impl Session<'_> {
             return Err(ConnError::Protocol("a client message was cut".into()));
         }
         let deadline = Instant::now() + self.reset_limit();
-        let snapshot = timeout_at(deadline, conn.inspect(Look::ALL))
+        let mut look = Look::ALL;
+        look.ask_for(carried.wanted.custom());
+        let snapshot = timeout_at(deadline, conn.inspect(look))
             .await
             .unwrap_or(Err(ConnError::Timeout))?;
         let held = snapshot.holds().or_else(|| listens(&snapshot));
@@ -413,13 +413,24 @@ impl Session<'_> {
     /// (`server_reset_query`; `DISCARD ALL` for a pinned one, whatever that says), and the
     /// connection goes back if the server is then idle. One that loaded a library is
     /// closed: nothing unloads it.
-    async fn reset(&self, conn: &mut ServerConn, pin: Option<Pin>, tx_status: u8) -> bool {
+    async fn reset(
+        &self,
+        conn: &mut ServerConn,
+        pin: Option<Pin>,
+        seen: &Seen,
+        tx_status: u8,
+    ) -> bool {
+        let e = seen.effects;
         let query = match pin {
-            Some(Pin { loaded: true, .. }) => return false,
+            Some(Pin { closes: true, .. }) => return false,
             Some(_) => "DISCARD ALL",
+            None if e.intersects(Effects::UNRESETTABLE) => return false,
+            None if e.contains(Effects::NAMELESS) => "DISCARD ALL",
             None => &self.ctx.pool.server_reset_query,
         };
-        let reset = conn.reset(tx_status, query, self.reset_limit()).await;
+        let reset = conn
+            .reset(tx_status, query, &seen.custom, self.reset_limit())
+            .await;
         crate::metrics::server_reset(if reset.is_ok() { "ok" } else { "failed" });
         match reset {
             Ok(()) => true,
@@ -446,27 +457,30 @@ impl Session<'_> {
         let e = seen.effects;
         carried.listening.unlisten(&seen.unlisten);
         let verify = self.ctx.pool.verify_release;
-        let look = match pin {
-            // Nothing unloads a library.
-            Some(p) if p.loaded => return Ok(pin),
+        let mut look = match pin {
+            // What is not seen on the server is never seen gone.
+            Some(p) if p.for_good => return Ok(pin),
             Some(_) if e.intersects(Effects::ENDS | Effects::UNKNOWN) => Look::ALL,
             Some(_) => return Ok(pin),
             None if verify => Look::ALL,
             None => look_after(e),
         };
-        let loaded = e.contains(Effects::LOAD);
-        if !look.any() && !loaded {
+        let unseen = e.intersects(Effects::UNRESETTABLE | Effects::NAMELESS);
+        if !look.any() && !unseen {
             return Ok(None);
         }
+        look.ask_for(carried.wanted.custom());
+        look.ask_for(seen.custom.iter().map(String::as_str));
+        let (settings, statements) = (look.settings, look.statements);
         let limit = self.reset_limit();
         let snapshot = timeout(limit, conn.inspect(look))
             .await
             .unwrap_or(Err(ConnError::Timeout))?;
-        if look.statements {
+        if statements {
             let names: Vec<&str> = snapshot.statements.iter().map(|s| s.0.as_str()).collect();
             conn.prepared.resync(&names);
         }
-        let mut held = held_by(&snapshot, loaded);
+        let mut held = held_by(&snapshot, e);
         // Listens with nothing else held go to the listener's hub, and the connection is
         // clean again; if that fails, they pin the client like the rest.
         if held.is_none() && !snapshot.listens.is_empty() {
@@ -487,9 +501,12 @@ impl Session<'_> {
                     self.listens_to_conn(conn, carried).await?;
                 }
                 self.me.pin(Some(what));
+                // patroxy's own statements spoke UTF-8: the client's encoding comes back.
+                conn.fit_encoding(&carried.wanted).await?;
                 Ok(Some(Pin {
                     reason,
-                    loaded: loaded || pin.is_some_and(|p| p.loaded),
+                    for_good: unseen || pin.is_some_and(|p| p.for_good),
+                    closes: e.intersects(Effects::UNRESETTABLE) || pin.is_some_and(|p| p.closes),
                 }))
             }
             None => {
@@ -497,7 +514,7 @@ impl Session<'_> {
                     info!(client = %self.peer, server = %conn.endpoint, "client unpinned: its session holds nothing that cannot follow it");
                     self.me.pin(None);
                 }
-                if look.settings {
+                if settings {
                     carried.wanted.take_up(conn, &snapshot.settings);
                 }
                 Ok(None)
@@ -603,22 +620,40 @@ struct Lent<'a> {
     seen: &'a mut Seen,
 }
 
-/// What to ask the server after a transaction whose statements had these effects.
+/// What to ask the server after a transaction whose statements had these effects. A
+/// setting can make the next statement's object temporary (a search path that starts with
+/// `pg_temp`): after settings, objects are looked at too.
 fn look_after(e: Effects) -> Look {
     let unknown = e.contains(Effects::UNKNOWN);
+    let settings = unknown || e.contains(Effects::SETTINGS);
     Look {
-        settings: unknown || e.contains(Effects::SETTINGS),
-        objects: unknown || e.intersects(Effects::OBJECTS),
+        settings,
+        objects: settings || e.intersects(Effects::OBJECTS),
         listens: unknown || e.contains(Effects::LISTEN),
         statements: unknown || e.contains(Effects::STATEMENTS),
+        custom: Vec::new(),
     }
 }
 
-/// What pins the client: the first thing its session holds, as a metric label and in
-/// words.
-fn held_by(s: &Snapshot, loaded: bool) -> Option<(&'static str, String)> {
-    if loaded {
+/// What the statements did that the server cannot show, as a metric label and in words.
+fn unseen_by(e: Effects) -> Option<(&'static str, String)> {
+    if e.contains(Effects::LOAD) {
         return Some(("load", "a library loaded with LOAD".into()));
+    }
+    if e.contains(Effects::SEED) {
+        return Some(("seed", "the random seed (setseed)".into()));
+    }
+    if e.contains(Effects::NAMELESS) {
+        return Some(("setting", "a setting set under a computed name".into()));
+    }
+    None
+}
+
+/// What pins the client: what its statements did that the server cannot show, or the
+/// first thing its session holds, as a metric label and in words.
+fn held_by(s: &Snapshot, e: Effects) -> Option<(&'static str, String)> {
+    if let Some(unseen) = unseen_by(e) {
+        return Some(unseen);
     }
     let (first, _) = s.held.first()?;
     let reason = match first.as_str() {
@@ -626,6 +661,7 @@ fn held_by(s: &Snapshot, loaded: bool) -> Option<(&'static str, String)> {
         "advisory locks" => "advisory",
         "open cursors" => "cursor",
         "SQL-level prepared statements" => "prepare",
+        "temporary replication slots" => "slot",
         _ => "unknown",
     };
     Some((reason, s.holds().unwrap_or_default()))
@@ -639,16 +675,12 @@ fn listens(s: &Snapshot) -> Option<String> {
 /// may have made, by their effects alone.
 fn held_by_seen(seen: &Seen) -> Option<Pin> {
     let e = seen.effects;
-    if e.contains(Effects::LOAD) {
-        return Some(Pin {
-            reason: "load",
-            loaded: true,
-        });
-    }
+    let closes = e.intersects(Effects::UNRESETTABLE);
     e.intersects(Effects::OBJECTS | Effects::LISTEN | Effects::UNKNOWN)
         .then_some(Pin {
-            reason: "unknown",
-            loaded: false,
+            reason: unseen_by(e).map_or("unknown", |(reason, _)| reason),
+            for_good: true,
+            closes,
         })
 }
 

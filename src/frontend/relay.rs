@@ -172,6 +172,9 @@ pub(super) struct RelayState {
     pub(super) release_at_idle: bool,
     /// Session pooling: a statement reset settings; end at the next transaction end.
     pub(super) settle_at_rest: AtomicBool,
+    /// Session pooling: what the client's statements did to the session, as far as the
+    /// reset after it needs to know (custom settings, what no reset undoes).
+    pub(super) watched: std::sync::Mutex<crate::protocol::classify::Seen>,
     /// ParameterStatus the server reported during the relay (kept servers only).
     pub(super) reported: std::sync::Mutex<Vec<(String, String)>>,
     /// ReadyForQuery messages relayed: requests answered (the console's query count).
@@ -248,6 +251,8 @@ pub struct Outcome {
     /// connection ended before any of them was sent (a pooled connection found dead at
     /// once); the client's request can go to another connection as if nothing happened.
     pub unsent: Option<BytesMut>,
+    /// Session pooling: what the client's statements did to the session.
+    pub watched: crate::protocol::classify::Seen,
 }
 
 impl Outcome {
@@ -256,11 +261,14 @@ impl Outcome {
     pub fn then(self, later: Outcome) -> Outcome {
         let mut reported = self.reported;
         reported.extend(later.reported);
+        let mut watched = self.watched;
+        watched.merge(&later.watched);
         Outcome {
             bytes_up: self.bytes_up + later.bytes_up,
             bytes_down: self.bytes_down + later.bytes_down,
             queries: self.queries + later.queries,
             reported,
+            watched,
             ..later
         }
     }
@@ -486,6 +494,7 @@ pub async fn relay(
         let mut r = lock_responses(&responses);
         (r.take_failed(), r.take_all_dropped())
     };
+    let watched = std::mem::take(&mut *st.watched.lock().unwrap_or_else(|p| p.into_inner()));
     let server_fatal = st
         .server_fatal
         .lock()
@@ -503,6 +512,7 @@ pub async fn relay(
         queries: st.queries.load(Relaxed),
         server_fatal,
         unsent,
+        watched,
     }
 }
 
@@ -633,13 +643,18 @@ async fn pump_up(
 const STATEMENT_PREFIX: usize = 8 * 1024;
 
 /// Session pooling: whether one of these Query texts resets settings to the session's
-/// start; then the relay ends at the next transaction end.
+/// start; then the relay ends at the next transaction end. What they do is kept for the
+/// reset after the client.
 fn watch_resets(
     st: &RelayState,
     classifier: &crate::protocol::classify::Classifier,
     captured: Vec<(u8, Vec<u8>)>,
 ) {
     use crate::protocol::classify::Effects;
+    if captured.is_empty() {
+        return;
+    }
+    let mut watched = st.watched.lock().unwrap_or_else(|p| p.into_inner());
     for (tag, body) in captured {
         // A Parse: its statement's name, then its text, then its types.
         let text = match tag {
@@ -650,10 +665,15 @@ fn watch_resets(
             _ => &body[..],
         };
         let effects = match text.iter().position(|b| *b == 0) {
-            Some(end) => classifier.classify(&text[..end], Strings::Either).effects,
+            Some(end) => {
+                let c = classifier.classify(&text[..end], Strings::Either);
+                watched.add(&c);
+                c.effects
+            }
             // Cut at the prefix: the worst, if what was read could matter.
             None => classifier.classify_cut(text),
         };
+        watched.effects |= effects;
         if effects.intersects(Effects::RESETS | Effects::UNKNOWN) {
             st.settle_at_rest.store(true, Relaxed);
         }

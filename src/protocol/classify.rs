@@ -45,10 +45,26 @@ impl Effects {
     /// Settings go back to what the session started with (`RESET`, `SET .. TO DEFAULT`,
     /// `DISCARD ALL`): for a pooled client, the values of its startup packet.
     pub const RESETS: Effects = Effects(1 << 10);
+    /// A setting set under a name the text does not spell out (`set_config(name, ..)` with
+    /// a computed name): one PostgreSQL may not list (a custom setting is never in
+    /// `pg_settings`), so nothing can follow or reset it but `DISCARD ALL`.
+    pub const NAMELESS: Effects = Effects(1 << 11);
+    /// The random seed (`setseed()`, `SET seed`): the session's later `random()` values
+    /// follow from it, and nothing but a new backend forgets it.
+    pub const SEED: Effects = Effects(1 << 12);
+
+    /// What no reset undoes: the connection is closed after its client.
+    pub const UNRESETTABLE: Effects = Effects(Self::LOAD.0 | Self::SEED.0);
 
     /// What makes a session's state unable to follow its client to another connection.
-    pub const OBJECTS: Effects =
-        Effects(Self::TEMP.0 | Self::ADVISORY.0 | Self::CURSOR.0 | Self::PREPARE.0 | Self::LOAD.0);
+    pub const OBJECTS: Effects = Effects(
+        Self::TEMP.0
+            | Self::ADVISORY.0
+            | Self::CURSOR.0
+            | Self::PREPARE.0
+            | Self::NAMELESS.0
+            | Self::UNRESETTABLE.0,
+    );
 
     pub fn contains(self, other: Effects) -> bool {
         self.0 & other.0 == other.0
@@ -86,6 +102,9 @@ pub struct Classified {
     pub deallocated: Vec<String>,
     /// The text is one `DEALLOCATE name` and nothing else.
     pub only_deallocates: bool,
+    /// Custom settings (`app.tenant`) it sets or resets, in lower case: PostgreSQL lists
+    /// none of them in `pg_settings`, so they are asked for by name.
+    pub custom: Vec<String>,
 }
 
 impl Classified {
@@ -114,6 +133,11 @@ impl Classified {
                 self.deallocated.push(name.clone());
             }
         }
+        for name in &other.custom {
+            if !self.custom.contains(name) {
+                self.custom.push(name.clone());
+            }
+        }
         self.only_deallocates &= other.only_deallocates;
     }
 }
@@ -126,6 +150,8 @@ pub struct Seen {
     pub unlisten: Vec<String>,
     /// `DEALLOCATE`d statements (`""`: all), up to `MAX_NAMES`; past it, `""`.
     pub deallocated: Vec<String>,
+    /// Custom settings set or reset, up to `MAX_NAMES`; past it, `NAMELESS`.
+    pub custom: Vec<String>,
 }
 
 /// Names kept per loan (a client listens on at most as many channels); a client that
@@ -151,6 +177,25 @@ impl Seen {
                 false => {}
             }
         }
+        for name in &c.custom {
+            match self.custom.len() < MAX_NAMES {
+                true if !self.custom.contains(name) => self.custom.push(name.clone()),
+                true => {}
+                false => self.effects |= Effects::NAMELESS,
+            }
+        }
+    }
+
+    /// What a later part of the same session saw, too.
+    pub fn merge(&mut self, later: &Seen) {
+        let c = Classified {
+            effects: later.effects,
+            unlisten: later.unlisten.clone(),
+            deallocated: later.deallocated.clone(),
+            custom: later.custom.clone(),
+            only_deallocates: false,
+        };
+        self.add(&c);
     }
 
     /// Every prepared statement of the session may be gone.
@@ -170,7 +215,7 @@ const CACHE_BYTES: usize = 8 << 20;
 /// Words one of which a statement with an effect must contain (ASCII, any case): `set`
 /// covers `SET`, `RESET`, `set_config` and `SET ROLE`; `temp` covers `TEMPORARY` and
 /// `pg_temp`; `u&` is a Unicode-escaped identifier, which could spell any of them.
-const WORDS: [&[u8]; 13] = [
+const WORDS: [&[u8]; 14] = [
     b"set",
     b"temp",
     b"advisory",
@@ -184,10 +229,20 @@ const WORDS: [&[u8]; 13] = [
     b"drop",
     b"do",
     b"u&",
+    b"replication_slot",
 ];
 
-/// Words that call for a walk of the whole tree (function calls, temporary objects).
-const DEEP_WORDS: [&[u8]; 4] = [b"set_config", b"advisory", b"temp", b"u&"];
+/// Words that call for a walk of the whole tree (function calls, temporary objects, an
+/// UPDATE of `pg_settings`, whose rule calls `set_config`).
+const DEEP_WORDS: [&[u8]; 7] = [
+    b"set_config",
+    b"advisory",
+    b"temp",
+    b"u&",
+    b"pg_settings",
+    b"setseed",
+    b"replication_slot",
+];
 
 /// Statement types whose effects the parse tree's top level shows.
 const TOP_LEVEL: [&str; 11] = [
@@ -272,6 +327,18 @@ impl Classifier {
         c
     }
 
+    /// As `classify`, for a text whose ASCII bytes may not all be ASCII characters: in a
+    /// client encoding (SJIS, BIG5, GBK, UHC, GB18030, JOHAB) where the second byte of a
+    /// character can be a backslash or a quote, or in one the session may just have
+    /// changed to. Read as UTF-8 such a text can hide a statement the server sees, so one
+    /// with any byte past ASCII and a word that can matter may do anything.
+    pub fn classify_in(&self, sql: &[u8], strings: Strings, ascii_safe: bool) -> Arc<Classified> {
+        if !ascii_safe && !sql.is_ascii() && may_matter(sql) {
+            return Arc::new(Classified::of(Effects::UNKNOWN));
+        }
+        self.classify(sql, strings)
+    }
+
     /// What a statement of which only `prefix` was read may do: anything, if the part read
     /// has a word that can matter.
     pub fn classify_cut(&self, prefix: &[u8]) -> Effects {
@@ -335,6 +402,39 @@ impl Strings {
     }
 }
 
+/// Whether every ASCII byte of a text in `client_encoding` is an ASCII character, as in
+/// UTF-8 and every other encoding but those whose multibyte characters reuse ASCII bytes.
+pub fn ascii_safe(client_encoding: Option<&str>) -> bool {
+    const UNSAFE: [&str; 17] = [
+        "SJIS",
+        "SHIFTJIS",
+        "SHIFTJIS2004",
+        "MSKANJI",
+        "WIN932",
+        "CP932",
+        "BIG5",
+        "WIN950",
+        "CP950",
+        "GBK",
+        "WIN936",
+        "CP936",
+        "UHC",
+        "WIN949",
+        "CP949",
+        "GB18030",
+        "JOHAB",
+    ];
+    let Some(name) = client_encoding else {
+        return true;
+    };
+    let name: String = name
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .map(|c| c.to_ascii_uppercase())
+        .collect();
+    !UNSAFE.contains(&name.as_str())
+}
+
 /// Classifies one text (uncached) as the server reads it under `strings`.
 pub fn classify_text(sql: &str, strings: Strings) -> Classified {
     if strings == Strings::Either {
@@ -385,11 +485,16 @@ pub fn classify_text(sql: &str, strings: Strings) -> Classified {
         matches!(&statements[..], [N::DeallocateStmt(d)] if !d.isall && !d.name.is_empty());
     if deep {
         match serde_json::to_value(&tree) {
-            Ok(v) => walk(&v, false, &mut out.effects),
+            Ok(v) => walk(&v, false, &mut out),
             Err(_) => out.effects |= Effects::UNKNOWN,
         }
     }
     out
+}
+
+/// A custom setting's name (`app.tenant`): one with a dot, which `pg_settings` never lists.
+fn custom_name(name: &str) -> Option<String> {
+    name.contains('.').then(|| name.to_ascii_lowercase())
 }
 
 /// The effects a statement shows at its top level.
@@ -406,10 +511,18 @@ fn top_level(node: &N, out: &mut Classified) {
             ]
             .iter()
             .any(|k| s.kind == *k as i32);
-            match (s.is_local || transaction, resets) {
-                (true, _) => Effects::NONE,
-                (false, true) => Effects::SETTINGS | Effects::RESETS,
-                (false, false) => Effects::SETTINGS,
+            let session = !(s.is_local || transaction);
+            if session {
+                out.custom.extend(custom_name(&s.name));
+            }
+            let seed = match session && s.name.eq_ignore_ascii_case("seed") {
+                true => Effects::SEED,
+                false => Effects::NONE,
+            };
+            seed | match (session, resets) {
+                (false, _) => Effects::NONE,
+                (true, true) => Effects::SETTINGS | Effects::RESETS,
+                (true, false) => Effects::SETTINGS,
             }
         }
         N::DiscardStmt(d) if d.target == DiscardMode::DiscardAll as i32 => {
@@ -444,12 +557,13 @@ fn top_level(node: &N, out: &mut Classified) {
 }
 
 /// Walks a parse tree (as JSON: every node type, without a walker per type) for function
-/// calls with session effects and for temporary objects. `drops_at_commit`: inside a
-/// statement whose object goes at commit (`ON COMMIT DROP`).
-fn walk(v: &Value, drops_at_commit: bool, effects: &mut Effects) {
+/// calls with session effects, for temporary objects and for updates of `pg_settings`.
+/// `drops_at_commit`: inside a statement whose object goes at commit (`ON COMMIT DROP`).
+fn walk(v: &Value, drops_at_commit: bool, out: &mut Classified) {
     match v {
-        Value::Array(items) => items.iter().for_each(|i| walk(i, drops_at_commit, effects)),
+        Value::Array(items) => items.iter().for_each(|i| walk(i, drops_at_commit, out)),
         Value::Object(map) => {
+            let effects = &mut out.effects;
             let on_commit_drop = protobuf::OnCommitAction::OncommitDrop as i64;
             let drops = drops_at_commit
                 || ["oncommit", "on_commit"]
@@ -458,8 +572,9 @@ fn walk(v: &Value, drops_at_commit: bool, effects: &mut Effects) {
             if map.get("relpersistence").and_then(Value::as_str) == Some("t") && !drops {
                 *effects |= Effects::TEMP;
             }
-            if let Some(call) = map.get("FuncCall") {
-                *effects |= function_call(call);
+            let updated = map.get("UpdateStmt").map(|u| &u["relation"]["relname"]);
+            if updated.and_then(Value::as_str) == Some("pg_settings") {
+                *effects |= Effects::SETTINGS;
             }
             if let Some(Value::String(s)) = map.get("sval") {
                 if s.starts_with("pg_temp") {
@@ -471,24 +586,39 @@ fn walk(v: &Value, drops_at_commit: bool, effects: &mut Effects) {
                     *effects |= Effects::TEMP;
                 }
             }
-            map.values().for_each(|child| walk(child, drops, effects));
+            if let Some(call) = map.get("FuncCall") {
+                function_call(call, out);
+            }
+            map.values().for_each(|child| walk(child, drops, out));
         }
         _ => {}
     }
 }
 
 /// The effects of calling a function, by its name (any schema) and arguments.
-fn function_call(call: &Value) -> Effects {
+fn function_call(call: &Value, out: &mut Classified) {
     let name = call["funcname"]
         .as_array()
         .and_then(|parts| parts.last())
         .and_then(|p| p["node"]["String"]["sval"].as_str())
         .unwrap_or_default();
-    match name {
-        "set_config" => match call["args"].as_array().and_then(|a| a.get(2)) {
+    let args = call["args"].as_array();
+    out.effects |= match name {
+        "set_config" => match args.and_then(|a| a.get(2)) {
             Some(is_local) if is_true(is_local) => Effects::NONE,
-            _ => Effects::SETTINGS,
+            _ => match args.and_then(|a| a.first()).and_then(constant_text) {
+                Some(name) => {
+                    out.custom.extend(custom_name(name));
+                    Effects::SETTINGS
+                }
+                None => Effects::SETTINGS | Effects::NAMELESS,
+            },
         },
+        "setseed" => Effects::SEED,
+        // A temporary slot lives as long as the session.
+        "pg_create_physical_replication_slot" | "pg_create_logical_replication_slot" => {
+            Effects::TEMP
+        }
         "pg_advisory_lock"
         | "pg_advisory_lock_shared"
         | "pg_try_advisory_lock"
@@ -497,7 +627,17 @@ fn function_call(call: &Value) -> Effects {
             Effects::ENDS
         }
         _ => Effects::NONE,
-    }
+    };
+}
+
+/// A string constant argument, bare or cast (`'app.tenant'::text`).
+fn constant_text(arg: &Value) -> Option<&str> {
+    let node = &arg["node"];
+    let constant = match node.get("TypeCast") {
+        Some(cast) => &cast["arg"]["node"],
+        None => node,
+    };
+    constant["AConst"]["val"]["Sval"]["sval"].as_str()
 }
 
 /// A constant argument that PostgreSQL reads as `true`.
@@ -709,6 +849,61 @@ mod tests {
             let both = one_data_statement(sql) && !DEEP.is_match(sql);
             assert!(!both, "{sql}");
         }
+    }
+
+    #[test]
+    fn custom_settings_are_named_and_what_cannot_be_named_or_undone_is_told() {
+        let c = Classifier::default();
+        let named = |sql: &str| c.classify_std(sql.as_bytes()).custom.clone();
+        assert_eq!(named("SET app.Tenant = '1'"), vec!["app.tenant".to_owned()]);
+        assert_eq!(named("RESET app.tenant"), vec!["app.tenant".to_owned()]);
+        assert_eq!(
+            named("SELECT set_config('request.jwt.claims'::text, $1, false)"),
+            vec!["request.jwt.claims".to_owned()]
+        );
+        assert!(named("SET LOCAL app.tenant = '1'").is_empty());
+        assert!(named("SET work_mem = '1MB'").is_empty());
+        for sql in [
+            "SELECT set_config($1, $2, false)",
+            "SELECT set_config('app.' || $1, '1', false)",
+        ] {
+            assert!(
+                effects(sql).contains(Effects::NAMELESS | Effects::SETTINGS),
+                "{sql}"
+            );
+        }
+        assert!(!effects("SELECT set_config($1, $2, true)").contains(Effects::NAMELESS));
+        for sql in [
+            "UPDATE pg_settings SET setting = 'a' WHERE name = 'search_path'",
+            "WITH u AS (UPDATE pg_catalog.pg_settings SET setting = '1' WHERE name = 'x' RETURNING 1) SELECT 1",
+        ] {
+            assert!(effects(sql).contains(Effects::SETTINGS), "{sql}");
+        }
+        assert!(!effects("SELECT name FROM pg_settings").contains(Effects::SETTINGS));
+        for sql in ["SELECT setseed(0.5)", "SET seed = 0.5"] {
+            assert!(effects(sql).contains(Effects::SEED), "{sql}");
+        }
+        assert!(
+            effects("SELECT pg_create_logical_replication_slot('s', 'test_decoding', true)")
+                .contains(Effects::TEMP)
+        );
+    }
+
+    #[test]
+    fn a_text_in_an_encoding_that_reuses_ascii_bytes_is_not_read_as_utf8() {
+        // In SJIS, E3 81 and 81 5C are characters: the string ends at the quote after them.
+        let sql = "SELECT E'\u{3041}\\'; SET ROLE tenant_x; -- '";
+        let c = Classifier::default();
+        let standard = c.classify_in(sql.as_bytes(), Strings::Standard, true);
+        assert!(!standard.effects.contains(Effects::SETTINGS));
+        let sjis = c.classify_in(sql.as_bytes(), Strings::Standard, false);
+        assert!(sjis.effects.contains(Effects::UNKNOWN));
+        assert!(c
+            .classify_in(b"SELECT 1", Strings::Standard, false)
+            .effects
+            .is_empty());
+        assert!(!ascii_safe(Some("SJIS")) && !ascii_safe(Some("shift_jis_2004")));
+        assert!(ascii_safe(Some("UTF8")) && ascii_safe(Some("LATIN1")) && ascii_safe(None));
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub struct Reading<'a> {
     pub classifier: &'a Classifier,
     /// How the server reads string literals in them.
     pub strings: Strings,
+    /// Whether their ASCII bytes are all ASCII characters (not so in SJIS and the like).
+    pub ascii_safe: bool,
     /// Settings that change what a statement means (its search path), part of its identity.
     pub context: &'a str,
 }
@@ -65,7 +67,9 @@ impl Statement {
         Statement {
             server_name,
             parse: frame(codes::PARSE, &parse_body),
-            classified: reading.classifier.classify(query, reading.strings),
+            classified: reading
+                .classifier
+                .classify_in(query, reading.strings, reading.ascii_safe),
         }
     }
 }
@@ -362,11 +366,15 @@ impl Rewriter<'_> {
     /// What a text does, as the server reads it: under the connection's string setting,
     /// or either way once the client's statements may have changed it.
     fn classify(&self, text: &[u8]) -> std::sync::Arc<Classified> {
-        let strings = match self.seen.effects.contains(Effects::SETTINGS) {
-            true => Strings::Either,
-            false => self.reading.strings,
+        // The client's statements may have changed how the server reads the rest.
+        let (strings, ascii_safe) = match self.seen.effects.contains(Effects::SETTINGS) {
+            true => (Strings::Either, false),
+            false => (self.reading.strings, self.reading.ascii_safe),
         };
-        let c = self.reading.classifier.classify(text, strings);
+        let c = self
+            .reading
+            .classifier
+            .classify_in(text, strings, ascii_safe);
         // A search path that puts pg_temp first makes any CREATE a temporary object.
         if self.reading.context.contains("pg_temp") && !c.effects.contains(Effects::TEMP) {
             let mut c = (*c).clone();
@@ -672,6 +680,7 @@ mod tests {
             naming,
             classifier,
             strings: Strings::Standard,
+            ascii_safe: true,
             context: "",
         }
     }
