@@ -325,6 +325,8 @@ impl ServerConn {
     /// Sends one request (a simple Query, or extended-protocol messages ending with a Sync)
     /// and returns the rows of its answer.
     pub async fn rows_of(&mut self, request: &[u8]) -> Result<Vec<Vec<Option<String>>>, ConnError> {
+        // A simple Query, or patroxy's own unnamed Parse, replaces the unnamed statement.
+        self.prepared.unnamed = None;
         send(&mut self.stream, request).await?;
         let mut rows = Vec::new();
         let mut failed = None;
@@ -347,6 +349,7 @@ impl ServerConn {
         for sql in sqls {
             out.extend_from_slice(&messages::query(sql));
         }
+        self.prepared.unnamed = None;
         send(&mut self.stream, &out).await?;
         let mut first_error = None;
         let mut status = codes::TX_IDLE;
@@ -362,6 +365,7 @@ impl ServerConn {
 
     /// Runs `sql` (a simple query, possibly several statements) and waits for its end.
     pub async fn execute(&mut self, sql: &str) -> Result<u8, ConnError> {
+        self.prepared.unnamed = None;
         send(&mut self.stream, &messages::query(sql)).await?;
         self.read_to_ready().await
     }

@@ -33,6 +33,8 @@ pub(super) type Topo = tokio::sync::watch::Receiver<std::sync::Arc<crate::discov
 
 /// The client's Terminate, alone.
 const TERMINATE: [u8; 5] = [codes::TERMINATE, 0, 0, 0, 4];
+/// A message's tag and length.
+const HEADER: usize = 5;
 
 /// One authenticated pooled client.
 pub(super) struct Session<'a> {
@@ -71,6 +73,9 @@ pub(super) struct Carried {
     pub listening: Listening,
     /// Its cancels on their way to its server connection of the moment.
     pub cancels: Arc<crate::backend::cancel::InFlight>,
+    /// Transaction mode: the first bytes of its next message, read before the last
+    /// transaction's connection went back (less than a header: nothing was sent of them).
+    pub carry: BytesMut,
 }
 
 /// A server connection lent to the client, where it is, and why the client keeps it
@@ -138,6 +143,7 @@ impl Session<'_> {
             pinned: None,
             listening: Listening::new(self.id),
             cancels: Default::default(),
+            carry: BytesMut::new(),
         };
         // Since when a transaction has failed to get a usable connection, and the pause
         // between tries (a storm of new server connections helps nobody).
@@ -152,6 +158,10 @@ impl Session<'_> {
         };
         let connect_wait = self.ctx.proxy.timeouts.connect_wait;
         loop {
+            // The first bytes of the client's next message, read with the last transaction.
+            if buf.is_empty() {
+                std::mem::swap(&mut buf, &mut carried.carry);
+            }
             let step = self
                 .connection(client, &mut buf, per_transaction, topology, &mut carried)
                 .await;
@@ -260,7 +270,9 @@ impl Session<'_> {
         per_transaction: bool,
         carried: &mut Carried,
     ) -> Next {
-        if buf.is_empty() {
+        // Until a message's header is whole, nothing says what it asks for: a client that
+        // sends a few bytes and stops holds no server connection.
+        if buf.len() < HEADER {
             // PgBouncer's client_idle_timeout: a client that holds no server connection
             // and sends nothing this long is let go.
             let idle_limit = self.ctx.pool.client_idle_timeout;
@@ -276,6 +288,7 @@ impl Session<'_> {
                 tokio::select! {
                     read = client.read_next(buf) => match read {
                         Ok(0) => return Next::Over(End::ClientClosed),
+                        Ok(_) if buf.len() < HEADER => {}
                         Ok(_) => break,
                         Err(e) => return Next::Over(End::ClientIo(e)),
                     },

@@ -5,6 +5,7 @@
 //! told when the connection died under it, and whether the connection goes back to its pool
 //! clean, stays with the client, or is closed.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -37,6 +38,10 @@ enum Lost {
     /// Between statements of a transaction block: it cannot be told in time, so its
     /// session ends with this FATAL.
     Fatal(String),
+    /// It was pinned to the connection: what its session held there (temporary tables,
+    /// locks, cursors) is gone, and its session ends with this FATAL rather than go on
+    /// without them.
+    Pinned(String),
 }
 
 impl Session<'_> {
@@ -62,6 +67,11 @@ impl Session<'_> {
         } = attached;
         let lent_at = Instant::now();
         let _load = proxy.load.claim(&target.endpoint);
+        // A cancel of an earlier loan may still be on its way to that loan's connection,
+        // waited for there: this loan counts its own.
+        if Arc::strong_count(&carried.cancels) > 1 {
+            carried.cancels = Arc::default();
+        }
         let registration = conn.key.clone().map(|server_key| {
             proxy.cancels.register(
                 self.key.clone(),
@@ -90,6 +100,7 @@ impl Session<'_> {
             return Err(unsent);
         }
         self.account(&lease, &conn, lent_at, cache_before, &out);
+        carried.carry = std::mem::take(&mut out.carry);
         let reported = std::mem::take(&mut out.reported);
         carried.wanted.follow_reported(&mut conn, reported);
         let failed = std::mem::take(&mut out.failed_parses);
@@ -127,12 +138,14 @@ impl Session<'_> {
         };
         let died = matches!(end, End::ServerClosed | End::ServerIo(_));
         let fatal = out.server_fatal.take();
-        let lost = (release_at_idle && died).then(|| lost(&end, out.progress, fatal));
+        let lost =
+            (release_at_idle && died).then(|| lost(&end, out.progress, fatal, pin.is_some()));
         match &lost {
             Some(Lost::Answered(_)) | Some(Lost::Quiet) => end = End::Released,
             Some(Lost::Fatal(msg)) => {
                 send_fatal(client, codes::TRANSACTION_RESOLUTION_UNKNOWN, msg).await
             }
+            Some(Lost::Pinned(msg)) => send_fatal(client, codes::CONNECTION_FAILURE, msg).await,
             None => {}
         }
         let at_rest = out.server_clean && out.progress.in_flight == 0 && !out.progress.unsynced;
@@ -151,6 +164,13 @@ impl Session<'_> {
             (None, End::Released, Ok(None)) => true,
             (None, End::Released, Err(e)) => {
                 warn!(server = %target.endpoint, error = %e, "server connection not reusable after its session state was read; closed");
+                // What the session may hold there is lost with it: the client is told.
+                let held = Effects::OBJECTS | Effects::LISTEN | Effects::UNKNOWN;
+                if pin.is_some() || seen.effects.intersects(held) {
+                    let msg = format!("patroxy: the session's state could not be read after its transaction ({e}); the session ends rather than go on without it");
+                    send_fatal(client, codes::CONNECTION_FAILURE, &msg).await;
+                    end = End::ServerClosed;
+                }
                 false
             }
             (None, End::ClientClosed, Ok(pin)) if at_rest => {
@@ -160,6 +180,10 @@ impl Session<'_> {
             }
             _ => false,
         };
+        if returned && out.report_cut {
+            warn!(server = %target.endpoint, "the server reported a setting too long to read; its connection closed rather than lent again");
+        }
+        let returned = returned && !out.report_cut;
         if !matches!(end, End::Released) {
             tracing::debug!(
                 client = %self.peer,
@@ -303,6 +327,10 @@ impl Session<'_> {
                     out.end = End::ServerClosed;
                     return out;
                 }
+                if let Err(e) = pass_own_notifications(client, conn).await {
+                    out.end = End::ClientIo(e);
+                    return out;
+                }
                 before = Some(out);
                 continue;
             }
@@ -321,6 +349,10 @@ impl Session<'_> {
                 }
                 Ok(false) => {
                     movable = false;
+                    if let Err(e) = pass_own_notifications(client, conn).await {
+                        out.end = End::ClientIo(e);
+                        return out;
+                    }
                     before = Some(out);
                 }
                 Err(e) => {
@@ -589,6 +621,19 @@ impl Session<'_> {
     }
 }
 
+/// Session mode: notifications that came while patroxy had the connection to itself (the
+/// session is at rest, where PostgreSQL gives them).
+async fn pass_own_notifications(client: &mut Stream, conn: &mut ServerConn) -> std::io::Result<()> {
+    if conn.notifications.is_empty() {
+        return Ok(());
+    }
+    let mut out = BytesMut::new();
+    for n in conn.notifications.drain(..) {
+        out.extend_from_slice(&n);
+    }
+    send(client, &out).await
+}
+
 /// Gives a connection back to its pool, at once or, with a cancel on its way to it, once
 /// that has arrived (within `limit`; if it may not have, the connection is closed): lent to
 /// another client before, it could cancel that client's query.
@@ -700,11 +745,14 @@ fn settings_changed(conn: &ServerConn, s: &Snapshot) -> bool {
 /// crash). A client waiting for answers gets an error it can survive, saying the outcome is
 /// unknown, and keeps its connection; one between statements of a transaction block cannot
 /// be told in time, so its session ends.
-fn lost(end: &End, p: Progress, server_fatal: Option<ErrorFields>) -> Lost {
+fn lost(end: &End, p: Progress, server_fatal: Option<ErrorFields>, pinned: bool) -> Lost {
     let why = match &server_fatal {
         Some(f) => format!("{} {}", f.sqlstate, f.message),
         None => end.to_string(),
     };
+    if pinned {
+        return Lost::Pinned(format!("patroxy: the server connection that held this session's temporary tables, locks or cursors was lost ({why})"));
+    }
     let waiting = p.in_flight + u32::from(p.unsynced);
     if waiting > 0 && p.client_at_boundary {
         let msg = format!(
@@ -741,22 +789,28 @@ mod tests {
     #[test]
     fn a_client_whose_server_died_is_answered_when_it_waits_and_can_be() {
         let end = End::ServerClosed;
-        let Lost::Answered(answer) = lost(&end, progress(codes::TX_IN_BLOCK, 2, true), None) else {
+        let Lost::Answered(answer) = lost(&end, progress(codes::TX_IN_BLOCK, 2, true), None, false)
+        else {
             panic!("two requests waited");
         };
         let readies = answer.windows(6).filter(|w| *w == b"Z\0\0\0\x05I").count();
         assert_eq!(readies, 2, "one error and ReadyForQuery per request");
         assert_eq!(
-            lost(&end, progress(codes::TX_IDLE, 0, true), None),
+            lost(&end, progress(codes::TX_IDLE, 0, true), None, false),
             Lost::Quiet
         );
         assert!(matches!(
-            lost(&end, progress(codes::TX_IN_BLOCK, 0, true), None),
+            lost(&end, progress(codes::TX_IN_BLOCK, 0, true), None, false),
             Lost::Fatal(_)
         ));
         assert!(matches!(
-            lost(&end, progress(codes::TX_IDLE, 1, false), None),
+            lost(&end, progress(codes::TX_IDLE, 1, false), None, false),
             Lost::Fatal(_)
+        ));
+        // A pinned client's state was on that connection: it is told, whatever it waited for.
+        assert!(matches!(
+            lost(&end, progress(codes::TX_IDLE, 0, true), None, true),
+            Lost::Pinned(_)
         ));
     }
 }

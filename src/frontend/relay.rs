@@ -175,6 +175,12 @@ pub(super) struct RelayState {
     /// Session pooling: what the client's statements did to the session, as far as the
     /// reset after it needs to know (custom settings, what no reset undoes).
     pub(super) watched: std::sync::Mutex<crate::protocol::classify::Seen>,
+    /// Transaction pooling: the client's bytes not yet a whole message (kept here while
+    /// the pump waits, so that they outlive the pump when the transaction's end stops it).
+    pub(super) held: std::sync::Mutex<BytesMut>,
+    /// A ParameterStatus too long (or too malformed) to read: what the connection's
+    /// setting is now is not known.
+    pub(super) report_cut: AtomicBool,
     /// ParameterStatus the server reported during the relay (kept servers only).
     pub(super) reported: std::sync::Mutex<Vec<(String, String)>>,
     /// ReadyForQuery messages relayed: requests answered (the console's query count).
@@ -204,7 +210,10 @@ impl RelayState {
         }
         let mut params = self.reported.lock().unwrap_or_else(|p| p.into_inner());
         for (_, body) in &captured {
-            params.extend(messages::parameter_status(body));
+            match messages::parameter_status(body) {
+                Some(p) => params.push(p),
+                None => self.report_cut.store(true, Relaxed),
+            }
         }
     }
 
@@ -253,6 +262,11 @@ pub struct Outcome {
     pub unsent: Option<BytesMut>,
     /// Session pooling: what the client's statements did to the session.
     pub watched: crate::protocol::classify::Seen,
+    /// Transaction pooling, at the transaction's end: the first bytes of the client's next
+    /// message (less than its header), which no server saw.
+    pub carry: BytesMut,
+    /// A setting the server reported could not be read: the connection is not lent again.
+    pub report_cut: bool,
 }
 
 impl Outcome {
@@ -263,12 +277,14 @@ impl Outcome {
         reported.extend(later.reported);
         let mut watched = self.watched;
         watched.merge(&later.watched);
+        let report_cut = self.report_cut || later.report_cut;
         Outcome {
             bytes_up: self.bytes_up + later.bytes_up,
             bytes_down: self.bytes_down + later.bytes_down,
             queries: self.queries + later.queries,
             reported,
             watched,
+            report_cut,
             ..later
         }
     }
@@ -495,6 +511,10 @@ pub async fn relay(
         (r.take_failed(), r.take_all_dropped())
     };
     let watched = std::mem::take(&mut *st.watched.lock().unwrap_or_else(|p| p.into_inner()));
+    let carry = match end {
+        End::Released => std::mem::take(&mut *st.held.lock().unwrap_or_else(|p| p.into_inner())),
+        _ => BytesMut::new(),
+    };
     let server_fatal = st
         .server_fatal
         .lock()
@@ -513,6 +533,8 @@ pub async fn relay(
         server_fatal,
         unsent,
         watched,
+        carry,
+        report_cut: st.report_cut.load(Relaxed),
     }
 }
 
@@ -736,8 +758,9 @@ async fn pump_down(
     }
 }
 
-/// ParameterStatus bodies longer than this are not tracked (names and values are short).
-pub(super) const PARAMETER_STATUS_PREFIX: usize = 1024;
+/// ParameterStatus bodies are read up to this; a longer one (a search path of thousands of
+/// schemas) is not known, and its connection is not lent again.
+pub(super) const PARAMETER_STATUS_PREFIX: usize = 64 * 1024;
 
 /// Transaction pooling: the transaction has ended and nothing is in flight either way, so
 /// the server connection may go to another client.

@@ -24,6 +24,10 @@ fn lock(r: &Mutex<Responses>) -> std::sync::MutexGuard<'_, Responses> {
     r.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+fn lock_held(st: &RelayState) -> std::sync::MutexGuard<'_, BytesMut> {
+    st.held.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Client to server, frame by frame, through the rewriter.
 pub(super) async fn pump_up(
     rd: &mut Reader<'_>,
@@ -73,7 +77,12 @@ pub(super) async fn pump_up(
             }
             let body = frame.bytes.slice(5..);
             let rewritten = rewriter.rewrite(frame.tag, &body, frame.bytes.clone());
-            lock(responses).extend(rewritten.expect);
+            let mut r = lock(responses);
+            if matches!(frame.tag, codes::COPY_DONE | codes::COPY_FAIL) {
+                r.copy_ended();
+            }
+            r.extend(rewritten.expect);
+            drop(r);
             for b in rewritten.send {
                 out.extend_from_slice(&b);
             }
@@ -83,6 +92,10 @@ pub(super) async fn pump_up(
         if lock(responses).own_due() {
             wake.notify_one();
         }
+        // Only whole messages go to the server: the first bytes of the next one wait where
+        // they outlive this pump (a transaction's end stops it, and they go with the
+        // client to its next connection).
+        *lock_held(st) = std::mem::take(&mut pending);
         st.up_clean.store(false, Relaxed);
         if !out.is_empty() {
             if let Err(e) = wr.write_all(&out).await {
@@ -90,9 +103,11 @@ pub(super) async fn pump_up(
             }
             st.bytes_up.fetch_add(out.len() as u64, Relaxed);
         }
-        st.up_clean.store(pending.is_empty(), Relaxed);
+        st.up_clean.store(true, Relaxed);
         read.clear();
-        match rd.read_some(&mut read).await {
+        let n = rd.read_some(&mut read).await;
+        pending = std::mem::take(&mut *lock_held(st));
+        match n {
             Ok(0) => return End::ClientClosed,
             Ok(_) => {}
             Err(e) => return End::ClientIo(e),

@@ -39,6 +39,7 @@ pub const FLUSH: u8 = b'H';
 /// The end of the data of a COPY FROM STDIN; the server ignores Syncs until one of these.
 pub const COPY_DONE: u8 = b'c';
 pub const COPY_FAIL: u8 = b'f';
+pub const COPY_IN_RESPONSE: u8 = b'G';
 
 /// `AuthenticationOk`'s code inside an `R` message.
 pub const AUTH_OK: u32 = 0;

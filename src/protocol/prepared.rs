@@ -74,10 +74,14 @@ impl Statement {
     }
 }
 
-/// The client's named statements, by the client's names.
+/// The client's named statements, by the client's names, and its unnamed statement: on a
+/// direct connection that one lives until the next unnamed Parse or simple Query, so it
+/// follows its client to later transactions too (sent again where the connection has
+/// another).
 #[derive(Debug, Default)]
 pub struct ClientStatements {
     by_name: HashMap<Vec<u8>, Arc<Statement>>,
+    unnamed: Option<Arc<Statement>>,
 }
 
 impl ClientStatements {
@@ -135,6 +139,10 @@ impl ClientStatements {
         let Some(name) = &failed.client_name else {
             return;
         };
+        if name.is_empty() {
+            self.unnamed = None;
+            return;
+        }
         if self
             .by_name
             .get(name)
@@ -147,6 +155,7 @@ impl ClientStatements {
     /// Every statement is gone (`DISCARD ALL`, `DEALLOCATE ALL`).
     pub fn clear(&mut self) {
         self.by_name.clear();
+        self.unnamed = None;
     }
 
     /// Forgets the Parses that failed on the server.
@@ -155,10 +164,12 @@ impl ClientStatements {
     }
 }
 
-/// The statements one server connection has prepared, least recently used first.
+/// The statements one server connection has prepared, least recently used first, and
+/// whose unnamed statement it has (a simple Query or another unnamed Parse replaces it).
 #[derive(Debug, Default)]
 pub struct ServerStatements {
     names: VecDeque<String>,
+    pub unnamed: Option<Arc<Statement>>,
     /// Counts since the connection opened, for the metrics.
     pub stats: CacheStats,
 }
@@ -205,12 +216,17 @@ impl ServerStatements {
 
     pub fn clear(&mut self) {
         self.names.clear();
+        self.unnamed = None;
     }
 
-    /// The server does not have these (their Parse failed, or they were deallocated).
+    /// The server does not have these (their Parse failed, or they were deallocated; `""`
+    /// is the unnamed statement).
     pub fn forget<'n>(&mut self, names: impl IntoIterator<Item = &'n str>) {
         for name in names {
-            self.names.retain(|n| n != name);
+            match name.is_empty() {
+                true => self.unnamed = None,
+                false => self.names.retain(|n| n != name),
+            }
         }
     }
 
@@ -314,7 +330,7 @@ impl Rewriter<'_> {
         let mut out = Rewritten::default();
         let named = match tag {
             codes::QUERY => self.query(body, &mut out),
-            codes::PARSE => self.parse(body, &mut out),
+            codes::PARSE => self.parse(body, &whole, &mut out),
             codes::BIND => self.bind(body, &mut out),
             codes::DESCRIBE => self.describe(body, &mut out),
             codes::CLOSE => self.close(body, &mut out),
@@ -392,6 +408,9 @@ impl Rewriter<'_> {
         let c = self.classify(text);
         self.seen.add(&c);
         self.deallocated(&c);
+        // A simple Query ends the unnamed statement, the client's and the server's.
+        self.client.unnamed = None;
+        self.server.unnamed = None;
         let name = match &c.deallocated[..] {
             // Not inside an extended-protocol batch: patroxy's Sync would end it.
             [name] if c.only_deallocates && !self.unsynced && !self.in_failed_transaction => name,
@@ -431,6 +450,66 @@ impl Rewriter<'_> {
             .flatten()
     }
 
+    /// Before a Bind or Describe of the unnamed statement: the connection has the
+    /// client's, sent again if it has another's (or none); a client without one finds none
+    /// there either, as direct. The client's statement, if it has one.
+    fn ensure_unnamed(&mut self, out: &mut Rewritten) -> Option<Arc<Statement>> {
+        let Some(mine) = self.client.unnamed.clone() else {
+            if self.server.unnamed.take().is_some() {
+                out.send.push(messages::close_statement(""));
+                out.expect.push(Pending::Server {
+                    ends: Ends::Extended(b"3"),
+                    swallow: true,
+                    prepares: None,
+                });
+            }
+            return None;
+        };
+        if !self
+            .server
+            .unnamed
+            .as_ref()
+            .is_some_and(|s| Arc::ptr_eq(s, &mine))
+        {
+            out.send.push(mine.parse.clone());
+            out.expect.push(Pending::Server {
+                ends: Ends::Extended(b"1"),
+                swallow: true,
+                prepares: Some(Prepared {
+                    server_name: String::new(),
+                    client_name: None,
+                }),
+            });
+            self.server.unnamed = Some(mine.clone());
+        }
+        Some(mine)
+    }
+
+    /// The client's unnamed Parse: remembered as its unnamed statement, and sent as it is.
+    fn parse_unnamed(&mut self, query: &[u8], whole: Bytes, out: &mut Rewritten) -> bool {
+        // It runs at once, in practice: its effects count now (and when it is bound).
+        let c = self.classify(query);
+        self.seen.add(&c);
+        self.deallocated(&c);
+        let s = Arc::new(Statement {
+            server_name: String::new(),
+            parse: whole.clone(),
+            classified: c,
+        });
+        self.client.unnamed = Some(s.clone());
+        self.server.unnamed = Some(s);
+        out.send.push(whole);
+        out.expect.push(Pending::Server {
+            ends: Ends::Extended(b"1"),
+            swallow: false,
+            prepares: Some(Prepared {
+                server_name: String::new(),
+                client_name: Some(Vec::new()),
+            }),
+        });
+        true
+    }
+
     /// Makes sure the connection has `s` prepared, preparing it quietly if not (for the
     /// client's name `client_name`, when the client asked for the Parse).
     fn ensure(&mut self, s: &Statement, client_name: Option<&[u8]>, out: &mut Rewritten) {
@@ -462,7 +541,7 @@ impl Rewriter<'_> {
         self.server.names.push_back(s.server_name.clone());
     }
 
-    fn parse(&mut self, body: &[u8], out: &mut Rewritten) -> bool {
+    fn parse(&mut self, body: &[u8], whole: &Bytes, out: &mut Rewritten) -> bool {
         let Some((name, rest)) = cstr(body) else {
             return false;
         };
@@ -470,11 +549,7 @@ impl Rewriter<'_> {
             return false;
         };
         if name.is_empty() {
-            // The unnamed statement runs at once (in practice): its effects count now.
-            let c = self.classify(query);
-            self.seen.add(&c);
-            self.deallocated(&c);
-            return false;
+            return self.parse_unnamed(query, whole.clone(), out);
         }
         let mut s = Statement::new(query, rest, self.reading);
         s.classified = self.classify(query);
@@ -494,7 +569,16 @@ impl Rewriter<'_> {
         let Some((name, params)) = cstr(rest) else {
             return false;
         };
+        if name.is_empty() {
+            if let Some(s) = self.ensure_unnamed(out) {
+                self.seen.add(&s.classified);
+            }
+            return false;
+        }
         let Some(s) = self.named(name) else {
+            // Not one the client prepared through patroxy (an SQL PREPARE's, or a name read
+            // from the server): what running it does is not known.
+            self.seen.effects |= Effects::UNKNOWN;
             return false;
         };
         self.seen.add(&s.classified);
@@ -521,6 +605,10 @@ impl Rewriter<'_> {
         let Some((name, _)) = cstr(rest) else {
             return false;
         };
+        if name.is_empty() {
+            self.ensure_unnamed(out);
+            return false;
+        }
         let Some(s) = self.named(name) else {
             return false;
         };
@@ -545,6 +633,8 @@ impl Rewriter<'_> {
             return false;
         };
         if name.is_empty() {
+            self.client.unnamed = None;
+            self.server.unnamed = None;
             return false;
         }
         // The server keeps it for whoever needs it next; the client's name is gone.
@@ -563,6 +653,9 @@ pub struct Responses {
     failed: Vec<Prepared>,
     /// A `DISCARD ALL` or `DEALLOCATE ALL` completed, not yet taken.
     all_dropped: bool,
+    /// The server is in COPY FROM STDIN (it sent CopyInResponse, not yet the command's
+    /// end): it ignores the Syncs it reads meanwhile.
+    copy_in: bool,
 }
 
 /// What to do with one server message.
@@ -614,8 +707,47 @@ impl Responses {
         std::mem::take(&mut self.all_dropped)
     }
 
+    /// The client ended a COPY FROM STDIN (CopyDone, CopyFail): the Syncs it sent during
+    /// the COPY were ignored.
+    pub fn copy_ended(&mut self) {
+        if std::mem::take(&mut self.copy_in) {
+            self.syncs_ignored();
+        }
+    }
+
+    /// The server is in COPY FROM STDIN, where it ignores Syncs: those it read since the
+    /// COPY began (libpq sends one with the Execute) will never be answered.
+    fn syncs_ignored(&mut self) {
+        let ignored = |p: &Pending| {
+            matches!(
+                p,
+                Pending::Server {
+                    ends: Ends::Ready,
+                    ..
+                }
+            )
+        };
+        // The message being answered (the COPY's) stays; what the Syncs since expected
+        // goes.
+        let mut i = 0;
+        self.queue.retain(|p| {
+            i += 1;
+            i == 1 || !ignored(p)
+        });
+    }
+
     /// Routes one server message by its tag.
     pub fn route(&mut self, tag: u8) -> Route {
+        match tag {
+            codes::COPY_IN_RESPONSE => {
+                self.copy_in = true;
+                self.syncs_ignored();
+            }
+            codes::COMMAND_COMPLETE | codes::ERROR_RESPONSE | codes::READY_FOR_QUERY => {
+                self.copy_in = false
+            }
+            _ => {}
+        }
         // Notices, parameter changes and notifications come at any time.
         if matches!(tag, b'N' | b'S' | b'A') {
             return Route::Pass;
@@ -1006,6 +1138,78 @@ mod tests {
         assert!(client
             .answer_locally(&batch[..batch.len() - 1], reading(&naming, &classifier))
             .is_none());
+    }
+
+    #[test]
+    fn syncs_the_server_ignores_during_copy_from_stdin_expect_nothing() {
+        let server = |ends| Pending::Server {
+            ends,
+            swallow: false,
+            prepares: None,
+        };
+        let mut r = Responses::default();
+        r.extend([
+            server(Ends::Extended(b"2")),
+            server(Ends::Extended(b"CIs")),
+            server(Ends::Ready),
+        ]);
+        assert_eq!(r.route(b'2'), Route::Pass);
+        assert_eq!(r.route(codes::COPY_IN_RESPONSE), Route::Pass);
+        r.copy_ended();
+        r.extend([server(Ends::Ready)]);
+        assert_eq!(r.route(codes::COMMAND_COMPLETE), Route::Pass);
+        assert_eq!(r.route(codes::READY_FOR_QUERY), Route::Pass);
+        assert!(r.is_empty(), "one ReadyForQuery for the two Syncs");
+        // Outside a COPY, a CopyDone changes nothing.
+        r.extend([server(Ends::Ready)]);
+        r.copy_ended();
+        assert!(!r.is_empty());
+    }
+
+    #[test]
+    fn the_unnamed_statement_follows_its_client_and_no_other_is_bound() {
+        let (classifier, naming, mut seen) =
+            (Classifier::default(), Naming::default(), Seen::default());
+        let (mut a, mut b) = (ClientStatements::default(), ClientStatements::default());
+        let mut conn = ServerStatements::default();
+        let mut rw = |client: &mut ClientStatements,
+                      seen: &mut Seen,
+                      tag,
+                      (body, whole): (Vec<u8>, Bytes)| {
+            Rewriter {
+                client,
+                server: &mut conn,
+                capacity: 10,
+                reading: reading(&naming, &classifier),
+                seen,
+                unsynced: false,
+                in_failed_transaction: false,
+            }
+            .rewrite(tag, &body, whole)
+        };
+        let out = rw(&mut a, &mut seen, codes::PARSE, parse("", "SELECT 1"));
+        assert_eq!(out.send.len(), 1);
+        let out = rw(&mut b, &mut seen, codes::PARSE, parse("", "SELECT 2"));
+        assert_eq!(out.send.len(), 1);
+        // A binds: its own Parse goes first, quietly.
+        let out = rw(&mut a, &mut seen, codes::BIND, bind(""));
+        assert_eq!(out.send.len(), 2);
+        assert!(out.send[0].windows(8).any(|w| w == b"SELECT 1"));
+        assert!(matches!(
+            out.expect[0],
+            Pending::Server { swallow: true, .. }
+        ));
+        let out = rw(&mut a, &mut seen, codes::BIND, bind(""));
+        assert_eq!(out.send.len(), 1, "the connection has A's now");
+        // C has none: the connection's is closed first, and the server says so.
+        let mut c = ClientStatements::default();
+        let out = rw(&mut c, &mut seen, codes::BIND, bind(""));
+        assert_eq!(out.send.len(), 2);
+        assert_eq!(out.send[0][0], codes::CLOSE);
+        // A name the client never prepared: what it does is not known.
+        let mut fresh = Seen::default();
+        rw(&mut c, &mut fresh, codes::BIND, bind("patroxy_0123"));
+        assert!(fresh.effects.contains(Effects::UNKNOWN));
     }
 
     #[test]
