@@ -1506,9 +1506,10 @@ async fn a_session_pool_without_discard_all_still_hands_over_clean_sessions() {
     s.proxy.stop().await;
 }
 
-/// A client listening through the listening connection that then pins itself to its
-/// server connection (a job queue: LISTEN, then an advisory lock) still gets its
-/// notifications, now on its own connection.
+/// A client listening through the listening connection that pins itself to its server
+/// connection (a job queue: LISTEN, then an advisory lock) and lets go again, over and
+/// over while notifications keep coming: it gets every one, once, in order, whether it
+/// came through the listening connection or its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listener_that_pins_itself_keeps_getting_notifications() {
     let s = Suite::start("listenpin", PoolMode::Transaction, |cfg| {
@@ -1519,36 +1520,44 @@ async fn a_listener_that_pins_itself_keeps_getting_notifications() {
     let (l, mut notes) = listener_client(port).await;
     l.batch_execute("LISTEN jobs").await.unwrap();
     let sender = Client::login(port, "alice", "").await;
-    sender.run("NOTIFY jobs, 'before'").await;
-    let n = tokio::time::timeout(PROMPT, notes.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(n.payload(), "before");
-    l.batch_execute("SELECT pg_advisory_lock(7)").await.unwrap();
-    for i in 0..5 {
-        sender.run(&format!("NOTIFY jobs, 'pinned{i}'")).await;
-    }
-    for i in 0..5 {
+    const SENT: usize = 600;
+    let sending = tokio::spawn(async move {
+        for i in 0..SENT {
+            sender.run(&format!("NOTIFY jobs, 'n{i}'")).await;
+        }
+        sender
+    });
+    let mut got = Vec::new();
+    let mut next = async || {
         let n = tokio::time::timeout(PROMPT, notes.recv())
             .await
-            .expect("a notification while pinned")
+            .expect("a notification")
             .unwrap();
-        assert_eq!(n.payload(), format!("pinned{i}"));
+        n.payload().to_owned()
+    };
+    got.push(next().await);
+    let mut moves = 0;
+    while !sending.is_finished() && moves < 20 {
+        l.batch_execute("SELECT pg_advisory_lock(7)").await.unwrap();
+        got.push(next().await);
+        l.batch_execute("SELECT pg_advisory_unlock(7)")
+            .await
+            .unwrap();
+        got.push(next().await);
+        moves += 1;
     }
-    l.batch_execute("SELECT pg_advisory_unlock(7)")
-        .await
-        .unwrap();
-    sender.run("NOTIFY jobs, 'after'").await;
-    let n = tokio::time::timeout(PROMPT, notes.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        n.payload(),
-        "after",
-        "and again through the listening connection"
+    let sender = sending.await.unwrap();
+    while got.len() < SENT {
+        got.push(next().await);
+    }
+    let sent: Vec<String> = (0..SENT).map(|i| format!("n{i}")).collect();
+    assert!(
+        moves >= 3,
+        "the client moved only {moves} times while notified"
     );
+    assert_eq!(got, sent, "every notification once, in order");
+    sender.run("NOTIFY jobs, 'after'").await;
+    assert_eq!(next().await, "after", "and nothing twice after them");
     s.proxy.stop().await;
 }
 

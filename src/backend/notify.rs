@@ -257,9 +257,12 @@ impl Hub {
                 done,
             } => {
                 let l = self.clients.entry(client).or_insert_with(|| Listener {
-                    queue,
+                    queue: queue.clone(),
                     channels: BTreeSet::new(),
                 });
+                // The client's queue now (it starts a new one when it leaves the hub, and
+                // an Unlisten lost to a full command queue must not keep the old one).
+                l.queue = queue;
                 l.channels.extend(channels);
                 owed.push_back(Some(done));
             }

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -146,6 +147,36 @@ impl Listening {
         }
     }
 
+    /// Waits (up to `limit`) for the notification on `seam`, and gives the ones queued
+    /// before it; `None` if it does not come (the listening connection was lost).
+    pub async fn until(&mut self, seam: &str, limit: Duration) -> Option<Vec<Bytes>> {
+        let mut before = Vec::new();
+        let wait = async {
+            loop {
+                let n = self.next().await?;
+                if on_channel(&n, seam) {
+                    return Some(());
+                }
+                before.push(n);
+            }
+        };
+        let found = tokio::time::timeout(limit, wait).await.ok().flatten();
+        found.map(|()| before)
+    }
+
+    /// Leaves the hub (the client listens on its own connection now): what it had queued
+    /// for the client, in order; what it sends after this goes to a queue nobody reads
+    /// (listening through the hub again starts a new one).
+    pub fn leave_hub(&mut self) -> Vec<Bytes> {
+        let mut queued = Vec::new();
+        while let Some(n) = self.queued() {
+            queued.push(n);
+        }
+        self.unlisten(&[String::new()]);
+        self.hub = None;
+        queued
+    }
+
     /// The next notification for the client; `None` when its hub let it go while it
     /// listens (its queue was full). Waits forever while it listens on nothing.
     pub async fn next(&mut self) -> Option<Bytes> {
@@ -181,6 +212,22 @@ fn wanted(channels: &BTreeSet<String>, notification: &[u8]) -> bool {
         .get(5..)
         .and_then(crate::backend::notify::channel_of)
         .is_some_and(|c| channels.contains(c))
+}
+
+/// A channel of patroxy's own for one move of a client's listens between the listening
+/// connection and its server connection: a notification on it marks the same point in
+/// both connections' runs of notifications (PostgreSQL's queue has one order).
+pub fn seam_channel() -> String {
+    let r = crate::auth::scram::random::<8>();
+    format!("patroxy_seam_{:016x}", u64::from_le_bytes(r))
+}
+
+/// Whether a NotificationResponse frame is on `channel`.
+pub fn on_channel(notification: &[u8], channel: &str) -> bool {
+    notification
+        .get(5..)
+        .and_then(crate::backend::notify::channel_of)
+        == Some(channel)
 }
 
 impl Drop for Listening {

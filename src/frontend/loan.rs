@@ -13,6 +13,7 @@ use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{info, warn};
 
 use super::borrower::{Attached, Carried, Ended, Pin, Session, Topo};
+use super::listening;
 use super::negotiate::send_fatal;
 use super::relay::{relay, End, Outcome, RelayContext};
 use crate::backend::conn::{ConnError, ServerConn};
@@ -206,9 +207,10 @@ impl Session<'_> {
         Ok(self.ended(end, &out))
     }
 
-    /// Notifications that came while patroxy had the connection to itself, and those
-    /// queued from the listening connection for a client now pinned: the client is
-    /// between transactions, where PostgreSQL gives them.
+    /// Notifications that came while patroxy had the connection to itself (with those a
+    /// client's LISTENs moving between it and the listening connection brought), then
+    /// those queued from the listening connection: the client is between transactions,
+    /// where PostgreSQL gives them.
     async fn pass_notifications(
         &self,
         client: &mut Stream,
@@ -216,10 +218,10 @@ impl Session<'_> {
         carried: &mut Carried,
     ) -> std::io::Result<()> {
         let mut out = BytesMut::new();
-        while let Some(n) = carried.listening.queued() {
+        for n in conn.notifications.drain(..) {
             out.extend_from_slice(&n);
         }
-        for n in conn.notifications.drain(..) {
+        while let Some(n) = carried.listening.queued() {
             out.extend_from_slice(&n);
         }
         match out.is_empty() {
@@ -558,7 +560,9 @@ impl Session<'_> {
 impl Session<'_> {
     /// A client pinned to its connection listens there, not through the listening
     /// connection (where its notifications would wait for a `next()` it no longer goes
-    /// through): `LISTEN` on its connection first, then the listening connection lets go.
+    /// through). The move is marked by a notification of patroxy's own on a channel both
+    /// connections listen on: before it the hub's notifications count, after it this
+    /// connection's, so none is lost or given twice.
     async fn listens_to_conn(
         &self,
         conn: &mut ServerConn,
@@ -568,27 +572,51 @@ impl Session<'_> {
         if channels.is_empty() {
             return Ok(());
         }
-        let sql: Vec<String> = channels
+        let limit = self.reset_limit();
+        let seam = listening::seam_channel();
+        let who = (self.who.database, self.who.user, self.who.login);
+        let hub_ready = timeout(
+            limit,
+            carried.listening.listen(self.ctx, who, vec![seam.clone()]),
+        )
+        .await;
+        let mut sql: Vec<String> = channels
             .iter()
             .map(|c| format!("LISTEN {}", crate::backend::session::quote_ident(c)))
             .collect();
-        timeout(self.reset_limit(), conn.run_own(&sql.join("; ")))
+        sql.push(format!("LISTEN {seam}"));
+        let sql = sql.join("; ");
+        timeout(limit, conn.run_own(&sql))
             .await
             .unwrap_or(Err(ConnError::Timeout))?;
-        // What the listening connection queued for it meanwhile comes first.
-        let mut queued = Vec::new();
-        while let Some(n) = carried.listening.queued() {
-            queued.push(n);
-        }
-        queued.append(&mut conn.notifications);
-        conn.notifications = queued;
-        carried.listening.unlisten(&[String::new()]);
+        let (notify, unlisten) = (format!("NOTIFY {seam}"), format!("UNLISTEN {seam}"));
+        timeout(limit, conn.execute_each(&[&notify, &unlisten]))
+            .await
+            .unwrap_or(Err(ConnError::Timeout))?;
+        let here = std::mem::take(&mut conn.notifications);
+        let after = match here.iter().position(|n| listening::on_channel(n, &seam)) {
+            Some(at) => here[at + 1..].to_vec(),
+            // Only past the connection's cap of kept notifications: all of them, then.
+            None => here,
+        };
+        let before = match hub_ready {
+            Ok(Ok(())) => carried.listening.until(&seam, limit).await,
+            _ => None,
+        };
+        // What the hub queued past the seam, this connection has: it is dropped.
+        let past = carried.listening.leave_hub();
+        let mut before = before.unwrap_or_else(|| {
+            warn!(client = %self.peer, "the listening connection did not mark where the client's LISTENs moved; a notification may come twice");
+            past
+        });
+        before.extend(after);
+        conn.notifications = before;
         Ok(())
     }
 
     /// Moves the client's listens from its connection to its listener's hub: listened
-    /// there first, then `UNLISTEN *` here. What pins the client if the hub cannot take
-    /// them.
+    /// there first (with a seam channel, as in `listens_to_conn`), then `UNLISTEN *`
+    /// here. What pins the client if the hub cannot take them.
     async fn to_hub(
         &self,
         conn: &mut ServerConn,
@@ -597,14 +625,27 @@ impl Session<'_> {
     ) -> Result<Option<(&'static str, String)>, ConnError> {
         let limit = self.reset_limit();
         let n = channels.len();
-        let channels_asked = channels.clone();
+        let seam = listening::seam_channel();
+        let mut asked = channels;
+        asked.push(seam.clone());
+        let channels_asked = asked.clone();
         let who = (self.who.database, self.who.user, self.who.login);
-        let listened = carried.listening.listen(self.ctx, who, channels);
+        let listened = carried.listening.listen(self.ctx, who, asked);
         match timeout(limit, listened).await {
             Ok(Ok(())) => {
-                timeout(limit, conn.execute("UNLISTEN *"))
+                let (listen, notify) = (format!("LISTEN {seam}"), format!("NOTIFY {seam}"));
+                let own = [listen.as_str(), notify.as_str(), "UNLISTEN *"];
+                timeout(limit, conn.execute_each(&own))
                     .await
                     .unwrap_or(Err(ConnError::Timeout))?;
+                // Before the seam, this connection's; after it, the hub's.
+                let here = std::mem::take(&mut conn.notifications);
+                let at = here.iter().position(|n| listening::on_channel(n, &seam));
+                conn.notifications = here.into_iter().take(at.unwrap_or(usize::MAX)).collect();
+                if carried.listening.until(&seam, limit).await.is_none() {
+                    warn!(client = %self.peer, "the listening connection did not mark where the client's LISTENs moved; a notification may come twice");
+                }
+                carried.listening.unlisten(&[seam]);
                 Ok(None)
             }
             Ok(Err(e)) => {
