@@ -41,6 +41,9 @@ pub struct Wanted {
     defaults: Arc<Defaults>,
     startup: BTreeMap<String, String>,
     own: BTreeMap<String, String>,
+    /// `statement_context`, built once per change of the settings (it is asked for at
+    /// every request).
+    context: std::sync::OnceLock<String>,
 }
 
 impl Wanted {
@@ -49,11 +52,13 @@ impl Wanted {
             defaults,
             startup: BTreeMap::new(),
             own: BTreeMap::new(),
+            context: std::sync::OnceLock::new(),
         }
     }
 
     /// A value from the client's startup packet.
     pub fn startup(&mut self, name: String, value: String) {
+        self.context.take();
         self.startup.insert(name, value);
     }
 
@@ -78,6 +83,7 @@ impl Wanted {
     /// A value the client's commands set; kept only where it differs from what `RESET`
     /// would give.
     pub fn insert(&mut self, name: String, value: String) {
+        self.context.take();
         match self.reset_value(&name) == Some(&value) {
             true => self.own.remove(&name),
             false => self.own.insert(name, value),
@@ -98,7 +104,7 @@ impl Wanted {
     /// Literals are read when it is parsed (a date under DateStyle, a time under
     /// TimeZone, bytes under client_encoding, backslashes under
     /// standard_conforming_strings), names under search_path.
-    pub fn statement_context(&self) -> String {
+    pub fn statement_context(&self) -> &str {
         const MEANING: [&str; 6] = [
             "search_path",
             "DateStyle",
@@ -107,16 +113,19 @@ impl Wanted {
             "client_encoding",
             "standard_conforming_strings",
         ];
-        let mut context = String::new();
-        for name in MEANING {
-            context.push_str(self.get(name).unwrap_or_default());
-            context.push('\0');
-        }
-        context
+        self.context.get_or_init(|| {
+            let mut context = String::new();
+            for name in MEANING {
+                context.push_str(self.get(name).unwrap_or_default());
+                context.push('\0');
+            }
+            context
+        })
     }
 
     /// The client reset `name`.
     fn reset(&mut self, name: &str) {
+        self.context.take();
         self.own.remove(name);
     }
 

@@ -323,7 +323,7 @@ impl Session<'_> {
                 classifier: &proxy.classifier,
                 strings: Strings::of(carried.wanted.get("standard_conforming_strings")),
                 ascii_safe: ascii_safe(carried.wanted.get("client_encoding")),
-                context: &context,
+                context,
             };
             if let Some(reply) = carried.statements.answer_locally(buf, reading) {
                 buf.clear();

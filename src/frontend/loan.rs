@@ -264,7 +264,7 @@ impl Session<'_> {
         } = lent;
         let proxy = &self.ctx.proxy;
         // A statement means what it means under these settings: part of its identity.
-        let context = carried.wanted.statement_context();
+        let context = carried.wanted.statement_context().to_owned();
         let mut movable = !release_at_idle && self.ctx.policy.role.wants_standby() == Some(false);
         let mut before: Option<Outcome> = None;
         loop {
