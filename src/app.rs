@@ -99,16 +99,26 @@ pub async fn run(
         serving: serving_tx,
         config: config_tx,
     };
+    // The peers' cancel routes, followed with one watch of their reports.
+    let peers = crate::peers::Peers::default();
+    {
+        let (etcd, config, stop) = (
+            etcd.clone(),
+            running.config.clone(),
+            stop_background.clone(),
+        );
+        let p = peers.clone();
+        background.spawn(supervise("peer reports".into(), stop.clone(), move || {
+            p.clone().follow(etcd.clone(), config.clone(), stop.clone())
+        }));
+    }
     let backends = Backends {
         load,
         pools: pools.clone(),
         auth,
         reload_requests: reloads.requests,
         cancel_tag,
-        peers: crate::peers::Peers {
-            etcd: etcd.clone(),
-            config: running.config.clone(),
-        },
+        peers: peers.clone(),
         contacts: running.contacts.clone(),
     };
     let server = Server::new(

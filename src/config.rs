@@ -346,12 +346,16 @@ pub struct AdminConfig {
 pub struct Limits {
     /// Client connections across all listeners; over it, a client gets FATAL 53300.
     pub max_client_connections: usize,
+    /// Cancel requests a second from one source address (an IPv6 /64), in bursts of twice
+    /// that; past it they are dropped. 0: no limit. Read at start.
+    pub cancels_per_second: u32,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_client_connections: 10_000,
+            cancels_per_second: 100,
         }
     }
 }

@@ -48,5 +48,6 @@ pub(crate) mod state;
 pub mod status;
 pub(crate) mod stream;
 pub(crate) mod task;
+pub(crate) mod throttle;
 pub mod tls;
 pub mod view;

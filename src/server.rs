@@ -90,6 +90,8 @@ impl Server {
             pools: backends.pools,
             clients: Default::default(),
             cancel_tag: backends.cancel_tag,
+            cancel_limit: crate::throttle::PerSource::new(config.limits.cancels_per_second),
+            cancel_log: crate::throttle::Every::new(std::time::Duration::from_secs(10)),
             reload_requests: backends.reload_requests,
             peers: backends.peers,
             contacts: backends.contacts,

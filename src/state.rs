@@ -35,7 +35,7 @@ pub struct Running {
     pub config: watch::Receiver<Arc<Config>>,
     /// Server connection pools of pooled listeners.
     pub pools: Arc<Pools>,
-    /// The tag in the pids of this instance's pooled cancel keys.
+    /// The tag in the pids of this instance's cancel keys.
     pub cancel_tag: u16,
 }
 
@@ -46,15 +46,16 @@ impl Running {
         configured.unwrap_or_else(|| self.default_instance.clone())
     }
 
-    /// Where peers send cancel requests with this instance's pooled keys for `cluster`: a
-    /// pooled listener of the cluster, at `report.address` or at the IP it is bound to
+    /// Where peers send cancel requests with this instance's keys for `cluster`: a
+    /// listener of the cluster (a pooled one first), at `report.address` or at the IP it is bound to
     /// (none when it listens on every address and no `report.address` says which).
     pub fn cancel_route(&self, cluster: &str) -> Option<view::CancelRoute> {
         let host = self.config.borrow().report.address.clone();
         let serving = self.serving.borrow();
         let bound: std::net::SocketAddr = serving
             .iter()
-            .find(|l| l.pooled && l.cluster == cluster)?
+            .filter(|l| l.cluster == cluster)
+            .max_by_key(|l| l.pooled)?
             .listen
             .parse()
             .ok()?;

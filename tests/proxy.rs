@@ -350,10 +350,12 @@ async fn cancel_requests_reach_the_right_server_through_any_instance() {
     let c = two_primaries("cancel").await;
     let one = Proxy::start(&c.etcd, "cancel", |cfg| {
         cfg.listeners = vec![listener("cancel-one", ListenerRole::Primary)];
+        cfg.report.instance = Some("one".into());
     })
     .await;
     let two = Proxy::start(&c.etcd, "cancel", |cfg| {
         cfg.listeners = vec![listener("cancel-two", ListenerRole::Primary)];
+        cfg.report.instance = Some("two".into());
     })
     .await;
     wait_routed(one.port(), c.a.port).await;
@@ -363,7 +365,7 @@ async fn cancel_requests_reach_the_right_server_through_any_instance() {
         let token = client.cancel_token();
         let query = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(600)").await });
         wait_query_running(c.a.port, "SELECT pg_sleep(600)").await;
-        // Instance two never saw this session: it must broadcast to the members.
+        // Instance two never saw this session: the key's tag says which instance did.
         let stream = TcpStream::connect(("127.0.0.1", via)).await.unwrap();
         token
             .cancel_query_raw(stream, tokio_postgres::NoTls)
@@ -376,7 +378,8 @@ async fn cancel_requests_reach_the_right_server_through_any_instance() {
             .unwrap_err();
         assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "via {via}: {err}");
     }
-    // Each cancel took the route it should have: instance one knew the key, two did not.
+    // Each cancel took the route it should have: instance one knew the key; two sent it
+    // to one, and to no member.
     let count = |listener: &str, routed: &str| {
         let (l, r) = (
             format!(r#"listener="{listener}""#),
@@ -384,9 +387,8 @@ async fn cancel_requests_reach_the_right_server_through_any_instance() {
         );
         sample(&metrics_text(), "patroxy_cancel_requests_total", &[&l, &r]).unwrap_or(0.0)
     };
-    assert_eq!(count("cancel-one", "local"), 1.0, "{}", metrics_text());
-    assert_eq!(count("cancel-one", "broadcast"), 0.0);
-    assert_eq!(count("cancel-two", "broadcast"), 1.0);
+    assert_eq!(count("cancel-one", "local"), 2.0, "{}", metrics_text());
+    assert_eq!(count("cancel-two", "peer"), 1.0);
     assert_eq!(count("cancel-two", "local"), 0.0);
     one.stop().await;
     two.stop().await;

@@ -1,10 +1,10 @@
-//! Cancel routing. Unpooled clients see the server's own BackendKeyData, untouched; pooled
-//! clients get patroxy's own key, whose pid carries this instance's tag. A CancelRequest goes
-//! to the server this instance knows the key for. A key it does not know was issued through
-//! another patroxy instance: a tagged key goes to the instance with that tag (the peers
-//! publish theirs in their routing reports), any other key to every member of the cluster.
-//! A server ignores a key it did not issue, so the broadcast is correct with any number of
-//! instances.
+//! Cancel routing. Every client of patroxy gets patroxy's own cancel key, whose pid carries
+//! this instance's tag; the registry maps it to the server connection's key. A
+//! CancelRequest goes to the server this instance knows the key for. A tagged key it does
+//! not know was issued by another instance: it goes to that instance (the peers publish
+//! where they take cancels in their routing reports), marked as forwarded, and a forwarded
+//! request is never forwarded again. Any other key is nobody's: it goes nowhere (a server
+//! ignores a key it did not issue, so sending it on could only cost the cluster forks).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
@@ -19,7 +19,6 @@ use tokio::task::JoinSet;
 use tokio::time::timeout;
 
 use crate::discovery::patroni::Endpoint;
-use crate::discovery::Topology;
 use crate::protocol::messages;
 use crate::protocol::startup::CancelKey;
 
@@ -206,16 +205,27 @@ pub fn tag_of(key: &CancelKey) -> Option<u16> {
     (tag >= MIN_TAG).then_some(tag)
 }
 
-/// Every member with an address: where a key no instance issued goes.
-pub fn members(t: &Topology) -> Vec<Endpoint> {
-    let mut all: Vec<Endpoint> = t
-        .members
-        .values()
-        .filter_map(|m| m.endpoint.clone())
-        .collect();
-    all.sort();
-    all.dedup();
-    all
+/// What a forwarded request's secret ends with: the peer that gets it answers it from its
+/// own registry or not at all.
+const FORWARDED: &[u8; 8] = b"\0patroxy";
+
+/// The request an instance forwards to the instance that issued `key`.
+pub fn forwarded(key: &CancelKey) -> CancelKey {
+    let mut secret = bytes::BytesMut::from(&key.secret[..]);
+    secret.extend_from_slice(FORWARDED);
+    CancelKey {
+        pid: key.pid,
+        secret: secret.freeze(),
+    }
+}
+
+/// The key of a request another instance forwarded (`None`: a client's own request).
+pub fn unforwarded(key: &CancelKey) -> Option<CancelKey> {
+    let secret = key.secret.strip_suffix(FORWARDED)?;
+    Some(CancelKey {
+        pid: key.pid,
+        secret: Bytes::copy_from_slice(secret),
+    })
 }
 
 /// Sends the cancel request to each target at once. Returns how many servers took it.
@@ -256,7 +266,6 @@ async fn send_one(ep: Endpoint, packet: Bytes, connect_timeout: Duration) -> std
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routing::tests::topology;
 
     fn key(pid: i32) -> CancelKey {
         CancelKey {
@@ -330,9 +339,12 @@ mod tests {
     }
 
     #[test]
-    fn unknown_keys_go_to_every_member() {
-        let t = topology(Some("a"), &[("a", 5001, "running"), ("b", 5002, "stopped")]);
-        let ports: Vec<u16> = members(&t).iter().map(|e| e.port).collect();
-        assert_eq!(ports, vec![5001, 5002]);
+    fn a_forwarded_request_is_known_as_one() {
+        let k = tagged_key(new_tag());
+        let f = forwarded(&k);
+        assert_eq!(f.pid, k.pid);
+        assert_eq!(f.secret.len(), 12);
+        assert_eq!(unforwarded(&f), Some(k.clone()));
+        assert_eq!(unforwarded(&k), None, "a client's own request");
     }
 }

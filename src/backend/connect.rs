@@ -18,7 +18,7 @@ use crate::backoff::Backoff;
 use crate::config::Timeouts;
 use crate::discovery::Topology;
 use crate::protocol::frame::FrameError;
-use crate::protocol::startup::StartupInfo;
+use crate::protocol::startup::{CancelKey, StartupInfo};
 use crate::routing::{self, ListenerRole, Policy, Target};
 use crate::stream::Stream;
 use crate::tls::ServerTls;
@@ -43,6 +43,8 @@ pub struct ConnectParams<'a> {
     /// Why the listener refuses new connections under this topology now, if it does (the
     /// etcd-loss policy): the client is told at once.
     pub refusal: &'a (dyn Fn(&Topology) -> Option<String> + Sync),
+    /// The cancel key the client is given instead of the server's (patroxy's own, tagged).
+    pub client_key: Option<&'a CancelKey>,
 }
 
 /// Connects the client to a server for the listener, authenticating end to end.
@@ -86,6 +88,7 @@ pub async fn establish(
                 timeouts: params.timeouts,
                 started,
                 deadline,
+                client_key: params.client_key,
             };
             match attempt(client, client_buf, startup, ctx, topology).await {
                 Attempt::Done(backend) => return Ok((backend, claim)),

@@ -61,6 +61,8 @@ pub(super) struct AttemptContext<'a> {
     /// When the client started waiting for a server, and when it stops.
     pub started: Instant,
     pub deadline: Instant,
+    /// Given to the client in the server's BackendKeyData's place.
+    pub client_key: Option<&'a CancelKey>,
 }
 
 pub(super) enum Attempt {
@@ -86,6 +88,7 @@ pub(super) async fn attempt(
         timeouts,
         started,
         deadline,
+        client_key,
     } = ctx;
     let server_name = target.endpoint.to_string();
     let connect_timeout = timeouts
@@ -121,6 +124,7 @@ pub(super) async fn attempt(
         server_name: &server_name,
         engaged: false,
         held: Vec::new(),
+        client_key,
         bytes_up: startup.raw.len() as u64,
         bytes_down: 0,
     };
@@ -203,6 +207,7 @@ struct Handshake<'a> {
     engaged: bool,
     /// Server frames held back from the client until the server is known to be right.
     held: Vec<Bytes>,
+    client_key: Option<&'a CancelKey>,
     bytes_up: u64,
     bytes_down: u64,
 }
@@ -317,7 +322,13 @@ impl Handshake<'_> {
                         }
                     }
                 }
-                codes::BACKEND_KEY_DATA => g.key = messages::backend_key(frame.body()),
+                codes::BACKEND_KEY_DATA => {
+                    g.key = messages::backend_key(frame.body());
+                    if let Some(k) = self.client_key {
+                        self.held.push(messages::backend_key_data(k));
+                        continue;
+                    }
+                }
                 codes::ERROR_RESPONSE => return Err(self.server_error(frame).await),
                 codes::READY_FOR_QUERY => {
                     self.held.push(frame.bytes);

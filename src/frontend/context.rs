@@ -38,8 +38,12 @@ pub struct ProxyContext {
     pub pools: Arc<Pools>,
     /// The pooled clients connected now (the console's SHOW CLIENTS and KILL).
     pub clients: super::clients::Clients,
-    /// The tag in the pids of this instance's pooled cancel keys.
+    /// The tag in the pids of this instance's cancel keys.
     pub cancel_tag: u16,
+    /// Cancel requests per source (`limits.cancels_per_second`), and the line that says
+    /// how many were dropped.
+    pub cancel_limit: crate::throttle::PerSource,
+    pub cancel_log: crate::throttle::Every,
     /// Asks for the configuration file to be read again (the console's RELOAD).
     pub reload_requests: Arc<tokio::sync::Notify>,
     /// The other instances, for cancel keys they issued.

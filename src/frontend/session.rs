@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::context::ListenerContext;
 use super::negotiate::{negotiate, send_fatal, Negotiated};
@@ -58,40 +58,55 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ListenerContext>) 
     }
 }
 
-/// Sends a cancel request to the server this instance knows the key for; a pooled key
-/// another instance issued to that instance; any other key to every member of the cluster.
+/// Sends a cancel request to the server this instance knows the key for, or (once: a
+/// request another instance forwarded goes no further) to the instance whose tag the key
+/// carries. Anything else goes nowhere. A source over `limits.cancels_per_second` is not
+/// heard; nothing here reaches etcd.
 async fn forward_cancel(key: CancelKey, peer: SocketAddr, ctx: &ListenerContext) {
     let proxy = &ctx.proxy;
+    let now = std::time::Instant::now();
+    if !proxy.cancel_limit.allow(peer.ip(), now) {
+        crate::metrics::cancel_request(&ctx.name, "throttled");
+        if let Some(n) = proxy.cancel_log.due(now) {
+            warn!(client = %peer, listener = %ctx.name, requests = n, "cancel requests over limits.cancels_per_second are dropped (this line comes at most every 10 s and counts them)");
+        }
+        return;
+    }
+    let (key, forwarded) = match cancel::unforwarded(&key) {
+        Some(k) => (k, true),
+        None => (key, false),
+    };
     // A local cancel is counted as on its way to its server connection until it has
     // arrived: the connection is not lent to another client meanwhile.
     let mut sending = None;
-    let (routed, targets, send) = match proxy.cancels.lookup(&key) {
+    let (routed, target, send) = match proxy.cancels.lookup(&key) {
         Some((server, server_key, guard)) => {
             sending = Some(guard);
-            ("local", vec![server], server_key)
+            ("local", Some(server), server_key)
         }
         None => match cancel::tag_of(&key) {
             // Ours, but its session has ended: nothing to cancel.
-            Some(tag) if tag == proxy.cancel_tag => ("stale", Vec::new(), key.clone()),
-            Some(tag) => match proxy.peers.cancel_address(&ctx.cluster, tag).await {
-                Some(instance) => ("peer", vec![instance], key.clone()),
-                None => ("unknown", Vec::new(), key.clone()),
+            Some(tag) if tag == proxy.cancel_tag => ("stale", None, key),
+            // Another instance sent it here as this key's issuer, which it is not.
+            Some(_) if forwarded => ("misrouted", None, key),
+            Some(tag) => match proxy.peers.cancel_address(&ctx.cluster, tag) {
+                Some(instance) => ("peer", Some(instance), cancel::forwarded(&key)),
+                None => ("unknown", None, key),
             },
-            None => {
-                let members = cancel::members(&ctx.topology.borrow());
-                ("broadcast", members, key.clone())
-            }
+            None => ("unknown", None, key),
         },
     };
-    let sent_to = targets.len();
     // Counted before it is sent: whoever sees the query canceled sees the count too.
     crate::metrics::cancel_request(&ctx.name, routed);
-    let delivered = cancel::deliver(&send, targets, proxy.timeouts.connect).await;
+    let delivered = match target {
+        Some(t) => cancel::deliver(&send, vec![t], proxy.timeouts.connect).await,
+        None => 0,
+    };
     if let Some(s) = sending.as_mut().filter(|_| delivered > 0) {
         s.delivered();
     }
     drop(sending);
-    info!(client = %peer, listener = %ctx.name, pid = key.pid, routed, sent_to, delivered, "cancel request forwarded");
+    debug!(client = %peer, listener = %ctx.name, pid = send.pid, routed, delivered, "cancel request");
 }
 
 async fn run_session(
@@ -106,6 +121,9 @@ async fn run_session(
     let mut topology = ctx.topology.clone();
     let user = startup.user.as_deref().unwrap_or("");
     let database = startup.database.as_deref().unwrap_or(user);
+    // The client cancels with patroxy's key (any instance can route it to this one), never
+    // with the server's, which only a broadcast to every member could find.
+    let client_key = cancel::tagged_key(proxy.cancel_tag);
     let params = ConnectParams {
         listener: &ctx.name,
         policy: &ctx.policy,
@@ -114,6 +132,7 @@ async fn run_session(
         timeouts: &proxy.timeouts,
         load: &proxy.load,
         refusal: &|t| ctx.etcd_refusal(t),
+        client_key: Some(&client_key),
     };
     let connected = tokio::select! {
         r = establish(&mut client, &mut client_buf, &startup, &params, &mut topology) => r,
@@ -142,12 +161,10 @@ async fn run_session(
     let connected_ms = started.elapsed().as_millis() as u64;
     crate::metrics::connected(&ctx.name, started.elapsed());
     let _registration = backend.key.clone().map(|k| {
-        proxy.cancels.register(
-            k.clone(),
-            backend.target.endpoint.clone(),
-            k,
-            Default::default(),
-        )
+        let server = backend.target.endpoint.clone();
+        proxy
+            .cancels
+            .register(client_key, server, k, Default::default())
     });
     let relay_ctx = RelayContext {
         policy: &ctx.policy,

@@ -1,0 +1,306 @@
+//! A hostile client against a real patroxy, PostgreSQL and etcd: each attack asserts that
+//! the other clients are served, that what it costs the cluster stays within stated bounds,
+//! and that it gets a clear answer (or none, where PostgreSQL gives none).
+
+mod common;
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+const LONG: Duration = Duration::from_secs(30);
+const HERE: &str = "127.0.0.1";
+/// Another loopback source: what a second host looks like to patroxy.
+const ELSEWHERE: &str = "127.0.0.2";
+
+fn cancels(listener: &str, routed: &str) -> f64 {
+    let (l, r) = (
+        format!(r#"listener="{listener}""#),
+        format!(r#"routed="{routed}""#),
+    );
+    sample(&metrics_text(), "patroxy_cancel_requests_total", &[&l, &r]).unwrap_or(0.0)
+}
+
+/// A connection to `port` from the loopback address `source`.
+async fn connect_from(source: &str, port: u16) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket
+        .bind((source.parse::<IpAddr>().unwrap(), 0).into())
+        .unwrap();
+    socket
+        .connect((HERE.parse::<IpAddr>().unwrap(), port).into())
+        .await
+        .unwrap()
+}
+
+/// Reads one message: its tag and body.
+async fn message(s: &mut TcpStream) -> (u8, Vec<u8>) {
+    let mut head = [0u8; 5];
+    tokio::time::timeout(LONG, s.read_exact(&mut head))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    let mut body = vec![0u8; len - 4];
+    s.read_exact(&mut body).await.unwrap();
+    (head[0], body)
+}
+
+/// A session of `postgres` (trusted), logged in from `source`; and the cancel key
+/// patroxy gave it.
+async fn session_from(source: &str, port: u16) -> (TcpStream, i32, Vec<u8>) {
+    let mut s = connect_from(source, port).await;
+    let mut body = Vec::new();
+    body.extend_from_slice(&196608u32.to_be_bytes());
+    body.extend_from_slice(b"user\0postgres\0database\0postgres\0\0");
+    let mut startup = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    startup.extend_from_slice(&body);
+    s.write_all(&startup).await.unwrap();
+    let mut key = None;
+    loop {
+        match message(&mut s).await {
+            (b'K', body) => {
+                let pid = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+                key = Some((pid, body[4..].to_vec()));
+            }
+            (b'Z', _) => break,
+            (b'E', body) => panic!("login refused: {}", String::from_utf8_lossy(&body)),
+            _ => {}
+        }
+    }
+    let (pid, secret) = key.expect("a BackendKeyData");
+    (s, pid, secret)
+}
+
+fn query(sql: &str) -> Vec<u8> {
+    let mut q = vec![b'Q'];
+    q.extend_from_slice(&((sql.len() + 5) as u32).to_be_bytes());
+    q.extend_from_slice(sql.as_bytes());
+    q.push(0);
+    q
+}
+
+/// Runs `sql` on a raw session: the SQLSTATE of its error, if it failed.
+async fn run(s: &mut TcpStream, sql: &str) -> Option<String> {
+    s.write_all(&query(sql)).await.unwrap();
+    let mut failed = None;
+    loop {
+        match message(s).await {
+            (b'E', body) => {
+                let code = body
+                    .split(|b| *b == 0)
+                    .find(|f| f.first() == Some(&b'C'))
+                    .map(|f| String::from_utf8_lossy(&f[1..]).into_owned());
+                failed = code;
+            }
+            (b'Z', _) => return failed,
+            _ => {}
+        }
+    }
+}
+
+/// A CancelRequest from `source`, answered as PostgreSQL answers one: by closing.
+async fn cancel_from(source: &str, port: u16, pid: i32, secret: &[u8]) {
+    let mut s = connect_from(source, port).await;
+    let mut packet = ((12 + secret.len()) as u32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&80877102u32.to_be_bytes());
+    packet.extend_from_slice(&pid.to_be_bytes());
+    packet.extend_from_slice(secret);
+    s.write_all(&packet).await.unwrap();
+    let mut sink = [0u8; 16];
+    let closed = tokio::time::timeout(LONG, s.read(&mut sink)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "closed, with no answer"
+    );
+}
+
+/// `n` cancel requests from `source` with the pids `pid(i)`, 32 at a time.
+async fn flood(port: u16, n: u32, pid: impl Fn(u32) -> i32) {
+    let pids: Vec<i32> = (0..n).map(pid).collect();
+    for chunk in pids.chunks(32) {
+        let sends = chunk
+            .iter()
+            .map(|p| cancel_from(HERE, port, *p, &[7, 7, 7, 7]));
+        futures_util::future::join_all(sends).await;
+    }
+}
+
+/// Range requests etcd has served, from its own metrics.
+async fn etcd_ranges(etcd: &Etcd) -> f64 {
+    let url = etcd.url();
+    let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
+    let mut s = TcpStream::connect((HERE, port)).await.unwrap();
+    let get = format!("GET /metrics HTTP/1.0\r\nHost: {HERE}\r\n\r\n");
+    s.write_all(get.as_bytes()).await.unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    text.lines()
+        .filter(|l| {
+            l.starts_with("grpc_server_started_total{") && l.contains(r#"grpc_method="Range""#)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Connections PostgreSQL has accepted since `log_connections` was turned on (a cancel
+/// request is one: a fork of its own).
+fn connections_received(pg: &Postgres) -> usize {
+    let log = std::fs::read_to_string(pg.data.with_extension("log")).unwrap_or_default();
+    log.matches("connection received").count()
+}
+
+async fn log_connections(pg: &Postgres) {
+    let c = connect(pg.port).await.unwrap();
+    c.batch_execute("ALTER SYSTEM SET log_connections = on")
+        .await
+        .unwrap();
+    c.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    wait_for("log_connections in force", LONG, || async {
+        let _ = connect(pg.port).await;
+        (connections_received(pg) > 0).then_some(())
+    })
+    .await;
+}
+
+/// Waits until `listener` has counted `n` cancels routed as `routed`.
+async fn wait_cancels(listener: &str, routed: &str, n: f64) {
+    let what = format!("{n} cancels routed {routed} on {listener}");
+    wait_for(&what, LONG, || async {
+        (cancels(listener, routed) >= n).then_some(())
+    })
+    .await;
+}
+
+/// 10,000 cancels with another instance's tag and 5,000 with no tag at all: not one etcd
+/// request, not one connection to PostgreSQL, and the sessions meanwhile are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_floods_cost_etcd_and_the_servers_nothing() {
+    install_metrics();
+    let (_root, etcd, pg) = one_primary("hflood").await;
+    log_connections(&pg).await;
+    let proxy = Proxy::start(&etcd, "hflood", |cfg| {
+        cfg.listeners[0].name = "flooded".into();
+        // Every request is routed here (the per-source limit has its own test).
+        cfg.limits.cancels_per_second = 0;
+    })
+    .await;
+    let port = proxy.port();
+    let (mut working, pid, _) = session_from(HERE, port).await;
+    // A tag (any pid from 2^23 up carries one), but not this instance's.
+    let foreign = if pid >> 15 == 300 { 301 } else { 300 };
+    let (ranges, forks) = (etcd_ranges(&etcd).await, connections_received(&pg));
+    flood(port, 10_000, |i| (foreign << 15) | (i as i32 & 0x7fff)).await;
+    flood(port, 5_000, |i| 1000 + i as i32).await;
+    assert_eq!(
+        run(&mut working, "SELECT 1").await,
+        None,
+        "served all along"
+    );
+    let l = r#"listener="flooded""#;
+    wait_for("15,000 cancels counted", LONG, || async {
+        let n = sample(&metrics_text(), "patroxy_cancel_requests_total", &[l]);
+        (n >= Some(15_000.0)).then_some(())
+    })
+    .await;
+    assert_eq!(
+        etcd_ranges(&etcd).await - ranges,
+        0.0,
+        "etcd requests for 15,000 cancels"
+    );
+    assert_eq!(
+        connections_received(&pg) - forks,
+        0,
+        "connections to PostgreSQL for 15,000 cancels"
+    );
+    assert_eq!(cancels("flooded", "unknown"), 15_000.0);
+    proxy.stop().await;
+}
+
+/// A report that names the wrong instance (anyone who can write under `/patroxy` can write
+/// one) costs one hop: the instance it points at does not send the request on. And a
+/// session through one instance is cancelled through another, by its tagged key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_goes_one_hop_and_a_forged_report_cannot_loop_it() {
+    install_metrics();
+    let (_root, etcd, pg) = one_primary("hhop").await;
+    let start = |name: &'static str| {
+        Proxy::start(&etcd, "hhop", move |cfg| {
+            cfg.listeners[0].name = format!("hop-{name}");
+            cfg.report.instance = Some(name.into());
+        })
+    };
+    let (a, b) = (start("a").await, start("b").await);
+    let (mut on_a, pid_a, secret_a) = session_from(HERE, a.port()).await;
+    let (_on_b, pid_b, _) = session_from(HERE, b.port()).await;
+    let (tag_a, tag_b) = (pid_a >> 15, pid_b >> 15);
+    let forged_tag = (256..65535).find(|t| *t != tag_a && *t != tag_b).unwrap();
+    let forged = format!(
+        r#"{{"instance":"forged","version":"0","cluster":"hhop","epoch":1,"leader":null,"primary":null,"sessions":0,"sessions_by_server":{{}},"routes":{{}},"updated":0,"cancel":{{"tag":{forged_tag},"address":"{HERE}:{}"}}}}"#,
+        b.port()
+    );
+    let mut reports = Keys::with_prefix(&etcd, "/patroxy/hhop/").await;
+    reports.put("forged", &forged).await;
+    // Sent to a until a has read the forged report and sends it on to b.
+    wait_for("a forwards the forged tag", LONG, || async {
+        cancel_from(HERE, a.port(), forged_tag << 15, &[1, 2, 3, 4]).await;
+        (cancels("hop-a", "peer") >= 1.0).then_some(())
+    })
+    .await;
+    wait_cancels("hop-b", "misrouted", 1.0).await;
+    assert_eq!(cancels("hop-b", "peer"), 0.0, "b sent nothing on");
+
+    // The real thing: a's session is cancelled through b.
+    on_a.write_all(&query("SELECT pg_sleep(60)")).await.unwrap();
+    wait_query_running(pg.port, "SELECT pg_sleep(60)").await;
+    cancel_from(HERE, b.port(), pid_a, &secret_a).await;
+    let mut failed = None;
+    loop {
+        match message(&mut on_a).await {
+            (b'E', body) => failed = Some(String::from_utf8_lossy(&body).into_owned()),
+            (b'Z', _) => break,
+            _ => {}
+        }
+    }
+    assert!(
+        failed.is_some_and(|e| e.contains("57014")),
+        "cancelled through b"
+    );
+    assert_eq!(cancels("hop-a", "local"), 1.0);
+    a.stop().await;
+    b.stop().await;
+}
+
+/// One source sending cancels as fast as it can is held to `limits.cancels_per_second`;
+/// another source's cancel still works at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_flooding_cancels_is_held_back_and_others_are_not() {
+    install_metrics();
+    let (_root, etcd, pg) = one_primary("hlimit").await;
+    let proxy = Proxy::start(&etcd, "hlimit", |cfg| {
+        cfg.listeners[0].name = "limited".into();
+        cfg.limits.cancels_per_second = 50;
+    })
+    .await;
+    let port = proxy.port();
+    flood(port, 2_000, |i| 1000 + i as i32).await;
+    let throttled = cancels("limited", "throttled");
+    assert!(throttled >= 1_500.0, "{throttled} of 2000 held back");
+    let (mut s, pid, secret) = session_from(ELSEWHERE, port).await;
+    s.write_all(&query("SELECT pg_sleep(60)")).await.unwrap();
+    wait_query_running(pg.port, "SELECT pg_sleep(60)").await;
+    cancel_from(ELSEWHERE, port, pid, &secret).await;
+    let mut code = None;
+    loop {
+        match message(&mut s).await {
+            (b'E', body) => code = Some(String::from_utf8_lossy(&body).contains("57014")),
+            (b'Z', _) => break,
+            _ => {}
+        }
+    }
+    assert_eq!(code, Some(true), "another source's cancel is heard");
+    proxy.stop().await;
+}
