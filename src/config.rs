@@ -123,6 +123,9 @@ pub struct PoolConfig {
     /// Server connections to one member for one database, over all its users' pools
     /// (0: no cap).
     pub max_db_connections: usize,
+    /// Pools (one per member, database and user) at most; a client that would need one
+    /// more gets `53300`. Unused empty pools are let go after a minute.
+    pub max_pools: usize,
     /// A client waits this long, in line, for a server connection; then it gets an error.
     #[serde(with = "humantime_serde")]
     pub query_wait_timeout: Duration,
@@ -169,6 +172,7 @@ impl Default for PoolConfig {
             pool_size: 20,
             min_pool_size: 0,
             max_db_connections: 0,
+            max_pools: 1000,
             query_wait_timeout: Duration::from_secs(120),
             server_idle_timeout: Duration::from_secs(600),
             server_lifetime: Duration::from_secs(3600),
@@ -198,6 +202,9 @@ pub struct AuthConfig {
     pub auth_user: Option<String>,
     /// PgBouncer's default: the user's name and secret, `$1` being the user's name.
     pub auth_query: String,
+    /// The database `auth_query` runs in (PgBouncer's `auth_dbname`): always this one, never
+    /// the database a client not yet authenticated named.
+    pub auth_dbname: String,
     /// Users who may use the admin console (database `patroxy` or `pgbouncer`): every
     /// command.
     pub admin_users: Vec<String>,
@@ -212,6 +219,7 @@ impl Default for AuthConfig {
             trust: Vec::new(),
             auth_user: None,
             auth_query: "SELECT usename, passwd FROM pg_shadow WHERE usename=$1".into(),
+            auth_dbname: "postgres".into(),
             admin_users: Vec::new(),
             stats_users: Vec::new(),
         }
@@ -846,6 +854,9 @@ impl Config {
 
     fn validate_pool(&self, bad: &mut Vec<String>) {
         let p = &self.pool;
+        if p.max_pools == 0 {
+            bad.push("pool.max_pools: must be at least 1".into());
+        }
         if p.pool_size == 0 {
             bad.push("pool.pool_size: must be at least 1".into());
         }

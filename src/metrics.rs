@@ -28,6 +28,7 @@ pub const CONFIG_RELOADS: &str = "patroxy_config_reloads_total";
 pub const TASK_PANICS: &str = "patroxy_task_panics_total";
 pub const AUTH_FAILURES: &str = "patroxy_auth_failures_total";
 pub const SERVER_CONNECTIONS: &str = "patroxy_server_connections";
+pub const POOLS: &str = "patroxy_pools";
 pub const POOL_WAIT_SECONDS: &str = "patroxy_pool_wait_seconds";
 pub const SERVER_CONNECTS: &str = "patroxy_server_connects_total";
 pub const POOL_CHECKOUTS: &str = "patroxy_pool_checkouts_total";
@@ -275,6 +276,7 @@ pub fn started() {
         counter!(CONFIG_RELOADS, "result" => result).absolute(0);
     }
     server_connections(0, 0);
+    pools(0);
     for result in ["ok", "failed"] {
         counter!(SERVER_CONNECTS, "result" => result).absolute(0);
         counter!(SERVER_RESETS, "result" => result).absolute(0);
@@ -362,6 +364,11 @@ pub fn server_connect(result: &'static str) {
 }
 
 /// Pooled server connections: idle in their pools, and lent to clients.
+/// Pools open now (one per member, database and user).
+pub fn pools(n: usize) {
+    gauge!(POOLS).set(n as f64);
+}
+
 pub fn server_connections(idle: usize, in_use: usize) {
     gauge!(SERVER_CONNECTIONS, "state" => "idle").set(idle as f64);
     gauge!(SERVER_CONNECTIONS, "state" => "in_use").set(in_use as f64);

@@ -304,3 +304,113 @@ async fn a_source_flooding_cancels_is_held_back_and_others_are_not() {
     assert_eq!(code, Some(true), "another source's cancel is heard");
     proxy.stop().await;
 }
+
+/// A startup message for `user` and `database`.
+fn startup(user: &str, database: &str) -> Vec<u8> {
+    let mut body = 196608u32.to_be_bytes().to_vec();
+    for (k, v) in [("user", user), ("database", database)] {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut out = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(&body);
+    out
+}
+
+/// The salt and iteration count patroxy's SCRAM challenge gives `user` (the exchange is
+/// then dropped, as a prober would).
+async fn salt_of(port: u16, user: &str, database: &str) -> String {
+    let mut s = connect_from(HERE, port).await;
+    s.write_all(&startup(user, database)).await.unwrap();
+    let (tag, body) = message(&mut s).await;
+    assert_eq!(
+        (tag, &body[..4]),
+        (b'R', &10u32.to_be_bytes()[..]),
+        "SASL offered"
+    );
+    let first = b"n,,n=,r=abcdefghijklmnopqrstuvwx";
+    let mut msg = b"SCRAM-SHA-256\0".to_vec();
+    msg.extend_from_slice(&(first.len() as u32).to_be_bytes());
+    msg.extend_from_slice(first);
+    let mut out = vec![b'p'];
+    out.extend_from_slice(&((msg.len() + 4) as u32).to_be_bytes());
+    out.extend_from_slice(&msg);
+    s.write_all(&out).await.unwrap();
+    let (tag, body) = message(&mut s).await;
+    assert_eq!(
+        (tag, &body[..4]),
+        (b'R', &11u32.to_be_bytes()[..]),
+        "SASLContinue"
+    );
+    let text = String::from_utf8_lossy(&body[4..]).into_owned();
+    text.split(',')
+        .filter(|f| f.starts_with("s=") || f.starts_with("i="))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Before it proves anything, a client may name any user and any database: the user's
+/// salt does not say whether it exists, the lookup runs in `auth_dbname` only, and no pool
+/// is made for what it named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_names_cost_no_pools_and_tell_nothing() {
+    install_metrics();
+    let (root, etcd, pg) = one_primary("hnames").await;
+    let c = connect(pg.port).await.unwrap();
+    c.batch_execute(
+        "SET password_encryption = 'scram-sha-256'; CREATE ROLE alice LOGIN PASSWORD 'wonder'",
+    )
+    .await
+    .unwrap();
+    let file = root.path().join("userlist.txt");
+    std::fs::write(&file, "\"carol\" \"sesame\"\n").unwrap();
+    let proxy = Proxy::start(&etcd, "hnames", |cfg| {
+        cfg.listeners[0].name = "names".into();
+        cfg.listeners[0].pool_mode = patroxy::config::PoolMode::Transaction;
+        cfg.auth.auth_file = Some(file);
+        cfg.auth.auth_user = Some("postgres".into());
+    })
+    .await;
+    let port = proxy.port();
+    // alice's salt is her stored one (found with auth_query), carol's is fixed (from the
+    // file's password), and so is a name nobody has: each the same every time, alike in
+    // form.
+    let stored: String = c
+        .query_one(
+            "SELECT rolpassword FROM pg_authid WHERE rolname = 'alice'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    for user in ["alice", "carol", "nobody", "nobody-else"] {
+        let (first, again) = (
+            salt_of(port, user, "postgres").await,
+            salt_of(port, user, "another").await,
+        );
+        assert_eq!(first, again, "{user}'s salt, asked twice");
+        let salt = first.split(',').next().unwrap().trim_start_matches("s=");
+        assert_eq!(salt.len(), 24, "{user}: 16 bytes, as PostgreSQL's");
+        assert!(first.ends_with(",i=4096"), "{user}: {first}");
+        if user == "alice" {
+            assert!(stored.contains(salt), "alice's stored salt");
+        }
+    }
+    assert_ne!(
+        salt_of(port, "nobody", "postgres").await,
+        salt_of(port, "nobody-else", "postgres").await
+    );
+    // Random names, databases and users: the only pool is auth_user's, in auth_dbname.
+    for i in 0..500 {
+        salt_of(port, &format!("u{i}"), &format!("db{i}")).await;
+    }
+    let pools = || sample(&metrics_text(), "patroxy_pools", &[]);
+    wait_for("the pools counted", LONG, || async {
+        (pools() == Some(1.0)).then_some(())
+    })
+    .await;
+    proxy.stop().await;
+}

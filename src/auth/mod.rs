@@ -1,9 +1,10 @@
 //! Authentication patroxy performs itself, for pooled listeners where a server connection
 //! is shared and authentication cannot be relayed end to end: SCRAM-SHA-256 both ways
 //! (`scram.rs`), md5 (`md5.rs`), the secrets it checks against (`userlist.rs`, PgBouncer's
-//! `auth_file` format) and the lookup of those the file lacks (`lookup.rs`, `auth_query`).
-//! Pure, no I/O.
+//! `auth_file` format) and the lookup of those the file lacks (`lookup.rs`, `auth_query`;
+//! its answers kept a while in `cache.rs`). Pure, no I/O.
 
+pub mod cache;
 pub mod lookup;
 pub mod md5;
 pub mod scram;

@@ -33,6 +33,24 @@ pub enum ScramError {
 
 type Key = [u8; KEY_LEN];
 
+/// The iteration count of the verifiers patroxy makes itself (PostgreSQL's default).
+pub const MOCK_ITERATIONS: u32 = 4096;
+
+/// The salt patroxy gives `user` when it derives a verifier itself (for an unknown user, or
+/// from a password): 16 bytes, as PostgreSQL's, fixed by the name under `key`.
+pub fn mock_salt(user: &str, key: &[u8; KEY_LEN]) -> Vec<u8> {
+    hmac(key, user.as_bytes())[..16].to_vec()
+}
+
+/// The key mock salts are made under: a hash of `seed` (the auth_file's secrets, the same
+/// on every instance that shares the file), or random without one.
+pub fn mock_key(seed: &[u8]) -> Key {
+    match seed.is_empty() {
+        true => random(),
+        false => hmac(b"patroxy mock salt", seed),
+    }
+}
+
 fn hmac(key: &[u8], data: &[u8]) -> Key {
     let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), data);
     tag.as_ref().try_into().expect("SHA-256 is 32 bytes")
@@ -97,6 +115,18 @@ impl Verifier {
             stored_key: key(stored)?,
             server_key: key(server)?,
         })
+    }
+
+    /// A verifier for a user patroxy has no secret for: a salt fixed by the name (a keyed
+    /// hash under `key`, so a name gets the same salt every time, as a real user's stored
+    /// one does), random keys (no proof holds), and no PBKDF2 to make it.
+    pub fn mock(user: &str, key: &[u8; KEY_LEN]) -> Verifier {
+        Verifier {
+            iterations: MOCK_ITERATIONS,
+            salt: mock_salt(user, key),
+            stored_key: random(),
+            server_key: random(),
+        }
     }
 
     /// The verifier PostgreSQL would store for `password` with this salt and count.

@@ -38,6 +38,14 @@ impl Secret {
         }
         Secret::Plain(text.to_owned())
     }
+
+    /// The secret as written (a verifier in PostgreSQL's form).
+    pub fn text(&self) -> String {
+        match self {
+            Secret::Scram(v) => v.to_string(),
+            Secret::Md5(s) | Secret::Plain(s) => s.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

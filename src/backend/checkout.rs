@@ -47,6 +47,7 @@ impl CheckoutError {
     pub fn label(&self) -> &'static str {
         match self {
             CheckoutError::NoServer { .. } => "no_server",
+            CheckoutError::Pool(super::pool::PoolError::TooMany { .. }) => "too_many_pools",
             CheckoutError::Pool(_) => "pool_wait_timeout",
             CheckoutError::Server { .. } => "server_refused",
         }
@@ -337,7 +338,7 @@ impl Lender<'_> {
         target: &Target,
         promoting: &mut bool,
     ) -> Result<Result<(Lease, ServerConn), String>, CheckoutError> {
-        let pool = self.pools.get(self.pool_key(target, who));
+        let pool = self.pools.get(self.pool_key(target, who))?;
         let (lease, idle) = pool.lease().await?;
         crate::metrics::pool_wait(self.listener, lease.waited);
         if let Some(conn) = checked(idle, self.settings, self.timeouts.connect).await {
@@ -408,7 +409,8 @@ impl Lender<'_> {
     ) -> Result<Arc<Defaults>, CheckoutError> {
         let candidates = routing::candidates(self.policy, &topology.borrow());
         if let Some(first) = candidates.ok().and_then(|c| c.into_iter().next()) {
-            if let Some(d) = self.pools.get(self.pool_key(&first, who)).defaults() {
+            let pool = self.pools.find(&self.pool_key(&first, who));
+            if let Some(d) = pool.and_then(|p| p.defaults()) {
                 return Ok(d);
             }
         }

@@ -49,6 +49,10 @@ impl Defaults {
     }
 }
 
+/// Seconds an empty pool is kept after its last client (with its login defaults, so a
+/// client coming back is greeted without a server connection).
+pub const EMPTY_POOL_TTL: u64 = 60;
+
 /// Every pool of this instance.
 #[derive(Debug, Default)]
 pub struct Pools {
@@ -63,6 +67,8 @@ pub struct Pools {
     paused: RwLock<std::collections::HashSet<Option<String>>>,
     /// Clients held before any pool (a pause, a switchover), per (database, user).
     held: Arc<Mutex<BTreeMap<(String, String), usize>>>,
+    /// Seconds the reaper has counted: when a pool was last lent from, on its clock.
+    clock: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A client held before any pool; counted until it drops.
@@ -152,10 +158,15 @@ pub struct Pool {
     opener: Mutex<Option<(Opener, Caps)>>,
     /// A background open is under way.
     filling: std::sync::atomic::AtomicBool,
+    /// The reaper's clock when a slot was last lent; and the clock.
+    used_at: std::sync::atomic::AtomicU64,
+    clock: Arc<std::sync::atomic::AtomicU64>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
+    #[error("too many pools (pool.max_pools = {max}): no new (member, database, user) until some are unused")]
+    TooMany { max: usize },
     #[error("no server connection for {user}@{database} on {endpoint} within query_wait_timeout ({waited:?}): all {size} are in use")]
     WaitTimeout {
         user: String,
@@ -200,14 +211,25 @@ impl Pools {
         }
     }
 
-    /// The pool for `key`, made on first use.
-    pub fn get(&self, key: PoolKey) -> Arc<Pool> {
+    /// The pool for `key`, made on first use (up to `pool.max_pools`).
+    pub fn get(&self, key: PoolKey) -> Result<Arc<Pool>, PoolError> {
         let settings = self
             .settings
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        self.lock()
+        let mut pools = self.lock();
+        if let Some(p) = pools.get(&key) {
+            return Ok(p.clone());
+        }
+        if pools.len() >= settings.max_pools {
+            return Err(PoolError::TooMany {
+                max: settings.max_pools,
+            });
+        }
+        let clock = self.clock.clone();
+        let now = clock.load(Relaxed);
+        Ok(pools
             .entry(key.clone())
             .or_insert_with(|| {
                 Arc::new(Pool {
@@ -222,9 +244,42 @@ impl Pools {
                     generation: Default::default(),
                     opener: Mutex::default(),
                     filling: Default::default(),
+                    used_at: now.into(),
+                    clock,
                 })
             })
-            .clone()
+            .clone())
+    }
+
+    /// The pool for `key`, if there is one.
+    pub fn find(&self, key: &PoolKey) -> Option<Arc<Pool>> {
+        self.lock().get(key).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// One second on the reaper's clock; pools with nothing in them and no client for
+    /// `EMPTY_POOL_TTL` (at once, for one that never had a connection) are let go.
+    fn forget_empty(&self) -> usize {
+        let now = self.clock.fetch_add(1, Relaxed) + 1;
+        let mut pools = self.lock();
+        let before = pools.len();
+        pools.retain(|_, p| {
+            let unused = now.saturating_sub(p.used_at.load(Relaxed));
+            let empty = p.in_use() == 0
+                && p.waiting.load(Relaxed) == 0
+                && p.idle().is_empty()
+                && Arc::strong_count(p) == 1;
+            let stale = p.defaults().is_none() || unused >= EMPTY_POOL_TTL;
+            !(empty && stale)
+        });
+        before - pools.len()
     }
 
     /// Closes idle connections that expired or that the server closed, and those of pools
@@ -561,6 +616,7 @@ impl Pool {
         let wait = self.settings().query_wait_timeout;
         let started = Instant::now();
         let waiting = Waiting::new(&self.waiting);
+        self.used_at.store(self.clock.load(Relaxed), Relaxed);
         let slot = tokio::time::timeout(wait, self.slots.clone().acquire_owned())
             .await
             .map_err(|_| PoolError::WaitTimeout {
@@ -697,6 +753,10 @@ pub async fn reap(
             })
         };
         let closed = pools.reap(&wanted);
+        let forgotten = pools.forget_empty();
+        if forgotten > 0 {
+            tracing::debug!(forgotten, "unused empty pools let go");
+        }
         if closed > 0 {
             tracing::debug!(closed, "idle server connections closed");
         }
@@ -711,6 +771,7 @@ pub async fn reap(
         }
         let (idle, in_use) = pools.counts();
         crate::metrics::server_connections(idle, in_use);
+        crate::metrics::pools(pools.len());
     }
 }
 

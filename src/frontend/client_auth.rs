@@ -1,8 +1,10 @@
 //! patroxy authenticating a client itself, for pooled listeners: SCRAM-SHA-256 against a
 //! verifier (from the `auth_file`, or derived from a password there), md5 against an md5
 //! secret, or trust for `auth.trust` addresses. An unknown user goes through a SCRAM
-//! exchange with a random verifier and fails exactly as a wrong password does, so user names
-//! cannot be probed. The result says how patroxy will log in to PostgreSQL as that user.
+//! exchange with a mock verifier and fails exactly as a wrong password does: its salt is
+//! fixed by its name (as a real user's stored salt is), and making it costs no PBKDF2, so
+//! neither the salt nor the time to the first answer tells names apart. (A user with an
+//! md5 secret is asked for md5: the method tells it apart.) The result says how patroxy will log in to PostgreSQL as that user.
 
 use std::net::IpAddr;
 
@@ -22,8 +24,6 @@ use crate::stream::{send, Stream};
 
 /// Authentication messages are small: PostgreSQL caps them at 64 KiB too.
 const AUTH_FRAME_LIMIT: usize = 65_536;
-/// Iterations for verifiers patroxy makes itself (from a password, or for unknown users).
-const ITERATIONS: u32 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthFailure {
@@ -95,13 +95,14 @@ pub async fn authenticate(
                 })
             }
             Some(Secret::Plain(p)) => {
-                let v = Verifier::from_password(p, &random_salt(), ITERATIONS);
+                let v = plain_verifier(auth, user, p).await?;
                 scram_exchange(client, buf, user, v, &mut owed).await?;
                 Login::Scram(Credential::Password(p.clone()))
             }
             None => {
-                // A verifier nobody knows the password of: the exchange runs, and fails.
-                let v = Verifier::from_password(&scram::nonce(), &random_salt(), ITERATIONS);
+                // A verifier nobody knows the password of, with the salt this name always
+                // gets: the exchange runs as for a real user, and fails.
+                let v = Verifier::mock(user, &auth.mock_key);
                 scram_exchange(client, buf, user, v, &mut owed).await?;
                 return Err(AuthFailure::Password(user.to_owned()));
             }
@@ -111,8 +112,22 @@ pub async fn authenticate(
     Ok((login, owed))
 }
 
-fn random_salt() -> [u8; 16] {
-    scram::random()
+/// A password user's verifier under its mock salt: made when the file was read, or (a
+/// password `auth_query` found) now, on a blocking thread.
+async fn plain_verifier(
+    auth: &ClientAuth,
+    user: &str,
+    password: &str,
+) -> Result<Verifier, AuthFailure> {
+    if let Some(v) = auth.verifiers.get(user) {
+        return Ok(v.clone());
+    }
+    let salt = scram::mock_salt(user, &auth.mock_key);
+    let password = password.to_owned();
+    let derive = move || Verifier::from_password(&password, &salt, scram::MOCK_ITERATIONS);
+    tokio::task::spawn_blocking(derive)
+        .await
+        .map_err(|e| AuthFailure::Protocol(e.to_string()))
 }
 
 /// The client's next message, which must be a password-family message (`p`).

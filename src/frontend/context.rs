@@ -12,6 +12,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::allow::Cidr;
+use crate::auth::scram::{self, Verifier};
 use crate::auth::userlist::{self, Secret};
 use crate::backend::pool::Pools;
 use crate::backend::{CancelRegistry, ServerLoad};
@@ -60,13 +61,23 @@ pub struct ProxyContext {
 
 /// How pooled listeners authenticate clients: the `auth_file` users, and the addresses
 /// trusted without a password.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ClientAuth {
     pub users: HashMap<String, Secret>,
+    /// The verifiers of the file's password users, made once when the file is read (with
+    /// their mock salt): no login runs PBKDF2.
+    pub verifiers: HashMap<String, Verifier>,
+    /// What mock salts are made under (from the file's secrets: the same on every instance
+    /// that shares the file).
+    pub mock_key: [u8; 32],
     pub trust: Vec<Cidr>,
     /// For users not in the file: who asks PostgreSQL, and what (`$1` is the user name).
     pub auth_user: Option<String>,
     pub auth_query: String,
+    pub auth_dbname: String,
+    /// `auth_query` answers, kept a while; and how many lookups may run at once.
+    pub lookups: crate::auth::cache::Lookups,
+    pub lookup_slots: tokio::sync::Semaphore,
     /// Who may use the admin console, and who only read it.
     pub admin_users: Vec<String>,
     pub stats_users: Vec<String>,
@@ -76,25 +87,65 @@ impl ClientAuth {
     /// Reads `[auth]`'s file on a blocking thread.
     pub async fn load(config: &AuthConfig) -> Result<ClientAuth, String> {
         let (file, trust) = (config.auth_file.clone(), config.trust.clone());
-        let users = match file {
-            None => HashMap::new(),
-            Some(path) => tokio::task::spawn_blocking(move || {
-                let text = std::fs::read_to_string(&path)
-                    .map_err(|e| format!("auth.auth_file {}: {e}", path.display()))?;
-                userlist::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
-            })
-            .await
-            .map_err(|e| e.to_string())??,
-        };
+        let (users, verifiers, mock_key) = tokio::task::spawn_blocking(move || {
+            let users = match file {
+                None => HashMap::new(),
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path)
+                        .map_err(|e| format!("auth.auth_file {}: {e}", path.display()))?;
+                    userlist::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?
+                }
+            };
+            let (verifiers, mock_key) = derive_verifiers(&users);
+            Ok::<_, String>((users, verifiers, mock_key))
+        })
+        .await
+        .map_err(|e| e.to_string())??;
         Ok(ClientAuth {
             users,
+            verifiers,
+            mock_key,
             trust,
             auth_user: config.auth_user.clone(),
             auth_query: config.auth_query.clone(),
+            auth_dbname: config.auth_dbname.clone(),
+            lookups: Default::default(),
+            lookup_slots: tokio::sync::Semaphore::new(LOOKUPS_AT_ONCE),
             admin_users: config.admin_users.clone(),
             stats_users: config.stats_users.clone(),
         })
     }
+}
+
+/// `auth_query` lookups running at once: they come before any proof, so a flood of
+/// unknown names costs PostgreSQL at most this many queries in flight.
+pub const LOOKUPS_AT_ONCE: usize = 4;
+
+/// The mock-salt key (from every secret in the file, in order), and the verifier of each
+/// password user under its mock salt.
+fn derive_verifiers(users: &HashMap<String, Secret>) -> (HashMap<String, Verifier>, [u8; 32]) {
+    let mut sorted: Vec<(&String, &Secret)> = users.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    let mut seed = Vec::new();
+    for (user, secret) in &sorted {
+        seed.extend_from_slice(user.as_bytes());
+        seed.push(0);
+        seed.extend_from_slice(secret.text().as_bytes());
+        seed.push(0);
+    }
+    let key = scram::mock_key(&seed);
+    let verifiers = sorted
+        .into_iter()
+        .filter_map(|(user, secret)| match secret {
+            Secret::Plain(p) => {
+                let salt = scram::mock_salt(user, &key);
+                let v = Verifier::from_password(p, &salt, scram::MOCK_ITERATIONS);
+                Some((user.clone(), v))
+            }
+            _ => None,
+        })
+        .collect();
+    (verifiers, key)
 }
 
 /// A listener: its name, its routing rules, its cluster's topology, and the shared state.

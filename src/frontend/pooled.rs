@@ -64,7 +64,7 @@ pub async fn run_pooled(
     let authenticated = Box::pin(timeout_at(deadline, async {
         let secret = match ctx.auth.users.get(&user) {
             Some(s) => Some(s.clone()),
-            None => lookup_secret(ctx, &user, &database, &mut topology).await,
+            None => lookup_secret(ctx, &user, &mut topology).await,
         };
         let auth = &ctx.auth;
         authenticate(
@@ -240,17 +240,22 @@ fn negotiation(startup: &StartupInfo) -> Option<Bytes> {
 }
 
 /// The secret of a user the auth_file does not have, from `auth_query` run as `auth_user`
-/// on a connection of that user's pool (to the member the listener routes to). `None` for
-/// a user PostgreSQL does not know, or without an `auth_user`, or when the query fails
-/// (logged): the client then fails like one with a wrong password.
-async fn lookup_secret(
-    ctx: &ListenerContext,
-    user: &str,
-    database: &str,
-    topology: &mut Topo,
-) -> Option<Secret> {
+/// in `auth_dbname` (on a connection of that pool, to the member the listener routes to),
+/// or from an answer a few seconds old. `None` for a user PostgreSQL does not know, or
+/// without an `auth_user`, or when the query fails (logged): the client then fails like one
+/// with a wrong password. At most `LOOKUPS_AT_ONCE` run at once.
+async fn lookup_secret(ctx: &ListenerContext, user: &str, topology: &mut Topo) -> Option<Secret> {
     let auth = &ctx.auth;
     let auth_user = auth.auth_user.as_deref()?;
+    if let Some(answer) = auth.lookups.get(user, std::time::Instant::now()) {
+        return answer;
+    }
+    let _slot = auth.lookup_slots.acquire().await.ok()?;
+    // Another client may have asked for the same name meanwhile.
+    let asked_at = std::time::Instant::now();
+    if let Some(answer) = auth.lookups.get(user, asked_at) {
+        return answer;
+    }
     let login = match auth.users.get(auth_user) {
         Some(Secret::Plain(p)) => Login::Scram(Credential::Password(p.clone())),
         Some(Secret::Md5(s)) => Login::Md5(s.clone()),
@@ -259,7 +264,7 @@ async fn lookup_secret(
     let who = Who {
         login: &login,
         user: auth_user,
-        database,
+        database: &auth.auth_dbname,
     };
     let looked_up = async {
         let (lease, mut conn, _) = ctx
@@ -278,7 +283,11 @@ async fn lookup_secret(
         Ok::<_, String>(rows)
     };
     match looked_up.await {
-        Ok(rows) => lookup::secret(rows),
+        Ok(rows) => {
+            let secret = lookup::secret(rows);
+            auth.lookups.put(user, secret.clone(), asked_at);
+            secret
+        }
         Err(e) => {
             warn!(listener = %ctx.name, user, auth_user, error = %e, "auth_query failed");
             None
