@@ -58,7 +58,28 @@ impl FromStr for Cidr {
                 .filter(|p| *p <= max)
                 .ok_or_else(|| format!("{s:?}: the prefix length must be 0 to {max}"))?,
         };
+        // An IPv4 block written mapped into IPv6 (`::ffff:10.0.0.0/104`) is that IPv4 block:
+        // a client arriving mapped is compared as IPv4, so it could never match otherwise.
+        if let IpAddr::V6(v6) = addr {
+            if let Some(v4) = v6.to_ipv4_mapped().filter(|_| prefix >= 96) {
+                return Ok(Cidr {
+                    addr: IpAddr::V4(v4),
+                    prefix: prefix - 96,
+                });
+            }
+        }
         Ok(Cidr { addr, prefix })
+    }
+}
+
+impl Cidr {
+    /// A block of more than 2^16 addresses (wider than an IPv4 /16, or an IPv6 /48): more
+    /// than one network of pods, usually a mistake for a list that skips passwords.
+    pub fn is_wide(&self) -> bool {
+        match self.addr {
+            IpAddr::V4(_) => self.prefix < 16,
+            IpAddr::V6(_) => self.prefix < 48,
+        }
     }
 }
 
@@ -102,6 +123,22 @@ mod tests {
         assert!(v6.contains(ip("fd12::1")) && !v6.contains(ip("fe80::1")));
         assert!(!v6.contains(ip("10.0.0.1")));
         assert_eq!(one.to_string(), "127.0.0.1/32");
+    }
+
+    #[test]
+    fn a_block_written_mapped_into_ipv6_is_its_ipv4_block() {
+        let mapped: Cidr = "::ffff:127.0.0.0/104".parse().unwrap();
+        assert!(mapped.contains(ip("127.0.0.9")) && mapped.contains(ip("::ffff:127.1.0.1")));
+        assert!(!mapped.contains(ip("10.0.0.1")));
+        assert_eq!(mapped.to_string(), "127.0.0.0/8");
+        let wide: [Cidr; 3] = [
+            "0.0.0.0/0".parse().unwrap(),
+            "10.0.0.0/8".parse().unwrap(),
+            "::/0".parse().unwrap(),
+        ];
+        assert!(wide.iter().all(Cidr::is_wide));
+        let narrow: Cidr = "10.1.0.0/16".parse().unwrap();
+        assert!(!narrow.is_wide());
     }
 
     #[test]

@@ -52,6 +52,9 @@ pub async fn run(
     reloads: Reloads,
     shutdown: CancellationToken,
 ) -> Result<(), AppError> {
+    for w in config.warnings() {
+        tracing::warn!("configuration: {w}");
+    }
     let tls = TlsMaterial::load(&config).await?;
     let etcd = Etcd::new(&config.etcd).await?;
     let auth = ClientAuth::load(&config.auth)

@@ -195,8 +195,12 @@ pub struct AuthConfig {
     /// PgBouncer's userlist format: `"user" "secret"` lines, where a secret is a SCRAM
     /// verifier, an md5 secret, or a password.
     pub auth_file: Option<PathBuf>,
-    /// Client addresses let in without a password (CIDR blocks); none by default.
+    /// Client addresses let in without a password (CIDR blocks); none by default. Not to
+    /// the admin console: that takes `console_trust`.
     pub trust: Vec<Cidr>,
+    /// Client addresses let into the admin console without a password (still as a user of
+    /// `admin_users` or `stats_users`); none by default.
+    pub console_trust: Vec<Cidr>,
     /// A user (with a password in the auth_file, or trusted by the server) as whom patroxy
     /// looks up the secrets of users the file does not have, with `auth_query`.
     pub auth_user: Option<String>,
@@ -217,6 +221,7 @@ impl Default for AuthConfig {
         AuthConfig {
             auth_file: None,
             trust: Vec::new(),
+            console_trust: Vec::new(),
             auth_user: None,
             auth_query: "SELECT usename, passwd FROM pg_shadow WHERE usename=$1".into(),
             auth_dbname: "postgres".into(),
@@ -763,6 +768,36 @@ impl Config {
     }
 
     /// Every problem at once, so one run of `check-config` shows them all.
+    /// What is allowed but probably not meant: `check-config` prints these, `run` logs them.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        let a = &self.auth;
+        for (key, list) in [
+            ("auth.trust", &a.trust),
+            ("auth.console_trust", &a.console_trust),
+        ] {
+            for c in list.iter().filter(|c| c.is_wide()) {
+                w.push(format!(
+                    "{key}: {c} lets a wide range in without a password"
+                ));
+            }
+        }
+        let http = self.etcd.endpoints.iter().any(|e| e.starts_with("http://"));
+        if http && self.etcd.password.is_some() {
+            w.push("etcd: the password goes in cleartext over http:// endpoints".into());
+        }
+        let loopback = self.report.address.as_deref().is_some_and(|h| {
+            let h = h.trim_start_matches('[').trim_end_matches(']');
+            h == "localhost"
+                || h.parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        });
+        if loopback {
+            w.push("report.address: a loopback address; other instances on other hosts cannot forward cancels to it".into());
+        }
+        w
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut bad = Vec::new();
         self.validate_etcd(&mut bad);

@@ -137,6 +137,9 @@ fn main() -> ExitCode {
 fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
     let config = Config::load(file)?;
     config.validate()?;
+    for w in config.warnings() {
+        println!("warning: {w}");
+    }
     println!("{}: ok", file.display());
     Ok(())
 }

@@ -30,6 +30,29 @@ fn check_config_accepts_the_example() {
 }
 
 #[test]
+fn check_config_warns_of_what_is_allowed_but_unsafe() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("wide.toml");
+    std::fs::write(
+        &file,
+        "[etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\nusername = \"u\"\npassword = \"p\"\n\
+         [cluster]\nscope = \"demo\"\n[[listener]]\nlisten = \"127.0.0.1:6432\"\npool_mode = \"session\"\n\
+         [auth]\ntrust = [\"0.0.0.0/0\"]\nadmin_users = [\"admin\"]\n[report]\naddress = \"127.0.0.1\"\n",
+    )
+    .unwrap();
+    let out = patroxy().arg("check-config").arg(&file).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "allowed: {text}");
+    for needle in [
+        "warning: auth.trust: 0.0.0.0/0",
+        "warning: etcd: the password goes in cleartext",
+        "warning: report.address: a loopback address",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+}
+
+#[test]
 fn check_config_prints_every_problem_and_fails() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bad.toml");

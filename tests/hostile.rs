@@ -414,3 +414,46 @@ async fn unauthenticated_names_cost_no_pools_and_tell_nothing() {
     .await;
     proxy.stop().await;
 }
+
+/// What patroxy answers a startup for `user` to the console's database: the first
+/// authentication request's code (0 is AuthenticationOk: let in without a password).
+async fn console_answer(port: u16, user: &str) -> u32 {
+    let mut s = connect_from(HERE, port).await;
+    s.write_all(&startup(user, "patroxy")).await.unwrap();
+    let (tag, body) = message(&mut s).await;
+    assert_eq!(tag, b'R', "an authentication request");
+    u32::from_be_bytes([body[0], body[1], body[2], body[3]])
+}
+
+/// `auth.trust` lets pooled clients in without a password; the admin console (which can
+/// SHUTDOWN, KILL, PAUSE) still asks for one, unless `auth.console_trust` says otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trust_does_not_open_the_admin_console() {
+    let (root, etcd, _pg) = one_primary("hconsole").await;
+    let file = root.path().join("userlist.txt");
+    std::fs::write(&file, "\"admin\" \"sesame\"\n").unwrap();
+    let start = |console_trust: Vec<&'static str>| {
+        let file = file.clone();
+        Proxy::start(&etcd, "hconsole", move |cfg| {
+            cfg.listeners[0].pool_mode = patroxy::config::PoolMode::Session;
+            cfg.auth.auth_file = Some(file);
+            cfg.auth.trust = vec!["127.0.0.1/32".parse().unwrap()];
+            cfg.auth.console_trust = console_trust.iter().map(|c| c.parse().unwrap()).collect();
+            cfg.auth.admin_users = vec!["admin".into()];
+        })
+    };
+    let proxy = start(vec![]).await;
+    assert_eq!(
+        console_answer(proxy.port(), "admin").await,
+        10,
+        "asked for SCRAM"
+    );
+    proxy.stop().await;
+    let proxy = start(vec!["127.0.0.1/32"]).await;
+    assert_eq!(
+        console_answer(proxy.port(), "admin").await,
+        0,
+        "let in, as configured"
+    );
+    proxy.stop().await;
+}

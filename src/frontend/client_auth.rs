@@ -60,20 +60,20 @@ impl AuthFailure {
     }
 }
 
-/// Authenticates `user` coming from `ip`. On success, returns how to log in as the user,
-/// and what the client is still owed (SASLFinal, AuthenticationOk): the caller sends it
-/// with the greeting, in one write. `secret` is the user's, from the auth_file or the
-/// auth_query; `None` for an unknown user.
+/// Authenticates `user` coming from `ip` (let in without a password if `trust` has it). On
+/// success, returns how to log in as the user, and what the client is still owed
+/// (SASLFinal, AuthenticationOk): the caller sends it with the greeting, in one write.
+/// `secret` is the user's, from the auth_file or the auth_query; `None` for an unknown user.
 pub async fn authenticate(
     client: &mut Stream,
     buf: &mut BytesMut,
-    user: &str,
-    ip: IpAddr,
+    (user, ip): (&str, IpAddr),
     auth: &ClientAuth,
+    trust: &[crate::allow::Cidr],
     secret: Option<&Secret>,
 ) -> Result<(Login, BytesMut), AuthFailure> {
     let mut owed = BytesMut::new();
-    let trusted = !auth.trust.is_empty() && crate::allow::allowed(&auth.trust, ip);
+    let trusted = !trust.is_empty() && crate::allow::allowed(trust, ip);
     let login = if trusted {
         // No proof from the client; to the server, whatever the file holds.
         match secret {

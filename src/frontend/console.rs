@@ -517,12 +517,13 @@ pub async fn run(
     let secret = auth.users.get(&user).cloned();
     let authenticated = tokio::time::timeout_at(
         deadline,
+        // auth.trust is for pooled clients; the console trusts only auth.console_trust.
         authenticate(
             &mut client,
             &mut buf,
-            &user,
-            peer.ip(),
+            (&user, peer.ip()),
             &auth,
+            &auth.console_trust,
             secret.as_ref(),
         ),
     )

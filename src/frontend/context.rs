@@ -71,6 +71,8 @@ pub struct ClientAuth {
     /// that shares the file).
     pub mock_key: [u8; 32],
     pub trust: Vec<Cidr>,
+    /// Let into the admin console without a password (`auth.console_trust`).
+    pub console_trust: Vec<Cidr>,
     /// For users not in the file: who asks PostgreSQL, and what (`$1` is the user name).
     pub auth_user: Option<String>,
     pub auth_query: String,
@@ -106,6 +108,7 @@ impl ClientAuth {
             verifiers,
             mock_key,
             trust,
+            console_trust: config.console_trust.clone(),
             auth_user: config.auth_user.clone(),
             auth_query: config.auth_query.clone(),
             auth_dbname: config.auth_dbname.clone(),

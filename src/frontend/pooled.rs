@@ -70,9 +70,9 @@ pub async fn run_pooled(
         authenticate(
             &mut client,
             &mut client_buf,
-            &user,
-            peer.ip(),
+            (&user, peer.ip()),
             auth,
+            &auth.trust,
             secret.as_ref(),
         )
         .await
