@@ -345,6 +345,22 @@ pub struct ServerTlsConfig {
     /// PEM client certificate and key, for servers that ask for one (`clientcert` in pg_hba).
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
+    /// libpq's `require_auth`: the methods patroxy answers when a server asks it to
+    /// authenticate (`scram-sha-256`, `md5`, `password`). Empty (the default): SCRAM; an md5
+    /// secret from the auth_file answers md5; a password is sent as md5 or in cleartext only
+    /// over a leg whose certificate is verified (`verify-ca`, `verify-full`).
+    pub require_auth: Vec<ServerAuthMethod>,
+}
+
+/// A way a server may ask patroxy to authenticate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum ServerAuthMethod {
+    #[serde(rename = "scram-sha-256")]
+    Scram,
+    #[serde(rename = "md5")]
+    Md5,
+    #[serde(rename = "password")]
+    Password,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]

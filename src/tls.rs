@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector, TlsStream};
 
-use crate::config::{Config, ServerTlsConfig, ServerTlsMode, TlsConfig};
+use crate::config::{Config, ServerAuthMethod, ServerTlsConfig, ServerTlsMode, TlsConfig};
 use crate::stream::Stream;
 
 /// The ALPN protocol of PostgreSQL 17's direct TLS (`sslnegotiation=direct`).
@@ -115,6 +115,8 @@ pub fn acceptor(config: &TlsConfig) -> Result<Option<TlsAcceptor>, TlsError> {
 pub struct ServerTls {
     pub mode: ServerTlsMode,
     pub connector: Option<TlsConnector>,
+    /// `server_tls.require_auth`; empty: what the mode allows by default.
+    pub require_auth: Vec<ServerAuthMethod>,
 }
 
 impl ServerTls {
@@ -122,6 +124,24 @@ impl ServerTls {
         ServerTls {
             mode: ServerTlsMode::Disable,
             connector: None,
+            require_auth: Vec::new(),
+        }
+    }
+
+    /// Whether patroxy answers `method` on this leg; `secret_is_md5`: what patroxy holds
+    /// is an md5 secret, not a password (sending md5 then gives nothing more away).
+    pub fn answers(&self, method: ServerAuthMethod, secret_is_md5: bool) -> bool {
+        if !self.require_auth.is_empty() {
+            return self.require_auth.contains(&method);
+        }
+        let verified = matches!(
+            self.mode,
+            ServerTlsMode::VerifyCa | ServerTlsMode::VerifyFull
+        );
+        match method {
+            ServerAuthMethod::Scram => true,
+            ServerAuthMethod::Md5 => secret_is_md5 || verified,
+            ServerAuthMethod::Password => verified,
         }
     }
 }
@@ -133,7 +153,12 @@ pub fn connector(config: &ServerTlsConfig) -> Result<ServerTls, TlsError> {
     };
     let provider = provider();
     let verifier: Arc<dyn ServerCertVerifier> = match config.mode {
-        ServerTlsMode::Disable => return Ok(ServerTls::disabled()),
+        ServerTlsMode::Disable => {
+            return Ok(ServerTls {
+                require_auth: config.require_auth.clone(),
+                ..ServerTls::disabled()
+            })
+        }
         ServerTlsMode::Prefer | ServerTlsMode::Require => Arc::new(Lenient {
             chain: None,
             algorithms: provider.signature_verification_algorithms,
@@ -175,6 +200,7 @@ pub fn connector(config: &ServerTlsConfig) -> Result<ServerTls, TlsError> {
     Ok(ServerTls {
         mode: config.mode,
         connector: Some(TlsConnector::from(Arc::new(client))),
+        require_auth: config.require_auth.clone(),
     })
 }
 

@@ -457,3 +457,159 @@ async fn trust_does_not_open_the_admin_console() {
     );
     proxy.stop().await;
 }
+
+/// A pooled listener whose only member is at `port`, with carol's password in the file and
+/// every client trusted; `tune` adds to it.
+async fn pooled_on(
+    etcd: &Etcd,
+    scope: &'static str,
+    root: &TempRoot,
+    tune: impl FnOnce(&mut patroxy::config::Config) + Send + 'static,
+) -> Proxy {
+    let file = root.path().join("userlist.txt");
+    std::fs::write(&file, "\"carol\" \"sesame\"\n").unwrap();
+    Proxy::start(etcd, scope, move |cfg| {
+        cfg.listeners[0].pool_mode = patroxy::config::PoolMode::Session;
+        cfg.auth.auth_file = Some(file);
+        cfg.auth.trust = vec!["127.0.0.1/32".parse().unwrap()];
+        cfg.timeouts.connect_wait = Duration::from_secs(2);
+        tune(cfg);
+    })
+    .await
+}
+
+/// carol's first query through `port`: its error's text, or `None` if it ran.
+async fn carols_query(port: u16) -> Option<String> {
+    let s = format!("host={HERE} port={port} user=carol dbname=postgres connect_timeout=20");
+    let answer = async {
+        let (c, conn) = tokio_postgres::connect(&s, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        c.simple_query("SELECT 1").await.map(|_| ())
+    };
+    match tokio::time::timeout(LONG, answer).await.expect("an answer") {
+        Ok(()) => None,
+        Err(e) => Some(format!("{e} {}", common::message(&e))),
+    }
+}
+
+/// A server that asks for the password in cleartext over a leg nobody verified (what an
+/// on-path attacker who stripped TLS would do) does not get it, unless the operator says
+/// so with `server_tls.require_auth`. Here the server is a real PostgreSQL whose pg_hba
+/// says `password` for carol.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cleartext_password_request_on_an_unverified_leg_is_refused() {
+    let (root, etcd, mut pg) = one_primary("hclear").await;
+    let c = connect(pg.port).await.unwrap();
+    c.batch_execute("CREATE ROLE carol LOGIN PASSWORD 'sesame'")
+        .await
+        .unwrap();
+    let hba = pg.data.join("pg_hba.conf");
+    let old = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(&hba, format!("host all carol 127.0.0.1/32 password\n{old}")).unwrap();
+    pg.stop();
+    pg.start();
+    let proxy = pooled_on(&etcd, "hclear", &root, |_| {}).await;
+    let refused = carols_query(proxy.port()).await.expect("refused");
+    assert!(refused.contains("cleartext password"), "{refused}");
+    proxy.stop().await;
+    let proxy = pooled_on(&etcd, "hclear", &root, |cfg| {
+        cfg.server_tls.require_auth = vec![patroxy::config::ServerAuthMethod::Password];
+    })
+    .await;
+    assert_eq!(
+        carols_query(proxy.port()).await,
+        None,
+        "allowed by the operator"
+    );
+    proxy.stop().await;
+}
+
+/// What an impostor on the server's address says after the startup message.
+enum Impostor {
+    /// SCRAM started, then AuthenticationOk without the server's signature.
+    OkMidScram,
+    /// SCRAM with an iteration count that would take PBKDF2 hours.
+    Iterations(u64),
+}
+
+/// A TCP server on loopback that plays `how` to every connection.
+async fn impostor(how: Impostor) -> u16 {
+    let listener = tokio::net::TcpListener::bind((HERE, 0)).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let how = std::sync::Arc::new(how);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let how = how.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                // SSLRequest (8 bytes): no TLS here.
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                if n == 8 {
+                    let _ = s.write_all(b"N").await;
+                    let _ = s.read(&mut buf).await;
+                }
+                let sasl = auth(10, b"SCRAM-SHA-256\0\0");
+                let _ = s.write_all(&sasl).await;
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let first = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let nonce = first
+                    .split("r=")
+                    .nth(1)
+                    .unwrap_or("")
+                    .trim_end_matches('\0');
+                let reply = match &*how {
+                    Impostor::OkMidScram => {
+                        let cont = format!("r={nonce}x,s=c2FsdHNhbHRzYWx0c2FsdA==,i=4096");
+                        let mut out = auth(11, cont.as_bytes());
+                        out.extend_from_slice(&auth(0, b""));
+                        out.extend_from_slice(b"Z\0\0\0\x05I");
+                        out
+                    }
+                    Impostor::Iterations(i) => {
+                        let cont = format!("r={nonce}x,s=c2FsdHNhbHRzYWx0c2FsdA==,i={i}");
+                        auth(11, cont.as_bytes())
+                    }
+                };
+                let _ = s.write_all(&reply).await;
+                while s.read(&mut buf).await.unwrap_or(0) > 0 {}
+            });
+        }
+    });
+    port
+}
+
+fn auth(code: u32, data: &[u8]) -> Vec<u8> {
+    let mut out = vec![b'R'];
+    out.extend_from_slice(&((8 + data.len()) as u32).to_be_bytes());
+    out.extend_from_slice(&code.to_be_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+/// An impostor at the member's address cannot skip SCRAM's proof (AuthenticationOk before
+/// the server signature), nor stall patroxy with a huge iteration count: each login fails
+/// at once with a clear reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impostor_server_cannot_skip_scram_or_stall_it() {
+    let root = TempRoot::new();
+    let etcd = Etcd::start(&root);
+    for (scope, how, why) in [
+        ("himpok", Impostor::OkMidScram, "signature"),
+        (
+            "himpiter",
+            Impostor::Iterations(4_000_000_000),
+            "iterations",
+        ),
+    ] {
+        let port = impostor(how).await;
+        let mut keys = Keys::new(&etcd, scope).await;
+        keys.member("a", port, "primary", "running").await;
+        keys.leader("a").await;
+        let proxy = pooled_on(&etcd, scope, &root, |_| {}).await;
+        let started = std::time::Instant::now();
+        let refused = carols_query(proxy.port()).await.expect("refused");
+        assert!(refused.contains(why), "{refused}");
+        assert!(started.elapsed() < Duration::from_secs(10), "at once");
+        proxy.stop().await;
+    }
+}

@@ -161,7 +161,7 @@ impl Opener {
             params.extend(self.params.iter().map(|(n, v)| (n.as_str(), v.as_str())));
             let startup = messages::startup(&params);
             send(&mut conn.stream, &startup).await?;
-            conn.authenticate(user, &self.login).await?;
+            conn.authenticate(user, &self.login, &self.tls).await?;
             conn.read_to_ready().await?;
             conn.defaults = conn.params.clone();
             let standby = conn.params.get("in_hot_standby").map(|v| v == "on");
@@ -204,8 +204,21 @@ impl ServerConn {
     }
 
     /// Answers the server's authentication requests until AuthenticationOk.
-    async fn authenticate(&mut self, user: &str, login: &Login) -> Result<(), ConnError> {
+    /// Answers only what `tls` allows on this leg: a server (or whoever sits on an
+    /// unverified leg) asking for a cleartext password is refused, not given one. A SCRAM
+    /// exchange must end with the server's signature checked: AuthenticationOk before it
+    /// is refused.
+    async fn authenticate(
+        &mut self,
+        user: &str,
+        login: &Login,
+        tls: &crate::tls::ServerTls,
+    ) -> Result<(), ConnError> {
+        use crate::config::ServerAuthMethod as M;
         let mut scram: Option<ClientExchange> = None;
+        let refuse = |what: &str| {
+            ConnError::Protocol(format!("the server asked for {what}, which patroxy does not answer on this leg (server_tls.require_auth; by default a password goes only as SCRAM unless the server's certificate is verified)"))
+        };
         loop {
             let frame = self.frame().await?;
             match frame.tag {
@@ -222,7 +235,22 @@ impl ServerConn {
             let (code, payload) = messages::auth_payload(frame.body())
                 .ok_or_else(|| ConnError::Protocol("a malformed authentication request".into()))?;
             let reply = match (code, login) {
+                (codes::AUTH_OK, _) if scram.is_some() => {
+                    return Err(ConnError::Protocol(
+                        "the server said AuthenticationOk before proving it knows the secret (no SCRAM server signature)".into(),
+                    ))
+                }
                 (codes::AUTH_OK, _) => return Ok(()),
+                (AUTH_CLEARTEXT, _) if !tls.answers(M::Password, false) => {
+                    return Err(refuse("a cleartext password"))
+                }
+                (AUTH_MD5, Login::Md5(_)) if !tls.answers(M::Md5, true) => return Err(refuse("md5")),
+                (AUTH_MD5, Login::Scram(_)) if !tls.answers(M::Md5, false) => {
+                    return Err(refuse("md5"))
+                }
+                (AUTH_SASL, _) if !tls.answers(M::Scram, false) => {
+                    return Err(refuse("SCRAM-SHA-256"))
+                }
                 (AUTH_CLEARTEXT, Login::Scram(Credential::Password(p))) => {
                     messages::password_message(p)
                 }
@@ -247,12 +275,21 @@ impl ServerConn {
                     messages::sasl_initial(scram::MECHANISM, first.as_bytes())
                 }
                 (AUTH_SASL_CONTINUE, _) => {
-                    let exchange = scram
-                        .as_mut()
+                    let mut exchange = scram
+                        .take()
                         .ok_or_else(|| ConnError::Protocol("SASL out of order".into()))?;
                     let text = std::str::from_utf8(payload)
-                        .map_err(|_| ConnError::Protocol("SASL data".into()))?;
-                    messages::sasl_response(exchange.respond(text)?.as_bytes())
+                        .map_err(|_| ConnError::Protocol("SASL data".into()))?
+                        .to_owned();
+                    // PBKDF2 at the server's iteration count: off the runtime's threads.
+                    let (exchange, answer) = tokio::task::spawn_blocking(move || {
+                        let answer = exchange.respond(&text);
+                        (exchange, answer)
+                    })
+                    .await
+                    .map_err(|e| ConnError::Protocol(e.to_string()))?;
+                    scram = Some(exchange);
+                    messages::sasl_response(answer?.as_bytes())
                 }
                 (AUTH_SASL_FINAL, _) => {
                     let exchange = scram
