@@ -1,6 +1,9 @@
 //! The admin HTTP endpoint: `/health` (the process answers), `/metrics` (Prometheus), and
 //! `/ready` (every cluster's watch is healthy and its primary is known), for Kubernetes
 //! probes, load balancers and Prometheus, and `/topology` (the JSON view of `view.rs`).
+//! Bounded for whoever can reach it: a few connections at once (`admin.max_connections`),
+//! each closed if its headers are slow (`admin.header_timeout`) or it lives too long, and
+//! with `admin.token` the two that tell about the cluster need it.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -31,6 +34,26 @@ pub struct AdminState {
     pub metrics: Option<PrometheusHandle>,
 }
 
+/// Whether `req` may see `path`: `/metrics` and `/topology` need the token, when there is one.
+fn permitted(req: &Request<Incoming>, path: &str, token: Option<&str>) -> bool {
+    let Some(token) = token.filter(|_| matches!(path, "/metrics" | "/topology")) else {
+        return true;
+    };
+    let given = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // The same time for any wrong token of a length.
+    given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
 fn json(body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     r.headers_mut().insert(
@@ -54,6 +77,18 @@ async fn handle(
     req: Request<Incoming>,
     state: Arc<AdminState>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    let token = state.running.config.borrow().admin.token.clone();
+    if !permitted(&req, req.uri().path(), token.as_ref().map(|t| t.expose())) {
+        let mut r = text(
+            StatusCode::UNAUTHORIZED,
+            "a bearer token is needed\n".into(),
+        );
+        r.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            hyper::header::HeaderValue::from_static("Bearer"),
+        );
+        return Ok(r);
+    }
     Ok(match req.uri().path() {
         "/health" => text(StatusCode::OK, "ok\n".into()),
         "/metrics" => match &state.metrics {
@@ -96,6 +131,9 @@ pub async fn serve(
 ) {
     info!(addr = ?listener.local_addr().ok(), "admin endpoint listening");
     let mut backoff = Backoff::new(Duration::from_millis(5), Duration::from_secs(1));
+    let limits = state.running.config.borrow().admin.clone();
+    let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let refused = crate::throttle::Every::new(Duration::from_secs(10));
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -112,12 +150,23 @@ pub async fn serve(
                 }
             },
         };
+        let Ok(place) = open.clone().try_acquire_owned() else {
+            if let Some(n) = refused.due(std::time::Instant::now()) {
+                warn!(connections = n, max = limits.max_connections, "admin endpoint full: connections closed at once (this line comes at most every 10 s)");
+            }
+            drop(stream);
+            continue;
+        };
         let state = state.clone();
+        let (header_timeout, lifetime) = (limits.header_timeout, limits.connection_lifetime);
         tokio::spawn(async move {
             let svc = service_fn(move |req| handle(req, state.clone()));
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let served = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(TokioIo::new(stream), svc);
+            let _ = tokio::time::timeout(lifetime, served).await;
+            drop(place);
         });
     }
 }

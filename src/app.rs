@@ -57,7 +57,7 @@ pub async fn run(
     }
     let tls = TlsMaterial::load(&config).await?;
     let etcd = Etcd::new(&config.etcd).await?;
-    let auth = ClientAuth::load(&config.auth)
+    let auth = ClientAuth::load(&config.auth, None)
         .await
         .map_err(AppError::Auth)?;
     crate::metrics::started();

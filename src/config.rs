@@ -209,6 +209,10 @@ pub struct AuthConfig {
     /// The database `auth_query` runs in (PgBouncer's `auth_dbname`): always this one, never
     /// the database a client not yet authenticated named.
     pub auth_dbname: String,
+    /// The key the SCRAM salts of unknown users (and of passwords in the file) are made
+    /// under: the same random text on every instance makes them agree. Without it, a random
+    /// key per process (kept across reloads).
+    pub salt_key: Option<Secret>,
     /// Users who may use the admin console (database `patroxy` or `pgbouncer`): every
     /// command.
     pub admin_users: Vec<String>,
@@ -225,6 +229,7 @@ impl Default for AuthConfig {
             auth_user: None,
             auth_query: "SELECT usename, passwd FROM pg_shadow WHERE usename=$1".into(),
             auth_dbname: "postgres".into(),
+            salt_key: None,
             admin_users: Vec::new(),
             stats_users: Vec::new(),
         }
@@ -361,13 +366,40 @@ pub enum ServerAuthMethod {
     Md5,
     #[serde(rename = "password")]
     Password,
+    /// No authentication at all (the server trusts patroxy): allowed by default; an
+    /// explicit `require_auth` allows it only if it lists `none`.
+    #[serde(rename = "none")]
+    None,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
     /// `ip:port` of the admin HTTP endpoint (`/health`, `/ready`); none by default.
     pub listen: Option<String>,
+    /// With it, `/metrics` and `/topology` answer only `Authorization: Bearer <token>`
+    /// (`/health` and `/ready` stay open for probes).
+    pub token: Option<Secret>,
+    /// Connections open at once; past it, a new one is closed at once.
+    pub max_connections: usize,
+    /// A connection that has not sent a whole request's headers this long is closed, and
+    /// none stays open longer than `connection_lifetime`.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub connection_lifetime: Duration,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: None,
+            token: None,
+            max_connections: 64,
+            header_timeout: Duration::from_secs(5),
+            connection_lifetime: Duration::from_secs(60),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -52,6 +52,14 @@ impl Peers {
         self.routes.read().unwrap_or_else(|p| p.into_inner()).len()
     }
 
+    /// Whether `ip` is the address some peer takes cancels at.
+    pub fn is_host(&self, ip: std::net::IpAddr) -> bool {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        routes
+            .values()
+            .any(|r| r.address.host.trim_matches(['[', ']']).parse() == Ok(ip))
+    }
+
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Route>> {
         self.routes.write().unwrap_or_else(|p| p.into_inner())
     }

@@ -271,7 +271,8 @@ impl Server {
             .map_err(|e| e.to_string().replace('\n', " "))?;
         let tls = TlsMaterial::load(&new).await.map_err(|e| e.to_string())?;
         // The auth_file is read again even if its name did not change: users come and go.
-        let auth = Arc::new(ClientAuth::load(&new.auth).await?);
+        let running_key = Some(self.auth.mock_key);
+        let auth = Arc::new(ClientAuth::load(&new.auth, running_key).await?);
         let old = &self.config;
         // A cluster's connection cap applies at once; the rest of [cluster] needs a restart.
         // What a reload applies to a cluster (new listener contexts take it) is left out.

@@ -142,6 +142,7 @@ impl ServerTls {
             ServerAuthMethod::Scram => true,
             ServerAuthMethod::Md5 => secret_is_md5 || verified,
             ServerAuthMethod::Password => verified,
+            ServerAuthMethod::None => true,
         }
     }
 }

@@ -46,8 +46,8 @@ pub fn mock_salt(user: &str, key: &[u8; KEY_LEN]) -> Vec<u8> {
     hmac(key, user.as_bytes())[..16].to_vec()
 }
 
-/// The key mock salts are made under: a hash of `seed` (the auth_file's secrets, the same
-/// on every instance that shares the file), or random without one.
+/// The key mock salts are made under: a hash of `seed` (`auth.salt_key`, the same on every
+/// instance that has it), or random without one.
 pub fn mock_key(seed: &[u8]) -> Key {
     match seed.is_empty() {
         true => random(),
@@ -306,6 +306,13 @@ impl ClientExchange {
             return Err(ScramError::Malformed("iterations (more than 1,000,000)"));
         }
         let (client_key, server_key) = match &self.credential {
+            // A server asking for few iterations would make a guess at the password cheap
+            // to test offline from the proof.
+            Credential::Password(_) if iterations < MOCK_ITERATIONS => {
+                return Err(ScramError::Malformed(
+                    "iterations (fewer than 4096, for a password)",
+                ));
+            }
             Credential::Password(p) => {
                 let salted = salted_password(p, &salt, iterations);
                 (hmac(&salted, b"Client Key"), hmac(&salted, b"Server Key"))

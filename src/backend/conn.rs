@@ -216,6 +216,8 @@ impl ServerConn {
     ) -> Result<(), ConnError> {
         use crate::config::ServerAuthMethod as M;
         let mut scram: Option<ClientExchange> = None;
+        // The server asked for something before AuthenticationOk.
+        let mut asked = false;
         let refuse = |what: &str| {
             ConnError::Protocol(format!("the server asked for {what}, which patroxy does not answer on this leg (server_tls.require_auth; by default a password goes only as SCRAM unless the server's certificate is verified)"))
         };
@@ -234,11 +236,15 @@ impl ServerConn {
             }
             let (code, payload) = messages::auth_payload(frame.body())
                 .ok_or_else(|| ConnError::Protocol("a malformed authentication request".into()))?;
+            let asked_before = std::mem::replace(&mut asked, true);
             let reply = match (code, login) {
                 (codes::AUTH_OK, _) if scram.is_some() => {
                     return Err(ConnError::Protocol(
                         "the server said AuthenticationOk before proving it knows the secret (no SCRAM server signature)".into(),
                     ))
+                }
+                (codes::AUTH_OK, _) if !asked_before && !tls.answers(M::None, false) => {
+                    return Err(refuse("no authentication at all"))
                 }
                 (codes::AUTH_OK, _) => return Ok(()),
                 (AUTH_CLEARTEXT, _) if !tls.answers(M::Password, false) => {

@@ -67,8 +67,7 @@ pub struct ClientAuth {
     /// The verifiers of the file's password users, made once when the file is read (with
     /// their mock salt): no login runs PBKDF2.
     pub verifiers: HashMap<String, Verifier>,
-    /// What mock salts are made under (from the file's secrets: the same on every instance
-    /// that shares the file).
+    /// What mock salts are made under (`auth.salt_key`, or random per process).
     pub mock_key: [u8; 32],
     pub trust: Vec<Cidr>,
     /// Let into the admin console without a password (`auth.console_trust`).
@@ -80,16 +79,28 @@ pub struct ClientAuth {
     /// `auth_query` answers, kept a while; and how many lookups may run at once.
     pub lookups: crate::auth::cache::Lookups,
     pub lookup_slots: tokio::sync::Semaphore,
+    /// Lookups of names not yet known, per source (`LOOKUPS_PER_SOURCE` a second).
+    pub lookup_budget: crate::throttle::PerSource,
     /// Who may use the admin console, and who only read it.
     pub admin_users: Vec<String>,
     pub stats_users: Vec<String>,
 }
 
 impl ClientAuth {
-    /// Reads `[auth]`'s file on a blocking thread.
-    pub async fn load(config: &AuthConfig) -> Result<ClientAuth, String> {
+    /// Reads `[auth]`'s file on a blocking thread. `salt_key`: the key mock salts are made
+    /// under when `auth.salt_key` gives none (the running one, on a reload).
+    pub async fn load(
+        config: &AuthConfig,
+        salt_key: Option<[u8; 32]>,
+    ) -> Result<ClientAuth, String> {
+        // Never from the file's secrets: a salt anyone can ask for would let them test
+        // guesses of the whole file offline.
+        let mock_key = match &config.salt_key {
+            Some(k) => scram::mock_key(k.expose().as_bytes()),
+            None => salt_key.unwrap_or_else(|| scram::mock_key(&[])),
+        };
         let (file, trust) = (config.auth_file.clone(), config.trust.clone());
-        let (users, verifiers, mock_key) = tokio::task::spawn_blocking(move || {
+        let (users, verifiers) = tokio::task::spawn_blocking(move || {
             let users = match file {
                 None => HashMap::new(),
                 Some(path) => {
@@ -98,8 +109,8 @@ impl ClientAuth {
                     userlist::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?
                 }
             };
-            let (verifiers, mock_key) = derive_verifiers(&users);
-            Ok::<_, String>((users, verifiers, mock_key))
+            let verifiers = derive_verifiers(&users, &mock_key);
+            Ok::<_, String>((users, verifiers))
         })
         .await
         .map_err(|e| e.to_string())??;
@@ -114,6 +125,7 @@ impl ClientAuth {
             auth_dbname: config.auth_dbname.clone(),
             lookups: Default::default(),
             lookup_slots: tokio::sync::Semaphore::new(LOOKUPS_AT_ONCE),
+            lookup_budget: crate::throttle::PerSource::new(LOOKUPS_PER_SOURCE),
             admin_users: config.admin_users.clone(),
             stats_users: config.stats_users.clone(),
         })
@@ -123,32 +135,23 @@ impl ClientAuth {
 /// `auth_query` lookups running at once: they come before any proof, so a flood of
 /// unknown names costs PostgreSQL at most this many queries in flight.
 pub const LOOKUPS_AT_ONCE: usize = 4;
+/// `auth_query` lookups a second one source may cause (in bursts of twice that); past it
+/// a name not looked up fails as a wrong password.
+pub const LOOKUPS_PER_SOURCE: u32 = 20;
 
-/// The mock-salt key (from every secret in the file, in order), and the verifier of each
-/// password user under its mock salt.
-fn derive_verifiers(users: &HashMap<String, Secret>) -> (HashMap<String, Verifier>, [u8; 32]) {
-    let mut sorted: Vec<(&String, &Secret)> = users.iter().collect();
-    sorted.sort_by(|a, b| a.0.cmp(b.0));
-    let mut seed = Vec::new();
-    for (user, secret) in &sorted {
-        seed.extend_from_slice(user.as_bytes());
-        seed.push(0);
-        seed.extend_from_slice(secret.text().as_bytes());
-        seed.push(0);
-    }
-    let key = scram::mock_key(&seed);
-    let verifiers = sorted
-        .into_iter()
+/// The verifier of each password user of the file, under its mock salt.
+fn derive_verifiers(users: &HashMap<String, Secret>, key: &[u8; 32]) -> HashMap<String, Verifier> {
+    users
+        .iter()
         .filter_map(|(user, secret)| match secret {
             Secret::Plain(p) => {
-                let salt = scram::mock_salt(user, &key);
+                let salt = scram::mock_salt(user, key);
                 let v = Verifier::from_password(p, &salt, scram::MOCK_ITERATIONS);
                 Some((user.clone(), v))
             }
             _ => None,
         })
-        .collect();
-    (verifiers, key)
+        .collect()
 }
 
 /// A listener: its name, its routing rules, its cluster's topology, and the shared state.

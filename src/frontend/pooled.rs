@@ -64,7 +64,7 @@ pub async fn run_pooled(
     let authenticated = Box::pin(timeout_at(deadline, async {
         let secret = match ctx.auth.users.get(&user) {
             Some(s) => Some(s.clone()),
-            None => lookup_secret(ctx, &user, &mut topology).await,
+            None => lookup_secret(ctx, (&user, peer.ip()), &mut topology).await,
         };
         let auth = &ctx.auth;
         authenticate(
@@ -244,16 +244,28 @@ fn negotiation(startup: &StartupInfo) -> Option<Bytes> {
 /// or from an answer a few seconds old. `None` for a user PostgreSQL does not know, or
 /// without an `auth_user`, or when the query fails (logged): the client then fails like one
 /// with a wrong password. At most `LOOKUPS_AT_ONCE` run at once.
-async fn lookup_secret(ctx: &ListenerContext, user: &str, topology: &mut Topo) -> Option<Secret> {
+async fn lookup_secret(
+    ctx: &ListenerContext,
+    (user, source): (&str, std::net::IpAddr),
+    topology: &mut Topo,
+) -> Option<Secret> {
     let auth = &ctx.auth;
     let auth_user = auth.auth_user.as_deref()?;
-    if let Some(answer) = auth.lookups.get(user, std::time::Instant::now()) {
+    // Each cluster's users are its own.
+    let cached = format!("{}\0{user}", ctx.cluster);
+    let now = std::time::Instant::now();
+    if let Some(answer) = auth.lookups.get(&cached, now) {
         return answer;
+    }
+    // One source's new names cannot take every lookup from the others.
+    if !auth.lookup_budget.allow(source, now) {
+        crate::metrics::auth_failure(&ctx.name, "lookup_throttled");
+        return None;
     }
     let _slot = auth.lookup_slots.acquire().await.ok()?;
     // Another client may have asked for the same name meanwhile.
     let asked_at = std::time::Instant::now();
-    if let Some(answer) = auth.lookups.get(user, asked_at) {
+    if let Some(answer) = auth.lookups.get(&cached, asked_at) {
         return answer;
     }
     let login = match auth.users.get(auth_user) {
@@ -285,7 +297,7 @@ async fn lookup_secret(ctx: &ListenerContext, user: &str, topology: &mut Topo) -
     match looked_up.await {
         Ok(rows) => {
             let secret = lookup::secret(rows);
-            auth.lookups.put(user, secret.clone(), asked_at);
+            auth.lookups.put(&cached, secret.clone(), asked_at);
             secret
         }
         Err(e) => {

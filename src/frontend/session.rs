@@ -65,17 +65,20 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ListenerContext>) 
 async fn forward_cancel(key: CancelKey, peer: SocketAddr, ctx: &ListenerContext) {
     let proxy = &ctx.proxy;
     let now = std::time::Instant::now();
-    if !proxy.cancel_limit.allow(peer.ip(), now) {
+    let (key, forwarded) = match cancel::unforwarded(&key) {
+        Some(k) => (k, true),
+        None => (key, false),
+    };
+    // What a peer forwards comes from one address for all its clients: it is not held to
+    // one source's rate (each client was, at that peer).
+    let from_peer = forwarded && proxy.peers.is_host(peer.ip());
+    if !from_peer && !proxy.cancel_limit.allow(peer.ip(), now) {
         crate::metrics::cancel_request(&ctx.name, "throttled");
         if let Some(n) = proxy.cancel_log.due(now) {
             warn!(client = %peer, listener = %ctx.name, requests = n, "cancel requests over limits.cancels_per_second are dropped (this line comes at most every 10 s and counts them)");
         }
         return;
     }
-    let (key, forwarded) = match cancel::unforwarded(&key) {
-        Some(k) => (k, true),
-        None => (key, false),
-    };
     // A local cancel is counted as on its way to its server connection until it has
     // arrived: the connection is not lent to another client meanwhile.
     let mut sending = None;
