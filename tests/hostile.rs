@@ -53,12 +53,7 @@ async fn message(s: &mut TcpStream) -> (u8, Vec<u8>) {
 /// patroxy gave it.
 async fn session_from(source: &str, port: u16) -> (TcpStream, i32, Vec<u8>) {
     let mut s = connect_from(source, port).await;
-    let mut body = Vec::new();
-    body.extend_from_slice(&196608u32.to_be_bytes());
-    body.extend_from_slice(b"user\0postgres\0database\0postgres\0\0");
-    let mut startup = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    startup.extend_from_slice(&body);
-    s.write_all(&startup).await.unwrap();
+    s.write_all(&startup("postgres", "postgres")).await.unwrap();
     let mut key = None;
     loop {
         match message(&mut s).await {
@@ -307,17 +302,7 @@ async fn a_source_flooding_cancels_is_held_back_and_others_are_not() {
 
 /// A startup message for `user` and `database`.
 fn startup(user: &str, database: &str) -> Vec<u8> {
-    let mut body = 196608u32.to_be_bytes().to_vec();
-    for (k, v) in [("user", user), ("database", database)] {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut out = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    out.extend_from_slice(&body);
-    out
+    startup_message(0, &[("user", user), ("database", database)])
 }
 
 /// The salt and iteration count patroxy's SCRAM challenge gives `user` (the exchange is

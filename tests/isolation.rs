@@ -805,21 +805,14 @@ async fn startup_is_answered_as_postgresql_answers_it() {
 
     // Protocol 3.2 with an option patroxy does not know: NegotiateProtocolVersion, then
     // the authentication request.
-    let mut body = Vec::new();
-    body.extend_from_slice(&196_610u32.to_be_bytes());
-    for (k, v) in [
-        ("user", "alice"),
-        ("database", "postgres"),
-        ("_pq_.hope", "1"),
-    ] {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    packet.extend_from_slice(&body);
+    let packet = startup_message(
+        2,
+        &[
+            ("user", "alice"),
+            ("database", "postgres"),
+            ("_pq_.hope", "1"),
+        ],
+    );
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await

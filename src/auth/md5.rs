@@ -29,13 +29,10 @@ pub fn response(stored: &str, salt: [u8; 4]) -> String {
 
 /// Does a client's response to the challenge `salt` match the stored secret?
 pub fn verify(stored: &str, salt: [u8; 4], client_response: &str) -> bool {
-    let expected = response(stored, salt);
-    expected.len() == client_response.len()
-        && expected
-            .bytes()
-            .zip(client_response.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+    super::same(
+        response(stored, salt).as_bytes(),
+        client_response.as_bytes(),
+    )
 }
 
 #[cfg(test)]

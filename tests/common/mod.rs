@@ -914,3 +914,18 @@ pub fn message(e: &tokio_postgres::Error) -> String {
         .map(|d| d.message().to_owned())
         .unwrap_or_else(|| e.to_string())
 }
+
+/// A StartupMessage of protocol 3.`minor` with these parameters.
+pub fn startup_message(minor: u16, params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = (3u32 << 16 | u32::from(minor)).to_be_bytes().to_vec();
+    for (k, v) in params {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut out = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(&body);
+    out
+}
