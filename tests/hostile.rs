@@ -726,3 +726,46 @@ async fn unknown_salts_come_from_the_salt_key_not_from_the_file() {
     a.stop().await;
     b.stop().await;
 }
+
+/// A client waiting for a server connection (the pool's only one is held) that streams a
+/// huge message meanwhile has patroxy hold a bounded part of it; the rest waits in its own
+/// socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_waiting_in_line_cannot_fill_patroxys_memory() {
+    let (_root, etcd, _pg) = one_primary("hwait").await;
+    let proxy = Proxy::start(&etcd, "hwait", |cfg| {
+        cfg.listeners[0].pool_mode = patroxy::config::PoolMode::Transaction;
+        cfg.auth.trust = vec!["127.0.0.1/32".parse().unwrap()];
+        cfg.pool.pool_size = 1;
+    })
+    .await;
+    let (mut holder, _, _) = session_from(HERE, proxy.port()).await;
+    assert_eq!(run(&mut holder, "BEGIN").await, None);
+    let (mut waiting, _, _) = session_from(HERE, proxy.port()).await;
+    const HUGE: usize = 64 << 20;
+    let mut header = vec![b'Q'];
+    header.extend_from_slice(&((HUGE + 4) as u32).to_be_bytes());
+    waiting.write_all(&header).await.unwrap();
+    let chunk = vec![b' '; 1 << 20];
+    let mut written = 0;
+    let stream = async {
+        while written < HUGE {
+            waiting.write_all(&chunk).await.unwrap();
+            written += chunk.len();
+        }
+    };
+    // Either all of it went (patroxy read it all) or the writes stopped: patroxy stopped.
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream).await;
+    assert!(
+        written < 16 << 20,
+        "patroxy took {} MiB of a waiting client's message",
+        written >> 20
+    );
+    drop(waiting);
+    assert_eq!(
+        run(&mut holder, "COMMIT").await,
+        None,
+        "the holder is served"
+    );
+    proxy.stop().await;
+}

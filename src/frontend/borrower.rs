@@ -31,6 +31,9 @@ use crate::stream::{send, Stream};
 
 pub(super) type Topo = tokio::sync::watch::Receiver<std::sync::Arc<crate::discovery::Topology>>;
 
+/// What a client waiting for a server connection may have patroxy hold of what it sent.
+pub const WAITING_BYTES: usize = 256 * 1024;
+
 /// The client's Terminate, alone.
 const TERMINATE: [u8; 5] = [codes::TERMINATE, 0, 0, 0, 4];
 /// A message's tag and length.
@@ -351,7 +354,9 @@ impl Session<'_> {
         let checked_out = loop {
             tokio::select! {
                 r = &mut waiting => break r,
-                read = client.read_next(buf) => match read {
+                // Read on only to see the client leave: past a bound, what it sends waits
+                // in its own socket, not in patroxy's memory.
+                read = client.read_next(buf), if buf.len() < WAITING_BYTES => match read {
                     Ok(0) => return Err(End::ClientClosed),
                     Ok(_) if buf.ends_with(&TERMINATE) => return Err(End::ClientClosed),
                     Ok(_) => continue,
