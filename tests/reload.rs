@@ -349,7 +349,7 @@ async fn reload_on_the_admin_console_reads_the_file_again() {
     let write = |extra: &str| {
         let text = format!(
             "[etcd]\nendpoints = [\"{}\"]\n[cluster]\nscope = \"consolereload\"\n\
-             [auth]\ntrust = [\"127.0.0.1/32\"]\nadmin_users = [\"postgres\"]\n\
+             [auth]\ntrust = [\"127.0.0.1/32\"]\nconsole_trust = [\"127.0.0.1/32\"]\nadmin_users = [\"postgres\"]\n\
              [[listener]]\nname = \"main\"\nlisten = \"127.0.0.1:{main}\"\n{extra}",
             etcd.url()
         );
