@@ -127,18 +127,18 @@ pub struct PoolConfig {
     /// more gets `53300`. Unused empty pools are let go after a minute.
     pub max_pools: usize,
     /// A client waits this long, in line, for a server connection; then it gets an error.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "bounded_duration")]
     pub query_wait_timeout: Duration,
     /// An idle server connection is closed after this long.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "bounded_duration")]
     pub server_idle_timeout: Duration,
     /// A server connection is closed when it is returned after this long.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "bounded_duration")]
     pub server_lifetime: Duration,
     /// Run on a server connection before another client gets it.
     pub server_reset_query: String,
     /// A connection idle longer than this is checked (an empty query) before it is lent.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "bounded_duration")]
     pub server_check_delay: Duration,
     /// Transaction pooling: named prepared statements each server connection keeps for
     /// clients, the least recently used closed first.
@@ -146,7 +146,7 @@ pub struct PoolConfig {
     /// A scheduled switchover (Patroni's `scheduled_at`) is held from this long before its
     /// time: no new transaction starts on the old primary, and running ones have this long
     /// to finish before Patroni's fast shutdown would kill them.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "bounded_duration")]
     pub switchover_grace: Duration,
     /// Transaction pooling: at every transaction's end, ask the server what the session
     /// holds (one more round trip), instead of only after statements that change it; it
@@ -154,15 +154,15 @@ pub struct PoolConfig {
     pub verify_release: bool,
     /// A client idle inside a transaction longer than this is disconnected (its server
     /// connection rolled back), PgBouncer's `idle_transaction_timeout` (0: never).
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "bounded_duration")]
     pub idle_transaction_timeout: Duration,
     /// A request running longer than this ends the client's session and closes its server
     /// connection, PgBouncer's `query_timeout` (0: never).
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "bounded_duration")]
     pub query_timeout: Duration,
     /// A client that holds no server connection and sends nothing for this long is
     /// disconnected, PgBouncer's `client_idle_timeout` (0: never).
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "bounded_duration")]
     pub client_idle_timeout: Duration,
 }
 
@@ -250,7 +250,7 @@ pub struct ReportConfig {
     /// of its pooled clients; by default the IP a pooled listener is bound to.
     pub address: Option<String>,
     /// The lease: the key vanishes this long after the instance dies.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "bounded_duration")]
     pub ttl: Duration,
 }
 
@@ -384,9 +384,9 @@ pub struct AdminConfig {
     pub max_connections: usize,
     /// A connection that has not sent a whole request's headers this long is closed, and
     /// none stays open longer than `connection_lifetime`.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "bounded_duration")]
     pub header_timeout: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "bounded_duration")]
     pub connection_lifetime: Duration,
 }
 
@@ -471,13 +471,13 @@ pub struct EtcdConfig {
     /// PEM client certificate and key, for etcd's client-certificate auth.
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "bounded_duration")]
     pub dial_timeout: Duration,
     /// Bounds each request (the range read on resync); the watch stream itself is unbounded.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "bounded_duration")]
     pub request_timeout: Duration,
     /// With no message on the watch for this long (progress requests included), resync.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "bounded_duration")]
     pub watch_idle_timeout: Duration,
 }
 
@@ -656,39 +656,39 @@ impl Default for TcpOptions {
 #[serde(default, deny_unknown_fields)]
 pub struct Timeouts {
     /// A client must finish its startup packet(s) within this time.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "bounded_duration")]
     pub startup: Duration,
     /// One TCP connect to a server.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "bounded_duration")]
     pub connect: Duration,
     /// How long a new session waits for a routable server before it gets an error.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "bounded_duration")]
     pub connect_wait: Duration,
     /// Sessions on a deposed primary end at their next rest point, or at this deadline.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "bounded_duration")]
     pub drain: Duration,
     /// Read sessions on a member that left the pool end when their transaction ends, or at
     /// this deadline.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "bounded_duration")]
     pub replica_drain: Duration,
     /// A server that failed a connection is skipped by new sessions for this long.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "bounded_duration")]
     pub eject: Duration,
     /// On shutdown, open transactions get this long to finish.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "bounded_duration")]
     pub shutdown: Duration,
     /// Data sent to a server or a client and not acknowledged this long closes the
     /// connection (TCP_USER_TIMEOUT): a peer cut off with data in flight is given up on,
     /// instead of after the kernel's retransmissions (about 15 minutes). 0 leaves the
     /// system's default.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "bounded_duration")]
     pub tcp_user_timeout: Duration,
     /// TCP keepalive on client and server sockets (PgBouncer's names): the first probe after
     /// this long idle...
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "bounded_duration")]
     pub tcp_keepidle: Duration,
     /// ...then one probe every this long...
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "bounded_duration")]
     pub tcp_keepintvl: Duration,
     /// ...and the peer is given up on after this many unanswered probes.
     pub tcp_keepcnt: u32,
@@ -740,11 +740,38 @@ pub struct Overrides {
     pub admin: Option<String>,
 }
 
+/// The longest duration a setting takes: past it a value is a typo (`500000000years`),
+/// and would overflow the clock where it is added to an instant.
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// A duration as humantime writes it (`500ms`, `10s`, `1m`), at most `MAX_DURATION`.
+fn bounded_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let value: Duration = humantime_serde::deserialize(d)?;
+    match value <= MAX_DURATION {
+        true => Ok(value),
+        false => Err(serde::de::Error::custom(format!(
+            "{} is longer than a year",
+            humantime::format_duration(value)
+        ))),
+    }
+}
+
 impl Config {
+    /// Reads the TOML text. An error names its line and says what is wrong, without
+    /// quoting the line (it may hold a password).
     pub fn from_toml(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string().trim_end().replace('\n', "\n    "),
+        toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| {
+                1 + text.as_bytes()[..s.start.min(text.len())]
+                    .iter()
+                    .filter(|b| **b == b'\n')
+                    .count()
+            });
+            let at = line.map_or(String::new(), |n| format!("line {n}: "));
+            ConfigError::Parse {
+                path: path.to_owned(),
+                message: format!("{at}{}", e.message().trim_end()),
+            }
         })
     }
 
@@ -815,7 +842,6 @@ impl Config {
         }
     }
 
-    /// Every problem at once, so one run of `check-config` shows them all.
     /// What is allowed but probably not meant: `check-config` prints these, `run` logs them.
     pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
@@ -846,6 +872,7 @@ impl Config {
         w
     }
 
+    /// Every problem at once, so one run of `check-config` shows them all.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut bad = Vec::new();
         self.validate_etcd(&mut bad);
@@ -1149,6 +1176,30 @@ fn check_endpoint(e: &str) -> Result<(), &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_toml_error_names_its_line_and_never_quotes_it() {
+        let text = "[etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\npassword = \"s3cret\n";
+        let e = Config::from_toml(Path::new("p.toml"), text)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("p.toml: line 3: "), "{e}");
+        assert!(!e.contains("s3cret"), "{e}");
+    }
+
+    #[test]
+    fn durations_past_a_year_are_refused_as_typos() {
+        let text = "[timeouts]\ndrain = \"500000000years\"\n";
+        let e = Config::from_toml(Path::new("p.toml"), text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("longer than a year") && e.contains("line 2"),
+            "{e}"
+        );
+        let ok = "[timeouts]\ndrain = \"30days\"\n";
+        assert!(Config::from_toml(Path::new("p.toml"), ok).is_ok());
+    }
 
     fn parse(s: &str) -> Result<Config, ConfigError> {
         Config::from_toml(Path::new("test.toml"), s)
