@@ -740,6 +740,13 @@ pub struct Overrides {
     pub admin: Option<String>,
 }
 
+/// The permission bits of `file` when its group or others may read or write it.
+fn open_to_others(file: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(file).ok()?.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then_some(mode)
+}
+
 /// The longest duration a setting takes: past it a value is a typo (`500000000years`),
 /// and would overflow the clock where it is added to an instant.
 pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
@@ -868,6 +875,18 @@ impl Config {
         });
         if loopback {
             w.push("report.address: a loopback address; other instances on other hosts cannot forward cancels to it".into());
+        }
+        for (key, file) in [
+            ("auth.auth_file", &self.auth.auth_file),
+            ("tls.key_file", &self.tls.key_file),
+            ("server_tls.key_file", &self.server_tls.key_file),
+            ("etcd.key_file", &self.etcd.key_file),
+        ] {
+            if let Some(mode) = file.as_deref().and_then(open_to_others) {
+                w.push(format!(
+                    "{key}: readable by others (mode {mode:o}); it holds secrets: chmod 600 it"
+                ));
+            }
         }
         w
     }
@@ -1185,6 +1204,24 @@ mod tests {
             .to_string();
         assert!(e.starts_with("p.toml: line 3: "), "{e}");
         assert!(!e.contains("s3cret"), "{e}");
+    }
+
+    #[test]
+    fn secret_files_open_to_others_are_warned_of() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("userlist.txt");
+        std::fs::write(&file, "").unwrap();
+        let mut c = Config::default();
+        c.auth.auth_file = Some(file.clone());
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let w = c.warnings().join("\n");
+        assert!(
+            w.contains("auth.auth_file: readable by others (mode 644)"),
+            "{w}"
+        );
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(c.warnings().is_empty(), "{:?}", c.warnings());
     }
 
     #[test]

@@ -122,6 +122,9 @@ fn status_and_run_report_unreachable_etcd_and_bad_certificates_in_one_line() {
     let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
     std::fs::write(&cert, "not a certificate").unwrap();
     std::fs::write(&key, "not a key").unwrap();
+    // A key others may read would add a warning line.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
     let file = dir.path().join("tls.toml");
     std::fs::write(
         &file,
