@@ -37,6 +37,7 @@ pub(crate) mod etcd;
 pub(crate) mod frontend;
 pub(crate) mod limit;
 pub mod listener;
+pub mod logline;
 pub mod metrics;
 pub(crate) mod peers;
 pub mod policy;
