@@ -769,3 +769,34 @@ async fn a_client_waiting_in_line_cannot_fill_patroxys_memory() {
     );
     proxy.stop().await;
 }
+
+/// A replication connection through a pooled listener gets patroxy's tagged key too (so any
+/// instance routes its cancel), never the server's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replication_client_gets_patroxys_key() {
+    let (_root, etcd, _pg) = one_primary("hrepl").await;
+    let proxy = Proxy::start(&etcd, "hrepl", |cfg| {
+        cfg.listeners[0].pool_mode = patroxy::config::PoolMode::Transaction;
+        cfg.auth.trust = vec!["127.0.0.1/32".parse().unwrap()];
+    })
+    .await;
+    let mut s = connect_from(HERE, proxy.port()).await;
+    let params = [
+        ("user", "postgres"),
+        ("database", "postgres"),
+        ("replication", "database"),
+    ];
+    s.write_all(&startup_message(0, &params)).await.unwrap();
+    let mut pid = None;
+    loop {
+        match message(&mut s).await {
+            (b'K', body) => pid = Some(i32::from_be_bytes([body[0], body[1], body[2], body[3]])),
+            (b'Z', _) => break,
+            (b'E', body) => panic!("refused: {}", String::from_utf8_lossy(&body)),
+            _ => {}
+        }
+    }
+    let pid = pid.expect("a BackendKeyData");
+    assert!(pid >= 1 << 23, "a tagged key, not the server's pid {pid}");
+    proxy.stop().await;
+}

@@ -73,20 +73,22 @@ pub async fn run(
     for (name, value) in &conn.params {
         messages::put_parameter_status(&mut hello, name, value);
     }
-    if let Some(key) = &conn.key {
-        hello.extend_from_slice(&messages::backend_key_data(key));
-    }
+    // patroxy's own key, as every client gets (any instance routes it here), registered
+    // before the client can have it.
+    let client_key = crate::backend::cancel::tagged_key(proxy.cancel_tag);
+    let _registration = conn.key.clone().map(|k| {
+        hello.extend_from_slice(&messages::backend_key_data(&client_key));
+        let server = target.endpoint.clone();
+        proxy
+            .cancels
+            .register(client_key, server, k, Default::default())
+    });
     hello.extend_from_slice(&messages::ready_for_query_idle());
     if send(&mut client, &hello).await.is_err() {
         return;
     }
     crate::metrics::connected(&ctx.name, started.elapsed());
     let _load = proxy.load.claim(&target.endpoint);
-    let _registration = conn.key.clone().map(|k| {
-        proxy
-            .cancels
-            .register(k.clone(), target.endpoint.clone(), k, Default::default())
-    });
     let relay_ctx = RelayContext {
         policy: &ctx.policy,
         policy_updates: ctx.policy_updates.clone(),
