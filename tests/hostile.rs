@@ -248,7 +248,17 @@ async fn a_cancel_goes_one_hop_and_a_forged_report_cannot_loop_it() {
     wait_cancels("hop-b", "misrouted", 1.0).await;
     assert_eq!(cancels("hop-b", "peer"), 0.0, "b sent nothing on");
 
-    // The real thing: a's session is cancelled through b.
+    // The real thing: a's session is cancelled through b, once both have reported (b follows
+    // a's report with its watch).
+    wait_for("both reports' cancel routes", LONG, || {
+        let mut client = reports.client.clone();
+        async move {
+            let opts = etcd_client::GetOptions::new().with_prefix();
+            let got = client.get("/patroxy/hhop/", Some(opts)).await.ok()?;
+            (got.kvs().len() == 3).then_some(())
+        }
+    })
+    .await;
     on_a.write_all(&query("SELECT pg_sleep(60)")).await.unwrap();
     wait_query_running(pg.port, "SELECT pg_sleep(60)").await;
     cancel_from(HERE, b.port(), pid_a, &secret_a).await;
