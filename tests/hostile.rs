@@ -250,15 +250,7 @@ async fn a_cancel_goes_one_hop_and_a_forged_report_cannot_loop_it() {
 
     // The real thing: a's session is cancelled through b, once both have reported (b follows
     // a's report with its watch).
-    wait_for("both reports' cancel routes", LONG, || {
-        let mut client = reports.client.clone();
-        async move {
-            let opts = etcd_client::GetOptions::new().with_prefix();
-            let got = client.get("/patroxy/hhop/", Some(opts)).await.ok()?;
-            (got.kvs().len() == 3).then_some(())
-        }
-    })
-    .await;
+    wait_cancel_routes(&etcd, "/patroxy/hhop/", 3).await;
     on_a.write_all(&query("SELECT pg_sleep(60)")).await.unwrap();
     wait_query_running(pg.port, "SELECT pg_sleep(60)").await;
     cancel_from(HERE, b.port(), pid_a, &secret_a).await;

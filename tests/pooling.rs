@@ -1042,24 +1042,7 @@ async fn a_pooled_cancel_key_works_through_another_instance_and_only_while_it_ru
     let (first, second) = (start("one").await, start("two").await);
     // Each instance publishes where it takes cancels for its keys, and nothing else tells
     // the other about it.
-    let reports = Keys::with_prefix(&etcd, "/patroxy/").await;
-    wait_for("the reports' cancel routes", LONG, || {
-        let mut client = reports.client.clone();
-        async move {
-            let opts = etcd_client::GetOptions::new().with_prefix();
-            let got = client.get("/patroxy/", Some(opts)).await.ok()?;
-            let routes = got
-                .kvs()
-                .iter()
-                .filter(|kv| {
-                    kv.value_str()
-                        .is_ok_and(|v| v.contains(r#""cancel":{"tag""#))
-                })
-                .count();
-            (routes == 2).then_some(())
-        }
-    })
-    .await;
+    wait_cancel_routes(&etcd, "/patroxy/", 2).await;
 
     let (c, _conn) = login(first.port(), "alice", "wonder", "").await.unwrap();
     let token = c.cancel_token();

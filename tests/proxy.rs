@@ -361,24 +361,7 @@ async fn cancel_requests_reach_the_right_server_through_any_instance() {
     wait_routed(one.port(), c.a.port).await;
     // Each instance publishes where it takes cancels for its keys; the other follows the
     // reports with a watch.
-    let reports = Keys::with_prefix(&c.etcd, "/patroxy/").await;
-    wait_for("both reports' cancel routes", LONG, || {
-        let mut client = reports.client.clone();
-        async move {
-            let opts = etcd_client::GetOptions::new().with_prefix();
-            let got = client.get("/patroxy/cancel/", Some(opts)).await.ok()?;
-            let routes = got
-                .kvs()
-                .iter()
-                .filter(|kv| {
-                    kv.value_str()
-                        .is_ok_and(|v| v.contains(r#""cancel":{"tag""#))
-                })
-                .count();
-            (routes == 2).then_some(())
-        }
-    })
-    .await;
+    wait_cancel_routes(&c.etcd, "/patroxy/cancel/", 2).await;
 
     for via in [one.port(), two.port()] {
         let (client, _conn) = connect_with(one.port(), "").await.unwrap();

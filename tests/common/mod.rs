@@ -929,3 +929,29 @@ pub fn startup_message(minor: u16, params: &[(&str, &str)]) -> Vec<u8> {
     out.extend_from_slice(&body);
     out
 }
+
+/// Waits until `n` routing reports under `prefix` name where their instance takes cancels.
+pub async fn wait_cancel_routes(etcd: &Etcd, prefix: &str, n: usize) {
+    let reports = Keys::with_prefix(etcd, prefix).await;
+    wait_for(
+        "the reports' cancel routes",
+        Duration::from_secs(30),
+        || {
+            let mut client = reports.client.clone();
+            async move {
+                let opts = etcd_client::GetOptions::new().with_prefix();
+                let got = client.get(prefix, Some(opts)).await.ok()?;
+                let routes = got
+                    .kvs()
+                    .iter()
+                    .filter(|kv| {
+                        kv.value_str()
+                            .is_ok_and(|v| v.contains(r#""cancel":{"tag""#))
+                    })
+                    .count();
+                (routes == n).then_some(())
+            }
+        },
+    )
+    .await;
+}
