@@ -796,4 +796,42 @@ mod tests {
         resize(&sem, 1, 4);
         assert_eq!(sem.available_permits(), 4);
     }
+
+    fn key(database: &str) -> PoolKey {
+        PoolKey {
+            endpoint: Endpoint::parse("127.0.0.1:5001").unwrap(),
+            database: database.into(),
+            user: "u".into(),
+            wants_standby: Some(false),
+        }
+    }
+
+    #[test]
+    fn pools_are_capped_and_unused_empty_ones_go() {
+        let pools = Pools::default();
+        pools.configure(&PoolConfig {
+            max_pools: 2,
+            ..PoolConfig::default()
+        });
+        let held = pools.get(key("a")).unwrap();
+        let _b = pools.get(key("b")).unwrap();
+        assert!(matches!(
+            pools.get(key("c")),
+            Err(PoolError::TooMany { max: 2 })
+        ));
+        assert!(
+            pools.get(key("a")).is_ok(),
+            "an existing pool is no new one"
+        );
+        drop(_b);
+        assert_eq!(
+            pools.forget_empty(),
+            1,
+            "b: empty, never connected, held by nobody"
+        );
+        assert_eq!(pools.len(), 1, "a is still held");
+        drop(held);
+        assert_eq!(pools.forget_empty(), 1);
+        assert!(pools.get(key("c")).is_ok(), "room again");
+    }
 }
