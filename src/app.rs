@@ -88,6 +88,8 @@ pub async fn run(
     let pools = Arc::new(Pools::default());
     pools.configure(&config.pool);
     let cancel_tag = crate::backend::cancel::new_tag();
+    // The peers' cancel routes, followed with one watch of their reports.
+    let peers = crate::peers::Peers::default();
     let running = Running {
         default_instance: crate::config::ReportConfig::default_instance(),
         topologies: topologies.clone(),
@@ -97,13 +99,12 @@ pub async fn run(
         config: running_config,
         pools: pools.clone(),
         cancel_tag,
+        peers: peers.clone(),
     };
     let published = Published {
         serving: serving_tx,
         config: config_tx,
     };
-    // The peers' cancel routes, followed with one watch of their reports.
-    let peers = crate::peers::Peers::default();
     {
         let (etcd, config, stop) = (
             etcd.clone(),

@@ -48,6 +48,21 @@ impl Peers {
             .map(|r| r.address.clone())
     }
 
+    /// The routes known, by report key, for the operator.
+    pub fn views(&self) -> Vec<crate::view::PeerView> {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        let mut views: Vec<_> = routes
+            .iter()
+            .map(|(key, r)| crate::view::PeerView {
+                report: key.clone(),
+                tag: r.tag,
+                address: r.address.to_string(),
+            })
+            .collect();
+        views.sort_by(|a, b| a.report.cmp(&b.report));
+        views
+    }
+
     pub fn len(&self) -> usize {
         self.routes.read().unwrap_or_else(|p| p.into_inner()).len()
     }
@@ -67,6 +82,7 @@ impl Peers {
     /// A report written (`Some`) or gone.
     fn apply(&self, key: String, value: Option<&[u8]>) {
         let mut routes = self.write();
+        debug!(key, written = value.is_some(), "a peer's report");
         match value.and_then(|v| route_of(&key, v)) {
             Some(r) if routes.len() < MAX_REPORTS || routes.contains_key(&key) => {
                 routes.insert(key, r);
@@ -118,6 +134,12 @@ impl Peers {
         let limit = etcd.config.request_timeout;
         let mut client = etcd.connect().await?;
         let (keys, revision) = read_prefix(&mut client, prefix, limit).await?;
+        debug!(
+            prefix,
+            reports = keys.len(),
+            revision,
+            "following the peers' reports"
+        );
         {
             let mut routes = self.write();
             routes.clear();

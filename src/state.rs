@@ -12,6 +12,7 @@ use crate::backend::pool::Pools;
 use crate::backend::ServerLoad;
 use crate::config::Config;
 use crate::discovery::{EtcdContact, Topology};
+use crate::peers::Peers;
 use crate::view::{self, InstanceView, Served};
 
 /// Each cluster's topology, by cluster name.
@@ -37,6 +38,8 @@ pub struct Running {
     pub pools: Arc<Pools>,
     /// The tag in the pids of this instance's cancel keys.
     pub cancel_tag: u16,
+    /// The cancel routes read from the instances' reports.
+    pub peers: Peers,
 }
 
 impl Running {
@@ -100,6 +103,7 @@ impl Running {
                 silent_ms: contact.silent_for().map(|d| d.as_millis() as u64),
             });
         }
+        v.peers = self.peers.views();
         v
     }
 

@@ -85,6 +85,19 @@ pub struct InstanceView {
     /// Server connection pools of pooled listeners.
     #[serde(default)]
     pub pools: Vec<PoolView>,
+    /// The instances (this one too) whose cancel routes this one has read from their
+    /// reports: where it sends a cancel request whose key another instance issued.
+    #[serde(default)]
+    pub peers: Vec<PeerView>,
+}
+
+/// A peer's cancel route, as read from its report.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PeerView {
+    /// The report's key under `report.prefix`: `<cluster>/<instance>`.
+    pub report: String,
+    pub tag: u16,
+    pub address: String,
 }
 
 /// One pool: a member's server connections for one database and user.
@@ -281,6 +294,7 @@ pub fn instance(
         clusters,
         listeners,
         pools,
+        peers: Vec::new(),
     }
 }
 

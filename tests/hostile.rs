@@ -226,6 +226,7 @@ async fn a_cancel_goes_one_hop_and_a_forged_report_cannot_loop_it() {
         Proxy::start(&etcd, "hhop", move |cfg| {
             cfg.listeners[0].name = format!("hop-{name}");
             cfg.report.instance = Some(name.into());
+            cfg.admin.listen = Some(format!("{HERE}:0"));
         })
     };
     let (a, b) = (start("a").await, start("b").await);
@@ -250,7 +251,7 @@ async fn a_cancel_goes_one_hop_and_a_forged_report_cannot_loop_it() {
 
     // The real thing: a's session is cancelled through b, once both have reported (b follows
     // a's report with its watch).
-    wait_cancel_routes(&etcd, "/patroxy/hhop/", 3).await;
+    wait_peers(&[&a, &b], 3).await;
     on_a.write_all(&query("SELECT pg_sleep(60)")).await.unwrap();
     wait_query_running(pg.port, "SELECT pg_sleep(60)").await;
     cancel_from(HERE, b.port(), pid_a, &secret_a).await;

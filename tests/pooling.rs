@@ -563,7 +563,7 @@ async fn a_switchover_key_holds_transactions_until_it_goes_and_no_longer() {
     let written = keys.client.get(key, None).await.unwrap();
     let revision = written.kvs()[0].mod_revision();
     wait_for("patroxy to read the stale key", LONG, || async {
-        let v = topology_json(admin).await?;
+        let v = topology(admin).await?;
         (v["clusters"][0]["revision"].as_i64()? >= revision).then_some(())
     })
     .await;
@@ -599,22 +599,10 @@ async fn a_switchover_key_holds_transactions_until_it_goes_and_no_longer() {
     proxy.stop().await;
 }
 
-/// The admin endpoint's `/topology`, if it answers.
-async fn topology_json(admin: std::net::SocketAddr) -> Option<serde_json::Value> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(admin).await.ok()?;
-    s.write_all(b"GET /topology HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n")
-        .await
-        .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.ok()?;
-    serde_json::from_str(out.split_once("\r\n\r\n")?.1).ok()
-}
-
 /// Waits until patroxy sees a switchover under way (or, with `false`, none).
 async fn wait_switchover(admin: std::net::SocketAddr, under_way: bool) {
     wait_for("patroxy to see the failover key", LONG, || async move {
-        let v = topology_json(admin).await?;
+        let v = topology(admin).await?;
         (v["clusters"][0]["switchover"].is_string() == under_way).then_some(())
     })
     .await;
@@ -925,7 +913,7 @@ async fn a_client_that_gives_up_waiting_for_a_primary_is_let_go_at_once() {
     Keys::new(&etcd, "poolgone").await.delete("leader").await;
     let admin = proxy.admin.unwrap();
     wait_for("patroxy to see no leader", LONG, || async move {
-        let v = topology_json(admin).await?;
+        let v = topology(admin).await?;
         v["clusters"][0]["leader"].is_null().then_some(())
     })
     .await;
@@ -1037,12 +1025,13 @@ async fn a_pooled_cancel_key_works_through_another_instance_and_only_while_it_ru
             transaction_pooled(cfg, file, 1);
             cfg.listeners[0].name = format!("peer-{name}");
             cfg.report.instance = Some(name.into());
+            cfg.admin.listen = Some("127.0.0.1:0".into());
         })
     };
     let (first, second) = (start("one").await, start("two").await);
     // Each instance publishes where it takes cancels for its keys, and nothing else tells
     // the other about it.
-    wait_cancel_routes(&etcd, "/patroxy/", 2).await;
+    wait_peers(&[&first, &second], 2).await;
 
     let (c, _conn) = login(first.port(), "alice", "wonder", "").await.unwrap();
     let token = c.cancel_token();
@@ -1848,7 +1837,7 @@ async fn pools_show_in_topology_and_metrics() {
     // While the transaction holds its connection: one pool, one lent.
     let admin = proxy.admin.unwrap();
     let view = wait_for("the pool in /topology", LONG, || async move {
-        let v = topology_json(admin).await?;
+        let v = topology(admin).await?;
         let pools = v["pools"].as_array()?.clone();
         (pools.len() == 1 && pools[0]["in_use"] == 1).then_some(pools[0].clone())
     })

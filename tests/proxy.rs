@@ -351,17 +351,19 @@ async fn cancel_requests_reach_the_right_server_through_any_instance() {
     let one = Proxy::start(&c.etcd, "cancel", |cfg| {
         cfg.listeners = vec![listener("cancel-one", ListenerRole::Primary)];
         cfg.report.instance = Some("one".into());
+        cfg.admin.listen = Some("127.0.0.1:0".into());
     })
     .await;
     let two = Proxy::start(&c.etcd, "cancel", |cfg| {
         cfg.listeners = vec![listener("cancel-two", ListenerRole::Primary)];
         cfg.report.instance = Some("two".into());
+        cfg.admin.listen = Some("127.0.0.1:0".into());
     })
     .await;
     wait_routed(one.port(), c.a.port).await;
     // Each instance publishes where it takes cancels for its keys; the other follows the
     // reports with a watch.
-    wait_cancel_routes(&c.etcd, "/patroxy/cancel/", 2).await;
+    wait_peers(&[&one, &two], 2).await;
 
     for via in [one.port(), two.port()] {
         let (client, _conn) = connect_with(one.port(), "").await.unwrap();

@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use etcd_client::Client as EtcdClient;
 pub use patroxy::config::{Config, ListenerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -930,28 +932,33 @@ pub fn startup_message(minor: u16, params: &[(&str, &str)]) -> Vec<u8> {
     out
 }
 
-/// Waits until `n` routing reports under `prefix` name where their instance takes cancels.
-pub async fn wait_cancel_routes(etcd: &Etcd, prefix: &str, n: usize) {
-    let reports = Keys::with_prefix(etcd, prefix).await;
-    wait_for(
-        "the reports' cancel routes",
-        Duration::from_secs(30),
-        || {
-            let mut client = reports.client.clone();
-            async move {
-                let opts = etcd_client::GetOptions::new().with_prefix();
-                let got = client.get(prefix, Some(opts)).await.ok()?;
-                let routes = got
-                    .kvs()
-                    .iter()
-                    .filter(|kv| {
-                        kv.value_str()
-                            .is_ok_and(|v| v.contains(r#""cancel":{"tag""#))
-                    })
-                    .count();
-                (routes == n).then_some(())
-            }
-        },
-    )
-    .await;
+/// The admin endpoint's `/topology`, if it answers.
+pub async fn topology(admin: SocketAddr) -> Option<serde_json::Value> {
+    let mut s = TcpStream::connect(admin).await.ok()?;
+    s.write_all(b"GET /topology HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.ok()?;
+    serde_json::from_str(out.split_once("\r\n\r\n")?.1).ok()
+}
+
+/// Waits until each of `proxies` (started with an admin endpoint) has read `n` cancel
+/// routes from the reports, its own among them: a cancel sent through any of them then
+/// reaches the instance that issued its key.
+pub async fn wait_peers(proxies: &[&Proxy], n: usize) {
+    for p in proxies {
+        let admin = p
+            .admin
+            .expect("wait_peers needs the proxy's admin endpoint");
+        wait_for(
+            "the peers' cancel routes",
+            Duration::from_secs(30),
+            || async move {
+                let v = topology(admin).await?;
+                (v["peers"].as_array()?.len() == n).then_some(())
+            },
+        )
+        .await;
+    }
 }
