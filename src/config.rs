@@ -143,6 +143,10 @@ pub struct PoolConfig {
     /// Transaction pooling: named prepared statements each server connection keeps for
     /// clients, the least recently used closed first.
     pub max_prepared_statements: usize,
+    /// Transaction pooling: bytes one client's prepared statements may hold (patroxy keeps
+    /// each Parse, to prepare it on whichever connection the client gets); past it, or
+    /// for one Parse longer than it, the client gets `54000`.
+    pub client_memory: usize,
     /// A scheduled switchover (Patroni's `scheduled_at`) is held from this long before its
     /// time: no new transaction starts on the old primary, and running ones have this long
     /// to finish before Patroni's fast shutdown would kill them.
@@ -179,6 +183,7 @@ impl Default for PoolConfig {
             server_reset_query: "DISCARD ALL".into(),
             server_check_delay: Duration::from_secs(30),
             max_prepared_statements: 100,
+            client_memory: 64 << 20,
             switchover_grace: Duration::from_secs(2),
             verify_release: false,
             idle_transaction_timeout: Duration::ZERO,
@@ -991,6 +996,9 @@ impl Config {
         }
         if p.max_prepared_statements == 0 {
             bad.push("pool.max_prepared_statements: must be at least 1".into());
+        }
+        if p.client_memory < 1 << 20 {
+            bad.push("pool.client_memory: must be at least 1048576 (1 MiB)".into());
         }
         if p.min_pool_size > p.pool_size {
             bad.push(format!(

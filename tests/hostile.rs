@@ -803,3 +803,200 @@ async fn a_replication_client_gets_patroxys_key() {
     assert!(pid >= 1 << 23, "a tagged key, not the server's pid {pid}");
     proxy.stop().await;
 }
+
+/// The test process's resident memory now, in KiB.
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Writes `n` copies of `byte`, a MiB at a time (the test holds no more than that).
+async fn write_repeated(s: &mut TcpStream, byte: u8, n: usize) {
+    let chunk = vec![byte; 1 << 20];
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(chunk.len());
+        s.write_all(&chunk[..k]).await.unwrap();
+        left -= k;
+    }
+}
+
+/// Reads answers up to ReadyForQuery (or, after an error, the end) without keeping long
+/// ones: the bytes of DataRows, the first column of the last row if short, and the
+/// SQLSTATE of an error.
+async fn answers(s: &mut TcpStream) -> (usize, Option<String>, Option<String>) {
+    let (mut row_bytes, mut value, mut failed) = (0, None, None);
+    let mut sink = vec![0u8; 64 * 1024];
+    loop {
+        let mut head = [0u8; 5];
+        let read = tokio::time::timeout(LONG, s.read_exact(&mut head))
+            .await
+            .expect("an answer");
+        if read.is_err() && failed.is_some() {
+            return (row_bytes, value, failed);
+        }
+        read.unwrap();
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize - 4;
+        if len > sink.len() {
+            let mut left = len;
+            while left > 0 {
+                let k = left.min(sink.len());
+                s.read_exact(&mut sink[..k]).await.unwrap();
+                left -= k;
+            }
+            row_bytes += len;
+            continue;
+        }
+        let body = &mut sink[..len];
+        s.read_exact(body).await.unwrap();
+        match head[0] {
+            b'D' => {
+                row_bytes += len;
+                value = Some(String::from_utf8_lossy(&body[6..]).into_owned());
+            }
+            b'E' => {
+                failed = body
+                    .split(|b| *b == 0)
+                    .find(|f| f.first() == Some(&b'C'))
+                    .map(|f| String::from_utf8_lossy(&f[1..]).into_owned())
+            }
+            b'Z' => return (row_bytes, value, failed),
+            _ => {}
+        }
+    }
+}
+
+/// The highest RSS sampled while `work` runs, in KiB.
+async fn peak_rss_during<T>(work: impl std::future::Future<Output = T>) -> (T, u64) {
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(rss_kib()));
+    let sampler = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(rss_kib(), std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let out = work.await;
+    sampler.abort();
+    let peak = peak.fetch_max(rss_kib(), std::sync::atomic::Ordering::Relaxed);
+    (out, peak)
+}
+
+/// A 500 MB row, a 200 MB parameter and a 100 MB query text go through a transaction pool
+/// as they come: patroxy holds a few frames' worth, not the message, and others are served
+/// meanwhile. A Parse longer than `pool.client_memory` is refused with 54000.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_messages_through_a_transaction_pool_hold_little_memory() {
+    let (_root, etcd, _pg) = one_primary("hhuge").await;
+    let proxy = Proxy::start(&etcd, "hhuge", |cfg| {
+        cfg.listeners[0].pool_mode = patroxy::config::PoolMode::Transaction;
+        cfg.auth.trust = vec!["127.0.0.1/32".parse().unwrap()];
+        cfg.pool.pool_size = 2;
+        cfg.pool.client_memory = 1 << 20;
+    })
+    .await;
+    let port = proxy.port();
+    let (mut other, _, _) = session_from(HERE, port).await;
+    assert_eq!(run(&mut other, "SELECT 1").await, None);
+    let (mut s, _, _) = session_from(HERE, port).await;
+    let before = rss_kib();
+    const ROW: usize = 500_000_000;
+    const PARAM: usize = 200_000_000;
+    const TEXT: usize = 100_000_000;
+    let (results, peak) = peak_rss_during(async {
+        // A result's row.
+        s.write_all(&query(&format!("SELECT repeat('x', {ROW})")))
+            .await
+            .unwrap();
+        let served = tokio::spawn(async move {
+            let r = run(&mut other, "SELECT 1").await;
+            (other, r)
+        });
+        let row = answers(&mut s).await;
+        let (other, served) = served.await.unwrap();
+        // A named statement's parameter (the Bind is renamed and its parameters follow).
+        let mut m = b"P\0\0\0\x1cbig\0SELECT length($1)\0\0\0".to_vec();
+        let bind_len = 4 + 1 + 4 + 2 + 2 + 4 + PARAM + 2;
+        m.push(b'B');
+        m.extend_from_slice(&(bind_len as u32).to_be_bytes());
+        m.extend_from_slice(b"\0big\0\0\0\0\x01");
+        m.extend_from_slice(&(PARAM as u32).to_be_bytes());
+        s.write_all(&m).await.unwrap();
+        write_repeated(&mut s, b'y', PARAM).await;
+        s.write_all(b"\0\0E\0\0\0\x09\0\0\0\0\0S\0\0\0\x04")
+            .await
+            .unwrap();
+        let param = answers(&mut s).await;
+        // A simple query's text.
+        let prefix = b"SELECT length('";
+        let mut m = vec![b'Q'];
+        m.extend_from_slice(&((4 + prefix.len() + TEXT + 3) as u32).to_be_bytes());
+        m.extend_from_slice(prefix);
+        s.write_all(&m).await.unwrap();
+        write_repeated(&mut s, b'z', TEXT).await;
+        s.write_all(b"')\0").await.unwrap();
+        let text = answers(&mut s).await;
+        (row, served, param, text, other)
+    })
+    .await;
+    let (row, served, param, text, mut other) = results;
+    assert_eq!((row.0 >= ROW, row.2), (true, None), "the row came whole");
+    assert_eq!(served, None, "another client was served meanwhile");
+    assert_eq!(param.1.as_deref(), Some("200000000"), "{param:?}");
+    assert_eq!(text.1.as_deref(), Some("100000000"), "{text:?}");
+    let grew = peak.saturating_sub(before);
+    eprintln!("800 MB through a transaction pool: RSS {before} -> peak {peak} KiB (+{grew} KiB)");
+    assert!(grew < 64 * 1024, "RSS grew {grew} KiB");
+
+    // A Parse longer than pool.client_memory: 54000, and the others go on.
+    let long = "SELECT 1 -- ".to_owned() + &"w".repeat(2 << 20);
+    let mut m = vec![b'P'];
+    m.extend_from_slice(&((4 + 2 + long.len() + 1 + 2) as u32).to_be_bytes());
+    m.extend_from_slice(b"s\0");
+    m.extend_from_slice(long.as_bytes());
+    m.extend_from_slice(b"\0\0\0S\0\0\0\x04");
+    s.write_all(&m).await.unwrap();
+    let refused = answers(&mut s).await;
+    assert_eq!(refused.2.as_deref(), Some("54000"), "{refused:?}");
+    assert_eq!(run(&mut other, "SELECT 1").await, None);
+
+    // Many small statements count too (each at its size and some), and so do settings.
+    let (mut s, _, _) = session_from(HERE, port).await;
+    let mut batch = Vec::new();
+    for i in 0..5000 {
+        let body = format!("s{i}\0SELECT {i}\0\0\0");
+        batch.push(b'P');
+        batch.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        batch.extend_from_slice(body.as_bytes());
+    }
+    batch.extend_from_slice(b"S\0\0\0\x04");
+    s.write_all(&batch).await.unwrap();
+    let refused = answers(&mut s).await;
+    assert_eq!(
+        refused.2.as_deref(),
+        Some("54000"),
+        "5000 statements: {refused:?}"
+    );
+    let (mut s, _, _) = session_from(HERE, port).await;
+    let value = "v".repeat(60_000);
+    let mut code = None;
+    for i in 0..40 {
+        // The FATAL may come after the last SET's answer: this write may find it closed.
+        let _ = s
+            .write_all(&query(&format!("SET app.s{i} = '{value}'")))
+            .await;
+        code = answers(&mut s).await.2;
+        if code.is_some() {
+            break;
+        }
+    }
+    assert_eq!(code.as_deref(), Some("54000"), "40 settings of 60 kB");
+    assert_eq!(run(&mut other, "SELECT 1").await, None);
+    proxy.stop().await;
+}

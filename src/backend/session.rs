@@ -90,6 +90,12 @@ impl Wanted {
         };
     }
 
+    /// The bytes of the settings the client's own commands set (its startup values and
+    /// the login defaults are bounded by the startup packet and the server).
+    pub fn held(&self) -> usize {
+        self.own.iter().map(|(n, v)| n.len() + v.len() + 64).sum()
+    }
+
     /// The custom settings (`app.tenant`) the client has, from its startup packet or its
     /// own commands: asked for by name when its session is read.
     pub fn custom(&self) -> impl Iterator<Item = &str> {

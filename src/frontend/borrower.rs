@@ -330,6 +330,13 @@ impl Session<'_> {
             };
             if let Some(reply) = carried.statements.answer_locally(buf, reading) {
                 buf.clear();
+                let limit = self.ctx.pool.client_memory;
+                if carried.statements.held() + carried.wanted.held() > limit {
+                    let end = End::ClientMemory { limit };
+                    let msg = format!("patroxy: {end}");
+                    send_fatal(client, codes::PROGRAM_LIMIT_EXCEEDED, &msg).await;
+                    return Next::Over(end);
+                }
                 return match send(client, &reply).await {
                     Ok(()) => Next::Answered,
                     Err(e) => Next::Over(End::ClientIo(e)),

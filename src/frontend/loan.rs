@@ -131,6 +131,13 @@ impl Session<'_> {
                 if let Err(e) = self.pass_notifications(client, &mut conn, carried).await {
                     end = End::ClientIo(e);
                 }
+                // Settings taken up count with the statements against the client's memory.
+                let limit = self.ctx.pool.client_memory;
+                if carried.statements.held() + carried.wanted.held() > limit {
+                    end = End::ClientMemory { limit };
+                    let msg = format!("patroxy: {end}");
+                    send_fatal(client, codes::PROGRAM_LIMIT_EXCEEDED, &msg).await;
+                }
                 settled
             }
             // A client that leaves in a transaction that made session objects: its reset
@@ -277,6 +284,8 @@ impl Session<'_> {
                 client: &mut carried.statements,
                 server: &mut conn.prepared,
                 capacity: self.ctx.pool.max_prepared_statements,
+                memory: self.ctx.pool.client_memory,
+                settings_held: carried.wanted.held(),
                 reading: Reading {
                     naming: &proxy.naming,
                     classifier: &proxy.classifier,

@@ -55,6 +55,11 @@ pub enum End {
     ClientIdle,
     /// Transaction pooling: the client left its notifications unread past its queue.
     Overflowed,
+    /// Transaction pooling: what patroxy keeps for the client (its statements, one Parse,
+    /// its settings) would be more than `pool.client_memory`.
+    ClientMemory {
+        limit: usize,
+    },
 }
 
 impl End {
@@ -91,6 +96,7 @@ impl End {
             End::TimedOut(_) => "timed_out",
             End::ClientIdle => "client_idle",
             End::Overflowed => "overflowed",
+            End::ClientMemory { .. } => "client_memory",
         }
     }
 }
@@ -104,6 +110,10 @@ impl std::fmt::Display for End {
             End::ServerIo(e) => write!(f, "server error: {e}"),
             End::ClientProtocol(e) => write!(f, "client protocol error: {e}"),
             End::ServerProtocol(e) => write!(f, "server protocol error: {e}"),
+            End::ClientMemory { limit } => write!(
+                f,
+                "this client's prepared statements and settings would take more than pool.client_memory ({limit} bytes)"
+            ),
             End::Drained {
                 cause,
                 forced: false,
@@ -457,6 +467,9 @@ pub async fn relay(
         _ if moving => None,
         End::Drained { cause, .. } => Some((codes::ADMIN_SHUTDOWN, cause.client_message())),
         End::ClientProtocol(e) => Some((codes::PROTOCOL_VIOLATION, format!("patroxy: {e}"))),
+        End::ClientMemory { .. } => {
+            Some((codes::PROGRAM_LIMIT_EXCEEDED, format!("patroxy: {end}")))
+        }
         End::TimedOut(over) => {
             let limit = match over {
                 Over::Query => ctx.limits.query,

@@ -2,7 +2,10 @@
 //! pooling): whole frames instead of passing bytes, so that a client's Parse, Bind, Describe
 //! and Close can be renamed, preceded by a quiet Parse, or answered by patroxy
 //! (`prepared.rs` decides), and the server's answers to patroxy's own messages are held
-//! back. Accounting (transaction status, requests in flight) is the plain relay's.
+//! back. A frame longer than `LONG_FRAME` that patroxy need not read whole (a result's row,
+//! COPY data, a Bind's parameters, a Query too long to read) goes through as it comes, so
+//! a session holds at most about that much of it. Accounting (transaction status, requests
+//! in flight) is the plain relay's.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Mutex;
@@ -12,13 +15,42 @@ use tokio::sync::Notify;
 
 use super::relay::{count_down, End, Pumped, RelayState, UpCounter};
 use crate::protocol::codes;
-use crate::protocol::frame::{split_frame, Scanner, MAX_DECLARED_LEN};
+use crate::protocol::frame::{long_frame, split_frame, Scanner, MAX_DECLARED_LEN};
 use crate::protocol::messages;
 use crate::protocol::prepared::{Responses, Rewriter, Route};
 use crate::stream::{Reader, Writer, BUF_SIZE};
 
 /// PostgreSQL's own limit on a message.
 const FRAME_LIMIT: usize = 1 << 30;
+
+/// A frame longer than this goes through as it comes, unless patroxy must read it whole.
+pub const LONG_FRAME: usize = 64 * 1024;
+
+/// The rest of a long frame: passed as it comes, or (an answer patroxy swallows) dropped.
+#[derive(Debug, Default)]
+struct Through {
+    left: usize,
+    pass: bool,
+}
+
+impl Through {
+    /// Moves what is due of `pending` to `out`: whether the frame has all gone through.
+    fn take(&mut self, pending: &mut BytesMut, out: &mut BytesMut) -> bool {
+        let n = self.left.min(pending.len());
+        let part = pending.split_to(n);
+        if self.pass {
+            out.extend_from_slice(&part);
+        }
+        self.left -= n;
+        self.left == 0
+    }
+}
+
+/// Client messages patroxy reads whole (it keeps or renames what they name), up to
+/// `pool.client_memory`.
+fn held_whole(tag: u8) -> bool {
+    matches!(tag, codes::PARSE | codes::DESCRIBE | codes::CLOSE)
+}
 
 fn lock(r: &Mutex<Responses>) -> std::sync::MutexGuard<'_, Responses> {
     r.lock().unwrap_or_else(|p| p.into_inner())
@@ -46,6 +78,7 @@ pub(super) async fn pump_up(
         return End::ClientProtocol(e);
     }
     let mut read = BytesMut::with_capacity(BUF_SIZE);
+    let mut through = Through::default();
     loop {
         let mut out = BytesMut::new();
         // What the server refused since the last batch is not prepared there; what it
@@ -60,6 +93,36 @@ pub(super) async fn pump_up(
             rewriter.all_dropped();
         }
         loop {
+            if through.left > 0 && !through.take(&mut pending, &mut out) {
+                break;
+            }
+            match long_frame(&pending, LONG_FRAME, FRAME_LIMIT) {
+                Err(e) => return End::ClientProtocol(e),
+                Ok(Some((tag, total))) if held_whole(tag) => {
+                    if rewriter.over_memory(total) {
+                        st.up_clean.store(false, Relaxed);
+                        let limit = rewriter.memory;
+                        return End::ClientMemory { limit };
+                    }
+                }
+                Ok(Some((tag, total))) => {
+                    let Some((rewritten, replaced)) = rewriter.rewrite_long(tag, &pending, total)
+                    else {
+                        break;
+                    };
+                    let _ = pending.split_to(replaced);
+                    lock(responses).extend(rewritten.expect);
+                    for b in rewritten.send {
+                        out.extend_from_slice(&b);
+                    }
+                    through = Through {
+                        left: total - replaced,
+                        pass: true,
+                    };
+                    continue;
+                }
+                Ok(None) => {}
+            }
             let frame = match split_frame(&mut pending, FRAME_LIMIT) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
@@ -86,6 +149,11 @@ pub(super) async fn pump_up(
             for b in rewritten.send {
                 out.extend_from_slice(&b);
             }
+            if rewriter.over_memory(0) {
+                st.up_clean.store(false, Relaxed);
+                let limit = rewriter.memory;
+                return End::ClientMemory { limit };
+            }
         }
         // patroxy's own answers may be due now, with nothing for the server to answer. Only
         // then is the other pump woken: a wake-up for nothing costs a thread's sleep and wake.
@@ -103,7 +171,8 @@ pub(super) async fn pump_up(
             }
             st.bytes_up.fetch_add(out.len() as u64, Relaxed);
         }
-        st.up_clean.store(true, Relaxed);
+        // In the middle of a long frame, the connection is not at a message's end.
+        st.up_clean.store(through.left == 0, Relaxed);
         read.clear();
         let n = rd.read_some(&mut read).await;
         pending = std::mem::take(&mut *lock_held(st));
@@ -134,6 +203,7 @@ pub(super) async fn pump_down(
         super::relay::PARAMETER_STATUS_PREFIX,
     );
     let mut read = BytesMut::with_capacity(BUF_SIZE);
+    let mut through = Through::default();
     loop {
         let mut out = BytesMut::new();
         {
@@ -142,6 +212,28 @@ pub(super) async fn pump_down(
                 out.extend_from_slice(&b);
             }
             loop {
+                if through.left > 0 {
+                    if !through.take(&mut pending, &mut out) {
+                        break;
+                    }
+                    for b in r.due() {
+                        out.extend_from_slice(&b);
+                    }
+                }
+                match long_frame(&pending, LONG_FRAME, FRAME_LIMIT) {
+                    Err(e) => return Pumped::End(End::ServerProtocol(e)),
+                    // A row, COPY data, or a notice or error of the client's making: routed
+                    // by its tag and passed as it comes (a FATAL is never that long: an
+                    // error this long is the client's to read).
+                    Ok(Some((tag, total))) => {
+                        through = Through {
+                            left: total,
+                            pass: r.route(tag) == Route::Pass,
+                        };
+                        continue;
+                    }
+                    Ok(None) => {}
+                }
                 let frame = match split_frame(&mut pending, FRAME_LIMIT) {
                     Ok(Some(f)) => f,
                     Ok(None) => break,
@@ -181,7 +273,8 @@ pub(super) async fn pump_down(
             }
             st.bytes_down.fetch_add(out.len() as u64, Relaxed);
         }
-        st.down_clean.store(pending.is_empty(), Relaxed);
+        st.down_clean
+            .store(pending.is_empty() && through.left == 0, Relaxed);
         if st.drain_reached() {
             return Pumped::AtRest;
         }

@@ -76,6 +76,26 @@ pub fn split_frame(buf: &mut BytesMut, limit: usize) -> Result<Option<Frame>, Fr
     }))
 }
 
+/// The tag and whole length (header included) of the frame starting `buf`, when its header
+/// is there, it is longer than `above` and it is not all there yet: a frame to let through
+/// as it comes rather than hold.
+pub fn long_frame(
+    buf: &[u8],
+    above: usize,
+    limit: usize,
+) -> Result<Option<(u8, usize)>, FrameError> {
+    let Some(header) = buf.get(..HEADER_LEN) else {
+        return Ok(None);
+    };
+    let total = HEADER_LEN
+        + check_len(
+            header[0],
+            [header[1], header[2], header[3], header[4]],
+            limit,
+        )?;
+    Ok((total > above && total > buf.len()).then_some((header[0], total)))
+}
+
 /// What the scanner reports about the frames passing through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Seen {
@@ -344,5 +364,30 @@ mod tests {
         let mut wire = vec![b'Q'];
         wire.extend_from_slice(&1_000_000i32.to_be_bytes());
         assert!(Scanner::new(1024).scan(&wire, |_| {}).is_err());
+    }
+
+    #[test]
+    fn a_long_frame_is_known_by_its_header_before_it_has_come() {
+        let mut b = vec![b'D'];
+        b.extend_from_slice(&1_000_000u32.to_be_bytes());
+        assert_eq!(
+            long_frame(&b[..4], 100, MAX_DECLARED_LEN),
+            Ok(None),
+            "no header yet"
+        );
+        assert_eq!(
+            long_frame(&b, 100, MAX_DECLARED_LEN),
+            Ok(Some((b'D', 1_000_001)))
+        );
+        assert_eq!(
+            long_frame(&b, 2_000_000, MAX_DECLARED_LEN),
+            Ok(None),
+            "not long"
+        );
+        // All there: a frame like any other.
+        let mut short = vec![b'C', 0, 0, 0, 8];
+        short.extend_from_slice(b"abcd");
+        assert_eq!(long_frame(&short, 4, MAX_DECLARED_LEN), Ok(None));
+        assert!(long_frame(&[b'D', 0, 0, 0, 1], 4, MAX_DECLARED_LEN).is_err());
     }
 }

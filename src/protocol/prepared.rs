@@ -13,10 +13,11 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::protocol::classify::{Classified, Classifier, Effects, Seen, Strings};
 use crate::protocol::codes;
+use crate::protocol::frame::HEADER_LEN;
 use crate::protocol::messages::{self, frame};
 
 /// A statement a client prepared, as the server knows it.
@@ -82,9 +83,39 @@ impl Statement {
 pub struct ClientStatements {
     by_name: HashMap<Vec<u8>, Arc<Statement>>,
     unnamed: Option<Arc<Statement>>,
+    /// What the named statements hold (`held`).
+    named_bytes: usize,
+}
+
+/// What patroxy counts a statement it keeps for a client as holding, besides its name and
+/// Parse message (its classification, the map's entry).
+const STATEMENT_OVERHEAD: usize = 256;
+
+fn held_by(name: &[u8], s: &Statement) -> usize {
+    name.len() + s.parse.len() + STATEMENT_OVERHEAD
 }
 
 impl ClientStatements {
+    /// The bytes patroxy holds for this client's statements: their Parse messages, kept
+    /// to prepare them on whichever connection the client is lent next.
+    pub fn held(&self) -> usize {
+        self.named_bytes + self.unnamed.as_ref().map_or(0, |s| held_by(b"", s))
+    }
+
+    fn keep(&mut self, name: Vec<u8>, s: Arc<Statement>) {
+        self.named_bytes += held_by(&name, &s);
+        if let Some(old) = self.by_name.get(&name) {
+            self.named_bytes -= held_by(&name, old);
+        }
+        self.by_name.insert(name, s);
+    }
+
+    fn let_go(&mut self, name: &[u8]) -> Option<Arc<Statement>> {
+        let s = self.by_name.remove(name)?;
+        self.named_bytes -= held_by(name, &s);
+        Some(s)
+    }
+
     /// Answers, without a server, a batch that only prepares or closes named statements
     /// and then syncs (libpq's PQprepare, a driver's statement cache filling up): the
     /// statements are remembered and prepared on a server at their first Bind or Describe.
@@ -124,10 +155,10 @@ impl ClientStatements {
             }
         }
         for (name, s) in parsed {
-            self.by_name.insert(name, Arc::new(s));
+            self.keep(name, Arc::new(s));
         }
         for name in closed {
-            self.by_name.remove(&name);
+            self.let_go(&name);
         }
         reply.extend_from_slice(&[codes::READY_FOR_QUERY, 0, 0, 0, 5, codes::TX_IDLE]);
         Some(reply.freeze())
@@ -148,13 +179,14 @@ impl ClientStatements {
             .get(name)
             .is_some_and(|s| s.server_name == failed.server_name)
         {
-            self.by_name.remove(name);
+            self.let_go(name);
         }
     }
 
     /// Every statement is gone (`DISCARD ALL`, `DEALLOCATE ALL`).
     pub fn clear(&mut self) {
         self.by_name.clear();
+        self.named_bytes = 0;
         self.unnamed = None;
     }
 
@@ -291,7 +323,18 @@ pub fn ends_of(tag: u8, body: &[u8]) -> Option<Ends> {
     })
 }
 
-/// A NUL-terminated string at the start of `b`, and what follows it.
+/// The answer expected to a client message that passes untouched, if it gets one.
+fn untouched(tag: u8, body: &[u8]) -> Option<Pending> {
+    Some(Pending::Server {
+        ends: ends_of(tag, body)?,
+        swallow: false,
+        prepares: None,
+    })
+}
+
+/// How far into a long Bind its portal's and statement's names may go.
+const MAX_BIND_NAMES: usize = 64 * 1024;
+
 /// A NUL-terminated string at the start of `b`, as bytes (in the client's encoding), and
 /// what follows it.
 fn cstr(b: &[u8]) -> Option<(&[u8], &[u8])> {
@@ -304,6 +347,10 @@ pub struct Rewriter<'a> {
     pub client: &'a mut ClientStatements,
     pub server: &'a mut ServerStatements,
     pub capacity: usize,
+    /// What the client's statements and settings may hold (`pool.client_memory`).
+    pub memory: usize,
+    /// What its settings hold.
+    pub settings_held: usize,
     pub reading: Reading<'a>,
     /// What the client's statements may do to the session, gathered as they pass.
     pub seen: &'a mut Seen,
@@ -326,6 +373,11 @@ const COMMAND_COMPLETE_DEALLOCATE: &[u8] = b"C\0\0\0\x0fDEALLOCATE\0";
 impl Rewriter<'_> {
     /// Rewrites one whole client frame (`tag`, `body`; `whole` is the frame as it came).
     /// Malformed bodies pass untouched: the server refuses them.
+    /// Whether keeping `more` bytes for the client would take it past `memory`.
+    pub fn over_memory(&self, more: usize) -> bool {
+        self.client.held() + self.settings_held + more > self.memory
+    }
+
     pub fn rewrite(&mut self, tag: u8, body: &[u8], whole: Bytes) -> Rewritten {
         let mut out = Rewritten::default();
         let named = match tag {
@@ -341,6 +393,59 @@ impl Rewriter<'_> {
             }
             _ => false,
         };
+        self.note_sync(tag);
+        if !named {
+            out.send.push(whole);
+            out.expect.extend(untouched(tag, body));
+        }
+        out
+    }
+
+    /// The start of a client frame too long to hold (`total` bytes, header included; `head`
+    /// is what has come of it): what to send in place of its first `n` bytes, and `n`; the
+    /// rest passes as it comes. `None` while a Bind's names have not all come. A Parse,
+    /// Describe or Close is never long: those are held whole.
+    pub fn rewrite_long(
+        &mut self,
+        tag: u8,
+        head: &[u8],
+        total: usize,
+    ) -> Option<(Rewritten, usize)> {
+        let mut out = Rewritten::default();
+        let mut replaced = 0;
+        match tag {
+            // Too long to read: what it does is not known (the session is read after it).
+            codes::QUERY => {
+                self.seen.effects |= Effects::UNKNOWN;
+                self.client.unnamed = None;
+                self.server.unnamed = None;
+            }
+            codes::FUNCTION_CALL => self.seen.effects |= Effects::UNKNOWN,
+            codes::BIND => {
+                let body = &head[HEADER_LEN..];
+                let names = cstr(body).and_then(|(portal, rest)| Some((portal, cstr(rest)?)));
+                match names {
+                    Some((portal, (name, _))) => {
+                        let params = total - HEADER_LEN - portal.len() - name.len() - 2;
+                        if self.bind_names(portal, name, params, &mut out) {
+                            replaced = total - params;
+                        }
+                    }
+                    None if body.len() < MAX_BIND_NAMES => return None,
+                    // Names no server would take: it refuses the message.
+                    None => self.seen.effects |= Effects::UNKNOWN,
+                }
+            }
+            _ => {}
+        }
+        self.note_sync(tag);
+        if replaced == 0 {
+            out.expect.extend(untouched(tag, &[]));
+        }
+        Some((out, replaced))
+    }
+
+    fn note_sync(&mut self, tag: u8) {
         match tag {
             codes::SYNC => self.unsynced = false,
             codes::PARSE
@@ -351,17 +456,6 @@ impl Rewriter<'_> {
             | codes::FLUSH => self.unsynced = true,
             _ => {}
         }
-        if !named {
-            out.send.push(whole);
-            if let Some(ends) = ends_of(tag, body) {
-                out.expect.push(Pending::Server {
-                    ends,
-                    swallow: false,
-                    prepares: None,
-                });
-            }
-        }
-        out
     }
 
     /// Parses the server refused (or skipped after an error): the connection does not have
@@ -416,7 +510,7 @@ impl Rewriter<'_> {
             [name] if c.only_deallocates && !self.unsynced && !self.in_failed_transaction => name,
             _ => return false,
         };
-        if self.client.by_name.remove(name.as_bytes()).is_none() {
+        if self.client.let_go(name.as_bytes()).is_none() {
             return false;
         }
         // A Sync gets the ReadyForQuery, with the transaction status as it is by then.
@@ -554,7 +648,7 @@ impl Rewriter<'_> {
         let mut s = Statement::new(query, rest, self.reading);
         s.classified = self.classify(query);
         let s = Arc::new(s);
-        self.client.by_name.insert(name.to_vec(), s.clone());
+        self.client.keep(name.to_vec(), s.clone());
         self.ensure(&s, Some(name), out);
         // The client asked for a Parse: it gets its ParseComplete, whoever prepared it.
         out.expect
@@ -569,6 +663,28 @@ impl Rewriter<'_> {
         let Some((name, params)) = cstr(rest) else {
             return false;
         };
+        if !self.bind_names(portal, name, params.len(), out) {
+            return false;
+        }
+        // One message: the renamed start, then the parameters.
+        let head = out.send.pop().unwrap_or_default();
+        let mut b = BytesMut::with_capacity(head.len() + params.len());
+        b.extend_from_slice(&head);
+        b.extend_from_slice(params);
+        out.send.push(b.freeze());
+        true
+    }
+
+    /// A Bind of `portal` to the statement `name`, followed by `params` bytes of parameters
+    /// and result formats: whether it is renamed. If so, `out` ends with the renamed
+    /// Bind's start, and the parameters are to follow it as they came.
+    fn bind_names(
+        &mut self,
+        portal: &[u8],
+        name: &[u8],
+        params: usize,
+        out: &mut Rewritten,
+    ) -> bool {
         if name.is_empty() {
             if let Some(s) = self.ensure_unnamed(out) {
                 self.seen.add(&s.classified);
@@ -583,13 +699,15 @@ impl Rewriter<'_> {
         };
         self.seen.add(&s.classified);
         self.ensure(&s, None, out);
-        let mut b = Vec::with_capacity(body.len() + 24);
+        let len = 4 + portal.len() + 1 + s.server_name.len() + 1 + params;
+        let mut b = BytesMut::with_capacity(HEADER_LEN + portal.len() + s.server_name.len() + 2);
+        b.put_u8(codes::BIND);
+        b.put_u32(len as u32);
         b.extend_from_slice(portal);
-        b.push(0);
+        b.put_u8(0);
         b.extend_from_slice(s.server_name.as_bytes());
-        b.push(0);
-        b.extend_from_slice(params);
-        out.send.push(frame(codes::BIND, &b));
+        b.put_u8(0);
+        out.send.push(b.freeze());
         out.expect.push(Pending::Server {
             ends: Ends::Extended(b"2"),
             swallow: false,
@@ -638,7 +756,7 @@ impl Rewriter<'_> {
             return false;
         }
         // The server keeps it for whoever needs it next; the client's name is gone.
-        self.client.by_name.remove(name);
+        self.client.let_go(name);
         out.expect
             .push(Pending::Own(Bytes::from_static(&CLOSE_COMPLETE)));
         true
@@ -845,6 +963,8 @@ mod tests {
             client: &mut client,
             server: &mut conn1,
             capacity: 10,
+            memory: 1 << 26,
+            settings_held: 0,
             reading: reading(&naming, &classifier),
             seen: &mut seen,
             unsynced: false,
@@ -871,6 +991,8 @@ mod tests {
             client: &mut client,
             server: &mut conn2,
             capacity: 10,
+            memory: 1 << 26,
+            settings_held: 0,
             reading: reading(&naming, &classifier),
             seen: &mut seen,
             unsynced: false,
@@ -903,6 +1025,8 @@ mod tests {
             client: &mut a,
             server: &mut conn,
             capacity: 10,
+            memory: 1 << 26,
+            settings_held: 0,
             reading: reading(&naming, &classifier),
             seen: &mut seen,
             unsynced: false,
@@ -937,6 +1061,8 @@ mod tests {
             client: &mut b,
             server: &mut conn,
             capacity: 10,
+            memory: 1 << 26,
+            settings_held: 0,
             reading: reading(&naming, &classifier),
             seen: &mut seen,
             unsynced: false,
@@ -958,6 +1084,8 @@ mod tests {
             client: &mut client,
             server: &mut conn,
             capacity: 10,
+            memory: 1 << 26,
+            settings_held: 0,
             reading: reading(&naming, &classifier),
             seen: &mut seen,
             unsynced: false,
@@ -1020,6 +1148,8 @@ mod tests {
             client: &mut client,
             server: &mut conn,
             capacity: 2,
+            memory: 1 << 26,
+            settings_held: 0,
             reading: reading(&naming, &classifier),
             seen: &mut seen,
             unsynced: false,
@@ -1180,6 +1310,8 @@ mod tests {
                 client,
                 server: &mut conn,
                 capacity: 10,
+                memory: 1 << 26,
+                settings_held: 0,
                 reading: reading(&naming, &classifier),
                 seen,
                 unsynced: false,
@@ -1222,6 +1354,8 @@ mod tests {
             client: &mut client,
             server: &mut conn,
             capacity: 5,
+            memory: 1 << 26,
+            settings_held: 0,
             reading: reading(&naming, &classifier),
             seen: &mut seen,
             unsynced: false,
@@ -1242,5 +1376,103 @@ mod tests {
             vec![w],
             "forgotten: the server refuses it"
         );
+    }
+
+    #[test]
+    fn a_long_bind_is_renamed_from_its_start_and_its_parameters_follow() {
+        let (classifier, naming, mut seen) =
+            (Classifier::default(), Naming::default(), Seen::default());
+        let (mut client, mut conn) = (ClientStatements::default(), ServerStatements::default());
+        let mut rw = Rewriter {
+            client: &mut client,
+            server: &mut conn,
+            capacity: 10,
+            memory: 1 << 26,
+            settings_held: 0,
+            reading: reading(&naming, &classifier),
+            seen: &mut seen,
+            unsynced: false,
+            in_failed_transaction: false,
+        };
+        let (b, w) = parse("s1", "SELECT $1");
+        rw.rewrite(codes::PARSE, &b, w);
+        // 1 MB of parameters after the names; only the start has come.
+        let params = 1_000_000;
+        let total = HEADER_LEN + 1 + 3 + params;
+        let mut head = vec![codes::BIND];
+        head.extend_from_slice(&((total - 1) as u32).to_be_bytes());
+        assert_eq!(
+            rw.rewrite_long(codes::BIND, &[&head[..], b"\0s"].concat(), total),
+            None
+        );
+        head.extend_from_slice(b"\0s1\0\0\0");
+        let (out, replaced) = rw.rewrite_long(codes::BIND, &head, total).unwrap();
+        assert_eq!(replaced, HEADER_LEN + 4, "the tag, length and names");
+        let start = out.send.last().unwrap();
+        let renamed = start.len() - HEADER_LEN + params;
+        assert_eq!(start[0], codes::BIND);
+        assert_eq!(
+            &start[1..5],
+            &((renamed + 4) as u32).to_be_bytes()[..],
+            "its new length"
+        );
+        assert!(start[6..].starts_with(b"patroxy_"));
+        assert!(matches!(
+            out.expect[..],
+            [Pending::Server {
+                ends: Ends::Extended(b"2"),
+                ..
+            }]
+        ));
+        // A query too long to read: not known, and it passes as it is.
+        let (out, replaced) = rw
+            .rewrite_long(codes::QUERY, b"Q\0\x10\0\0SEL", 1 << 20)
+            .unwrap();
+        assert_eq!((out.send.len(), replaced), (0, 0));
+        assert!(rw.seen.effects.contains(Effects::UNKNOWN));
+        assert!(matches!(
+            out.expect[..],
+            [Pending::Server {
+                ends: Ends::Ready,
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn what_a_clients_statements_hold_is_counted_as_they_come_and_go() {
+        let (classifier, naming, mut seen) =
+            (Classifier::default(), Naming::default(), Seen::default());
+        let (mut client, mut conn) = (ClientStatements::default(), ServerStatements::default());
+        let mut rw = Rewriter {
+            client: &mut client,
+            server: &mut conn,
+            capacity: 10,
+            memory: 1 << 26,
+            settings_held: 0,
+            reading: reading(&naming, &classifier),
+            seen: &mut seen,
+            unsynced: false,
+            in_failed_transaction: false,
+        };
+        assert_eq!(rw.client.held(), 0);
+        let (b, w) = parse("s1", &"SELECT 1 -- ".repeat(1000));
+        rw.rewrite(codes::PARSE, &b, w);
+        let one = rw.client.held();
+        assert!(one > 12_000, "{one}");
+        // The same name again replaces it; another adds.
+        let (b, w) = parse("s1", &"SELECT 1 -- ".repeat(1000));
+        rw.rewrite(codes::PARSE, &b, w);
+        assert_eq!(rw.client.held(), one);
+        let (b, w) = parse("s2", "SELECT 2");
+        rw.rewrite(codes::PARSE, &b, w);
+        assert!(rw.client.held() > one);
+        let mut close = vec![b'S'];
+        close.extend_from_slice(b"s1\0");
+        let w = frame(codes::CLOSE, &close);
+        rw.rewrite(codes::CLOSE, &close, w);
+        assert!(rw.client.held() < one);
+        rw.all_dropped();
+        assert_eq!(rw.client.held(), 0);
     }
 }
