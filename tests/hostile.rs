@@ -1000,3 +1000,44 @@ async fn huge_messages_through_a_transaction_pool_hold_little_memory() {
     assert_eq!(run(&mut other, "SELECT 1").await, None);
     proxy.stop().await;
 }
+
+/// A client of protocol 3.2 gets a 32-byte cancel secret (as PostgreSQL 18 gives), which
+/// works; a 3.0 client keeps 3.0's 4 bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_3_2_clients_get_long_cancel_keys() {
+    let (_root, etcd, pg) = one_primary("hkey32").await;
+    let proxy = Proxy::start(&etcd, "hkey32", |cfg| {
+        cfg.listeners[0].pool_mode = patroxy::config::PoolMode::Transaction;
+        cfg.auth.trust = vec!["127.0.0.1/32".parse().unwrap()];
+    })
+    .await;
+    let (_, _, short) = session_from(HERE, proxy.port()).await;
+    assert_eq!(short.len(), 4);
+    let mut s = connect_from(HERE, proxy.port()).await;
+    let params = [("user", "postgres"), ("database", "postgres")];
+    s.write_all(&startup_message(2, &params)).await.unwrap();
+    let mut key = None;
+    loop {
+        match message(&mut s).await {
+            (b'K', body) => key = Some(body),
+            (b'Z', _) => break,
+            (tag, body) => assert_ne!(tag, b'E', "{}", String::from_utf8_lossy(&body)),
+        }
+    }
+    let key = key.expect("a BackendKeyData");
+    assert_eq!(key.len(), 4 + 32, "a 32-byte secret");
+    let pid = i32::from_be_bytes([key[0], key[1], key[2], key[3]]);
+    s.write_all(&query("SELECT pg_sleep(60)")).await.unwrap();
+    wait_query_running(pg.port, "SELECT pg_sleep(60)").await;
+    cancel_from(HERE, proxy.port(), pid, &key[4..]).await;
+    let mut code = None;
+    loop {
+        match message(&mut s).await {
+            (b'E', body) => code = Some(String::from_utf8_lossy(&body).contains("57014")),
+            (b'Z', _) => break,
+            _ => {}
+        }
+    }
+    assert_eq!(code, Some(true), "canceled with the long key");
+    proxy.stop().await;
+}

@@ -188,14 +188,21 @@ pub fn new_tag() -> u16 {
     MIN_TAG + r % (u16::MAX - MIN_TAG)
 }
 
-/// A fresh key for a pooled client of the instance tagged `tag`: the tag and random bits
-/// in the pid, a random secret.
+/// A fresh key for a client of the instance tagged `tag`: the tag and random bits in the
+/// pid, a random 4-byte secret (protocol 3.0's).
 pub fn tagged_key(tag: u16) -> CancelKey {
-    let bytes: [u8; 6] = crate::auth::scram::random();
+    tagged_key_for(tag, 0)
+}
+
+/// A fresh key for a client that speaks protocol 3.`minor`: from 3.2 on, whose keys are
+/// of any length, a 32-byte secret (as PostgreSQL 18 gives), which no flood can guess.
+pub fn tagged_key_for(tag: u16, minor: u16) -> CancelKey {
+    let bytes: [u8; 34] = crate::auth::scram::random();
     let low = i32::from(u16::from_be_bytes([bytes[0], bytes[1]])) & ((1 << TAG_SHIFT) - 1);
+    let secret = if minor >= 2 { 32 } else { 4 };
     CancelKey {
         pid: (i32::from(tag) << TAG_SHIFT) | low,
-        secret: Bytes::copy_from_slice(&bytes[2..6]),
+        secret: Bytes::copy_from_slice(&bytes[2..2 + secret]),
     }
 }
 

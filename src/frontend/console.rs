@@ -560,7 +560,7 @@ pub async fn run(
     ] {
         messages::put_parameter_status(&mut hello, name, value);
     }
-    let key = crate::backend::cancel::tagged_key(ctx.proxy.cancel_tag);
+    let key = crate::backend::cancel::tagged_key_for(ctx.proxy.cancel_tag, startup.minor.min(2));
     hello.extend_from_slice(&messages::backend_key_data(&key));
     hello.extend_from_slice(&messages::ready_for_query_idle());
     if send(&mut client, &hello).await.is_err() {
