@@ -35,6 +35,8 @@ pub mod config;
 pub mod discovery;
 pub(crate) mod etcd;
 pub(crate) mod frontend;
+#[doc(hidden)]
+pub mod fuzzing;
 pub(crate) mod limit;
 pub mod listener;
 pub mod logline;
