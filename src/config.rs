@@ -743,6 +743,7 @@ pub struct Overrides {
     pub drain_timeout: Option<Duration>,
     pub worker_threads: Option<usize>,
     pub admin: Option<String>,
+    pub report_address: Option<String>,
 }
 
 /// The permission bits of `file` when its group or others may read or write it.
@@ -822,6 +823,9 @@ impl Config {
         }
         if let Some(a) = o.admin {
             self.admin.listen = Some(a);
+        }
+        if let Some(a) = o.report_address {
+            self.report.address = Some(a);
         }
     }
 
@@ -1395,8 +1399,10 @@ mod tests {
             drain_timeout: None,
             worker_threads: None,
             admin: None,
+            report_address: Some("127.0.0.9".into()),
         });
         c.validate().unwrap();
+        assert_eq!(c.report.address.as_deref(), Some("127.0.0.9"));
         assert_eq!(c.clusters[0].prefix(), "/other/b/");
         assert_eq!(c.listeners.len(), 2);
         assert_eq!(c.listeners[0].listen, "127.0.0.1:7001");

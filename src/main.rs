@@ -100,6 +100,10 @@ struct RunArgs {
     /// Address of the admin HTTP endpoint (/health, /ready), e.g. 127.0.0.1:9187.
     #[arg(long, env = "PATROXY_ADMIN")]
     admin: Option<String>,
+    /// The host other instances reach this one at, for cancels (report.address), e.g. a
+    /// pod's IP.
+    #[arg(long, env = "PATROXY_REPORT_ADDRESS")]
+    report_address: Option<String>,
     /// Relay threads: 0 = one per core, 1 = a single-threaded runtime.
     #[arg(long, env = "PATROXY_WORKER_THREADS")]
     worker_threads: Option<usize>,
@@ -185,6 +189,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         drain_timeout: args.drain_timeout,
         worker_threads: args.worker_threads,
         admin: args.admin,
+        report_address: args.report_address,
         ..overrides
     };
     let config = load(file.as_deref(), overrides.clone())?;

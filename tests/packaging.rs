@@ -337,4 +337,51 @@ fn the_kubernetes_manifests_agree_with_the_code() {
         pgport["value"],
         listener_port(&cfg, ListenerRole::Primary).to_string()
     );
+    the_examples_fence_the_admin_endpoint(&docs, &deploy);
+}
+
+/// The Deployment publishes its pod's IP as where the other instance sends cancels (it
+/// listens on 0.0.0.0), and NetworkPolicies let only the monitoring namespace reach the
+/// admin endpoint of either example, and only clients and peers reach the listeners.
+fn the_examples_fence_the_admin_endpoint(docs: &[Value], deploy: &Value) {
+    let env = deploy["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .expect("the patroxy container's env");
+    let address = env
+        .iter()
+        .find(|e| e["name"] == "PATROXY_REPORT_ADDRESS")
+        .expect("PATROXY_REPORT_ADDRESS");
+    assert_eq!(
+        address["valueFrom"]["fieldRef"]["fieldPath"],
+        "status.podIP"
+    );
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_patroxy"))
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&help.stdout).contains("PATROXY_REPORT_ADDRESS"));
+    for (policy, pods) in [("patroxy", "patroxy"), ("demo-app", "demo-app")] {
+        let p = by_kind(docs, "NetworkPolicy", policy);
+        assert_eq!(p["spec"]["podSelector"]["matchLabels"]["app"], pods);
+        for rule in p["spec"]["ingress"].as_array().unwrap() {
+            let ports: Vec<u64> = rule["ports"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["port"].as_u64().unwrap())
+                .collect();
+            if ports.contains(&9187) {
+                assert_eq!(
+                    ports,
+                    vec![9187],
+                    "{policy}: the admin port has a rule of its own"
+                );
+                assert!(rule["from"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|f| f["namespaceSelector"].is_object()));
+            }
+        }
+    }
 }
