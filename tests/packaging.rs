@@ -337,7 +337,7 @@ fn the_kubernetes_manifests_agree_with_the_code() {
         pgport["value"],
         listener_port(&cfg, ListenerRole::Primary).to_string()
     );
-    the_examples_fence_the_admin_endpoint(&docs, &deploy);
+    the_examples_fence_the_admin_endpoint(&docs, deploy);
 }
 
 /// The Deployment publishes its pod's IP as where the other instance sends cancels (it
