@@ -133,7 +133,18 @@ pub async fn read_prefix(
     prefix: &str,
     limit: Duration,
 ) -> Result<(BTreeMap<String, Bytes>, i64), EtcdError> {
-    let get = client.get(prefix, Some(GetOptions::new().with_prefix()));
+    read_prefix_at_most(client, prefix, limit, 0).await
+}
+
+/// The first `most` keys under `prefix` (0: all), as `read_prefix`: etcd sends no more.
+pub async fn read_prefix_at_most(
+    client: &mut Client,
+    prefix: &str,
+    limit: Duration,
+    most: i64,
+) -> Result<(BTreeMap<String, Bytes>, i64), EtcdError> {
+    let options = GetOptions::new().with_prefix().with_limit(most);
+    let get = client.get(prefix, Some(options));
     let resp = within(limit, get).await?;
     let revision = resp.header().map_or(0, |h| h.revision());
     let keys = resp

@@ -14,7 +14,7 @@ use tracing::{debug, warn};
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::discovery::patroni::Endpoint;
-use crate::etcd::{read_prefix, relative, within, Etcd, EtcdError};
+use crate::etcd::{read_prefix_at_most, relative, within, Etcd, EtcdError};
 use crate::view::Report;
 
 /// Reports kept; past it, new ones are not (a prefix anyone filled cannot grow patroxy).
@@ -133,7 +133,9 @@ impl Peers {
     async fn round(&self, etcd: &Etcd, prefix: &str) -> Result<(), EtcdError> {
         let limit = etcd.config.request_timeout;
         let mut client = etcd.connect().await?;
-        let (keys, revision) = read_prefix(&mut client, prefix, limit).await?;
+        // No more reports than are kept: a prefix someone filled costs etcd one bounded read.
+        let most = MAX_REPORTS as i64;
+        let (keys, revision) = read_prefix_at_most(&mut client, prefix, limit, most).await?;
         debug!(
             prefix,
             reports = keys.len(),
