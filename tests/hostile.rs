@@ -1041,3 +1041,170 @@ async fn protocol_3_2_clients_get_long_cancel_keys() {
     assert_eq!(code, Some(true), "canceled with the long key");
     proxy.stop().await;
 }
+
+/// A server connection lost while a long Bind goes through as it comes: what remains of
+/// the message (here, bytes that read as a Query) never runs anywhere; the client's
+/// session ends with a FATAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rest_of_a_long_message_never_runs_after_its_server_is_lost() {
+    let (_root, etcd, pg) = one_primary("hcut").await;
+    let proxy = Proxy::start(&etcd, "hcut", |cfg| {
+        cfg.listeners[0].pool_mode = patroxy::config::PoolMode::Transaction;
+        cfg.auth.trust = vec!["127.0.0.1/32".parse().unwrap()];
+        cfg.pool.pool_size = 2;
+    })
+    .await;
+    let (mut s, _, _) = session_from(HERE, proxy.port()).await;
+    const PARAM: usize = 4 << 20;
+    let mut m = b"P\0\0\0\x1bup\0SELECT length($1)\0\0\0".to_vec();
+    m.push(b'B');
+    m.extend_from_slice(&((4 + 1 + 3 + 2 + 2 + 4 + PARAM + 2) as u32).to_be_bytes());
+    m.extend_from_slice(b"\0up\0\0\0\0\x01");
+    m.extend_from_slice(&(PARAM as u32).to_be_bytes());
+    s.write_all(&m).await.unwrap();
+    write_repeated(&mut s, b'y', 1 << 20).await;
+    // The server connection goes, mid-Bind.
+    let direct = connect(pg.port).await.unwrap();
+    let others = "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'";
+    direct
+        .simple_query(&others.replace("SELECT count(*)", "SELECT pg_terminate_backend(pid)"))
+        .await
+        .unwrap();
+    wait_for("the server connection to go", LONG, || async {
+        let rows = direct.query_one(others, &[]).await.ok()?;
+        (rows.get::<_, i64>(0) == 0).then_some(())
+    })
+    .await;
+    // The rest of the parameter: a Query, as a message of its own would be.
+    let sql = "CREATE TABLE injected ()";
+    let _ = s.write_all(&query(sql)).await;
+    let _ = write_repeated_lossy(&mut s, b'y', (1 << 20) - query(sql).len()).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(LONG, s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.contains("08007") && text.contains("middle of a long message"),
+        "{text}"
+    );
+    let found = direct
+        .query_one("SELECT to_regclass('injected') IS NOT NULL", &[])
+        .await
+        .unwrap();
+    assert!(
+        !found.get::<_, bool>(0),
+        "the rest of the Bind ran as a query"
+    );
+    proxy.stop().await;
+}
+
+/// `write_repeated`, stopping at the first error (the other end may have closed).
+async fn write_repeated_lossy(s: &mut TcpStream, byte: u8, n: usize) -> std::io::Result<()> {
+    let chunk = vec![byte; 64 * 1024];
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(chunk.len());
+        s.write_all(&chunk[..k]).await?;
+        left -= k;
+    }
+    Ok(())
+}
+
+/// What no session read can show is not left for the next client: a custom setting set by
+/// a function called by its oid (FunctionCall), or by a statement too long to read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_patroxy_cannot_read_never_reach_the_next_client() {
+    let (_root, etcd, _pg) = one_primary("hunread").await;
+    let proxy = Proxy::start(&etcd, "hunread", |cfg| {
+        cfg.listeners[0].pool_mode = patroxy::config::PoolMode::Transaction;
+        cfg.auth.trust = vec!["127.0.0.1/32".parse().unwrap()];
+        cfg.pool.pool_size = 1;
+    })
+    .await;
+    let (mut a, _, _) = session_from(HERE, proxy.port()).await;
+    let (mut b, _, _) = session_from(HERE, proxy.port()).await;
+    let tenant = |s: &'static str| format!("SELECT coalesce(current_setting('app.{s}', true), '')");
+    // set_config (oid 2078) called through the protocol.
+    let mut body = 2078u32.to_be_bytes().to_vec();
+    body.extend_from_slice(&[0, 0, 0, 3]);
+    for arg in ["app.fn", "evil", "false"] {
+        body.extend_from_slice(&(arg.len() as u32).to_be_bytes());
+        body.extend_from_slice(arg.as_bytes());
+    }
+    body.extend_from_slice(&[0, 0]);
+    let mut f = vec![b'F'];
+    f.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    f.extend_from_slice(&body);
+    a.write_all(&f).await.unwrap();
+    assert_eq!(answers(&mut a).await.2, None);
+    b.write_all(&query(&tenant("fn"))).await.unwrap();
+    assert_eq!(
+        answers(&mut b).await.1.as_deref(),
+        Some(""),
+        "set by FunctionCall"
+    );
+    // A statement longer than patroxy reads.
+    let long = format!(
+        "SELECT set_config('app.long', 'evil', false) -- {}",
+        "x".repeat(70_000)
+    );
+    a.write_all(&query(&long)).await.unwrap();
+    assert_eq!(answers(&mut a).await.2, None);
+    b.write_all(&query(&tenant("long"))).await.unwrap();
+    assert_eq!(
+        answers(&mut b).await.1.as_deref(),
+        Some(""),
+        "set in a long text"
+    );
+    proxy.stop().await;
+}
+
+/// A client that sends messages patroxy answers itself (Close of a statement) and never
+/// reads the answers: they queue up to `pool.client_memory`, then the client gets 54000.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_a_client_never_reads_are_bounded() {
+    let (_root, etcd, _pg) = one_primary("hunread2").await;
+    let proxy = Proxy::start(&etcd, "hunread2", |cfg| {
+        cfg.listeners[0].pool_mode = patroxy::config::PoolMode::Transaction;
+        cfg.auth.trust = vec!["127.0.0.1/32".parse().unwrap()];
+        cfg.pool.client_memory = 1 << 20;
+    })
+    .await;
+    let (mut s, _, _) = session_from(HERE, proxy.port()).await;
+    // A transaction begins (so the Closes are relayed), then Closes without end.
+    s.write_all(&query("BEGIN")).await.unwrap();
+    assert_eq!(answers(&mut s).await.2, None);
+    let close = b"C\0\0\0\x08Sxy\0";
+    let chunk: Vec<u8> = close
+        .iter()
+        .copied()
+        .cycle()
+        .take(close.len() * 8192)
+        .collect();
+    let mut written = 0usize;
+    let flood = async {
+        while written < 40 << 20 {
+            if s.write_all(&chunk).await.is_err() {
+                break;
+            }
+            written += chunk.len();
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(60), flood).await;
+    // patroxy ended the session: the answers it wrote, then the end (not a wait for more).
+    let mut sink = vec![0u8; 1 << 20];
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match s.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the session still runs after {} MiB of Closes",
+        written >> 20
+    );
+    proxy.stop().await;
+}

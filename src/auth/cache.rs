@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use super::userlist::Secret;
 
-/// How long a secret found is used before it is looked up again.
-pub const FOUND_TTL: Duration = Duration::from_secs(30);
-/// How long "no such user" is.
-pub const MISSING_TTL: Duration = Duration::from_secs(10);
+/// How long an answer is used before the user is looked up again: the same for a secret
+/// found and for "no such user", so that when a name is looked up again does not tell
+/// which it was.
+pub const TTL: Duration = Duration::from_secs(15);
 pub const MAX_ENTRIES: usize = 10_000;
 
 #[derive(Debug, Default)]
@@ -19,12 +19,8 @@ pub struct Lookups {
     entries: Mutex<HashMap<String, (Option<Secret>, Instant)>>,
 }
 
-fn fresh(answer: &Option<Secret>, at: Instant, now: Instant) -> bool {
-    let ttl = match answer {
-        Some(_) => FOUND_TTL,
-        None => MISSING_TTL,
-    };
-    now.saturating_duration_since(at) < ttl
+fn fresh(at: Instant, now: Instant) -> bool {
+    now.saturating_duration_since(at) < TTL
 }
 
 impl Lookups {
@@ -36,14 +32,14 @@ impl Lookups {
     pub fn get(&self, user: &str, now: Instant) -> Option<Option<Secret>> {
         let entries = self.lock();
         let (answer, at) = entries.get(user)?;
-        fresh(answer, *at, now).then(|| answer.clone())
+        fresh(*at, now).then(|| answer.clone())
     }
 
     /// Keeps the answer looked up at `at`.
     pub fn put(&self, user: &str, answer: Option<Secret>, at: Instant) {
         let mut entries = self.lock();
         if entries.len() >= MAX_ENTRIES && !entries.contains_key(user) {
-            entries.retain(|_, (a, t)| fresh(a, *t, at));
+            entries.retain(|_, (_, t)| fresh(*t, at));
             if entries.len() >= MAX_ENTRIES {
                 return;
             }
@@ -69,16 +65,17 @@ mod tests {
         assert!(matches!(l.get("alice", now), Some(Some(_))));
         assert!(matches!(l.get("nobody", now), Some(None)));
         assert_eq!(l.get("carol", now), None, "never looked up");
-        let later = now + MISSING_TTL + Duration::from_millis(1);
-        assert_eq!(l.get("nobody", later), None, "looked up again");
-        assert!(l.get("alice", later).is_some());
-        assert_eq!(l.get("alice", now + FOUND_TTL), None);
+        let later = now + TTL - Duration::from_millis(1);
+        assert!(l.get("nobody", later).is_some() && l.get("alice", later).is_some());
+        assert_eq!(l.get("nobody", now + TTL), None, "looked up again");
+        assert_eq!(l.get("alice", now + TTL), None, "at the same time");
         for i in 0..MAX_ENTRIES + 10 {
             l.put(&format!("u{i}"), None, now);
         }
         assert_eq!(l.len(), MAX_ENTRIES);
         // Once the old ones are stale, new ones take their place.
-        l.put("new", None, later);
-        assert!(l.get("new", later).is_some());
+        let stale = now + TTL;
+        l.put("new", None, stale);
+        assert!(l.get("new", stale).is_some());
     }
 }

@@ -148,12 +148,22 @@ impl Session<'_> {
         let fatal = out.server_fatal.take();
         let lost =
             (release_at_idle && died).then(|| lost(&end, out.progress, fatal, pin.is_some()));
+        // The rest of a long message the client was sending would read as messages of its
+        // own on the next connection (a parameter's bytes as a Query): the session ends.
+        let lost = lost.map(|l| match out.client_mid_message {
+            true => Lost::Fatal(format!("patroxy: the server connection was lost in the middle of a long message from the client ({end}); the transaction may or may not have committed")),
+            false => l,
+        });
         match &lost {
             Some(Lost::Answered(_)) | Some(Lost::Quiet) => end = End::Released,
-            Some(Lost::Fatal(msg)) => {
+            // Told only between messages: in the middle of a row it would be garbage.
+            Some(Lost::Fatal(msg)) if out.progress.client_at_boundary => {
                 send_fatal(client, codes::TRANSACTION_RESOLUTION_UNKNOWN, msg).await
             }
-            Some(Lost::Pinned(msg)) => send_fatal(client, codes::CONNECTION_FAILURE, msg).await,
+            Some(Lost::Pinned(msg)) if out.progress.client_at_boundary => {
+                send_fatal(client, codes::CONNECTION_FAILURE, msg).await
+            }
+            Some(Lost::Fatal(_) | Lost::Pinned(_)) => {}
             None => {}
         }
         let at_rest = out.server_clean && out.progress.in_flight == 0 && !out.progress.unsynced;
@@ -191,7 +201,13 @@ impl Session<'_> {
         if returned && out.report_cut {
             warn!(server = %target.endpoint, "the server reported a setting too long to read; its connection closed rather than lent again");
         }
-        let returned = returned && !out.report_cut;
+        // A text patroxy could not read may have left a custom setting that no session read
+        // shows (pg_settings lists none): the connection goes rather than reach another client.
+        let unread = seen.effects.contains(Effects::UNREAD);
+        if returned && unread {
+            info!(server = %target.endpoint, "a statement too long to read (or a function called by oid) ran on this connection; closed rather than lent again");
+        }
+        let returned = returned && !out.report_cut && !unread;
         if !matches!(end, End::Released) {
             tracing::debug!(
                 client = %self.peer,

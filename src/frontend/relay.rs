@@ -191,6 +191,9 @@ pub(super) struct RelayState {
     /// A ParameterStatus too long (or too malformed) to read: what the connection's
     /// setting is now is not known.
     pub(super) report_cut: AtomicBool,
+    /// Transaction pooling: a long client message is going through as it comes, and the
+    /// rest of it is still to come.
+    pub(super) client_mid_message: AtomicBool,
     /// ParameterStatus the server reported during the relay (kept servers only).
     pub(super) reported: std::sync::Mutex<Vec<(String, String)>>,
     /// ReadyForQuery messages relayed: requests answered (the console's query count).
@@ -277,6 +280,9 @@ pub struct Outcome {
     pub carry: BytesMut,
     /// A setting the server reported could not be read: the connection is not lent again.
     pub report_cut: bool,
+    /// The relay ended in the middle of a long client message that went through as it
+    /// came: what remains of it is no message, and must never reach another connection.
+    pub client_mid_message: bool,
 }
 
 impl Outcome {
@@ -548,6 +554,7 @@ pub async fn relay(
         watched,
         carry,
         report_cut: st.report_cut.load(Relaxed),
+        client_mid_message: st.client_mid_message.load(Relaxed),
     }
 }
 

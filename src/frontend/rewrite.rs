@@ -26,6 +26,10 @@ const FRAME_LIMIT: usize = 1 << 30;
 /// A frame longer than this goes through as it comes, unless patroxy must read it whole.
 pub const LONG_FRAME: usize = 64 * 1024;
 
+/// What patroxy counts an answer it expects (or owes) as holding, against
+/// `pool.client_memory`.
+const EXPECTED_COST: usize = 128;
+
 /// The rest of a long frame: passed as it comes, or (an answer patroxy swallows) dropped.
 #[derive(Debug, Default)]
 struct Through {
@@ -111,7 +115,12 @@ pub(super) async fn pump_up(
                         break;
                     };
                     let _ = pending.split_to(replaced);
-                    lock(responses).extend(rewritten.expect);
+                    let mut r = lock(responses);
+                    if matches!(tag, codes::COPY_DONE | codes::COPY_FAIL) {
+                        r.copy_ended();
+                    }
+                    r.extend(rewritten.expect);
+                    drop(r);
                     for b in rewritten.send {
                         out.extend_from_slice(&b);
                     }
@@ -145,11 +154,14 @@ pub(super) async fn pump_up(
                 r.copy_ended();
             }
             r.extend(rewritten.expect);
+            // Answers patroxy gives itself need nothing of the server, so a client that
+            // does not read them is held back by nothing else: they count too.
+            let expected = r.len() * EXPECTED_COST;
             drop(r);
             for b in rewritten.send {
                 out.extend_from_slice(&b);
             }
-            if rewriter.over_memory(0) {
+            if rewriter.over_memory(expected) {
                 st.up_clean.store(false, Relaxed);
                 let limit = rewriter.memory;
                 return End::ClientMemory { limit };
@@ -173,6 +185,7 @@ pub(super) async fn pump_up(
         }
         // In the middle of a long frame, the connection is not at a message's end.
         st.up_clean.store(through.left == 0, Relaxed);
+        st.client_mid_message.store(through.left > 0, Relaxed);
         read.clear();
         let n = rd.read_some(&mut read).await;
         pending = std::mem::take(&mut *lock_held(st));

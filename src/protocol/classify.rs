@@ -53,6 +53,10 @@ impl Effects {
     /// follow from it, and nothing but a new backend forgets it.
     pub const SEED: Effects = Effects(1 << 12);
 
+    /// A text too long to read (or a FunctionCall, by oid): it may have set a custom
+    /// setting no session read shows, so its connection is closed, not lent again.
+    pub const UNREAD: Effects = Effects(1 << 13);
+
     /// What no reset undoes: the connection is closed after its client.
     pub const UNRESETTABLE: Effects = Effects(Self::LOAD.0 | Self::SEED.0);
 
@@ -291,7 +295,7 @@ impl Classifier {
     pub fn classify(&self, sql: &[u8], strings: Strings) -> Arc<Classified> {
         // Too long to read through on every execution: anything may happen.
         if sql.len() > MAX_PARSED {
-            return Arc::new(Classified::of(Effects::UNKNOWN));
+            return Arc::new(Classified::of(Effects::UNKNOWN | Effects::UNREAD));
         }
         if !may_matter(sql) {
             return NOTHING.clone();

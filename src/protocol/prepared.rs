@@ -388,7 +388,7 @@ impl Rewriter<'_> {
             codes::CLOSE => self.close(body, &mut out),
             // A function called by its oid (set_config, an advisory lock...): unseen.
             codes::FUNCTION_CALL => {
-                self.seen.effects |= Effects::UNKNOWN;
+                self.seen.effects |= Effects::UNKNOWN | Effects::UNREAD;
                 false
             }
             _ => false,
@@ -416,11 +416,11 @@ impl Rewriter<'_> {
         match tag {
             // Too long to read: what it does is not known (the session is read after it).
             codes::QUERY => {
-                self.seen.effects |= Effects::UNKNOWN;
+                self.seen.effects |= Effects::UNKNOWN | Effects::UNREAD;
                 self.client.unnamed = None;
                 self.server.unnamed = None;
             }
-            codes::FUNCTION_CALL => self.seen.effects |= Effects::UNKNOWN,
+            codes::FUNCTION_CALL => self.seen.effects |= Effects::UNKNOWN | Effects::UNREAD,
             codes::BIND => {
                 let body = &head[HEADER_LEN..];
                 let names = cstr(body).and_then(|(portal, rest)| Some((portal, cstr(rest)?)));
@@ -790,6 +790,10 @@ impl Responses {
 
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.queue.len()
     }
 
     /// patroxy's own answers are next in line: they can go without a server message.
