@@ -1155,6 +1155,21 @@ async fn settings_patroxy_cannot_read_never_reach_the_next_client() {
         Some(""),
         "set in a long text"
     );
+    // The same while the client is pinned (a temporary table), then unpinned.
+    let pinned = format!(
+        "SELECT set_config('app.pinned', 'evil', false) -- {}",
+        "x".repeat(70_000)
+    );
+    for sql in ["CREATE TEMP TABLE t ()", &pinned, "DROP TABLE t"] {
+        a.write_all(&query(sql)).await.unwrap();
+        assert_eq!(answers(&mut a).await.2, None, "{}", &sql[..20]);
+    }
+    b.write_all(&query(&tenant("pinned"))).await.unwrap();
+    assert_eq!(
+        answers(&mut b).await.1.as_deref(),
+        Some(""),
+        "set while pinned"
+    );
     proxy.stop().await;
 }
 
@@ -1206,5 +1221,50 @@ async fn answers_a_client_never_reads_are_bounded() {
         "the session still runs after {} MiB of Closes",
         written >> 20
     );
+    proxy.stop().await;
+}
+
+/// An answer patroxy gives itself waits for the end of a long server message going
+/// through: a RowDescription over 64 KiB, then patroxy's CloseComplete, in that order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patroxys_own_answers_never_land_inside_a_long_server_message() {
+    let (_root, etcd, _pg) = one_primary("hlongdesc").await;
+    let proxy = Proxy::start(&etcd, "hlongdesc", |cfg| {
+        cfg.listeners[0].pool_mode = patroxy::config::PoolMode::Transaction;
+        cfg.auth.trust = vec!["127.0.0.1/32".parse().unwrap()];
+    })
+    .await;
+    let (mut s, _, _) = session_from(HERE, proxy.port()).await;
+    let columns: Vec<String> = (0..1200)
+        .map(|i| format!("1 AS \"{}_{i}\"", "c".repeat(50)))
+        .collect();
+    let sql = format!("SELECT {}", columns.join(", "));
+    let frame = |tag: u8, body: &[u8]| {
+        let mut f = vec![tag];
+        f.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        f.extend_from_slice(body);
+        f
+    };
+    let mut batch = frame(b'P', format!("\0{sql}\0\0\0").as_bytes());
+    batch.extend(frame(b'D', b"S\0"));
+    batch.extend(frame(b'C', b"Snope\0"));
+    batch.extend(frame(b'S', b""));
+    s.write_all(&batch).await.unwrap();
+    let mut tags = Vec::new();
+    loop {
+        let (tag, body) = message(&mut s).await;
+        tags.push(tag);
+        if tag == b'T' {
+            assert!(
+                body.len() > 64 * 1024,
+                "a long RowDescription: {}",
+                body.len()
+            );
+        }
+        if tag == b'Z' {
+            break;
+        }
+    }
+    assert_eq!(String::from_utf8_lossy(&tags), "1tT3Z");
     proxy.stop().await;
 }

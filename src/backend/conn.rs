@@ -68,6 +68,10 @@ pub struct ServerConn {
     /// Notifications that came while patroxy had the connection to itself (between a
     /// client's transaction and its listens moving elsewhere): the client's, to pass on.
     pub notifications: Vec<bytes::Bytes>,
+    /// Something ran on it that may have left state no session read shows (a text too
+    /// long to read, a function called by oid, a setting too long to read back): it is
+    /// closed when its client lets it go, never lent to another.
+    pub tainted: bool,
 }
 
 /// What the server said or did instead of accepting the connection.
@@ -155,6 +159,7 @@ impl Opener {
                 permits: Vec::new(),
                 generation: 0,
                 notifications: Vec::new(),
+                tainted: false,
             };
             let (user, database) = (self.user.as_str(), self.database.as_str());
             let mut params = vec![("user", user), ("database", database)];

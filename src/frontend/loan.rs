@@ -166,6 +166,8 @@ impl Session<'_> {
             Some(Lost::Fatal(_) | Lost::Pinned(_)) => {}
             None => {}
         }
+        // Kept with the connection: a pinned client may hold it for later loans.
+        conn.tainted |= seen.effects.contains(Effects::UNREAD) || out.report_cut;
         let at_rest = out.server_clean && out.progress.in_flight == 0 && !out.progress.unsynced;
         let returned = match (&lost, &end, settled) {
             (Some(_), _, _) => false,
@@ -198,16 +200,13 @@ impl Session<'_> {
             }
             _ => false,
         };
-        if returned && out.report_cut {
-            warn!(server = %target.endpoint, "the server reported a setting too long to read; its connection closed rather than lent again");
-        }
         // A text patroxy could not read may have left a custom setting that no session read
-        // shows (pg_settings lists none): the connection goes rather than reach another client.
-        let unread = seen.effects.contains(Effects::UNREAD);
-        if returned && unread {
-            info!(server = %target.endpoint, "a statement too long to read (or a function called by oid) ran on this connection; closed rather than lent again");
+        // shows (pg_settings lists none), as may a setting too long to read back: the
+        // connection goes rather than reach another client.
+        if returned && conn.tainted {
+            info!(server = %target.endpoint, "a statement or setting patroxy could not read went through this connection; closed rather than lent again");
         }
-        let returned = returned && !out.report_cut && !unread;
+        let returned = returned && !conn.tainted;
         if !matches!(end, End::Released) {
             tracing::debug!(
                 client = %self.peer,

@@ -177,6 +177,8 @@ pub(super) async fn pump_up(
         // client to its next connection).
         *lock_held(st) = std::mem::take(&mut pending);
         st.up_clean.store(false, Relaxed);
+        // Set before the write: a server lost during it leaves the rest of the message.
+        st.client_mid_message.store(through.left > 0, Relaxed);
         if !out.is_empty() {
             if let Err(e) = wr.write_all(&out).await {
                 return End::ServerIo(e);
@@ -185,7 +187,6 @@ pub(super) async fn pump_up(
         }
         // In the middle of a long frame, the connection is not at a message's end.
         st.up_clean.store(through.left == 0, Relaxed);
-        st.client_mid_message.store(through.left > 0, Relaxed);
         read.clear();
         let n = rd.read_some(&mut read).await;
         pending = std::mem::take(&mut *lock_held(st));
@@ -221,8 +222,11 @@ pub(super) async fn pump_down(
         let mut out = BytesMut::new();
         {
             let mut r = lock(responses);
-            for b in r.due() {
-                out.extend_from_slice(&b);
+            // patroxy's own answers wait for the end of a frame going through.
+            if through.left == 0 {
+                for b in r.due() {
+                    out.extend_from_slice(&b);
+                }
             }
             loop {
                 if through.left > 0 {

@@ -301,7 +301,7 @@ impl Classifier {
             return NOTHING.clone();
         }
         let Ok(text) = std::str::from_utf8(sql) else {
-            return Arc::new(Classified::of(Effects::UNKNOWN));
+            return Arc::new(Classified::of(Effects::UNKNOWN | Effects::UNREAD));
         };
         // pgbench's UPDATE ... SET, with literals new each time: neither parsed nor cached.
         if !DEEP.is_match(text) && one_data_statement(text) {
@@ -338,7 +338,7 @@ impl Classifier {
     /// with any byte past ASCII and a word that can matter may do anything.
     pub fn classify_in(&self, sql: &[u8], strings: Strings, ascii_safe: bool) -> Arc<Classified> {
         if !ascii_safe && !sql.is_ascii() && may_matter(sql) {
-            return Arc::new(Classified::of(Effects::UNKNOWN));
+            return Arc::new(Classified::of(Effects::UNKNOWN | Effects::UNREAD));
         }
         self.classify(sql, strings)
     }
@@ -347,7 +347,7 @@ impl Classifier {
     /// has a word that can matter.
     pub fn classify_cut(&self, prefix: &[u8]) -> Effects {
         match may_matter(prefix) {
-            true => Effects::UNKNOWN,
+            true => Effects::UNKNOWN | Effects::UNREAD,
             false => Effects::NONE,
         }
     }
@@ -447,7 +447,7 @@ pub fn classify_text(sql: &str, strings: Strings) -> Classified {
         return out;
     }
     if sql.len() > MAX_PARSED || sql.contains('\0') {
-        return Classified::of(Effects::UNKNOWN);
+        return Classified::of(Effects::UNKNOWN | Effects::UNREAD);
     }
     let options = match strings {
         Strings::Backslash => pg_query::ParserOptions::DISABLE_STANDARD_CONFORMING_STRINGS,
@@ -469,12 +469,12 @@ pub fn classify_text(sql: &str, strings: Strings) -> Classified {
             Ok(_) => {}
             // Too deep for the parser's result, or syntax this parser does not know: the
             // server may still take it. Anything may happen.
-            Err(_) => return Classified::of(Effects::UNKNOWN),
+            Err(_) => return Classified::of(Effects::UNKNOWN | Effects::UNREAD),
         }
     }
     let tree = match pg_query::parse(sql, options) {
         Ok(t) => t.protobuf,
-        Err(_) => return Classified::of(Effects::UNKNOWN),
+        Err(_) => return Classified::of(Effects::UNKNOWN | Effects::UNREAD),
     };
     let mut out = Classified::default();
     let statements: Vec<&N> = tree
@@ -490,7 +490,7 @@ pub fn classify_text(sql: &str, strings: Strings) -> Classified {
     if deep {
         match serde_json::to_value(&tree) {
             Ok(v) => walk(&v, false, &mut out),
-            Err(_) => out.effects |= Effects::UNKNOWN,
+            Err(_) => out.effects |= Effects::UNKNOWN | Effects::UNREAD,
         }
     }
     out
@@ -901,7 +901,21 @@ mod tests {
         let standard = c.classify_in(sql.as_bytes(), Strings::Standard, true);
         assert!(!standard.effects.contains(Effects::SETTINGS));
         let sjis = c.classify_in(sql.as_bytes(), Strings::Standard, false);
-        assert!(sjis.effects.contains(Effects::UNKNOWN));
+        // Not read at all: its connection is not lent again (a custom setting it made
+        // would show in no session read).
+        assert!(sjis.effects.contains(Effects::UNKNOWN | Effects::UNREAD));
+        let not_utf8 = c.classify(
+            b"SELECT set_config('app.x', '\xff', false)",
+            Strings::Standard,
+        );
+        assert!(not_utf8
+            .effects
+            .contains(Effects::UNKNOWN | Effects::UNREAD));
+        assert!(
+            effects("SET ROLE (").contains(Effects::UNREAD),
+            "does not parse"
+        );
+        assert!(!effects("DO $$ BEGIN PERFORM 1; END $$").contains(Effects::UNREAD));
         assert!(c
             .classify_in(b"SELECT 1", Strings::Standard, false)
             .effects
