@@ -23,7 +23,13 @@ struct Table {
     buckets: HashMap<IpAddr, Bucket>,
     /// The bucket of sources that found the table full.
     shared: Option<Bucket>,
+    /// When the full table was last swept of sources back to a full bucket: at most once
+    /// a second, so that a flood from new sources costs a lookup each, not a sweep.
+    swept: Option<Instant>,
 }
+
+/// How often a full table may be swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
@@ -74,7 +80,11 @@ impl PerSource {
         let (rate, burst) = (self.per_second, self.burst);
         let source = per_host(source);
         let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        if t.buckets.len() >= MAX_SOURCES && !t.buckets.contains_key(&source) {
+        let due = t
+            .swept
+            .is_none_or(|at| now.saturating_duration_since(at) >= SWEEP_EVERY);
+        if due && t.buckets.len() >= MAX_SOURCES && !t.buckets.contains_key(&source) {
+            t.swept = Some(now);
             // Full buckets say nothing a new one would not: they go first.
             t.buckets.retain(|_, b| {
                 b.refill(rate, burst, now);
@@ -173,6 +183,11 @@ mod tests {
         assert_eq!(limit.sources(), MAX_SOURCES);
         let ip = IpAddr::V4(std::net::Ipv4Addr::from(0x7f80_0000));
         assert!(!limit.allow(ip, now), "the shared bucket is spent");
+        // The table is swept at most once a second: then sources back to a full bucket go,
+        // and a new source gets its own.
+        let later = now + Duration::from_secs(2);
+        assert!(limit.allow(ip, later));
+        assert_eq!(limit.sources(), 1);
         // An IPv6 host is one source however many addresses of its /64 it uses.
         let v6 = PerSource::new(1);
         let hits = (0..10u16)

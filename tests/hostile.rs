@@ -1268,3 +1268,38 @@ async fn patroxys_own_answers_never_land_inside_a_long_server_message() {
     assert_eq!(String::from_utf8_lossy(&tags), "1tT3Z");
     proxy.stop().await;
 }
+
+/// A client cannot forge log lines: a user name with line breaks is logged as one line
+/// (the break written as `\n`), by the real binary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_break_in_a_user_name_cannot_forge_a_log_line() {
+    // A real server refuses the role, quoting its name in its error (which patroxy logs).
+    let (_root, etcd, _pg) = one_primary("hlog").await;
+    let port = free_port();
+    let proxy = common::binary::Binary::start(&[
+        "run",
+        "--etcd",
+        &etcd.url(),
+        "--scope",
+        "hlog",
+        "--primary",
+        &format!("{HERE}:{port}"),
+    ]);
+    wait_for("the listener", LONG, || async move {
+        TcpStream::connect((HERE, port)).await.ok()
+    })
+    .await;
+    let mut s = TcpStream::connect((HERE, port)).await.unwrap();
+    let user = "mallory\nFORGED level=ERROR patroxy was compromised";
+    s.write_all(&startup(user, "postgres")).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(LONG, s.read_to_end(&mut out)).await;
+    assert!(
+        String::from_utf8_lossy(&out).contains("28000"),
+        "refused by the server"
+    );
+    proxy.wait_log("does not exist", 1).await;
+    let (_, log) = proxy.stop().await;
+    assert!(log.contains(r"mallory\nFORGED"), "{log}");
+    assert!(!log.lines().any(|l| l.starts_with("FORGED")), "{log}");
+}
