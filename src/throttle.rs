@@ -80,9 +80,9 @@ impl PerSource {
         let (rate, burst) = (self.per_second, self.burst);
         let source = per_host(source);
         let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        let due = t
+        let due = !t
             .swept
-            .is_none_or(|at| now.saturating_duration_since(at) >= SWEEP_EVERY);
+            .is_some_and(|at| now.saturating_duration_since(at) < SWEEP_EVERY);
         if due && t.buckets.len() >= MAX_SOURCES && !t.buckets.contains_key(&source) {
             t.swept = Some(now);
             // Full buckets say nothing a new one would not: they go first.
