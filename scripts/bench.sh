@@ -416,15 +416,26 @@ CFG
   done
   PGBENCH=/usr/lib/postgresql/15/bin/pgbench
   T=${POOL_SECONDS:-8}
+  # The proxy's CPU (user + system, from /proc) over the transactions pgbench counted: the
+  # process listening on the port, none for the leader itself.
+  ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+  listener_pid() { ss -Hltnp "sport = :$1" | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2; }
   run() { # name, port, user, pgbench args...
     local name=$1 port=$2 user=$3; shift 3
-    local out tps aborted
+    local out tps aborted pid="" before=0 after=0 n cpu="-"
+    [ "$port" != "$leader_port" ] && pid=$(listener_pid "$port")
+    [ -n "$pid" ] && before=$(ticks "$pid")
     # A run whose clients fail (PgBouncer 1.18 has no prepared statements in transaction
     # mode: pgbench aborts those clients) says how many, and the benchmark goes on.
     out=$(PGPASSWORD=bench "$PGBENCH" -n -h 127.0.0.1 -p "$port" -U "$user" -T "$T" "$@" postgres 2>&1 || true)
+    [ -n "$pid" ] && after=$(ticks "$pid")
     tps=$(awk '/^tps/ {print $3; exit}' <<<"$out")
+    n=$(awk '/number of transactions actually processed/ {print $NF}' <<<"$out" | cut -d/ -f1)
+    if [ -n "$pid" ] && [ "${n:-0}" -gt 0 ]; then
+      cpu=$(awk -v t="$((after - before))" -v n="$n" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
+    fi
     aborted=$(grep -c "aborted in command" <<<"$out" || true)
-    printf '%-36s %10s tps%s\n' "$name" "${tps:-failed}" "$([ "$aborted" -gt 0 ] && echo " ($aborted clients aborted)")"
+    printf '%-46s %10s tps %8s us/tx%s\n' "$name" "${tps:-failed}" "$cpu" "$([ "$aborted" -gt 0 ] && echo " ($aborted clients aborted)")"
   }
   {
     echo "connection speed: pgbench -C -S -c 4 -j 2 -T $T (a new connection per transaction)"
@@ -443,9 +454,13 @@ CFG
       run "pgbouncer transaction (SCRAM)" 6635 bench -C -S -c 4 -j 2
     done
     echo
-    echo "many clients on few servers: pgbench -S -c 200 -j 2 -T $T, pools of ${POOL_SIZE:-8}"
+    echo "many clients on few servers: pgbench -S -c 50 and -c 200 -j 2 -T $T, pools of ${POOL_SIZE:-8}"
     for round in 1 2; do
       echo "round $round"
+      run "patroxy transaction pool -c 50" 6453 postgres -S -c 50 -j 2
+      run "pgbouncer transaction -c 50" 6633 postgres -S -c 50 -j 2
+      run "patroxy, no pool -c 8 (unpooled relay)" 6432 postgres -S -c 8 -j 2
+      run "haproxy -c 8 (TCP)" 6532 postgres -S -c 8 -j 2
       run "direct (200 backends)" $leader_port postgres -S -c 200 -j 2
       run "patroxy transaction pool" 6453 postgres -S -c 200 -j 2
       run "pgbouncer transaction" 6633 postgres -S -c 200 -j 2
@@ -454,6 +469,8 @@ CFG
       run "pgbouncer transaction -M prepared (1.18: none)" 6633 postgres -S -M prepared -c 200 -j 2
     done
   } | tee "$OUT/pool.txt"
+  # The table only (CPU per transaction beside tps), without the latency and idle runs.
+  [ "${POOL_TABLE_ONLY:-}" = 1 ] && exit 0
   echo "bench: latency with the pooled modes"
   "$BENCH" latency --out "$OUT/pool" --slice "${BENCH_SLICE:-2s}" --rounds "${BENCH_ROUNDS:-3}" \
     --workloads "${BENCH_WORKLOADS:-simple,select-key}" --concurrency "${BENCH_CONCURRENCY:-1,8}" \
