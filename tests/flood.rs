@@ -23,15 +23,6 @@ const CLIENTS: usize = 300;
 /// RSS is the whole test process's: tests that measure it take turns.
 static MEASURING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// Waits for every stalled client to be cut; each one's bytes received and how long after
 /// its connect the cut came.
 async fn cuts(stalled: Vec<(TcpStream, Instant)>) -> Vec<(Vec<u8>, Duration)> {

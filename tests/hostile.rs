@@ -419,20 +419,7 @@ async fn unauthenticated_names_cost_no_pools_and_tell_nothing() {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(500);
-    let rss = || {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        let line = status
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .unwrap()
-            .to_owned();
-        line.split_whitespace()
-            .nth(1)
-            .unwrap()
-            .parse::<u64>()
-            .unwrap()
-    };
-    let (before, started) = (rss(), std::time::Instant::now());
+    let (before, started) = (rss_kib(), std::time::Instant::now());
     for i in 0..names {
         salt_of(port, &format!("u{i}"), &format!("db{i}")).await;
     }
@@ -440,7 +427,7 @@ async fn unauthenticated_names_cost_no_pools_and_tell_nothing() {
         "{names} unknown names in {names} databases: {:?}, RSS of the test process {} -> {} KiB",
         started.elapsed(),
         before,
-        rss()
+        rss_kib()
     );
     let pools = || sample(&metrics_text(), "patroxy_pools", &[]);
     wait_for("the pools counted", LONG, || async {
@@ -736,9 +723,7 @@ async fn unknown_salts_come_from_the_salt_key_not_from_the_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_waiting_in_line_cannot_fill_patroxys_memory() {
     let (_root, etcd, _pg) = one_primary("hwait").await;
-    let proxy = Proxy::start(&etcd, "hwait", |cfg| {
-        cfg.listeners[0].pool_mode = patroxy::config::PoolMode::Transaction;
-        cfg.auth.trust = vec!["127.0.0.1/32".parse().unwrap()];
+    let proxy = trusted_transaction_pool(&etcd, "hwait", |cfg| {
         cfg.pool.pool_size = 1;
     })
     .await;
@@ -778,11 +763,7 @@ async fn a_client_waiting_in_line_cannot_fill_patroxys_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replication_client_gets_patroxys_key() {
     let (_root, etcd, _pg) = one_primary("hrepl").await;
-    let proxy = Proxy::start(&etcd, "hrepl", |cfg| {
-        cfg.listeners[0].pool_mode = patroxy::config::PoolMode::Transaction;
-        cfg.auth.trust = vec!["127.0.0.1/32".parse().unwrap()];
-    })
-    .await;
+    let proxy = trusted_transaction_pool(&etcd, "hrepl", |_| {}).await;
     let mut s = connect_from(HERE, proxy.port()).await;
     let params = [
         ("user", "postgres"),
@@ -804,14 +785,18 @@ async fn a_replication_client_gets_patroxys_key() {
     proxy.stop().await;
 }
 
-/// The test process's resident memory now, in KiB.
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
+/// patroxy in front of `scope` with a transaction pool, trusting loopback; `tune` adjusts it.
+async fn trusted_transaction_pool(
+    etcd: &Etcd,
+    scope: &str,
+    tune: impl FnOnce(&mut patroxy::config::Config),
+) -> Proxy {
+    Proxy::start(etcd, scope, |cfg| {
+        cfg.listeners[0].pool_mode = patroxy::config::PoolMode::Transaction;
+        cfg.auth.trust = vec!["127.0.0.1/32".parse().unwrap()];
+        tune(cfg);
+    })
+    .await
 }
 
 /// Writes `n` copies of `byte`, a MiB at a time (the test holds no more than that).
@@ -894,9 +879,7 @@ async fn peak_rss_during<T>(work: impl std::future::Future<Output = T>) -> (T, u
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_messages_through_a_transaction_pool_hold_little_memory() {
     let (_root, etcd, _pg) = one_primary("hhuge").await;
-    let proxy = Proxy::start(&etcd, "hhuge", |cfg| {
-        cfg.listeners[0].pool_mode = patroxy::config::PoolMode::Transaction;
-        cfg.auth.trust = vec!["127.0.0.1/32".parse().unwrap()];
+    let proxy = trusted_transaction_pool(&etcd, "hhuge", |cfg| {
         cfg.pool.pool_size = 2;
         cfg.pool.client_memory = 1 << 20;
     })
@@ -1006,11 +989,7 @@ async fn huge_messages_through_a_transaction_pool_hold_little_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protocol_3_2_clients_get_long_cancel_keys() {
     let (_root, etcd, pg) = one_primary("hkey32").await;
-    let proxy = Proxy::start(&etcd, "hkey32", |cfg| {
-        cfg.listeners[0].pool_mode = patroxy::config::PoolMode::Transaction;
-        cfg.auth.trust = vec!["127.0.0.1/32".parse().unwrap()];
-    })
-    .await;
+    let proxy = trusted_transaction_pool(&etcd, "hkey32", |_| {}).await;
     let (_, _, short) = session_from(HERE, proxy.port()).await;
     assert_eq!(short.len(), 4);
     let mut s = connect_from(HERE, proxy.port()).await;
@@ -1048,9 +1027,7 @@ async fn protocol_3_2_clients_get_long_cancel_keys() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rest_of_a_long_message_never_runs_after_its_server_is_lost() {
     let (_root, etcd, pg) = one_primary("hcut").await;
-    let proxy = Proxy::start(&etcd, "hcut", |cfg| {
-        cfg.listeners[0].pool_mode = patroxy::config::PoolMode::Transaction;
-        cfg.auth.trust = vec!["127.0.0.1/32".parse().unwrap()];
+    let proxy = trusted_transaction_pool(&etcd, "hcut", |cfg| {
         cfg.pool.pool_size = 2;
     })
     .await;
@@ -1114,9 +1091,7 @@ async fn write_repeated_lossy(s: &mut TcpStream, byte: u8, n: usize) -> std::io:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settings_patroxy_cannot_read_never_reach_the_next_client() {
     let (_root, etcd, _pg) = one_primary("hunread").await;
-    let proxy = Proxy::start(&etcd, "hunread", |cfg| {
-        cfg.listeners[0].pool_mode = patroxy::config::PoolMode::Transaction;
-        cfg.auth.trust = vec!["127.0.0.1/32".parse().unwrap()];
+    let proxy = trusted_transaction_pool(&etcd, "hunread", |cfg| {
         cfg.pool.pool_size = 1;
     })
     .await;
@@ -1178,9 +1153,7 @@ async fn settings_patroxy_cannot_read_never_reach_the_next_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_a_client_never_reads_are_bounded() {
     let (_root, etcd, _pg) = one_primary("hunread2").await;
-    let proxy = Proxy::start(&etcd, "hunread2", |cfg| {
-        cfg.listeners[0].pool_mode = patroxy::config::PoolMode::Transaction;
-        cfg.auth.trust = vec!["127.0.0.1/32".parse().unwrap()];
+    let proxy = trusted_transaction_pool(&etcd, "hunread2", |cfg| {
         cfg.pool.client_memory = 1 << 20;
     })
     .await;
@@ -1229,11 +1202,7 @@ async fn answers_a_client_never_reads_are_bounded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn patroxys_own_answers_never_land_inside_a_long_server_message() {
     let (_root, etcd, _pg) = one_primary("hlongdesc").await;
-    let proxy = Proxy::start(&etcd, "hlongdesc", |cfg| {
-        cfg.listeners[0].pool_mode = patroxy::config::PoolMode::Transaction;
-        cfg.auth.trust = vec!["127.0.0.1/32".parse().unwrap()];
-    })
-    .await;
+    let proxy = trusted_transaction_pool(&etcd, "hlongdesc", |_| {}).await;
     let (mut s, _, _) = session_from(HERE, proxy.port()).await;
     let columns: Vec<String> = (0..1200)
         .map(|i| format!("1 AS \"{}_{i}\"", "c".repeat(50)))

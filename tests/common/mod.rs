@@ -932,6 +932,16 @@ pub fn startup_message(minor: u16, params: &[(&str, &str)]) -> Vec<u8> {
     out
 }
 
+/// The test process's resident memory now, in KiB.
+pub fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
 /// The admin endpoint's `/topology`, if it answers.
 pub async fn topology(admin: SocketAddr) -> Option<serde_json::Value> {
     let mut s = TcpStream::connect(admin).await.ok()?;
