@@ -939,6 +939,27 @@ mod tests {
         }
     }
 
+    /// A rewriter for `client` on `server`, which keeps `capacity` statements.
+    fn rewriter<'a>(
+        client: &'a mut ClientStatements,
+        server: &'a mut ServerStatements,
+        capacity: usize,
+        reading: Reading<'a>,
+        seen: &'a mut Seen,
+    ) -> Rewriter<'a> {
+        Rewriter {
+            client,
+            server,
+            capacity,
+            memory: 1 << 26,
+            settings_held: 0,
+            reading,
+            seen,
+            unsynced: false,
+            in_failed_transaction: false,
+        }
+    }
+
     fn parse(name: &str, query: &str) -> (Vec<u8>, Bytes) {
         let mut b = Vec::new();
         b.extend_from_slice(name.as_bytes());
@@ -963,17 +984,13 @@ mod tests {
             (Classifier::default(), Naming::default(), Seen::default());
         let mut client = ClientStatements::default();
         let (mut conn1, mut conn2) = (ServerStatements::default(), ServerStatements::default());
-        let mut rw = Rewriter {
-            client: &mut client,
-            server: &mut conn1,
-            capacity: 10,
-            memory: 1 << 26,
-            settings_held: 0,
-            reading: reading(&naming, &classifier),
-            seen: &mut seen,
-            unsynced: false,
-            in_failed_transaction: false,
-        };
+        let mut rw = rewriter(
+            &mut client,
+            &mut conn1,
+            10,
+            reading(&naming, &classifier),
+            &mut seen,
+        );
         let (b, w) = parse("s1", "SELECT 1");
         let out = rw.rewrite(codes::PARSE, &b, w);
         assert_eq!(out.send.len(), 1, "prepared under its server name");
@@ -991,17 +1008,13 @@ mod tests {
             Pending::Own(Bytes::from_static(&PARSE_COMPLETE))
         );
         // The same client, another connection: the Bind brings its Parse along.
-        let mut rw = Rewriter {
-            client: &mut client,
-            server: &mut conn2,
-            capacity: 10,
-            memory: 1 << 26,
-            settings_held: 0,
-            reading: reading(&naming, &classifier),
-            seen: &mut seen,
-            unsynced: false,
-            in_failed_transaction: false,
-        };
+        let mut rw = rewriter(
+            &mut client,
+            &mut conn2,
+            10,
+            reading(&naming, &classifier),
+            &mut seen,
+        );
         let (b, w) = bind("s1");
         let out = rw.rewrite(codes::BIND, &b, w);
         assert_eq!(out.send.len(), 2);
@@ -1025,17 +1038,13 @@ mod tests {
         let (mut a, mut b) = (ClientStatements::default(), ClientStatements::default());
         let mut conn = ServerStatements::default();
         let mut responses = Responses::default();
-        let mut rw = Rewriter {
-            client: &mut a,
-            server: &mut conn,
-            capacity: 10,
-            memory: 1 << 26,
-            settings_held: 0,
-            reading: reading(&naming, &classifier),
-            seen: &mut seen,
-            unsynced: false,
-            in_failed_transaction: false,
-        };
+        let mut rw = rewriter(
+            &mut a,
+            &mut conn,
+            10,
+            reading(&naming, &classifier),
+            &mut seen,
+        );
         // A's Parse and a Bind of another statement in one batch; the server refuses the
         // Parse (its table does not exist yet) and skips the rest up to the Sync.
         let (p, w) = parse("s1", "SELECT * FROM later");
@@ -1061,17 +1070,13 @@ mod tests {
         );
         // B, later, on the same connection: its Parse goes to the server.
         let mut seen = Seen::default();
-        let mut rw = Rewriter {
-            client: &mut b,
-            server: &mut conn,
-            capacity: 10,
-            memory: 1 << 26,
-            settings_held: 0,
-            reading: reading(&naming, &classifier),
-            seen: &mut seen,
-            unsynced: false,
-            in_failed_transaction: false,
-        };
+        let mut rw = rewriter(
+            &mut b,
+            &mut conn,
+            10,
+            reading(&naming, &classifier),
+            &mut seen,
+        );
         let (p, w) = parse("b1", "SELECT * FROM later");
         let out = rw.rewrite(codes::PARSE, &p, w);
         assert_eq!(out.send.len(), 1, "prepared again, not taken for prepared");
@@ -1084,17 +1089,13 @@ mod tests {
             (Classifier::default(), Naming::default(), Seen::default());
         let mut client = ClientStatements::default();
         let mut conn = ServerStatements::default();
-        let mut rw = Rewriter {
-            client: &mut client,
-            server: &mut conn,
-            capacity: 10,
-            memory: 1 << 26,
-            settings_held: 0,
-            reading: reading(&naming, &classifier),
-            seen: &mut seen,
-            unsynced: false,
-            in_failed_transaction: false,
-        };
+        let mut rw = rewriter(
+            &mut client,
+            &mut conn,
+            10,
+            reading(&naming, &classifier),
+            &mut seen,
+        );
         let (p, w) = parse("s1", "SELECT 1");
         rw.rewrite(codes::PARSE, &p, w);
         let (p, w) = parse("s2", "SELECT 2");
@@ -1148,17 +1149,13 @@ mod tests {
             (Classifier::default(), Naming::default(), Seen::default());
         let mut client = ClientStatements::default();
         let mut conn = ServerStatements::default();
-        let mut rw = Rewriter {
-            client: &mut client,
-            server: &mut conn,
-            capacity: 2,
-            memory: 1 << 26,
-            settings_held: 0,
-            reading: reading(&naming, &classifier),
-            seen: &mut seen,
-            unsynced: false,
-            in_failed_transaction: false,
-        };
+        let mut rw = rewriter(
+            &mut client,
+            &mut conn,
+            2,
+            reading(&naming, &classifier),
+            &mut seen,
+        );
         for (name, q) in [("a", "SELECT 1"), ("b", "SELECT 2"), ("c", "SELECT 3")] {
             let (b, w) = parse(name, q);
             rw.rewrite(codes::PARSE, &b, w);
@@ -1310,18 +1307,8 @@ mod tests {
                       seen: &mut Seen,
                       tag,
                       (body, whole): (Vec<u8>, Bytes)| {
-            Rewriter {
-                client,
-                server: &mut conn,
-                capacity: 10,
-                memory: 1 << 26,
-                settings_held: 0,
-                reading: reading(&naming, &classifier),
-                seen,
-                unsynced: false,
-                in_failed_transaction: false,
-            }
-            .rewrite(tag, &body, whole)
+            rewriter(client, &mut conn, 10, reading(&naming, &classifier), seen)
+                .rewrite(tag, &body, whole)
         };
         let out = rw(&mut a, &mut seen, codes::PARSE, parse("", "SELECT 1"));
         assert_eq!(out.send.len(), 1);
@@ -1354,17 +1341,13 @@ mod tests {
             (Classifier::default(), Naming::default(), Seen::default());
         let mut client = ClientStatements::default();
         let mut conn = ServerStatements::default();
-        let mut rw = Rewriter {
-            client: &mut client,
-            server: &mut conn,
-            capacity: 5,
-            memory: 1 << 26,
-            settings_held: 0,
-            reading: reading(&naming, &classifier),
-            seen: &mut seen,
-            unsynced: false,
-            in_failed_transaction: false,
-        };
+        let mut rw = rewriter(
+            &mut client,
+            &mut conn,
+            5,
+            reading(&naming, &classifier),
+            &mut seen,
+        );
         let (b, w) = parse("s", "SELECT 1");
         rw.rewrite(codes::PARSE, &b, w);
         let close = b"Ss\0";
@@ -1387,17 +1370,13 @@ mod tests {
         let (classifier, naming, mut seen) =
             (Classifier::default(), Naming::default(), Seen::default());
         let (mut client, mut conn) = (ClientStatements::default(), ServerStatements::default());
-        let mut rw = Rewriter {
-            client: &mut client,
-            server: &mut conn,
-            capacity: 10,
-            memory: 1 << 26,
-            settings_held: 0,
-            reading: reading(&naming, &classifier),
-            seen: &mut seen,
-            unsynced: false,
-            in_failed_transaction: false,
-        };
+        let mut rw = rewriter(
+            &mut client,
+            &mut conn,
+            10,
+            reading(&naming, &classifier),
+            &mut seen,
+        );
         let (b, w) = parse("s1", "SELECT $1");
         rw.rewrite(codes::PARSE, &b, w);
         // 1 MB of parameters after the names; only the start has come.
@@ -1448,17 +1427,13 @@ mod tests {
         let (classifier, naming, mut seen) =
             (Classifier::default(), Naming::default(), Seen::default());
         let (mut client, mut conn) = (ClientStatements::default(), ServerStatements::default());
-        let mut rw = Rewriter {
-            client: &mut client,
-            server: &mut conn,
-            capacity: 10,
-            memory: 1 << 26,
-            settings_held: 0,
-            reading: reading(&naming, &classifier),
-            seen: &mut seen,
-            unsynced: false,
-            in_failed_transaction: false,
-        };
+        let mut rw = rewriter(
+            &mut client,
+            &mut conn,
+            10,
+            reading(&naming, &classifier),
+            &mut seen,
+        );
         assert_eq!(rw.client.held(), 0);
         let (b, w) = parse("s1", &"SELECT 1 -- ".repeat(1000));
         rw.rewrite(codes::PARSE, &b, w);
