@@ -801,13 +801,7 @@ async fn trusted_transaction_pool(
 
 /// Writes `n` copies of `byte`, a MiB at a time (the test holds no more than that).
 async fn write_repeated(s: &mut TcpStream, byte: u8, n: usize) {
-    let chunk = vec![byte; 1 << 20];
-    let mut left = n;
-    while left > 0 {
-        let k = left.min(chunk.len());
-        s.write_all(&chunk[..k]).await.unwrap();
-        left -= k;
-    }
+    write_repeated_lossy(s, byte, n).await.unwrap();
 }
 
 /// Reads answers up to ReadyForQuery (or, after an error, the end) without keeping long
@@ -1076,7 +1070,7 @@ async fn the_rest_of_a_long_message_never_runs_after_its_server_is_lost() {
 
 /// `write_repeated`, stopping at the first error (the other end may have closed).
 async fn write_repeated_lossy(s: &mut TcpStream, byte: u8, n: usize) -> std::io::Result<()> {
-    let chunk = vec![byte; 64 * 1024];
+    let chunk = vec![byte; 1 << 20];
     let mut left = n;
     while left > 0 {
         let k = left.min(chunk.len());
