@@ -12,6 +12,7 @@ use tracing::{info, warn};
 use crate::backend::{CancelRegistry, ServerLoad};
 
 use crate::config::{Config, ListenerConfig};
+use crate::frontend::bell;
 use crate::frontend::context::ClientAuth;
 use crate::frontend::{ListenerContext, ProxyContext};
 use crate::listener::{accept_loop, bind_one, BoundListener};
@@ -205,6 +206,16 @@ impl Server {
             }
         }
         self.publish();
+        // Pooled clients hear of topology changes, reloads and shutdown through their bells.
+        let ringing = self.shutdown.child_token();
+        for topology in self.topologies.values() {
+            let (clients, topology) = (self.proxy.clients.clone(), topology.clone());
+            let stop = ringing.clone();
+            self.accepting.spawn(async move {
+                stop.run_until_cancelled(ring_on_changes(clients, topology))
+                    .await
+            });
+        }
         let mut reloading = true;
         let quiesce = self.proxy.wait_for_clients.clone();
         let mut quiescing = false;
@@ -229,6 +240,8 @@ impl Server {
                 },
             }
         }
+        ringing.cancel();
+        self.proxy.clients.ring_all(bell::SHUTDOWN);
         self.accepting.close();
         self.accepting.wait().await;
         let sessions = self.sessions;
@@ -327,6 +340,7 @@ impl Server {
             ctx.limit = limit;
             if *r.policy.borrow() != ctx.policy {
                 r.policy.send_replace(ctx.policy.clone());
+                self.proxy.clients.ring_all(bell::CHANGED);
             }
             ctx.policy_updates = r.policy.subscribe();
             r.ctx.send_replace(Arc::new(ctx));
@@ -373,5 +387,16 @@ impl Server {
             added.join(", "),
             removed.join(", ")
         ))
+    }
+}
+
+/// Rings every pooled client's bell at each change of a cluster's topology, for the lent
+/// connections whose drain it may decide.
+async fn ring_on_changes(
+    clients: crate::frontend::clients::Clients,
+    mut topology: watch::Receiver<Arc<crate::discovery::Topology>>,
+) {
+    while topology.changed().await.is_ok() {
+        clients.ring_all(bell::CHANGED);
     }
 }

@@ -12,6 +12,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
 use tracing::warn;
 
+use super::bell;
 use super::clients::{self, Client};
 use super::context::ListenerContext;
 use super::listening::Listening;
@@ -309,8 +310,7 @@ impl Session<'_> {
                             return Next::Over(End::ClientIo(e));
                         }
                     }
-                    _ = self.ctx.proxy.shutdown.cancelled() => return Next::Over(self.shut_down(client).await),
-                    _ = self.me.kill.cancelled() => return Next::Over(self.killed(client).await),
+                    rung = self.me.bell.rung(bell::SHUTDOWN | bell::KILLED) => return Next::Over(self.ended_by(client, rung).await),
                     _ = &mut idle => return Next::Over(self.idle_too_long(client, idle_limit).await),
                 }
             }
@@ -369,8 +369,7 @@ impl Session<'_> {
                     Ok(_) => continue,
                     Err(e) => return Err(End::ClientIo(e)),
                 },
-                _ = self.me.kill.cancelled() => return Err(self.killed(client).await),
-                _ = self.ctx.proxy.shutdown.cancelled() => return Err(self.shut_down(client).await),
+                rung = self.me.bell.rung(bell::SHUTDOWN | bell::KILLED) => return Err(self.ended_by(client, rung).await),
             }
         };
         drop(waiting);
@@ -425,6 +424,14 @@ impl Session<'_> {
                 warn!(client = %self.peer, server = %conn.endpoint, error = %e, "applying the session's parameters failed; server connection closed");
                 Err(e)
             }
+        }
+    }
+
+    /// Ends the session for shutdown or the console's KILL, whichever its bell rang.
+    async fn ended_by(&self, client: &mut Stream, rung: u8) -> End {
+        match rung & bell::SHUTDOWN {
+            0 => self.killed(client).await,
+            _ => self.shut_down(client).await,
         }
     }
 

@@ -4,12 +4,11 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
-use tokio_util::sync::CancellationToken;
-
+use super::bell::{self, Bell};
 use crate::discovery::patroni::Endpoint;
 
 /// What a client is doing, in PgBouncer's words.
@@ -31,8 +30,8 @@ pub struct Client {
     pub server: Mutex<Option<(Endpoint, i32)>>,
     /// Why it keeps its server connection between transactions, when it does.
     pub pinned: Mutex<Option<String>>,
-    /// Cancelled by the console's KILL.
-    pub kill: CancellationToken,
+    /// Rung by the console's KILL, shutdown, and changes to the topology or rules.
+    pub bell: Bell,
 }
 
 impl Client {
@@ -67,6 +66,8 @@ impl Client {
 pub struct Clients {
     inner: Arc<Mutex<BTreeMap<u64, Arc<Client>>>>,
     next: Arc<AtomicU64>,
+    /// Shutdown has been rung: a client listed from now on hears it at once.
+    closing: Arc<AtomicBool>,
 }
 
 /// Keeps a client listed while it lives.
@@ -92,7 +93,12 @@ impl Clients {
     pub fn add(&self, client: Client) -> Listed {
         let id = self.next.fetch_add(1, Relaxed);
         let client = Arc::new(client);
-        self.lock().insert(id, client.clone());
+        let mut all = self.lock();
+        all.insert(id, client.clone());
+        if self.closing.load(Relaxed) {
+            client.bell.ring(bell::SHUTDOWN);
+        }
+        drop(all);
         Listed {
             clients: self.clone(),
             id,
@@ -110,11 +116,22 @@ impl Clients {
         let mut n = 0;
         for c in self.lock().values() {
             if database.map_or(true, |d| c.database == d) {
-                c.kill.cancel();
+                c.bell.ring(bell::KILLED);
                 n += 1;
             }
         }
         n
+    }
+
+    /// Rings every client's bell.
+    pub fn ring_all(&self, what: u8) {
+        let all = self.lock();
+        if what & bell::SHUTDOWN != 0 {
+            self.closing.store(true, Relaxed);
+        }
+        for c in all.values() {
+            c.bell.ring(what);
+        }
     }
 }
 
@@ -132,7 +149,7 @@ mod tests {
             state: AtomicU8::new(IDLE),
             server: Mutex::default(),
             pinned: Mutex::default(),
-            kill: CancellationToken::new(),
+            bell: Bell::default(),
         }
     }
 
@@ -143,10 +160,21 @@ mod tests {
         let b = clients.add(client("other"));
         assert_eq!(clients.all().len(), 2);
         assert_eq!(clients.kill(Some("app")), 1);
-        assert!(a.client.kill.is_cancelled());
-        assert!(!b.client.kill.is_cancelled());
+        assert!(a.client.bell.is_rung(bell::KILLED));
+        assert!(!b.client.bell.is_rung(bell::KILLED));
         drop(a);
         assert_eq!(clients.all().len(), 1);
         assert_eq!(clients.kill(None), 1);
+    }
+
+    #[test]
+    fn a_client_listed_after_shutdown_was_rung_hears_it() {
+        let clients = Clients::default();
+        let before = clients.add(client("app"));
+        clients.ring_all(bell::SHUTDOWN | bell::CHANGED);
+        let after = clients.add(client("app"));
+        assert!(before.client.bell.is_rung(bell::SHUTDOWN | bell::CHANGED));
+        assert!(after.client.bell.is_rung(bell::SHUTDOWN));
+        assert!(!after.client.bell.is_rung(bell::CHANGED));
     }
 }

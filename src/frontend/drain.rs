@@ -1,6 +1,7 @@
 //! The drain control of one session: a task that watches the topology, the listener's rules
-//! (reloads) and shutdown, and says once why the session must end. The relay polls only a
-//! oneshot for it, which is lock-free; the decision itself is `routing::drain`.
+//! (reloads) and shutdown, and says once why the session must end (the relay polls only a
+//! oneshot for it, which is lock-free); or, for one transaction of a pooled client, the
+//! client's bell. The decision itself is `routing::drain`.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -8,6 +9,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::bell::{self, Bell};
 use crate::discovery::patroni::Endpoint;
 use crate::discovery::Topology;
 use crate::routing::drain::{drain_cause, DrainCause};
@@ -78,4 +80,26 @@ pub(super) async fn drain_cause_of(
         }
     };
     cause
+}
+
+/// Why a lent connection must be drained, once it must, as the client's bell tells: at
+/// shutdown, or when a change of the topology or the listener's rules leaves its server out.
+/// Routing chose the server under the topology `topology` has seen; a change since rings.
+pub(super) async fn drain_cause_rung(
+    bell: &Bell,
+    policy: &watch::Receiver<Arc<Policy>>,
+    member: &str,
+    server: &Endpoint,
+    topology: &watch::Receiver<Arc<Topology>>,
+) -> DrainCause {
+    loop {
+        if bell.rung(bell::SHUTDOWN | bell::CHANGED).await & bell::SHUTDOWN != 0 {
+            return DrainCause::Shutdown;
+        }
+        let policy = policy.borrow().clone();
+        let t = topology.borrow().clone();
+        if let Some(cause) = drain_cause(&policy, member, server, &t) {
+            return cause;
+        }
+    }
 }

@@ -323,7 +323,7 @@ impl Session<'_> {
                 release_at_idle,
                 rewrite,
                 switchover_grace: movable.then_some(self.ctx.pool.switchover_grace),
-                kill: Some(self.me.kill.clone()),
+                bell: Some(&self.me.bell),
                 watch_resets: (!release_at_idle).then_some(&proxy.classifier),
                 limits: crate::routing::timeouts::Limits {
                     query: self.ctx.pool.query_timeout,

@@ -5,6 +5,7 @@
 //! connections (`borrower.rs`), each loan (`loan.rs`), and replication connections, never
 //! pooled (`replication.rs`). The server side is `backend/`.
 
+pub mod bell;
 pub mod borrower;
 pub mod client_auth;
 pub mod clients;

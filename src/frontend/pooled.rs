@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use tokio::time::{timeout_at, Instant};
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::borrower::{Ended, Session};
@@ -161,7 +160,7 @@ pub async fn run_pooled(
         state: clients::IDLE.into(),
         server: Default::default(),
         pinned: Default::default(),
-        kill: CancellationToken::new(),
+        bell: Default::default(),
     });
     let session = Session {
         ctx,

@@ -13,6 +13,7 @@ use tokio::time::{sleep_until, timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
+use super::bell::{self, Bell};
 use super::drain;
 use crate::config::Timeouts;
 use crate::discovery::patroni::Endpoint;
@@ -152,8 +153,9 @@ pub struct RelayContext<'a> {
     /// end with `Drained { cause: Switchover }` at the next transaction end, saying nothing
     /// to either side (the pooled session decides what follows).
     pub switchover_grace: Option<Duration>,
-    /// The console's `KILL` for this client: the session ends at once.
-    pub kill: Option<CancellationToken>,
+    /// A pooled client's bell: the console's `KILL` ends the session at once; for one
+    /// transaction (`release_at_idle`), it also says when to drain.
+    pub bell: Option<&'a Bell>,
     /// Session pooling: the client's statements are read as they pass (up to a prefix),
     /// and one that resets settings to the session's start ends the relay at the next
     /// transaction end (`Released`), for patroxy to set the client's startup values again.
@@ -374,36 +376,41 @@ pub async fn relay(
         // busy sessions. The relay only sees a oneshot, which is lock-free to poll.
         // A transaction-pooled relay lasts one transaction, a few wake-ups: it watches
         // inline, and saves a task (and the wake-up of another thread) per transaction.
-        let watched = drain::Watched {
+        let watched = || drain::Watched {
             policy: ctx.policy_updates.clone(),
             topology: topology.clone(),
             shutdown: ctx.shutdown.clone(),
             switchover_grace: ctx.switchover_grace,
         };
         let (member, server, policy) = (ctx.member, ctx.server, ctx.policy.clone());
-        let (_control, cause_rx) = if ctx.release_at_idle {
+        let (_control, cause_rx) = if let (true, Some(bell)) = (ctx.release_at_idle, ctx.bell) {
+            let (rules, topology) = (&ctx.policy_updates, &*topology);
+            let rung = async move {
+                Ok(drain::drain_cause_rung(bell, rules, member, server, topology).await)
+            };
+            (None, Either::Left(Either::Left(rung)))
+        } else if ctx.release_at_idle {
             let inline = async move {
                 Ok::<_, oneshot::error::RecvError>(
-                    drain::drain_cause_of(policy, member, server, watched).await,
+                    drain::drain_cause_of(policy, member, server, watched()).await,
                 )
             };
-            (None, Either::Left(inline))
+            (None, Either::Left(Either::Right(inline)))
         } else {
             let (cause_tx, cause_rx) = oneshot::channel();
             let task = tokio::spawn(drain::watch_for_drain(
                 policy,
                 member.to_owned(),
                 server.clone(),
-                watched,
+                watched(),
                 cause_tx,
             ));
             (Some(AbortOnDropHandle::new(task)), Either::Right(cause_rx))
         };
         tokio::pin!(cause_rx);
-        let kill = ctx.kill.take();
         let killed = async {
-            match &kill {
-                Some(k) => k.cancelled().await,
+            match ctx.bell {
+                Some(b) => b.rung(bell::KILLED).await,
                 None => std::future::pending().await,
             }
         };
@@ -829,7 +836,7 @@ mod tests {
                 release_at_idle,
                 rewrite: None,
                 switchover_grace: None,
-                kill: None,
+                bell: None,
                 watch_resets: None,
                 limits: Limits::default(),
             };

@@ -100,7 +100,7 @@ pub async fn run(
         release_at_idle: false,
         rewrite: None,
         switchover_grace: None,
-        kill: None,
+        bell: None,
         watch_resets: None,
         limits: Default::default(),
     };

@@ -180,7 +180,7 @@ async fn run_session(
         release_at_idle: false,
         rewrite: None,
         switchover_grace: None,
-        kill: None,
+        bell: None,
         watch_resets: None,
         limits: Default::default(),
     };
