@@ -315,14 +315,37 @@ pub fn client_timeout(kind: &'static str) {
 }
 
 /// A client of `listener` waited `waited` in line for a pooled server connection.
-pub fn pool_wait(listener: &str, waited: Duration) {
-    histogram!(POOL_WAIT_SECONDS, "listener" => listener.to_owned()).record(waited.as_secs_f64());
+/// A pooled listener's figures of every checkout, registered once: recording one looks
+/// nothing up.
+#[derive(Clone)]
+pub struct PoolMetrics {
+    wait: metrics::Histogram,
+    idle: metrics::Counter,
+    new: metrics::Counter,
 }
 
-/// A client of `listener` was lent a server connection: an `idle` one or a `new` one.
-pub fn pool_checkout(listener: &str, connection: &'static str) {
-    counter!(POOL_CHECKOUTS, "listener" => listener.to_owned(), "connection" => connection)
-        .increment(1);
+impl PoolMetrics {
+    pub fn of(listener: &str) -> PoolMetrics {
+        let checkouts = |connection: &'static str| counter!(POOL_CHECKOUTS, "listener" => listener.to_owned(), "connection" => connection);
+        PoolMetrics {
+            wait: histogram!(POOL_WAIT_SECONDS, "listener" => listener.to_owned()),
+            idle: checkouts("idle"),
+            new: checkouts("new"),
+        }
+    }
+
+    /// A client waited this long in its pool's line.
+    pub fn waited(&self, waited: Duration) {
+        self.wait.record(waited.as_secs_f64());
+    }
+
+    /// A client was lent a server connection: an idle one or a new one.
+    pub fn checkout(&self, idle: bool) {
+        match idle {
+            true => self.idle.increment(1),
+            false => self.new.increment(1),
+        }
+    }
 }
 
 /// A transaction of a pooled client of `listener` was held for a planned switchover.

@@ -68,6 +68,41 @@ mod tests {
 /// Read buffer per direction.
 pub const BUF_SIZE: usize = 16 * 1024;
 
+/// What one direction of a relay reads into and writes from.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    pub read: BytesMut,
+    pub out: BytesMut,
+}
+
+/// The buffers of a transaction-pooled relay, kept with its server connection: a relay
+/// that lasts one transaction allocates none.
+#[derive(Debug, Default)]
+pub struct RelayBuffers {
+    pub up: Scratch,
+    pub down: Scratch,
+}
+
+impl RelayBuffers {
+    /// Buffers that grew past this (a batch of many messages) are let go after the relay.
+    const KEPT: usize = 4 * BUF_SIZE;
+
+    /// Empties them, and lets go of any that grew large.
+    pub fn trim(&mut self) {
+        for b in [
+            &mut self.up.read,
+            &mut self.up.out,
+            &mut self.down.read,
+            &mut self.down.out,
+        ] {
+            b.clear();
+            if b.capacity() > Self::KEPT {
+                *b = BytesMut::new();
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 pub enum Stream {
     Plain(TcpStream),

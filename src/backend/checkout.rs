@@ -104,6 +104,7 @@ pub struct Who<'a> {
 pub struct Lender<'a> {
     /// The listener's name, for metrics.
     pub listener: &'a str,
+    pub metrics: &'a crate::metrics::PoolMetrics,
     pub policy: &'a Policy,
     pub pools: &'a Pools,
     pub settings: &'a PoolConfig,
@@ -115,7 +116,14 @@ pub struct Lender<'a> {
     pub turn: &'a AtomicUsize,
     pub etcd: &'a EtcdContact,
     pub etcd_loss: EtcdLoss,
+    /// The pool the client borrowed from last, if it keeps one: a client's next
+    /// transaction most often goes to the same member, and finds its pool without a
+    /// lookup.
+    pub last_pool: Option<&'a LastPool>,
 }
+
+/// A client's last pool, held weakly: a pool the reaper lets go is looked up again.
+pub type LastPool = std::sync::Mutex<std::sync::Weak<super::pool::Pool>>;
 
 /// What routing allows a checkout right now.
 enum Admission {
@@ -329,6 +337,25 @@ impl Lender<'_> {
         }
     }
 
+    /// `target`'s pool for `who`: the client's last one if it is that, or else found (or
+    /// made) and remembered.
+    fn pool_on(
+        &self,
+        target: &Target,
+        who: Who<'_>,
+    ) -> Result<Arc<super::pool::Pool>, CheckoutError> {
+        let Some(last) = self.last_pool else {
+            return Ok(self.pools.get(self.pool_key(target, who))?);
+        };
+        let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(pool) = last.upgrade().filter(|p| p.key.endpoint == target.endpoint) {
+            return Ok(pool);
+        }
+        let pool = self.pools.get(self.pool_key(target, who))?;
+        *last = Arc::downgrade(&pool);
+        Ok(pool)
+    }
+
     /// A connection on `target`'s pool: an idle one that is still usable, or a new one.
     /// `Ok(Err(why))`: none now, try again (a transient failure, such as a server still in
     /// recovery: `promoting` is then set).
@@ -338,11 +365,11 @@ impl Lender<'_> {
         target: &Target,
         promoting: &mut bool,
     ) -> Result<Result<(Lease, ServerConn), String>, CheckoutError> {
-        let pool = self.pools.get(self.pool_key(target, who))?;
+        let pool = self.pool_on(target, who)?;
         let (lease, idle) = pool.lease().await?;
-        crate::metrics::pool_wait(self.listener, lease.waited);
+        self.metrics.waited(lease.waited);
         if let Some(conn) = checked(idle, self.settings, self.timeouts.connect).await {
-            crate::metrics::pool_checkout(self.listener, "idle");
+            self.metrics.checkout(true);
             return Ok(Ok((lease, conn)));
         }
         let wait_until = Instant::now() + self.settings.query_wait_timeout;
@@ -355,7 +382,7 @@ impl Lender<'_> {
         crate::metrics::server_connect(if opened.is_ok() { "ok" } else { "failed" });
         let opened = self.opened(opened, target, promoting)?;
         Ok(opened.map(|mut conn| {
-            crate::metrics::pool_checkout(self.listener, "new");
+            self.metrics.checkout(false);
             conn.permits = permits;
             conn.generation = pool.generation();
             pool.remember_defaults(&conn.defaults);

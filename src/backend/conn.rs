@@ -72,6 +72,8 @@ pub struct ServerConn {
     /// long to read, a function called by oid, a setting too long to read back): it is
     /// closed when its client lets it go, never lent to another.
     pub tainted: bool,
+    /// A transaction pool's relay reads and writes through these.
+    pub buffers: crate::stream::RelayBuffers,
 }
 
 /// What the server said or did instead of accepting the connection.
@@ -160,6 +162,7 @@ impl Opener {
                 generation: 0,
                 notifications: Vec::new(),
                 tainted: false,
+                buffers: Default::default(),
             };
             let (user, database) = (self.user.as_str(), self.database.as_str());
             let mut params = vec![("user", user), ("database", database)];

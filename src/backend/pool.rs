@@ -389,7 +389,12 @@ impl Pools {
     /// Adds one loan's figures to its database's.
     pub fn record(&self, database: &str, loan: DbStats) {
         let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-        let s = stats.entry(database.to_owned()).or_default();
+        if !stats.contains_key(database) {
+            stats.insert(database.to_owned(), DbStats::default());
+        }
+        let Some(s) = stats.get_mut(database) else {
+            return;
+        };
         s.xact_count += loan.xact_count;
         s.query_count += loan.query_count;
         s.received += loan.received;
@@ -441,7 +446,10 @@ impl Pools {
 
     pub fn is_paused(&self, database: &str) -> bool {
         let paused = self.paused.read().unwrap_or_else(|p| p.into_inner());
-        paused.contains(&None) || paused.contains(&Some(database.to_owned()))
+        !paused.is_empty()
+            && paused
+                .iter()
+                .any(|d| d.as_deref().map_or(true, |d| d == database))
     }
 
     /// Connections lent now to clients of `database` (every database with `None`).

@@ -18,7 +18,7 @@ use super::context::ListenerContext;
 use super::listening::Listening;
 use super::negotiate::send_fatal;
 use super::relay::End;
-use crate::backend::checkout::Who;
+use crate::backend::checkout::{LastPool, Lender, Who};
 use crate::backend::conn::{ConnError, ServerConn};
 use crate::backend::pool::Lease;
 use crate::backend::session::Wanted;
@@ -52,6 +52,8 @@ pub(super) struct Session<'a> {
     pub me: &'a Client,
     /// Unique among this instance's clients.
     pub id: u64,
+    /// The pool it borrowed from last.
+    pub last_pool: LastPool,
 }
 
 /// How a pooled client's session ended, in all.
@@ -356,7 +358,10 @@ impl Session<'_> {
         topology: &mut Topo,
     ) -> Result<Attached, End> {
         self.me.set(clients::WAITING);
-        let lender = self.ctx.lender();
+        let lender = Lender {
+            last_pool: Some(&self.last_pool),
+            ..self.ctx.lender()
+        };
         let mut waiting = Box::pin(lender.checkout(self.who, topology));
         let checked_out = loop {
             tokio::select! {

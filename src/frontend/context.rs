@@ -186,6 +186,8 @@ pub struct ListenerContext {
     pub etcd: Arc<EtcdContact>,
     pub etcd_loss: EtcdLoss,
     pub proxy: Arc<ProxyContext>,
+    /// The listener's checkout figures.
+    pub pool_metrics: crate::metrics::PoolMetrics,
 }
 
 impl ListenerContext {
@@ -227,6 +229,7 @@ impl ListenerContext {
                 .unwrap_or_default(),
             etcd_loss: cluster.etcd_loss,
             proxy,
+            pool_metrics: crate::metrics::PoolMetrics::of(&config.name),
         }
     }
 
@@ -234,6 +237,7 @@ impl ListenerContext {
     pub fn lender(&self) -> crate::backend::checkout::Lender<'_> {
         crate::backend::checkout::Lender {
             listener: &self.name,
+            metrics: &self.pool_metrics,
             policy: &self.policy,
             pools: &self.proxy.pools,
             settings: &self.pool,
@@ -247,6 +251,7 @@ impl ListenerContext {
             turn: &self.turn,
             etcd: &self.etcd,
             etcd_loss: self.etcd_loss,
+            last_pool: None,
         }
     }
 

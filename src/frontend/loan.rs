@@ -322,6 +322,7 @@ impl Session<'_> {
                 keep_server: true,
                 release_at_idle,
                 rewrite,
+                buffers: Some(&mut conn.buffers),
                 switchover_grace: movable.then_some(self.ctx.pool.switchover_grace),
                 bell: Some(&self.me.bell),
                 watch_resets: (!release_at_idle).then_some(&proxy.classifier),

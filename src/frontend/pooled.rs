@@ -170,6 +170,7 @@ pub async fn run_pooled(
         started,
         me: &listed.client,
         id: listed.id,
+        last_pool: Default::default(),
     };
     let per_transaction = ctx.pool_mode == PoolMode::Transaction;
     let ended = session

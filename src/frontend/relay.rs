@@ -25,7 +25,7 @@ use crate::protocol::messages::{self, Severity};
 use crate::routing::drain::{at_drain_point, can_send_error, DrainCause, Progress};
 use crate::routing::timeouts::{Limits, Over, Watch};
 use crate::routing::Policy;
-use crate::stream::{Reader, Stream, Writer, BUF_SIZE};
+use crate::stream::{Reader, RelayBuffers, Stream, Writer, BUF_SIZE};
 
 /// How long the goodbye messages may take before the socket is simply closed.
 const GOODBYE_TIMEOUT: Duration = Duration::from_millis(200);
@@ -149,6 +149,8 @@ pub struct RelayContext<'a> {
     pub release_at_idle: bool,
     /// Transaction pooling: named prepared statements are carried across connections.
     pub rewrite: Option<crate::protocol::prepared::Rewriter<'a>>,
+    /// Transaction pooling: the server connection's buffers, used by the rewriting pumps.
+    pub buffers: Option<&'a mut RelayBuffers>,
     /// Session pooling on a primary listener: at a switchover announced for this server,
     /// end with `Drained { cause: Switchover }` at the next transaction end, saying nothing
     /// to either side (the pooled session decides what follows).
@@ -319,6 +321,11 @@ pub async fn relay(
     topology: &mut watch::Receiver<Arc<Topology>>,
 ) -> Outcome {
     let rewrite = ctx.rewrite.take();
+    let mut own = RelayBuffers::default();
+    let buffers = match ctx.buffers.take() {
+        Some(b) => b,
+        None => &mut own,
+    };
     let responses = std::sync::Mutex::new(crate::protocol::prepared::Responses::default());
     let wake = tokio::sync::Notify::new();
     let st = RelayState {
@@ -335,21 +342,19 @@ pub async fn relay(
         let (up, down) = match rewrite {
             Some(rw) => (
                 Either::Left(super::rewrite::pump_up(
-                    &mut client_rd,
-                    &mut server_wr,
+                    (&mut client_rd, &mut server_wr),
                     &mut client_leftover,
                     &st,
                     rw,
-                    &responses,
-                    &wake,
+                    (&responses, &wake),
+                    &mut buffers.up,
                 )),
                 Either::Left(super::rewrite::pump_down(
-                    &mut server_rd,
-                    &mut client_wr,
+                    (&mut server_rd, &mut client_wr),
                     server_leftover,
                     &st,
-                    &responses,
-                    &wake,
+                    (&responses, &wake),
+                    &mut buffers.down,
                 )),
             ),
             None => (
@@ -531,6 +536,7 @@ pub async fn relay(
         })
         .await;
     }
+    buffers.trim();
     let reported = std::mem::take(&mut *st.reported.lock().unwrap_or_else(|p| p.into_inner()));
     let (failed_parses, all_statements_dropped) = {
         let mut r = lock_responses(&responses);
@@ -835,6 +841,7 @@ mod tests {
                 keep_server: true,
                 release_at_idle,
                 rewrite: None,
+                buffers: None,
                 switchover_grace: None,
                 bell: None,
                 watch_resets: None,

@@ -99,6 +99,7 @@ pub async fn run(
         keep_server: false,
         release_at_idle: false,
         rewrite: None,
+        buffers: None,
         switchover_grace: None,
         bell: None,
         watch_resets: None,

@@ -18,7 +18,7 @@ use crate::protocol::codes;
 use crate::protocol::frame::{long_frame, split_frame, Scanner, MAX_DECLARED_LEN};
 use crate::protocol::messages;
 use crate::protocol::prepared::{Responses, Rewriter, Route};
-use crate::stream::{Reader, Writer, BUF_SIZE};
+use crate::stream::{Reader, Scratch, Writer, BUF_SIZE};
 
 /// PostgreSQL's own limit on a message.
 const FRAME_LIMIT: usize = 1 << 30;
@@ -66,13 +66,12 @@ fn lock_held(st: &RelayState) -> std::sync::MutexGuard<'_, BytesMut> {
 
 /// Client to server, frame by frame, through the rewriter.
 pub(super) async fn pump_up(
-    rd: &mut Reader<'_>,
-    wr: &mut Writer<'_>,
+    (rd, wr): (&mut Reader<'_>, &mut Writer<'_>),
     leftover: &mut BytesMut,
     st: &RelayState,
     mut rewriter: Rewriter<'_>,
-    responses: &Mutex<Responses>,
-    wake: &Notify,
+    (responses, wake): (&Mutex<Responses>, &Notify),
+    scratch: &mut Scratch,
 ) -> End {
     let mut pending = std::mem::take(leftover);
     let mut scanner = Scanner::new(MAX_DECLARED_LEN);
@@ -81,10 +80,11 @@ pub(super) async fn pump_up(
     if let Err(e) = scanner.scan(&pending, |seen| counter.see(st, seen)) {
         return End::ClientProtocol(e);
     }
-    let mut read = BytesMut::with_capacity(BUF_SIZE);
+    let Scratch { read, out } = scratch;
+    read.reserve(BUF_SIZE);
     let mut through = Through::default();
     loop {
-        let mut out = BytesMut::new();
+        out.clear();
         // What the server refused since the last batch is not prepared there; what it
         // dropped is gone.
         let (failed, dropped) = {
@@ -97,7 +97,7 @@ pub(super) async fn pump_up(
             rewriter.all_dropped();
         }
         loop {
-            if through.left > 0 && !through.take(&mut pending, &mut out) {
+            if through.left > 0 && !through.take(&mut pending, out) {
                 break;
             }
             match long_frame(&pending, LONG_FRAME, FRAME_LIMIT) {
@@ -140,7 +140,7 @@ pub(super) async fn pump_up(
             if frame.tag == codes::TERMINATE {
                 // The client leaves; a kept server must not see it.
                 if !out.is_empty() {
-                    if let Err(e) = wr.write_all(&out).await {
+                    if let Err(e) = wr.write_all(out).await {
                         return End::ServerIo(e);
                     }
                 }
@@ -180,7 +180,7 @@ pub(super) async fn pump_up(
         // Set before the write: a server lost during it leaves the rest of the message.
         st.client_mid_message.store(through.left > 0, Relaxed);
         if !out.is_empty() {
-            if let Err(e) = wr.write_all(&out).await {
+            if let Err(e) = wr.write_all(out).await {
                 return End::ServerIo(e);
             }
             st.bytes_up.fetch_add(out.len() as u64, Relaxed);
@@ -188,38 +188,38 @@ pub(super) async fn pump_up(
         // In the middle of a long frame, the connection is not at a message's end.
         st.up_clean.store(through.left == 0, Relaxed);
         read.clear();
-        let n = rd.read_some(&mut read).await;
+        let n = rd.read_some(read).await;
         pending = std::mem::take(&mut *lock_held(st));
         match n {
             Ok(0) => return End::ClientClosed,
             Ok(_) => {}
             Err(e) => return End::ClientIo(e),
         }
-        if let Err(e) = scanner.scan(&read, |seen| counter.see(st, seen)) {
+        if let Err(e) = scanner.scan(read, |seen| counter.see(st, seen)) {
             return End::ClientProtocol(e);
         }
-        pending.extend_from_slice(&read);
+        pending.extend_from_slice(read);
     }
 }
 
 /// Server to client, frame by frame: answers to patroxy's own messages are held back, and
 /// patroxy's own answers go in their place.
 pub(super) async fn pump_down(
-    rd: &mut Reader<'_>,
-    wr: &mut Writer<'_>,
+    (rd, wr): (&mut Reader<'_>, &mut Writer<'_>),
     mut pending: BytesMut,
     st: &RelayState,
-    responses: &Mutex<Responses>,
-    wake: &Notify,
+    (responses, wake): (&Mutex<Responses>, &Notify),
+    scratch: &mut Scratch,
 ) -> Pumped {
     let mut scanner = Scanner::new(MAX_DECLARED_LEN).capturing(
         codes::PARAMETER_STATUS,
         super::relay::PARAMETER_STATUS_PREFIX,
     );
-    let mut read = BytesMut::with_capacity(BUF_SIZE);
+    let Scratch { read, out } = scratch;
+    read.reserve(BUF_SIZE);
     let mut through = Through::default();
     loop {
-        let mut out = BytesMut::new();
+        out.clear();
         {
             let mut r = lock(responses);
             // patroxy's own answers wait for the end of a frame going through.
@@ -230,7 +230,7 @@ pub(super) async fn pump_down(
             }
             loop {
                 if through.left > 0 {
-                    if !through.take(&mut pending, &mut out) {
+                    if !through.take(&mut pending, out) {
                         break;
                     }
                     for b in r.due() {
@@ -280,12 +280,12 @@ pub(super) async fn pump_down(
         }
         let delivered = !out.is_empty();
         if delivered {
-            if let Err(e) = scanner.scan(&out, |seen| count_down(st, seen)) {
+            if let Err(e) = scanner.scan(out, |seen| count_down(st, seen)) {
                 return Pumped::End(End::ServerProtocol(e));
             }
             st.record_captured(scanner.take_captured());
             st.down_clean.store(false, Relaxed);
-            if let Err(e) = wr.write_all(&out).await {
+            if let Err(e) = wr.write_all(out).await {
                 return Pumped::End(End::ClientIo(e));
             }
             st.bytes_down.fetch_add(out.len() as u64, Relaxed);
@@ -305,9 +305,9 @@ pub(super) async fn pump_down(
         }
         read.clear();
         tokio::select! {
-            r = rd.read_some(&mut read) => match r {
+            r = rd.read_some(read) => match r {
                 Ok(0) => return Pumped::End(End::ServerClosed),
-                Ok(_) => pending.extend_from_slice(&read),
+                Ok(_) => pending.extend_from_slice(read),
                 Err(e) => return Pumped::End(End::ServerIo(e)),
             },
             _ = wake.notified() => {}

@@ -179,6 +179,7 @@ async fn run_session(
         keep_server: false,
         release_at_idle: false,
         rewrite: None,
+        buffers: None,
         switchover_grace: None,
         bell: None,
         watch_resets: None,
