@@ -37,6 +37,11 @@ pub(crate) mod etcd;
 pub(crate) mod frontend;
 #[doc(hidden)]
 pub mod fuzzing;
+/// What the benchmarks (`benches/`) measure of the crate's insides. Not an API.
+#[doc(hidden)]
+pub mod hot {
+    pub use crate::frontend::bell::{Bell, KILLED, SHUTDOWN};
+}
 pub(crate) mod limit;
 pub mod listener;
 pub mod logline;
