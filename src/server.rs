@@ -210,9 +210,9 @@ impl Server {
         let ringing = self.shutdown.child_token();
         for topology in self.topologies.values() {
             let (clients, topology) = (self.proxy.clients.clone(), topology.clone());
-            let stop = ringing.clone();
+            let (stop, shutdown) = (ringing.clone(), self.shutdown.clone());
             self.accepting.spawn(async move {
-                stop.run_until_cancelled(ring_on_changes(clients, topology))
+                stop.run_until_cancelled(ring_on_changes(clients, topology, shutdown))
                     .await
             });
         }
@@ -391,12 +391,19 @@ impl Server {
 }
 
 /// Rings every pooled client's bell at each change of a cluster's topology, for the lent
-/// connections whose drain it may decide.
+/// connections whose drain it may decide; and at shutdown, at once.
 async fn ring_on_changes(
     clients: crate::frontend::clients::Clients,
     mut topology: watch::Receiver<Arc<crate::discovery::Topology>>,
+    shutdown: CancellationToken,
 ) {
-    while topology.changed().await.is_ok() {
-        clients.ring_all(bell::CHANGED);
+    loop {
+        tokio::select! {
+            changed = topology.changed() => match changed {
+                Ok(()) => clients.ring_all(bell::CHANGED),
+                Err(_) => return,
+            },
+            () = shutdown.cancelled() => return clients.ring_all(bell::SHUTDOWN),
+        }
     }
 }

@@ -84,8 +84,9 @@ pub struct RelayBuffers {
 }
 
 impl RelayBuffers {
-    /// Buffers that grew past this (a batch of many messages) are let go after the relay.
-    const KEPT: usize = 4 * BUF_SIZE;
+    /// Buffers that grew past one read (a batch of many messages) are let go after the
+    /// relay: an idle connection keeps at most four reads' worth.
+    const KEPT: usize = BUF_SIZE;
 
     /// Empties them, and lets go of any that grew large.
     pub fn trim(&mut self) {

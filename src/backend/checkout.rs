@@ -348,7 +348,15 @@ impl Lender<'_> {
             return Ok(self.pools.get(self.pool_key(target, who))?);
         };
         let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(pool) = last.upgrade().filter(|p| p.key.endpoint == target.endpoint) {
+        let wants_standby = self.policy.role.wants_standby();
+        let same = |k: &PoolKey| {
+            k.endpoint == target.endpoint
+                && k.database == who.database
+                && k.user == who.user
+                && k.wants_standby == wants_standby
+        };
+        // Upgraded first, then asked: a pool the reaper is letting go is looked up again.
+        if let Some(pool) = last.upgrade().filter(|p| same(&p.key) && !p.is_retired()) {
             return Ok(pool);
         }
         let pool = self.pools.get(self.pool_key(target, who))?;

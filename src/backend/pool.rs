@@ -8,7 +8,7 @@
 //! room, or waits for one. Used pools are kept at `min_pool_size` in the background.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -161,6 +161,9 @@ pub struct Pool {
     /// The reaper's clock when a slot was last lent; and the clock.
     used_at: std::sync::atomic::AtomicU64,
     clock: Arc<std::sync::atomic::AtomicU64>,
+    /// Set while the reaper decides whether to let it go: a client that found it through
+    /// a weak reference (`is_retired`) looks it up again.
+    retired: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -246,6 +249,7 @@ impl Pools {
                     filling: Default::default(),
                     used_at: now.into(),
                     clock,
+                    retired: Default::default(),
                 })
             })
             .clone())
@@ -272,12 +276,19 @@ impl Pools {
         let before = pools.len();
         pools.retain(|_, p| {
             let unused = now.saturating_sub(p.used_at.load(Relaxed));
+            // Set before the count is read: whoever upgrades a weak reference after it
+            // sees the pool as going.
+            p.retired.store(true, SeqCst);
             let empty = p.in_use() == 0
                 && p.waiting.load(Relaxed) == 0
                 && p.idle().is_empty()
                 && Arc::strong_count(p) == 1;
             let stale = p.defaults().is_none() || unused >= EMPTY_POOL_TTL;
-            !(empty && stale)
+            let keep = !(empty && stale);
+            if keep {
+                p.retired.store(false, SeqCst);
+            }
+            keep
         });
         before - pools.len()
     }
@@ -607,6 +618,11 @@ impl Pool {
                 }
             }
         }
+    }
+
+    /// The reaper may be letting it go (see `retired`).
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(SeqCst)
     }
 
     /// The generation a connection opened now belongs to (see `Pools::reconnect`).

@@ -19,16 +19,31 @@ pub const CHANGED: u8 = 4;
 #[derive(Debug, Default)]
 pub struct Bell {
     rung: AtomicU8,
-    /// The session's task, as it last listened. Locked by the session and by a ringer, so
-    /// never contended between sessions.
-    waker: Mutex<Option<Waker>>,
+    /// Who listens. Locked by the session and by a ringer, so never contended between
+    /// sessions.
+    listener: Mutex<Listener>,
+}
+
+/// The session's task, as it last listened, and what it listens for: a ring of anything
+/// else is kept without waking it (a change of the topology, for a client between
+/// transactions).
+#[derive(Debug, Default)]
+struct Listener {
+    waker: Option<Waker>,
+    /// What its waits listen for, since it was last woken (each wait adds its own again
+    /// when it is polled after a wake-up).
+    interest: u8,
 }
 
 impl Bell {
     pub fn ring(&self, what: u8) {
         self.rung.fetch_or(what, AcqRel);
-        let waker = self.waker.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(w) = &*waker {
+        let mut listener = self.listener.lock().unwrap_or_else(|p| p.into_inner());
+        if listener.interest & what == 0 {
+            return;
+        }
+        listener.interest = 0;
+        if let Some(w) = &listener.waker {
             w.wake_by_ref();
         }
     }
@@ -48,10 +63,11 @@ impl Bell {
             return Poll::Ready(got);
         }
         {
-            let mut waker = self.waker.lock().unwrap_or_else(|p| p.into_inner());
-            match &*waker {
+            let mut listener = self.listener.lock().unwrap_or_else(|p| p.into_inner());
+            listener.interest |= what;
+            match &listener.waker {
                 Some(w) if w.will_wake(cx.waker()) => {}
-                _ => *waker = Some(cx.waker().clone()),
+                _ => listener.waker = Some(cx.waker().clone()),
             }
         }
         // A ring between the first look and the waker's registration is seen here; one
@@ -94,6 +110,34 @@ mod tests {
         assert_eq!(bell.rung(KILLED | SHUTDOWN).await, KILLED);
         assert!(bell.is_rung(KILLED), "a KILL stays rung");
         assert!(!bell.is_rung(SHUTDOWN));
+    }
+
+    #[test]
+    fn a_ring_nobody_listens_for_wakes_nobody() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        use std::task::Wake;
+        #[derive(Default)]
+        struct Count(AtomicUsize);
+        impl Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, SeqCst);
+            }
+        }
+        let count = Arc::new(Count::default());
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let bell = Bell::default();
+        assert!(bell.poll_rung(&mut cx, SHUTDOWN | KILLED).is_pending());
+        bell.ring(CHANGED);
+        assert_eq!(
+            count.0.load(SeqCst),
+            0,
+            "a change wakes no client between transactions"
+        );
+        assert!(bell.poll_rung(&mut cx, CHANGED).is_ready(), "but is kept");
+        assert!(bell.poll_rung(&mut cx, KILLED).is_pending());
+        bell.ring(KILLED);
+        assert_eq!(count.0.load(SeqCst), 1);
     }
 
     #[tokio::test]

@@ -84,7 +84,8 @@ pub(super) async fn drain_cause_of(
 
 /// Why a lent connection must be drained, once it must, as the client's bell tells: at
 /// shutdown, or when a change of the topology or the listener's rules leaves its server out.
-/// Routing chose the server under the topology `topology` has seen; a change since rings.
+/// Routing chose the server under the topology `topology` has seen, and under the rules the
+/// listener was given: it is judged at once if either has moved since, then at each ring.
 pub(super) async fn drain_cause_rung(
     bell: &Bell,
     policy: &watch::Receiver<Arc<Policy>>,
@@ -92,8 +93,12 @@ pub(super) async fn drain_cause_rung(
     server: &Endpoint,
     topology: &watch::Receiver<Arc<Topology>>,
 ) -> DrainCause {
+    let moved = |rx_changed: Result<bool, watch::error::RecvError>| rx_changed.unwrap_or(false);
+    let mut judge_now = moved(topology.has_changed()) || moved(policy.has_changed());
     loop {
-        if bell.rung(bell::SHUTDOWN | bell::CHANGED).await & bell::SHUTDOWN != 0 {
+        if !std::mem::take(&mut judge_now)
+            && bell.rung(bell::SHUTDOWN | bell::CHANGED).await & bell::SHUTDOWN != 0
+        {
             return DrainCause::Shutdown;
         }
         let policy = policy.borrow().clone();
