@@ -31,10 +31,102 @@ pub struct CancelRegistry {
 }
 
 #[derive(Debug)]
-struct Entry {
+enum Entry {
+    /// An unpooled session's one server connection.
+    Fixed(Route),
+    /// A pooled client's place, filled by each loan (`ClientSlot`).
+    Lent(Arc<Slot>),
+}
+
+type Slot = Mutex<Option<Route>>;
+
+#[derive(Debug)]
+struct Route {
     server: Endpoint,
     server_key: CancelKey,
     in_flight: Arc<InFlight>,
+}
+
+impl Route {
+    /// Where a cancel goes, counted as on its way there.
+    fn sending(&self) -> (Endpoint, CancelKey, Sending) {
+        self.in_flight.count.fetch_add(1, Relaxed);
+        let sending = Sending {
+            in_flight: self.in_flight.clone(),
+            delivered: false,
+        };
+        (self.server.clone(), self.server_key.clone(), sending)
+    }
+}
+
+fn lock_slot(slot: &Slot) -> std::sync::MutexGuard<'_, Option<Route>> {
+    slot.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A pooled client's place in the registry while it is connected. Each loan fills it
+/// with its server connection and empties it again (`Lending`) under the client's own
+/// lock: a transaction costs the registry nothing until a cancel arrives.
+#[derive(Debug)]
+pub struct ClientSlot {
+    registry: CancelRegistry,
+    key: CancelKey,
+    slot: Arc<Slot>,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut keys = self.registry.lock();
+        // Only its own entry: a key drawn twice belongs to the later client.
+        if matches!(keys.get(&self.key), Some(Entry::Lent(s)) if Arc::ptr_eq(s, &self.slot)) {
+            keys.remove(&self.key);
+        }
+    }
+}
+
+impl ClientSlot {
+    /// The client's cancels go to `server` with `server_key` until the loan ends.
+    pub fn lend(
+        &self,
+        server: Endpoint,
+        server_key: CancelKey,
+        in_flight: Arc<InFlight>,
+    ) -> Lending<'_> {
+        *lock_slot(&self.slot) = Some(Route {
+            server,
+            server_key,
+            in_flight: in_flight.clone(),
+        });
+        Lending {
+            slot: &self.slot,
+            in_flight,
+            ended: false,
+        }
+    }
+}
+
+/// One loan's cancel route; emptied when the loan ends, on every exit path.
+#[derive(Debug)]
+pub struct Lending<'a> {
+    slot: &'a Slot,
+    in_flight: Arc<InFlight>,
+    ended: bool,
+}
+
+impl Lending<'_> {
+    /// As `Registration::end`: the cancels already on their way, to wait for.
+    pub fn end(mut self) -> Arc<InFlight> {
+        *lock_slot(self.slot) = None;
+        self.ended = true;
+        self.in_flight.clone()
+    }
+}
+
+impl Drop for Lending<'_> {
+    fn drop(&mut self) {
+        if !self.ended {
+            *lock_slot(self.slot) = None;
+        }
+    }
 }
 
 /// The cancel requests on their way to one server connection. A connection that one is on
@@ -140,11 +232,11 @@ impl CancelRegistry {
         server_key: CancelKey,
         in_flight: Arc<InFlight>,
     ) -> Registration {
-        let entry = Entry {
+        let entry = Entry::Fixed(Route {
             server,
             server_key,
             in_flight: in_flight.clone(),
-        };
+        });
         self.lock().insert(key.clone(), entry);
         Registration {
             registry: self.clone(),
@@ -159,13 +251,22 @@ impl CancelRegistry {
     /// this sees it.
     pub fn lookup(&self, key: &CancelKey) -> Option<(Endpoint, CancelKey, Sending)> {
         let keys = self.lock();
-        let e = keys.get(key)?;
-        e.in_flight.count.fetch_add(1, Relaxed);
-        let sending = Sending {
-            in_flight: e.in_flight.clone(),
-            delivered: false,
-        };
-        Some((e.server.clone(), e.server_key.clone(), sending))
+        match keys.get(key)? {
+            Entry::Fixed(route) => Some(route.sending()),
+            // Under the client's lock too: a loan that ends after this sees the count.
+            Entry::Lent(slot) => lock_slot(slot).as_ref().map(Route::sending),
+        }
+    }
+
+    /// A pooled client's place, for its key, until it leaves.
+    pub fn register_client(&self, key: CancelKey) -> ClientSlot {
+        let slot = Arc::new(Slot::default());
+        self.lock().insert(key.clone(), Entry::Lent(slot.clone()));
+        ClientSlot {
+            registry: self.clone(),
+            key,
+            slot,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -326,6 +427,33 @@ mod tests {
         );
         drop(reg.lookup(&key(2)).unwrap());
         assert!(!registration.end().settled(Duration::from_millis(10)).await);
+    }
+
+    #[tokio::test]
+    async fn a_pooled_client_cancels_only_during_a_loan_and_leaves_no_entry() {
+        let reg = CancelRegistry::default();
+        let ep = Endpoint::parse("127.0.0.1:5001").unwrap();
+        let client = reg.register_client(key(1));
+        assert!(reg.lookup(&key(1)).is_none(), "between loans: nowhere");
+        let loan = client.lend(ep.clone(), key(7), Default::default());
+        let (server, server_key, sending) = reg.lookup(&key(1)).unwrap();
+        assert_eq!((server, server_key), (ep.clone(), key(7)));
+        let in_flight = loan.end();
+        assert!(
+            in_flight.busy(),
+            "the loan's end sees the cancel on its way"
+        );
+        assert!(reg.lookup(&key(1)).is_none());
+        drop(sending);
+        {
+            let _dropped = client.lend(ep, key(8), Default::default());
+        }
+        assert!(
+            reg.lookup(&key(1)).is_none(),
+            "a loan dropped on any path ends"
+        );
+        drop(client);
+        assert!(reg.is_empty());
     }
 
     #[test]

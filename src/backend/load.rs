@@ -45,7 +45,18 @@ impl ServerLoad {
 
     /// Counts a session against `endpoint` until the guard drops.
     pub fn claim(&self, endpoint: &Endpoint) -> LoadGuard {
-        self.lock().entry(endpoint.clone()).or_default().sessions += 1;
+        let mut map = self.lock();
+        match map.get_mut(endpoint) {
+            Some(e) => e.sessions += 1,
+            None => {
+                let first = Entry {
+                    sessions: 1,
+                    ejected_until: None,
+                };
+                map.insert(endpoint.clone(), first);
+            }
+        }
+        drop(map);
         LoadGuard {
             load: self.clone(),
             endpoint: endpoint.clone(),

@@ -25,7 +25,6 @@ use crate::backend::session::Wanted;
 use crate::protocol::classify::{ascii_safe, Strings};
 use crate::protocol::codes;
 use crate::protocol::prepared::{ClientStatements, Reading};
-use crate::protocol::startup::CancelKey;
 use crate::routing::drain::DrainCause;
 use crate::routing::Target;
 use crate::stream::{send, Stream};
@@ -45,8 +44,6 @@ pub(super) struct Session<'a> {
     pub ctx: &'a Arc<ListenerContext>,
     pub peer: SocketAddr,
     pub who: Who<'a>,
-    /// The cancel key the client was given.
-    pub key: CancelKey,
     pub started: Instant,
     /// Its entry in the console's list of clients.
     pub me: &'a Client,
@@ -54,6 +51,8 @@ pub(super) struct Session<'a> {
     pub id: u64,
     /// The pool it borrowed from last.
     pub last_pool: LastPool,
+    /// Where its cancel key leads: each loan's server connection, while it lasts.
+    pub cancel_slot: crate::backend::cancel::ClientSlot,
 }
 
 /// How a pooled client's session ended, in all.

@@ -74,12 +74,8 @@ impl Session<'_> {
             carried.cancels = Arc::default();
         }
         let registration = conn.key.clone().map(|server_key| {
-            proxy.cancels.register(
-                self.key.clone(),
-                conn.endpoint.clone(),
-                server_key,
-                carried.cancels.clone(),
-            )
+            self.cancel_slot
+                .lend(conn.endpoint.clone(), server_key, carried.cancels.clone())
         });
         let cache_before = conn.prepared.stats;
         let mut seen = Seen::default();
@@ -285,8 +281,6 @@ impl Session<'_> {
             seen,
         } = lent;
         let proxy = &self.ctx.proxy;
-        // A statement means what it means under these settings: part of its identity.
-        let context = carried.wanted.statement_context().to_owned();
         let mut movable = !release_at_idle && self.ctx.policy.role.wants_standby() == Some(false);
         let mut before: Option<Outcome> = None;
         loop {
@@ -295,6 +289,8 @@ impl Session<'_> {
             let param = |name: &str| conn.params.get(name).map(String::as_str);
             let strings = Strings::of(param("standard_conforming_strings"));
             let ascii_safe = ascii_safe(param("client_encoding"));
+            // A statement means what it means under these settings: part of its identity.
+            let context = carried.wanted.statement_context();
             let rewrite = release_at_idle.then(|| Rewriter {
                 client: &mut carried.statements,
                 server: &mut conn.prepared,
@@ -306,7 +302,7 @@ impl Session<'_> {
                     classifier: &proxy.classifier,
                     strings,
                     ascii_safe,
-                    context: &context,
+                    context,
                 },
                 seen: &mut *seen,
                 unsynced: false,

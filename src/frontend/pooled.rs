@@ -162,15 +162,16 @@ pub async fn run_pooled(
         pinned: Default::default(),
         bell: Default::default(),
     });
+    let cancel_slot = proxy.cancels.register_client(key);
     let session = Session {
         ctx,
         peer,
         who,
-        key,
         started,
         me: &listed.client,
         id: listed.id,
         last_pool: Default::default(),
+        cancel_slot,
     };
     let per_transaction = ctx.pool_mode == PoolMode::Transaction;
     let ended = session
