@@ -1,17 +1,20 @@
 //! What a transaction-pooled transaction costs patroxy outside the kernel, per hot function
 //! the profile named: the rewriter's look at each client message (a simple query, a
-//! prepared statement's Bind), and listening for shutdown and `KILL` between transactions
-//! (a shared `CancellationToken` registered again each time, against the client's bell).
+//! prepared statement's Bind), listening for shutdown and `KILL` between transactions
+//! (a shared `CancellationToken` registered again each time, against the client's bell),
+//! and a loan's bookkeeping (its cancel route and its server's session count).
 
 use std::future::Future;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, Criterion};
-use patroxy::hot::{Bell, KILLED, SHUTDOWN};
+use patroxy::discovery::patroni::Endpoint;
+use patroxy::hot::{Bell, CancelRegistry, ServerLoad, KILLED, SHUTDOWN};
 use patroxy::protocol::classify::{Classifier, Seen, Strings};
 use patroxy::protocol::frame::split_frame;
 use patroxy::protocol::prepared::{ClientStatements, Naming, Reading, Rewriter, ServerStatements};
+use patroxy::protocol::startup::CancelKey;
 use tokio_util::sync::CancellationToken;
 
 fn frame(tag: u8, body: &[u8]) -> Bytes {
@@ -104,5 +107,41 @@ fn listening(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, rewriter, listening);
+/// A loan's cancel route (registered in the shared map per loan, against filling the
+/// client's own place) and its share of the server's load.
+fn loan_bookkeeping(c: &mut Criterion) {
+    let registry = CancelRegistry::default();
+    let key = |pid| CancelKey {
+        pid,
+        secret: Bytes::from_static(&[1, 2, 3, 4]),
+    };
+    // Other clients are registered too, as in a busy instance.
+    let others: Vec<_> = (0..1000)
+        .map(|i| registry.register_client(key(i)))
+        .collect();
+    let server = Endpoint::parse("127.0.0.1:5432").unwrap();
+    let mut g = c.benchmark_group("loan_bookkeeping");
+    g.bench_function("cancel_route_registered_per_loan", |b| {
+        b.iter(|| {
+            let r = registry.register(key(5000), server.clone(), key(7), Default::default());
+            std::hint::black_box(r.end());
+        })
+    });
+    let slot = registry.register_client(key(5001));
+    g.bench_function("cancel_route_in_the_clients_place", |b| {
+        b.iter(|| {
+            let lent = slot.lend(server.clone(), key(7), Default::default());
+            std::hint::black_box(lent.end());
+        })
+    });
+    let load = ServerLoad::default();
+    let _busy = load.claim(&server);
+    g.bench_function("server_load_claimed_and_released", |b| {
+        b.iter(|| drop(std::hint::black_box(load.claim(&server))))
+    });
+    g.finish();
+    drop(others);
+}
+
+criterion_group!(benches, rewriter, listening, loan_bookkeeping);
 criterion_main!(benches);

@@ -40,6 +40,8 @@ pub mod fuzzing;
 /// What the benchmarks (`benches/`) measure of the crate's insides. Not an API.
 #[doc(hidden)]
 pub mod hot {
+    pub use crate::backend::cancel::CancelRegistry;
+    pub use crate::backend::ServerLoad;
     pub use crate::frontend::bell::{Bell, KILLED, SHUTDOWN};
 }
 pub(crate) mod limit;
