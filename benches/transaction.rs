@@ -11,7 +11,7 @@ use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, Criterion};
 use patroxy::discovery::patroni::Endpoint;
 use patroxy::hot::{Bell, CancelRegistry, ServerLoad, KILLED, SHUTDOWN};
-use patroxy::protocol::classify::{Classifier, Seen, Strings};
+use patroxy::protocol::classify::{Classifier, Seen};
 use patroxy::protocol::frame::split_frame;
 use patroxy::protocol::prepared::{ClientStatements, Naming, Reading, Rewriter, ServerStatements};
 use patroxy::protocol::startup::CancelKey;
@@ -42,13 +42,7 @@ fn messages() -> (Bytes, Vec<Bytes>, Vec<Bytes>) {
 
 fn rewriter(c: &mut Criterion) {
     let (classifier, naming) = (Classifier::default(), Naming::default());
-    let reading = Reading {
-        naming: &naming,
-        classifier: &classifier,
-        strings: Strings::Standard,
-        ascii_safe: true,
-        context: "",
-    };
+    let reading = Reading::plain(&naming, &classifier);
     let (query, prepare, execute) = messages();
     let (mut client, mut server, mut seen) = (
         ClientStatements::default(),

@@ -4,7 +4,7 @@
 use bytes::BytesMut;
 
 use crate::auth::scram::{ServerExchange, Verifier};
-use crate::protocol::classify::{Classifier, Seen, Strings};
+use crate::protocol::classify::{Classifier, Seen};
 use crate::protocol::frame::{long_frame, split_frame};
 use crate::protocol::messages;
 use crate::protocol::prepared::{
@@ -36,13 +36,7 @@ pub fn scram_server(initial: &[u8], client_final: &[u8]) {
 /// as the pump sees its start); then `server_tags` as the server's answers.
 pub fn rewrite(client: &[u8], long: usize, server_tags: &[u8]) {
     let (classifier, naming) = (Classifier::default(), Naming::default());
-    let reading = Reading {
-        naming: &naming,
-        classifier: &classifier,
-        strings: Strings::Standard,
-        ascii_safe: true,
-        context: "",
-    };
+    let reading = Reading::plain(&naming, &classifier);
     let mut statements = ClientStatements::default();
     if let Some(reply) = statements.answer_locally(client, reading) {
         assert_eq!(reply.last(), Some(&b'I'), "ends with ReadyForQuery");

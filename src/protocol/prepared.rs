@@ -55,6 +55,20 @@ pub struct Reading<'a> {
     pub context: &'a str,
 }
 
+impl<'a> Reading<'a> {
+    /// Standard strings, an ASCII-safe encoding and no settings that change a statement's
+    /// meaning: what the fuzz targets and benchmarks read with.
+    pub fn plain(naming: &'a Naming, classifier: &'a Classifier) -> Reading<'a> {
+        Reading {
+            naming,
+            classifier,
+            strings: Strings::Standard,
+            ascii_safe: true,
+            context: "",
+        }
+    }
+}
+
 impl Statement {
     /// The statement `query` (with `rest`, the Parse body after its name: text and types)
     /// under its server name.
@@ -927,17 +941,7 @@ impl Responses {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::classify::{Classifier, Seen, Strings};
-
-    fn reading<'a>(naming: &'a Naming, classifier: &'a Classifier) -> Reading<'a> {
-        Reading {
-            naming,
-            classifier,
-            strings: Strings::Standard,
-            ascii_safe: true,
-            context: "",
-        }
-    }
+    use crate::protocol::classify::{Classifier, Seen};
 
     /// A rewriter for `client` on `server`, which keeps `capacity` statements.
     fn rewriter<'a>(
@@ -988,7 +992,7 @@ mod tests {
             &mut client,
             &mut conn1,
             10,
-            reading(&naming, &classifier),
+            Reading::plain(&naming, &classifier),
             &mut seen,
         );
         let (b, w) = parse("s1", "SELECT 1");
@@ -1012,7 +1016,7 @@ mod tests {
             &mut client,
             &mut conn2,
             10,
-            reading(&naming, &classifier),
+            Reading::plain(&naming, &classifier),
             &mut seen,
         );
         let (b, w) = bind("s1");
@@ -1042,7 +1046,7 @@ mod tests {
             &mut a,
             &mut conn,
             10,
-            reading(&naming, &classifier),
+            Reading::plain(&naming, &classifier),
             &mut seen,
         );
         // A's Parse and a Bind of another statement in one batch; the server refuses the
@@ -1074,7 +1078,7 @@ mod tests {
             &mut b,
             &mut conn,
             10,
-            reading(&naming, &classifier),
+            Reading::plain(&naming, &classifier),
             &mut seen,
         );
         let (p, w) = parse("b1", "SELECT * FROM later");
@@ -1093,7 +1097,7 @@ mod tests {
             &mut client,
             &mut conn,
             10,
-            reading(&naming, &classifier),
+            Reading::plain(&naming, &classifier),
             &mut seen,
         );
         let (p, w) = parse("s1", "SELECT 1");
@@ -1153,7 +1157,7 @@ mod tests {
             &mut client,
             &mut conn,
             2,
-            reading(&naming, &classifier),
+            Reading::plain(&naming, &classifier),
             &mut seen,
         );
         for (name, q) in [("a", "SELECT 1"), ("b", "SELECT 2"), ("c", "SELECT 3")] {
@@ -1252,7 +1256,7 @@ mod tests {
         let mut batch = p.to_vec();
         batch.extend_from_slice(&[codes::SYNC, 0, 0, 0, 4]);
         let reply = client
-            .answer_locally(&batch, reading(&naming, &classifier))
+            .answer_locally(&batch, Reading::plain(&naming, &classifier))
             .unwrap();
         assert_eq!(&reply[..], &[b'1', 0, 0, 0, 4, b'Z', 0, 0, 0, 5, b'I']);
         assert!(client.by_name.contains_key(&b"s1"[..]));
@@ -1261,13 +1265,16 @@ mod tests {
         let mut other = b.to_vec();
         other.extend_from_slice(&[codes::SYNC, 0, 0, 0, 4]);
         assert!(client
-            .answer_locally(&other, reading(&naming, &classifier))
+            .answer_locally(&other, Reading::plain(&naming, &classifier))
             .is_none());
         assert!(client
-            .answer_locally(&p, reading(&naming, &classifier))
+            .answer_locally(&p, Reading::plain(&naming, &classifier))
             .is_none());
         assert!(client
-            .answer_locally(&batch[..batch.len() - 1], reading(&naming, &classifier))
+            .answer_locally(
+                &batch[..batch.len() - 1],
+                Reading::plain(&naming, &classifier)
+            )
             .is_none());
     }
 
@@ -1307,8 +1314,14 @@ mod tests {
                       seen: &mut Seen,
                       tag,
                       (body, whole): (Vec<u8>, Bytes)| {
-            rewriter(client, &mut conn, 10, reading(&naming, &classifier), seen)
-                .rewrite(tag, &body, whole)
+            rewriter(
+                client,
+                &mut conn,
+                10,
+                Reading::plain(&naming, &classifier),
+                seen,
+            )
+            .rewrite(tag, &body, whole)
         };
         let out = rw(&mut a, &mut seen, codes::PARSE, parse("", "SELECT 1"));
         assert_eq!(out.send.len(), 1);
@@ -1345,7 +1358,7 @@ mod tests {
             &mut client,
             &mut conn,
             5,
-            reading(&naming, &classifier),
+            Reading::plain(&naming, &classifier),
             &mut seen,
         );
         let (b, w) = parse("s", "SELECT 1");
@@ -1374,7 +1387,7 @@ mod tests {
             &mut client,
             &mut conn,
             10,
-            reading(&naming, &classifier),
+            Reading::plain(&naming, &classifier),
             &mut seen,
         );
         let (b, w) = parse("s1", "SELECT $1");
@@ -1431,7 +1444,7 @@ mod tests {
             &mut client,
             &mut conn,
             10,
-            reading(&naming, &classifier),
+            Reading::plain(&naming, &classifier),
             &mut seen,
         );
         assert_eq!(rw.client.held(), 0);
