@@ -379,8 +379,10 @@ pub async fn relay(
         // The topology and shutdown are watched by a task of their own: their futures take
         // locks shared by every session, so polling them on each data wake-up would serialise
         // busy sessions. The relay only sees a oneshot, which is lock-free to poll.
-        // A transaction-pooled relay lasts one transaction, a few wake-ups: it watches
-        // inline, and saves a task (and the wake-up of another thread) per transaction.
+        // A transaction-pooled relay lasts one transaction, a few wake-ups: it listens
+        // inline to its client's bell, which registers nothing shared, and saves a task
+        // (and the wake-up of another thread) per transaction. Without a bell (tests of
+        // the relay alone) it watches the channels inline.
         let watched = || drain::Watched {
             policy: ctx.policy_updates.clone(),
             topology: topology.clone(),
