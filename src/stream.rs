@@ -37,6 +37,20 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    #[test]
+    fn relay_buffers_keep_at_most_one_read_each_between_relays() {
+        let mut b = RelayBuffers::default();
+        b.up.read.reserve(BUF_SIZE);
+        b.down.out.extend_from_slice(&vec![7u8; 10 * BUF_SIZE]);
+        b.trim();
+        assert!(
+            b.up.read.is_empty() && b.up.read.capacity() >= BUF_SIZE,
+            "one read kept"
+        );
+        assert!(b.down.out.is_empty());
+        assert!(b.down.out.capacity() <= BUF_SIZE, "a batch's growth let go");
+    }
+
     #[tokio::test]
     async fn sockets_give_up_on_unacknowledged_data_and_silent_peers() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -188,8 +188,8 @@ impl Drop for Sending {
     }
 }
 
-/// Removes its key from the registry when the session (or, pooled, the loan) ends, on
-/// every exit path.
+/// Removes an unpooled session's key from the registry when the session ends, on every
+/// exit path (a pooled client's place is a `ClientSlot`).
 #[derive(Debug)]
 pub struct Registration {
     registry: CancelRegistry,
@@ -223,8 +223,8 @@ impl CancelRegistry {
         self.keys.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The client's `key` cancels on `server` with `server_key`; its cancels on their way
-    /// are counted in `in_flight` (one a pooled client keeps from loan to loan).
+    /// An unpooled session's `key` cancels on `server` with `server_key`; its cancels on
+    /// their way are counted in `in_flight`.
     pub fn register(
         &self,
         key: CancelKey,
@@ -247,8 +247,8 @@ impl CancelRegistry {
     }
 
     /// Where `key` cancels, and the cancel counted as on its way there until the returned
-    /// guard drops. Counted under the registry's lock: a registration that ends after
-    /// this sees it.
+    /// guard drops. Counted under the registry's lock (and a pooled client's own): a
+    /// registration or loan that ends after this sees it.
     pub fn lookup(&self, key: &CancelKey) -> Option<(Endpoint, CancelKey, Sending)> {
         let keys = self.lock();
         match keys.get(key)? {
