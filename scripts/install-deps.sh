@@ -12,7 +12,7 @@ have() { command -v "$1" >/dev/null 2>&1; }
 pkg_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 
 for p in protobuf-compiler libprotobuf-dev libclang-dev etcd-server etcd-client postgresql-15 postgresql-client-15 \
-         patroni python3-etcd python3-psycopg2 python3-psycopg python3-asyncpg python3-yaml iproute2 procps; do
+         patroni python3-etcd python3-kazoo python3-pysyncobj zookeeperd python3-psycopg2 python3-psycopg python3-asyncpg python3-yaml iproute2 procps; do
   pkg_installed "$p" || need_pkgs+=("$p")
 done
 # pgjdbc, a real JDBC client for the pooling tests; java runs its test program from source.

@@ -87,8 +87,11 @@ async fn handle(
         "/health" => text(StatusCode::OK, "ok\n".into()),
         "/metrics" => match &state.metrics {
             Some(h) => {
-                for (cluster, silent) in state.running.etcd_silence() {
-                    crate::metrics::etcd_silence(&cluster, silent);
+                for (cluster, dcs, up, silent) in state.running.dcs_links() {
+                    if dcs == "etcd" {
+                        crate::metrics::etcd_silence(&cluster, silent);
+                    }
+                    crate::metrics::dcs_link(&cluster, dcs, up, silent);
                 }
                 text(StatusCode::OK, h.render())
             }

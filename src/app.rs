@@ -13,8 +13,10 @@ use tracing::info;
 use crate::admin::{Admin, AdminState};
 use crate::backend::pool::Pools;
 use crate::backend::ServerLoad;
-use crate::config::Config;
-use crate::discovery::{EtcdWatcher, Topology};
+use crate::config::{ClusterConfig, Config, Dcs};
+use crate::discovery::rest::RestPoller;
+use crate::discovery::zookeeper::ZkWatcher;
+use crate::discovery::{DcsContact, EtcdWatcher, Topology};
 use crate::etcd::Etcd;
 use crate::frontend::context::ClientAuth;
 use crate::listener::BoundListener;
@@ -67,20 +69,21 @@ pub async fn run(
     let mut topologies = Topologies::new();
     let mut contacts = BTreeMap::new();
     for cluster in &config.clusters {
-        let (name, prefix) = (cluster.name(), cluster.prefix());
-        crate::metrics::cluster_started(&name);
+        let name = cluster.name();
+        crate::metrics::cluster_started(&name, cluster.dcs.as_str());
         let (tx, rx) = watch::channel(Arc::new(Topology::default()));
-        let tx = Arc::new(tx);
-        let contact: Arc<crate::discovery::EtcdContact> = Arc::default();
+        let contact = Arc::new(DcsContact::new(cluster.dcs));
         contacts.insert(name.clone(), Arc::clone(&contact));
-        let (etcd, stop) = (etcd.clone(), stop_background.clone());
-        let task = format!("etcd watcher of cluster {name}");
+        let source = Source::new(cluster, &etcd, contact)?;
+        let stop = stop_background.clone();
+        let (task, tx) = (
+            format!("{} source of cluster {name}", cluster.dcs.as_str()),
+            Arc::new(tx),
+        );
         background.spawn(supervise(task, stop.clone(), move || {
-            let watcher =
-                EtcdWatcher::new(etcd.clone(), name.clone(), prefix.clone(), contact.clone());
-            watcher.run(tx.clone(), stop.clone())
+            source.clone().run(tx.clone(), stop.clone())
         }));
-        topologies.insert(cluster.name(), rx);
+        topologies.insert(name, rx);
     }
     let (serving_tx, serving) = watch::channel(Vec::new());
     let (config_tx, running_config) = watch::channel(config.clone());
@@ -105,7 +108,8 @@ pub async fn run(
         serving: serving_tx,
         config: config_tx,
     };
-    {
+    // The peers' reports live in etcd: with no etcd in use, there are none to follow.
+    if config.uses_etcd() {
         let (etcd, config, stop) = (
             etcd.clone(),
             running.config.clone(),
@@ -192,6 +196,49 @@ pub async fn run(
     stop_background.cancel();
     background.wait().await;
     Ok(())
+}
+
+/// What reads one cluster's topology, as its `dcs` says; started again after a panic.
+#[derive(Clone)]
+enum Source {
+    Etcd(Etcd, String, String, Arc<DcsContact>),
+    Zookeeper(ClusterConfig, Arc<DcsContact>),
+    Rest(ClusterConfig, Arc<DcsContact>),
+}
+
+impl Source {
+    fn new(c: &ClusterConfig, etcd: &Etcd, contact: Arc<DcsContact>) -> Result<Source, AppError> {
+        Ok(match c.dcs {
+            Dcs::Etcd => Source::Etcd(etcd.clone(), c.name(), c.prefix(), contact),
+            Dcs::Zookeeper => Source::Zookeeper(c.clone(), contact),
+            Dcs::Rest => {
+                // The TLS files are read now, so that a bad one stops patroxy at start.
+                RestPoller::new(c.name(), c.rest.clone(), contact.clone())?;
+                Source::Rest(c.clone(), contact)
+            }
+        })
+    }
+
+    async fn run(self, tx: Arc<watch::Sender<Arc<Topology>>>, stop: CancellationToken) {
+        match self {
+            Source::Etcd(etcd, name, prefix, contact) => {
+                EtcdWatcher::new(etcd, name, prefix, contact)
+                    .run(tx, stop)
+                    .await
+            }
+            Source::Zookeeper(c, contact) => {
+                ZkWatcher::new(c.name(), c.prefix(), c.zookeeper.clone(), contact)
+                    .run(tx, stop)
+                    .await
+            }
+            Source::Rest(c, contact) => match RestPoller::new(c.name(), c.rest.clone(), contact) {
+                Ok(poller) => poller.run(tx, stop).await,
+                Err(e) => {
+                    tracing::error!(cluster = %c.name(), error = %e, "cannot poll Patroni's REST API")
+                }
+            },
+        }
+    }
 }
 
 /// The startup summary: one line, once every cluster has been read from etcd (or after a

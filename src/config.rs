@@ -12,6 +12,9 @@ use serde::{Deserialize, Deserializer};
 use crate::allow::Cidr;
 use crate::policy::{Balance, ListenerRole, Policy};
 
+pub mod dcs;
+pub use dcs::{Dcs, RestConfig, ZookeeperConfig};
+
 /// The default `max_lag` of read listeners: 16 MiB.
 pub const DEFAULT_MAX_LAG: u64 = 16 << 20;
 
@@ -519,6 +522,11 @@ pub struct ClusterConfig {
     /// New connections to the primary while etcd cannot be reached: `last-known` or
     /// `fail-closed`.
     pub etcd_loss: EtcdLoss,
+    /// Where Patroni keeps this cluster's state: `etcd` (the default), `zookeeper` or
+    /// `rest` (Patroni's REST API, for Kubernetes, Consul and Raft).
+    pub dcs: Dcs,
+    pub zookeeper: ZookeeperConfig,
+    pub rest: RestConfig,
 }
 
 impl Default for ClusterConfig {
@@ -530,6 +538,9 @@ impl Default for ClusterConfig {
             group: None,
             max_server_connections: 0,
             etcd_loss: EtcdLoss::LastKnown,
+            dcs: Dcs::Etcd,
+            zookeeper: ZookeeperConfig::default(),
+            rest: RestConfig::default(),
         }
     }
 }
@@ -858,9 +869,19 @@ impl Config {
         }
     }
 
+    /// Whether anything is read from or written to etcd: a cluster on etcd, or the routing
+    /// report (which also carries cancels between instances).
+    pub fn uses_etcd(&self) -> bool {
+        self.report.enabled || self.clusters.iter().any(|c| c.dcs == Dcs::Etcd)
+    }
+
     /// What is allowed but probably not meant: `check-config` prints these, `run` logs them.
     pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
+        let on_etcd = self.clusters.iter().any(|c| c.dcs == Dcs::Etcd);
+        if self.report.enabled && !on_etcd {
+            w.push("report: no cluster is on etcd, yet the routing report (and with it cancels between patroxy instances) lives in etcd ([etcd]); set report.enabled = false if there is no etcd to keep it in".into());
+        }
         let a = &self.auth;
         for (key, list) in [
             ("auth.trust", &a.trust),
@@ -903,7 +924,9 @@ impl Config {
     /// Every problem at once, so one run of `check-config` shows them all.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut bad = Vec::new();
-        self.validate_etcd(&mut bad);
+        if self.uses_etcd() {
+            self.validate_etcd(&mut bad);
+        }
         let names = self.validate_clusters(&mut bad);
         self.validate_listeners(&names, &mut bad);
         let t = &self.timeouts;
@@ -1144,6 +1167,7 @@ impl Config {
                 ));
             }
             names.push(name);
+            dcs::validate(&at, c.dcs, &c.zookeeper, &c.rest, bad);
         }
         names
     }

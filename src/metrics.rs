@@ -22,6 +22,10 @@ pub const ETCD_LAST_EVENT: &str = "patroxy_etcd_last_event_timestamp_seconds";
 pub const ETCD_WATCH_ERRORS: &str = "patroxy_etcd_watch_errors_total";
 pub const ETCD_SILENCE: &str = "patroxy_etcd_silence_seconds";
 pub const ETCD_RESYNCS: &str = "patroxy_etcd_resyncs_total";
+pub const DCS_UP: &str = "patroxy_dcs_up";
+pub const DCS_SILENCE: &str = "patroxy_dcs_silence_seconds";
+pub const DCS_ERRORS: &str = "patroxy_dcs_errors_total";
+pub const DCS_READS: &str = "patroxy_dcs_reads_total";
 pub const CONNECT_SECONDS: &str = "patroxy_backend_connect_seconds";
 pub const WAITING: &str = "patroxy_clients_waiting";
 pub const CONFIG_RELOADS: &str = "patroxy_config_reloads_total";
@@ -184,10 +188,31 @@ pub fn etcd_silence(cluster: &str, silent: Option<std::time::Duration>) {
 /// A full read of the cluster's keys: at start, and when the watch cannot be resumed.
 pub fn etcd_resync(cluster: &str) {
     counter!(ETCD_RESYNCS, "cluster" => cluster.to_owned()).increment(1);
+    dcs_read(cluster, "etcd");
 }
 
 pub fn etcd_watch_error(cluster: &str) {
     counter!(ETCD_WATCH_ERRORS, "cluster" => cluster.to_owned()).increment(1);
+    dcs_error(cluster, "etcd");
+}
+
+/// A full read of a cluster's state from its DCS (`dcs`: etcd, zookeeper, rest).
+pub fn dcs_read(cluster: &str, dcs: &'static str) {
+    counter!(DCS_READS, "cluster" => cluster.to_owned(), "dcs" => dcs).increment(1);
+}
+
+/// A failed request, watch or poll on a cluster's DCS.
+pub fn dcs_error(cluster: &str, dcs: &'static str) {
+    counter!(DCS_ERRORS, "cluster" => cluster.to_owned(), "dcs" => dcs).increment(1);
+}
+
+/// Whether a cluster's source is up and how long it has been silent (`NaN` before its first
+/// answer). Set when `/metrics` is rendered.
+pub fn dcs_link(cluster: &str, dcs: &'static str, up: bool, silent: Option<Duration>) {
+    let c = cluster.to_owned();
+    gauge!(DCS_UP, "cluster" => c.clone(), "dcs" => dcs).set(if up { 1.0 } else { 0.0 });
+    let value = silent.map_or(f64::NAN, |d| d.as_secs_f64());
+    gauge!(DCS_SILENCE, "cluster" => c, "dcs" => dcs).set(value);
 }
 
 /// A configuration reload: `ok` or `refused`.
@@ -260,8 +285,11 @@ pub fn listener_started(listener: &str, role: &str, reasons: &Reasons) {
 }
 
 /// Exports at zero every series of a watched cluster.
-pub fn cluster_started(cluster: &str) {
+pub fn cluster_started(cluster: &str, dcs: &'static str) {
     let c = cluster.to_owned();
+    counter!(DCS_ERRORS, "cluster" => c.clone(), "dcs" => dcs).absolute(0);
+    counter!(DCS_READS, "cluster" => c.clone(), "dcs" => dcs).absolute(0);
+    dcs_link(cluster, dcs, false, None);
     gauge!(TOPOLOGY_EPOCH, "cluster" => c.clone()).increment(0.0);
     counter!(LEADER_CHANGES, "cluster" => c.clone()).absolute(0);
     counter!(ETCD_WATCH_ERRORS, "cluster" => c.clone()).absolute(0);

@@ -48,7 +48,7 @@ pub struct Backends {
     /// Asks for the configuration file to be read again (the console's RELOAD).
     pub reload_requests: Arc<tokio::sync::Notify>,
     /// Each watched cluster's link to etcd.
-    pub contacts: std::collections::BTreeMap<String, Arc<crate::discovery::EtcdContact>>,
+    pub contacts: std::collections::BTreeMap<String, Arc<crate::discovery::DcsContact>>,
 }
 
 /// Where the server publishes what it runs, for the operator surfaces (`state::Running`).

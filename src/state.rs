@@ -10,8 +10,8 @@ use tokio::sync::watch;
 
 use crate::backend::pool::Pools;
 use crate::backend::ServerLoad;
-use crate::config::Config;
-use crate::discovery::{EtcdContact, Topology};
+use crate::config::{Config, Dcs};
+use crate::discovery::{DcsContact, Topology};
 use crate::peers::Peers;
 use crate::view::{self, InstanceView, Served};
 
@@ -28,7 +28,7 @@ pub struct Running {
     pub default_instance: String,
     pub topologies: Topologies,
     /// Per cluster: its link to etcd (the watch, its endpoint, the last answer).
-    pub contacts: BTreeMap<String, Arc<EtcdContact>>,
+    pub contacts: BTreeMap<String, Arc<DcsContact>>,
     pub serving: Serving,
     /// Sessions per server, across listeners.
     pub load: ServerLoad,
@@ -97,7 +97,8 @@ impl Running {
             pools,
         );
         for c in &mut v.clusters {
-            c.etcd = self.contacts.get(&c.name).map(|contact| view::EtcdView {
+            c.dcs = self.contacts.get(&c.name).map(|contact| view::DcsView {
+                kind: contact.dcs().as_str().to_owned(),
                 endpoint: contact.endpoint(),
                 watching: contact.watching(),
                 silent_ms: contact.silent_for().map(|d| d.as_millis() as u64),
@@ -107,11 +108,11 @@ impl Running {
         v
     }
 
-    /// How long etcd has been silent for each cluster, for `/metrics`.
-    pub fn etcd_silence(&self) -> Vec<(String, Option<std::time::Duration>)> {
+    /// Each cluster's DCS, whether it is up, and how long it has been silent, for `/metrics`.
+    pub fn dcs_links(&self) -> Vec<(String, &'static str, bool, Option<std::time::Duration>)> {
         self.contacts
             .iter()
-            .map(|(name, c)| (name.clone(), c.silent_for()))
+            .map(|(name, c)| (name.clone(), c.dcs().as_str(), c.watching(), c.silent_for()))
             .collect()
     }
 
@@ -120,11 +121,19 @@ impl Running {
         let mut problems = Vec::new();
         for (name, contact) in &self.contacts {
             if !contact.watching() {
-                let silent = match contact.silent_for() {
-                    Some(d) => format!("no answer from etcd for {:.1} s", d.as_secs_f64()),
-                    None => "etcd has not answered yet".to_owned(),
+                let (dcs, what) = match contact.dcs() {
+                    Dcs::Etcd => ("etcd", "the etcd watch is down"),
+                    Dcs::Zookeeper => ("ZooKeeper", "the ZooKeeper watch is down"),
+                    Dcs::Rest => (
+                        "Patroni's REST API",
+                        "no fresh answer from Patroni's REST API",
+                    ),
                 };
-                problems.push(format!("{name}: the etcd watch is down ({silent})"));
+                let silent = match contact.silent_for() {
+                    Some(d) => format!("no answer from {dcs} for {:.1} s", d.as_secs_f64()),
+                    None => format!("{dcs} has not answered yet"),
+                };
+                problems.push(format!("{name}: {what} ({silent})"));
             }
         }
         for (name, rx) in &self.topologies {

@@ -27,15 +27,17 @@ pub struct ClusterView {
     /// pools hold new transactions meanwhile.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub switchover: Option<String>,
-    /// This instance's link to etcd for the cluster (`/topology` only).
+    /// This instance's link to the cluster's DCS (`/topology` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub etcd: Option<EtcdView>,
+    pub dcs: Option<DcsView>,
     pub members: Vec<MemberView>,
 }
 
-/// The watch's link to etcd: where, whether it is up, and how long etcd has been silent.
+/// The link to the DCS: which kind (`etcd`, `zookeeper`, `rest`), where, whether it is up
+/// (a watch, or fresh answers to polls), and how long it has been silent.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct EtcdView {
+pub struct DcsView {
+    pub kind: String,
     pub endpoint: Option<String>,
     pub watching: bool,
     pub silent_ms: Option<u64>,
@@ -207,7 +209,7 @@ pub fn cluster(
             let or_any = |m: Option<String>| m.unwrap_or_else(|| "any".into());
             format!("{} -> {}", or_any(t.leader.clone()), or_any(f.candidate))
         }),
-        etcd: None,
+        dcs: None,
         members,
     }
 }

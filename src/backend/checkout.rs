@@ -18,7 +18,7 @@ use super::ServerLoad;
 use crate::backoff::Backoff;
 use crate::config::{EtcdLoss, PoolConfig, Timeouts};
 use crate::discovery::patroni::Endpoint;
-use crate::discovery::{EtcdContact, Topology};
+use crate::discovery::{DcsContact, Topology};
 use crate::protocol::codes;
 use crate::routing::{self, switchover, ListenerRole, Policy, Target};
 use crate::tls::ServerTls;
@@ -114,7 +114,7 @@ pub struct Lender<'a> {
     pub load: &'a ServerLoad,
     /// Advances once per checkout; balancing takes turns with it.
     pub turn: &'a AtomicUsize,
-    pub etcd: &'a EtcdContact,
+    pub etcd: &'a DcsContact,
     pub etcd_loss: EtcdLoss,
     /// The pool the client borrowed from last, if it keeps one: a client's next
     /// transaction most often goes to the same member, and finds its pool without a
@@ -302,12 +302,16 @@ impl Lender<'_> {
         }
     }
 
-    /// Why a new connection to the primary is refused for want of etcd, if it is.
+    /// Why a new connection is refused for want of the DCS, if it is (see the session's).
     fn etcd_refusal(&self, t: &Topology) -> Option<String> {
+        let silent = self.etcd.silent_for();
+        if let Some(why) = routing::etcd_loss::unknown(t, silent) {
+            return Some(why);
+        }
         if self.policy.role != ListenerRole::Primary {
             return None;
         }
-        routing::etcd_loss::refusal(self.etcd_loss, t, self.etcd.silent_for())
+        routing::etcd_loss::refusal(self.etcd_loss, t, silent)
     }
 
     /// Resolves once routing no longer admits `endpoint`: another member, a hold, a refusal.

@@ -1,6 +1,7 @@
-//! What patroxy knows of its link to etcd for one cluster: whether the watch is up, which
-//! endpoint serves it, and when etcd last answered. The watcher writes it; readiness,
-//! `/topology`, `/metrics` and the etcd-loss policy read it.
+//! What patroxy knows of its link to a cluster's DCS (etcd, ZooKeeper, or Patroni's REST
+//! API): which kind it is, whether it is up (a watch, or fresh answers to polls), which
+//! endpoint serves it, and when it last answered. The source writes it; readiness,
+//! `/topology`, `/metrics` and the DCS-loss policy read it.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
@@ -8,8 +9,11 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::config::Dcs;
+
 #[derive(Debug)]
-pub struct EtcdContact {
+pub struct DcsContact {
+    dcs: Dcs,
     watching: AtomicBool,
     /// Milliseconds from `origin` to the last answer, plus one (0: never).
     last: AtomicU64,
@@ -17,25 +21,35 @@ pub struct EtcdContact {
     endpoint: Mutex<Option<String>>,
 }
 
-impl Default for EtcdContact {
+impl Default for DcsContact {
     fn default() -> Self {
-        EtcdContact {
+        DcsContact::new(Dcs::Etcd)
+    }
+}
+
+impl DcsContact {
+    pub fn new(dcs: Dcs) -> Self {
+        DcsContact {
+            dcs,
             watching: AtomicBool::new(false),
             last: AtomicU64::new(0),
             origin: Instant::now(),
             endpoint: Mutex::new(None),
         }
     }
-}
 
-impl EtcdContact {
-    /// etcd answered just now.
+    /// Which kind of source this is.
+    pub fn dcs(&self) -> Dcs {
+        self.dcs
+    }
+
+    /// The source answered just now.
     pub fn touch(&self) {
         let ms = self.origin.elapsed().as_millis() as u64 + 1;
         self.last.store(ms, Relaxed);
     }
 
-    /// The watch is up on `endpoint`.
+    /// The watch is up (or a poll was answered) on `endpoint`.
     pub fn watching_on(&self, endpoint: &str) {
         *self.endpoint.lock().unwrap_or_else(|p| p.into_inner()) = Some(endpoint.to_owned());
         self.watching.store(true, Relaxed);
@@ -59,7 +73,7 @@ impl EtcdContact {
             .clone()
     }
 
-    /// How long since etcd last answered; `None` before its first answer.
+    /// How long since the source last answered; `None` before its first answer.
     pub fn silent_for(&self) -> Option<Duration> {
         match self.last.load(Relaxed) {
             0 => None,
@@ -78,7 +92,7 @@ mod tests {
 
     #[test]
     fn silence_is_counted_from_the_last_answer() {
-        let c = EtcdContact::default();
+        let c = DcsContact::default();
         assert_eq!(c.silent_for(), None);
         assert!(!c.watching());
         c.watching_on("http://e1:2379");

@@ -112,7 +112,7 @@ pub struct Tags {
 }
 
 impl Tags {
-    fn parse(v: Option<&Value>) -> Tags {
+    pub fn parse(v: Option<&Value>) -> Tags {
         let mut tags = Tags::default();
         let Some(Value::Object(map)) = v else {
             return tags;
@@ -186,6 +186,9 @@ pub struct Member {
     pub xlog_location: Option<u64>,
     pub replay_lsn: Option<u64>,
     pub receive_lsn: Option<u64>,
+    /// Bytes behind the leader, when the source says so instead of giving positions
+    /// (Patroni's REST API does).
+    pub lag: Option<u64>,
     pub tags: Tags,
 }
 
@@ -216,6 +219,7 @@ impl Member {
             xlog_location: int(m.get("xlog_location")),
             replay_lsn: int(m.get("replay_lsn")),
             receive_lsn: int(m.get("receive_lsn")),
+            lag: None,
             tags: Tags::parse(m.get("tags")),
         })
     }

@@ -25,6 +25,9 @@ pub struct Topology {
     pub failsafe: Option<Vec<String>>,
     /// The leader key's ttl, from the cluster's `config` key.
     pub ttl: Option<std::time::Duration>,
+    /// A polled source's budget: with no fresh answer for longer than this, the snapshot
+    /// counts as unknown. None for watched sources.
+    pub stale_after: Option<std::time::Duration>,
 }
 
 impl Topology {
@@ -87,6 +90,7 @@ impl Topology {
             && self.failover == other.failover
             && self.failsafe == other.failsafe
             && self.ttl == other.ttl
+            && self.stale_after == other.stale_after
     }
 }
 

@@ -25,7 +25,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{EtcdContact, Topology};
+use super::publish::Publisher;
+use super::{DcsContact, Topology};
 use crate::etcd::{read_prefix, relative, within, Etcd, EtcdError};
 
 /// Between two attempts to reach etcd while the watch is down; a healed link or a member
@@ -42,9 +43,7 @@ pub struct EtcdWatcher {
     /// The cluster's name, for metrics.
     name: String,
     prefix: String,
-    epoch: u64,
-    current: Option<Arc<Topology>>,
-    contact: Arc<EtcdContact>,
+    contact: Arc<DcsContact>,
     /// The keys as of `revision`: where the next watch resumes, unless it must read again.
     keys: BTreeMap<String, Bytes>,
     revision: i64,
@@ -68,13 +67,11 @@ struct Established {
 impl EtcdWatcher {
     /// A watcher of the keys under `prefix` (`/<namespace>/<scope>/`), for the cluster
     /// listeners call `name`. `contact` follows its link to etcd, for readiness and policy.
-    pub fn new(etcd: Etcd, name: String, prefix: String, contact: Arc<EtcdContact>) -> EtcdWatcher {
+    pub fn new(etcd: Etcd, name: String, prefix: String, contact: Arc<DcsContact>) -> EtcdWatcher {
         EtcdWatcher {
             etcd,
             name,
             prefix,
-            epoch: 0,
-            current: None,
             contact,
             keys: BTreeMap::new(),
             revision: 0,
@@ -86,16 +83,12 @@ impl EtcdWatcher {
     /// Runs until `shutdown`, publishing snapshots into `tx`. Never returns early on errors.
     /// A watcher started again on the same channel (after a panic) carries on its epochs.
     pub async fn run(mut self, tx: Arc<watch::Sender<Arc<Topology>>>, shutdown: CancellationToken) {
-        let last = tx.borrow().clone();
-        if last.epoch > 0 {
-            self.epoch = last.epoch;
-            self.current = Some(last);
-        }
+        let mut tx = Publisher::new(&self.name, tx);
         info!(prefix = %self.prefix, endpoints = ?self.etcd.config.endpoints, "watching Patroni keys in etcd");
         loop {
             let round = Instant::now();
             let result = tokio::select! {
-                r = self.sync_and_watch(&tx) => r,
+                r = self.sync_and_watch(&mut tx) => r,
                 _ = shutdown.cancelled() => return,
             };
             self.contact.lost();
@@ -178,7 +171,7 @@ impl EtcdWatcher {
 
     /// One round: reach etcd, apply what was read if the watch could not be resumed, then
     /// follow the watch until it fails.
-    async fn sync_and_watch(&mut self, tx: &watch::Sender<Arc<Topology>>) -> Result<(), EtcdError> {
+    async fn sync_and_watch(&mut self, tx: &mut Publisher) -> Result<(), EtcdError> {
         let Established {
             endpoint,
             mut stream,
@@ -277,44 +270,13 @@ impl EtcdWatcher {
         relative(&self.prefix, key)
     }
 
-    /// Publishes a new snapshot when the content changed, logging leader changes in one line.
-    fn publish(&mut self, tx: &watch::Sender<Arc<Topology>>, revision: i64) {
-        let (mut next, problems) = Topology::from_keys(&self.keys);
+    /// Publishes the keys' snapshot (if its content changed).
+    fn publish(&self, tx: &mut Publisher, revision: i64) {
+        let (next, problems) = Topology::from_keys(&self.keys);
         for p in problems {
             warn!(problem = %p, "ignoring a Patroni value");
         }
-        next.revision = revision;
-        if let Some(cur) = &self.current {
-            if cur.same_content(&next) {
-                return;
-            }
-        }
-        self.epoch += 1;
-        next.epoch = self.epoch;
-        let old_leader = self.current.as_ref().and_then(|c| c.leader.clone());
-        let leader_changed = self.current.is_some() && old_leader != next.leader;
-        crate::metrics::topology(&self.name, next.epoch, leader_changed);
-
-        if self.current.is_none() || old_leader != next.leader {
-            let leader = next.leader_member();
-            info!(
-                epoch = next.epoch,
-                revision,
-                from = old_leader.as_deref().unwrap_or("(none)"),
-                to = next.leader.as_deref().unwrap_or("(none)"),
-                address = %leader.and_then(|m| m.endpoint.as_ref()).map_or_else(|| "(none)".to_owned(), |e| e.to_string()),
-                state = leader.map_or("(none)", |m| m.state.as_str()),
-                members = next.members.len(),
-                "leader {} -> {}",
-                old_leader.as_deref().unwrap_or("(none)"),
-                next.leader.as_deref().unwrap_or("(none)"),
-            );
-        } else {
-            debug!(epoch = next.epoch, revision, "topology changed");
-        }
-        let next = Arc::new(next);
-        self.current = Some(next.clone());
-        tx.send_replace(next);
+        tx.publish(next, revision);
     }
 }
 

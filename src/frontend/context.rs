@@ -20,7 +20,7 @@ use crate::config::{
     AuthConfig, ClientTlsMode, ClusterConfig, EtcdLoss, ListenerConfig, PoolConfig, PoolMode,
     Timeouts,
 };
-use crate::discovery::{EtcdContact, Topology};
+use crate::discovery::{DcsContact, Topology};
 use crate::limit::Limit;
 use crate::routing::Policy;
 use crate::tls::{ServerTls, TlsMaterial};
@@ -50,7 +50,7 @@ pub struct ProxyContext {
     /// The other instances, for cancel keys they issued.
     pub peers: crate::peers::Peers,
     /// Each watched cluster's link to etcd, by cluster name.
-    pub contacts: std::collections::BTreeMap<String, Arc<EtcdContact>>,
+    pub contacts: std::collections::BTreeMap<String, Arc<DcsContact>>,
     /// What statements do to their sessions (transaction pooling), with its cache.
     pub classifier: crate::protocol::classify::Classifier,
     /// The listening connections of transaction-pooled clients' LISTENs.
@@ -183,7 +183,7 @@ pub struct ListenerContext {
     /// The secrets pooled clients are checked against, as of this context.
     pub auth: Arc<ClientAuth>,
     /// The cluster's link to etcd, and what new primary connections do when it is lost.
-    pub etcd: Arc<EtcdContact>,
+    pub etcd: Arc<DcsContact>,
     pub etcd_loss: EtcdLoss,
     pub proxy: Arc<ProxyContext>,
     /// The listener's checkout figures.
@@ -255,12 +255,16 @@ impl ListenerContext {
         }
     }
 
-    /// Why a new connection to the primary is refused for want of etcd, if it is
-    /// (`etcd_loss = "fail-closed"`; primary listeners only).
+    /// Why a new connection is refused for want of the DCS, if it is: a polled snapshot too
+    /// old to route by (every role), or `etcd_loss = "fail-closed"` (primary listeners).
     pub fn etcd_refusal(&self, t: &Topology) -> Option<String> {
+        let silent = self.etcd.silent_for();
+        if let Some(why) = crate::routing::etcd_loss::unknown(t, silent) {
+            return Some(why);
+        }
         if self.policy.role != crate::routing::ListenerRole::Primary {
             return None;
         }
-        crate::routing::etcd_loss::refusal(self.etcd_loss, t, self.etcd.silent_for())
+        crate::routing::etcd_loss::refusal(self.etcd_loss, t, silent)
     }
 }

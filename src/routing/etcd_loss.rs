@@ -1,5 +1,6 @@
-//! The etcd-loss policy: whether a new connection may still go to the last known primary
-//! when etcd has not answered for a while. Pure: the mode, the snapshot and the silence in,
+//! The DCS-loss policy: whether a new connection may still go to the last known primary
+//! when etcd (or ZooKeeper) has not answered for a while, and whether a polled source's
+//! snapshot is too old to route by at all. Pure: the mode, the snapshot and the silence in,
 //! a refusal out.
 
 use std::time::Duration;
@@ -37,6 +38,19 @@ pub fn refusal(mode: EtcdLoss, t: &Topology, silent_for: Option<Duration>) -> Op
     })
 }
 
+/// Why no new connection is routed by a polled source's snapshot, if it is too old: with no
+/// fresh answer from Patroni's REST API for longer than its budget, the cluster is unknown,
+/// and routing by the last answer would be a guess. For every role.
+pub fn unknown(t: &Topology, silent_for: Option<Duration>) -> Option<String> {
+    let budget = t.stale_after?;
+    let silent = silent_for.filter(|s| *s > budget)?;
+    Some(format!(
+        "no fresh answer from Patroni's REST API for {:.1} s (rest.stale_after = {:.1} s): the cluster's state is unknown",
+        silent.as_secs_f64(),
+        budget.as_secs_f64()
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -61,5 +75,22 @@ mod tests {
         t.failsafe = None;
         assert_eq!(refusal(EtcdLoss::FailClosed, &t, s(29)), None);
         assert!(refusal(EtcdLoss::FailClosed, &t, s(31)).is_some());
+    }
+
+    #[test]
+    fn a_polled_snapshot_older_than_its_budget_is_unknown() {
+        let mut t = topology(Some("a"), &[("a", 5001, "running")]);
+        let ms = |n| Some(Duration::from_millis(n));
+        assert_eq!(
+            unknown(&t, ms(60_000)),
+            None,
+            "watched sources have no budget"
+        );
+        t.stale_after = Some(Duration::from_secs(3));
+        assert_eq!(unknown(&t, ms(2_900)), None);
+        let why = unknown(&t, ms(3_100)).unwrap();
+        assert!(why.contains("REST API for 3.1 s"), "{why}");
+        // Before its first answer there is no snapshot from it either (epoch 0 routes nothing).
+        assert_eq!(unknown(&t, None), None);
     }
 }

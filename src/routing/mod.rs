@@ -128,10 +128,14 @@ pub fn primary(t: &Topology) -> Result<Target, Unroutable> {
     })
 }
 
-/// How far a replica's replay position is behind the leader's, in bytes, if both are known.
+/// How far a replica's replay position is behind the leader's, in bytes, if both are known
+/// (or as the source reported it, for Patroni's REST API).
 /// The leader's position comes from `status` (or its member key), refreshed once per
 /// `loop_wait`, so this is as coarse as Patroni's own view.
 pub fn lag(t: &Topology, m: &Member) -> Option<u64> {
+    if m.lag.is_some() {
+        return m.lag;
+    }
     let reference = t
         .optime
         .or_else(|| t.leader_member().and_then(|l| l.xlog_location))?;
@@ -162,8 +166,9 @@ fn replica_checks(p: &Policy, t: &Topology, m: &Member) -> Result<(), Ineligible
     }
     if let Some(max) = p.max_lag {
         // Without a leader position there is nothing to compare with: no verdict.
-        let has_reference =
-            t.optime.is_some() || t.leader_member().is_some_and(|l| l.xlog_location.is_some());
+        let has_reference = t.optime.is_some()
+            || t.leader_member().is_some_and(|l| l.xlog_location.is_some())
+            || t.members.values().any(|m| m.lag.is_some());
         if has_reference {
             match lag(t, m) {
                 Some(lag) if lag > max => return Err(Ineligible::Lagging { lag, max }),

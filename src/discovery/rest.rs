@@ -1,0 +1,159 @@
+//! The REST source, for Patroni clusters patroxy cannot watch (Kubernetes, Consul, Raft):
+//! `GET /cluster` every `poll_interval` from one member at a time, moving to the next member
+//! when one fails, and the leader it names confirmed by that member's own `/leader` before
+//! it is routed to. A leader that does not confirm (demoted, frozen, cut off) is published
+//! as no leader. With no answer for `stale_after` the link counts as down, and routing
+//! refuses new connections rather than follow the last answer (see `routing::etcd_loss`).
+//!
+//! Requests are made one after the other, so there is never more than one in flight per
+//! member, and each is bounded by `request_timeout`.
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::cluster_api::{self, ClusterApiError};
+use super::http_get::{GetError, Getter};
+use super::publish::Publisher;
+use super::{DcsContact, Topology};
+use crate::config::RestConfig;
+
+/// A failing member is logged at most this often.
+const REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PollError {
+    #[error("{0}")]
+    Get(#[from] GetError),
+    #[error("answered {0}")]
+    Status(u16),
+    #[error("{0}")]
+    Answer(#[from] ClusterApiError),
+}
+
+/// Polls one cluster's members and publishes its topology.
+pub struct RestPoller {
+    name: String,
+    config: RestConfig,
+    getter: Getter,
+    contact: Arc<DcsContact>,
+    /// The member asked first: the last one that answered.
+    next: usize,
+    /// When each member's failure was last logged.
+    reported: Vec<Option<Instant>>,
+}
+
+impl RestPoller {
+    pub fn new(
+        name: String,
+        config: RestConfig,
+        contact: Arc<DcsContact>,
+    ) -> Result<RestPoller, crate::tls::TlsError> {
+        let getter = Getter::new(&config)?;
+        let reported = vec![None; config.urls.len()];
+        Ok(RestPoller {
+            name,
+            config,
+            getter,
+            contact,
+            next: 0,
+            reported,
+        })
+    }
+
+    /// Runs until `shutdown`, publishing snapshots into `tx`.
+    pub async fn run(mut self, tx: Arc<watch::Sender<Arc<Topology>>>, shutdown: CancellationToken) {
+        let mut tx = Publisher::new(&self.name, tx);
+        info!(cluster = %self.name, urls = ?self.config.urls, every = ?self.config.poll_interval, "polling Patroni's REST API");
+        let mut tick = tokio::time::interval(self.config.poll_interval);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.cancelled() => return,
+            }
+            let answer = tokio::select! {
+                a = self.round() => a,
+                _ = shutdown.cancelled() => return,
+            };
+            if let Some((mut t, url)) = answer {
+                t.stale_after = Some(self.config.stale_after);
+                tx.publish(t, 0);
+                self.contact.watching_on(&url);
+            }
+            let stale = self
+                .contact
+                .silent_for()
+                .map_or(true, |s| s > self.config.stale_after);
+            if stale && self.contact.watching() {
+                warn!(cluster = %self.name, budget = ?self.config.stale_after, "no fresh answer from Patroni's REST API: the cluster's state is unknown until one comes");
+                self.contact.lost();
+            }
+        }
+    }
+
+    /// One poll: the members in turn, from the last that answered, until one does.
+    async fn round(&mut self) -> Option<(Topology, String)> {
+        let n = self.config.urls.len();
+        for k in 0..n {
+            let i = (self.next + k) % n;
+            let url = self.config.urls[i].clone();
+            match self.ask(&url).await {
+                Ok(t) => {
+                    self.next = i;
+                    return Some((t, url));
+                }
+                Err(e) => {
+                    crate::metrics::dcs_error(&self.name, "rest");
+                    self.report(i, &url, &e);
+                }
+            }
+        }
+        None
+    }
+
+    /// `/cluster` from the member at `url`, its leader confirmed or taken away.
+    async fn ask(&self, url: &str) -> Result<Topology, PollError> {
+        let (status, body) = self.getter.get(url, "/cluster").await?;
+        if status != 200 {
+            return Err(PollError::Status(status));
+        }
+        let mut t = cluster_api::parse(&body)?;
+        crate::metrics::dcs_read(&self.name, "rest");
+        if let Some(leader) = t.leader.clone() {
+            if !self.confirms(&t, &leader).await {
+                t.leader = None;
+                t.sync = None;
+            }
+        }
+        Ok(t)
+    }
+
+    /// Whether `leader` says itself, on its own REST API, that it holds the leader lock.
+    async fn confirms(&self, t: &Topology, leader: &str) -> bool {
+        let base = t
+            .members
+            .get(leader)
+            .and_then(|m| cluster_api::api_base(m.api_url.as_deref()?));
+        let Some(base) = base else {
+            return false;
+        };
+        matches!(self.getter.get(&base, "/leader").await, Ok((200, _)))
+    }
+
+    /// A line per member every `REPORT_EVERY`, not one per poll.
+    fn report(&mut self, i: usize, url: &str, e: &PollError) {
+        let now = Instant::now();
+        let Some(at) = self.reported.get_mut(i) else {
+            return;
+        };
+        if at.is_some_and(|t| now - t < REPORT_EVERY) {
+            return;
+        }
+        *at = Some(now);
+        warn!(cluster = %self.name, %url, error = %e, "Patroni's REST API did not answer; asking the other members");
+    }
+}
