@@ -25,6 +25,8 @@ pub mod lab;
 pub mod patroni;
 pub mod spread;
 pub mod tls;
+pub mod writer;
+pub mod zookeeper;
 
 /// The metrics handle of a test binary that installed a recorder (`install_metrics`).
 pub static METRICS: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =

@@ -1,6 +1,8 @@
-//! A real Patroni cluster for end-to-end tests: etcd plus N members (Debian's Patroni with
-//! the etcd3 DCS), running as `postgres` on loopback, in synchronous mode so that no
-//! acknowledged write can be lost in a failover.
+//! A real Patroni cluster for end-to-end tests: N members (Debian's Patroni) on a DCS of the
+//! test's choosing (etcd3 by default, ZooKeeper, or Patroni's own Raft), running as
+//! `postgres` on loopback, in synchronous mode so that no acknowledged write can be lost in
+//! a failover. An etcd is always started: the tests on other DCSs kill it, to show patroxy
+//! does without.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -9,10 +11,20 @@ use std::time::Duration;
 
 use super::*;
 
+/// Where the test cluster's Patroni keeps its state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestDcs {
+    Etcd,
+    Zookeeper,
+    Raft,
+}
+
 pub struct Member {
     pub name: String,
     pub pg_port: u16,
     pub api_port: u16,
+    /// Patroni's Raft port (used on `TestDcs::Raft` only).
+    raft_port: u16,
     dir: PathBuf,
     patroni: Option<Child>,
 }
@@ -68,6 +80,12 @@ impl Member {
         }
     }
 
+    /// Fencing of a frozen node: every process of it resumed and killed, its backends
+    /// too, so nothing holds its shared memory when it is started again.
+    pub fn fence(&mut self) {
+        self.stop_everything();
+    }
+
     fn stop_everything(&mut self) {
         let pids = self.all_pids();
         // Resume a frozen node first, so that its processes can die.
@@ -113,6 +131,8 @@ pub struct Cluster {
     pub scope: String,
     pub members: Vec<Member>,
     pub etcd: Etcd,
+    pub dcs: TestDcs,
+    pub zookeeper: Option<super::zookeeper::ZooKeeper>,
     ctl: PathBuf,
     /// Last: fields drop in order, and the servers above must stop before it goes.
     _root: TempRoot,
@@ -121,45 +141,91 @@ pub struct Cluster {
 impl Cluster {
     /// Starts etcd and `n` members; returns once there is a leader and every member runs.
     pub async fn start(scope: &str, n: usize) -> Cluster {
+        Cluster::start_on(scope, n, TestDcs::Etcd).await
+    }
+
+    /// As `start`, with Patroni on `dcs`.
+    pub async fn start_on(scope: &str, n: usize, dcs: TestDcs) -> Cluster {
         let root = TempRoot::new();
         let etcd = Etcd::start(&root);
-        let ctl = root.path().join("patronictl.yml");
-        write_as_postgres(
-            &ctl,
-            &format!(
-                "scope: {scope}\nnamespace: /service/\netcd3:\n  hosts: 127.0.0.1:{}\n",
-                etcd.port
-            ),
-        );
+        let zookeeper =
+            (dcs == TestDcs::Zookeeper).then(|| super::zookeeper::ZooKeeper::start(&root));
         let mut members = Vec::new();
         for i in 1..=n {
             let name = format!("node{i}");
             let dir = root.subdir(&name);
-            let m = Member {
+            members.push(Member {
                 name,
                 pg_port: free_port(),
                 api_port: free_port(),
+                raft_port: free_port(),
                 dir,
                 patroni: None,
-            };
-            write_as_postgres(&m.config_path(), &member_yaml(scope, etcd.port, &m));
-            members.push(m);
+            });
+        }
+        let dcs_yaml = |me: Option<&Member>| match dcs {
+            TestDcs::Etcd => format!("etcd3:\n  hosts: 127.0.0.1:{}\n", etcd.port),
+            TestDcs::Zookeeper => format!(
+                "zookeeper:\n  hosts: ['{}']\n",
+                zookeeper.as_ref().unwrap().hosts()
+            ),
+            TestDcs::Raft => {
+                let partners: Vec<String> = members
+                    .iter()
+                    .filter(|m| me.map_or(true, |me| me.name != m.name))
+                    .map(|m| format!("'127.0.0.1:{}'", m.raft_port))
+                    .collect();
+                let mut y = format!("raft:\n  partner_addrs: [{}]\n", partners.join(", "));
+                if let Some(me) = me {
+                    y.push_str(&format!(
+                        "  self_addr: '127.0.0.1:{}'\n  data_dir: {}/raft\n",
+                        me.raft_port,
+                        me.dir.display()
+                    ));
+                }
+                y
+            }
+        };
+        let ctl = root.path().join("patronictl.yml");
+        write_as_postgres(
+            &ctl,
+            &format!("scope: {scope}\nnamespace: /service/\n{}", dcs_yaml(None)),
+        );
+        for m in &members {
+            write_as_postgres(&m.config_path(), &member_yaml(scope, &dcs_yaml(Some(m)), m));
         }
         let mut cluster = Cluster {
             scope: scope.into(),
             etcd,
+            dcs,
+            zookeeper,
             members,
             ctl,
             _root: root,
         };
-        // The first member bootstraps alone, so it is the leader; the others clone from it.
-        cluster.spawn(0);
-        cluster.wait_healthy(1, Duration::from_secs(90)).await;
-        for i in 1..n {
-            cluster.spawn(i);
+        if dcs == TestDcs::Raft {
+            // Raft needs a quorum of its partners before anyone can bootstrap.
+            for i in 0..n {
+                cluster.spawn(i);
+            }
+        } else {
+            // The first member bootstraps alone, so it is the leader; the others clone from it.
+            cluster.spawn(0);
+            cluster.wait_healthy(1, Duration::from_secs(90)).await;
+            for i in 1..n {
+                cluster.spawn(i);
+            }
         }
         cluster.wait_healthy(n, Duration::from_secs(120)).await;
         cluster
+    }
+
+    /// The REST API base of each member, for patroxy's `rest.urls`.
+    pub fn rest_urls(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|m| format!("http://127.0.0.1:{}", m.api_port))
+            .collect()
     }
 
     fn spawn(&mut self, i: usize) {
@@ -194,8 +260,12 @@ impl Cluster {
         &mut self.members[i]
     }
 
-    /// The member names in etcd with their JSON, plus the leader and the sync standbys.
+    /// The members with whether they run, the leader and the sync standby: from etcd, or
+    /// from the members' REST API on other DCSs.
     pub async fn state(&self) -> Option<ClusterState> {
+        if self.dcs != TestDcs::Etcd {
+            return self.state_from_rest().await;
+        }
         let mut c = etcd_client::Client::connect([self.etcd.url()], None)
             .await
             .ok()?;
@@ -361,6 +431,30 @@ impl Drop for Cluster {
     }
 }
 
+impl Cluster {
+    /// `/cluster` from the first member that answers.
+    async fn state_from_rest(&self) -> Option<ClusterState> {
+        use patroxy::discovery::{cluster_api, http_get::Getter};
+        let getter = Getter::new(&patroxy::config::RestConfig::default()).ok()?;
+        for url in self.rest_urls() {
+            let Ok((200, body)) = getter.get(&url, "/cluster").await else {
+                continue;
+            };
+            let t = cluster_api::parse(&body).ok()?;
+            return Some(ClusterState {
+                leader: t.leader.clone(),
+                sync_standby: t.sync.and_then(|s| s.standbys.first().cloned()),
+                running: t
+                    .members
+                    .iter()
+                    .map(|(n, m)| (n.clone(), m.is_running()))
+                    .collect(),
+            });
+        }
+        None
+    }
+}
+
 #[derive(Debug, Default, Clone)]
 pub struct ClusterState {
     pub leader: Option<String>,
@@ -369,14 +463,14 @@ pub struct ClusterState {
 }
 
 /// The member's Patroni settings, from the template the demo and the benchmark use too.
-fn member_yaml(scope: &str, etcd_port: u16, m: &Member) -> String {
+fn member_yaml(scope: &str, dcs_yaml: &str, m: &Member) -> String {
     const TEMPLATE: &str = include_str!("../../scripts/patroni-member.yml");
     TEMPLATE
+        .replace("etcd3:\n  hosts: 127.0.0.1:@ETCD_PORT@\n", dcs_yaml)
         .replace("@SCOPE@", scope)
         .replace("@NAME@", &m.name)
         .replace("@API_PORT@", &m.api_port.to_string())
         .replace("@PG_PORT@", &m.pg_port.to_string())
-        .replace("@ETCD_PORT@", &etcd_port.to_string())
         .replace("@DIR@", &m.dir.display().to_string())
         .replace("@PG_BIN@", PG_BIN)
         .replace("@MAX_CONNECTIONS@", "100")

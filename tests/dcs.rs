@@ -1,0 +1,310 @@
+//! End to end with real Patroni on the DCSs other than etcd: a 3-member cluster on ZooKeeper,
+//! read by patroxy through its watch and, at the same time, through Patroni's REST API; and
+//! a 3-member cluster on Patroni's Raft, read through the REST API. Pooled writers commit
+//! numbered rows through a switchover, a `kill -9` of the leader, a frozen leader and a
+//! ZooKeeper restart; every acknowledged write must be on the last primary. The clusters'
+//! etcd is killed first: nothing here may need it.
+
+mod common;
+
+use std::time::Duration;
+
+use common::patroni::{Cluster, TestDcs};
+use common::writer::*;
+use common::*;
+use patroxy::config::{Dcs, ListenerConfig, PoolMode};
+use patroxy::policy::ListenerRole;
+use tokio::time::Instant;
+
+/// A patroxy on `dcs` for `cluster`: a transaction-pooled primary listener `rw` (pool of 8)
+/// and an unpooled one, `direct`, with an admin endpoint; no routing report (it lives in
+/// etcd).
+async fn proxy_on(cluster: &Cluster, dcs: Dcs, urls: Vec<String>) -> Proxy {
+    let zk = cluster.zookeeper.as_ref().map(|z| z.hosts());
+    Proxy::start(&cluster.etcd, &cluster.scope, |cfg| {
+        cfg.report.enabled = false;
+        let c = &mut cfg.clusters[0];
+        c.dcs = dcs;
+        match dcs {
+            Dcs::Zookeeper => c.zookeeper.hosts = vec![zk.unwrap()],
+            Dcs::Rest => c.rest.urls = urls,
+            Dcs::Etcd => {}
+        }
+        cfg.timeouts.connect_wait = Duration::from_secs(40);
+        cfg.listeners = vec![
+            ListenerConfig {
+                pool_mode: PoolMode::Transaction,
+                ..listener("rw", ListenerRole::Primary)
+            },
+            listener("direct", ListenerRole::Primary),
+        ];
+        cfg.pool.pool_size = 8;
+        cfg.auth.trust = vec!["127.0.0.1/32".parse().unwrap()];
+        cfg.admin.listen = Some("127.0.0.1:0".into());
+    })
+    .await
+}
+
+/// What one event did to a group of writers, as BENCHMARKS.md's failover table has it.
+fn event(name: &str, writers: &[Writer], t: Instant, new_port: u16) -> usize {
+    let (failed, gap) = writers
+        .iter()
+        .map(|w| w.window(t))
+        .fold((0, Duration::ZERO), |(f, g), (wf, wg)| (f + wf, g.max(wg)));
+    let first = writers
+        .iter()
+        .filter_map(|w| {
+            let log = w.log.lock().unwrap();
+            log.iter()
+                .find(|a| a.done >= t && a.result == Ok(new_port))
+                .map(|a| a.done - t)
+        })
+        .min();
+    let errors: Vec<String> = writers
+        .iter()
+        .flat_map(|w| {
+            let log = w.log.lock().unwrap();
+            log.iter()
+                .filter(|a| a.done >= t)
+                .filter_map(|a| a.result.clone().err())
+                .take(2)
+                .collect::<Vec<_>>()
+        })
+        .take(6)
+        .collect();
+    eprintln!(
+        "{name}: {} writers, {failed} client-visible errors, longest gap {gap:?}, first write on the new primary {first:?} after the event; errors like {errors:?}",
+        writers.len()
+    );
+    assert!(
+        gap < Duration::from_secs(40),
+        "{name}: writes stopped for {gap:?}"
+    );
+    failed
+}
+
+async fn wait_all_on(writers: &[Writer], port: u16, since: Instant) {
+    for w in writers {
+        w.wait_acked_on(port, since).await;
+    }
+}
+
+/// Every acknowledged write of `writers` is on the primary at `port`.
+async fn nothing_lost(writers: Vec<Writer>, port: u16) {
+    let mut acked = Vec::new();
+    for w in writers {
+        acked.extend(
+            w.stop()
+                .await
+                .into_iter()
+                .filter(|a| a.result.is_ok())
+                .map(|a| a.id),
+        );
+    }
+    let direct = connect(port).await.unwrap();
+    let present: std::collections::BTreeSet<i64> = direct
+        .query("SELECT id FROM writes", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let lost: Vec<i64> = acked
+        .iter()
+        .copied()
+        .filter(|id| !present.contains(id))
+        .collect();
+    eprintln!("{} acknowledged writes, {} lost", acked.len(), lost.len());
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+}
+
+async fn leader_of(cluster: &Cluster) -> String {
+    let s = cluster.wait_healthy_rejoining(3, EVENT, &[]).await;
+    s.leader.unwrap()
+}
+
+async fn new_leader(cluster: &Cluster, old: &str) -> String {
+    wait_for(
+        &format!("a leader other than {old}"),
+        EVENT,
+        || async move { cluster.state().await?.leader.filter(|l| l != old) },
+    )
+    .await
+}
+
+/// `GET path` on an admin endpoint: the status code.
+async fn admin_status(admin: std::net::SocketAddr, path: &str) -> Option<u16> {
+    let getter = patroxy::discovery::http_get::Getter::new(&Default::default()).ok()?;
+    let (status, _) = getter.get(&format!("http://{admin}"), path).await.ok()?;
+    Some(status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zookeeper_cluster_through_its_watch_and_its_rest_api() {
+    let mut cluster = Cluster::start_on("zk", 3, TestDcs::Zookeeper).await;
+    cluster.etcd.kill();
+    let watch = proxy_on(&cluster, Dcs::Zookeeper, Vec::new()).await;
+    let rest = proxy_on(&cluster, Dcs::Rest, cluster.rest_urls()).await;
+    let first = leader_of(&cluster).await;
+    let setup = wait_for("the leader through patroxy", EVENT, || async {
+        connect(watch.port_of("direct")).await.ok()
+    })
+    .await;
+    setup
+        .batch_execute("CREATE TABLE writes (id bigint PRIMARY KEY, port int NOT NULL)")
+        .await
+        .unwrap();
+    drop(setup);
+    // Both sources route to the leader, and say which source they are.
+    for p in [&watch, &rest] {
+        let t = wait_for("/topology", EVENT, || topology(p.admin.unwrap())).await;
+        let kind = t["clusters"][0]["dcs"]["kind"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        assert!(kind == "zookeeper" || kind == "rest", "{t}");
+    }
+    let watched: Vec<Writer> = (0..50)
+        .map(|w| Writer::spawn_from(watch.port_of("rw"), w * 1_000_000))
+        .collect();
+    let polled: Vec<Writer> = (0..10)
+        .map(|w| Writer::spawn_from(rest.port_of("rw"), (100 + w) * 1_000_000))
+        .collect();
+    wait_all_on(&watched, cluster.port_of(&first), Instant::now()).await;
+    wait_all_on(&polled, cluster.port_of(&first), Instant::now()).await;
+
+    // A planned switchover: the watch sees Patroni's failover znode and holds transactions.
+    let candidate = cluster.wait_healthy(3, EVENT).await.sync_standby.unwrap();
+    let t = Instant::now();
+    cluster.switchover(&first, &candidate);
+    let port = cluster.port_of(&candidate);
+    wait_all_on(&watched, port, t).await;
+    wait_all_on(&polled, port, t).await;
+    let failed = event("zookeeper watch, switchover", &watched, t, port);
+    assert_eq!(failed, 0, "the watch's writers saw errors at a switchover");
+    // The REST API shows no immediate switchover: what it costs is measured, not bounded.
+    event("REST poll (zookeeper), switchover", &polled, t, port);
+
+    // kill -9 of the leader.
+    let crashed = leader_of(&cluster).await;
+    let t = Instant::now();
+    cluster.member_mut(&crashed).crash();
+    let next = new_leader(&cluster, &crashed).await;
+    let port = cluster.port_of(&next);
+    wait_all_on(&watched, port, t).await;
+    wait_all_on(&polled, port, t).await;
+    event("zookeeper watch, kill -9", &watched, t, port);
+    event("REST poll (zookeeper), kill -9", &polled, t, port);
+    cluster.restart(&crashed);
+
+    // A frozen leader: its sessions end when its ZooKeeper session expires.
+    let frozen = leader_of(&cluster).await;
+    let (stuck, _) = connect_with(watch.port_of("direct"), "user=postgres")
+        .await
+        .unwrap();
+    let t = Instant::now();
+    cluster.member(&frozen).freeze();
+    let next = new_leader(&cluster, &frozen).await;
+    let port = cluster.port_of(&next);
+    wait_all_on(&watched, port, t).await;
+    wait_all_on(&polled, port, t).await;
+    event("zookeeper watch, SIGSTOP", &watched, t, port);
+    event("REST poll (zookeeper), SIGSTOP", &polled, t, port);
+    let ended = tokio::time::timeout(Duration::from_secs(5), stuck.batch_execute("SELECT 1")).await;
+    assert!(
+        matches!(ended, Ok(Err(_))),
+        "a session on the frozen leader was not ended: {ended:?}"
+    );
+    cluster.member_mut(&frozen).fence();
+    cluster.restart(&frozen);
+
+    // ZooKeeper restarted under load: the watch reads everything again and goes on.
+    let leader = leader_of(&cluster).await;
+    let port = cluster.port_of(&leader);
+    let t = Instant::now();
+    cluster.zookeeper.as_mut().unwrap().restart();
+    wait_all_on(&watched, port, Instant::now()).await;
+    event("zookeeper watch, ZooKeeper restart", &watched, t, port);
+    wait_for("the watch up again", EVENT, || async {
+        (admin_status(watch.admin.unwrap(), "/ready").await == Some(200)).then_some(())
+    })
+    .await;
+
+    let mut all = watched;
+    all.extend(polled);
+    nothing_lost(all, port).await;
+    watch.stop().await;
+    rest.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_cluster_through_the_rest_api() {
+    let mut cluster = Cluster::start_on("raft", 3, TestDcs::Raft).await;
+    cluster.etcd.kill();
+    // A member's REST API that answers nothing comes first: another member answers.
+    let mut urls = vec![format!("http://127.0.0.1:{}", free_port())];
+    urls.extend(cluster.rest_urls());
+    let proxy = proxy_on(&cluster, Dcs::Rest, urls).await;
+    let first = leader_of(&cluster).await;
+    let setup = wait_for("the leader through patroxy", EVENT, || async {
+        connect(proxy.port_of("direct")).await.ok()
+    })
+    .await;
+    setup
+        .batch_execute("CREATE TABLE writes (id bigint PRIMARY KEY, port int NOT NULL)")
+        .await
+        .unwrap();
+    drop(setup);
+    let writers: Vec<Writer> = (0..20)
+        .map(|w| Writer::spawn_from(proxy.port_of("rw"), w * 1_000_000))
+        .collect();
+    wait_all_on(&writers, cluster.port_of(&first), Instant::now()).await;
+
+    let candidate = cluster.wait_healthy(3, EVENT).await.sync_standby.unwrap();
+    let t = Instant::now();
+    cluster.switchover(&first, &candidate);
+    let port = cluster.port_of(&candidate);
+    wait_all_on(&writers, port, t).await;
+    event("REST poll (raft), switchover", &writers, t, port);
+
+    let crashed = leader_of(&cluster).await;
+    let t = Instant::now();
+    cluster.member_mut(&crashed).crash();
+    let next = new_leader(&cluster, &crashed).await;
+    let port = cluster.port_of(&next);
+    wait_all_on(&writers, port, t).await;
+    event("REST poll (raft), kill -9", &writers, t, port);
+    cluster.restart(&crashed);
+    let leader = leader_of(&cluster).await;
+    let port = cluster.port_of(&leader);
+
+    // Every member's REST API down (their Patroni stopped, PostgreSQL still up): readiness
+    // goes and new connections are refused, not routed to the last answer.
+    let admin = proxy.admin.unwrap();
+    for m in &cluster.members {
+        signal(m.patroni_pid().unwrap(), "STOP");
+    }
+    wait_for("readiness to go", EVENT, || async {
+        (admin_status(admin, "/ready").await == Some(503)).then_some(())
+    })
+    .await;
+    let refused = connect(proxy.port_of("direct"))
+        .await
+        .err()
+        .map(|e| message(&e));
+    for m in &cluster.members {
+        signal(m.patroni_pid().unwrap(), "CONT");
+    }
+    let refused = refused.expect("a new connection was routed with the REST API down");
+    assert!(refused.contains("REST API"), "{refused}");
+    wait_for("readiness back", EVENT, || async {
+        (admin_status(admin, "/ready").await == Some(200)).then_some(())
+    })
+    .await;
+    let leader_now = leader_of(&cluster).await;
+    let port_now = cluster.port_of(&leader_now);
+    wait_all_on(&writers, port_now, Instant::now()).await;
+    let _ = port;
+    nothing_lost(writers, port_now).await;
+    proxy.stop().await;
+}
