@@ -1402,6 +1402,43 @@ mod tests {
     }
 
     #[test]
+    fn each_dcs_needs_its_own_settings_and_only_those() {
+        let invalid = |text: &str| parse(text).unwrap().validate().unwrap_err().to_string();
+        let e = invalid("[cluster]\nscope = \"s\"\ndcs = \"zookeeper\"\n");
+        assert!(
+            e.contains("cluster.zookeeper.hosts: dcs = \"zookeeper\" needs"),
+            "{e}"
+        );
+        let e = invalid("[cluster]\nscope = \"s\"\ndcs = \"rest\"\nrest.urls = [\"127.0.0.1:8008\"]\nrest.stale_after = \"1s\"\nrest.username = \"u\"\n");
+        for want in [
+            "cluster.rest.urls: \"127.0.0.1:8008\" must start with http://",
+            "cluster.rest.stale_after: 1s must be at least",
+            "cluster.rest: username and password go together",
+        ] {
+            assert!(e.contains(want), "{want}: {e}");
+        }
+        let e = invalid("[cluster]\nscope = \"s\"\nzookeeper.hosts = [\"z:2181\"]\n");
+        assert!(
+            e.contains("cluster.zookeeper: set, but dcs is \"etcd\""),
+            "{e}"
+        );
+        assert!(parse("[cluster]\nscope = \"s\"\ndcs = \"consul\"\n").is_err());
+        // No cluster on etcd and no report: [etcd] is not checked, and nothing warns.
+        let c = parse("[cluster]\nscope = \"s\"\ndcs = \"rest\"\nrest.urls = [\"http://127.0.0.1:8008\"]\n[etcd]\nendpoints = []\n[report]\nenabled = false\n").unwrap();
+        c.validate().unwrap();
+        assert!(!c.uses_etcd());
+        assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+        // With the report on, it still needs etcd, and says so.
+        let c = parse("[cluster]\nscope = \"s\"\ndcs = \"zookeeper\"\nzookeeper.hosts = [\"127.0.0.1:2181\"]\n").unwrap();
+        c.validate().unwrap();
+        assert!(
+            c.warnings().iter().any(|w| w.contains("lives in etcd")),
+            "{:?}",
+            c.warnings()
+        );
+    }
+
+    #[test]
     fn unknown_keys_and_bad_types_are_refused() {
         let err = parse("[cluster]\nscop = \"x\"\n").unwrap_err().to_string();
         assert!(err.contains("scop"), "{err}");

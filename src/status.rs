@@ -9,7 +9,7 @@ use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use tokio::time::timeout;
 
-use crate::config::Config;
+use crate::config::{Config, Dcs};
 use crate::discovery::Topology;
 use crate::etcd::{read_prefix, Etcd, EtcdError};
 use crate::view::{self, ClusterView, InstanceView, PoolView, Report};
@@ -20,6 +20,8 @@ pub enum StatusError {
     Etcd(#[from] EtcdError),
     #[error("admin endpoint {addr}: {why}")]
     Admin { addr: String, why: String },
+    #[error("cluster {cluster} is on {dcs}, not etcd: ask a running patroxy instead (patroxy status --admin host:port)")]
+    NotOnEtcd { cluster: String, dcs: &'static str },
 }
 
 /// What `patroxy status` shows, and prints with `--json`.
@@ -42,6 +44,12 @@ pub async fn from_etcd(config: &Config) -> Result<Status, StatusError> {
         reports: Vec::new(),
         pools: Vec::new(),
     };
+    if let Some(c) = config.clusters.iter().find(|c| c.dcs != Dcs::Etcd) {
+        return Err(StatusError::NotOnEtcd {
+            cluster: c.name(),
+            dcs: c.dcs.as_str(),
+        });
+    }
     for c in &config.clusters {
         let name = c.name();
         let (keys, revision) = read_prefix(&mut client, &c.prefix(), limit).await?;

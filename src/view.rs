@@ -390,9 +390,14 @@ pub fn table(cluster: &ClusterView, reports: &[Report]) -> String {
         }
         s
     };
-    let seen = match cluster.epoch {
-        0 => format!("etcd revision {}", cluster.revision),
-        e => format!("epoch {e}"),
+    let seen = match (cluster.epoch, &cluster.dcs) {
+        (0, _) => format!("etcd revision {}", cluster.revision),
+        (e, Some(d)) => format!(
+            "epoch {e}, {} {}",
+            d.kind,
+            if d.watching { "up" } else { "down" }
+        ),
+        (e, None) => format!("epoch {e}"),
     };
     let mut out = format!(
         "+ Cluster: {} (leader {}, {seen})\n",
