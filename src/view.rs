@@ -28,7 +28,8 @@ pub struct ClusterView {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub switchover: Option<String>,
     /// This instance's link to the cluster's DCS (`/topology` only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// (`etcd` before there were other sources; read under either name.)
+    #[serde(default, alias = "etcd", skip_serializing_if = "Option::is_none")]
     pub dcs: Option<DcsView>,
     pub members: Vec<MemberView>,
 }
@@ -37,6 +38,7 @@ pub struct ClusterView {
 /// (a watch, or fresh answers to polls), and how long it has been silent.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DcsView {
+    #[serde(default)]
     pub kind: String,
     pub endpoint: Option<String>,
     pub watching: bool,

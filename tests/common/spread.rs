@@ -501,10 +501,10 @@ impl Spread {
             .as_array()?
             .iter()
             .find(|c| c["name"] == SCOPE)?;
-        if cluster["etcd"]["watching"] != true {
+        if cluster["dcs"]["watching"] != true {
             return None;
         }
-        let url = cluster["etcd"]["endpoint"].as_str()?.to_owned();
+        let url = cluster["dcs"]["endpoint"].as_str()?.to_owned();
         self.etcd
             .iter()
             .find(|e| url.contains(&e.host.socket(Net::Dcs, ETCD_CLIENT).to_string()))
