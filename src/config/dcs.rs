@@ -155,11 +155,12 @@ pub fn validate(
                 rest.request_timeout,
                 ms(50),
             );
-            if rest.stale_after < rest.poll_interval + rest.request_timeout {
+            // A round asks `/cluster` and the leader's `/leader`.
+            let round = rest.poll_interval + 2 * rest.request_timeout;
+            if rest.stale_after < round {
                 bad.push(format!(
-                    "{at}.rest.stale_after: {:?} must be at least poll_interval + request_timeout ({:?})",
+                    "{at}.rest.stale_after: {:?} must be at least poll_interval + 2 × request_timeout ({round:?})",
                     rest.stale_after,
-                    rest.poll_interval + rest.request_timeout
                 ));
             }
             if rest.username.is_some() != rest.password.is_some() {

@@ -168,6 +168,24 @@ mod tests {
     }
 
     #[test]
+    fn newer_patroni_replication_states_count_as_running() {
+        let t = parse(
+            br#"{"members":[{"name":"a","role":"leader","state":"running","host":"h","port":1},
+            {"name":"b","role":"replica","state":"streaming","host":"h","port":2},
+            {"name":"c","role":"replica","state":"in archive recovery","host":"h","port":3},
+            {"name":"d","role":"replica","state":"starting","host":"h","port":4}]}"#,
+        )
+        .unwrap();
+        let running: Vec<&str> = t
+            .members
+            .values()
+            .filter(|m| m.is_running())
+            .map(|m| m.name.as_str())
+            .collect();
+        assert_eq!(running, ["a", "b", "c"]);
+    }
+
+    #[test]
     fn junk_is_an_error_and_odd_members_are_never_routable() {
         assert!(matches!(parse(b"<html>"), Err(ClusterApiError::Json(_))));
         assert_eq!(parse(b"{}"), Err(ClusterApiError::Shape));

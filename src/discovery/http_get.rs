@@ -70,15 +70,31 @@ impl Getter {
         })
     }
 
-    /// `GET base + path`: the status code and the body.
+    /// `GET base + path`: the status code and the body. The credentials go only with
+    /// `authorized` (to the members the configuration names, not to addresses read from
+    /// the DCS).
     pub async fn get(&self, base: &str, path: &str) -> Result<(u16, Bytes), GetError> {
-        match tokio::time::timeout(self.limit, self.exchange(base, path)).await {
+        self.get_as(base, path, true).await
+    }
+
+    pub async fn get_as(
+        &self,
+        base: &str,
+        path: &str,
+        authorized: bool,
+    ) -> Result<(u16, Bytes), GetError> {
+        match tokio::time::timeout(self.limit, self.exchange(base, path, authorized)).await {
             Ok(r) => r,
             Err(_) => Err(GetError::Timeout(self.limit)),
         }
     }
 
-    async fn exchange(&self, base: &str, path: &str) -> Result<(u16, Bytes), GetError> {
+    async fn exchange(
+        &self,
+        base: &str,
+        path: &str,
+        authorized: bool,
+    ) -> Result<(u16, Bytes), GetError> {
         let (https, host, port) = split(base).ok_or_else(|| GetError::Url(base.to_owned()))?;
         let tcp = TcpStream::connect((host.as_str(), port))
             .await
@@ -89,7 +105,7 @@ impl Getter {
             false => format!("{host}:{port}"),
         };
         let mut req = Request::get(path).header(hyper::header::HOST, authority);
-        if let Some(a) = &self.authorization {
+        if let Some(a) = self.authorization.as_ref().filter(|_| authorized) {
             req = req.header(hyper::header::AUTHORIZATION, a);
         }
         let req = req

@@ -193,8 +193,13 @@ pub struct Member {
 }
 
 impl Member {
+    /// Running, as Patroni says it: `running`, or for a replica in Patroni 3.0.4+'s REST
+    /// answers its replication state (`streaming`, `in archive recovery`).
     pub fn is_running(&self) -> bool {
-        self.state == "running"
+        matches!(
+            self.state.as_str(),
+            "running" | "streaming" | "in archive recovery"
+        )
     }
 
     pub fn parse(name: &str, value: &[u8]) -> Result<Member, PatroniError> {

@@ -1,8 +1,10 @@
 //! The REST source, for Patroni clusters patroxy cannot watch (Kubernetes, Consul, Raft):
 //! `GET /cluster` every `poll_interval` from one member at a time, moving to the next member
 //! when one fails, and the leader it names confirmed by that member's own `/leader` before
-//! it is routed to. A leader that does not confirm (demoted, frozen, cut off) is published
-//! as no leader. With no answer for `stale_after` the link counts as down, and routing
+//! it is routed to. A leader that answers it holds no lock (demoted) is published as no
+//! leader, and so is one whose REST port refuses connections (its Patroni is gone); one
+//! that does not answer in time makes the round unanswered, so a busy leader's sessions are
+//! not drained: `stale_after` decides when the cluster is unknown. With no answer for `stale_after` the link counts as down, and routing
 //! refuses new connections rather than follow the last answer (see `routing::etcd_loss`).
 //!
 //! Requests are made one after the other, so there is never more than one in flight per
@@ -95,16 +97,23 @@ impl RestPoller {
         }
     }
 
-    /// One poll: the members in turn, from the last that answered, until one does.
+    /// One poll: the members in turn, from the last that answered, until one names a
+    /// leader that confirms. An answer whose leader does not confirm is kept as the round's
+    /// answer (with no leader) only if no other member gives a confirmed one: a member with
+    /// a stale view must not hide one with a current view.
     async fn round(&mut self) -> Option<(Topology, String)> {
         let n = self.config.urls.len();
+        let mut unconfirmed = None;
         for k in 0..n {
             let i = (self.next + k) % n;
             let url = self.config.urls[i].clone();
             match self.ask(&url).await {
-                Ok(t) => {
+                Ok((t, true)) => {
                     self.next = i;
                     return Some((t, url));
+                }
+                Ok((t, false)) => {
+                    unconfirmed.get_or_insert((i, t, url));
                 }
                 Err(e) => {
                     crate::metrics::dcs_error(&self.name, "rest");
@@ -112,36 +121,54 @@ impl RestPoller {
                 }
             }
         }
-        None
+        let (i, t, url) = unconfirmed?;
+        self.next = i;
+        Some((t, url))
     }
 
-    /// `/cluster` from the member at `url`, its leader confirmed or taken away.
-    async fn ask(&self, url: &str) -> Result<Topology, PollError> {
+    /// `/cluster` from the member at `url`, and whether its leader confirmed (a leader
+    /// that answers anything but 200 on its `/leader` is taken away; one that does not
+    /// answer at all makes the whole answer unusable, so a slow leader never drains its
+    /// sessions: `stale_after` decides).
+    async fn ask(&self, url: &str) -> Result<(Topology, bool), PollError> {
         let (status, body) = self.getter.get(url, "/cluster").await?;
         if status != 200 {
             return Err(PollError::Status(status));
         }
         let mut t = cluster_api::parse(&body)?;
         crate::metrics::dcs_read(&self.name, "rest");
-        if let Some(leader) = t.leader.clone() {
-            if !self.confirms(&t, &leader).await {
-                t.leader = None;
-                t.sync = None;
-            }
+        let Some(leader) = t.leader.clone() else {
+            return Ok((t, false));
+        };
+        if self.confirms(&t, &leader).await? {
+            return Ok((t, true));
         }
-        Ok(t)
+        t.leader = None;
+        t.sync = None;
+        Ok((t, false))
     }
 
     /// Whether `leader` says itself, on its own REST API, that it holds the leader lock.
-    async fn confirms(&self, t: &Topology, leader: &str) -> bool {
+    /// The credentials go with the request only when its address is one of `rest.urls`.
+    async fn confirms(&self, t: &Topology, leader: &str) -> Result<bool, PollError> {
         let base = t
             .members
             .get(leader)
             .and_then(|m| cluster_api::api_base(m.api_url.as_deref()?));
         let Some(base) = base else {
-            return false;
+            return Ok(false);
         };
-        matches!(self.getter.get(&base, "/leader").await, Ok((200, _)))
+        let configured = self
+            .config
+            .urls
+            .iter()
+            .any(|u| u.trim_end_matches('/') == base);
+        match self.getter.get_as(&base, "/leader", configured).await {
+            Ok((status, _)) => Ok(status == 200),
+            // Nothing listens there: its Patroni is gone, and so is its claim.
+            Err(GetError::Connect(_)) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// A line per member every `REPORT_EVERY`, not one per poll.

@@ -128,7 +128,6 @@ impl ZkWatcher {
         loop {
             tokio::select! {
                 ev = events.changed() => {
-                    self.contact.touch();
                     match ev.event_type {
                         zk::EventType::Session => match ev.session_state {
                             s if s.is_terminated() => return Err(ZkError::Ended(s)),
@@ -143,6 +142,7 @@ impl ZkWatcher {
                             }
                         },
                         _ => {
+                            self.contact.touch();
                             if let Some(key) = self.relative(&ev.path) {
                                 self.read_one(&client, key).await?;
                                 self.publish(tx);
