@@ -177,6 +177,28 @@ fn split(base: &str) -> Option<(bool, String, u16)> {
 mod tests {
     use super::*;
 
+    /// A member that answers with more than `MAX_BODY` bytes is refused, not read whole.
+    #[tokio::test]
+    async fn an_answer_over_the_limit_is_refused() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 1024];
+            let _ = s.read(&mut request).await;
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                2 * MAX_BODY
+            );
+            let _ = s.write_all(head.as_bytes()).await;
+            let _ = s.write_all(&vec![b'x'; 2 * MAX_BODY]).await;
+        });
+        let getter = Getter::new(&RestConfig::default()).unwrap();
+        let got = getter.get(&base, "/cluster").await;
+        assert!(matches!(got, Err(GetError::TooLarge)), "{got:?}");
+    }
+
     #[test]
     fn splits_bases() {
         assert_eq!(
