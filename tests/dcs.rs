@@ -89,35 +89,6 @@ async fn wait_all_on(writers: &[Writer], port: u16, since: Instant) {
     }
 }
 
-/// Every acknowledged write of `writers` is on the primary at `port`.
-async fn nothing_lost(writers: Vec<Writer>, port: u16) {
-    let mut acked = Vec::new();
-    for w in writers {
-        acked.extend(
-            w.stop()
-                .await
-                .into_iter()
-                .filter(|a| a.result.is_ok())
-                .map(|a| a.id),
-        );
-    }
-    let direct = connect(port).await.unwrap();
-    let present: std::collections::BTreeSet<i64> = direct
-        .query("SELECT id FROM writes", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let lost: Vec<i64> = acked
-        .iter()
-        .copied()
-        .filter(|id| !present.contains(id))
-        .collect();
-    eprintln!("{} acknowledged writes, {} lost", acked.len(), lost.len());
-    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
-}
-
 async fn leader_of(cluster: &Cluster) -> String {
     let s = cluster.wait_healthy_rejoining(3, EVENT, &[]).await;
     s.leader.unwrap()

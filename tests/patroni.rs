@@ -413,30 +413,6 @@ async fn fifty_pooled_writers_survive_a_switchover_and_a_crash() {
         r.stop().await;
     }
 
-    let mut acked = Vec::new();
-    for w in writers {
-        acked.extend(
-            w.stop()
-                .await
-                .into_iter()
-                .filter(|a| a.result.is_ok())
-                .map(|a| a.id),
-        );
-    }
-    let direct = connect(cluster.port_of(&last)).await.unwrap();
-    let present: std::collections::BTreeSet<i64> = direct
-        .query("SELECT id FROM writes", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let lost: Vec<i64> = acked
-        .iter()
-        .copied()
-        .filter(|id| !present.contains(id))
-        .collect();
-    eprintln!("{} acknowledged writes, {} lost", acked.len(), lost.len());
-    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    nothing_lost(writers, cluster.port_of(&last)).await;
     proxy.stop().await;
 }
