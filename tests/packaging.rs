@@ -19,17 +19,29 @@ fn docker(file: &str) -> PathBuf {
 
 /// Every document of a YAML file, as JSON: Debian's PyYAML (Patroni's own dependency) reads it.
 fn yaml(file: &str) -> Vec<Value> {
-    let script = "import sys, json, yaml\n\
-                  docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d is not None]\n\
-                  print(json.dumps(docs))";
+    py_yaml("open(sys.argv[1])", &docker(file).to_string_lossy())
+}
+
+/// A YAML value written inline (a PATRONI_* variable's, as Patroni parses it).
+fn yaml_value(text: &str) -> Value {
+    py_yaml("sys.argv[1]", text).remove(0)
+}
+
+/// The documents PyYAML reads from `source` (Python, with `arg` as sys.argv[1]).
+fn py_yaml(source: &str, arg: &str) -> Vec<Value> {
+    let script = format!(
+        "import sys, json, yaml\n\
+         docs = [d for d in yaml.safe_load_all({source}) if d is not None]\n\
+         print(json.dumps(docs))"
+    );
     let out = Command::new("/usr/bin/python3")
-        .args(["-c", script])
-        .arg(docker(file))
+        .args(["-c", &script])
+        .arg(arg)
         .output()
         .expect("Debian's python3 with python3-yaml (scripts/install-deps.sh installs both)");
     assert!(
         out.status.success(),
-        "{file}: {}",
+        "{arg}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
@@ -145,7 +157,12 @@ fn the_image_and_compose_agree_with_the_code() {
     let etcd_args = services["etcd"]["command"].to_string();
     assert!(etcd_args.contains(&format!("--advertise-client-urls=http://{endpoint}")));
     let patroni = &yaml("patroni/patroni.yml")[0];
-    assert_eq!(patroni["etcd3"]["hosts"], endpoint);
+    for dcs in DCS_SECTIONS {
+        assert!(
+            patroni[dcs].is_null(),
+            "patroni.yml names no DCS ({dcs}): each deployment's environment does"
+        );
+    }
     assert_eq!(patroni["scope"], cfg.clusters[0].scope.as_str());
     assert_eq!(
         patroni["namespace"].as_str().unwrap().trim_matches('/'),
@@ -158,6 +175,51 @@ fn the_image_and_compose_agree_with_the_code() {
         names.insert(env["PATRONI_NAME"].as_str().unwrap().to_owned());
     }
     assert_eq!(names.len(), 3, "distinct member names");
+}
+
+/// Patroni's DCS sections: it uses the first it finds, so the image's patroni.yml has none
+/// and each deployment names its own in the environment.
+const DCS_SECTIONS: [&str; 7] = [
+    "consul",
+    "etcd",
+    "etcd3",
+    "exhibitor",
+    "kubernetes",
+    "raft",
+    "zookeeper",
+];
+
+/// Every document of a kustomization directory, after checking that it lists every file there.
+fn manifests(dir: &str) -> Vec<Value> {
+    let mut docs = Vec::new();
+    let kustomization = &yaml(&format!("{dir}/kustomization.yaml"))[0];
+    let listed: Vec<&str> = kustomization["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    for entry in std::fs::read_dir(docker(dir)).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        if name != "kustomization.yaml" {
+            assert!(
+                listed.contains(&name.as_str()),
+                "{dir}/{name} not in kustomization"
+            );
+        }
+    }
+    for file in &listed {
+        docs.extend(yaml(&format!("{dir}/{file}")));
+    }
+    for d in &docs {
+        assert!(
+            d["apiVersion"].is_string()
+                && d["kind"].is_string()
+                && d["metadata"]["name"].is_string(),
+            "{d}"
+        );
+    }
+    docs
 }
 
 fn by_kind<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
@@ -211,34 +273,7 @@ fn check_patroxy_container(docs: &[Value], pod: &Value, container: &Value, img: 
 #[test]
 fn the_kubernetes_manifests_agree_with_the_code() {
     let img = image();
-    let mut docs = Vec::new();
-    let kustomization = &yaml("k8s/kustomization.yaml")[0];
-    let listed: Vec<&str> = kustomization["resources"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r.as_str().unwrap())
-        .collect();
-    for entry in std::fs::read_dir(docker("k8s")).unwrap() {
-        let name = entry.unwrap().file_name().into_string().unwrap();
-        if name != "kustomization.yaml" {
-            assert!(
-                listed.contains(&name.as_str()),
-                "{name} not in kustomization"
-            );
-        }
-    }
-    for file in &listed {
-        docs.extend(yaml(&format!("k8s/{file}")));
-    }
-    for d in &docs {
-        assert!(
-            d["apiVersion"].is_string()
-                && d["kind"].is_string()
-                && d["metadata"]["name"].is_string(),
-            "{d}"
-        );
-    }
+    let docs = manifests("k8s");
 
     // Etcd: the name patroxy and Patroni use resolves to its pod through a headless Service.
     let etcd = by_kind(&docs, "StatefulSet", "etcd");
@@ -384,4 +419,178 @@ fn the_examples_fence_the_admin_endpoint(docs: &[Value], deploy: &Value) {
             }
         }
     }
+}
+
+/// A container's `env`, by name: the value, or the field a `valueFrom` reads.
+fn env_of(container: &Value) -> std::collections::BTreeMap<String, Value> {
+    container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let v = if e["value"].is_string() {
+                e["value"].clone()
+            } else {
+                e["valueFrom"]["fieldRef"]["fieldPath"].clone()
+            };
+            (e["name"].as_str().unwrap().to_owned(), v)
+        })
+        .collect()
+}
+
+/// Whether a Role grants `verbs` on `resource` (core API group).
+fn grants(role: &Value, resource: &str, verbs: &[&str]) -> bool {
+    role["rules"].as_array().unwrap().iter().any(|r| {
+        let has = |key: &str, v: &str| r[key].as_array().unwrap().iter().any(|x| x == v);
+        has("apiGroups", "") && has("resources", resource) && verbs.iter().all(|v| has("verbs", v))
+    })
+}
+
+#[test]
+fn the_kubernetes_dcs_variant_agrees_with_the_code() {
+    let img = image();
+    let docs = manifests("k8s-rest");
+    let patroni_yml = &yaml("patroni/patroni.yml")[0];
+    let scope = patroni_yml["scope"].as_str().unwrap();
+
+    // Patroni on the Kubernetes DCS: no etcd anywhere, no other DCS in its environment.
+    assert!(
+        !docs.iter().any(|d| d["metadata"]["name"] == "etcd"),
+        "no etcd in the Kubernetes-DCS variant"
+    );
+    let pg = by_kind(&docs, "StatefulSet", "demo");
+    let pod = &pg["spec"]["template"]["spec"];
+    let env = env_of(&pod["containers"][0]);
+    for dcs in DCS_SECTIONS.iter().filter(|d| **d != "kubernetes") {
+        let prefix = format!("PATRONI_{}_", dcs.to_uppercase());
+        assert!(
+            !env.keys().any(|k| k.starts_with(&prefix)),
+            "{prefix}* would make Patroni pick {dcs}"
+        );
+    }
+    assert_eq!(env["PATRONI_KUBERNETES_NAMESPACE"], "metadata.namespace");
+    assert!(env.contains_key("PATRONI_KUBERNETES_POD_IP"));
+    // Patroni lists its members by its labels plus cluster-name=<scope>: the pods carry both.
+    let labels = &pg["spec"]["template"]["metadata"]["labels"];
+    let wanted = yaml_value(env["PATRONI_KUBERNETES_LABELS"].as_str().unwrap());
+    for (k, v) in wanted.as_object().unwrap() {
+        assert_eq!(&labels[k], v, "pod label {k}");
+    }
+    assert_eq!(labels["cluster-name"], scope, "the scope label");
+    assert_eq!(&pg["spec"]["selector"]["matchLabels"], labels);
+
+    // What the Kubernetes DCS does, and no more: its keys are ConfigMaps, its state and role
+    // labels are on its own pods.
+    let account = pod["serviceAccountName"]
+        .as_str()
+        .expect("a service account");
+    by_kind(&docs, "ServiceAccount", account);
+    let binding = docs
+        .iter()
+        .find(|d| {
+            d["kind"] == "RoleBinding"
+                && d["subjects"]
+                    .as_array()
+                    .is_some_and(|s| s.iter().any(|s| s["name"] == account))
+        })
+        .expect("a RoleBinding for Patroni's account");
+    let role = by_kind(&docs, "Role", binding["roleRef"]["name"].as_str().unwrap());
+    let keys = ["get", "list", "watch", "create", "patch", "update"];
+    assert!(grants(role, "configmaps", &keys), "{role}");
+    assert!(
+        grants(role, "pods", &["get", "list", "watch", "patch"]),
+        "{role}"
+    );
+
+    // Each member is named, ready or not, for patroxy's rest.urls.
+    let members = by_kind(
+        &docs,
+        "Service",
+        pg["spec"]["serviceName"].as_str().unwrap(),
+    );
+    assert_eq!(members["spec"]["clusterIP"], "None");
+    assert_eq!(members["spec"]["publishNotReadyAddresses"], true);
+    assert_eq!(&members["spec"]["selector"], labels);
+    let api = port(patroni_yml["restapi"]["listen"].as_str().unwrap());
+    assert!(members["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["port"] == api));
+
+    // patroxy polls every member's REST API and keeps no report (it lives in etcd).
+    let deploy = by_kind(&docs, "Deployment", "patroxy");
+    let ppod = &deploy["spec"]["template"]["spec"];
+    let cfg = check_patroxy_container(&docs, ppod, &ppod["containers"][0], &img);
+    let cluster = &cfg.clusters[0];
+    assert_eq!(cluster.dcs, patroxy::config::Dcs::Rest);
+    assert_eq!(cluster.scope, scope);
+    let urls: Vec<String> = (0..pg["spec"]["replicas"].as_u64().unwrap())
+        .map(|i| {
+            let (set, svc) = (&pg["metadata"]["name"], &members["metadata"]["name"]);
+            format!(
+                "http://{}-{i}.{}:{api}",
+                set.as_str().unwrap(),
+                svc.as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(cluster.rest.urls, urls);
+    assert!(!cfg.uses_etcd(), "nothing may need etcd");
+    let image_cfg = Config::load(&docker("patroxy.toml")).unwrap();
+    assert_eq!(cfg.listeners, image_cfg.listeners);
+    assert_eq!(cfg.admin, image_cfg.admin);
+    // Without the report, a cancel must reach the instance that holds its session: the
+    // Services keep a client on one instance.
+    let plabels = &deploy["spec"]["template"]["metadata"]["labels"];
+    for (svc, role) in [
+        ("demo", ListenerRole::Primary),
+        ("demo-repl", ListenerRole::Replica),
+    ] {
+        let s = by_kind(&docs, "Service", svc);
+        assert_eq!(&s["spec"]["selector"], plabels, "{svc} selects patroxy");
+        assert_eq!(s["spec"]["sessionAffinity"], "ClientIP", "{svc}");
+        assert_eq!(s["spec"]["ports"][0]["port"], 5432, "{svc}");
+        assert_eq!(
+            s["spec"]["ports"][0]["targetPort"],
+            listener_port(&cfg, role),
+            "{svc}"
+        );
+    }
+    let container_ports: BTreeSet<u64> = ppod["containers"][0]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["containerPort"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        container_ports,
+        img.exposed.iter().map(|p| *p as u64).collect()
+    );
+    // The members' REST API and PostgreSQL are reachable from patroxy.
+    let fence = docs
+        .iter()
+        .find(|d| {
+            d["kind"] == "NetworkPolicy" && &d["spec"]["podSelector"]["matchLabels"] == labels
+        })
+        .expect("a NetworkPolicy for the members");
+    let from_patroxy = fence["spec"]["ingress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|i| {
+            i["from"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| &f["podSelector"]["matchLabels"] == plabels)
+                && [api, 5432].iter().all(|p| {
+                    i["ports"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|x| x["port"] == *p)
+                })
+        });
+    assert!(from_patroxy, "{fence}");
 }
