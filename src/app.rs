@@ -213,7 +213,7 @@ impl Source {
             Dcs::Zookeeper => Source::Zookeeper(c.clone(), contact),
             Dcs::Rest => {
                 // The TLS files are read now, so that a bad one stops patroxy at start.
-                RestPoller::new(c.name(), c.rest.clone(), contact.clone())?;
+                RestPoller::new(c.name(), c.scope.clone(), c.rest.clone(), contact.clone())?;
                 Source::Rest(c.clone(), contact)
             }
         })
@@ -231,12 +231,14 @@ impl Source {
                     .run(tx, stop)
                     .await
             }
-            Source::Rest(c, contact) => match RestPoller::new(c.name(), c.rest.clone(), contact) {
-                Ok(poller) => poller.run(tx, stop).await,
-                Err(e) => {
-                    tracing::error!(cluster = %c.name(), error = %e, "cannot poll Patroni's REST API")
+            Source::Rest(c, contact) => {
+                match RestPoller::new(c.name(), c.scope.clone(), c.rest.clone(), contact) {
+                    Ok(poller) => poller.run(tx, stop).await,
+                    Err(e) => {
+                        tracing::error!(cluster = %c.name(), error = %e, "cannot poll Patroni's REST API")
+                    }
                 }
-            },
+            }
         }
     }
 }
@@ -285,7 +287,7 @@ impl Summary {
             .map(|c| {
                 let t = self.topologies[&c.name()].borrow().clone();
                 let state = match (t.epoch, crate::routing::primary(&t)) {
-                    (0, _) => "not read from etcd yet".to_owned(),
+                    (0, _) => format!("not read from {} yet", c.dcs.describe()),
                     (_, Ok(p)) => format!("leader {} at {}", p.member, p.endpoint),
                     (_, Err(why)) => format!("no routable primary ({why})"),
                 };

@@ -897,6 +897,9 @@ impl Config {
         if http && self.etcd.password.is_some() {
             w.push("etcd: the password goes in cleartext over http:// endpoints".into());
         }
+        for c in self.clusters.iter().filter(|c| c.dcs == Dcs::Rest) {
+            w.extend(c.rest.warnings(&c.name()));
+        }
         let loopback = self.report.address.as_deref().is_some_and(|h| {
             let h = h.trim_start_matches('[').trim_end_matches(']');
             h == "localhost"
@@ -1436,6 +1439,15 @@ mod tests {
             "{:?}",
             c.warnings()
         );
+        // An unverified https:// member, and a password in cleartext, are said.
+        let c = parse("[cluster]\nscope = \"s\"\ndcs = \"rest\"\nrest.urls = [\"https://pg-0:8008\", \"http://pg-1:8008\"]\nrest.username = \"u\"\nrest.password = \"p\"\n[report]\nenabled = false\n").unwrap();
+        c.validate().unwrap();
+        let w = c.warnings().join("\n");
+        assert!(
+            w.contains("without rest.ca_file: the members' certificates are not verified"),
+            "{w}"
+        );
+        assert!(w.contains("REST API password goes in cleartext"), "{w}");
     }
 
     #[test]

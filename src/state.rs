@@ -121,13 +121,10 @@ impl Running {
         let mut problems = Vec::new();
         for (name, contact) in &self.contacts {
             if !contact.watching() {
-                let (dcs, what) = match contact.dcs() {
-                    Dcs::Etcd => ("etcd", "the etcd watch is down"),
-                    Dcs::Zookeeper => ("ZooKeeper", "the ZooKeeper watch is down"),
-                    Dcs::Rest => (
-                        "Patroni's REST API",
-                        "no fresh answer from Patroni's REST API",
-                    ),
+                let dcs = contact.dcs().describe();
+                let what = match contact.dcs() {
+                    Dcs::Etcd | Dcs::Zookeeper => format!("the {dcs} watch is down"),
+                    Dcs::Rest => format!("no fresh answer from {dcs}"),
                 };
                 let silent = match contact.silent_for() {
                     Some(d) => format!("no answer from {dcs} for {:.1} s", d.as_secs_f64()),
@@ -137,7 +134,15 @@ impl Running {
             }
         }
         for (name, rx) in &self.topologies {
-            if let Err(why) = crate::routing::primary(&rx.borrow()) {
+            let t = rx.borrow();
+            // A polled snapshot past its budget: what routing refuses by, not a round later.
+            let silent = self.contacts.get(name).and_then(|c| c.silent_for());
+            let contact_up = self.contacts.get(name).is_some_and(|c| c.watching());
+            if let Some(why) = crate::routing::etcd_loss::unknown(&t, silent).filter(|_| contact_up)
+            {
+                problems.push(format!("{name}: {why}"));
+            }
+            if let Err(why) = crate::routing::primary(&t) {
                 problems.push(format!("{name}: {why}"));
             }
         }

@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::future::Future;
 use std::time::Duration;
 
 use common::patroni::{Cluster, TestDcs};
@@ -45,8 +46,15 @@ async fn proxy_on(cluster: &Cluster, dcs: Dcs, urls: Vec<String>) -> Proxy {
     .await
 }
 
-/// What one event did to a group of writers, as BENCHMARKS.md's failover table has it.
-fn event(name: &str, writers: &[Writer], t: Instant, new_port: u16) -> usize {
+/// What one event did to a group of writers, as BENCHMARKS.md's failover table has it;
+/// `named` is when the source first named the new leader (see `named_at`), if it changed.
+fn event(
+    name: &str,
+    writers: &[Writer],
+    t: Instant,
+    new_port: u16,
+    named: Option<Instant>,
+) -> usize {
     let (failed, gap) = writers
         .iter()
         .map(|w| w.window(t))
@@ -57,7 +65,7 @@ fn event(name: &str, writers: &[Writer], t: Instant, new_port: u16) -> usize {
             let log = w.log.lock().unwrap();
             log.iter()
                 .find(|a| a.done >= t && a.result == Ok(new_port))
-                .map(|a| a.done - t)
+                .map(|a| a.done)
         })
         .min();
     let errors: Vec<String> = writers
@@ -73,14 +81,106 @@ fn event(name: &str, writers: &[Writer], t: Instant, new_port: u16) -> usize {
         .take(6)
         .collect();
     eprintln!(
-        "{name}: {} writers, {failed} client-visible errors, longest gap {gap:?}, first write on the new primary {first:?} after the event; errors like {errors:?}",
-        writers.len()
+        "{name}: {} writers, {failed} client-visible errors, longest gap {gap:?}, first write on the new primary {:?} after the event, {:?} after the source named it (named {:?} after the event); errors like {errors:?}",
+        writers.len(),
+        first.map(|f| f - t),
+        first.zip(named).map(|(f, n)| f.saturating_duration_since(n)),
+        named.map(|n| n - t),
     );
     assert!(
         gap < Duration::from_secs(40),
         "{name}: writes stopped for {gap:?}"
     );
     failed
+}
+
+/// When a source first names a leader other than `old`: each reader is polled every 10 ms in
+/// its own task (a frozen member's REST API must not hold up the others' answers). Start it
+/// before the event.
+fn named_at<F, Fut>(old: &str, readers: Vec<F>) -> tokio::task::JoinHandle<Instant>
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: Future<Output = Option<String>> + Send,
+{
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    let pollers: Vec<_> = readers
+        .into_iter()
+        .map(|read| {
+            let (tx, old) = (tx.clone(), old.to_owned());
+            tokio::spawn(async move {
+                loop {
+                    if read().await.is_some_and(|l| l != old) {
+                        let _ = tx.send(Instant::now()).await;
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+        })
+        .collect();
+    tokio::spawn(async move {
+        let seen = tokio::time::timeout(EVENT, rx.recv()).await;
+        pollers.iter().for_each(|p| p.abort());
+        seen.ok().flatten().expect("no source named a new leader")
+    })
+}
+
+/// When the leader znode, and a member's `/cluster`, first name a leader other than `old`.
+fn named_by_both(
+    cluster: &Cluster,
+    old: &str,
+) -> (
+    tokio::task::JoinHandle<Instant>,
+    tokio::task::JoinHandle<Instant>,
+) {
+    (
+        named_at(old, vec![zookeeper_leader(cluster)]),
+        named_at(old, rest_leaders(cluster)),
+    )
+}
+
+/// The leader znode's content: the name ZooKeeper's watchers are told.
+fn zookeeper_leader(
+    cluster: &Cluster,
+) -> impl Fn() -> std::pin::Pin<Box<dyn Future<Output = Option<String>> + Send>> {
+    let hosts = cluster.zookeeper.as_ref().unwrap().hosts();
+    let path = format!("/service/{}/leader", cluster.scope);
+    let client = std::sync::Arc::new(tokio::sync::OnceCell::new());
+    move || {
+        let (hosts, path, client) = (hosts.clone(), path.clone(), client.clone());
+        Box::pin(async move {
+            let c = client
+                .get_or_try_init(|| zookeeper_client::Client::connect(&hosts))
+                .await
+                .ok()?;
+            let (data, _) = c.get_data(&path).await.ok()?;
+            String::from_utf8(data).ok()
+        })
+    }
+}
+
+/// The leader one member's `/cluster` names: what the REST source reads.
+fn rest_leader(
+    url: String,
+) -> impl Fn() -> std::pin::Pin<Box<dyn Future<Output = Option<String>> + Send>> {
+    let getter = std::sync::Arc::new(
+        patroxy::discovery::http_get::Getter::new(&Default::default()).unwrap(),
+    );
+    move || {
+        let (getter, url) = (getter.clone(), url.clone());
+        Box::pin(async move {
+            let (status, body) = getter.get(&url, "/cluster").await.ok()?;
+            let t = patroxy::discovery::cluster_api::parse(&body).ok()?;
+            (status == 200).then_some(t.leader).flatten()
+        })
+    }
+}
+
+/// `rest_leader` for every member: the first to answer with the new leader counts.
+fn rest_leaders(
+    cluster: &Cluster,
+) -> Vec<impl Fn() -> std::pin::Pin<Box<dyn Future<Output = Option<String>> + Send>>> {
+    cluster.rest_urls().into_iter().map(rest_leader).collect()
 }
 
 async fn wait_all_on(writers: &[Writer], port: u16, since: Instant) {
@@ -146,26 +246,36 @@ async fn zookeeper_cluster_through_its_watch_and_its_rest_api() {
 
     // A planned switchover: the watch sees Patroni's failover znode and holds transactions.
     let candidate = cluster.wait_healthy(3, EVENT).await.sync_standby.unwrap();
+    let (znode, answer) = named_by_both(&cluster, &first);
     let t = Instant::now();
     cluster.switchover(&first, &candidate);
     let port = cluster.port_of(&candidate);
     wait_all_on(&watched, port, t).await;
     wait_all_on(&polled, port, t).await;
-    let failed = event("zookeeper watch, switchover", &watched, t, port);
+    let (znode, answer) = (znode.await.ok(), answer.await.ok());
+    let failed = event("zookeeper watch, switchover", &watched, t, port, znode);
     assert_eq!(failed, 0, "the watch's writers saw errors at a switchover");
     // The REST API shows no immediate switchover: what it costs is measured, not bounded.
-    event("REST poll (zookeeper), switchover", &polled, t, port);
+    event(
+        "REST poll (zookeeper), switchover",
+        &polled,
+        t,
+        port,
+        answer,
+    );
 
     // kill -9 of the leader.
     let crashed = leader_of(&cluster).await;
+    let (znode, answer) = named_by_both(&cluster, &crashed);
     let t = Instant::now();
     cluster.member_mut(&crashed).crash();
     let next = new_leader(&cluster, &crashed).await;
     let port = cluster.port_of(&next);
     wait_all_on(&watched, port, t).await;
     wait_all_on(&polled, port, t).await;
-    event("zookeeper watch, kill -9", &watched, t, port);
-    event("REST poll (zookeeper), kill -9", &polled, t, port);
+    let (znode, answer) = (znode.await.ok(), answer.await.ok());
+    event("zookeeper watch, kill -9", &watched, t, port, znode);
+    event("REST poll (zookeeper), kill -9", &polled, t, port, answer);
     cluster.restart(&crashed);
 
     // A frozen leader: its sessions end when its ZooKeeper session expires.
@@ -173,14 +283,16 @@ async fn zookeeper_cluster_through_its_watch_and_its_rest_api() {
     let (stuck, _) = connect_with(watch.port_of("direct"), "user=postgres")
         .await
         .unwrap();
+    let (znode, answer) = named_by_both(&cluster, &frozen);
     let t = Instant::now();
     cluster.member(&frozen).freeze();
     let next = new_leader(&cluster, &frozen).await;
     let port = cluster.port_of(&next);
     wait_all_on(&watched, port, t).await;
     wait_all_on(&polled, port, t).await;
-    event("zookeeper watch, SIGSTOP", &watched, t, port);
-    event("REST poll (zookeeper), SIGSTOP", &polled, t, port);
+    let (znode, answer) = (znode.await.ok(), answer.await.ok());
+    event("zookeeper watch, SIGSTOP", &watched, t, port, znode);
+    event("REST poll (zookeeper), SIGSTOP", &polled, t, port, answer);
     let ended = tokio::time::timeout(Duration::from_secs(5), stuck.batch_execute("SELECT 1")).await;
     assert!(
         matches!(ended, Ok(Err(_))),
@@ -195,7 +307,13 @@ async fn zookeeper_cluster_through_its_watch_and_its_rest_api() {
     let t = Instant::now();
     cluster.zookeeper.as_mut().unwrap().restart();
     wait_all_on(&watched, port, Instant::now()).await;
-    event("zookeeper watch, ZooKeeper restart", &watched, t, port);
+    event(
+        "zookeeper watch, ZooKeeper restart",
+        &watched,
+        t,
+        port,
+        None,
+    );
     wait_for("the watch up again", EVENT, || async {
         (admin_status(watch.admin.unwrap(), "/ready").await == Some(200)).then_some(())
     })
@@ -216,6 +334,16 @@ async fn raft_cluster_through_the_rest_api() {
     let mut urls = vec![format!("http://127.0.0.1:{}", free_port())];
     urls.extend(cluster.rest_urls());
     let proxy = proxy_on(&cluster, Dcs::Rest, urls).await;
+    // The same URLs under another scope (a configuration naming the wrong cluster): the
+    // members answer for theirs, so nothing is routed.
+    let stranger = Proxy::start(&cluster.etcd, "elsewhere", |cfg| {
+        cfg.report.enabled = false;
+        cfg.clusters[0].dcs = Dcs::Rest;
+        cfg.clusters[0].rest.urls = cluster.rest_urls();
+        cfg.timeouts.connect_wait = Duration::from_secs(2);
+        cfg.auth.trust = vec!["127.0.0.1/32".parse().unwrap()];
+    })
+    .await;
     let first = leader_of(&cluster).await;
     let setup = wait_for("the leader through patroxy", EVENT, || async {
         connect(proxy.port_of("direct")).await.ok()
@@ -226,25 +354,33 @@ async fn raft_cluster_through_the_rest_api() {
         .await
         .unwrap();
     drop(setup);
+    let refused = connect(stranger.port()).await.err().map(|e| message(&e));
+    let refused = refused.expect("a cluster of another scope was routed to");
+    eprintln!("a patroxy for another scope: {refused}");
+    stranger.stop().await;
     let writers: Vec<Writer> = (0..20)
         .map(|w| Writer::spawn_from(proxy.port_of("rw"), w * 1_000_000))
         .collect();
     wait_all_on(&writers, cluster.port_of(&first), Instant::now()).await;
 
     let candidate = cluster.wait_healthy(3, EVENT).await.sync_standby.unwrap();
+    let answer = named_at(&first, rest_leaders(&cluster));
     let t = Instant::now();
     cluster.switchover(&first, &candidate);
     let port = cluster.port_of(&candidate);
     wait_all_on(&writers, port, t).await;
-    event("REST poll (raft), switchover", &writers, t, port);
+    let answer = answer.await.ok();
+    event("REST poll (raft), switchover", &writers, t, port, answer);
 
     let crashed = leader_of(&cluster).await;
+    let answer = named_at(&crashed, rest_leaders(&cluster));
     let t = Instant::now();
     cluster.member_mut(&crashed).crash();
     let next = new_leader(&cluster, &crashed).await;
     let port = cluster.port_of(&next);
     wait_all_on(&writers, port, t).await;
-    event("REST poll (raft), kill -9", &writers, t, port);
+    let answer = answer.await.ok();
+    event("REST poll (raft), kill -9", &writers, t, port, answer);
     cluster.restart(&crashed);
     let leader = leader_of(&cluster).await;
     let port = cluster.port_of(&leader);

@@ -30,6 +30,15 @@ impl Dcs {
             Dcs::Rest => "rest",
         }
     }
+
+    /// The source's name in a sentence.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Dcs::Etcd => "etcd",
+            Dcs::Zookeeper => "ZooKeeper",
+            Dcs::Rest => "Patroni's REST API",
+        }
+    }
 }
 
 /// `zookeeper` inside a cluster: the ensemble Patroni uses.
@@ -96,6 +105,23 @@ impl Default for RestConfig {
             cert_file: None,
             key_file: None,
         }
+    }
+}
+
+impl RestConfig {
+    /// What is allowed but probably not meant, for `Config::warnings`.
+    pub fn warnings(&self, cluster: &str) -> Vec<String> {
+        let mut w = Vec::new();
+        let has = |scheme: &str| self.urls.iter().any(|u| u.starts_with(scheme));
+        if has("https://") && self.ca_file.is_none() {
+            w.push(format!("cluster {cluster}: rest.urls over https:// without rest.ca_file: the members' certificates are not verified, so anyone on the path can answer for them"));
+        }
+        if has("http://") && self.password.is_some() {
+            w.push(format!(
+                "cluster {cluster}: the REST API password goes in cleartext over http:// URLs"
+            ));
+        }
+        w
     }
 }
 

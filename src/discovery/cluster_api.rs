@@ -102,6 +102,14 @@ fn scheduled(v: &Value) -> Option<Failover> {
     (f != Failover::default()).then_some(f)
 }
 
+/// The scope an answer says it is about, where it says one: `/cluster`'s `scope` (Patroni
+/// 3.1 and later), or `patroni.scope` in a member's status (`/leader`, `/patroni`).
+pub fn scope_of(body: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    let scope = v.get("scope").or_else(|| v.get("patroni")?.get("scope"))?;
+    scope.as_str().map(str::to_owned)
+}
+
 /// The base of a member's REST API from the `api_url` Patroni advertises
 /// (`http://host:8008/patroni`): scheme and authority only.
 pub fn api_base(api_url: &str) -> Option<String> {
@@ -197,6 +205,16 @@ mod tests {
         .unwrap();
         assert!(t.members.values().all(|m| m.endpoint.is_none()));
         assert!(t.sync.is_none() && t.failover.is_none());
+    }
+
+    #[test]
+    fn an_answer_names_its_scope_where_patroni_gives_one() {
+        assert_eq!(scope_of(ANSWER.as_bytes()).as_deref(), Some("demo"));
+        let status = br#"{"state": "running", "role": "master", "patroni": {"version": "3.0.2", "scope": "raft"}}"#;
+        assert_eq!(scope_of(status).as_deref(), Some("raft"));
+        assert_eq!(scope_of(br#"{"members": []}"#), None);
+        assert_eq!(scope_of(br#"{"scope": 7}"#), None);
+        assert_eq!(scope_of(b"not json"), None);
     }
 
     #[test]

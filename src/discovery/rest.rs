@@ -34,11 +34,17 @@ pub enum PollError {
     Status(u16),
     #[error("{0}")]
     Answer(#[from] ClusterApiError),
+    #[error(
+        "answers for cluster {theirs:?}, not {ours:?}: rest.urls names another cluster's members"
+    )]
+    Scope { theirs: String, ours: String },
 }
 
 /// Polls one cluster's members and publishes its topology.
 pub struct RestPoller {
     name: String,
+    /// Patroni's `scope`: an answer about another one is refused.
+    scope: String,
     config: RestConfig,
     getter: Getter,
     contact: Arc<DcsContact>,
@@ -51,6 +57,7 @@ pub struct RestPoller {
 impl RestPoller {
     pub fn new(
         name: String,
+        scope: String,
         config: RestConfig,
         contact: Arc<DcsContact>,
     ) -> Result<RestPoller, crate::tls::TlsError> {
@@ -58,6 +65,7 @@ impl RestPoller {
         let reported = vec![None; config.urls.len()];
         Ok(RestPoller {
             name,
+            scope,
             config,
             getter,
             contact,
@@ -135,6 +143,7 @@ impl RestPoller {
         if status != 200 {
             return Err(PollError::Status(status));
         }
+        self.same_scope(&body)?;
         let mut t = cluster_api::parse(&body)?;
         crate::metrics::dcs_read(&self.name, "rest");
         let Some(leader) = t.leader.clone() else {
@@ -164,10 +173,25 @@ impl RestPoller {
             .iter()
             .any(|u| u.trim_end_matches('/') == base);
         match self.getter.get_as(&base, "/leader", configured).await {
-            Ok((status, _)) => Ok(status == 200),
+            Ok((status, body)) => {
+                self.same_scope(&body)?;
+                Ok(status == 200)
+            }
             // Nothing listens there: its Patroni is gone, and so is its claim.
             Err(GetError::Connect(_)) => Ok(false),
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// An answer that names a scope must name this cluster's: a URL of another cluster's
+    /// member must not route this cluster's clients there.
+    fn same_scope(&self, body: &[u8]) -> Result<(), PollError> {
+        match cluster_api::scope_of(body) {
+            Some(theirs) if theirs != self.scope => Err(PollError::Scope {
+                theirs,
+                ours: self.scope.clone(),
+            }),
+            _ => Ok(()),
         }
     }
 

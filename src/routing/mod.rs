@@ -46,7 +46,7 @@ impl fmt::Display for Unroutable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Unroutable::NotSynced => {
-                f.write_str("the cluster state has not been read from etcd yet")
+                f.write_str("the cluster state has not been read from its DCS yet")
             }
             Unroutable::NoLeader => f.write_str("the cluster has no leader"),
             Unroutable::LeaderWithoutMember(n) => write!(f, "leader {n} has no member key"),
