@@ -228,6 +228,39 @@ fn by_kind<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {kind} {name}"))
 }
 
+/// The Deployment's Services: `demo` (writes) and `demo-repl` (reads) select its pods, on
+/// port 5432 to the listeners' ports; its container ports are what the image exposes.
+fn check_services(docs: &[Value], deploy: &Value, cfg: &Config, img: &Image) {
+    let labels = &deploy["spec"]["template"]["metadata"]["labels"];
+    for (svc, role) in [
+        ("demo", ListenerRole::Primary),
+        ("demo-repl", ListenerRole::Replica),
+    ] {
+        let s = by_kind(docs, "Service", svc);
+        assert_eq!(&s["spec"]["selector"], labels, "{svc} selects patroxy");
+        assert_eq!(
+            s["spec"]["ports"][0]["port"], 5432,
+            "{svc}: where clients expect it"
+        );
+        assert_eq!(
+            s["spec"]["ports"][0]["targetPort"],
+            listener_port(cfg, role),
+            "{svc}"
+        );
+    }
+    let container_ports: BTreeSet<u64> = deploy["spec"]["template"]["spec"]["containers"][0]
+        ["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["containerPort"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        container_ports,
+        img.exposed.iter().map(|p| *p as u64).collect()
+    );
+}
+
 /// Checks a pod's patroxy container against the configuration it mounts; returns that config.
 fn check_patroxy_container(docs: &[Value], pod: &Value, container: &Value, img: &Image) -> Config {
     let args: Vec<&str> = container["args"]
@@ -326,33 +359,7 @@ fn the_kubernetes_manifests_agree_with_the_code() {
     assert_eq!(cfg.listeners, image_cfg.listeners);
     assert_eq!(cfg.admin, image_cfg.admin);
     assert_eq!(cfg.clusters, image_cfg.clusters);
-    let labels = &deploy["spec"]["template"]["metadata"]["labels"];
-    for (svc, role) in [
-        ("demo", ListenerRole::Primary),
-        ("demo-repl", ListenerRole::Replica),
-    ] {
-        let s = by_kind(&docs, "Service", svc);
-        assert_eq!(&s["spec"]["selector"], labels, "{svc} selects patroxy");
-        assert_eq!(
-            s["spec"]["ports"][0]["port"], 5432,
-            "{svc}: where clients expect it"
-        );
-        assert_eq!(
-            s["spec"]["ports"][0]["targetPort"],
-            listener_port(&cfg, role),
-            "{svc}"
-        );
-    }
-    let container_ports: BTreeSet<u64> = pod["containers"][0]["ports"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["containerPort"].as_u64().unwrap())
-        .collect();
-    assert_eq!(
-        container_ports,
-        img.exposed.iter().map(|p| *p as u64).collect()
-    );
+    check_services(&docs, deploy, &cfg, &img);
 
     // patroxy as a sidecar: loopback listeners for the application, the admin endpoint on the
     // pod's address for the kubelet's probes, started before the application.
@@ -542,31 +549,12 @@ fn the_kubernetes_dcs_variant_agrees_with_the_code() {
     assert_eq!(cfg.admin, image_cfg.admin);
     // Without the report, a cancel must reach the instance that holds its session: the
     // Services keep a client on one instance.
+    check_services(&docs, deploy, &cfg, &img);
     let plabels = &deploy["spec"]["template"]["metadata"]["labels"];
-    for (svc, role) in [
-        ("demo", ListenerRole::Primary),
-        ("demo-repl", ListenerRole::Replica),
-    ] {
+    for svc in ["demo", "demo-repl"] {
         let s = by_kind(&docs, "Service", svc);
-        assert_eq!(&s["spec"]["selector"], plabels, "{svc} selects patroxy");
         assert_eq!(s["spec"]["sessionAffinity"], "ClientIP", "{svc}");
-        assert_eq!(s["spec"]["ports"][0]["port"], 5432, "{svc}");
-        assert_eq!(
-            s["spec"]["ports"][0]["targetPort"],
-            listener_port(&cfg, role),
-            "{svc}"
-        );
     }
-    let container_ports: BTreeSet<u64> = ppod["containers"][0]["ports"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["containerPort"].as_u64().unwrap())
-        .collect();
-    assert_eq!(
-        container_ports,
-        img.exposed.iter().map(|p| *p as u64).collect()
-    );
     // The members' REST API and PostgreSQL are reachable from patroxy.
     let fence = docs
         .iter()
