@@ -101,6 +101,9 @@ fn listening(c: &mut Criterion) {
     g.finish();
 }
 
+/// An instance's cancel tag, for the keys drawn here.
+const TAG: u16 = 300;
+
 /// A loan's cancel route (registered in the shared map per loan, against filling the
 /// client's own place) and its share of the server's load.
 fn loan_bookkeeping(c: &mut Criterion) {
@@ -111,17 +114,18 @@ fn loan_bookkeeping(c: &mut Criterion) {
     };
     // Other clients are registered too, as in a busy instance.
     let others: Vec<_> = (0..1000)
-        .map(|i| registry.register_client(key(i)))
+        .map(|_| registry.register_client(registry.reserve(TAG, 0)))
         .collect();
     let server = Endpoint::parse("127.0.0.1:5432").unwrap();
     let mut g = c.benchmark_group("loan_bookkeeping");
     g.bench_function("cancel_route_registered_per_loan", |b| {
         b.iter(|| {
-            let r = registry.register(key(5000), server.clone(), key(7), Default::default());
+            let reserved = registry.reserve(TAG, 0);
+            let r = registry.register(reserved, server.clone(), key(7), Default::default());
             std::hint::black_box(r.end());
         })
     });
-    let slot = registry.register_client(key(5001));
+    let slot = registry.register_client(registry.reserve(TAG, 0));
     g.bench_function("cancel_route_in_the_clients_place", |b| {
         b.iter(|| {
             let lent = slot.lend(server.clone(), key(7), Default::default());

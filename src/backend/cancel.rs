@@ -32,6 +32,8 @@ pub struct CancelRegistry {
 
 #[derive(Debug)]
 enum Entry {
+    /// A key handed to a client that holds no server connection yet (`Reserved`).
+    Reserved,
     /// An unpooled session's one server connection.
     Fixed(Route),
     /// A pooled client's place, filled by each loan (`ClientSlot`).
@@ -188,6 +190,33 @@ impl Drop for Sending {
     }
 }
 
+/// A client's key from the moment it is drawn: no other live client can draw it, so a
+/// cancel with it can only ever reach this client's server. Released when dropped, unless
+/// it became the client's registration or place.
+#[derive(Debug)]
+pub struct Reserved {
+    registry: CancelRegistry,
+    key: CancelKey,
+    placed: bool,
+}
+
+impl Reserved {
+    pub fn key(&self) -> &CancelKey {
+        &self.key
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        if !self.placed {
+            let mut keys = self.registry.lock();
+            if matches!(keys.get(&self.key), Some(Entry::Reserved)) {
+                keys.remove(&self.key);
+            }
+        }
+    }
+}
+
 /// Removes an unpooled session's key from the registry when the session ends, on every
 /// exit path (a pooled client's place is a `ClientSlot`).
 #[derive(Debug)]
@@ -223,11 +252,37 @@ impl CancelRegistry {
         self.keys.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// An unpooled session's `key` cancels on `server` with `server_key`; its cancels on
+    /// A fresh key of the instance tagged `tag` for a client of protocol 3.`minor`
+    /// (`tagged_key_for`), held for it until it registers or drops it.
+    pub fn reserve(&self, tag: u16, minor: u16) -> Reserved {
+        self.reserve_from(|| tagged_key_for(tag, minor))
+    }
+
+    /// A key from `draw`, drawn again while a live client holds it. The keys held are
+    /// the live clients, a vanishing part of the 47 random bits of even a 3.0 key, so
+    /// a second draw is already rare.
+    fn reserve_from(&self, mut draw: impl FnMut() -> CancelKey) -> Reserved {
+        let mut keys = self.lock();
+        let key = loop {
+            let k = draw();
+            if !keys.contains_key(&k) {
+                break k;
+            }
+        };
+        keys.insert(key.clone(), Entry::Reserved);
+        drop(keys);
+        Reserved {
+            registry: self.clone(),
+            key,
+            placed: false,
+        }
+    }
+
+    /// An unpooled session's key cancels on `server` with `server_key`; its cancels on
     /// their way are counted in `in_flight`.
     pub fn register(
         &self,
-        key: CancelKey,
+        mut reserved: Reserved,
         server: Endpoint,
         server_key: CancelKey,
         in_flight: Arc<InFlight>,
@@ -237,6 +292,8 @@ impl CancelRegistry {
             server_key,
             in_flight: in_flight.clone(),
         });
+        let key = reserved.key.clone();
+        reserved.placed = true;
         self.lock().insert(key.clone(), entry);
         Registration {
             registry: self.clone(),
@@ -252,6 +309,7 @@ impl CancelRegistry {
     pub fn lookup(&self, key: &CancelKey) -> Option<(Endpoint, CancelKey, Sending)> {
         let keys = self.lock();
         match keys.get(key)? {
+            Entry::Reserved => None,
             Entry::Fixed(route) => Some(route.sending()),
             // Under the client's lock too: a loan that ends after this sees the count.
             Entry::Lent(slot) => lock_slot(slot).as_ref().map(Route::sending),
@@ -259,8 +317,10 @@ impl CancelRegistry {
     }
 
     /// A pooled client's place, for its key, until it leaves.
-    pub fn register_client(&self, key: CancelKey) -> ClientSlot {
+    pub fn register_client(&self, mut reserved: Reserved) -> ClientSlot {
         let slot = Arc::new(Slot::default());
+        let key = reserved.key.clone();
+        reserved.placed = true;
         self.lock().insert(key.clone(), Entry::Lent(slot.clone()));
         ClientSlot {
             registry: self.clone(),
@@ -289,14 +349,10 @@ pub fn new_tag() -> u16 {
     MIN_TAG + r % (u16::MAX - MIN_TAG)
 }
 
-/// A fresh key for a client of the instance tagged `tag`: the tag and random bits in the
-/// pid, a random 4-byte secret (protocol 3.0's).
-pub fn tagged_key(tag: u16) -> CancelKey {
-    tagged_key_for(tag, 0)
-}
-
-/// A fresh key for a client that speaks protocol 3.`minor`: from 3.2 on, whose keys are
-/// of any length, a 32-byte secret (as PostgreSQL 18 gives), which no flood can guess.
+/// A fresh key for a client of the instance tagged `tag` that speaks protocol 3.`minor`:
+/// the tag and random bits in the pid, and a random 4-byte secret (protocol 3.0's); from
+/// 3.2 on, whose keys are of any length, a 32-byte secret (as PostgreSQL 18 gives), which
+/// no flood can guess.
 pub fn tagged_key_for(tag: u16, minor: u16) -> CancelKey {
     let bytes: [u8; 34] = crate::auth::scram::random();
     let low = i32::from(u16::from_be_bytes([bytes[0], bytes[1]])) & ((1 << TAG_SHIFT) - 1);
@@ -382,11 +438,41 @@ mod tests {
         }
     }
 
+    fn reserved(reg: &CancelRegistry, pid: i32) -> Reserved {
+        reg.reserve_from(|| key(pid))
+    }
+
+    #[test]
+    fn a_key_a_live_client_holds_is_never_drawn_for_another() {
+        let reg = CancelRegistry::default();
+        let ep1 = Endpoint::parse("127.0.0.1:5001").unwrap();
+        let ep2 = Endpoint::parse("127.0.0.1:5002").unwrap();
+        let first = reg.register(reserved(&reg, 1), ep1.clone(), key(7), Default::default());
+        // The draw comes up with the first client's key, then with another.
+        let mut draws = [key(1), key(1), key(2)].into_iter();
+        let second = reg.reserve_from(|| draws.next().unwrap());
+        assert_eq!(second.key(), &key(2));
+        assert!(reg.lookup(&key(2)).is_none(), "reserved: no server yet");
+        let second = reg.register(second, ep2.clone(), key(8), Default::default());
+        assert_eq!(reg.lookup(&key(1)).unwrap().0, ep1);
+        assert_eq!(reg.lookup(&key(2)).unwrap().0, ep2);
+        drop(second);
+        assert_eq!(
+            reg.lookup(&key(1)).unwrap().0,
+            ep1,
+            "the other's end leaves it"
+        );
+        drop(first);
+        // A reservation never registered is released.
+        drop(reserved(&reg, 3));
+        assert!(reg.is_empty());
+    }
+
     #[test]
     fn registrations_end_with_their_guard() {
         let reg = CancelRegistry::default();
         let ep = Endpoint::parse("127.0.0.1:5001").unwrap();
-        let guard = reg.register(key(1), ep.clone(), key(7), Default::default());
+        let guard = reg.register(reserved(&reg, 1), ep.clone(), key(7), Default::default());
         let (server, server_key, _) = reg.lookup(&key(1)).unwrap();
         assert_eq!((server, server_key), (ep, key(7)));
         assert!(reg.lookup(&key(2)).is_none());
@@ -398,7 +484,7 @@ mod tests {
     async fn a_connection_with_a_cancel_on_its_way_waits_for_it() {
         let reg = CancelRegistry::default();
         let ep = Endpoint::parse("127.0.0.1:5001").unwrap();
-        let registration = reg.register(key(1), ep, key(7), Default::default());
+        let registration = reg.register(reserved(&reg, 1), ep, key(7), Default::default());
         let (_, _, mut sending) = reg.lookup(&key(1)).unwrap();
         let in_flight = registration.end();
         assert!(
@@ -420,7 +506,7 @@ mod tests {
         assert!(waiting.await.unwrap(), "lendable once it arrived");
         // A cancel that may not have arrived keeps the connection from being lent.
         let registration = reg.register(
-            key(2),
+            reserved(&reg, 2),
             Endpoint::parse("127.0.0.1:5001").unwrap(),
             key(8),
             Default::default(),
@@ -433,7 +519,7 @@ mod tests {
     async fn a_pooled_client_cancels_only_during_a_loan_and_leaves_no_entry() {
         let reg = CancelRegistry::default();
         let ep = Endpoint::parse("127.0.0.1:5001").unwrap();
-        let client = reg.register_client(key(1));
+        let client = reg.register_client(reserved(&reg, 1));
         assert!(reg.lookup(&key(1)).is_none(), "between loans: nowhere");
         let loan = client.lend(ep.clone(), key(7), Default::default());
         let (server, server_key, sending) = reg.lookup(&key(1)).unwrap();
@@ -461,7 +547,7 @@ mod tests {
         for _ in 0..1000 {
             let tag = new_tag();
             assert!(tag >= MIN_TAG);
-            let k = tagged_key(tag);
+            let k = tagged_key_for(tag, 0);
             assert!(k.pid > 0);
             assert_eq!(tag_of(&k), Some(tag));
             assert_eq!(k.secret.len(), 4);
@@ -475,7 +561,7 @@ mod tests {
 
     #[test]
     fn a_forwarded_request_is_known_as_one() {
-        let k = tagged_key(new_tag());
+        let k = tagged_key_for(new_tag(), 0);
         let f = forwarded(&k);
         assert_eq!(f.pid, k.pid);
         assert_eq!(f.secret.len(), 12);

@@ -141,9 +141,10 @@ pub async fn run_pooled(
         wanted.startup(name.clone(), value.clone());
     }
     // patroxy's own key: the server connection behind it changes from client to client.
-    let key =
-        crate::backend::cancel::tagged_key_for(proxy.cancel_tag, startup.minor.min(NEWEST_MINOR));
-    let hello = greeting(&owed, &defaults, &asked, &key);
+    let key = proxy
+        .cancels
+        .reserve(proxy.cancel_tag, startup.minor.min(NEWEST_MINOR));
+    let hello = greeting(&owed, &defaults, &asked, key.key());
     // Nothing of the startup outlives it: an idle client keeps only what it needs.
     drop((owed, asked));
     if send(&mut client, &hello).await.is_err() {

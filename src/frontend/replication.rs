@@ -75,13 +75,13 @@ pub async fn run(
     }
     // patroxy's own key, as every client gets (any instance routes it here), registered
     // before the client can have it.
-    let client_key = crate::backend::cancel::tagged_key(proxy.cancel_tag);
+    let reserved = proxy.cancels.reserve(proxy.cancel_tag, 0);
     let _registration = conn.key.clone().map(|k| {
-        hello.extend_from_slice(&messages::backend_key_data(&client_key));
+        hello.extend_from_slice(&messages::backend_key_data(reserved.key()));
         let server = target.endpoint.clone();
         proxy
             .cancels
-            .register(client_key, server, k, Default::default())
+            .register(reserved, server, k, Default::default())
     });
     hello.extend_from_slice(&messages::ready_for_query_idle());
     if send(&mut client, &hello).await.is_err() {

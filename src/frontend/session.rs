@@ -126,7 +126,8 @@ async fn run_session(
     let database = startup.database.as_deref().unwrap_or(user);
     // The client cancels with patroxy's key (any instance can route it to this one), never
     // with the server's, which only a broadcast to every member could find.
-    let client_key = cancel::tagged_key(proxy.cancel_tag);
+    let reserved = proxy.cancels.reserve(proxy.cancel_tag, 0);
+    let client_key = reserved.key().clone();
     let params = ConnectParams {
         listener: &ctx.name,
         policy: &ctx.policy,
@@ -167,7 +168,7 @@ async fn run_session(
         let server = backend.target.endpoint.clone();
         proxy
             .cancels
-            .register(client_key, server, k, Default::default())
+            .register(reserved, server, k, Default::default())
     });
     let relay_ctx = RelayContext {
         policy: &ctx.policy,
