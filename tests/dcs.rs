@@ -342,6 +342,11 @@ async fn raft_cluster_through_the_rest_api() {
         cfg.clusters[0].rest.urls = cluster.rest_urls();
         cfg.timeouts.connect_wait = Duration::from_secs(2);
         cfg.auth.trust = vec!["127.0.0.1/32".parse().unwrap()];
+        cfg.admin.listen = Some("127.0.0.1:0".into());
+        cfg.listeners = vec![
+            listener("rw", ListenerRole::Primary),
+            listener("ro", ListenerRole::Replica),
+        ];
     })
     .await;
     let first = leader_of(&cluster).await;
@@ -354,9 +359,22 @@ async fn raft_cluster_through_the_rest_api() {
         .await
         .unwrap();
     drop(setup);
-    let refused = connect(stranger.port()).await.err().map(|e| message(&e));
-    let refused = refused.expect("a cluster of another scope was routed to");
-    eprintln!("a patroxy for another scope: {refused}");
+    for name in ["rw", "ro"] {
+        let refused = connect(stranger.port_of(name))
+            .await
+            .err()
+            .map(|e| message(&e));
+        let refused = refused.expect("a cluster of another scope was routed to");
+        eprintln!("a patroxy for another scope, {name}: {refused}");
+        assert!(refused.contains("not been read from its DCS"), "{refused}");
+    }
+    let t = topology(stranger.admin.unwrap()).await.unwrap();
+    let members = t["clusters"][0]["members"].as_array().map(Vec::len);
+    assert_eq!(
+        members,
+        Some(0),
+        "another scope's members were taken in: {t}"
+    );
     stranger.stop().await;
     let writers: Vec<Writer> = (0..20)
         .map(|w| Writer::spawn_from(proxy.port_of("rw"), w * 1_000_000))

@@ -475,7 +475,18 @@ fn the_kubernetes_dcs_variant_agrees_with_the_code() {
             "{prefix}* would make Patroni pick {dcs}"
         );
     }
-    assert_eq!(env["PATRONI_KUBERNETES_NAMESPACE"], "metadata.namespace");
+    // Patroni copies its top-level namespace over the kubernetes section's (dcs/__init__.py,
+    // get_dcs), so the effective Kubernetes namespace is PATRONI_NAMESPACE, else the file's.
+    let k8s_namespace = env
+        .get("PATRONI_NAMESPACE")
+        .or(env
+            .get("PATRONI_KUBERNETES_NAMESPACE")
+            .filter(|_| patroni_yml["namespace"].is_null()))
+        .unwrap_or(&patroni_yml["namespace"]);
+    assert_eq!(
+        k8s_namespace, "metadata.namespace",
+        "the pods' own namespace"
+    );
     assert!(env.contains_key("PATRONI_KUBERNETES_POD_IP"));
     // Patroni lists its members by its labels plus cluster-name=<scope>: the pods carry both.
     let labels = &pg["spec"]["template"]["metadata"]["labels"];

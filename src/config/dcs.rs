@@ -78,8 +78,9 @@ pub struct RestConfig {
     /// Bounds each request; a member slower than this is skipped for the next one.
     #[serde(deserialize_with = "bounded_duration")]
     pub request_timeout: Duration,
-    /// With no confirmed answer for this long, the cluster counts as unknown: readiness goes
-    /// and new connections are refused rather than routed to a guess.
+    /// With no answer for this long (a round's answer counts when its round ends, so it may
+    /// be up to a round older), the cluster counts as unknown: readiness goes and new
+    /// connections are refused rather than routed to a guess.
     #[serde(deserialize_with = "bounded_duration")]
     pub stale_after: Duration,
     /// Patroni's `restapi.authentication` (basic auth).

@@ -102,8 +102,9 @@ fn scheduled(v: &Value) -> Option<Failover> {
     (f != Failover::default()).then_some(f)
 }
 
-/// The scope an answer says it is about, where it says one: `/cluster`'s `scope` (Patroni
-/// 3.1 and later), or `patroni.scope` in a member's status (`/leader`, `/patroni`).
+/// The scope an answer says it is about, where it says one: `/cluster`'s `scope` (newer
+/// Patroni; 3.0.2 gives none), or `patroni.scope` in a member's status (`/leader`,
+/// `/patroni`, in every Patroni).
 pub fn scope_of(body: &[u8]) -> Option<String> {
     let v: Value = serde_json::from_slice(body).ok()?;
     let scope = v.get("scope").or_else(|| v.get("patroni")?.get("scope"))?;

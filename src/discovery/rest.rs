@@ -4,8 +4,12 @@
 //! it is routed to. A leader that answers it holds no lock (demoted) is published as no
 //! leader, and so is one whose REST port refuses connections (its Patroni is gone); one
 //! that does not answer in time makes the round unanswered, so a busy leader's sessions are
-//! not drained: `stale_after` decides when the cluster is unknown. With no answer for `stale_after` the link counts as down, and routing
+//! not drained. With no answer for `stale_after` the link counts as down, and routing
 //! refuses new connections rather than follow the last answer (see `routing::etcd_loss`).
+//!
+//! Nothing of an answer is used before it says it is about the configured scope
+//! (`/cluster`'s own `scope` where Patroni gives one, else the answering member's
+//! `/patroni`, asked once until it fails), and the leader's `/leader` must say so too.
 //!
 //! Requests are made one after the other, so there is never more than one in flight per
 //! member, and each is bounded by `request_timeout`.
@@ -52,6 +56,9 @@ pub struct RestPoller {
     next: usize,
     /// When each member's failure was last logged.
     reported: Vec<Option<Instant>>,
+    /// Each member whose own status said it is of `scope`, until it next fails: Patroni
+    /// before 3.1 names no scope in `/cluster`.
+    verified: Vec<bool>,
 }
 
 impl RestPoller {
@@ -63,6 +70,7 @@ impl RestPoller {
     ) -> Result<RestPoller, crate::tls::TlsError> {
         let getter = Getter::new(&config)?;
         let reported = vec![None; config.urls.len()];
+        let verified = vec![false; config.urls.len()];
         Ok(RestPoller {
             name,
             scope,
@@ -71,6 +79,7 @@ impl RestPoller {
             contact,
             next: 0,
             reported,
+            verified,
         })
     }
 
@@ -115,7 +124,7 @@ impl RestPoller {
         for k in 0..n {
             let i = (self.next + k) % n;
             let url = self.config.urls[i].clone();
-            match self.ask(&url).await {
+            match self.ask(i, &url).await {
                 Ok((t, true)) => {
                     self.next = i;
                     return Some((t, url));
@@ -124,6 +133,7 @@ impl RestPoller {
                     unconfirmed.get_or_insert((i, t, url));
                 }
                 Err(e) => {
+                    self.verified[i] = false;
                     crate::metrics::dcs_error(&self.name, "rest");
                     self.report(i, &url, &e);
                 }
@@ -134,16 +144,25 @@ impl RestPoller {
         Some((t, url))
     }
 
-    /// `/cluster` from the member at `url`, and whether its leader confirmed (a leader
+    /// `/cluster` from member `i` at `url`, and whether its leader confirmed (a leader
     /// that answers anything but 200 on its `/leader` is taken away; one that does not
     /// answer at all makes the whole answer unusable, so a slow leader never drains its
-    /// sessions: `stale_after` decides).
-    async fn ask(&self, url: &str) -> Result<(Topology, bool), PollError> {
+    /// sessions: `stale_after` decides). Nothing of an answer is used before it is known to
+    /// be about this cluster's scope.
+    async fn ask(&mut self, i: usize, url: &str) -> Result<(Topology, bool), PollError> {
         let (status, body) = self.getter.get(url, "/cluster").await?;
         if status != 200 {
             return Err(PollError::Status(status));
         }
-        self.same_scope(&body)?;
+        match cluster_api::scope_of(&body) {
+            Some(theirs) => self.same_scope(Some(theirs))?,
+            None if !self.verified[i] => {
+                let (_, own) = self.getter.get(url, "/patroni").await?;
+                self.same_scope(cluster_api::scope_of(&own))?;
+                self.verified[i] = true;
+            }
+            None => {}
+        }
         let mut t = cluster_api::parse(&body)?;
         crate::metrics::dcs_read(&self.name, "rest");
         let Some(leader) = t.leader.clone() else {
@@ -152,13 +171,15 @@ impl RestPoller {
         if self.confirms(&t, &leader).await? {
             return Ok((t, true));
         }
+        // Its claim is not routed, for writes or (by its role) for reads.
         t.leader = None;
         t.sync = None;
         Ok((t, false))
     }
 
-    /// Whether `leader` says itself, on its own REST API, that it holds the leader lock.
-    /// The credentials go with the request only when its address is one of `rest.urls`.
+    /// Whether `leader` says itself, on its own REST API, that it holds the leader lock,
+    /// as a member of this cluster's scope. The credentials go with the request only when
+    /// its address is one of `rest.urls`.
     async fn confirms(&self, t: &Topology, leader: &str) -> Result<bool, PollError> {
         let base = t
             .members
@@ -173,25 +194,30 @@ impl RestPoller {
             .iter()
             .any(|u| u.trim_end_matches('/') == base);
         match self.getter.get_as(&base, "/leader", configured).await {
-            Ok((status, body)) => {
-                self.same_scope(&body)?;
-                Ok(status == 200)
+            Ok((200, body)) => {
+                self.same_scope(cluster_api::scope_of(&body))?;
+                Ok(true)
             }
-            // Nothing listens there: its Patroni is gone, and so is its claim.
-            Err(GetError::Connect(_)) => Ok(false),
+            Ok(_) => Ok(false),
+            // Nothing listens there: its Patroni is gone, and so is its claim. Any other
+            // failure to connect (a name that does not resolve, no route, no descriptors
+            // left here) says nothing of it: the round is unanswered.
+            Err(GetError::Connect(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                Ok(false)
+            }
             Err(e) => Err(e.into()),
         }
     }
 
-    /// An answer that names a scope must name this cluster's: a URL of another cluster's
+    /// An answer must say it is about this cluster's scope: a URL of another cluster's
     /// member must not route this cluster's clients there.
-    fn same_scope(&self, body: &[u8]) -> Result<(), PollError> {
-        match cluster_api::scope_of(body) {
-            Some(theirs) if theirs != self.scope => Err(PollError::Scope {
-                theirs,
+    fn same_scope(&self, theirs: Option<String>) -> Result<(), PollError> {
+        match theirs {
+            Some(theirs) if theirs == self.scope => Ok(()),
+            theirs => Err(PollError::Scope {
+                theirs: theirs.unwrap_or_else(|| "(none)".into()),
                 ours: self.scope.clone(),
             }),
-            _ => Ok(()),
         }
     }
 

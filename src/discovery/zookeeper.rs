@@ -24,8 +24,10 @@ use crate::config::ZookeeperConfig;
 
 /// Between two sessions, when one ends or cannot be opened.
 const PAUSE: Duration = Duration::from_millis(500);
-/// Znodes read at most in a full read: a cluster has a handful plus one per member.
+/// Znodes held at most: a cluster has a handful plus one per member.
 const MAX_NODES: usize = 4096;
+/// Bytes of znode data held at most (a member's znode is under a kilobyte).
+const MAX_BYTES: usize = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ZkError {
@@ -35,7 +37,9 @@ pub enum ZkError {
     Timeout(Duration),
     #[error("ZooKeeper: session {0:?}")]
     Ended(zk::SessionState),
-    #[error("ZooKeeper: more than {MAX_NODES} znodes under the cluster's path")]
+    #[error(
+        "ZooKeeper: more than {MAX_NODES} znodes or {MAX_BYTES} bytes under the cluster's path"
+    )]
     TooMany,
 }
 
@@ -47,6 +51,8 @@ pub struct ZkWatcher {
     config: ZookeeperConfig,
     contact: Arc<DcsContact>,
     keys: BTreeMap<String, Bytes>,
+    /// The bytes of `keys`' values.
+    held: usize,
 }
 
 impl ZkWatcher {
@@ -62,6 +68,7 @@ impl ZkWatcher {
             config,
             contact,
             keys: BTreeMap::new(),
+            held: 0,
         }
     }
 
@@ -168,14 +175,22 @@ impl ZkWatcher {
     /// Reads one znode again; a missing one is removed.
     async fn read_one(&mut self, client: &zk::Client, key: String) -> Result<(), ZkError> {
         let path = format!("{}{key}", self.prefix);
-        match within(self.config.session_timeout, client.get_data(&path)).await {
-            Ok((data, _)) => {
-                self.keys.insert(key, Bytes::from(data));
-            }
-            Err(ZkError::Client(zk::Error::NoNode)) => {
-                self.keys.remove(&key);
-            }
+        let read = within(self.config.session_timeout, client.get_data(&path)).await;
+        let data = match read {
+            Ok((data, _)) => Some(Bytes::from(data)),
+            Err(ZkError::Client(zk::Error::NoNode)) => None,
             Err(e) => return Err(e),
+        };
+        if let Some(old) = self.keys.remove(&key) {
+            self.held -= old.len();
+        }
+        if let Some(data) = data {
+            if self.keys.len() >= MAX_NODES + TOP_LEVEL.len() || self.held + data.len() > MAX_BYTES
+            {
+                return Err(ZkError::TooMany);
+            }
+            self.held += data.len();
+            self.keys.insert(key, data);
         }
         Ok(())
     }
@@ -192,6 +207,7 @@ impl ZkWatcher {
             Err(e) => return Err(e),
         }
         self.keys.clear();
+        self.held = 0;
         for key in keys {
             self.read_one(client, key).await?;
         }

@@ -31,7 +31,7 @@ pub fn refusal(mode: EtcdLoss, t: &Topology, silent_for: Option<Duration>) -> Op
         .is_some_and(|f| f.iter().any(|m| m == leader));
     (!failsafe).then(|| {
         format!(
-            "etcd has not answered for {:.1} s, longer than the cluster's ttl ({} s): {leader} may no longer hold the leader key (etcd_loss = fail-closed)",
+            "the DCS (etcd or ZooKeeper) has not answered for {:.1} s, longer than the cluster's ttl ({} s): {leader} may no longer hold the leader key (etcd_loss = fail-closed)",
             silent.as_secs_f64(),
             ttl.as_secs()
         )

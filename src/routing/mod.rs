@@ -10,7 +10,7 @@ pub mod timeouts;
 
 use std::fmt;
 
-use crate::discovery::patroni::{Endpoint, Member};
+use crate::discovery::patroni::{Endpoint, Member, Role};
 use crate::discovery::Topology;
 pub use crate::policy::{Balance, ListenerRole, Policy};
 
@@ -145,6 +145,10 @@ pub fn lag(t: &Topology, m: &Member) -> Option<u64> {
 
 /// The checks a non-leader member must pass to take read sessions.
 fn replica_checks(p: &Policy, t: &Topology, m: &Member) -> Result<(), Ineligible> {
+    // Writable, or about to be, whatever the leader key says: never a replica.
+    if matches!(m.role, Role::Primary | Role::Promoted) {
+        return Err(Ineligible::IsPrimary);
+    }
     if !m.is_running() {
         return Err(Ineligible::NotRunning(m.state.clone()));
     }
@@ -324,6 +328,26 @@ pub(crate) mod tests {
         let c = candidates(&policy(ListenerRole::Primary), &t).unwrap();
         assert_eq!(names(&c), ["b"]);
         assert_eq!(c[0].endpoint.port, 5002);
+    }
+
+    #[test]
+    fn a_member_that_says_it_is_primary_takes_no_reads_without_the_leader_key() {
+        // A leader whose claim was not confirmed (REST), or an old primary whose member key
+        // still says so after the leader key went: writable, or about to be, never a replica.
+        let mut t = topology(None, &[("a", 5001, "running"), ("b", 5002, "running")]);
+        t.members.get_mut("a").unwrap().role = crate::discovery::patroni::Role::Primary;
+        for role in [
+            ListenerRole::Replica,
+            ListenerRole::PreferReplica,
+            ListenerRole::Any,
+        ] {
+            let c = candidates(&policy(role), &t).unwrap();
+            assert_eq!(names(&c), ["b"], "{role}");
+        }
+        assert_eq!(
+            eligibility(&policy(ListenerRole::Replica), &t, "a"),
+            Err(Ineligible::IsPrimary)
+        );
     }
 
     #[test]
