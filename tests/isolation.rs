@@ -657,15 +657,27 @@ async fn console(port: u16, sql: &str) -> String {
 /// is held in a gate in front of the server while the connection is released.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_on_its_way_never_reaches_the_next_client_of_the_connection() {
+    cancel_on_its_way("cancelrace", false).await;
+}
+
+/// As above, for a client pinned to its connection (a temporary table) when it sends the
+/// cancel: it leaves the pin in a later transaction, and the connection still waits for the
+/// cancel of the earlier one before it goes to the next client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_clients_cancel_on_its_way_never_reaches_the_next_client() {
+    cancel_on_its_way("cancelpin", true).await;
+}
+
+async fn cancel_on_its_way(scope: &str, pinned: bool) {
     let root = TempRoot::new();
     let etcd = Etcd::start(&root);
     let pg = Postgres::primary(&root, "a");
     let file = roles(&root, &pg).await;
     let gate = common::gate::Gate::start(pg.port).await;
-    let mut keys = Keys::new(&etcd, "cancelrace").await;
+    let mut keys = Keys::new(&etcd, scope).await;
     keys.member("a", gate.port, "primary", "running").await;
     keys.leader("a").await;
-    let proxy = Proxy::start(&etcd, "cancelrace", |cfg| {
+    let proxy = Proxy::start(&etcd, scope, |cfg| {
         cfg.listeners = vec![ListenerConfig {
             pool_mode: PoolMode::Transaction,
             ..listener("pooled", ListenerRole::Primary)
@@ -685,6 +697,9 @@ async fn a_cancel_on_its_way_never_reaches_the_next_client_of_the_connection() {
         "open",
         "the pool's one connection is open"
     );
+    if pinned {
+        a.run("CREATE TEMP TABLE pinned_by_a (x int)").await;
+    }
     // From now on the gate holds new connections: the cancel waits there.
     gate.hold();
     let token = a.c.cancel_token();
@@ -699,6 +714,10 @@ async fn a_cancel_on_its_way_never_reaches_the_next_client_of_the_connection() {
         a_done.is_ok(),
         "A's query ran to its end: the cancel is still held"
     );
+    if pinned {
+        // A later transaction, on the same connection, leaves the pin.
+        a.run("DROP TABLE pinned_by_a").await;
+    }
     // B asks for the connection; it either runs its query at once or waits for it.
     let sleep_b = "SELECT pg_sleep(1)::text";
     let release =

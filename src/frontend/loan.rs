@@ -69,8 +69,10 @@ impl Session<'_> {
         let lent_at = Instant::now();
         let _load = proxy.load.claim(&target.endpoint);
         // A cancel of an earlier loan may still be on its way to that loan's connection,
-        // waited for there: this loan counts its own.
-        if Arc::strong_count(&carried.cancels) > 1 {
+        // waited for there: this loan counts its own. On the connection the client is
+        // pinned to, the earlier loans' cancels are this connection's, and stay counted
+        // until it goes back.
+        if pin.is_none() && Arc::strong_count(&carried.cancels) > 1 {
             carried.cancels = Arc::default();
         }
         let registration = conn.key.clone().map(|server_key| {
