@@ -3,7 +3,8 @@
 //! a 3-member cluster on Patroni's Raft, read through the REST API. Pooled writers commit
 //! numbered rows through a switchover, a `kill -9` of the leader, a frozen leader and a
 //! ZooKeeper restart; every acknowledged write must be on the last primary. The clusters'
-//! etcd is killed first: nothing here may need it.
+//! etcd is killed first: nothing here may need it. Last, the REST source over https with a
+//! client certificate, against a one-member cluster (on etcd, which patroxy does not read).
 
 mod common;
 
@@ -432,4 +433,63 @@ async fn raft_cluster_through_the_rest_api() {
     let _ = port;
     nothing_lost(writers, port_now).await;
     proxy.stop().await;
+}
+
+/// Patroni's REST API over https with `verify_client: required`: patroxy verifies the
+/// members against `rest.ca_file` (the leader's `/leader` too, at the address Patroni
+/// advertises) and presents `rest.cert_file`; without the certificate it reads nothing and
+/// routes nothing. The cluster is on etcd, which patroxy does not read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rest_source_speaks_tls_with_a_client_certificate() {
+    let certs = TempRoot::new();
+    let ca = common::tls::TestCa::new(certs.path(), "patroni-ca");
+    let api = ca.issue("patroni-api", &["127.0.0.1"]);
+    let client = ca.issue("patroxy-client", &["patroxy"]);
+    let restapi = format!(
+        "  certfile: {}\n  keyfile: {}\n  cafile: {}\n  verify_client: required\n",
+        api.cert_file.display(),
+        api.key_file.display(),
+        ca.cert_file.display()
+    );
+    let cluster = Cluster::start_with("resttls", 1, TestDcs::Etcd, &restapi).await;
+    let urls = cluster.rest_urls();
+    assert!(urls.iter().all(|u| u.starts_with("https://")), "{urls:?}");
+    let stranger = common::tls::TestCa::new(certs.path(), "another-ca");
+    let start = |cert: bool, ca: &common::tls::TestCa, wait: u64| {
+        let (urls, ca, client) = (urls.clone(), ca.cert_file.clone(), client.clone());
+        Proxy::start(&cluster.etcd, &cluster.scope, move |cfg| {
+            cfg.report.enabled = false;
+            let c = &mut cfg.clusters[0];
+            c.dcs = Dcs::Rest;
+            c.rest.urls = urls;
+            c.rest.ca_file = Some(ca);
+            if cert {
+                c.rest.cert_file = Some(client.cert_file);
+                c.rest.key_file = Some(client.key_file);
+            }
+            cfg.auth.trust = vec!["127.0.0.1/32".parse().unwrap()];
+            cfg.timeouts.connect_wait = Duration::from_secs(wait);
+        })
+    };
+    let proxy = start(true, &ca, 20).await;
+    let port = server_port(proxy.port()).await.unwrap();
+    assert_eq!(port as u16, cluster.members[0].pg_port);
+    proxy.stop().await;
+    for (what, cert, ca) in [
+        (
+            "without the client certificate Patroni requires",
+            false,
+            &ca,
+        ),
+        ("trusting a REST API its CA did not sign", true, &stranger),
+    ] {
+        let p = start(cert, ca, 2).await;
+        let refused = connect(p.port()).await.err().map(|e| message(&e));
+        let refused = refused.unwrap_or_else(|| panic!("routed {what}"));
+        assert!(
+            refused.contains("not been read from its DCS"),
+            "{what}: {refused}"
+        );
+        p.stop().await;
+    }
 }

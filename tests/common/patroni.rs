@@ -133,6 +133,8 @@ pub struct Cluster {
     pub etcd: Etcd,
     pub dcs: TestDcs,
     pub zookeeper: Option<super::zookeeper::ZooKeeper>,
+    /// `http`, or `https` when the REST API has a certificate.
+    api_scheme: &'static str,
     ctl: PathBuf,
     /// Last: fields drop in order, and the servers above must stop before it goes.
     _root: TempRoot,
@@ -146,6 +148,12 @@ impl Cluster {
 
     /// As `start`, with Patroni on `dcs`.
     pub async fn start_on(scope: &str, n: usize, dcs: TestDcs) -> Cluster {
+        Cluster::start_with(scope, n, dcs, "").await
+    }
+
+    /// As `start_on`, with `restapi` (YAML lines, indented two spaces) added to each
+    /// member's `restapi` section; a `certfile` there makes the API https.
+    pub async fn start_with(scope: &str, n: usize, dcs: TestDcs, restapi: &str) -> Cluster {
         let root = TempRoot::new();
         let etcd = Etcd::start(&root);
         let zookeeper =
@@ -192,7 +200,10 @@ impl Cluster {
             &format!("scope: {scope}\nnamespace: /service/\n{}", dcs_yaml(None)),
         );
         for m in &members {
-            write_as_postgres(&m.config_path(), &member_yaml(scope, &dcs_yaml(Some(m)), m));
+            let yaml = member_yaml(scope, &dcs_yaml(Some(m)), m);
+            let api = format!("  connect_address: 127.0.0.1:{}\n", m.api_port);
+            let yaml = yaml.replacen(&api, &format!("{api}{restapi}"), 1);
+            write_as_postgres(&m.config_path(), &yaml);
         }
         let mut cluster = Cluster {
             scope: scope.into(),
@@ -200,6 +211,11 @@ impl Cluster {
             dcs,
             zookeeper,
             members,
+            api_scheme: if restapi.contains("certfile:") {
+                "https"
+            } else {
+                "http"
+            },
             ctl,
             _root: root,
         };
@@ -224,7 +240,7 @@ impl Cluster {
     pub fn rest_urls(&self) -> Vec<String> {
         self.members
             .iter()
-            .map(|m| format!("http://127.0.0.1:{}", m.api_port))
+            .map(|m| format!("{}://127.0.0.1:{}", self.api_scheme, m.api_port))
             .collect()
     }
 
