@@ -431,6 +431,31 @@ async fn raft_cluster_through_the_rest_api() {
     let port_now = cluster.port_of(&leader_now);
     wait_all_on(&writers, port_now, Instant::now()).await;
     let _ = port;
+
+    // Paused (maintenance): the leader's Patroni is restarted under its running PostgreSQL,
+    // as for an upgrade. Its REST API refuses meanwhile, which says nothing of its lock:
+    // its sessions stay; new connections are refused once no answer is fresh.
+    cluster.ctl(&["pause", "--wait"]);
+    let (held, _held_conn) = connect_with(proxy.port_of("direct"), "").await.unwrap();
+    held.batch_execute("SELECT 1").await.unwrap();
+    cluster.member_mut(&leader_now).kill_patroni();
+    wait_for(
+        "readiness to go while the leader's Patroni is away",
+        EVENT,
+        || async { (admin_status(admin, "/ready").await == Some(503)).then_some(()) },
+    )
+    .await;
+    let kept = held.batch_execute("SELECT 1").await;
+    cluster.restart(&leader_now);
+    assert!(
+        kept.is_ok(),
+        "a session on the paused leader was drained while its Patroni restarted: {kept:?}"
+    );
+    wait_for("readiness back after the restart", EVENT, || async {
+        (admin_status(admin, "/ready").await == Some(200)).then_some(())
+    })
+    .await;
+    cluster.ctl(&["resume", "--wait"]);
     nothing_lost(writers, port_now).await;
     proxy.stop().await;
 }

@@ -111,6 +111,13 @@ pub fn scope_of(body: &[u8]) -> Option<String> {
     scope.as_str().map(str::to_owned)
 }
 
+/// Whether `/cluster` says the cluster is paused (maintenance mode: Patroni neither fails
+/// over nor demotes, and may be restarted under a running PostgreSQL).
+pub fn paused(body: &[u8]) -> bool {
+    let v: Option<Value> = serde_json::from_slice(body).ok();
+    v.and_then(|v| v.get("pause")?.as_bool()).unwrap_or(false)
+}
+
 /// The base of a member's REST API from the `api_url` Patroni advertises
 /// (`http://host:8008/patroni`): scheme and authority only.
 pub fn api_base(api_url: &str) -> Option<String> {
@@ -206,6 +213,14 @@ mod tests {
         .unwrap();
         assert!(t.members.values().all(|m| m.endpoint.is_none()));
         assert!(t.sync.is_none() && t.failover.is_none());
+    }
+
+    #[test]
+    fn a_paused_cluster_says_so() {
+        assert!(paused(br#"{"members": [], "pause": true}"#));
+        assert!(!paused(br#"{"members": [], "pause": "yes"}"#));
+        assert!(!paused(ANSWER.as_bytes()));
+        assert!(!paused(b"junk"));
     }
 
     #[test]

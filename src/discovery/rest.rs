@@ -42,6 +42,9 @@ pub enum PollError {
         "answers for cluster {theirs:?}, not {ours:?}: rest.urls names another cluster's members"
     )]
     Scope { theirs: String, ours: String },
+    /// The leader an answer named, not the member that gave it.
+    #[error("its leader's API at {base}: {error}")]
+    Leader { base: String, error: Box<PollError> },
 }
 
 /// Polls one cluster's members and publishes its topology.
@@ -59,6 +62,10 @@ pub struct RestPoller {
     /// Each member whose own status said it is of `scope`, until it next fails: Patroni
     /// before 3.1 names no scope in `/cluster`.
     verified: Vec<bool>,
+    /// A leader's API that did not answer `/leader` in time, and until when it is not asked
+    /// again (nor asked for `/cluster`): each member naming a frozen leader would cost a
+    /// `request_timeout`, and delay the round that can see its successor.
+    silent: Option<(String, Instant)>,
 }
 
 impl RestPoller {
@@ -80,6 +87,7 @@ impl RestPoller {
             next: 0,
             reported,
             verified,
+            silent: None,
         })
     }
 
@@ -124,6 +132,9 @@ impl RestPoller {
         for k in 0..n {
             let i = (self.next + k) % n;
             let url = self.config.urls[i].clone();
+            if self.silent_now(url.trim_end_matches('/')) {
+                continue;
+            }
             match self.ask(i, &url).await {
                 Ok((t, true)) => {
                     self.next = i;
@@ -133,7 +144,9 @@ impl RestPoller {
                     unconfirmed.get_or_insert((i, t, url));
                 }
                 Err(e) => {
-                    self.verified[i] = false;
+                    if !matches!(e, PollError::Leader { .. }) {
+                        self.verified[i] = false;
+                    }
                     crate::metrics::dcs_error(&self.name, "rest");
                     self.report(i, &url, &e);
                 }
@@ -168,7 +181,10 @@ impl RestPoller {
         let Some(leader) = t.leader.clone() else {
             return Ok((t, false));
         };
-        if self.confirms(&t, &leader).await? {
+        if self
+            .confirms(&t, &leader, cluster_api::paused(&body))
+            .await?
+        {
             return Ok((t, true));
         }
         // Its claim is not routed, for writes or (by its role) for reads.
@@ -180,7 +196,12 @@ impl RestPoller {
     /// Whether `leader` says itself, on its own REST API, that it holds the leader lock,
     /// as a member of this cluster's scope. The credentials go with the request only when
     /// its address is one of `rest.urls`.
-    async fn confirms(&self, t: &Topology, leader: &str) -> Result<bool, PollError> {
+    async fn confirms(
+        &mut self,
+        t: &Topology,
+        leader: &str,
+        paused: bool,
+    ) -> Result<bool, PollError> {
         let base = t
             .members
             .get(leader)
@@ -188,6 +209,14 @@ impl RestPoller {
         let Some(base) = base else {
             return Ok(false);
         };
+        let failed = |base: String, error: PollError| PollError::Leader {
+            base,
+            error: Box::new(error),
+        };
+        let limit = self.config.request_timeout;
+        if self.silent_now(&base) {
+            return Err(failed(base, GetError::Timeout(limit).into()));
+        }
         let configured = self
             .config
             .urls
@@ -195,18 +224,37 @@ impl RestPoller {
             .any(|u| u.trim_end_matches('/') == base);
         match self.getter.get_as(&base, "/leader", configured).await {
             Ok((200, body)) => {
-                self.same_scope(cluster_api::scope_of(&body))?;
+                let scope = self.same_scope(cluster_api::scope_of(&body));
+                scope.map_err(|e| failed(base, e))?;
                 Ok(true)
             }
+            // In a paused cluster Patroni is restarted under a running PostgreSQL (an
+            // upgrade) and says no until its first cycle, while its lock stays: that says
+            // nothing of the lock, and the round is unanswered.
+            Ok((status, _)) if paused => Err(failed(base, PollError::Status(status))),
             Ok(_) => Ok(false),
             // Nothing listens there: its Patroni is gone, and so is its claim. Any other
             // failure to connect (a name that does not resolve, no route, no descriptors
             // left here) says nothing of it: the round is unanswered.
-            Err(GetError::Connect(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            Err(GetError::Connect(e))
+                if e.kind() == std::io::ErrorKind::ConnectionRefused && !paused =>
+            {
                 Ok(false)
             }
-            Err(e) => Err(e.into()),
+            Err(e) => {
+                if matches!(e, GetError::Timeout(_)) {
+                    self.silent = Some((base.clone(), Instant::now() + limit));
+                }
+                Err(failed(base, e.into()))
+            }
         }
+    }
+
+    /// Whether the API at `base` timed out on `/leader` within the last `request_timeout`.
+    fn silent_now(&self, base: &str) -> bool {
+        self.silent
+            .as_ref()
+            .is_some_and(|(b, until)| b == base && Instant::now() < *until)
     }
 
     /// An answer must say it is about this cluster's scope: a URL of another cluster's

@@ -44,6 +44,15 @@ impl Member {
         self.patroni.as_ref().map(Child::id)
     }
 
+    /// kill -9 of Patroni alone: its PostgreSQL goes on (as in a paused cluster's upgrade).
+    pub fn kill_patroni(&mut self) {
+        if let Some(mut c) = self.patroni.take() {
+            signal(c.id(), "KILL");
+            let _ = c.wait();
+            super::untrack(c.id());
+        }
+    }
+
     /// Patroni and the postmaster with every process below them.
     fn all_pids(&self) -> Vec<u32> {
         let roots: Vec<u32> = [self.patroni_pid(), self.postmaster_pid()]
@@ -420,6 +429,19 @@ impl Cluster {
         assert!(
             String::from_utf8_lossy(&out.stdout).contains("Successfully switched over"),
             "patronictl switchover: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `patronictl <args> <scope>`, which must succeed.
+    pub fn ctl(&self, args: &[&str]) {
+        let mut cmd = as_postgres("/usr/bin/patronictl");
+        cmd.arg("-c").arg(&self.ctl).args(args).arg(&self.scope);
+        let out = cmd.stdin(Stdio::null()).output().unwrap();
+        assert!(
+            out.status.success(),
+            "patronictl {args:?}: {}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
