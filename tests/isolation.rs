@@ -703,7 +703,8 @@ async fn cancel_on_its_way(scope: &str, pinned: bool) {
     // From now on the gate holds new connections: the cancel waits there.
     gate.hold();
     let token = a.c.cancel_token();
-    let sleep_a = "SELECT pg_sleep(0.5)::text";
+    // Long enough that the cancel reaches patroxy while A's request runs.
+    let sleep_a = "SELECT pg_sleep(2)::text";
     let server = pg.port;
     let cancel = tokio::spawn(async move {
         wait_query_running(server, sleep_a).await;
@@ -722,17 +723,24 @@ async fn cancel_on_its_way(scope: &str, pinned: bool) {
     let sleep_b = "SELECT pg_sleep(1)::text";
     let release =
         async {
-            wait_for("B running, or waiting for the connection", PROMPT, || async {
+            let waited = wait_for("B running, or waiting for the connection", PROMPT, || async {
             let direct = connect(pg.port).await.ok()?;
             let sql = "SELECT count(*) FROM pg_stat_activity WHERE query = $1 AND state = 'active'";
             let running: i64 = direct.query_one(sql, &[&sleep_b]).await.ok()?.get(0);
             let waiting = console(port, "SHOW CLIENTS").await.contains("|waiting|");
-            (running > 0 || waiting).then_some(())
+            (running > 0 || waiting).then_some(waiting)
         })
         .await;
             gate.release();
+            waited
         };
-    let (b_done, ()) = tokio::join!(b.try_one(sleep_b), release);
+    let (b_done, waited) = tokio::join!(b.try_one(sleep_b), release);
+    // The connection is held while A's cancel is on its way (had the cancel come after A's
+    // request, nothing would be on its way and this test would show nothing).
+    assert!(
+        waited,
+        "B was given the connection while A's cancel was on its way"
+    );
     assert!(
         b_done.is_ok(),
         "A's late cancel reached B's query: {:?}",

@@ -27,6 +27,10 @@ use super::publish::Publisher;
 use super::{DcsContact, Topology};
 use crate::config::RestConfig;
 
+/// How long a member's own word on its scope is taken (the server behind a URL can change
+/// without a failed poll: a name that moves, an address reused).
+const VERIFIED_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A failing member is logged at most this often.
 const REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -59,9 +63,9 @@ pub struct RestPoller {
     next: usize,
     /// When each member's failure was last logged.
     reported: Vec<Option<Instant>>,
-    /// Each member whose own status said it is of `scope`, until it next fails: Patroni
-    /// before 3.1 names no scope in `/cluster`.
-    verified: Vec<bool>,
+    /// When each member's own status last said it is of `scope` (Patroni 3.0 names none in
+    /// `/cluster`): taken for `VERIFIED_FOR`, or until the member next fails.
+    verified: Vec<Option<Instant>>,
     /// A leader's API that did not answer `/leader` in time, and until when it is not asked
     /// again (nor asked for `/cluster`): each member naming a frozen leader would cost a
     /// `request_timeout`, and delay the round that can see its successor.
@@ -77,7 +81,7 @@ impl RestPoller {
     ) -> Result<RestPoller, crate::tls::TlsError> {
         let getter = Getter::new(&config)?;
         let reported = vec![None; config.urls.len()];
-        let verified = vec![false; config.urls.len()];
+        let verified = vec![None; config.urls.len()];
         Ok(RestPoller {
             name,
             scope,
@@ -145,7 +149,7 @@ impl RestPoller {
                 }
                 Err(e) => {
                     if !matches!(e, PollError::Leader { .. }) {
-                        self.verified[i] = false;
+                        self.verified[i] = None;
                     }
                     crate::metrics::dcs_error(&self.name, "rest");
                     self.report(i, &url, &e);
@@ -169,10 +173,10 @@ impl RestPoller {
         }
         match cluster_api::scope_of(&body) {
             Some(theirs) => self.same_scope(Some(theirs))?,
-            None if !self.verified[i] => {
+            None if !self.verified[i].is_some_and(|at| at.elapsed() < VERIFIED_FOR) => {
                 let (_, own) = self.getter.get(url, "/patroni").await?;
                 self.same_scope(cluster_api::scope_of(&own))?;
-                self.verified[i] = true;
+                self.verified[i] = Some(Instant::now());
             }
             None => {}
         }

@@ -560,8 +560,12 @@ pub async fn run(
     ] {
         messages::put_parameter_status(&mut hello, name, value);
     }
-    let key = crate::backend::cancel::tagged_key_for(ctx.proxy.cancel_tag, startup.minor.min(2));
-    hello.extend_from_slice(&messages::backend_key_data(&key));
+    // Held for the session, so no data client draws it; a cancel with it finds nothing.
+    let key = ctx
+        .proxy
+        .cancels
+        .reserve(ctx.proxy.cancel_tag, startup.minor.min(2));
+    hello.extend_from_slice(&messages::backend_key_data(key.key()));
     hello.extend_from_slice(&messages::ready_for_query_idle());
     if send(&mut client, &hello).await.is_err() {
         return;

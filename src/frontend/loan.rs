@@ -72,7 +72,7 @@ impl Session<'_> {
         // waited for there: this loan counts its own. On the connection the client is
         // pinned to, the earlier loans' cancels are this connection's, and stay counted
         // until it goes back.
-        if pin.is_none() && Arc::strong_count(&carried.cancels) > 1 {
+        if pin.is_none() && (Arc::strong_count(&carried.cancels) > 1 || carried.cancels.busy()) {
             carried.cancels = Arc::default();
         }
         let registration = conn.key.clone().map(|server_key| {

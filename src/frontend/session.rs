@@ -164,12 +164,18 @@ async fn run_session(
     };
     let connected_ms = started.elapsed().as_millis() as u64;
     crate::metrics::connected(&ctx.name, started.elapsed());
-    let _registration = backend.key.clone().map(|k| {
-        let server = backend.target.endpoint.clone();
-        proxy
-            .cancels
-            .register(reserved, server, k, Default::default())
-    });
+    // With no server key to cancel with, the client's key stays reserved: no other client
+    // may draw the key this one holds.
+    let _registration = match backend.key.clone() {
+        Some(k) => {
+            let server = backend.target.endpoint.clone();
+            let r = proxy
+                .cancels
+                .register(reserved, server, k, Default::default());
+            (Some(r), None)
+        }
+        None => (None, Some(reserved)),
+    };
     let relay_ctx = RelayContext {
         policy: &ctx.policy,
         policy_updates: ctx.policy_updates.clone(),
