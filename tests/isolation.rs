@@ -539,6 +539,37 @@ const OBJECTS: &[Object] = &[
     },
 ];
 
+/// A pinned client whose server connection died between its transactions is told, with the
+/// FATAL a lost session gets (its temporary table, advisory locks and held cursors died with
+/// that connection), not moved to another connection without them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_client_whose_connection_died_is_told_not_moved() {
+    let s = Suite::start("pindeath", PoolMode::Transaction, |_| {}).await;
+    let a = Client::login(s.port(), "alice", "").await;
+    a.run("CREATE TEMP TABLE mine (x int)").await;
+    let pid: i32 = a
+        .one("SELECT pg_backend_pid()::text")
+        .await
+        .parse()
+        .unwrap();
+    let direct = connect(s.pg.port).await.unwrap();
+    direct
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    wait_for("A's backend gone", PROMPT, || async {
+        let sql = "SELECT count(*) FROM pg_stat_activity WHERE pid = $1";
+        let n: i64 = direct.query_one(sql, &[&pid]).await.ok()?.get(0);
+        (n == 0).then_some(())
+    })
+    .await;
+    let next = a.try_one("SELECT 'moved on'").await;
+    assert!(next.is_err(), "A went on without its session's state");
+    let ended = tokio::time::timeout(PROMPT, a.conn).await.unwrap().unwrap();
+    let code = ended.as_ref().err().and_then(sqlstate);
+    assert_eq!(code.as_deref(), Some("08006"), "A was not told: {ended:?}");
+}
+
 /// Transaction pool of one: A makes an object that lives in the session; it keeps its
 /// server connection (pinned, shown by SHOW CLIENTS and counted) and finds the object in its
 /// next transactions, while B waits for the only connection; when A ends the object, the

@@ -94,6 +94,14 @@ impl Session<'_> {
         // on its way keeps the connection from the next client until it arrives.
         let in_flight = registration.map(|r| r.end());
         if let Some(unsent) = out.unsent.take() {
+            if pin.is_some() {
+                // What the session held died with that connection: its request must not
+                // go on elsewhere without it.
+                let msg = format!("patroxy: the server connection that held this session's temporary tables, locks or cursors was lost ({})", out.end);
+                send_fatal(client, codes::CONNECTION_FAILURE, &msg).await;
+                drop(unsent);
+                return Ok(self.ended(End::ServerClosed, &out));
+            }
             info!(client = %self.peer, server = %target.endpoint, end = %out.end, "server connection closed before the client's request reached it; another one is used");
             crate::metrics::server_unsent(&self.ctx.name);
             return Err(unsent);
