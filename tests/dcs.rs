@@ -3,8 +3,9 @@
 //! a 3-member cluster on Patroni's Raft, read through the REST API. Pooled writers commit
 //! numbered rows through a switchover, a `kill -9` of the leader, a frozen leader and a
 //! ZooKeeper restart; every acknowledged write must be on the last primary. The clusters'
-//! etcd is killed first: nothing here may need it. Last, the REST source over https with a
-//! client certificate, against a one-member cluster (on etcd, which patroxy does not read).
+//! etcd is killed first: nothing here may need it. Then the REST source over https with a
+//! client certificate, against a one-member cluster (on etcd, which patroxy does not read),
+//! and the ZooKeeper watch's bound on what it holds.
 
 mod common;
 
@@ -517,4 +518,67 @@ async fn the_rest_source_speaks_tls_with_a_client_certificate() {
         );
         p.stop().await;
     }
+}
+
+/// More znodes under a cluster's path than any Patroni cluster has (4,200 members, written
+/// under the watch): the cluster counts as unknown (`/ready` says why) rather than patroxy
+/// holding whatever a writer puts there; once they are gone it is read again. The znodes are
+/// written by the test, in Patroni's layout, on a real ZooKeeper.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_znodes_make_the_cluster_unknown() {
+    use zookeeper_client as zk;
+    let root = TempRoot::new();
+    let etcd = Etcd::start(&root);
+    let server = common::zookeeper::ZooKeeper::start(&root);
+    let client = wait_for("ZooKeeper", EVENT, || async {
+        zk::Client::connect(&server.hosts()).await.ok()
+    })
+    .await;
+    let persistent = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
+    let member = r#"{"conn_url":"postgres://127.0.0.1:5999/postgres","api_url":"http://127.0.0.1:1/patroni","state":"running","role":"master"}"#;
+    for (path, data) in [
+        ("/service", ""),
+        ("/service/flood", ""),
+        ("/service/flood/members", ""),
+        ("/service/flood/members/a", member),
+        ("/service/flood/leader", "a"),
+    ] {
+        client
+            .create(path, data.as_bytes(), &persistent)
+            .await
+            .unwrap();
+    }
+    let proxy = Proxy::start(&etcd, "flood", |cfg| {
+        cfg.report.enabled = false;
+        cfg.clusters[0].dcs = Dcs::Zookeeper;
+        cfg.clusters[0].zookeeper.hosts = vec![server.hosts()];
+        cfg.admin.listen = Some("127.0.0.1:0".into());
+    })
+    .await;
+    let admin = proxy.admin.unwrap();
+    let ready = |want: u16| async move {
+        wait_for(&format!("/ready {want}"), EVENT, || async {
+            (admin_status(admin, "/ready").await == Some(want)).then_some(())
+        })
+        .await
+    };
+    ready(200).await;
+    let names: Vec<String> = (0..4200)
+        .map(|i| format!("/service/flood/members/m{i}"))
+        .collect();
+    for n in &names {
+        client.create(n, b"{}", &persistent).await.unwrap();
+    }
+    ready(503).await;
+    let t = topology(admin).await.unwrap();
+    assert_eq!(
+        t["clusters"][0]["dcs"]["watching"], false,
+        "{}",
+        t["clusters"][0]["dcs"]
+    );
+    for n in &names {
+        client.delete(n, None).await.unwrap();
+    }
+    ready(200).await;
+    proxy.stop().await;
 }
