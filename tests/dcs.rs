@@ -205,6 +205,18 @@ async fn new_leader(cluster: &Cluster, old: &str) -> String {
     .await
 }
 
+/// The refusal of a new connection through `port` by a patroxy that has read nothing of its
+/// cluster; it panics, naming `what` was routed, if the connection is made.
+async fn refused_unread(port: u16, what: &str) -> String {
+    let refused = connect(port).await.err().map(|e| message(&e));
+    let refused = refused.unwrap_or_else(|| panic!("routed {what}"));
+    assert!(
+        refused.contains("not been read from its DCS"),
+        "{what}: {refused}"
+    );
+    refused
+}
+
 /// `GET path` on an admin endpoint: the status code.
 async fn admin_status(admin: std::net::SocketAddr, path: &str) -> Option<u16> {
     let getter = patroxy::discovery::http_get::Getter::new(&Default::default()).ok()?;
@@ -362,13 +374,8 @@ async fn raft_cluster_through_the_rest_api() {
         .unwrap();
     drop(setup);
     for name in ["rw", "ro"] {
-        let refused = connect(stranger.port_of(name))
-            .await
-            .err()
-            .map(|e| message(&e));
-        let refused = refused.expect("a cluster of another scope was routed to");
+        let refused = refused_unread(stranger.port_of(name), "a cluster of another scope").await;
         eprintln!("a patroxy for another scope, {name}: {refused}");
-        assert!(refused.contains("not been read from its DCS"), "{refused}");
     }
     let t = topology(stranger.admin.unwrap()).await.unwrap();
     let members = t["clusters"][0]["members"].as_array().map(Vec::len);
@@ -510,12 +517,7 @@ async fn the_rest_source_speaks_tls_with_a_client_certificate() {
         ("trusting a REST API its CA did not sign", true, &stranger),
     ] {
         let p = start(cert, ca, 2).await;
-        let refused = connect(p.port()).await.err().map(|e| message(&e));
-        let refused = refused.unwrap_or_else(|| panic!("routed {what}"));
-        assert!(
-            refused.contains("not been read from its DCS"),
-            "{what}: {refused}"
-        );
+        refused_unread(p.port(), what).await;
         p.stop().await;
     }
 }

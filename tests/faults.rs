@@ -200,19 +200,9 @@ async fn check_history(s: &Spread, log: &[Attempt]) {
     let leader = s.leader().await;
     wait_in_recovery(s, &leader, false).await;
     let direct = s.direct(&leader).await.unwrap();
-    let present: std::collections::BTreeSet<i64> = direct
-        .query("SELECT id FROM writes", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
     let acked: Vec<&Attempt> = log.iter().filter(|a| a.result.is_ok()).collect();
-    let lost: Vec<i64> = acked
-        .iter()
-        .map(|a| a.id)
-        .filter(|id| !present.contains(id))
-        .collect();
+    let ids: Vec<i64> = acked.iter().map(|a| a.id).collect();
+    let lost = common::writer::missing(&direct, &ids).await;
     eprintln!(
         "{} writes acknowledged, {} errors, {} lost",
         acked.len(),

@@ -237,19 +237,7 @@ async fn writes_survive_switchover_silent_loss_and_crash() {
         .filter(|a| a.result.is_ok())
         .map(|a| a.id)
         .collect();
-    let direct = connect(cluster.port_of(&last)).await.unwrap();
-    let present: std::collections::BTreeSet<i64> = direct
-        .query("SELECT id FROM writes", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let lost: Vec<i64> = acked
-        .iter()
-        .copied()
-        .filter(|id| !present.contains(id))
-        .collect();
+    let lost = missing(&connect(cluster.port_of(&last)).await.unwrap(), &acked).await;
     eprintln!(
         "{} attempts, {} acknowledged, {} lost",
         log.len(),

@@ -186,7 +186,13 @@ pub async fn nothing_lost(writers: Vec<Writer>, port: u16) {
                 .map(|a| a.id),
         );
     }
-    let direct = connect(port).await.unwrap();
+    let lost = missing(&connect(port).await.unwrap(), &acked).await;
+    eprintln!("{} acknowledged writes, {} lost", acked.len(), lost.len());
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+}
+
+/// The ids of `acked` that the `writes` table on `direct` lacks: acknowledged writes lost.
+pub async fn missing(direct: &tokio_postgres::Client, acked: &[i64]) -> Vec<i64> {
     let present: std::collections::BTreeSet<i64> = direct
         .query("SELECT id FROM writes", &[])
         .await
@@ -194,11 +200,9 @@ pub async fn nothing_lost(writers: Vec<Writer>, port: u16) {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let lost: Vec<i64> = acked
+    acked
         .iter()
         .copied()
         .filter(|id| !present.contains(id))
-        .collect();
-    eprintln!("{} acknowledged writes, {} lost", acked.len(), lost.len());
-    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+        .collect()
 }
