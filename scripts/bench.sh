@@ -15,6 +15,8 @@
 #   bash scripts/bench.sh tls                TLS costs: direct and patroxy, plain and TLS
 #   bash scripts/bench.sh pool               pooling: connection speed and many clients on few
 #                                            servers, patroxy against direct and PgBouncer
+#                                            (POOL_WORKERS=N relay threads, POOL_WORK_STEALING=true
+#                                            one work-stealing runtime instead)
 #   bash scripts/bench.sh up                 set everything up and wait (for profiling)
 #   BASELINE=<git ref> bash scripts/bench.sh baseline
 #                                            pooled pgbench (-S, -M prepared, -C) through this
@@ -371,6 +373,7 @@ auth_file = "$P/userlist.txt"
 trust = $trust
 [runtime]
 worker_threads = ${POOL_WORKERS:-0}
+work_stealing = ${POOL_WORK_STEALING:-false}
 [report]
 enabled = false
 CFG

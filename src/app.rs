@@ -52,6 +52,7 @@ pub async fn run(
     listeners: Vec<BoundListener>,
     admin: Option<Admin>,
     reloads: Reloads,
+    workers: crate::workers::Workers,
     shutdown: CancellationToken,
 ) -> Result<(), AppError> {
     for w in config.warnings() {
@@ -128,6 +129,7 @@ pub async fn run(
         cancel_tag,
         peers: peers.clone(),
         contacts: running.contacts.clone(),
+        workers,
     };
     let server = Server::new(
         config.clone(),

@@ -432,9 +432,12 @@ impl Default for Limits {
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RuntimeConfig {
-    /// Threads that relay sessions: 0 means one per CPU core; 1 runs everything on one thread
-    /// (tokio's current-thread runtime), which wastes no cycles on cross-thread wake-ups.
+    /// Threads that relay sessions: 0 means one per CPU core. Each runs a current-thread
+    /// runtime of its own, and a session stays on the thread it was given.
     pub worker_threads: usize,
+    /// One multi-threaded runtime whose threads steal each other's tasks instead (what
+    /// patroxy ran until per-thread runtimes measured lighter; kept to compare).
+    pub work_stealing: bool,
 }
 
 impl Default for Config {

@@ -61,3 +61,4 @@ pub(crate) mod task;
 pub(crate) mod throttle;
 pub mod tls;
 pub mod view;
+pub mod workers;

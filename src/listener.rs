@@ -113,7 +113,8 @@ pub async fn accept_loop(
                     );
                     continue;
                 };
-                tracker.spawn(async move {
+                let workers = ctx.proxy.workers.clone();
+                workers.spawn(&tracker, stream, move |stream| async move {
                     let _permits = (global, local);
                     frontend::serve(stream, peer, ctx).await;
                 });

@@ -104,7 +104,7 @@ struct RunArgs {
     /// pod's IP.
     #[arg(long, env = "PATROXY_REPORT_ADDRESS")]
     report_address: Option<String>,
-    /// Relay threads: 0 = one per core, 1 = a single-threaded runtime.
+    /// Relay threads, each with its own runtime: 0 = one per core.
     #[arg(long, env = "PATROXY_WORKER_THREADS")]
     worker_threads: Option<usize>,
     /// Log filter, e.g. info or patroxy=debug.
@@ -195,21 +195,32 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = load(file.as_deref(), overrides.clone())?;
     let config = Arc::new(config);
 
-    let runtime = match config.runtime.worker_threads {
-        1 => tokio::runtime::Builder::new_current_thread()
+    let runtime = if config.runtime.work_stealing {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if config.runtime.worker_threads > 0 {
+            b.worker_threads(config.runtime.worker_threads);
+        }
+        b.enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
             .enable_all()
-            .build(),
-        0 => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build(),
-        n => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n)
-            .enable_all()
-            .build(),
+            .build()
     }
     .context("starting the runtime")?;
+    let threads = match config.runtime.worker_threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
 
     runtime.block_on(async move {
+        // This thread is the first relay thread; work stealing spreads sessions itself.
+        let (workers, _threads) = if config.runtime.work_stealing {
+            (patroxy::workers::Workers::default(), None)
+        } else {
+            let (w, t) =
+                patroxy::workers::Workers::start(threads).context("starting the relay threads")?;
+            (w, Some(t))
+        };
         let listeners = patroxy::listener::bind(&config).await?;
         let admin = match patroxy::listener::bind_admin(&config).await? {
             Some(listener) => {
@@ -232,7 +243,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             requests.clone(),
         ));
         let reloads = patroxy::app::Reloads { configs, requests };
-        patroxy::app::run(config, listeners, admin, reloads, shutdown).await?;
+        patroxy::app::run(config, listeners, admin, reloads, workers, shutdown).await?;
         Ok(())
     })
 }

@@ -49,6 +49,8 @@ pub struct Backends {
     pub reload_requests: Arc<tokio::sync::Notify>,
     /// Each watched cluster's link to etcd.
     pub contacts: std::collections::BTreeMap<String, Arc<crate::discovery::DcsContact>>,
+    /// The relay threads new sessions are spread over.
+    pub workers: crate::workers::Workers,
 }
 
 /// Where the server publishes what it runs, for the operator surfaces (`state::Running`).
@@ -99,6 +101,7 @@ impl Server {
             classifier: Default::default(),
             hubs: Default::default(),
             naming: Default::default(),
+            workers: backends.workers,
         });
         Server {
             config,

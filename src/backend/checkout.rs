@@ -278,7 +278,10 @@ impl Lender<'_> {
                 }
             }
         };
+        // Biased: the open usually finishes at its first poll (an idle connection), and
+        // then the topology's watch is never waited on (no waiter registered and dropped).
         tokio::select! {
+            biased;
             opened = opened => opened,
             () = self.unrouted(&mut watch, who.database, &target.endpoint) => {
                 Ok(Err(format!("{}: no longer routed to while waiting for it", target.endpoint)))

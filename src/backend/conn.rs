@@ -74,6 +74,9 @@ pub struct ServerConn {
     pub tainted: bool,
     /// A transaction pool's relay reads and writes through these.
     pub buffers: crate::stream::RelayBuffers,
+    /// The thread whose reactor its socket is registered with: a lease prefers a
+    /// connection of the borrower's own thread (`workers.rs`).
+    pub home: std::thread::ThreadId,
 }
 
 /// What the server said or did instead of accepting the connection.
@@ -163,6 +166,7 @@ impl Opener {
                 notifications: Vec::new(),
                 tainted: false,
                 buffers: Default::default(),
+                home: std::thread::current().id(),
             };
             let (user, database) = (self.user.as_str(), self.database.as_str());
             let mut params = vec![("user", user), ("database", database)];

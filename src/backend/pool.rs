@@ -659,8 +659,15 @@ impl Pool {
             _slot: slot,
         };
         let now = Instant::now();
+        let here = std::thread::current().id();
         let mut idle = self.idle();
-        while let Some(c) = idle.pop() {
+        // The newest, among those of this thread if there are any: their wake-ups stay here.
+        while let Some(i) = idle
+            .iter()
+            .rposition(|c| c.home == here)
+            .or(idle.len().checked_sub(1))
+        {
+            let c = idle.remove(i);
             if !self.expired(&c, now) && c.looks_alive() {
                 return Ok((lease, Some(c)));
             }

@@ -291,6 +291,7 @@ impl Session<'_> {
             let listening = &mut carried.listening;
             loop {
                 tokio::select! {
+                    biased;
                     read = client.read_next(buf) => match read {
                         Ok(0) => return Next::Over(End::ClientClosed),
                         Ok(_) if buf.len() < HEADER => {}
@@ -363,7 +364,10 @@ impl Session<'_> {
         };
         let mut waiting = Box::pin(lender.checkout(self.who, topology));
         let checked_out = loop {
+            // Biased: a checkout that finishes at its first poll leaves the client's socket
+            // and the bell unpolled.
             tokio::select! {
+                biased;
                 r = &mut waiting => break r,
                 // Read on only to see the client leave: past a bound, what it sends waits
                 // in its own socket, not in patroxy's memory.

@@ -57,6 +57,8 @@ pub struct ProxyContext {
     pub hubs: crate::backend::notify::Hubs,
     /// How clients' named statements are named on the servers.
     pub naming: crate::protocol::prepared::Naming,
+    /// The relay threads new sessions are spread over.
+    pub workers: crate::workers::Workers,
 }
 
 /// How pooled listeners authenticate clients: the `auth_file` users, and the addresses

@@ -304,7 +304,10 @@ pub(super) async fn pump_down(
             return Pumped::Released;
         }
         read.clear();
+        // Biased: a read that is ready leaves the wake unpolled (`notify_one` keeps its
+        // permit for the next turn).
         tokio::select! {
+            biased;
             r = rd.read_some(read) => match r {
                 Ok(0) => return Pumped::End(End::ServerClosed),
                 Ok(_) => pending.extend_from_slice(read),

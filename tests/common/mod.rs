@@ -804,6 +804,8 @@ pub struct Proxy {
     /// How long a graceful shutdown may take: the configured grace, and some.
     stop_limit: Duration,
     task: Option<tokio::task::JoinHandle<Result<(), patroxy::app::AppError>>>,
+    /// Stopped (and joined) when the proxy is dropped, after `task`.
+    _threads: patroxy::workers::Threads,
 }
 
 impl Proxy {
@@ -841,11 +843,15 @@ impl Proxy {
             configs,
             requests: Default::default(),
         };
+        // Two relay threads, as the binary has on two cores: sessions on either, and pooled
+        // connections lent across them.
+        let (workers, threads) = patroxy::workers::Workers::start(2).unwrap();
         let task = tokio::spawn(patroxy::app::run(
             Arc::new(config),
             listeners,
             admin,
             reloads,
+            workers,
             shutdown.clone(),
         ));
         Proxy {
@@ -856,6 +862,7 @@ impl Proxy {
             shutdown,
             stop_limit,
             task: Some(task),
+            _threads: threads,
         }
     }
 

@@ -1,0 +1,185 @@
+//! The relay's threads: one current-thread runtime per thread, and which of them a new client
+//! goes to. A session, its timers and the server connections it opens stay on the thread it
+//! was given, so a transaction's wake-ups stay on one core; pools still lend connections
+//! across threads (a lease prefers one opened on the borrower's thread).
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Where sessions are spawned: the runtimes to spread them over, or (with none) wherever the
+/// accept loop runs.
+#[derive(Clone, Default)]
+pub struct Workers {
+    threads: Arc<Vec<Worker>>,
+}
+
+struct Worker {
+    handle: Handle,
+    sessions: Arc<AtomicUsize>,
+}
+
+/// The threads `Workers::start` started: dropping this stops and joins them (their sessions
+/// must have ended by then; any left are dropped).
+pub struct Threads {
+    stop: CancellationToken,
+    joins: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Workers {
+    /// Sessions spread over the current runtime (which must be a current-thread one, the
+    /// caller's) and `n - 1` more threads, each with a current-thread runtime of its own.
+    pub fn start(n: usize) -> std::io::Result<(Workers, Threads)> {
+        let stop = CancellationToken::new();
+        let mut threads = vec![Worker::new(Handle::current())];
+        let mut joins = Vec::new();
+        for i in 1..n.max(1) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            threads.push(Worker::new(runtime.handle().clone()));
+            let stop = stop.clone();
+            let join = std::thread::Builder::new()
+                .name(format!("patroxy-relay-{i}"))
+                .spawn(move || {
+                    runtime.block_on(stop.cancelled());
+                    runtime.shutdown_background();
+                })?;
+            joins.push(join);
+        }
+        let workers = Workers {
+            threads: Arc::new(threads),
+        };
+        Ok((workers, Threads { stop, joins }))
+    }
+
+    /// Runs `session` for `stream` in `tracker`, on the thread with the fewest sessions. The
+    /// socket moves to that thread's reactor; if it cannot, the client is dropped (logged).
+    pub fn spawn<F, S>(&self, tracker: &TaskTracker, stream: TcpStream, session: S)
+    where
+        S: FnOnce(TcpStream) -> F + Send + 'static,
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let Some(worker) = self.threads.iter().min_by_key(|w| w.sessions.load(Relaxed)) else {
+            tracker.spawn(session(stream));
+            return;
+        };
+        let std = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot hand an accepted connection to a relay thread");
+                return;
+            }
+        };
+        let counted = Counted::new(&worker.sessions);
+        tracker.spawn_on(
+            async move {
+                let _counted = counted;
+                match TcpStream::from_std(std) {
+                    Ok(stream) => session(stream).await,
+                    Err(e) => tracing::warn!(error = %e, "cannot register an accepted connection"),
+                }
+            },
+            &worker.handle,
+        );
+    }
+
+    /// How many threads sessions are spread over (0: they run where they are accepted).
+    pub fn len(&self) -> usize {
+        self.threads.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.threads.is_empty()
+    }
+}
+
+impl Worker {
+    fn new(handle: Handle) -> Worker {
+        Worker {
+            handle,
+            sessions: Arc::default(),
+        }
+    }
+}
+
+impl Drop for Threads {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        for join in self.joins.drain(..) {
+            let _ = join.join();
+        }
+    }
+}
+
+/// A session counted on its thread for as long as it lives.
+struct Counted(Arc<AtomicUsize>);
+
+impl Counted {
+    fn new(n: &Arc<AtomicUsize>) -> Counted {
+        n.fetch_add(1, Relaxed);
+        Counted(n.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_go_to_the_thread_with_the_fewest_and_each_stays_there() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (workers, threads) = Workers::start(2).unwrap();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let tracker = TaskTracker::new();
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let hold = CancellationToken::new();
+            let mut clients = Vec::new();
+            for _ in 0..4 {
+                clients.push(TcpStream::connect(addr).await.unwrap());
+                let (stream, _) = listener.accept().await.unwrap();
+                let (tx, hold) = (tx.clone(), hold.clone());
+                workers.spawn(&tracker, stream, move |mut s| async move {
+                    let before = std::thread::current().id();
+                    tokio::io::AsyncWriteExt::write_all(&mut s, b"x")
+                        .await
+                        .unwrap();
+                    hold.cancelled().await;
+                    tx.send((before, std::thread::current().id())).unwrap();
+                });
+                // Each one is counted before the next is placed.
+                let mut b = [0u8];
+                tokio::io::AsyncReadExt::read_exact(clients.last_mut().unwrap(), &mut b)
+                    .await
+                    .unwrap();
+            }
+            hold.cancel();
+            tracker.close();
+            tracker.wait().await;
+            let mut seen = std::collections::HashMap::new();
+            while let Ok((before, after)) = rx.try_recv() {
+                assert_eq!(before, after, "a session moved threads");
+                *seen.entry(before).or_insert(0) += 1;
+            }
+            assert_eq!(seen.len(), 2, "{seen:?}");
+            assert!(seen.values().all(|&n| n == 2), "{seen:?}");
+            drop(threads);
+        });
+    }
+}
