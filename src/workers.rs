@@ -1,7 +1,7 @@
 //! The relay's threads: one current-thread runtime per thread, and which of them a new client
-//! goes to. A session, its timers and the server connections it opens stay on the thread it
-//! was given, so a transaction's wake-ups stay on one core; pools still lend connections
-//! across threads (a lease prefers one opened on the borrower's thread).
+//! goes to. A session and its timers stay on the thread it was given, so most of a
+//! transaction's wake-ups stay on one core; pools still lend connections across threads (a
+//! lease prefers one opened on the borrower's thread).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -21,6 +21,7 @@ pub struct Workers {
 
 struct Worker {
     handle: Handle,
+    thread: std::thread::ThreadId,
     sessions: Arc<AtomicUsize>,
 }
 
@@ -32,43 +33,63 @@ pub struct Threads {
 }
 
 impl Workers {
-    /// Sessions spread over the current runtime (which must be a current-thread one, the
-    /// caller's) and `n - 1` more threads, each with a current-thread runtime of its own.
+    /// Sessions spread over the caller's runtime (the binary's is a current-thread one; the
+    /// accept loop, discovery and the admin console share it, so it takes a new client only
+    /// when it has strictly fewer) and `n - 1` more threads, each with a current-thread
+    /// runtime of its own. If one cannot be started, those already started are stopped.
     pub fn start(n: usize) -> std::io::Result<(Workers, Threads)> {
-        let stop = CancellationToken::new();
-        let mut threads = vec![Worker::new(Handle::current())];
-        let mut joins = Vec::new();
+        let mut started = Threads {
+            stop: CancellationToken::new(),
+            joins: Vec::new(),
+        };
+        let mut threads = vec![Worker::new(Handle::current(), std::thread::current().id())];
         for i in 1..n.max(1) {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            threads.push(Worker::new(runtime.handle().clone()));
-            let stop = stop.clone();
+            let handle = runtime.handle().clone();
+            let stop = started.stop.clone();
             let join = std::thread::Builder::new()
                 .name(format!("patroxy-relay-{i}"))
                 .spawn(move || {
                     runtime.block_on(stop.cancelled());
                     runtime.shutdown_background();
                 })?;
-            joins.push(join);
+            threads.push(Worker::new(handle, join.thread().id()));
+            started.joins.push(join);
         }
         let workers = Workers {
             threads: Arc::new(threads),
         };
-        Ok((workers, Threads { stop, joins }))
+        Ok((workers, started))
     }
 
-    /// Runs `session` for `stream` in `tracker`, on the thread with the fewest sessions. The
-    /// socket moves to that thread's reactor; if it cannot, the client is dropped (logged).
+    /// Runs `session` for `stream` in `tracker`, on the thread with the fewest sessions (ties
+    /// go to the last started). The socket moves to that thread's reactor; if it cannot, the
+    /// client is dropped (logged).
     pub fn spawn<F, S>(&self, tracker: &TaskTracker, stream: TcpStream, session: S)
     where
         S: FnOnce(TcpStream) -> F + Send + 'static,
         F: Future<Output = ()> + Send + 'static,
     {
-        let Some(worker) = self.threads.iter().min_by_key(|w| w.sessions.load(Relaxed)) else {
+        // `min_by_key` keeps the first of equals: walking backwards, that is the last.
+        let fewest = self
+            .threads
+            .iter()
+            .rev()
+            .min_by_key(|w| w.sessions.load(Relaxed));
+        let Some(worker) = fewest else {
             tracker.spawn(session(stream));
             return;
         };
+        if worker.thread == std::thread::current().id() {
+            let counted = Counted::new(&worker.sessions);
+            tracker.spawn(async move {
+                let _counted = counted;
+                session(stream).await
+            });
+            return;
+        }
         let std = match stream.into_std() {
             Ok(s) => s,
             Err(e) => {
@@ -100,9 +121,10 @@ impl Workers {
 }
 
 impl Worker {
-    fn new(handle: Handle) -> Worker {
+    fn new(handle: Handle, thread: std::thread::ThreadId) -> Worker {
         Worker {
             handle,
+            thread,
             sessions: Arc::default(),
         }
     }
