@@ -44,19 +44,30 @@ impl Workers {
         };
         let mut threads = vec![Worker::new(Handle::current(), std::thread::current().id())];
         for i in 1..n.max(1) {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let handle = runtime.handle().clone();
+            // The runtime is built and dropped on its own thread: dropping one inside the
+            // caller's runtime (a thread that failed to start) would panic.
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
             let stop = started.stop.clone();
             let join = std::thread::Builder::new()
                 .name(format!("patroxy-relay-{i}"))
                 .spawn(move || {
+                    let built = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build();
+                    let runtime = match built {
+                        Ok(r) => r,
+                        Err(e) => return drop(tx.send(Err(e))),
+                    };
+                    let _ = tx.send(Ok(runtime.handle().clone()));
                     runtime.block_on(stop.cancelled());
                     runtime.shutdown_background();
                 })?;
-            threads.push(Worker::new(handle, join.thread().id()));
+            let thread = join.thread().id();
             started.joins.push(join);
+            let handle = rx
+                .recv()
+                .map_err(|_| std::io::Error::other("a relay thread ended as it started"))??;
+            threads.push(Worker::new(handle, thread));
         }
         let workers = Workers {
             threads: Arc::new(threads),
