@@ -64,13 +64,31 @@ pub fn init_logs() {
         .try_init();
 }
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now, for a server a test starts. It lies below the
+/// kernel's ephemeral range, so that no outgoing connection (a client's, a proxy's) can take
+/// it as its local port before the server binds it (CI saw PostgreSQL fail to start so),
+/// and this test binary never hands it out twice.
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::hash::{BuildHasher, Hasher};
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    const LOWEST: u32 = 10_000;
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral.saturating_sub(LOWEST).max(1);
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    for _ in 0..1000 {
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        let port = (LOWEST + (random % u64::from(span)) as u32) as u16;
+        if !given.contains(&port) && StdListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
+    panic!("no free port below the ephemeral range ({ephemeral})");
 }
 
 fn is_root() -> bool {
