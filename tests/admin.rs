@@ -114,21 +114,19 @@ async fn metrics_move_with_real_sessions_and_a_leader_change() {
         Duration::from_secs(30),
         || async move {
             let (_, m) = get(admin, "/metrics").await;
-            let closed = sample(
-                &m,
-                "patroxy_sessions_closed_total",
-                &[l, r#"reason="client_closed""#],
-            );
+            let closed = sample(&m, "patroxy_sessions_closed_total", &[l]);
             let drained = sample(
                 &m,
                 "patroxy_sessions_closed_total",
                 &[l, r#"reason="drained""#],
             );
             // Three sessions ended: the idle one (drained) and the two probes of wait_routed.
-            // The first probe may still be open at the leader change (its client's Terminate
-            // in flight) and be drained too, so only the sum is certain.
+            // A probe may still be open at the leader change and be drained too, and one
+            // whose client closes its socket before reading the answer to its statement's
+            // Close (tokio-postgres sends it as the client goes) may end in a reset: only
+            // the count of every reason together is certain.
             let (closed, drained) = (closed.unwrap_or(0.0), drained.unwrap_or(0.0));
-            (closed + drained >= 3.0 && drained >= 1.0).then_some(m)
+            (closed >= 3.0 && drained >= 1.0).then_some(m)
         },
     )
     .await;
