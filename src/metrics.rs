@@ -350,6 +350,8 @@ pub struct PoolMetrics {
     wait: metrics::Histogram,
     idle: metrics::Counter,
     new: metrics::Counter,
+    /// The prepared statement cache's hits, misses and evictions.
+    prepared: [metrics::Counter; 3],
 }
 
 impl PoolMetrics {
@@ -359,12 +361,22 @@ impl PoolMetrics {
             wait: histogram!(POOL_WAIT_SECONDS, "listener" => listener.to_owned()),
             idle: checkouts("idle"),
             new: checkouts("new"),
+            prepared: ["hit", "miss", "evicted"].map(|r| counter!(PREPARED, "result" => r)),
         }
     }
 
     /// A client waited this long in its pool's line.
     pub fn waited(&self, waited: Duration) {
         self.wait.record(waited.as_secs_f64());
+    }
+
+    /// How one loan's named statements were served by its connection's cache: found
+    /// prepared, prepared on demand, closed to make room.
+    pub fn prepared(&self, stats: crate::protocol::prepared::CacheStats) {
+        let [hits, misses, evicted] = &self.prepared;
+        hits.increment(stats.hits);
+        misses.increment(stats.misses);
+        evicted.increment(stats.evictions);
     }
 
     /// A client was lent a server connection: an idle one or a new one.
@@ -396,17 +408,6 @@ pub fn server_unsent(listener: &str) {
 /// A server connection was reset for the next client: `ok`, or `failed` (then closed).
 pub fn server_reset(result: &'static str) {
     counter!(SERVER_RESETS, "result" => result).increment(1);
-}
-
-/// How transaction-pooled clients' named statements were served by the connections'
-/// caches: found prepared, prepared on demand, closed to make room.
-pub fn prepared(stats: crate::protocol::prepared::CacheStats) {
-    if stats == Default::default() {
-        return;
-    }
-    counter!(PREPARED, "result" => "hit").increment(stats.hits);
-    counter!(PREPARED, "result" => "miss").increment(stats.misses);
-    counter!(PREPARED, "result" => "evicted").increment(stats.evictions);
 }
 
 /// A pooled server connection was opened (`ok`) or could not be (`failed`).

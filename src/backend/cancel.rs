@@ -412,7 +412,7 @@ async fn send_one(ep: Endpoint, packet: Bytes, connect_timeout: Duration) -> std
     let timed_out = || std::io::Error::from(std::io::ErrorKind::TimedOut);
     let mut s = timeout(
         connect_timeout,
-        TcpStream::connect((ep.host.as_str(), ep.port)),
+        TcpStream::connect((ep.host.as_ref(), ep.port)),
     )
     .await
     .map_err(|_| timed_out())??;

@@ -155,6 +155,31 @@ impl Lender<'_> {
         Ok((lease, conn, target))
     }
 
+    /// The common case at once, with no future and no wait: routing admits one member,
+    /// its pool has a free slot and an idle connection that needs no check. `None`: the
+    /// full checkout decides (a hold, a refusal, several candidates to balance, a wait).
+    pub fn checkout_now(
+        &self,
+        who: Who<'_>,
+        topology: &mut Topo,
+    ) -> Option<(Lease, ServerConn, Target)> {
+        let snapshot = topology.borrow_and_update().clone();
+        let Admission::Route(Ok(mut candidates)) = self.admission(&snapshot, who.database) else {
+            return None;
+        };
+        let target = candidates.pop().filter(|_| candidates.is_empty())?;
+        let pool = self.pool_on(&target, who).ok()?;
+        let (lease, idle) = pool.try_lease()?;
+        let conn = idle?;
+        if conn.last_used.elapsed() > self.settings.server_check_delay {
+            pool.put_back(conn);
+            return None;
+        }
+        self.metrics.waited(lease.waited);
+        self.metrics.checkout(true);
+        Some((lease, conn, target))
+    }
+
     /// A server connection of the client's own, outside every pool, opened with `params`
     /// in its startup packet (a replication connection), on the member routing picks,
     /// within `connect_wait`.

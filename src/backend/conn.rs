@@ -145,7 +145,7 @@ impl Opener {
     pub async fn open(&self) -> Result<ServerConn, ConnError> {
         timeout(self.limit, async {
             let endpoint = &self.endpoint;
-            let tcp = TcpStream::connect((endpoint.host.as_str(), endpoint.port)).await?;
+            let tcp = TcpStream::connect((endpoint.host.as_ref(), endpoint.port)).await?;
             tune_socket(&tcp, self.tcp);
             let stream = crate::tls::open(tcp, &self.tls, &endpoint.host)
                 .await

@@ -97,7 +97,7 @@ pub(super) async fn attempt(
         .max(Duration::from_millis(1));
     let ep = &target.endpoint;
     let opened = timeout(connect_timeout, async {
-        let tcp = TcpStream::connect((ep.host.as_str(), ep.port))
+        let tcp = TcpStream::connect((ep.host.as_ref(), ep.port))
             .await
             .map_err(|e| e.to_string())?;
         tune_socket(&tcp, timeouts.tcp());

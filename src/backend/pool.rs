@@ -8,7 +8,7 @@
 //! room, or waits for one. Used pools are kept at `min_pool_size` in the background.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -61,8 +61,9 @@ pub struct Pools {
     caps: Mutex<HashMap<Cap, (usize, Arc<Semaphore>)>>,
     /// `[pool]` in force, for new pools.
     settings: RwLock<Arc<PoolConfig>>,
-    /// Figures per database, for the console's SHOW STATS.
-    stats: Mutex<BTreeMap<String, DbStats>>,
+    /// Figures per database, for the console's SHOW STATS; each pool adds to its own
+    /// database's without a lock.
+    stats: Mutex<BTreeMap<String, Arc<DbCounters>>>,
     /// Databases the console paused (`PAUSE`); `None` in the set pauses every one.
     paused: RwLock<std::collections::HashSet<Option<String>>>,
     /// Clients held before any pool (a pause, a switchover), per (database, user).
@@ -102,6 +103,39 @@ pub struct DbStats {
     /// Time connections were lent, and clients waited for one, in microseconds.
     pub xact_time_us: u64,
     pub wait_time_us: u64,
+}
+
+/// One database's `DbStats`, added to by every loan of its pools.
+#[derive(Debug, Default)]
+pub struct DbCounters {
+    xact_count: AtomicU64,
+    query_count: AtomicU64,
+    received: AtomicU64,
+    sent: AtomicU64,
+    xact_time_us: AtomicU64,
+    wait_time_us: AtomicU64,
+}
+
+impl DbCounters {
+    fn add(&self, loan: &DbStats) {
+        self.xact_count.fetch_add(loan.xact_count, Relaxed);
+        self.query_count.fetch_add(loan.query_count, Relaxed);
+        self.received.fetch_add(loan.received, Relaxed);
+        self.sent.fetch_add(loan.sent, Relaxed);
+        self.xact_time_us.fetch_add(loan.xact_time_us, Relaxed);
+        self.wait_time_us.fetch_add(loan.wait_time_us, Relaxed);
+    }
+
+    fn read(&self) -> DbStats {
+        DbStats {
+            xact_count: self.xact_count.load(Relaxed),
+            query_count: self.query_count.load(Relaxed),
+            received: self.received.load(Relaxed),
+            sent: self.sent.load(Relaxed),
+            xact_time_us: self.xact_time_us.load(Relaxed),
+            wait_time_us: self.wait_time_us.load(Relaxed),
+        }
+    }
 }
 
 /// A cap on open server connections, over the pools it covers.
@@ -164,6 +198,8 @@ pub struct Pool {
     /// Set while the reaper decides whether to let it go: a client that found it through
     /// a weak reference (`is_retired`) looks it up again.
     retired: std::sync::atomic::AtomicBool,
+    /// Its database's figures.
+    stats: Arc<DbCounters>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -232,6 +268,7 @@ impl Pools {
         }
         let clock = self.clock.clone();
         let now = clock.load(Relaxed);
+        let stats = self.counters(&key.database);
         Ok(pools
             .entry(key.clone())
             .or_insert_with(|| {
@@ -250,6 +287,7 @@ impl Pools {
                     used_at: now.into(),
                     clock,
                     retired: Default::default(),
+                    stats,
                 })
             })
             .clone())
@@ -397,26 +435,19 @@ impl Pools {
         }
     }
 
-    /// Adds one loan's figures to its database's.
-    pub fn record(&self, database: &str, loan: DbStats) {
+    /// `database`'s figures, made on first use.
+    fn counters(&self, database: &str) -> Arc<DbCounters> {
         let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-        if !stats.contains_key(database) {
-            stats.insert(database.to_owned(), DbStats::default());
+        match stats.get(database) {
+            Some(c) => c.clone(),
+            None => stats.entry(database.to_owned()).or_default().clone(),
         }
-        let Some(s) = stats.get_mut(database) else {
-            return;
-        };
-        s.xact_count += loan.xact_count;
-        s.query_count += loan.query_count;
-        s.received += loan.received;
-        s.sent += loan.sent;
-        s.xact_time_us += loan.xact_time_us;
-        s.wait_time_us += loan.wait_time_us;
     }
 
     /// Every database's figures.
     pub fn stats(&self) -> BTreeMap<String, DbStats> {
-        self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        let stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        stats.iter().map(|(db, c)| (db.clone(), c.read())).collect()
     }
 
     /// Counts a client of `user` on `database` as held until the guard drops.
@@ -556,9 +587,7 @@ impl Pool {
     }
 
     fn expired(&self, c: &ServerConn, now: Instant) -> bool {
-        let settings = self.settings();
-        now.duration_since(c.last_used) > settings.server_idle_timeout
-            || now.duration_since(c.created) > settings.server_lifetime
+        expired(&self.settings(), c, now)
     }
 
     pub fn defaults(&self) -> Option<Arc<Defaults>> {
@@ -620,6 +649,11 @@ impl Pool {
         }
     }
 
+    /// Adds one loan's figures to its database's.
+    pub fn record(&self, loan: &DbStats) {
+        self.stats.add(loan);
+    }
+
     /// The reaper may be letting it go (see `retired`).
     pub fn is_retired(&self) -> bool {
         self.retired.load(SeqCst)
@@ -637,6 +671,9 @@ impl Pool {
     /// Waits in line for a slot, up to `query_wait_timeout`; then an idle connection that
     /// is still alive, if there is one (else the caller opens one for the lease).
     pub async fn lease(self: &Arc<Self>) -> Result<(Lease, Option<ServerConn>), PoolError> {
+        if let Some(leased) = self.try_lease() {
+            return Ok(leased);
+        }
         let wait = self.settings().query_wait_timeout;
         let started = Instant::now();
         let waiting = Waiting::new(&self.waiting);
@@ -652,27 +689,51 @@ impl Pool {
             })?
             .expect("pool semaphores are never closed");
         drop(waiting);
+        Ok(self.lent(slot, started.elapsed()))
+    }
+
+    /// A lease at once, if a slot is free (none is while others wait in line: a released
+    /// slot goes to the first in line), with an idle connection if one is usable.
+    pub fn try_lease(self: &Arc<Self>) -> Option<(Lease, Option<ServerConn>)> {
+        let slot = self.slots.clone().try_acquire_owned().ok()?;
+        self.used_at.store(self.clock.load(Relaxed), Relaxed);
+        Some(self.lent(slot, Duration::ZERO))
+    }
+
+    /// The lease of `slot`, and the newest idle connection still alive, among those of
+    /// this thread if there are any: their wake-ups stay here.
+    fn lent(
+        self: &Arc<Self>,
+        slot: OwnedSemaphorePermit,
+        waited: Duration,
+    ) -> (Lease, Option<ServerConn>) {
         self.lent.fetch_add(1, Relaxed);
         let lease = Lease {
             pool: self.clone(),
-            waited: started.elapsed(),
+            waited,
             _slot: slot,
         };
         let now = Instant::now();
+        let settings = self.settings();
         let here = std::thread::current().id();
         let mut idle = self.idle();
-        // The newest, among those of this thread if there are any: their wake-ups stay here.
         while let Some(i) = idle
             .iter()
             .rposition(|c| c.home == here)
             .or(idle.len().checked_sub(1))
         {
             let c = idle.remove(i);
-            if !self.expired(&c, now) && c.looks_alive() {
-                return Ok((lease, Some(c)));
+            if !expired(&settings, &c, now) && c.looks_alive() {
+                return (lease, Some(c));
             }
         }
-        Ok((lease, None))
+        (lease, None)
+    }
+
+    /// An idle connection taken out and not used (it needs a check the caller does not
+    /// make now) goes back as it was.
+    pub fn put_back(&self, conn: ServerConn) {
+        self.idle().push(conn);
     }
 }
 
@@ -680,6 +741,12 @@ impl Drop for Lease {
     fn drop(&mut self) {
         self.pool.lent.fetch_sub(1, Relaxed);
     }
+}
+
+/// Idle too long, or older than `server_lifetime`.
+fn expired(settings: &PoolConfig, c: &ServerConn, now: Instant) -> bool {
+    now.duration_since(c.last_used) > settings.server_idle_timeout
+        || now.duration_since(c.created) > settings.server_lifetime
 }
 
 /// Gives `sem` the places of a new size: more at once; fewer by forgetting free ones, and

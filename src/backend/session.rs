@@ -227,6 +227,12 @@ impl ServerConn {
         Ok(())
     }
 
+    /// Whether the connection has the client's wanted settings already (`fit` would do
+    /// nothing).
+    pub fn fits(&self, wanted: &Wanted) -> bool {
+        self.plan(wanted).is_empty()
+    }
+
     /// What `fit` does, without doing it.
     fn plan(&self, wanted: &Wanted) -> Plan {
         let mut plan = Plan::default();

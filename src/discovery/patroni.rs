@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use serde_json::Value;
 
@@ -17,7 +18,8 @@ pub enum PatroniError {
 /// A PostgreSQL server's address as Patroni advertises it in `conn_url`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Endpoint {
-    pub host: String,
+    /// Shared: an endpoint is cloned at every loan (its load, its cancel route).
+    pub host: Arc<str>,
     pub port: u16,
 }
 
@@ -56,7 +58,7 @@ impl Endpoint {
             return None;
         }
         Some(Endpoint {
-            host: host.to_owned(),
+            host: host.into(),
             port,
         })
     }

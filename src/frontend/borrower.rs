@@ -362,6 +362,14 @@ impl Session<'_> {
             last_pool: Some(&self.last_pool),
             ..self.ctx.lender()
         };
+        if let Some((lease, conn, target)) = lender.checkout_now(self.who, topology) {
+            return Ok(Attached {
+                lease,
+                conn,
+                target,
+                pin: None,
+            });
+        }
         let mut waiting = Box::pin(lender.checkout(self.who, topology));
         let checked_out = loop {
             // Biased: a checkout that finishes at its first poll leaves the client's socket
@@ -408,6 +416,15 @@ impl Session<'_> {
             target,
             pin,
         } = attached;
+        // Most often the connection fits already: the last client wanted the same.
+        if carried.replay.is_empty() && conn.fits(&carried.wanted) {
+            return Ok(Attached {
+                lease,
+                conn,
+                target,
+                pin,
+            });
+        }
         // Bounded: a server that froze without closing anything would hold the client here,
         // where no drain reaches.
         let limit = self.ctx.proxy.timeouts.connect.max(Duration::from_secs(1));

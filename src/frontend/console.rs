@@ -409,7 +409,7 @@ impl Console<'_> {
                     [
                         row,
                         vec![
-                            ep.host.clone(),
+                            ep.host.to_string(),
                             ep.port.to_string(),
                             String::new(),
                             pid.to_string(),
@@ -425,7 +425,7 @@ impl Console<'_> {
                 key.user.clone(),
                 key.database.clone(),
                 "idle".into(),
-                key.endpoint.host.clone(),
+                key.endpoint.host.to_string(),
                 key.endpoint.port.to_string(),
                 at(*opened),
                 pid.to_string(),

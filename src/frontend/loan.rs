@@ -460,18 +460,17 @@ impl Session<'_> {
         cache_before: CacheStats,
         out: &Outcome,
     ) {
-        crate::metrics::prepared(conn.prepared.stats - cache_before);
-        self.ctx.proxy.pools.record(
-            self.who.database,
-            DbStats {
-                xact_count: 1,
-                query_count: out.queries,
-                received: out.bytes_up,
-                sent: out.bytes_down,
-                xact_time_us: lent_at.elapsed().as_micros() as u64,
-                wait_time_us: lease.waited.as_micros() as u64,
-            },
-        );
+        self.ctx
+            .pool_metrics
+            .prepared(conn.prepared.stats - cache_before);
+        lease.pool.record(&DbStats {
+            xact_count: 1,
+            query_count: out.queries,
+            received: out.bytes_up,
+            sent: out.bytes_down,
+            xact_time_us: lent_at.elapsed().as_micros() as u64,
+            wait_time_us: lease.waited.as_micros() as u64,
+        });
     }
 
     /// A client that left at rest: its transaction is rolled back and its session reset
