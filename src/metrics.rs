@@ -77,27 +77,70 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .map_err(|e| e.to_string())
 }
 
-/// Counts a session for its whole life: accepted now, active until dropped.
-pub struct SessionGauge {
+/// A listener's session figures, registered once: a session adds to them without looking
+/// its series up in the recorder (each lookup hashes and copies the labels).
+pub struct SessionMetrics {
+    accepted: metrics::Counter,
+    active: metrics::Gauge,
+    connect: metrics::Histogram,
+    /// Bytes from clients to servers, and back.
+    bytes: [metrics::Counter; 2],
+    /// Sessions closed, by reason.
+    closed: Vec<(&'static str, metrics::Counter)>,
     listener: String,
     role: String,
 }
 
-impl SessionGauge {
-    pub fn new(listener: &str, role: &str) -> SessionGauge {
-        let (listener, role) = (listener.to_owned(), role.to_owned());
-        counter!(SESSIONS_ACCEPTED, "listener" => listener.clone(), "role" => role.clone())
-            .increment(1);
-        gauge!(SESSIONS_ACTIVE, "listener" => listener.clone(), "role" => role.clone())
-            .increment(1.0);
-        SessionGauge { listener, role }
+/// A session counted active until dropped.
+pub struct ActiveSession(metrics::Gauge);
+
+impl Drop for ActiveSession {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
     }
 }
 
-impl Drop for SessionGauge {
-    fn drop(&mut self) {
-        let (listener, role) = (self.listener.clone(), self.role.clone());
-        gauge!(SESSIONS_ACTIVE, "listener" => listener, "role" => role).decrement(1.0);
+impl SessionMetrics {
+    /// The figures of `listener` (of `role`), with the reasons a session can close for.
+    pub fn of(listener: &str, role: &str, reasons: &'static [&'static str]) -> SessionMetrics {
+        let (l, r) = (listener.to_owned(), role.to_owned());
+        let bytes = |direction: &'static str| counter!(BYTES, "listener" => l.clone(), "direction" => direction);
+        let closed = |reason: &'static str| counter!(SESSIONS_CLOSED, "listener" => l.clone(), "role" => r.clone(), "reason" => reason);
+        SessionMetrics {
+            accepted: counter!(SESSIONS_ACCEPTED, "listener" => l.clone(), "role" => r.clone()),
+            active: gauge!(SESSIONS_ACTIVE, "listener" => l.clone(), "role" => r.clone()),
+            connect: histogram!(CONNECT_SECONDS, "listener" => l.clone()),
+            bytes: [bytes("client_to_server"), bytes("server_to_client")],
+            closed: reasons
+                .iter()
+                .map(|&reason| (reason, closed(reason)))
+                .collect(),
+            listener: l,
+            role: r,
+        }
+    }
+
+    /// A session was accepted; it counts as active until the guard is dropped.
+    pub fn accepted(&self) -> ActiveSession {
+        self.accepted.increment(1);
+        self.active.increment(1.0);
+        ActiveSession(self.active.clone())
+    }
+
+    /// A session reached its server (or, pooled, was greeted) this long after its accept.
+    pub fn connected(&self, took: Duration) {
+        self.connect.record(took.as_secs_f64());
+    }
+
+    /// A session closed for `reason`, having carried these bytes up and down.
+    pub fn closed(&self, reason: &'static str, up: u64, down: u64) {
+        match self.closed.iter().find(|(r, _)| *r == reason) {
+            Some((_, c)) => c.increment(1),
+            None => counter!(SESSIONS_CLOSED, "listener" => self.listener.clone(), "role" => self.role.clone(), "reason" => reason).increment(1),
+        }
+        let [to_server, to_client] = &self.bytes;
+        to_server.increment(up);
+        to_client.increment(down);
     }
 }
 
@@ -121,30 +164,12 @@ impl Drop for WaitingGauge {
     }
 }
 
-/// Where a relayed session ran: its listener and the listener's role. (Servers are not a
-/// label: they are not known at start, and `/topology` counts sessions per member.)
-pub struct Route<'a> {
-    pub listener: &'a str,
-    pub role: &'a str,
-}
-
-pub fn session_closed(at: Route<'_>, reason: &'static str, up: u64, down: u64) {
-    let l = at.listener.to_owned();
-    counter!(SESSIONS_CLOSED, "listener" => l.clone(), "role" => at.role.to_owned(), "reason" => reason).increment(1);
-    counter!(BYTES, "listener" => l.clone(), "direction" => "client_to_server").increment(up);
-    counter!(BYTES, "listener" => l, "direction" => "server_to_client").increment(down);
-}
-
 pub fn startup_failure(listener: &str, reason: &'static str) {
     counter!(STARTUP_FAILURES, "listener" => listener.to_owned(), "reason" => reason).increment(1);
 }
 
 pub fn connect_failure(listener: &str, reason: &'static str) {
     counter!(CONNECT_FAILURES, "listener" => listener.to_owned(), "reason" => reason).increment(1);
-}
-
-pub fn connected(listener: &str, took: Duration) {
-    histogram!(CONNECT_SECONDS, "listener" => listener.to_owned()).record(took.as_secs_f64());
 }
 
 /// A cancel request, by the listener it came to and how it was routed (`local`: this

@@ -190,6 +190,8 @@ pub struct ListenerContext {
     pub proxy: Arc<ProxyContext>,
     /// The listener's checkout figures.
     pub pool_metrics: crate::metrics::PoolMetrics,
+    /// Its sessions' figures.
+    pub session_metrics: crate::metrics::SessionMetrics,
 }
 
 impl ListenerContext {
@@ -202,6 +204,11 @@ impl ListenerContext {
     ) -> ListenerContext {
         let limit = config.max_client_connections;
         let policy = Arc::new(config.policy());
+        let session_metrics = crate::metrics::SessionMetrics::of(
+            &config.name,
+            policy.role.as_str(),
+            &super::relay::End::LABELS,
+        );
         // `validate()` makes sure a mode other than disable has a certificate.
         let tls_mode = config.tls_mode(tls.acceptor.is_some());
         ListenerContext {
@@ -232,6 +239,7 @@ impl ListenerContext {
             etcd_loss: cluster.etcd_loss,
             proxy,
             pool_metrics: crate::metrics::PoolMetrics::of(&config.name),
+            session_metrics,
         }
     }
 

@@ -151,7 +151,7 @@ pub async fn run_pooled(
         return;
     }
     drop(hello);
-    crate::metrics::connected(&ctx.name, started.elapsed());
+    ctx.session_metrics.connected(started.elapsed());
     let listed = proxy.clients.add(Client {
         user: user.clone(),
         database: database.clone(),
@@ -204,11 +204,8 @@ fn log_end(ctx: &ListenerContext, peer: SocketAddr, who: Who<'_>, started: Insta
     if let End::Drained { cause, .. } = &ended.end {
         crate::metrics::drain(&ctx.name, cause.label());
     }
-    let route = crate::metrics::Route {
-        listener: &ctx.name,
-        role: ctx.policy.role.as_str(),
-    };
-    crate::metrics::session_closed(route, ended.end.label(), ended.bytes_up, ended.bytes_down);
+    ctx.session_metrics
+        .closed(ended.end.label(), ended.bytes_up, ended.bytes_down);
 }
 
 /// The settings a client asked for in its startup packet: its parameters, and the

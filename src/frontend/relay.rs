@@ -65,7 +65,7 @@ pub enum End {
 
 impl End {
     /// Every `label()`, for metrics exported at zero before their first event.
-    pub const LABELS: [&'static str; 13] = [
+    pub const LABELS: [&'static str; 14] = [
         "client_closed",
         "server_closed",
         "client_error",
@@ -79,6 +79,7 @@ impl End {
         "timed_out",
         "client_idle",
         "overflowed",
+        "client_memory",
     ];
 
     /// A short label for metrics.
@@ -892,6 +893,7 @@ mod tests {
             End::TimedOut(Over::Query),
             End::ClientIdle,
             End::Overflowed,
+            End::ClientMemory { limit: 1 },
         ];
         let labels: Vec<_> = all.iter().map(End::label).collect();
         assert_eq!(labels, End::LABELS);

@@ -87,7 +87,7 @@ pub async fn run(
     if send(&mut client, &hello).await.is_err() {
         return;
     }
-    crate::metrics::connected(&ctx.name, started.elapsed());
+    ctx.session_metrics.connected(started.elapsed());
     let _load = proxy.load.claim(&target.endpoint);
     let relay_ctx = RelayContext {
         policy: &ctx.policy,
@@ -132,11 +132,8 @@ pub async fn run(
     if let End::Drained { cause, .. } = &out.end {
         crate::metrics::drain(&ctx.name, cause.label());
     }
-    let route = crate::metrics::Route {
-        listener: &ctx.name,
-        role: ctx.policy.role.as_str(),
-    };
-    crate::metrics::session_closed(route, out.end.label(), out.bytes_up, out.bytes_down);
+    ctx.session_metrics
+        .closed(out.end.label(), out.bytes_up, out.bytes_down);
 }
 
 #[cfg(test)]

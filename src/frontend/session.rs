@@ -23,7 +23,7 @@ use crate::stream::Stream;
 /// Serves one client connection from accept to close.
 pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ListenerContext>) {
     let started = Instant::now();
-    let _gauge = crate::metrics::SessionGauge::new(&ctx.name, &ctx.policy.role.to_string());
+    let _active = ctx.session_metrics.accepted();
     // TCP_NODELAY and keepalive came from the listening socket (`listener::bind_one`).
     // Boxed: a connected client's task keeps no room for the negotiation.
     let negotiated = Box::pin(negotiate(tcp, peer, &ctx, started)).await;
@@ -163,7 +163,7 @@ async fn run_session(
         }
     };
     let connected_ms = started.elapsed().as_millis() as u64;
-    crate::metrics::connected(&ctx.name, started.elapsed());
+    ctx.session_metrics.connected(started.elapsed());
     // With no server key to cancel with, the client's key stays reserved: no other client
     // may draw the key this one holds.
     let _registration = match backend.key.clone() {
@@ -220,12 +220,7 @@ async fn run_session(
     if let End::Drained { cause, .. } = &out.end {
         crate::metrics::drain(&ctx.name, cause.label());
     }
-    let route = crate::metrics::Route {
-        listener: &ctx.name,
-        role: &ctx.policy.role.to_string(),
-    };
-    crate::metrics::session_closed(
-        route,
+    ctx.session_metrics.closed(
         out.end.label(),
         backend.bytes_up + out.bytes_up,
         backend.bytes_down + out.bytes_down,
