@@ -171,7 +171,7 @@ impl Lender<'_> {
         let pool = self.pool_on(&target, who).ok()?;
         let (lease, idle) = pool.try_lease()?;
         let conn = idle?;
-        if conn.last_used.elapsed() > self.settings.server_check_delay {
+        if needs_check(&conn, self.settings) {
             pool.put_back(conn);
             return None;
         }
@@ -488,6 +488,12 @@ impl Lender<'_> {
     }
 }
 
+/// Whether an idle connection must answer an empty query before it is lent: it has been
+/// idle longer than `server_check_delay`.
+fn needs_check(conn: &ServerConn, settings: &PoolConfig) -> bool {
+    conn.last_used.elapsed() > settings.server_check_delay
+}
+
 /// An idle connection, if it is still usable: one idle past `server_check_delay` must
 /// answer an empty query first (a failed one is closed).
 async fn checked(
@@ -496,7 +502,7 @@ async fn checked(
     limit: Duration,
 ) -> Option<ServerConn> {
     let mut conn = idle?;
-    if conn.last_used.elapsed() <= settings.server_check_delay {
+    if !needs_check(&conn, settings) {
         return Some(conn);
     }
     match conn.check(limit).await {

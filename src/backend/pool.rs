@@ -126,6 +126,10 @@ impl DbCounters {
         self.wait_time_us.fetch_add(loan.wait_time_us, Relaxed);
     }
 
+    fn is_empty(&self) -> bool {
+        self.xact_count.load(Relaxed) == 0 && self.query_count.load(Relaxed) == 0
+    }
+
     fn read(&self) -> DbStats {
         DbStats {
             xact_count: self.xact_count.load(Relaxed),
@@ -328,6 +332,10 @@ impl Pools {
             }
             keep
         });
+        // A database whose pools are gone and that never had a transaction leaves no
+        // figures (clients asking for databases that do not exist would grow them).
+        let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        stats.retain(|_, c| Arc::strong_count(c) > 1 || !c.is_empty());
         before - pools.len()
     }
 
@@ -340,9 +348,10 @@ impl Pools {
         let mut closed = 0;
         for p in pools {
             let wanted = keep(&p.key);
+            let settings = p.settings();
             let mut idle = p.idle();
             let before = idle.len();
-            idle.retain(|c| wanted && !p.expired(c, now) && c.looks_alive());
+            idle.retain(|c| wanted && !expired(&settings, c, now) && c.looks_alive());
             closed += before - idle.len();
         }
         closed
@@ -586,10 +595,6 @@ impl Pool {
             .clone()
     }
 
-    fn expired(&self, c: &ServerConn, now: Instant) -> bool {
-        expired(&self.settings(), c, now)
-    }
-
     pub fn defaults(&self) -> Option<Arc<Defaults>> {
         self.defaults
             .lock()
@@ -733,7 +738,10 @@ impl Pool {
     /// An idle connection taken out and not used (it needs a check the caller does not
     /// make now) goes back as it was.
     pub fn put_back(&self, conn: ServerConn) {
-        self.idle().push(conn);
+        // Unless `RECONNECT` let go of the pool's idle connections meanwhile.
+        if conn.generation == self.generation() {
+            self.idle().push(conn);
+        }
     }
 }
 
@@ -931,5 +939,26 @@ mod tests {
         drop(held);
         assert_eq!(pools.forget_empty(), 1);
         assert!(pools.get(key("c")).is_ok(), "room again");
+    }
+
+    #[test]
+    fn a_database_nothing_was_recorded_for_leaves_no_figures_when_its_pool_goes() {
+        let pools = Pools::default();
+        for n in 0..100 {
+            drop(pools.get(key(&format!("nosuch{n}"))).unwrap());
+        }
+        let used = pools.get(key("used")).unwrap();
+        used.record(&DbStats {
+            xact_count: 1,
+            ..DbStats::default()
+        });
+        drop(used);
+        assert_eq!(pools.forget_empty(), 101);
+        let figures = pools.stats();
+        assert_eq!(
+            figures.keys().collect::<Vec<_>>(),
+            ["used"],
+            "a database with transactions keeps its figures; the others leave none"
+        );
     }
 }
