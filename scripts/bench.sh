@@ -16,7 +16,10 @@
 #   bash scripts/bench.sh pool               pooling: connection speed and many clients on few
 #                                            servers, patroxy against direct and PgBouncer
 #                                            (POOL_WORKERS=N relay threads, POOL_WORK_STEALING=true
-#                                            one work-stealing runtime instead)
+#                                            one work-stealing runtime instead;
+#                                            PGBOUNCER=/path/to/pgbouncer another PgBouncer than
+#                                            Debian's: from 1.21 on, its transaction pools keep
+#                                            prepared statements, max_prepared_statements = 200)
 #   bash scripts/bench.sh up                 set everything up and wait (for profiling)
 #   BASELINE=<git ref> bash scripts/bench.sh baseline
 #                                            pooled pgbench (-S, -M prepared, -C) through this
@@ -28,6 +31,7 @@ cd "$(dirname "$0")/.."
 REPO=$PWD
 WHAT=${1:-all}
 DIR=${PATROXY_DEMO_DIR:-/tmp/patroxy-demo}
+PGBOUNCER=${PGBOUNCER:-pgbouncer}
 OUT=${BENCH_OUT:-$REPO/bench-results}
 CLUSTER="bash $REPO/scripts/cluster.sh"
 export PATROXY_MAX_CONNECTIONS=1200
@@ -98,7 +102,7 @@ logfile = $DIR/pgbouncer.log
 CFG
 echo '"postgres" ""' >"$DIR/userlist.txt"
 [ "$(id -u)" -eq 0 ] && chown postgres:postgres "$DIR/pgbouncer.ini" "$DIR/userlist.txt"
-"${AS_PG[@]}" pgbouncer "$DIR/pgbouncer.ini" >>"$DIR/pgbouncer.out" 2>&1 &
+"${AS_PG[@]}" "$PGBOUNCER" "$DIR/pgbouncer.ini" >>"$DIR/pgbouncer.out" 2>&1 &
 PIDS+=($!)
 
 "$REPO/target/release/patroxy" run --config "$REPO/config/patroxy.toml" --log warn >"$DIR/patroxy.log" 2>&1 &
@@ -124,7 +128,7 @@ echo "bench: leader on $leader_port; pgbench -i -s 10"
   echo "kernel: $(uname -r)"
   echo "postgres: $(/usr/lib/postgresql/15/bin/postgres --version)"
   echo "haproxy: $(haproxy -v | head -1)"
-  echo "pgbouncer: $(pgbouncer --version | head -1)"
+  echo "pgbouncer: $("$PGBOUNCER" --version | head -1)"
   echo "patroxy: $(git -C "$REPO" rev-parse --short HEAD)"
 } >"$OUT/machine.txt"
 
@@ -352,6 +356,11 @@ if [ "$WHAT" = pool ]; then
     "SET password_encryption = 'scram-sha-256'" -c "CREATE ROLE bench LOGIN SUPERUSER PASSWORD 'bench'" >/dev/null
   verifier=$(psql "$(conn $leader_port)" -XAtc "SELECT rolpassword FROM pg_authid WHERE rolname = 'bench'")
   printf '"postgres" ""\n"bench" "%s"\n' "$verifier" >"$P/userlist.txt"
+  # From PgBouncer 1.21 on, a transaction pool can keep prepared statements.
+  prepared=""
+  if "$PGBOUNCER" --version | awk 'NR == 1 { split($2, v, "."); exit !(v[1] > 1 || v[2] >= 21) }'; then
+    prepared="max_prepared_statements = 200"
+  fi
   for auth in trust scram; do
     base=6452; [ $auth = scram ] && base=6454
     trust='[]'; [ $auth = trust ] && trust='["127.0.0.1/32"]'
@@ -397,6 +406,7 @@ max_client_conn = 2000
 default_pool_size = ${POOL_SIZE:-8}
 ignore_startup_parameters = extra_float_digits
 logfile = $P/pgbouncer-$auth-$mode.log
+$prepared
 CFG
       port=$((port + 1))
     done
@@ -406,7 +416,7 @@ CFG
   pkill -TERM -f "$DIR/pgbouncer.ini" 2>/dev/null || true
   while (exec 3<>/dev/tcp/127.0.0.1/6632) 2>/dev/null; do sleep 0.2; done
   for ini in "$P"/pgbouncer-*.ini; do
-    "${AS_PG[@]}" pgbouncer "$ini" >>"$ini.out" 2>&1 &
+    "${AS_PG[@]}" "$PGBOUNCER" "$ini" >>"$ini.out" 2>&1 &
     PIDS+=($!)
   done
   end=$((SECONDS + 60))
@@ -428,7 +438,7 @@ CFG
     local out tps aborted pid="" before=0 after=0 n cpu="-"
     [ "$port" != "$leader_port" ] && pid=$(listener_pid "$port")
     [ -n "$pid" ] && before=$(ticks "$pid")
-    # A run whose clients fail (PgBouncer 1.18 has no prepared statements in transaction
+    # A run whose clients fail (PgBouncer before 1.21 has no prepared statements in transaction
     # mode: pgbench aborts those clients) says how many, and the benchmark goes on.
     out=$(PGPASSWORD=bench "$PGBENCH" -n -h 127.0.0.1 -p "$port" -U "$user" -T "$T" "$@" postgres 2>&1 || true)
     [ -n "$pid" ] && after=$(ticks "$pid")
@@ -469,7 +479,7 @@ CFG
       run "pgbouncer transaction" 6633 postgres -S -c 200 -j 2
       run "direct -M prepared" $leader_port postgres -S -M prepared -c 200 -j 2
       run "patroxy transaction -M prepared" 6453 postgres -S -M prepared -c 200 -j 2
-      run "pgbouncer transaction -M prepared (1.18: none)" 6633 postgres -S -M prepared -c 200 -j 2
+      run "pgbouncer transaction -M prepared" 6633 postgres -S -M prepared -c 200 -j 2
     done
   } | tee "$OUT/pool.txt"
   # The table only (CPU per transaction beside tps), without the latency and idle runs.
