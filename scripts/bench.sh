@@ -449,6 +449,8 @@ CFG
     fi
     aborted=$(grep -c "aborted in command" <<<"$out" || true)
     printf '%-46s %10s tps %8s us/tx%s\n' "$name" "${tps:-failed}" "$cpu" "$([ "$aborted" -gt 0 ] && echo " ($aborted clients aborted)")"
+    # A run with no result says why: pgbench's last words.
+    [ -n "$tps" ] || grep -m 3 -iE 'error|fatal|could not' <<<"$out" | sed 's/^/    /' || true
   }
   {
     echo "connection speed: pgbench -C -S -c 4 -j 2 -T $T (a new connection per transaction)"
