@@ -259,23 +259,14 @@ pub fn task_panic(task: &str) {
 pub struct Reasons {
     pub startup: &'static [&'static str],
     pub connect: &'static [&'static str],
-    pub closed: &'static [&'static str],
     pub drain: &'static [&'static str],
 }
 
-/// Exports at zero every series of a new listener (at start, or added by a reload), so that
+/// Exports at zero the series of a new listener (at start, or added by a reload), so that
 /// `rate()` and absence alerts see them before their first event.
-pub fn listener_started(listener: &str, role: &str, reasons: &Reasons) {
-    let (l, r) = (listener.to_owned(), role.to_owned());
-    counter!(SESSIONS_ACCEPTED, "listener" => l.clone(), "role" => r.clone()).absolute(0);
-    gauge!(SESSIONS_ACTIVE, "listener" => l.clone(), "role" => r.clone()).increment(0.0);
-    for reason in reasons.closed {
-        counter!(SESSIONS_CLOSED, "listener" => l.clone(), "role" => r.clone(), "reason" => *reason)
-            .absolute(0);
-    }
-    for direction in ["client_to_server", "server_to_client"] {
-        counter!(BYTES, "listener" => l.clone(), "direction" => direction).absolute(0);
-    }
+pub fn listener_started(listener: &str, reasons: &Reasons) {
+    // Its sessions' series are registered with its context (`SessionMetrics::of`).
+    let l = listener.to_owned();
     for (name, labels) in [
         (STARTUP_FAILURES, reasons.startup),
         (CONNECT_FAILURES, reasons.connect),
@@ -299,7 +290,6 @@ pub fn listener_started(listener: &str, role: &str, reasons: &Reasons) {
         counter!(CANCEL_REQUESTS, "listener" => l.clone(), "routed" => routed).absolute(0);
     }
     // Registered without a sample: rendered with a zero count.
-    let _ = histogram!(CONNECT_SECONDS, "listener" => l.clone());
     let _ = histogram!(POOL_WAIT_SECONDS, "listener" => l.clone());
     counter!(SWITCHOVER_HOLDS, "listener" => l.clone()).absolute(0);
     counter!(SERVER_UNSENT, "listener" => l.clone()).absolute(0);

@@ -24,7 +24,6 @@ use crate::view::Served;
 const REASONS: crate::metrics::Reasons = crate::metrics::Reasons {
     startup: &crate::frontend::negotiate::StartupFailure::LABELS,
     connect: &crate::backend::ConnectError::LABELS,
-    closed: &crate::frontend::relay::End::LABELS,
     drain: &crate::routing::drain::DrainCause::LABELS,
 };
 
@@ -151,7 +150,7 @@ impl Server {
         }
         let (policy, updates) = watch::channel(ctx.policy.clone());
         ctx.policy_updates = updates;
-        crate::metrics::listener_started(&ctx.name, ctx.policy.role.as_str(), &REASONS);
+        crate::metrics::listener_started(&ctx.name, &REASONS);
         let name = format!("accept loop of listener {}", ctx.name);
         let (tx, rx) = watch::channel(Arc::new(ctx));
         let stop = self.shutdown.child_token();
